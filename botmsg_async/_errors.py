@@ -1,0 +1,286 @@
+"""Every error the SDK raises, in one tree.
+
+::
+
+    BotMessageError
+    ├── InvalidRequestError ........ bad input, raised before any I/O (also a ValueError)
+    ├── ClientClosedError .......... the client was closed (also a RuntimeError)
+    ├── SendFailedError ............ HTTP 200 with "status": "FAILURE"
+    ├── APIStatusError ............. any other non-2xx answer
+    │   ├── AuthenticationError .... 401 / 403
+    │   ├── RateLimitedError ....... 429 (or 503 with a Retry-After too long to wait)
+    │   └── ServerError ............ 500 / 502 / 504: also a DeliveryUnknownError
+    ├── TransportError ............. no answer: refused, DNS, TLS, timeouts, disconnects
+    │   └── ResponseLostError ...... the request went out, the answer never came back:
+    │                                also a DeliveryUnknownError
+    ├── DeliveryUnknownError ....... the message may or may not have been delivered
+    │   ├── InvalidResponseError ... a 2xx whose body is not the documented JSON
+    │   ├── ServerError
+    │   └── ResponseLostError
+    └── BatchFailedError ........... BatchReport.raise_for_failures()
+
+Each error carries the department and user it concerns (``None`` where it is not
+about one message), how many HTTP attempts were made, and chains its cause.
+Credentials never appear in a message or in ``args``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._models import SendResult
+
+__all__ = [
+    "APIStatusError",
+    "AuthenticationError",
+    "BatchFailedError",
+    "BotMessageError",
+    "ClientClosedError",
+    "DeliveryUnknownError",
+    "InvalidRequestError",
+    "InvalidResponseError",
+    "RateLimitedError",
+    "ResponseLostError",
+    "SendFailedError",
+    "ServerError",
+    "TransportError",
+]
+
+#: How much of a bad answer's body an error keeps, in characters.
+EXCERPT_LIMIT = 500
+
+
+def excerpt(body: bytes | str, limit: int = EXCERPT_LIMIT) -> str:
+    """Return at most ``limit`` characters of ``body``, marked when cut."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+class BotMessageError(Exception):
+    """Base of every error raised by botmsg-async.
+
+    Attributes:
+        department_uuid: The department of the message concerned, if any.
+        user_uuid: The user of the message concerned, if any.
+        attempts: HTTP attempts made for the message (0 when none was made).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.department_uuid = department_uuid
+        self.user_uuid = user_uuid
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        if self.department_uuid is None and self.user_uuid is None:
+            return self.message
+        return f"{self.message} (department={self.department_uuid}, user={self.user_uuid})"
+
+
+class InvalidRequestError(BotMessageError, ValueError):
+    """Bad input, found before any I/O: nothing was sent.
+
+    Attributes:
+        field: The argument or field at fault (e.g. ``"user_uuid"``, ``"message.body"``).
+        value: The offending value (never a credential).
+    """
+
+    def __init__(
+        self,
+        field: str,
+        value: object,
+        problem: str,
+        *,
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"invalid {field} {value!r}: {problem}; nothing was sent",
+            department_uuid=department_uuid,
+            user_uuid=user_uuid,
+        )
+        self.field = field
+        self.value = value
+        self.problem = problem
+
+
+class ClientClosedError(BotMessageError, RuntimeError):
+    """The client was closed; create a new ``BotMessageClient``."""
+
+
+class SendFailedError(BotMessageError):
+    """The service answered HTTP 200 with ``"status": "FAILURE"``.
+
+    Attributes:
+        result: The parsed answer, with its ``errors`` and ``warnings``.
+        transient: Whether the failure was judged transient (worth retrying later).
+    """
+
+    def __init__(
+        self,
+        result: SendResult,
+        *,
+        transient: bool,
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        reasons = "; ".join(
+            f"{e.code or '?'}: {e.description or ''}".strip() for e in result.errors
+        )
+        advice = (
+            "the service reports a temporary problem; retry later"
+            if transient
+            else "the service rejected the message; fix the request before sending it again"
+        )
+        super().__init__(
+            f"send failed ({reasons or 'no error given'}): {advice}",
+            department_uuid=department_uuid,
+            user_uuid=user_uuid,
+            attempts=attempts,
+        )
+        self.result = result
+        self.transient = transient
+
+
+class APIStatusError(BotMessageError):
+    """The service answered with a non-2xx HTTP status.
+
+    Attributes:
+        status: The HTTP status code.
+        body_excerpt: At most 500 characters of the answer's body.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        body_excerpt: str = "",
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(
+            message, department_uuid=department_uuid, user_uuid=user_uuid, attempts=attempts
+        )
+        self.status = status
+        self.body_excerpt = body_excerpt
+
+
+class AuthenticationError(APIStatusError):
+    """HTTP 401 or 403: check the username, the password and their rights."""
+
+
+class RateLimitedError(APIStatusError):
+    """HTTP 429 (or 503): the service asks to slow down.
+
+    Attributes:
+        retry_after: Seconds the service asked to wait, if it said so.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        retry_after: float | None,
+        body_excerpt: str = "",
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(
+            message,
+            status=status,
+            body_excerpt=body_excerpt,
+            department_uuid=department_uuid,
+            user_uuid=user_uuid,
+            attempts=attempts,
+        )
+        self.retry_after = retry_after
+
+
+class DeliveryUnknownError(BotMessageError):
+    """The request may have reached the service, but no usable answer came back.
+
+    The message may or may not have been delivered. Sending it again risks a
+    duplicate; check with the recipient or the service before doing so, or use
+    ``RetryPolicy(retry_ambiguous=True)`` with a server that deduplicates by
+    idempotency key.
+
+    Attributes:
+        idempotency_key: The key every attempt carried, to ask the service about it.
+    """
+
+    idempotency_key: str | None = None
+
+
+class TransportError(BotMessageError):
+    """No HTTP answer: connection refused, DNS or TLS failure, timeout, disconnect."""
+
+
+class ResponseLostError(TransportError, DeliveryUnknownError):
+    """The request was sent but the answer was lost (read timeout, reset, disconnect)."""
+
+
+class ServerError(APIStatusError, DeliveryUnknownError):
+    """HTTP 500, 502 or 504: the service failed while it may have processed the message."""
+
+
+class InvalidResponseError(DeliveryUnknownError):
+    """A 2xx answer whose body is not the documented JSON.
+
+    Attributes:
+        status: The HTTP status code.
+        body_excerpt: At most 500 characters of the body.
+        problems: What was wrong with it, one line per problem.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        body_excerpt: str,
+        problems: tuple[str, ...] = (),
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(
+            message, department_uuid=department_uuid, user_uuid=user_uuid, attempts=attempts
+        )
+        self.status = status
+        self.body_excerpt = body_excerpt
+        self.problems = problems
+
+
+class BatchFailedError(BotMessageError):
+    """Raised by ``BatchReport.raise_for_failures()`` when not every item was sent.
+
+    Attributes:
+        failed: Items that failed for good.
+        unknown: Items whose delivery is unknown.
+        skipped: Items never attempted.
+    """
+
+    def __init__(self, *, failed: int, unknown: int, skipped: int) -> None:
+        super().__init__(
+            f"batch incomplete: {failed} failed, {unknown} unknown, {skipped} skipped; "
+            "see BatchReport.results for each item"
+        )
+        self.failed = failed
+        self.unknown = unknown
+        self.skipped = skipped

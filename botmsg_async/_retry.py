@@ -1,0 +1,363 @@
+"""When to send again, and how long to wait: the retry policy on top of tenacity.
+
+The rule, in short (the README's "Retries" section says it in full):
+
+* Safe, retried by default, because the message cannot have been accepted: no
+  connection could be made (DNS, refused, connect timeout, TLS), HTTP 429 and
+  503, and a FAILURE answer whose every error looks transient.
+* Ambiguous, retried only with ``retry_ambiguous=True``: the request went out
+  but no usable answer came back (read timeout, reset, disconnect, HTTP
+  500/502/504, a 2xx body that cannot be parsed). By default these raise
+  ``DeliveryUnknownError`` at once, so the default policy never sends twice.
+* Everything else is final.
+
+Waits are exponential with full jitter, ``uniform(0, min(initial * 2**n, cap))``;
+a ``Retry-After`` is honoured as ``max(backoff, retry_after)`` plus a little
+jitter. No wait starts that would cross the deadline. One ``RetryBudget`` per
+client keeps retries to a share of the traffic, so a failing server is not
+stormed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+from attrs import define, field, validators
+
+from ._errors import (
+    APIStatusError,
+    DeliveryUnknownError,
+    RateLimitedError,
+    SendFailedError,
+    TransportError,
+)
+
+if TYPE_CHECKING:
+    from ._models import SendResult
+
+__all__ = [
+    "RetryBudget",
+    "RetryEvent",
+    "RetryPolicy",
+    "SendState",
+    "build_retrying",
+    "classify_failure",
+    "parse_retry_after",
+]
+
+# The words that make a FAILURE's error look transient, matched case-insensitively
+# in each error's code and description. "retry" alone is not among them: "do not
+# retry" is a common permanent answer.
+TRANSIENT_PATTERN = re.compile(
+    r"time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
+    r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|busy|overload",
+    re.IGNORECASE,
+)
+
+_to_frozenset: Callable[[Any], frozenset[str]] = frozenset
+
+
+@define(frozen=True)
+class RetryPolicy:
+    """What to retry, how often and how long to wait.
+
+    Args:
+        max_attempts: HTTP attempts per message in total (1 disables retrying).
+        backoff_initial: First backoff cap in seconds; it doubles per retry.
+        backoff_max: Largest backoff cap in seconds.
+        deadline: Seconds one logical send may take, all attempts and waits included.
+        attempt_timeout: Total seconds for one HTTP attempt.
+        connect_timeout: Seconds to get a connection for one attempt.
+        retry_ambiguous: Also retry when the message may have been delivered
+            (at-least-once; exactly-once with a server that deduplicates by key).
+        transient_error_codes: FAILURE error codes always worth retrying.
+        permanent_error_codes: FAILURE error codes never worth retrying.
+        is_transient: Replaces the default FAILURE classification; gets the
+            ``SendResult`` and returns whether to retry.
+        idempotency_header: Header carrying the per-message key on every attempt.
+        retry_count_header: Header telling the server which retry this is (None: off).
+        max_retry_after: Longest Retry-After honoured; a longer one fails at once
+            with ``RateLimitedError``.
+
+    Example:
+        >>> RetryPolicy(max_attempts=6, transient_error_codes={"E_QUEUE_FULL"})
+        RetryPolicy(max_attempts=6, ...)
+    """
+
+    max_attempts: int = field(default=4, validator=validators.ge(1))
+    backoff_initial: float = field(default=0.5, validator=validators.ge(0))
+    backoff_max: float = field(default=8.0, validator=validators.ge(0))
+    deadline: float = field(default=30.0, validator=validators.gt(0))
+    attempt_timeout: float = field(default=10.0, validator=validators.gt(0))
+    connect_timeout: float = field(default=5.0, validator=validators.gt(0))
+    retry_ambiguous: bool = False
+    transient_error_codes: frozenset[str] = field(default=frozenset(), converter=_to_frozenset)
+    permanent_error_codes: frozenset[str] = field(default=frozenset(), converter=_to_frozenset)
+    is_transient: Callable[[SendResult], bool] | None = None
+    idempotency_header: str = "Idempotency-Key"
+    retry_count_header: str | None = "X-Retry-Count"
+    max_retry_after: float = field(default=60.0, validator=validators.ge(0))
+
+    @classmethod
+    def none(cls) -> RetryPolicy:
+        """A policy that never retries: one attempt per message."""
+        return cls(max_attempts=1)
+
+    def classify(self, result: SendResult) -> bool:
+        """Return whether a FAILURE answer is transient (worth retrying).
+
+        Transient when every error is: its code is in ``transient_error_codes``,
+        or its code or description matches ``TRANSIENT_PATTERN`` (timeouts,
+        temporary unavailability, try again, throttling, rate limits, busy or
+        overloaded). Any code in ``permanent_error_codes``, any other error, or no
+        error at all makes the failure final. ``is_transient`` overrides all this.
+        """
+        if self.is_transient is not None:
+            return self.is_transient(result)
+        if not result.errors:
+            return False
+        for error in result.errors:
+            code = error.code or ""
+            if code in self.permanent_error_codes:
+                return False
+            if code in self.transient_error_codes:
+                continue
+            text = f"{code} {error.description or ''}"
+            if TRANSIENT_PATTERN.search(text) is None:
+                return False
+        return True
+
+
+@define
+class RetryBudget:
+    """One client's allowance of retries, so that a failing server is not stormed.
+
+    Finagle's rule: retries may add ``ratio`` of the first attempts (20%), plus
+    ``min_per_second`` (10/s) so that a quiet client can still retry. Each first
+    attempt deposits ``ratio`` of a token, time adds ``min_per_second`` tokens per
+    second, each retry takes one; the balance never exceeds ``burst``. When no
+    token is left, the failure is returned at once instead of retried.
+
+    Args:
+        ratio: Share of first attempts that retries may add.
+        min_per_second: Retries per second always allowed.
+        burst: Most tokens that can be saved up.
+    """
+
+    ratio: float = field(default=0.2, validator=validators.ge(0))
+    min_per_second: float = field(default=10.0, validator=validators.ge(0))
+    burst: float = field(default=100.0, validator=validators.gt(0))
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    _balance: float = field(init=False, default=0.0, repr=False)
+    _last: float | None = field(init=False, default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._balance = self.burst
+
+    @property
+    def balance(self) -> float:
+        """Tokens available now."""
+        self._refill()
+        return self._balance
+
+    def _refill(self) -> None:
+        now = self.clock()
+        if self._last is not None and self.min_per_second:
+            self._balance = min(self.burst, self._balance + (now - self._last) * self.min_per_second)
+        self._last = now
+
+    def deposit(self) -> None:
+        """Record a first attempt."""
+        self._balance = min(self.burst, self._balance + self.ratio)
+
+    def try_withdraw(self) -> bool:
+        """Take a token for one retry; return False when there is none."""
+        self._refill()
+        if self._balance < 1.0:
+            return False
+        self._balance -= 1.0
+        return True
+
+
+@define(frozen=True)
+class RetryEvent:
+    """What ``on_retry`` is told before each wait.
+
+    Attributes:
+        department_uuid: Department of the message.
+        user_uuid: User of the message.
+        attempt: The attempt that just failed (1 for the first).
+        wait: Seconds until the next attempt.
+        error: Why it failed.
+    """
+
+    department_uuid: str
+    user_uuid: str
+    attempt: int
+    wait: float
+    error: BaseException
+
+
+class SendState:
+    """Everything one logical send carries across its attempts."""
+
+    __slots__ = (
+        "attempt",
+        "body",
+        "department_uuid",
+        "idempotency_key",
+        "maybe_delivered",
+        "policy",
+        "retry_after",
+        "started",
+        "url",
+        "user_uuid",
+    )
+
+    def __init__(
+        self,
+        *,
+        department_uuid: str,
+        user_uuid: str,
+        url: Any,
+        body: bytes,
+        idempotency_key: str,
+        policy: RetryPolicy,
+        started: float,
+    ) -> None:
+        self.department_uuid = department_uuid
+        self.user_uuid = user_uuid
+        self.url = url
+        self.body = body
+        self.idempotency_key = idempotency_key
+        self.policy = policy
+        self.started = started
+        self.attempt = 0
+        #: Seconds the last answer asked to wait (Retry-After), if any.
+        self.retry_after: float | None = None
+        #: An earlier attempt may have been delivered (only with retry_ambiguous).
+        self.maybe_delivered = False
+
+
+def classify_failure(exc: BaseException, policy: RetryPolicy) -> bool:
+    """Return whether ``exc``, raised by one attempt, may be retried under ``policy``."""
+    if isinstance(exc, DeliveryUnknownError):
+        return policy.retry_ambiguous
+    if isinstance(exc, TransportError | RateLimitedError):
+        return True
+    if isinstance(exc, SendFailedError):
+        return exc.transient
+    if isinstance(exc, APIStatusError):
+        return exc.status == 503
+    return False
+
+
+def parse_retry_after(
+    retry_after: str | None, retry_after_ms: str | None, *, now: datetime | None = None
+) -> float | None:
+    """Read a wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
+
+    Returns:
+        Seconds to wait (never negative), or None when absent or unreadable.
+    """
+    if retry_after_ms:
+        try:
+            return max(0.0, float(retry_after_ms) / 1000.0)
+        except ValueError:
+            pass
+    if not retry_after:
+        return None
+    value = retry_after.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN or infinite
+        return None
+    return max(0.0, seconds)
+
+
+def full_jitter(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
+    """Backoff before retry number ``attempt`` (1-based): AWS's "full jitter"."""
+    cap = min(policy.backoff_initial * 2 ** (attempt - 1), policy.backoff_max)
+    return rng.uniform(0.0, cap)
+
+
+def build_retrying(
+    policy: RetryPolicy,
+    *,
+    budget: RetryBudget | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+    before_sleep: Callable[[SendState, int, float, BaseException], None],
+    rng: random.Random,
+) -> tenacity.AsyncRetrying:
+    """Build the tenacity engine for one policy; callers reuse it for every send.
+
+    One instance serves concurrent sends: its predicate, wait and stop are plain
+    functions that read the per-send ``SendState`` passed as the wrapped
+    function's argument, and tenacity runs them without suspending, so sends
+    cannot interleave inside its bookkeeping.
+    """
+
+    def state_of(rs: tenacity.RetryCallState) -> SendState:
+        send_state: SendState = rs.args[0]
+        return send_state
+
+    def should_retry(rs: tenacity.RetryCallState) -> bool:
+        outcome = rs.outcome
+        if outcome is None or not outcome.failed:
+            return False
+        exc = outcome.exception()
+        assert exc is not None  # noqa: S101 - tenacity: failed outcomes carry one
+        return classify_failure(exc, policy)
+
+    def wait(rs: tenacity.RetryCallState) -> float:
+        state = state_of(rs)
+        backoff = full_jitter(rs.attempt_number, policy, rng)
+        if state.retry_after is None:
+            return backoff
+        # A little jitter on top of Retry-After, so that clients told the same
+        # instant do not all come back at once.
+        return max(backoff, state.retry_after) + rng.uniform(0.0, min(1.0, state.retry_after / 10))
+
+    def stop(rs: tenacity.RetryCallState) -> bool:
+        state = state_of(rs)
+        if rs.attempt_number >= policy.max_attempts:
+            return True
+        if state.retry_after is not None and state.retry_after > policy.max_retry_after:
+            return True
+        elapsed = clock() - state.started
+        # Never start a wait after which no attempt could finish within the deadline.
+        if elapsed + (rs.upcoming_sleep or 0.0) >= policy.deadline:
+            return True
+        return budget is not None and not budget.try_withdraw()
+
+    def announce(rs: tenacity.RetryCallState) -> None:
+        state = state_of(rs)
+        outcome = rs.outcome
+        exc = outcome.exception() if outcome is not None else None
+        assert exc is not None  # noqa: S101 - only failed attempts are retried
+        before_sleep(state, rs.attempt_number, rs.upcoming_sleep, exc)
+
+    return tenacity.AsyncRetrying(
+        sleep=sleep,
+        stop=stop,
+        wait=wait,
+        retry=should_retry,
+        before_sleep=announce,
+        reraise=True,
+    )

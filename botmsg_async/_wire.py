@@ -1,0 +1,288 @@
+"""The wire format: one private cattrs converter between our models and the JSON.
+
+All wire knowledge lives here: the camelCase names, the nesting of the request
+into ``messageAttributes`` / ``messageSendingAttributes``, the fixed ``protocol``
+and attachment count, and leaving out optional fields that are ``None``.
+Responses are read leniently where the contract allows (unknown fields are
+ignored, missing optional ones default, ``null`` lists are empty) and strictly
+where it matters (``status`` must be SUCCESS or FAILURE; strings must be strings).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import cattrs
+from attrs import define
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.preconf.json import make_converter
+
+from ._models import ApiError, ApiWarning, SendResult, TextMessage
+
+__all__ = ["decode_response", "decode_request", "encode_request", "converter"]
+
+try:  # The `speed` extra: orjson encodes several times faster than json.
+    import orjson
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)  # type: ignore[no-any-return]
+
+    _loads: Callable[[bytes | str], Any] = orjson.loads
+    _DECODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
+except ImportError:  # pragma: no cover - exercised when the extra is absent
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+    _loads = json.loads
+    _DECODE_ERRORS = (json.JSONDecodeError, UnicodeDecodeError)
+
+
+@define(frozen=True)
+class _MessageAttributes:
+    body: str
+    type: str = "DRAFT"
+    purpose: str = "F"
+    is_manual: bool = True
+    subject: str | None = None
+    protocol: str = "TEXT"
+    number_of_message_attachments: int = 0
+
+
+@define(frozen=True)
+class _MessageSendingAttributes:
+    recipient_communication_value: str | None = None
+    sender_name: str | None = None
+
+
+@define(frozen=True)
+class _SendBotMessageRequest:
+    message_attributes: _MessageAttributes
+    message_sending_attributes: _MessageSendingAttributes | None = None
+
+
+def _strict_str(value: object, _: object) -> str:
+    # cattrs' default would turn 123 or {} into a string; a wrong type is a bad answer.
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_bool(value: object, _: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: object, _: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = make_converter(detailed_validation=True, forbid_extra_keys=False)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(int, _strict_int)
+
+    # Request side: nested camelCase, None left out, protocol/attachments always sent.
+    conv.register_unstructure_hook(
+        _MessageAttributes,
+        make_dict_unstructure_fn(
+            _MessageAttributes,
+            conv,
+            _cattrs_omit_if_default=True,
+            body=override(omit_if_default=False),
+            type=override(omit_if_default=False),
+            purpose=override(omit_if_default=False),
+            is_manual=override(rename="isManual", omit_if_default=False),
+            protocol=override(omit_if_default=False),
+            number_of_message_attachments=override(
+                rename="numberOfMessageAttachments", omit_if_default=False
+            ),
+        ),
+    )
+    conv.register_unstructure_hook(
+        _MessageSendingAttributes,
+        make_dict_unstructure_fn(
+            _MessageSendingAttributes,
+            conv,
+            _cattrs_omit_if_default=True,
+            recipient_communication_value=override(rename="recipientCommunicationValue"),
+            sender_name=override(rename="senderName"),
+        ),
+    )
+    conv.register_unstructure_hook(
+        _SendBotMessageRequest,
+        make_dict_unstructure_fn(
+            _SendBotMessageRequest,
+            conv,
+            _cattrs_omit_if_default=True,
+            message_attributes=override(rename="messageAttributes"),
+            message_sending_attributes=override(rename="messageSendingAttributes"),
+        ),
+    )
+    # The same renames read a request back (the fake server validates with them).
+    conv.register_structure_hook(
+        _MessageAttributes,
+        make_dict_structure_fn(
+            _MessageAttributes,
+            conv,
+            is_manual=override(rename="isManual"),
+            number_of_message_attachments=override(rename="numberOfMessageAttachments"),
+        ),
+    )
+    conv.register_structure_hook(
+        _MessageSendingAttributes,
+        make_dict_structure_fn(
+            _MessageSendingAttributes,
+            conv,
+            recipient_communication_value=override(rename="recipientCommunicationValue"),
+            sender_name=override(rename="senderName"),
+        ),
+    )
+    conv.register_structure_hook(
+        _SendBotMessageRequest,
+        make_dict_structure_fn(
+            _SendBotMessageRequest,
+            conv,
+            message_attributes=override(rename="messageAttributes"),
+            message_sending_attributes=override(rename="messageSendingAttributes"),
+        ),
+    )
+
+    # Response side.
+    conv.register_structure_hook(
+        ApiError,
+        make_dict_structure_fn(
+            ApiError,
+            conv,
+            code=override(rename="errorCode"),
+            description=override(rename="errorDescription"),
+            uid=override(rename="errorUID"),
+        ),
+    )
+    conv.register_structure_hook(
+        ApiWarning,
+        make_dict_structure_fn(
+            ApiWarning,
+            conv,
+            code=override(rename="warningCode"),
+            description=override(rename="warningDescription"),
+        ),
+    )
+
+    def _null_is_empty(item_type: type[Any]) -> Callable[[object, object], tuple[Any, ...]]:
+        # Some gateways send "errors": null where the contract has an array.
+        def hook(value: object, _: object) -> tuple[Any, ...]:
+            if value is None:
+                return ()
+            if not isinstance(value, list):
+                raise TypeError(f"expected an array, got {type(value).__name__}")
+            return tuple(conv.structure(v, item_type) for v in value)
+
+        return hook
+
+    conv.register_structure_hook(
+        SendResult,
+        make_dict_structure_fn(
+            SendResult,
+            conv,
+            request_uuid=override(rename="requestUuid"),
+            message_uuid=override(rename="messageUuid"),
+            errors=override(struct_hook=_null_is_empty(ApiError)),
+            warnings=override(struct_hook=_null_is_empty(ApiWarning)),
+            attempts=override(omit=True),
+        ),
+    )
+    return conv
+
+
+#: The one converter between models and wire. Private: never the global cattrs one.
+converter = _make_converter()
+_unstructure_request = converter.get_unstructure_hook(_SendBotMessageRequest)
+_structure_result = converter.get_structure_hook(SendResult)
+_structure_request = converter.get_structure_hook(_SendBotMessageRequest)
+
+
+def encode_request(message: TextMessage) -> bytes:
+    """Encode ``message`` as the JSON body of a send request."""
+    sending = (
+        None
+        if message.recipient_communication_value is None and message.sender_name is None
+        else _MessageSendingAttributes(
+            recipient_communication_value=message.recipient_communication_value,
+            sender_name=message.sender_name,
+        )
+    )
+    wire = _SendBotMessageRequest(
+        _MessageAttributes(
+            body=message.body,
+            type=message.type,
+            purpose=message.purpose,
+            is_manual=message.is_manual,
+            subject=message.subject,
+        ),
+        sending,
+    )
+    return _dumps(_unstructure_request(wire))
+
+
+class WireFormatError(ValueError):
+    """A body that does not match the contract; ``problems`` says where."""
+
+    def __init__(self, problems: tuple[str, ...]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
+    try:
+        data = _loads(body)
+    except _DECODE_ERRORS as exc:
+        raise WireFormatError((f"not JSON: {exc}",)) from exc
+    if not isinstance(data, dict):
+        raise WireFormatError((f"expected a JSON object, got {type(data).__name__}",))
+    try:
+        return hook(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise WireFormatError(tuple(cattrs.transform_error(exc))) from exc
+
+
+def decode_response(body: bytes) -> SendResult:
+    """Parse a send answer.
+
+    Raises:
+        WireFormatError: the body is not the documented JSON object.
+    """
+    result: SendResult = _parse(body, _structure_result, SendResult)
+    return result
+
+
+def decode_request(body: bytes) -> TextMessage:
+    """Parse a send request body back into a ``TextMessage`` (for the fake server).
+
+    Raises:
+        WireFormatError: the body does not match the request schema, or asks for
+            something the service does not support (a protocol other than TEXT,
+            attachments).
+    """
+    wire: _SendBotMessageRequest = _parse(body, _structure_request, _SendBotMessageRequest)
+    attrs_ = wire.message_attributes
+    if attrs_.protocol != "TEXT":
+        raise WireFormatError((f"$.messageAttributes.protocol: only TEXT is supported, got {attrs_.protocol!r}",))
+    if attrs_.number_of_message_attachments != 0:
+        raise WireFormatError(("$.messageAttributes.numberOfMessageAttachments: must be 0",))
+    sending = wire.message_sending_attributes or _MessageSendingAttributes()
+    return TextMessage(
+        attrs_.body,
+        subject=attrs_.subject,
+        sender_name=sending.sender_name,
+        recipient_communication_value=sending.recipient_communication_value,
+        type=attrs_.type,
+        purpose=attrs_.purpose,
+        is_manual=attrs_.is_manual,
+    )
