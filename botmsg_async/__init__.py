@@ -1,0 +1,77 @@
+"""botmsg-async: an asyncio client for sending bot messages to users.
+
+Example:
+    >>> import botmsg_async
+    >>> async with botmsg_async.BotMessageClient(base_url, username, password) as client:
+    ...     result = await client.send(department_uuid, user_uuid, "Hello!")
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("botmsg-async")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+from ._batch import BatchReport, BatchStream, ItemResult, Outcome, Progress
+from ._client import BotMessageClient
+from ._errors import (
+    APIStatusError,
+    AuthenticationError,
+    BatchFailedError,
+    BotMessageError,
+    ClientClosedError,
+    DeliveryUnknownError,
+    InvalidRequestError,
+    InvalidResponseError,
+    RateLimitedError,
+    ResponseLostError,
+    SendFailedError,
+    ServerError,
+    TransportError,
+)
+from ._models import (
+    ApiError,
+    ApiWarning,
+    MessageDefaults,
+    SendRequest,
+    SendResult,
+    Status,
+    TextMessage,
+)
+from ._retry import RetryBudget, RetryEvent, RetryPolicy
+
+__all__ = [
+    "APIStatusError",
+    "ApiError",
+    "ApiWarning",
+    "AuthenticationError",
+    "BatchFailedError",
+    "BatchReport",
+    "BatchStream",
+    "BotMessageClient",
+    "BotMessageError",
+    "ClientClosedError",
+    "DeliveryUnknownError",
+    "InvalidRequestError",
+    "InvalidResponseError",
+    "ItemResult",
+    "MessageDefaults",
+    "Outcome",
+    "Progress",
+    "RateLimitedError",
+    "ResponseLostError",
+    "RetryBudget",
+    "RetryEvent",
+    "RetryPolicy",
+    "SendFailedError",
+    "SendRequest",
+    "SendResult",
+    "ServerError",
+    "Status",
+    "TextMessage",
+    "TransportError",
+    "__version__",
+]

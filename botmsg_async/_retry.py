@@ -24,7 +24,7 @@ import email.utils
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +61,9 @@ TRANSIENT_PATTERN = re.compile(
     re.IGNORECASE,
 )
 
-_to_frozenset: Callable[[Any], frozenset[str]] = frozenset
+
+def _to_frozenset(codes: Iterable[str]) -> frozenset[str]:
+    return frozenset(codes)
 
 
 @define(frozen=True)
@@ -170,7 +172,9 @@ class RetryBudget:
     def _refill(self) -> None:
         now = self.clock()
         if self._last is not None and self.min_per_second:
-            self._balance = min(self.burst, self._balance + (now - self._last) * self.min_per_second)
+            self._balance = min(
+                self.burst, self._balance + (now - self._last) * self.min_per_second
+            )
         self._last = now
 
     def deposit(self) -> None:
@@ -322,7 +326,7 @@ def build_retrying(
         if outcome is None or not outcome.failed:
             return False
         exc = outcome.exception()
-        assert exc is not None  # noqa: S101 - tenacity: failed outcomes carry one
+        assert exc is not None
         return classify_failure(exc, policy)
 
     def wait(rs: tenacity.RetryCallState) -> float:
@@ -350,7 +354,7 @@ def build_retrying(
         state = state_of(rs)
         outcome = rs.outcome
         exc = outcome.exception() if outcome is not None else None
-        assert exc is not None  # noqa: S101 - only failed attempts are retried
+        assert exc is not None
         before_sleep(state, rs.attempt_number, rs.upcoming_sleep, exc)
 
     return tenacity.AsyncRetrying(

@@ -21,13 +21,13 @@ from cattrs.preconf.json import make_converter
 
 from ._models import ApiError, ApiWarning, SendResult, TextMessage
 
-__all__ = ["decode_response", "decode_request", "encode_request", "converter"]
+__all__ = ["converter", "decode_request", "decode_response", "encode_request"]
 
 try:  # The `speed` extra: orjson encodes several times faster than json.
     import orjson
 
     def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)  # type: ignore[no-any-return]
+        return orjson.dumps(obj)
 
     _loads: Callable[[bytes | str], Any] = orjson.loads
     _DECODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
@@ -273,7 +273,9 @@ def decode_request(body: bytes) -> TextMessage:
     wire: _SendBotMessageRequest = _parse(body, _structure_request, _SendBotMessageRequest)
     attrs_ = wire.message_attributes
     if attrs_.protocol != "TEXT":
-        raise WireFormatError((f"$.messageAttributes.protocol: only TEXT is supported, got {attrs_.protocol!r}",))
+        raise WireFormatError(
+            (f"$.messageAttributes.protocol: only TEXT is supported, got {attrs_.protocol!r}",)
+        )
     if attrs_.number_of_message_attachments != 0:
         raise WireFormatError(("$.messageAttributes.numberOfMessageAttachments: must be 0",))
     sending = wire.message_sending_attributes or _MessageSendingAttributes()

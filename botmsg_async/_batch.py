@@ -1,0 +1,481 @@
+"""Many sends at once: a fixed pool of workers over a lazily read input.
+
+Memory is O(concurrency) whatever the input's size: ``concurrency`` workers
+share one iterator over the items and pull the next only when they are free,
+and finished results wait in a queue of the same size, so the input is never
+read far ahead of what the consumer has taken. No task per item, no ``list()``
+of the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeAlias
+
+from attrs import define
+
+from ._errors import (
+    AuthenticationError,
+    BatchFailedError,
+    BotMessageError,
+    ClientClosedError,
+    DeliveryUnknownError,
+    InvalidRequestError,
+)
+from ._models import SendRequest, SendResult, TextMessage
+
+if TYPE_CHECKING:
+    from ._client import BotMessageClient
+    from ._retry import RetryPolicy
+
+__all__ = ["BatchReport", "BatchStream", "ItemResult", "Items", "Outcome", "Progress", "collect"]
+
+ItemLike: TypeAlias = SendRequest | tuple[str, str, str | TextMessage]
+Items: TypeAlias = Iterable[ItemLike] | AsyncIterable[ItemLike]
+
+
+class Outcome(enum.Enum):
+    """What became of one item of a batch."""
+
+    SENT = "sent"  #: The service answered SUCCESS.
+    FAILED = "failed"  #: It was not delivered; ``error`` says why.
+    UNKNOWN = "unknown"  #: It may or may not have been delivered (``DeliveryUnknownError``).
+    SKIPPED = "skipped"  #: Never attempted: the batch stopped before it.
+
+
+@define(frozen=True)
+class ItemResult:
+    """The outcome of one item of a batch.
+
+    Attributes:
+        index: Position of the item in the input (0-based).
+        department_uuid: The item's department.
+        user_uuid: The item's user.
+        outcome: SENT, FAILED, UNKNOWN or SKIPPED.
+        result: The service's answer when SENT.
+        error: Why it was not SENT (None when SENT or SKIPPED without cause).
+    """
+
+    index: int
+    department_uuid: str
+    user_uuid: str
+    outcome: Outcome
+    result: SendResult | None = None
+    error: BotMessageError | None = None
+
+    @property
+    def attempts(self) -> int:
+        """HTTP attempts spent on this item."""
+        if self.result is not None:
+            return self.result.attempts
+        return self.error.attempts if self.error is not None else 0
+
+
+@define(frozen=True)
+class Progress:
+    """A snapshot of a running batch, for progress bars and logs.
+
+    Counts are of completed items; ``in_flight`` are being sent now.
+    """
+
+    sent: int
+    failed: int
+    unknown: int
+    skipped: int
+    in_flight: int
+    retries: int
+    elapsed: float
+
+    @property
+    def done(self) -> int:
+        """Items with a final outcome."""
+        return self.sent + self.failed + self.unknown + self.skipped
+
+    @property
+    def rate(self) -> float:
+        """Completed sends per second so far."""
+        finished = self.sent + self.failed + self.unknown
+        return finished / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@define(frozen=True)
+class BatchReport:
+    """What became of every item of a ``send_many``.
+
+    Attributes:
+        results: ``ItemResult``s in input order (as many as ``keep`` kept).
+        sent: Items the service accepted.
+        failed: Items not delivered.
+        unknown: Items that may or may not have been delivered.
+        skipped: Items never attempted.
+        retries: HTTP retries made across the batch.
+        elapsed: Seconds the batch took.
+        stopped_by: The error that stopped the batch early, or None.
+    """
+
+    results: list[ItemResult]
+    sent: int
+    failed: int
+    unknown: int
+    skipped: int
+    retries: int
+    elapsed: float
+    stopped_by: BotMessageError | None = None
+
+    @property
+    def total(self) -> int:
+        """Items in the input."""
+        return self.sent + self.failed + self.unknown + self.skipped
+
+    @property
+    def messages_per_second(self) -> float:
+        """Items sent, failed or unknown per second of the batch."""
+        finished = self.sent + self.failed + self.unknown
+        return finished / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every item was sent."""
+        return self.sent == self.total
+
+    def raise_for_failures(self) -> None:
+        """Raise ``BatchFailedError`` unless every item was sent.
+
+        Raises:
+            BatchFailedError: some items failed, are unknown or were skipped;
+                chained to ``stopped_by`` when the batch stopped early.
+        """
+        if not self.ok:
+            raise BatchFailedError(
+                failed=self.failed, unknown=self.unknown, skipped=self.skipped
+            ) from self.stopped_by
+
+
+class _PerKeyLimiter:
+    """One rate limiter per department, forgotten once idle so memory stays flat."""
+
+    def __init__(self, rate: float, make: Callable[[float], _Limiter]) -> None:
+        self._rate = rate
+        self._make = make
+        self._limiters: OrderedDict[str, tuple[_Limiter, float]] = OrderedDict()
+        # An idle limiter has fully drained after a second or two at most;
+        # forgetting it then changes nothing but memory.
+        self._idle = max(2.0, 2.0 / rate)
+
+    def __len__(self) -> int:
+        return len(self._limiters)
+
+    async def acquire(self, key: str) -> None:
+        now = time.monotonic()
+        entry = self._limiters.pop(key, None)
+        limiter = entry[0] if entry is not None else self._make(self._rate)
+        self._limiters[key] = (limiter, now)
+        while self._limiters:
+            oldest_key, (_, last) = next(iter(self._limiters.items()))
+            if now - last < self._idle:
+                break
+            del self._limiters[oldest_key]
+        await limiter.acquire()
+
+
+class _Limiter(Protocol):
+    async def acquire(self) -> None: ...
+
+
+def _smooth_limiter(rate: float) -> _Limiter:
+    """An aiolimiter leaky bucket with a burst of at most a tenth of a second."""
+    try:
+        from aiolimiter import AsyncLimiter
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise InvalidRequestError(
+            "rate_limit", rate, "needs aiolimiter: pip install 'botmsg-async[rate]'"
+        ) from None
+    capacity = max(1.0, rate / 10)
+    return AsyncLimiter(capacity, capacity / rate)
+
+
+def _unpack(raw: object) -> tuple[str, str, str | TextMessage]:
+    if isinstance(raw, SendRequest):
+        return raw.department_uuid, raw.user_uuid, raw.message
+    if isinstance(raw, tuple) and len(raw) == 3:
+        return raw[0], raw[1], raw[2]
+    raise InvalidRequestError(
+        "item", raw, "must be a SendRequest or a (department_uuid, user_uuid, message) tuple"
+    )
+
+
+_DONE = object()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+class BatchStream:
+    """An async iterator of ``ItemResult``s, in completion order.
+
+    Also an async context manager: leaving the ``async with`` block (or
+    ``aclose()``) stops the workers and cancels in-flight sends. Iterating to
+    the end cleans up too.
+    """
+
+    def __init__(
+        self,
+        client: BotMessageClient,
+        items: Items,
+        *,
+        concurrency: int,
+        rate_limit: float | None,
+        per_department_rate_limit: float | None,
+        retry: RetryPolicy | None,
+        on_result: Callable[[ItemResult], object] | None,
+        on_progress: Callable[[Progress], object] | None,
+        progress_interval: float,
+        stop_after_consecutive_failures: int | None,
+    ) -> None:
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidRequestError("concurrency", concurrency, "must be an int >= 1")
+        for name, value in (
+            ("rate_limit", rate_limit),
+            ("per_department_rate_limit", per_department_rate_limit),
+        ):
+            if value is not None and not value > 0:
+                raise InvalidRequestError(name, value, "must be > 0 messages per second, or None")
+        if stop_after_consecutive_failures is not None and stop_after_consecutive_failures < 1:
+            raise InvalidRequestError(
+                "stop_after_consecutive_failures", stop_after_consecutive_failures, "must be >= 1"
+            )
+        if progress_interval <= 0:
+            raise InvalidRequestError("progress_interval", progress_interval, "must be > 0")
+        if isinstance(items, AsyncIterable):
+            self._aiter: AsyncIterator[ItemLike] | None = aiter(items)
+            self._iter: Iterator[ItemLike] | None = None
+        elif isinstance(items, Iterable) and not isinstance(items, str | bytes):
+            self._aiter = None
+            self._iter = iter(items)
+        else:
+            raise InvalidRequestError("items", items, "must be an iterable or async iterable")
+        self._client = client
+        self._concurrency = concurrency
+        self._limiter = _smooth_limiter(rate_limit) if rate_limit else None
+        self._per_department = (
+            _PerKeyLimiter(per_department_rate_limit, _smooth_limiter)
+            if per_department_rate_limit
+            else None
+        )
+        self._retry = retry
+        self._on_result = on_result
+        self._on_progress = on_progress
+        self._progress_interval = progress_interval
+        self._stop_after = stop_after_consecutive_failures
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=concurrency)
+        self._pull_lock = asyncio.Lock()
+        self._next_index = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._finished = False
+        self._started = 0.0
+        self.stopped_by: BotMessageError | None = None
+        self.sent = self.failed = self.unknown = self.skipped = 0
+        self.in_flight = 0
+        self.retries = 0
+        self._consecutive_failures = 0
+
+    # -- consumer side ---------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ItemResult:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._runner is None:
+            self._client._ensure_session()  # a closed client fails here, before any read
+            self._started = time.perf_counter()
+            self._runner = asyncio.create_task(self._run())
+        if self._queue.empty() and self._runner.done():
+            item: object = _DONE
+        else:
+            item = await self._queue.get()
+        if isinstance(item, ItemResult):
+            return item
+        self._finished = True
+        await self._runner  # re-raises what stopped the workers, if anything
+        raise StopAsyncIteration
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop: no new item starts, in-flight sends are cancelled."""
+        self._finished = True
+        runner, self._runner = self._runner, None
+        if runner is not None and not runner.done():
+            runner.cancel()
+            try:
+                await runner
+            except asyncio.CancelledError:
+                # Our own cancellation of the runner, unless we are being cancelled too.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the first item was pulled."""
+        return time.perf_counter() - self._started if self._started else 0.0
+
+    def progress(self) -> Progress:
+        """A snapshot of the counts so far."""
+        return Progress(
+            sent=self.sent,
+            failed=self.failed,
+            unknown=self.unknown,
+            skipped=self.skipped,
+            in_flight=self.in_flight,
+            retries=self.retries,
+            elapsed=self.elapsed,
+        )
+
+    # -- worker side -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                ticker = group.create_task(self._tick()) if self._on_progress is not None else None
+                async with asyncio.TaskGroup() as workers:
+                    for _ in range(self._concurrency):
+                        workers.create_task(self._work())
+                if ticker is not None:
+                    ticker.cancel()
+            if self._on_progress is not None:
+                self._on_progress(self.progress())
+        except BaseExceptionGroup as group_error:
+            # Callers should see the error itself (a failing input iterator or
+            # callback), not the TaskGroup's wrapping of it.
+            raise _first_leaf(group_error) from None
+        finally:
+            # Wake a consumer blocked on an empty queue; a consumer with items
+            # still queued finds this task done once it has taken them.
+            if not self._queue.full():
+                self._queue.put_nowait(_DONE)
+
+    async def _tick(self) -> None:
+        assert self._on_progress is not None
+        while True:
+            await asyncio.sleep(self._progress_interval)
+            self._on_progress(self.progress())
+
+    async def _pull(self) -> tuple[int, object] | None:
+        if self._iter is not None:
+            try:
+                raw: object = next(self._iter)
+            except StopIteration:
+                return None
+        else:
+            assert self._aiter is not None
+            # An async generator refuses concurrent __anext__ calls.
+            async with self._pull_lock:
+                try:
+                    raw = await anext(self._aiter)
+                except StopAsyncIteration:
+                    return None
+        index = self._next_index
+        self._next_index += 1
+        return index, raw
+
+    async def _work(self) -> None:
+        while (pulled := await self._pull()) is not None:
+            index, raw = pulled
+            item = await self._handle(index, raw)
+            self._record(item)
+            if self._on_result is not None:
+                self._on_result(item)
+            await self._queue.put(item)
+
+    async def _handle(self, index: int, raw: object) -> ItemResult:
+        try:
+            department_uuid, user_uuid, message = _unpack(raw)
+        except InvalidRequestError as exc:
+            return ItemResult(index, "", "", Outcome.FAILED, error=exc)
+        if self.stopped_by is not None:
+            return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
+        if self._limiter is not None:
+            await self._limiter.acquire()
+        if self._per_department is not None:
+            await self._per_department.acquire(department_uuid)
+        if self.stopped_by is not None:  # stopped while we waited for the limiter
+            return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
+        self.in_flight += 1
+        try:
+            result = await self._client.send(department_uuid, user_uuid, message, retry=self._retry)
+        except DeliveryUnknownError as exc:
+            return ItemResult(index, department_uuid, user_uuid, Outcome.UNKNOWN, error=exc)
+        except BotMessageError as exc:
+            if isinstance(exc, AuthenticationError | ClientClosedError) and self.stopped_by is None:
+                self.stopped_by = exc
+            return ItemResult(index, department_uuid, user_uuid, Outcome.FAILED, error=exc)
+        finally:
+            self.in_flight -= 1
+        return ItemResult(index, department_uuid, user_uuid, Outcome.SENT, result=result)
+
+    def _record(self, item: ItemResult) -> None:
+        outcome = item.outcome
+        if outcome is Outcome.SENT:
+            self.sent += 1
+            self._consecutive_failures = 0
+        elif outcome is Outcome.SKIPPED:
+            self.skipped += 1
+        else:
+            if outcome is Outcome.FAILED:
+                self.failed += 1
+            else:
+                self.unknown += 1
+            self._consecutive_failures += 1
+            if (
+                self._stop_after is not None
+                and self._consecutive_failures >= self._stop_after
+                and self.stopped_by is None
+            ):
+                self.stopped_by = item.error
+        if item.attempts > 1:
+            self.retries += item.attempts - 1
+
+
+async def collect(
+    stream: BatchStream, keep: Literal["all", "failures", "none"] = "all"
+) -> BatchReport:
+    """Run ``stream`` to the end and build its ``BatchReport``."""
+    if keep not in ("all", "failures", "none"):
+        raise InvalidRequestError("keep", keep, "must be 'all', 'failures' or 'none'")
+    results: list[ItemResult] = []
+    async with stream:
+        async for item in stream:
+            if keep == "all" or (keep == "failures" and item.outcome is not Outcome.SENT):
+                results.append(item)
+    results.sort(key=lambda r: r.index)
+    return BatchReport(
+        results=results,
+        sent=stream.sent,
+        failed=stream.failed,
+        unknown=stream.unknown,
+        skipped=stream.skipped,
+        retries=stream.retries,
+        elapsed=stream.elapsed,
+        stopped_by=stream.stopped_by,
+    )

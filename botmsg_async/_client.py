@@ -1,0 +1,683 @@
+"""The client: one pooled aiohttp session, one send at a time or many at once."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, Self
+from urllib.parse import quote
+
+import aiohttp
+import tenacity
+from attrs import evolve
+from yarl import URL
+
+from . import _wire
+from ._errors import (
+    APIStatusError,
+    AuthenticationError,
+    BotMessageError,
+    ClientClosedError,
+    DeliveryUnknownError,
+    InvalidRequestError,
+    InvalidResponseError,
+    RateLimitedError,
+    ResponseLostError,
+    SendFailedError,
+    ServerError,
+    TransportError,
+    excerpt,
+)
+from ._models import MessageDefaults, SendResult, Status, TextMessage
+from ._retry import (
+    RetryBudget,
+    RetryEvent,
+    RetryPolicy,
+    SendState,
+    build_retrying,
+    parse_retry_after,
+)
+
+if TYPE_CHECKING:
+    from ._batch import BatchReport, BatchStream, ItemResult, Items, Progress
+
+__all__ = ["BotMessageClient"]
+
+log = logging.getLogger("botmsg_async")
+
+_FORBIDDEN_ID_CHARS = frozenset("/?#%\\")
+_AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
+_PATH = "/communications/department/{}/user/{}/botmessage/send"
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+def check_id(name: str, value: object) -> str:
+    """Return ``value`` percent-encoded for the path, or raise ``InvalidRequestError``.
+
+    Ids are opaque strings, but none may change the path: empty ids, ``.`` and
+    ``..``, and ids with ``/ ? # % \\``, whitespace or control characters are
+    refused; everything else is percent-encoded.
+    """
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, value, f"must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidRequestError(name, value, "must not be empty")
+    if value in (".", ".."):
+        raise InvalidRequestError(name, value, "must not be a path segment like '.' or '..'")
+    for ch in value:
+        if ch in _FORBIDDEN_ID_CHARS or ch.isspace() or not ch.isprintable():
+            raise InvalidRequestError(
+                name, value, f"must not contain {ch!r} (it could change the request path)"
+            )
+    return quote(value, safe="")
+
+
+def check_message(message: object, defaults: MessageDefaults) -> TextMessage:
+    """Return ``message`` as a ``TextMessage``, or raise ``InvalidRequestError``."""
+    if isinstance(message, str):
+        message = defaults.message(message)
+    elif not isinstance(message, TextMessage):
+        raise InvalidRequestError(
+            "message", message, f"must be a str or TextMessage, not {type(message).__name__}"
+        )
+    if not isinstance(message.body, str) or not message.body.strip():
+        raise InvalidRequestError("message.body", message.body, "must be non-empty text")
+    return message
+
+
+def _check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
+    url = URL(base_url) if isinstance(base_url, str) else base_url
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InvalidRequestError(
+            "base_url", str(url), "must be an absolute http:// or https:// URL with a host"
+        )
+    if url.user is not None or url.password is not None:
+        # Do not echo the URL: it holds credentials.
+        raise InvalidRequestError(
+            "base_url", "<redacted>", "must not carry credentials; pass username and password"
+        )
+    if url.query_string or url.fragment:
+        raise InvalidRequestError("base_url", str(url), "must not have a query or fragment")
+    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
+        raise InvalidRequestError(
+            "base_url",
+            str(url),
+            "http:// to a non-loopback host would send the password in clear text; "
+            "use https:// or pass allow_insecure_http=True",
+        )
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class BotMessageClient:
+    """An asyncio client for the "send a bot message to a user" endpoint.
+
+    The client owns one ``aiohttp.ClientSession`` over a pooled connector,
+    created on first use inside the running loop, so the client itself may be
+    built anywhere. Use it as an async context manager, or call ``aclose()``.
+
+    Args:
+        base_url: Scheme, host and any gateway prefix before ``/communications``,
+            e.g. ``"https://api.example.com"``.
+        username: Basic-auth user name.
+        password: Basic-auth password. Never logged, never in a repr or an error.
+        timeout: Per-attempt timeout: seconds in total, or an ``aiohttp.ClientTimeout``.
+            None takes the retry policy's ``attempt_timeout`` and ``connect_timeout``.
+        max_connections: Size of the connection pool; None (default) leaves the
+            pool uncapped so that ``send_many(concurrency=...)`` is the only cap.
+        retry: The retry policy for every send (default ``RetryPolicy()``).
+        retry_budget: The client-wide retry allowance; None disables the budget.
+        user_agent: Sent as ``User-Agent``.
+        session: A session of your own. The client uses it and never closes it.
+        allow_insecure_http: Permit ``http://`` to a host that is not loopback.
+        message_defaults: Values for messages given as plain strings.
+        max_response_bytes: Largest answer body read; a larger one is an error.
+        on_retry: Called with a ``RetryEvent`` before each retry's wait.
+        sleep: How to wait (tests pass a fake to never wait for real).
+        clock: Monotonic clock for deadlines (tests may pass a fake).
+
+    Raises:
+        InvalidRequestError: ``base_url`` is unusable or unsafe.
+
+    Example:
+        >>> async with BotMessageClient("https://api.example.com", "bot", pw) as client:
+        ...     result = await client.send(department_id, user_id, "Hello!")
+        ...     print(result.message_uuid)
+    """
+
+    def __init__(
+        self,
+        base_url: str | URL,
+        username: str,
+        password: str,
+        *,
+        timeout: float | aiohttp.ClientTimeout | None = None,
+        max_connections: int | None = None,
+        retry: RetryPolicy | None = None,
+        retry_budget: RetryBudget | None = None,
+        user_agent: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        allow_insecure_http: bool = False,
+        message_defaults: MessageDefaults | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        on_retry: Callable[[RetryEvent], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._base_url = _check_base_url(base_url, allow_insecure_http)
+        self._base = str(self._base_url)
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise InvalidRequestError("username", "<redacted>", "username and password must be str")
+        try:
+            authorization = aiohttp.encode_basic_auth(username, password)
+        except ValueError:
+            raise InvalidRequestError(
+                "username", "<redacted>", "must not contain ':' (RFC 7617)"
+            ) from None
+        if max_connections is not None and max_connections < 1:
+            raise InvalidRequestError("max_connections", max_connections, "must be >= 1 or None")
+        if max_response_bytes < 1:
+            raise InvalidRequestError("max_response_bytes", max_response_bytes, "must be >= 1")
+        from . import __version__
+
+        self._headers = {
+            "Authorization": authorization,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": user_agent or f"botmsg-async/{__version__}",
+        }
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._retry = retry or RetryPolicy()
+        self._clock = clock
+        self._sleep = sleep
+        self._budget = retry_budget if retry_budget is not None else RetryBudget(clock=clock)
+        self._defaults = message_defaults or MessageDefaults()
+        self._max_response_bytes = max_response_bytes
+        self._on_retry = on_retry
+        self._lent_session = session
+        self._session: aiohttp.ClientSession | None = session
+        self._closed = False
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        # Instant (on self._clock) before which no attempt may start: set by a
+        # 429's Retry-After so every send of this client waits, not just the one told.
+        self._paused_until = 0.0
+        self._retrying: dict[RetryPolicy, tenacity.AsyncRetrying] = {}
+        self._timeouts: dict[RetryPolicy, aiohttp.ClientTimeout] = {}
+        self._default_retrying = self._retrying_for(self._retry)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<BotMessageClient {self._base} {state}>"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client and the session it owns; a second call does nothing.
+
+        A session passed in as ``session=`` is left open: it is the caller's.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and session is not self._lent_session:
+            await session.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``aclose()`` was called."""
+        return self._closed
+
+    @property
+    def retry_budget(self) -> RetryBudget | None:
+        """The retry allowance shared by every send of this client."""
+        return self._budget
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ClientClosedError("this BotMessageClient is closed; create a new one")
+        session = self._session
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections or 0,
+                limit_per_host=0,
+                ttl_dns_cache=300,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                # Cookies play no part in this API; skipping them saves work per answer.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=self._timeout_for(self._retry),
+                trust_env=False,
+            )
+            self._session = session
+        return session
+
+    # -- retry plumbing -----------------------------------------------------
+
+    def _retrying_for(self, policy: RetryPolicy) -> tenacity.AsyncRetrying:
+        retrying = self._retrying.get(policy)
+        if retrying is None:
+            if len(self._retrying) >= 32:  # a caller building a policy per call
+                self._retrying.clear()
+            retrying = build_retrying(
+                policy,
+                budget=self._budget,
+                clock=self._clock,
+                sleep=self._sleep,
+                before_sleep=self._before_retry,
+                rng=self._rng,
+            )
+            self._retrying[policy] = retrying
+        return retrying
+
+    def _timeout_for(self, policy: RetryPolicy) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(policy)
+        if timeout is None:
+            if isinstance(self._timeout, aiohttp.ClientTimeout):
+                timeout = self._timeout
+            elif self._timeout is not None:
+                timeout = aiohttp.ClientTimeout(
+                    total=self._timeout, connect=min(self._timeout, policy.connect_timeout)
+                )
+            else:
+                timeout = aiohttp.ClientTimeout(
+                    total=policy.attempt_timeout, connect=policy.connect_timeout
+                )
+            if len(self._timeouts) >= 32:
+                self._timeouts.clear()
+            self._timeouts[policy] = timeout
+        return timeout
+
+    def _before_retry(
+        self, state: SendState, attempt: int, wait: float, exc: BaseException
+    ) -> None:
+        if state.policy.retry_ambiguous and isinstance(exc, DeliveryUnknownError):
+            state.maybe_delivered = True
+        state.retry_after = None
+        log.debug(
+            "retrying department=%s user=%s after attempt %d in %.3f s: %s",
+            state.department_uuid,
+            state.user_uuid,
+            attempt,
+            wait,
+            exc,
+        )
+        if self._on_retry is not None:
+            self._on_retry(RetryEvent(state.department_uuid, state.user_uuid, attempt, wait, exc))
+
+    # -- sending -------------------------------------------------------------
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: str | TextMessage,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        """Send one bot message to one user of one department.
+
+        Args:
+            department_uuid: The department's id.
+            user_uuid: The user's id.
+            message: The text, or a ``TextMessage`` for subject, sender and the rest.
+            retry: A policy for this send only, instead of the client's.
+            idempotency_key: The key every attempt carries (default: a new UUID4).
+                Pass the same key again only to resend the same message.
+
+        Returns:
+            The service's SUCCESS answer; ``attempts`` says how many tries it took.
+
+        Raises:
+            InvalidRequestError: bad input; nothing was sent.
+            SendFailedError: the service answered FAILURE.
+            AuthenticationError: the credentials were refused.
+            RateLimitedError: throttled for longer than the policy waits.
+            DeliveryUnknownError: the message may or may not have been delivered
+                (``ServerError``, ``ResponseLostError``, ``InvalidResponseError``).
+            TransportError: no connection could be made.
+            APIStatusError: any other HTTP error.
+            ClientClosedError: the client was closed.
+        """
+        dept = check_id("department_uuid", department_uuid)
+        user = check_id("user_uuid", user_uuid)
+        text = check_message(message, self._defaults)
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key.isprintable()
+        ):
+            raise InvalidRequestError("idempotency_key", idempotency_key, "must be a printable str")
+        session = self._ensure_session()
+        policy = retry or self._retry
+        retrying = self._default_retrying if retry is None else self._retrying_for(retry)
+        state = SendState(
+            department_uuid=department_uuid,
+            user_uuid=user_uuid,
+            url=URL(self._base + _PATH.format(dept, user), encoded=True),
+            body=_wire.encode_request(text),
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+            policy=policy,
+            started=self._clock(),
+        )
+        if self._budget is not None:
+            self._budget.deposit()
+        try:
+            result: SendResult = await retrying(self._attempt, state, session)
+        except BotMessageError as exc:
+            # Errors are raised deep in one attempt; say here which message they concern.
+            exc.department_uuid = department_uuid
+            exc.user_uuid = user_uuid
+            exc.attempts = state.attempt
+            if state.maybe_delivered and not isinstance(exc, DeliveryUnknownError):
+                # An earlier attempt may have gone through: the truth is "unknown".
+                unknown = DeliveryUnknownError(
+                    f"an earlier attempt may have delivered the message; the last one failed: "
+                    f"{exc.message}",
+                    department_uuid=department_uuid,
+                    user_uuid=user_uuid,
+                    attempts=state.attempt,
+                )
+                unknown.idempotency_key = state.idempotency_key
+                raise unknown from exc
+            if isinstance(exc, DeliveryUnknownError):
+                exc.idempotency_key = state.idempotency_key
+            raise
+        return result
+
+    async def _wait_for_pause(self, state: SendState) -> None:
+        wait = self._paused_until - self._clock()
+        if wait <= 0:
+            return
+        remaining = state.policy.deadline - (self._clock() - state.started)
+        if wait >= remaining:
+            raise RateLimitedError(
+                f"the service asked to wait {wait:.1f} s, past this send's deadline; "
+                "slow down or raise RetryPolicy.deadline",
+                status=429,
+                retry_after=wait,
+                department_uuid=state.department_uuid,
+                user_uuid=state.user_uuid,
+            )
+        # Spread the wake-ups of everyone who waited for the same instant.
+        await self._sleep(wait + self._rng.uniform(0.0, min(1.0, wait / 10)))
+
+    async def _attempt(self, state: SendState, session: aiohttp.ClientSession) -> SendResult:
+        state.attempt += 1
+        policy = state.policy
+        if self._paused_until:
+            await self._wait_for_pause(state)
+        headers = self._headers.copy()
+        headers[policy.idempotency_header] = state.idempotency_key
+        if state.attempt > 1 and policy.retry_count_header:
+            headers[policy.retry_count_header] = str(state.attempt - 1)
+        timeout = self._timeout_for(policy)
+        remaining = policy.deadline - (self._clock() - state.started)
+        if timeout.total is not None and remaining < timeout.total:
+            remaining = max(remaining, 0.001)
+            timeout = aiohttp.ClientTimeout(
+                total=remaining, connect=min(timeout.connect or remaining, remaining)
+            )
+        debug = log.isEnabledFor(logging.DEBUG)
+        begun = time.perf_counter() if debug else 0.0
+        status = 0
+        try:
+            async with session.post(
+                state.url,
+                data=state.body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                return await self._read_answer(state, response)
+        except BotMessageError:
+            raise
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise TransportError(
+                f"could not connect to {self._base_url.host}: {exc.__class__.__name__}; "
+                "nothing was sent, check the host and the network",
+                department_uuid=state.department_uuid,
+                user_uuid=state.user_uuid,
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ResponseLostError(
+                f"the request was sent but no answer came back ({exc.__class__.__name__}); "
+                "the message may or may not have been delivered",
+                department_uuid=state.department_uuid,
+                user_uuid=state.user_uuid,
+            ) from exc
+        finally:
+            if debug:
+                log.debug(
+                    "POST %s -> %s in %.1f ms (attempt %d)",
+                    state.url.path,
+                    status or "no answer",
+                    (time.perf_counter() - begun) * 1000,
+                    state.attempt,
+                )
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """Read the body, or return None if it is larger than allowed (unread)."""
+        limit = self._max_response_bytes
+        length = response.content_length
+        if length is not None:
+            if length > limit:
+                return None
+            return await response.read()
+        chunks = bytearray()
+        while chunk := await response.content.read(65536):
+            chunks += chunk
+            if len(chunks) > limit:
+                return None
+        return bytes(chunks)
+
+    async def _read_answer(self, state: SendState, response: aiohttp.ClientResponse) -> SendResult:
+        status = response.status
+        if 200 <= status < 300:
+            try:
+                body = await self._read_body(response)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ResponseLostError(
+                    f"HTTP {status} but the body was cut off ({exc.__class__.__name__}); "
+                    "the message may or may not have been delivered",
+                ) from exc
+            if body is None:
+                raise InvalidResponseError(
+                    f"HTTP {status} with a body over {self._max_response_bytes} bytes; "
+                    "not read. The message may or may not have been delivered",
+                    status=status,
+                    body_excerpt="",
+                    problems=("body too large",),
+                )
+            try:
+                result = _wire.decode_response(body)
+            except _wire.WireFormatError as exc:
+                raise InvalidResponseError(
+                    f"HTTP {status} but the body is not the documented JSON "
+                    f"({'; '.join(exc.problems)}); the message may or may not have been delivered",
+                    status=status,
+                    body_excerpt=excerpt(body),
+                    problems=exc.problems,
+                ) from exc
+            if state.attempt != 1:
+                result = evolve(result, attempts=state.attempt)
+            if result.status is Status.SUCCESS:
+                return result
+            raise SendFailedError(result, transient=state.policy.classify(result))
+
+        try:
+            body = await self._read_body(response)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        text = excerpt(body) if body is not None else "[body too large, not read]"
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"HTTP {status}: the service refused the credentials; "
+                "check the username, the password and their rights",
+                status=status,
+                body_excerpt=text,
+            )
+        retry_after = parse_retry_after(
+            response.headers.get("Retry-After"), response.headers.get("retry-after-ms")
+        )
+        if status == 429 or (status == 503 and retry_after is not None):
+            state.retry_after = retry_after
+            if status == 429 and retry_after:
+                self._paused_until = max(self._paused_until, self._clock() + retry_after)
+            when = f"after {retry_after:.1f} s" if retry_after is not None else "later"
+            raise RateLimitedError(
+                f"HTTP {status}: the service asks to slow down; try again {when}",
+                status=status,
+                retry_after=retry_after,
+                body_excerpt=text,
+            )
+        if status in _AMBIGUOUS_STATUSES:
+            raise ServerError(
+                f"HTTP {status}: the service failed while handling the request; "
+                "the message may or may not have been delivered",
+                status=status,
+                body_excerpt=text,
+            )
+        if 300 <= status < 400:
+            raise APIStatusError(
+                f"HTTP {status}: redirect to {response.headers.get('Location', '?')!r} not "
+                "followed, so credentials stay with this host; check base_url",
+                status=status,
+                body_excerpt=text,
+            )
+        advice = "try again later" if status == 503 else "check the request and base_url"
+        raise APIStatusError(
+            f"HTTP {status}: unexpected answer; {advice}", status=status, body_excerpt=text
+        )
+
+    # -- many ------------------------------------------------------------------
+
+    def stream_many(
+        self,
+        items: Items,
+        *,
+        concurrency: int = 64,
+        rate_limit: float | None = None,
+        per_department_rate_limit: float | None = None,
+        retry: RetryPolicy | None = None,
+        on_result: Callable[[ItemResult], object] | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+        progress_interval: float = 1.0,
+        stop_after_consecutive_failures: int | None = None,
+    ) -> BatchStream:
+        """Send many messages; yield each ``ItemResult`` as soon as it is known.
+
+        Memory stays flat whatever the input's size: a fixed pool of
+        ``concurrency`` workers pulls ``items`` lazily, only as fast as results
+        are consumed. See ``send_many`` for the arguments.
+
+        Example:
+            >>> async with client.stream_many(rows, concurrency=100) as results:
+            ...     async for item in results:
+            ...         journal.write(item)
+        """
+        from ._batch import BatchStream
+
+        return BatchStream(
+            self,
+            items,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            per_department_rate_limit=per_department_rate_limit,
+            retry=retry,
+            on_result=on_result,
+            on_progress=on_progress,
+            progress_interval=progress_interval,
+            stop_after_consecutive_failures=stop_after_consecutive_failures,
+        )
+
+    async def send_many(
+        self,
+        items: Items,
+        *,
+        concurrency: int = 64,
+        rate_limit: float | None = None,
+        per_department_rate_limit: float | None = None,
+        retry: RetryPolicy | None = None,
+        on_result: Callable[[ItemResult], object] | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+        progress_interval: float = 1.0,
+        stop_after_consecutive_failures: int | None = None,
+        keep: Literal["all", "failures", "none"] = "all",
+    ) -> BatchReport:
+        """Send many messages concurrently and report what became of each.
+
+        One item's failure never stops the others. An ``AuthenticationError``,
+        or ``stop_after_consecutive_failures`` failures in a row, stops the
+        batch: no new item starts, the rest are reported SKIPPED.
+
+        The report keeps results as ``keep`` says: ``"all"`` (default) holds one
+        ``ItemResult`` per item in memory (about 300 bytes each: 300 MB for a
+        million), ``"failures"`` only those not SENT, ``"none"`` only the counts.
+        For very large jobs, prefer ``stream_many`` and write results out as they come.
+
+        Args:
+            items: ``SendRequest``s or ``(department_uuid, user_uuid, message)``
+                tuples; any iterable or async iterable, read lazily.
+            concurrency: Most requests in flight at once.
+            rate_limit: Most messages per second across the batch (needs the
+                ``rate`` extra: aiolimiter).
+            per_department_rate_limit: Most messages per second to one department.
+            retry: A policy for this batch instead of the client's.
+            on_result: Called with every ``ItemResult`` as it is known.
+            on_progress: Called about every ``progress_interval`` seconds with a
+                ``Progress`` snapshot, and once at the end.
+            progress_interval: Seconds between ``on_progress`` calls.
+            stop_after_consecutive_failures: Stop after this many FAILED or
+                UNKNOWN items in a row (None: never).
+            keep: Which results the report holds.
+
+        Returns:
+            A ``BatchReport``: results in input order, counts, rate, ``stopped_by``.
+
+        Raises:
+            InvalidRequestError: a bad argument (before anything is sent).
+            ClientClosedError: the client was closed.
+        """
+        from ._batch import collect
+
+        stream = self.stream_many(
+            items,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            per_department_rate_limit=per_department_rate_limit,
+            retry=retry,
+            on_result=on_result,
+            on_progress=on_progress,
+            progress_interval=progress_interval,
+            stop_after_consecutive_failures=stop_after_consecutive_failures,
+        )
+        return await collect(stream, keep)
