@@ -199,11 +199,11 @@ def _smooth_limiter(rate: float) -> _Limiter:
     return AsyncLimiter(capacity, capacity / rate)
 
 
-def _unpack(raw: object) -> tuple[str, str, str | TextMessage]:
+def _unpack(raw: object) -> SendRequest:
     if isinstance(raw, SendRequest):
-        return raw.department_uuid, raw.user_uuid, raw.message
+        return raw
     if isinstance(raw, tuple) and len(raw) == 3:
-        return raw[0], raw[1], raw[2]
+        return SendRequest(raw[0], raw[1], raw[2])
     raise InvalidRequestError(
         "item", raw, "must be a SendRequest or a (department_uuid, user_uuid, message) tuple"
     )
@@ -410,9 +410,10 @@ class BatchStream:
 
     async def _handle(self, index: int, raw: object) -> ItemResult:
         try:
-            department_uuid, user_uuid, message = _unpack(raw)
+            request = _unpack(raw)
         except InvalidRequestError as exc:
             return ItemResult(index, "", "", Outcome.FAILED, error=exc)
+        department_uuid, user_uuid = request.department_uuid, request.user_uuid
         if self.stopped_by is not None:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
         if self._limiter is not None:
@@ -423,7 +424,13 @@ class BatchStream:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
         self.in_flight += 1
         try:
-            result = await self._client.send(department_uuid, user_uuid, message, retry=self._retry)
+            result = await self._client.send(
+                department_uuid,
+                user_uuid,
+                request.message,
+                retry=self._retry,
+                idempotency_key=request.idempotency_key,
+            )
         except DeliveryUnknownError as exc:
             return ItemResult(index, department_uuid, user_uuid, Outcome.UNKNOWN, error=exc)
         except BotMessageError as exc:

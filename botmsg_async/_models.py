@@ -86,11 +86,20 @@ class MessageDefaults:
 
 @define(frozen=True)
 class SendRequest:
-    """One item of a bulk send: a message for one user of one department."""
+    """One item of a bulk send: a message for one user of one department.
+
+    Attributes:
+        department_uuid: The department's id.
+        user_uuid: The user's id.
+        message: The text, or a ``TextMessage``.
+        idempotency_key: The key its attempts carry (default: a new UUID4). Give
+            the key of an earlier try only to resend that same message.
+    """
 
     department_uuid: str
     user_uuid: str
     message: str | TextMessage
+    idempotency_key: str | None = field(default=None, kw_only=True)
 
 
 @define(frozen=True)

@@ -1,0 +1,178 @@
+"""Shared fixtures: a zero-wait client factory, a scripted loopback server, aioresponses."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+from aioresponses import core as aioresponses_core
+import pytest
+from aiohttp import web
+from aioresponses import aioresponses
+
+from botmsg_async import BotMessageClient, RetryPolicy
+
+USERNAME = "bot-user"
+PASSWORD = "s3cr3t-pa55"
+DEPT = "7f0c6a52-1c7e-4c3e-9a53-6c1f8f0f2a10"
+USER = "b3d1e0a4-55aa-4b7e-8c0e-2f0f7e9d1c22"
+SUCCESS = {"requestUuid": "req-1", "status": "SUCCESS", "messageUuid": "msg-1"}
+
+
+class _ShimmedResponse(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 builds responses without aiohttp 3.14's ``stream_writer``.
+
+    Upstream: pnuckowski/aioresponses#289 (fixes proposed in #288 and #292).
+    ``test_aioresponses_still_needs_the_shim`` fails once a release no longer
+    needs this; then delete it.
+    """
+
+    def __init__(self, method: str, url: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(method, url, **kwargs)
+
+
+@pytest.fixture
+def mock_http(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
+    """aioresponses, patched to build aiohttp 3.14 responses."""
+    monkeypatch.setattr(aioresponses_core, "ClientResponse", _ShimmedResponse)
+    with aioresponses() as mocked:
+        yield mocked
+
+
+class Sleeps:
+    """A stand-in for asyncio.sleep that records waits and never waits."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    """Recorded, instant sleeps for clients under test."""
+    return Sleeps()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ScriptedServer:
+    """A real aiohttp.web server on 127.0.0.1 that answers from a script.
+
+    Each request pops the next handler from ``script``; when it is empty,
+    ``default`` answers (SUCCESS). ``seen`` keeps every request's headers and body.
+    """
+
+    def __init__(self) -> None:
+        self.script: list[Handler] = []
+        self.default: Handler = ok
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.peers: set[tuple[str, int]] = set()
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append((request.path_qs, dict(request.headers), body))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer is not None:
+            self.peers.add((peer[0], peer[1]))
+        handler = self.script.pop(0) if self.script else self.default
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def ok(request: web.Request) -> web.StreamResponse:
+    """Answer SUCCESS."""
+    return web.json_response(SUCCESS)
+
+
+def answer(status: int = 200, body: object = None, headers: dict[str, str] | None = None) -> Handler:
+    """A handler that answers ``body`` (JSON unless bytes/str) with ``status``."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if isinstance(body, bytes | str):
+            return web.Response(status=status, body=body, headers=headers)
+        return web.json_response(body if body is not None else SUCCESS, status=status, headers=headers)
+
+    return handler
+
+
+def failure(code: str, description: str) -> Handler:
+    """A handler that answers HTTP 200 with status FAILURE."""
+    return answer(
+        200,
+        {"requestUuid": "r", "status": "FAILURE", "errors": [{"errorCode": code, "errorDescription": description}]},
+    )
+
+
+async def drop(request: web.Request) -> web.StreamResponse:
+    """Read the request, then close the connection without answering."""
+    assert request.transport is not None
+    request.transport.close()
+    raise asyncio.CancelledError  # aiohttp.web: stop handling, send nothing
+
+
+def slow(seconds: float, then: Handler = ok) -> Handler:
+    """A handler that waits ``seconds`` before answering."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return await then(request)
+
+    return handler
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    """A started scripted loopback server."""
+    srv = ScriptedServer()
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+def make_client(sleeps: Sleeps) -> Iterator[Callable[..., BotMessageClient]]:
+    """Build clients that never wait for real; closes them all at the end."""
+    made: list[BotMessageClient] = []
+
+    def make(base_url: str, **options: Any) -> BotMessageClient:
+        options.setdefault("sleep", sleeps)
+        client = BotMessageClient(base_url, USERNAME, PASSWORD, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        assert client.closed, "a test left a client open"
+
+
+__all__ = ["DEPT", "PASSWORD", "SUCCESS", "USER", "USERNAME", "RetryPolicy"]

@@ -1,0 +1,253 @@
+"""The client against a real loopback server: lifecycle, pooling, safety guards, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from botmsg_async import (
+    APIStatusError,
+    BotMessageClient,
+    ClientClosedError,
+    InvalidRequestError,
+    InvalidResponseError,
+    MessageDefaults,
+    ResponseLostError,
+    RetryPolicy,
+    TextMessage,
+    TransportError,
+)
+
+from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, slow
+
+MakeClient = Callable[..., BotMessageClient]
+
+
+async def test_round_trip(server: ScriptedServer, make_client: MakeClient) -> None:
+    """A send reaches the server on the documented path and returns its answer."""
+    async with make_client(server.base_url) as client:
+        result = await client.send(DEPT, USER, "hello")
+    assert result.message_uuid == "msg-1"
+    path, headers, _ = server.seen[0]
+    assert path == f"/communications/department/{DEPT}/user/{USER}/botmessage/send"
+    assert headers["Authorization"].startswith("Basic ")
+
+
+async def test_connection_is_reused(server: ScriptedServer, make_client: MakeClient) -> None:
+    """Sequential sends reuse one pooled keep-alive connection."""
+    async with make_client(server.base_url) as client:
+        for _ in range(5):
+            await client.send(DEPT, USER, "hello")
+    assert len(server.seen) == 5
+    assert len(server.peers) == 1
+
+
+async def test_constructed_outside_a_loop() -> None:
+    """The client can be built with no running event loop; the session comes later."""
+
+    def build() -> BotMessageClient:
+        return BotMessageClient("https://api.example.com", USERNAME, PASSWORD)
+
+    client = await asyncio.get_running_loop().run_in_executor(None, build)
+    assert client._session is None
+    await client.aclose()
+
+
+async def test_close_is_idempotent_and_final(server: ScriptedServer, make_client: MakeClient) -> None:
+    """aclose() twice is fine; a closed client refuses sends and re-entry."""
+    client = make_client(server.base_url)
+    await client.send(DEPT, USER, "hello")
+    session = client._session
+    await client.aclose()
+    await client.aclose()
+    assert session is not None and session.closed
+    with pytest.raises(ClientClosedError):
+        await client.send(DEPT, USER, "hello")
+    with pytest.raises(ClientClosedError):
+        async with client:
+            pass
+    assert len(server.seen) == 1
+
+
+async def test_lent_session_is_left_open(server: ScriptedServer, make_client: MakeClient) -> None:
+    """A caller's own session is used and never closed by the client."""
+    async with aiohttp.ClientSession() as session:
+        async with make_client(server.base_url, session=session) as client:
+            await client.send(DEPT, USER, "hello")
+        assert not session.closed
+    assert len(server.seen) == 1
+
+
+async def test_pool_is_not_capped_by_default(make_client: MakeClient) -> None:
+    """The owned connector has no limit of its own unless max_connections is given."""
+    async with make_client("http://127.0.0.1:9") as client:
+        assert client._ensure_session().connector.limit == 0  # type: ignore[union-attr]
+    async with make_client("http://127.0.0.1:9", max_connections=10) as client:
+        assert client._ensure_session().connector.limit == 10  # type: ignore[union-attr]
+
+
+async def test_message_defaults_apply_to_plain_strings(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """Client-wide defaults shape str messages; a TextMessage is sent as built."""
+    defaults = MessageDefaults(type="NOTE", purpose="X", is_manual=False, sender_name="Ops")
+    async with make_client(server.base_url, message_defaults=defaults) as client:
+        await client.send(DEPT, USER, "one")
+        await client.send(DEPT, USER, TextMessage("two"))
+    first, second = (body for _, _, body in server.seen)
+    assert b'"type":"NOTE"' in first and b'"senderName":"Ops"' in first
+    assert b'"type":"DRAFT"' in second and b"senderName" not in second
+
+
+@pytest.mark.parametrize(
+    ("field", "department", "user", "message"),
+    [
+        ("department_uuid", "", USER, "hi"),
+        ("department_uuid", "a/b", USER, "hi"),
+        ("department_uuid", "..", USER, "hi"),
+        ("department_uuid", ".", USER, "hi"),
+        ("user_uuid", DEPT, "u?x=1", "hi"),
+        ("user_uuid", DEPT, "u#frag", "hi"),
+        ("user_uuid", DEPT, "u%2F", "hi"),
+        ("user_uuid", DEPT, "u\\x", "hi"),
+        ("user_uuid", DEPT, "u x", "hi"),
+        ("user_uuid", DEPT, "u\x00", "hi"),
+        ("user_uuid", DEPT, "u\n", "hi"),
+        ("user_uuid", DEPT, 5, "hi"),
+        ("message.body", DEPT, USER, ""),
+        ("message.body", DEPT, USER, "   \n\t"),
+        ("message.body", DEPT, USER, TextMessage(" ")),
+        ("message", DEPT, USER, 42),
+    ],
+)
+async def test_bad_input_rejected_before_io(
+    server: ScriptedServer,
+    make_client: MakeClient,
+    field: str,
+    department: Any,
+    user: Any,
+    message: Any,
+) -> None:
+    """Bad ids and bodies raise InvalidRequestError naming the field, and nothing is sent."""
+    async with make_client(server.base_url) as client:
+        with pytest.raises(InvalidRequestError) as info:
+            await client.send(department, user, message)
+    assert info.value.field == field
+    assert field in str(info.value)
+    assert server.seen == []
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://api.example.com", "http://10.0.0.5:8080", "ftp://x", "api.example.com", "https://u:p@h"],
+)
+def test_unsafe_base_urls_refused(base_url: str) -> None:
+    """Plain http to a remote host, non-http schemes and URLs with credentials are refused."""
+    with pytest.raises(InvalidRequestError) as info:
+        BotMessageClient(base_url, USERNAME, PASSWORD)
+    assert ":p@" not in str(info.value)
+
+
+async def test_insecure_http_allowed_when_asked() -> None:
+    """allow_insecure_http=True permits http:// to a remote host; loopback needs no flag."""
+    await BotMessageClient("http://api.example.com", USERNAME, PASSWORD, allow_insecure_http=True).aclose()
+    await BotMessageClient("http://localhost:1", USERNAME, PASSWORD).aclose()
+    await BotMessageClient("http://[::1]:1", USERNAME, PASSWORD).aclose()
+
+
+async def test_credentials_never_in_repr_or_errors(
+    server: ScriptedServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the password nor the Authorization value shows in repr, logs or errors."""
+    server.script.append(answer(401, "nope"))
+    server.script.append(answer(500, "boom"))
+    caplog.set_level(logging.DEBUG, logger="botmsg_async")
+    errors: list[BaseException] = []
+    async with make_client(server.base_url) as client:
+        for _ in range(2):
+            try:
+                await client.send(DEPT, USER, "hello")
+            except Exception as exc:  # noqa: BLE001 - we inspect whatever comes
+                errors.append(exc)
+        seen = [repr(client), caplog.text]
+    authorization = server.seen[0][1]["Authorization"]
+    seen += [repr(e) for e in errors] + [str(e) for e in errors] + [repr(e.args) for e in errors]
+    for text in seen:
+        assert PASSWORD not in text
+        assert authorization.split()[1] not in text
+    assert "POST /communications/department/" in caplog.text
+
+
+async def test_redirect_not_followed(server: ScriptedServer, make_client: MakeClient) -> None:
+    """A 307 is an APIStatusError; the client never follows it with the credentials."""
+    server.script.append(answer(307, "", headers={"Location": "http://127.0.0.1:1/steal"}))
+    async with make_client(server.base_url) as client:
+        with pytest.raises(APIStatusError) as info:
+            await client.send(DEPT, USER, "hello")
+    assert info.value.status == 307
+    assert len(server.seen) == 1
+
+
+async def test_oversized_answer_not_read(server: ScriptedServer, make_client: MakeClient) -> None:
+    """An answer over max_response_bytes is refused without reading it all."""
+    server.script.append(answer(200, b"{" + b" " * 200_000 + b"}"))
+    async with make_client(server.base_url, max_response_bytes=1000) as client:
+        with pytest.raises(InvalidResponseError, match="over 1000 bytes"):
+            await client.send(DEPT, USER, "hello")
+
+
+async def test_chunked_oversized_answer_not_read(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A chunked answer is cut off once it passes max_response_bytes."""
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(50):
+            await response.write(b" " * 1000)
+        await response.write_eof()
+        return response
+
+    server.script.append(chunked)
+    async with make_client(server.base_url, max_response_bytes=5000) as client:
+        with pytest.raises(InvalidResponseError, match="over 5000 bytes"):
+            await client.send(DEPT, USER, "hello")
+
+
+async def test_gzip_answer_is_read(server: ScriptedServer, make_client: MakeClient) -> None:
+    """A gzip-encoded JSON answer is decoded like a plain one."""
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        response = web.json_response({"status": "SUCCESS", "messageUuid": "gz"})
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    server.script.append(gzipped)
+    async with make_client(server.base_url) as client:
+        result = await client.send(DEPT, USER, "hello")
+    assert result.message_uuid == "gz"
+
+
+async def test_refused_connection_is_transport_error(make_client: MakeClient) -> None:
+    """Nothing listening: TransportError (nothing was sent), after the policy's attempts."""
+    async with make_client("http://127.0.0.1:9", retry=RetryPolicy(max_attempts=2)) as client:
+        with pytest.raises(TransportError) as info:
+            await client.send(DEPT, USER, "hello")
+    assert not isinstance(info.value, ResponseLostError)
+    assert info.value.attempts == 2
+
+
+async def test_stalled_answer_times_out(server: ScriptedServer, make_client: MakeClient) -> None:
+    """A server that stalls is cut off by the per-attempt timeout as a lost response."""
+    server.script.append(slow(5))
+    async with make_client(server.base_url, timeout=0.2) as client:
+        with pytest.raises(ResponseLostError):
+            await client.send(DEPT, USER, "hello")
