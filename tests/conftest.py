@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
-from aioresponses import core as aioresponses_core
 import pytest
 from aiohttp import web
 from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
 
 from botmsg_async import BotMessageClient, RetryPolicy
 
@@ -114,13 +114,17 @@ async def ok(request: web.Request) -> web.StreamResponse:
     return web.json_response(SUCCESS)
 
 
-def answer(status: int = 200, body: object = None, headers: dict[str, str] | None = None) -> Handler:
+def answer(
+    status: int = 200, body: object = None, headers: dict[str, str] | None = None
+) -> Handler:
     """A handler that answers ``body`` (JSON unless bytes/str) with ``status``."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         if isinstance(body, bytes | str):
             return web.Response(status=status, body=body, headers=headers)
-        return web.json_response(body if body is not None else SUCCESS, status=status, headers=headers)
+        return web.json_response(
+            body if body is not None else SUCCESS, status=status, headers=headers
+        )
 
     return handler
 
@@ -129,7 +133,11 @@ def failure(code: str, description: str) -> Handler:
     """A handler that answers HTTP 200 with status FAILURE."""
     return answer(
         200,
-        {"requestUuid": "r", "status": "FAILURE", "errors": [{"errorCode": code, "errorDescription": description}]},
+        {
+            "requestUuid": "r",
+            "status": "FAILURE",
+            "errors": [{"errorCode": code, "errorDescription": description}],
+        },
     )
 
 
@@ -148,6 +156,11 @@ def slow(seconds: float, then: Handler = ok) -> Handler:
         return await then(request)
 
     return handler
+
+
+def client_tasks() -> set[asyncio.Task[Any]]:
+    """Running tasks, leaving out the loopback server's own connection handlers."""
+    return {t for t in asyncio.all_tasks() if "web_protocol" not in repr(t)}
 
 
 @pytest.fixture

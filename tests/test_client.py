@@ -59,14 +59,17 @@ async def test_constructed_outside_a_loop() -> None:
     await client.aclose()
 
 
-async def test_close_is_idempotent_and_final(server: ScriptedServer, make_client: MakeClient) -> None:
+async def test_close_is_idempotent_and_final(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
     """aclose() twice is fine; a closed client refuses sends and re-entry."""
     client = make_client(server.base_url)
     await client.send(DEPT, USER, "hello")
     session = client._session
     await client.aclose()
     await client.aclose()
-    assert session is not None and session.closed
+    assert session is not None
+    assert session.closed
     with pytest.raises(ClientClosedError):
         await client.send(DEPT, USER, "hello")
     with pytest.raises(ClientClosedError):
@@ -101,8 +104,10 @@ async def test_message_defaults_apply_to_plain_strings(
         await client.send(DEPT, USER, "one")
         await client.send(DEPT, USER, TextMessage("two"))
     first, second = (body for _, _, body in server.seen)
-    assert b'"type":"NOTE"' in first and b'"senderName":"Ops"' in first
-    assert b'"type":"DRAFT"' in second and b"senderName" not in second
+    assert b'"type":"NOTE"' in first
+    assert b'"senderName":"Ops"' in first
+    assert b'"type":"DRAFT"' in second
+    assert b"senderName" not in second
 
 
 @pytest.mark.parametrize(
@@ -145,7 +150,13 @@ async def test_bad_input_rejected_before_io(
 
 @pytest.mark.parametrize(
     "base_url",
-    ["http://api.example.com", "http://10.0.0.5:8080", "ftp://x", "api.example.com", "https://u:p@h"],
+    [
+        "http://api.example.com",
+        "http://10.0.0.5:8080",
+        "ftp://x",
+        "api.example.com",
+        "https://u:p@h",
+    ],
 )
 def test_unsafe_base_urls_refused(base_url: str) -> None:
     """Plain http to a remote host, non-http schemes and URLs with credentials are refused."""
@@ -156,7 +167,9 @@ def test_unsafe_base_urls_refused(base_url: str) -> None:
 
 async def test_insecure_http_allowed_when_asked() -> None:
     """allow_insecure_http=True permits http:// to a remote host; loopback needs no flag."""
-    await BotMessageClient("http://api.example.com", USERNAME, PASSWORD, allow_insecure_http=True).aclose()
+    await BotMessageClient(
+        "http://api.example.com", USERNAME, PASSWORD, allow_insecure_http=True
+    ).aclose()
     await BotMessageClient("http://localhost:1", USERNAME, PASSWORD).aclose()
     await BotMessageClient("http://[::1]:1", USERNAME, PASSWORD).aclose()
 
@@ -173,7 +186,7 @@ async def test_credentials_never_in_repr_or_errors(
         for _ in range(2):
             try:
                 await client.send(DEPT, USER, "hello")
-            except Exception as exc:  # noqa: BLE001 - we inspect whatever comes
+            except Exception as exc:
                 errors.append(exc)
         seen = [repr(client), caplog.text]
     authorization = server.seen[0][1]["Authorization"]

@@ -13,8 +13,8 @@ from aiohttp import web
 from aioresponses import aioresponses
 
 from botmsg_async import (
-    APIStatusError,
     ApiError,
+    APIStatusError,
     AuthenticationError,
     BotMessageClient,
     DeliveryUnknownError,
@@ -32,7 +32,7 @@ from botmsg_async import (
 )
 from botmsg_async._retry import TRANSIENT_PATTERN, full_jitter, parse_retry_after
 
-from .conftest import DEPT, USER, ScriptedServer, Sleeps, answer, drop, failure, slow
+from .conftest import DEPT, USER, ScriptedServer, Sleeps, answer, client_tasks, drop, failure, slow
 
 MakeClient = Callable[..., BotMessageClient]
 TRANSIENT = failure("TEMPORARILY_UNAVAILABLE", "Service temporarily unavailable, try again")
@@ -85,7 +85,8 @@ def test_is_transient_callable_overrides_everything() -> None:
 
 def test_pattern_is_documented_words() -> None:
     """The transient word list matches its documented stems and not 'retry'."""
-    assert TRANSIENT_PATTERN.search("Rate-Limit") and not TRANSIENT_PATTERN.search("retry")
+    assert TRANSIENT_PATTERN.search("Rate-Limit")
+    assert not TRANSIENT_PATTERN.search("retry")
 
 
 # -- waits ------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def test_full_jitter_bounds() -> None:
     for attempt, cap in [(1, 0.5), (2, 1.0), (3, 2.0), (5, 8.0), (9, 8.0)]:
         waits = [full_jitter(attempt, policy, rng) for _ in range(300)]
         assert all(0 <= w <= cap for w in waits)
-        assert max(waits) > cap * 0.9 and min(waits) < cap * 0.1
+        assert max(waits) > cap * 0.9
+        assert min(waits) < cap * 0.1
 
 
 def test_parse_retry_after_forms() -> None:
@@ -106,7 +108,10 @@ def test_parse_retry_after_forms() -> None:
     now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("3", None) == 3.0
     assert parse_retry_after("1.5", None) == 1.5
-    assert parse_retry_after(format_datetime(now + timedelta(seconds=7), usegmt=True), None, now=now) == 7.0
+    assert (
+        parse_retry_after(format_datetime(now + timedelta(seconds=7), usegmt=True), None, now=now)
+        == 7.0
+    )
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", None, now=now) == 0.0
     assert parse_retry_after("5", "250") == 0.25
     assert parse_retry_after("-3", None) == 0.0
@@ -131,21 +136,27 @@ async def test_transient_failures_retried_then_success(
     assert [e.attempt for e in events] == [1, 2]
     assert isinstance(events[0].error, SendFailedError)
     assert len(sleeps.waits) == 2
-    assert 0 <= sleeps.waits[0] <= 0.5 and 0 <= sleeps.waits[1] <= 1.0
+    assert 0 <= sleeps.waits[0] <= 0.5
+    assert 0 <= sleeps.waits[1] <= 1.0
 
 
-async def test_permanent_failure_not_retried(server: ScriptedServer, make_client: MakeClient) -> None:
+async def test_permanent_failure_not_retried(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
     """A permanent FAILURE is final after one attempt."""
     server.script.append(PERMANENT)
     async with make_client(server.base_url) as client:
         with pytest.raises(SendFailedError) as info:
             await client.send(DEPT, USER, "hi")
-    assert not info.value.transient and info.value.attempts == 1
+    assert not info.value.transient
+    assert info.value.attempts == 1
     assert len(server.seen) == 1
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_429_and_503_retried(server: ScriptedServer, make_client: MakeClient, status: int) -> None:
+async def test_429_and_503_retried(
+    server: ScriptedServer, make_client: MakeClient, status: int
+) -> None:
     """429 and 503 are safe to retry."""
     server.script.append(answer(status, "busy"))
     async with make_client(server.base_url) as client:
@@ -153,13 +164,16 @@ async def test_429_and_503_retried(server: ScriptedServer, make_client: MakeClie
     assert result.attempts == 2
 
 
-async def test_max_attempts_then_last_error(server: ScriptedServer, make_client: MakeClient) -> None:
+async def test_max_attempts_then_last_error(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
     """After max_attempts the last error is raised with the attempt count."""
     server.default = answer(503, "down")
     async with make_client(server.base_url) as client:
         with pytest.raises(APIStatusError) as info:
             await client.send(DEPT, USER, "hi")
-    assert info.value.status == 503 and info.value.attempts == 4
+    assert info.value.status == 503
+    assert info.value.attempts == 4
     assert len(server.seen) == 4
 
 
@@ -173,7 +187,8 @@ async def test_auth_failure_not_retried(server: ScriptedServer, make_client: Mak
 
 
 @pytest.mark.parametrize(
-    "handler", [answer(500, "x"), answer(502, "<html>"), answer(504, "x"), answer(200, "{trunc"), drop]
+    "handler",
+    [answer(500, "x"), answer(502, "<html>"), answer(504, "x"), answer(200, "{trunc"), drop],
 )
 async def test_default_policy_never_resends_ambiguous(
     server: ScriptedServer, make_client: MakeClient, handler: object
@@ -223,10 +238,13 @@ async def test_keys_differ_between_messages_and_can_be_given(
         await client.send(DEPT, USER, "b")
         await client.send(DEPT, USER, "c", idempotency_key="order-42")
     keys = [headers["Idempotency-Key"] for _, headers, _ in server.seen]
-    assert len(set(keys)) == 3 and keys[2] == "order-42"
+    assert len(set(keys)) == 3
+    assert keys[2] == "order-42"
 
 
-async def test_retry_after_is_honoured(server: ScriptedServer, make_client: MakeClient, sleeps: Sleeps) -> None:
+async def test_retry_after_is_honoured(
+    server: ScriptedServer, make_client: MakeClient, sleeps: Sleeps
+) -> None:
     """A 429's Retry-After sets the wait: max(backoff, retry_after) plus a little jitter."""
     server.script.append(answer(429, "slow", headers={"Retry-After": "3"}))
     async with make_client(server.base_url) as client:
@@ -235,7 +253,9 @@ async def test_retry_after_is_honoured(server: ScriptedServer, make_client: Make
     assert 3.0 <= sleeps.waits[0] <= 3.3 + 1e-9
 
 
-async def test_retry_after_http_date(server: ScriptedServer, make_client: MakeClient, sleeps: Sleeps) -> None:
+async def test_retry_after_http_date(
+    server: ScriptedServer, make_client: MakeClient, sleeps: Sleeps
+) -> None:
     """Retry-After as an HTTP date is honoured too."""
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=5), usegmt=True)
     server.script.append(answer(503, "down", headers={"Retry-After": when}))
@@ -253,7 +273,8 @@ async def test_retry_after_beyond_cap_fails_now(
         with pytest.raises(RateLimitedError) as info:
             await client.send(DEPT, USER, "hi")
     assert info.value.retry_after == 120.0
-    assert sleeps.waits == [] and len(server.seen) == 1
+    assert sleeps.waits == []
+    assert len(server.seen) == 1
 
 
 async def test_retry_after_past_deadline_fails_now(
@@ -289,7 +310,12 @@ async def test_deadline_never_exceeded(server: ScriptedServer) -> None:
     clock = FakeClock()
     policy = RetryPolicy(max_attempts=50, backoff_initial=1.0, backoff_max=4.0, deadline=10.0)
     async with BotMessageClient(
-        server.base_url, "u", "p", retry=policy, sleep=clock.sleep, clock=clock,
+        server.base_url,
+        "u",
+        "p",
+        retry=policy,
+        sleep=clock.sleep,
+        clock=clock,
         retry_budget=RetryBudget(ratio=1, burst=1000, clock=clock),
     ) as client:
         for _ in range(20):
@@ -328,19 +354,24 @@ async def test_budget_exhaustion_returns_error_at_once(
         assert len(server.seen) == 3
         with pytest.raises(APIStatusError) as info:
             await client.send(DEPT, USER, "two")
-    assert info.value.attempts == 1 and len(server.seen) == 4
+    assert info.value.attempts == 1
+    assert len(server.seen) == 4
 
 
 def test_budget_deposits_and_refills() -> None:
     """Each first attempt deposits `ratio`; time refills at min_per_second."""
     now = [0.0]
     budget = RetryBudget(ratio=0.5, min_per_second=1.0, burst=2, clock=lambda: now[0])
-    assert budget.try_withdraw() and budget.try_withdraw() and not budget.try_withdraw()
+    assert budget.try_withdraw()
+    assert budget.try_withdraw()
+    assert not budget.try_withdraw()
     budget.deposit()
     budget.deposit()
-    assert budget.try_withdraw() and not budget.try_withdraw()
+    assert budget.try_withdraw()
+    assert not budget.try_withdraw()
     now[0] = 1.5
-    assert budget.try_withdraw() and not budget.try_withdraw()
+    assert budget.try_withdraw()
+    assert not budget.try_withdraw()
 
 
 async def test_connect_failure_retried(make_client: MakeClient, sleeps: Sleeps) -> None:
@@ -348,12 +379,8 @@ async def test_connect_failure_retried(make_client: MakeClient, sleeps: Sleeps) 
     async with make_client("http://127.0.0.1:9") as client:
         with pytest.raises(TransportError) as info:
             await client.send(DEPT, USER, "hi")
-    assert info.value.attempts == 4 and len(sleeps.waits) == 3
-
-
-def client_tasks() -> set[asyncio.Task[object]]:
-    """Running tasks, without the loopback server's own connection handlers."""
-    return {t for t in asyncio.all_tasks() if "RequestHandler" not in repr(t)}
+    assert info.value.attempts == 4
+    assert len(sleeps.waits) == 3
 
 
 async def test_cancel_during_backoff(server: ScriptedServer) -> None:
@@ -364,7 +391,7 @@ async def test_cancel_during_backoff(server: ScriptedServer) -> None:
     ) as client:
         before = client_tasks()
         task = asyncio.create_task(client.send(DEPT, USER, "hi"))
-        while not server.seen:
+        while not server.seen:  # noqa: ASYNC110 - polling a test server's log is enough
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         task.cancel()
@@ -384,7 +411,9 @@ async def test_per_call_policy(server: ScriptedServer, make_client: MakeClient) 
     assert result.attempts == 2
 
 
-async def test_attempt_timeout_is_clipped_to_deadline(server: ScriptedServer, make_client: MakeClient) -> None:
+async def test_attempt_timeout_is_clipped_to_deadline(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
     """A slow attempt is cut at the deadline, not at the longer attempt timeout."""
     server.default = slow(3)
     policy = RetryPolicy(deadline=0.3, attempt_timeout=10)
@@ -413,7 +442,8 @@ async def test_mocked_retry_then_success(mock_http: aioresponses, sleeps: Sleeps
     mock_http.post(url, payload={"status": "SUCCESS", "messageUuid": "m"})
     async with BotMessageClient("https://api.example.com", "u", "p", sleep=sleeps) as client:
         result = await client.send(DEPT, USER, "hi")
-    assert result.attempts == 2 and len(sleeps.waits) == 1
+    assert result.attempts == 2
+    assert len(sleeps.waits) == 1
 
 
 async def test_handler_types_used(server: ScriptedServer) -> None:
@@ -422,5 +452,6 @@ async def test_handler_types_used(server: ScriptedServer) -> None:
     async with BotMessageClient(server.base_url, "u", "p") as client:
         with pytest.raises(APIStatusError) as info:
             await client.send(DEPT, USER, "hi")
-    assert info.value.status == 418 and info.value.body_excerpt == "teapot"
+    assert info.value.status == 418
+    assert info.value.body_excerpt == "teapot"
     assert isinstance(web.Response, type)

@@ -8,9 +8,9 @@ import re
 from typing import Any
 
 import aiohttp
-from aioresponses import core as aioresponses_core
 import pytest
 from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
 from yarl import URL
 
 from botmsg_async import (
@@ -41,7 +41,9 @@ def client() -> BotMessageClient:
 
 def only_call(mocked: aioresponses) -> tuple[URL, dict[str, Any]]:
     ((method, url), calls), *rest = mocked.requests.items()
-    assert not rest and len(calls) == 1 and method == "POST"
+    assert not rest
+    assert len(calls) == 1
+    assert method == "POST"
     return url, calls[0].kwargs
 
 
@@ -107,7 +109,11 @@ async def test_success_with_warnings(mock_http: aioresponses) -> None:
     """Warnings on a SUCCESS answer are returned, unknown fields ignored."""
     mock_http.post(
         URL_RE,
-        payload={**SUCCESS, "warnings": [{"warningCode": "W1", "warningDescription": "slow"}], "new": 1},
+        payload={
+            **SUCCESS,
+            "warnings": [{"warningCode": "W1", "warningDescription": "slow"}],
+            "new": 1,
+        },
     )
     async with client() as c:
         result = await c.send(DEPT, USER, "hi")
@@ -121,7 +127,9 @@ async def test_failure_answer_raises_send_failed(mock_http: aioresponses) -> Non
         payload={
             "requestUuid": "r9",
             "status": "FAILURE",
-            "errors": [{"errorCode": "INVALID_USER", "errorDescription": "no such user", "errorUID": "u1"}],
+            "errors": [
+                {"errorCode": "INVALID_USER", "errorDescription": "no such user", "errorUID": "u1"}
+            ],
         },
     )
     async with client() as c:
@@ -204,7 +212,8 @@ async def test_null_lists_read_as_empty(mock_http: aioresponses) -> None:
     mock_http.post(URL_RE, payload={**SUCCESS, "errors": None, "warnings": None})
     async with client() as c:
         result = await c.send(DEPT, USER, "hi")
-    assert result.errors == () and result.warnings == ()
+    assert result.errors == ()
+    assert result.warnings == ()
 
 
 async def test_connection_error_is_transport_error(mock_http: aioresponses) -> None:
@@ -251,4 +260,8 @@ def test_decode_response_reads_errors() -> None:
     result = decode_response(
         b'{"status":"FAILURE","errors":[{"errorCode":"C","errorDescription":"D","errorUID":"U"}]}'
     )
-    assert (result.errors[0].code, result.errors[0].description, result.errors[0].uid) == ("C", "D", "U")
+    assert (result.errors[0].code, result.errors[0].description, result.errors[0].uid) == (
+        "C",
+        "D",
+        "U",
+    )

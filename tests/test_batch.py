@@ -1,0 +1,314 @@
+"""send_many / stream_many: order, concurrency, flat memory, rate, stopping, cancelling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from aiohttp import web
+
+from botmsg_async import (
+    AuthenticationError,
+    BatchFailedError,
+    BotMessageClient,
+    InvalidRequestError,
+    ItemResult,
+    Outcome,
+    Progress,
+    RetryPolicy,
+    SendRequest,
+    SendResult,
+    Status,
+    TextMessage,
+)
+from botmsg_async._batch import _PerKeyLimiter, _smooth_limiter
+
+from .conftest import ScriptedServer, answer, client_tasks, drop, failure, ok, slow
+
+MakeClient = Callable[..., BotMessageClient]
+
+
+def items(n: int, text: str = "hello") -> Iterator[tuple[str, str, str]]:
+    for i in range(n):
+        yield (f"dept-{i % 10}", f"user-{i}", text)
+
+
+def user_of(request: web.Request) -> int:
+    return int(request.match_info["tail"].split("/")[4].removeprefix("user-"))
+
+
+async def test_ten_thousand_sent_in_order(server: ScriptedServer, make_client: MakeClient) -> None:
+    """10,000 items over loopback all end SENT, reported in input order."""
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(items(10_000), concurrency=64)
+    assert report.sent == 10_000 == report.total == len(report.results)
+    assert [r.index for r in report.results] == list(range(10_000))
+    assert all(r.user_uuid == f"user-{r.index}" for r in report.results)
+    assert report.messages_per_second > 0
+    assert report.stopped_by is None
+    report.raise_for_failures()
+    assert len(server.seen) == 10_000
+
+
+async def test_concurrency_fully_used_never_exceeded(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """With a slow server, in-flight requests reach the limit and never pass it."""
+    server.default = slow(0.3)
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(items(450), concurrency=150)
+    assert report.sent == 450
+    assert server.max_in_flight == 150
+
+
+async def test_stream_is_lazy_and_bounded(server: ScriptedServer, make_client: MakeClient) -> None:
+    """stream_many reads the input only as results are taken, with a fixed number of tasks."""
+    pulled = 0
+
+    def counting() -> Iterator[tuple[str, str, str]]:
+        nonlocal pulled
+        for item in items(2_000):
+            pulled += 1
+            yield item
+
+    async with make_client(server.base_url) as client:
+        baseline = len(client_tasks())
+        taken = 0
+        async with client.stream_many(counting(), concurrency=8) as stream:
+            async for _ in stream:
+                taken += 1
+                assert pulled - taken <= 8 + 8 + 1  # in flight + queued + one being handed over
+                # The workers, their runner, and aiohttp's writer task per request in flight.
+                assert len(client_tasks()) - baseline <= 8 + 1 + 8
+                if taken == 500:
+                    await asyncio.sleep(0.05)  # a slow consumer: workers must wait, not read on
+                    assert pulled - taken <= 17
+    assert taken == 2_000
+
+
+async def test_huge_generator_streams_in_flat_memory(make_client: MakeClient) -> None:
+    """A 200,000-item generator streams with bounded tasks and read-ahead (send stubbed out)."""
+    client = make_client("http://127.0.0.1:9")
+    sent = SendResult(Status.SUCCESS)
+
+    async def fake_send(*args: object, **kwargs: object) -> SendResult:
+        await asyncio.sleep(0)
+        return sent
+
+    client.send = fake_send  # type: ignore[method-assign]
+    pulled = taken = peak_tasks = 0
+
+    def counting() -> Iterator[tuple[str, str, str]]:
+        nonlocal pulled
+        for item in items(200_000):
+            pulled += 1
+            yield item
+
+    async with client, client.stream_many(counting(), concurrency=32) as stream:
+        async for _ in stream:
+            taken += 1
+            if taken % 1000 == 0:
+                peak_tasks = max(peak_tasks, len(asyncio.all_tasks()))
+                assert pulled - taken <= 65
+    assert taken == 200_000
+    assert peak_tasks <= 32 + 3
+
+
+async def test_async_iterable_input(server: ScriptedServer, make_client: MakeClient) -> None:
+    """An async generator of SendRequests works, read by many workers at once."""
+
+    async def source() -> AsyncIterator[SendRequest]:
+        for i in range(300):
+            await asyncio.sleep(0)
+            yield SendRequest("d", f"user-{i}", TextMessage(f"m{i}"))
+
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(source(), concurrency=16)
+    assert report.sent == 300
+    assert [r.user_uuid for r in report.results] == [f"user-{i}" for i in range(300)]
+
+
+async def test_rate_limit_holds(server: ScriptedServer, make_client: MakeClient) -> None:
+    """rate_limit=100 sends about 100 messages per second (within 10%) over ~2 s."""
+    async with make_client(server.base_url) as client:
+        start = time.perf_counter()
+        report = await client.send_many(items(210), concurrency=32, rate_limit=100)
+        elapsed = time.perf_counter() - start
+    assert report.sent == 210
+    rate = (210 - 10) / elapsed  # the first tenth of a second is the allowed burst
+    assert 90 <= rate <= 110, rate
+
+
+def test_per_department_limiters_are_evicted() -> None:
+    """Idle per-department limiters are dropped, so a million departments do not grow memory."""
+
+    async def run() -> int:
+        limiter = _PerKeyLimiter(1000.0, _smooth_limiter)
+        limiter._idle = 0.0  # everything idle at once, to show eviction
+        for i in range(5_000):
+            await limiter.acquire(f"dept-{i}")
+        return len(limiter)
+
+    assert asyncio.run(run()) <= 1
+
+
+async def test_per_department_rate_limit(server: ScriptedServer, make_client: MakeClient) -> None:
+    """per_department_rate_limit slows one department without slowing the others."""
+    work = [("slow-dept", f"u{i}", "x") for i in range(25)] + [
+        (f"d{i}", "u", "x") for i in range(200)
+    ]
+    async with make_client(server.base_url) as client:
+        start = time.perf_counter()
+        report = await client.send_many(work, concurrency=32, per_department_rate_limit=50)
+        elapsed = time.perf_counter() - start
+    assert report.sent == 225
+    assert 0.35 <= elapsed < 3.0  # 25 to one department at 50/s (burst 5): about 0.4 s
+
+
+async def test_auth_failure_stops_rest_skipped(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """After a 401 no new item starts; the rest are reported SKIPPED, not dropped."""
+    server.default = answer(401, "no")
+    seen: list[ItemResult] = []
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(items(1000), concurrency=4, on_result=seen.append)
+    assert isinstance(report.stopped_by, AuthenticationError)
+    assert report.failed <= 4
+    assert report.failed + report.skipped == 1000
+    assert len(server.seen) == report.failed
+    assert len(seen) == 1000 == len(report.results)
+    assert {r.outcome for r in report.results} == {Outcome.FAILED, Outcome.SKIPPED}
+    with pytest.raises(BatchFailedError) as info:
+        report.raise_for_failures()
+    assert info.value.skipped == report.skipped
+    assert info.value.__cause__ is report.stopped_by
+
+
+async def test_mixed_outcomes_are_honest(server: ScriptedServer, make_client: MakeClient) -> None:
+    """SENT on SUCCESS, FAILED on a final error, UNKNOWN when delivery is unknown."""
+
+    async def by_user(request: web.Request) -> web.StreamResponse:
+        kind = user_of(request) % 4
+        if kind == 1:
+            return await failure("INVALID_USER", "no such user")(request)
+        if kind == 2:
+            return await answer(502, "<html>bad gateway</html>")(request)
+        if kind == 3:
+            return await drop(request)
+        return await ok(request)
+
+    server.default = by_user
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(items(200), concurrency=10)
+    assert (report.sent, report.failed, report.unknown, report.skipped) == (50, 50, 100, 0)
+    for r in report.results:
+        expected = [Outcome.SENT, Outcome.FAILED, Outcome.UNKNOWN, Outcome.UNKNOWN][r.index % 4]
+        assert r.outcome is expected
+        assert (r.result is not None) == (expected is Outcome.SENT)
+        assert (r.error is not None) == (expected is not Outcome.SENT)
+    assert len(server.seen) == 200  # the default policy sent nothing twice
+
+
+async def test_consecutive_failures_stop(server: ScriptedServer, make_client: MakeClient) -> None:
+    """stop_after_consecutive_failures stops the batch after that many failures in a row."""
+    server.default = failure("INVALID_USER", "no")
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(
+            items(500), concurrency=1, stop_after_consecutive_failures=5
+        )
+    assert report.failed == 5
+    assert report.skipped == 495
+    assert report.stopped_by is not None
+
+
+async def test_bad_items_fail_alone(server: ScriptedServer, make_client: MakeClient) -> None:
+    """An invalid item is FAILED with InvalidRequestError; the others are sent."""
+    work: list[object] = [("d", "u1", "ok"), ("d", "u/2", "x"), "garbage", ("d", "u3", "")]
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(work, concurrency=2)  # type: ignore[arg-type]
+    assert [r.outcome for r in report.results] == [Outcome.SENT] + [Outcome.FAILED] * 3
+    assert all(isinstance(r.error, InvalidRequestError) for r in report.results[1:])
+    assert len(server.seen) == 1
+
+
+async def test_keep_options(server: ScriptedServer, make_client: MakeClient) -> None:
+    """keep='failures' keeps only non-SENT results, keep='none' only counts."""
+    server.script.append(failure("BAD", "no"))
+    async with make_client(server.base_url, retry=RetryPolicy.none()) as client:
+        failures = await client.send_many(items(50), concurrency=1, keep="failures")
+        nothing = await client.send_many(items(50), concurrency=4, keep="none")
+    assert (failures.sent, failures.failed, len(failures.results)) == (49, 1, 1)
+    assert (nothing.sent, nothing.results) == (50, [])
+
+
+async def test_progress_reports_completed(server: ScriptedServer, make_client: MakeClient) -> None:
+    """on_progress gets snapshots of completed sends, and a final one."""
+    server.default = slow(0.01)
+    snapshots: list[Progress] = []
+    async with make_client(server.base_url) as client:
+        await client.send_many(
+            items(60), concurrency=4, on_progress=snapshots.append, progress_interval=0.02
+        )
+    assert len(snapshots) >= 3
+    assert snapshots[-1].sent == 60
+    assert snapshots[-1].in_flight == 0
+    assert all(s.in_flight <= 4 for s in snapshots)
+    assert [s.done for s in snapshots] == sorted(s.done for s in snapshots)
+
+
+async def test_cancel_mid_batch(server: ScriptedServer, make_client: MakeClient) -> None:
+    """Cancelling send_many cancels in-flight sends and leaves no task running."""
+    server.default = slow(10)
+    results: list[ItemResult] = []
+    async with make_client(server.base_url) as client:
+        before = client_tasks()
+        task = asyncio.create_task(
+            client.send_many(items(100), concurrency=10, on_result=results.append)
+        )
+        while len(server.seen) < 10:  # noqa: ASYNC110 - polling a test server's log is enough
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        after = client_tasks()
+    assert after == before
+    assert results == []  # nothing unconfirmed was reported, let alone SENT
+
+
+async def test_break_out_of_stream_stops_workers(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """Leaving the async-with early stops the workers: no more requests are made."""
+    async with make_client(server.base_url) as client:
+        async with client.stream_many(items(10_000), concurrency=4) as stream:
+            async for _ in stream:
+                break
+        count = len(server.seen)
+        await asyncio.sleep(0.05)
+    assert len(server.seen) == count < 20
+
+
+async def test_input_errors_propagate(server: ScriptedServer, make_client: MakeClient) -> None:
+    """An exception from the input iterator ends the batch with that exception."""
+
+    def broken() -> Iterator[tuple[str, str, str]]:
+        yield ("d", "u", "x")
+        raise OSError("disk gone")
+
+    async with make_client(server.base_url) as client:
+        with pytest.raises(OSError, match="disk gone"):
+            await client.send_many(broken(), concurrency=2)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("concurrency", 0), ("rate_limit", -1.0), ("stop_after_consecutive_failures", 0)],
+)
+async def test_bad_options_rejected(make_client: MakeClient, option: str, value: object) -> None:
+    """Nonsense batch options raise InvalidRequestError before anything is sent."""
+    async with make_client("http://127.0.0.1:9") as client:
+        with pytest.raises(InvalidRequestError, match=option):
+            await client.send_many(items(3), **{option: value})  # type: ignore[arg-type]
