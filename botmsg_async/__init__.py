@@ -6,13 +6,12 @@ Example:
     ...     result = await client.send(department_uuid, user_uuid, "Hello!")
 """
 
-from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
-    __version__ = version("botmsg-async")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("botmsg-async")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 from ._batch import BatchReport, BatchStream, ItemResult, Outcome, Progress
