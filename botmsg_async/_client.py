@@ -418,6 +418,7 @@ class BotMessageClient:
             return
         remaining = state.policy.deadline - (self._clock() - state.started)
         if wait >= remaining:
+            state.retry_after = wait  # so that the retry engine stops here too
             raise RateLimitedError(
                 f"the service asked to wait {wait:.1f} s, past this send's deadline; "
                 "slow down or raise RetryPolicy.deadline",
