@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from unittest.mock import patch
 from urllib.parse import unquote
 
 from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
 from botmsg_async import (
     BotMessageClient,
-    DeliveryUnknownError,
     InvalidRequestError,
     InvalidResponseError,
     RetryPolicy,
@@ -66,33 +67,31 @@ def test_ids_never_alter_the_path(identifier: str) -> None:
     url = URL(f"{BASE}/communications/department/d/user/{encoded}/botmessage/send", encoded=True)
     segments = url.raw_path.split("/")
     assert segments[1:4] == ["communications", "department", "d"]
-    assert segments[4] == "user" and segments[6:] == ["botmessage", "send"]
+    assert segments[4] == "user"
+    assert segments[6:] == ["botmessage", "send"]
     assert unquote(segments[5]) == identifier
-    assert not url.raw_query_string and not url.raw_fragment
+    assert not url.raw_query_string
+    assert not url.raw_fragment
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(json_values, answer_like))
 async def test_any_json_answer_is_a_result_or_invalid_response(value: Any) -> None:
     """Whatever JSON a 200 carries, send returns a SendResult or raises one of our errors."""
-    from aioresponses import core
-
-    original = core.ClientResponse
-    core.ClientResponse = _ShimmedResponse  # type: ignore[misc]
-    try:
-        with aioresponses() as mocked:
-            mocked.post(re.compile(r"^https://api\.example\.com/.*$"), body=json.dumps(value))
-            async with BotMessageClient(BASE, "u", "p", retry=RetryPolicy.none()) as client:
-                try:
-                    result = await client.send("d", "u", "hi")
-                except InvalidResponseError as exc:
-                    assert exc.status == 200
-                    return
-                except SendFailedError as exc:
-                    assert isinstance(exc.result, SendResult)
-                    return
-                except DeliveryUnknownError as exc:  # pragma: no cover - must not happen
-                    raise AssertionError(f"unexpected {exc!r}") from exc
-    finally:
-        core.ClientResponse = original  # type: ignore[misc]
-    assert isinstance(result, SendResult)
+    outcome: object
+    with (
+        patch.object(aioresponses_core, "ClientResponse", _ShimmedResponse),
+        aioresponses() as mocked,
+    ):
+        mocked.post(re.compile(r"^https://api\.example\.com/.*$"), body=json.dumps(value))
+        async with BotMessageClient(BASE, "u", "p", retry=RetryPolicy.none()) as client:
+            try:
+                outcome = await client.send("d", "u", "hi")
+            except (InvalidResponseError, SendFailedError) as exc:
+                outcome = exc
+    if isinstance(outcome, InvalidResponseError):
+        assert outcome.status == 200
+    elif isinstance(outcome, SendFailedError):
+        assert isinstance(outcome.result, SendResult)
+    else:
+        assert isinstance(outcome, SendResult)
