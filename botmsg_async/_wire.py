@@ -11,9 +11,12 @@ where it matters (``status`` must be SUCCESS or FAILURE; strings must be strings
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
+import attrs
 import cattrs
 from attrs import define
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
@@ -21,7 +24,7 @@ from cattrs.preconf.json import make_converter
 
 from ._models import ApiError, ApiWarning, SendResult, TextMessage
 
-__all__ = ["converter", "decode_request", "decode_response", "encode_request"]
+__all__ = ["WireFormatError", "converter", "decode_request", "decode_response", "encode_request"]
 
 try:  # The `speed` extra: orjson encodes several times faster than json.
     import orjson
@@ -30,14 +33,20 @@ try:  # The `speed` extra: orjson encodes several times faster than json.
         return orjson.dumps(obj)
 
     _loads: Callable[[bytes | str], Any] = orjson.loads
-    _DECODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
+    _DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
 except ImportError:  # pragma: no cover - exercised when the extra is absent
 
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
-    _loads = json.loads
-    _DECODE_ERRORS = (json.JSONDecodeError, UnicodeDecodeError)
+    def _refuse_constant(name: str) -> Any:
+        # orjson refuses NaN and Infinity; the fallback must read the same JSON.
+        raise ValueError(f"{name} is not JSON")
+
+    def _loads(body: bytes | str) -> Any:
+        return json.loads(body, parse_constant=_refuse_constant)
+
+    _DECODE_ERRORS = (ValueError, UnicodeDecodeError)
 
 
 @define(frozen=True)
@@ -82,6 +91,45 @@ def _strict_int(value: object, _: object) -> int:
     return value
 
 
+#: Every name that differs between a model field and the wire, per class.
+_RENAMES: dict[type, dict[str, str]] = {
+    _MessageAttributes: {
+        "is_manual": "isManual",
+        "number_of_message_attachments": "numberOfMessageAttachments",
+    },
+    _MessageSendingAttributes: {
+        "recipient_communication_value": "recipientCommunicationValue",
+        "sender_name": "senderName",
+    },
+    _SendBotMessageRequest: {
+        "message_attributes": "messageAttributes",
+        "message_sending_attributes": "messageSendingAttributes",
+    },
+    ApiError: {"code": "errorCode", "description": "errorDescription", "uid": "errorUID"},
+    ApiWarning: {"code": "warningCode", "description": "warningDescription"},
+    SendResult: {"request_uuid": "requestUuid", "message_uuid": "messageUuid"},
+}
+#: Request fields always sent, even at their default value.
+_ALWAYS_SENT = ("body", "type", "purpose", "is_manual", "protocol", "number_of_message_attachments")
+
+
+def _renamed(cls: type, **extra: Any) -> dict[str, Any]:
+    overrides = {name: override(rename=wire) for name, wire in _RENAMES[cls].items()}
+    return overrides | extra
+
+
+def _structure_fn(
+    cls: type, conv: cattrs.Converter, overrides: dict[str, Any], *, strict: bool
+) -> Callable[[Any, Any], Any]:
+    return make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=strict, **overrides)
+
+
+def _unstructure_fn(
+    cls: type, conv: cattrs.Converter, overrides: dict[str, Any]
+) -> Callable[[Any], dict[str, Any]]:
+    return make_dict_unstructure_fn(cls, conv, _cattrs_omit_if_default=True, **overrides)
+
+
 def _make_converter() -> cattrs.Converter:
     conv = make_converter(detailed_validation=True, forbid_extra_keys=False)
     conv.register_structure_hook(str, _strict_str)
@@ -89,91 +137,22 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _strict_int)
 
     # Request side: nested camelCase, None left out, protocol/attachments always sent.
-    conv.register_unstructure_hook(
-        _MessageAttributes,
-        make_dict_unstructure_fn(
-            _MessageAttributes,
-            conv,
-            _cattrs_omit_if_default=True,
-            body=override(omit_if_default=False),
-            type=override(omit_if_default=False),
-            purpose=override(omit_if_default=False),
-            is_manual=override(rename="isManual", omit_if_default=False),
-            protocol=override(omit_if_default=False),
-            number_of_message_attachments=override(
-                rename="numberOfMessageAttachments", omit_if_default=False
-            ),
-        ),
-    )
-    conv.register_unstructure_hook(
-        _MessageSendingAttributes,
-        make_dict_unstructure_fn(
-            _MessageSendingAttributes,
-            conv,
-            _cattrs_omit_if_default=True,
-            recipient_communication_value=override(rename="recipientCommunicationValue"),
-            sender_name=override(rename="senderName"),
-        ),
-    )
-    conv.register_unstructure_hook(
-        _SendBotMessageRequest,
-        make_dict_unstructure_fn(
-            _SendBotMessageRequest,
-            conv,
-            _cattrs_omit_if_default=True,
-            message_attributes=override(rename="messageAttributes"),
-            message_sending_attributes=override(rename="messageSendingAttributes"),
-        ),
-    )
-    # The same renames read a request back (the fake server validates with them).
-    conv.register_structure_hook(
-        _MessageAttributes,
-        make_dict_structure_fn(
-            _MessageAttributes,
-            conv,
-            is_manual=override(rename="isManual"),
-            number_of_message_attachments=override(rename="numberOfMessageAttachments"),
-        ),
-    )
-    conv.register_structure_hook(
-        _MessageSendingAttributes,
-        make_dict_structure_fn(
-            _MessageSendingAttributes,
-            conv,
-            recipient_communication_value=override(rename="recipientCommunicationValue"),
-            sender_name=override(rename="senderName"),
-        ),
-    )
-    conv.register_structure_hook(
-        _SendBotMessageRequest,
-        make_dict_structure_fn(
-            _SendBotMessageRequest,
-            conv,
-            message_attributes=override(rename="messageAttributes"),
-            message_sending_attributes=override(rename="messageSendingAttributes"),
-        ),
-    )
+    for cls in (_MessageAttributes, _MessageSendingAttributes, _SendBotMessageRequest):
+        keep = {
+            name: override(rename=_RENAMES[cls].get(name), omit_if_default=False)
+            for name in _ALWAYS_SENT
+            if cls is _MessageAttributes
+        }
+        conv.register_unstructure_hook(cls, _unstructure_fn(cls, conv, _renamed(cls, **keep)))
+        # Read back strictly (the fake server validates requests with this): an
+        # unknown key there is a typo in the client, not forward compatibility.
+        conv.register_structure_hook(cls, _structure_fn(cls, conv, _renamed(cls), strict=True))
 
-    # Response side.
-    conv.register_structure_hook(
-        ApiError,
-        make_dict_structure_fn(
-            ApiError,
-            conv,
-            code=override(rename="errorCode"),
-            description=override(rename="errorDescription"),
-            uid=override(rename="errorUID"),
-        ),
-    )
-    conv.register_structure_hook(
-        ApiWarning,
-        make_dict_structure_fn(
-            ApiWarning,
-            conv,
-            code=override(rename="warningCode"),
-            description=override(rename="warningDescription"),
-        ),
-    )
+    # Response side: unknown keys are ignored, so the service may add fields.
+    for answer_part in (ApiError, ApiWarning):
+        conv.register_structure_hook(
+            answer_part, _structure_fn(answer_part, conv, _renamed(answer_part), strict=False)
+        )
 
     def _null_is_empty(item_type: type[Any]) -> Callable[[object, object], tuple[Any, ...]]:
         # Some gateways send "errors": null where the contract has an array.
@@ -186,19 +165,45 @@ def _make_converter() -> cattrs.Converter:
 
         return hook
 
-    conv.register_structure_hook(
+    result_overrides = _renamed(
         SendResult,
-        make_dict_structure_fn(
-            SendResult,
-            conv,
-            request_uuid=override(rename="requestUuid"),
-            message_uuid=override(rename="messageUuid"),
-            errors=override(struct_hook=_null_is_empty(ApiError)),
-            warnings=override(struct_hook=_null_is_empty(ApiWarning)),
-            attempts=override(omit=True),
-        ),
+        errors=override(struct_hook=_null_is_empty(ApiError)),
+        warnings=override(struct_hook=_null_is_empty(ApiWarning)),
+        attempts=override(omit=True),
+    )
+    conv.register_structure_hook(
+        SendResult, _structure_fn(SendResult, conv, result_overrides, strict=False)
     )
     return conv
+
+
+def _wire_path(root: type, path: str) -> str:
+    """Turn cattrs' ``$.message_attributes.is_manual`` into ``$.messageAttributes.isManual``."""
+    parts = []
+    current: Any = root
+    for token in re.findall(r"\.([^.\[]+)|(\[[^\]]*\])", path):
+        name, index = token
+        if index:
+            parts.append(index)
+            args = [a for a in get_args(current) if a is not Ellipsis]
+            current = args[0] if args else None
+            continue
+        if get_origin(current) in (tuple, list):  # our null-tolerant hook drops the index
+            current = get_args(current)[0]
+        parts.append("." + _RENAMES.get(current, {}).get(name, name))
+        fields = attrs.fields_dict(current) if attrs.has(current) else {}
+        current = fields[name].type if name in fields else None
+        if get_origin(current) in (UnionType, Union):  # X | None: follow X
+            current = next((a for a in get_args(current) if a is not type(None)), None)
+    return "$" + "".join(parts)
+
+
+def _problems(exc: Exception, root: type) -> tuple[str, ...]:
+    def wire_named(message: str) -> str:
+        text, sep, path = message.rpartition(" @ ")
+        return f"{text}{sep}{_wire_path(root, path)}" if sep else message
+
+    return tuple(wire_named(m) for m in cattrs.transform_error(exc))
 
 
 #: The one converter between models and wire. Private: never the global cattrs one.
@@ -249,7 +254,7 @@ def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
     try:
         return hook(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
-        raise WireFormatError(tuple(cattrs.transform_error(exc))) from exc
+        raise WireFormatError(_problems(exc, cls)) from exc
 
 
 def decode_response(body: bytes) -> SendResult:

@@ -265,3 +265,26 @@ def test_decode_response_reads_errors() -> None:
         "D",
         "U",
     )
+
+
+def test_problems_name_wire_fields() -> None:
+    """Problems point at the wire's camelCase names, nested ones included."""
+    with pytest.raises(WireFormatError) as info:
+        decode_response(b'{"status":"FAILURE","requestUuid":1,"errors":[{"errorUID":2}]}')
+    assert set(info.value.problems) == {
+        "invalid value for type, expected str | None @ $.requestUuid",
+        "invalid value for type, expected str | None @ $.errors.errorUID",
+    }
+
+
+def test_request_reader_refuses_unknown_keys() -> None:
+    """A misspelt request key is an error on the request side (answers stay lenient)."""
+    with pytest.raises(WireFormatError, match=r"sujbect.*\$\.messageAttributes"):
+        decode_request(b'{"messageAttributes":{"body":"x","sujbect":"s"}}')
+
+
+@pytest.mark.parametrize("body", [b"NaN", b'{"status":"SUCCESS","x":Infinity}'])
+def test_non_json_constants_refused(body: bytes) -> None:
+    """NaN and Infinity are not JSON, with or without orjson installed."""
+    with pytest.raises(WireFormatError):
+        decode_response(body)
