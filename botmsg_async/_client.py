@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import random
+import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
@@ -41,6 +42,7 @@ from ._retry import (
     RetryPolicy,
     SendState,
     build_retrying,
+    classify_failure,
     parse_retry_after,
 )
 
@@ -57,6 +59,19 @@ _PATH = "/communications/department/{}/user/{}/botmessage/send"
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 
 
+#: Ids that need neither checking nor encoding (UUIDs among them): the fast path.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+
+
+def new_idempotency_key() -> str:
+    """A random UUID4, as text; three times cheaper than ``str(uuid.uuid4())``."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def check_id(name: str, value: object) -> str:
     """Return ``value`` percent-encoded for the path, or raise ``InvalidRequestError``.
 
@@ -66,6 +81,8 @@ def check_id(name: str, value: object) -> str:
     """
     if not isinstance(value, str):
         raise InvalidRequestError(name, value, f"must be a str, not {type(value).__name__}")
+    if _PLAIN_ID.fullmatch(value) is not None:
+        return value
     if not value:
         raise InvalidRequestError(name, value, "must not be empty")
     if value in (".", ".."):
@@ -180,6 +197,7 @@ class BotMessageClient:
     ) -> None:
         self._base_url = _check_base_url(base_url, allow_insecure_http)
         self._base = str(self._base_url)
+        self._base_path = self._base_url.raw_path.rstrip("/")
         if not isinstance(username, str) or not isinstance(password, str):
             raise InvalidRequestError("username", "<redacted>", "username and password must be str")
         try:
@@ -219,6 +237,7 @@ class BotMessageClient:
         self._retrying: dict[RetryPolicy, tenacity.AsyncRetrying] = {}
         self._timeouts: dict[RetryPolicy, aiohttp.ClientTimeout] = {}
         self._default_retrying = self._retrying_for(self._retry)
+        self._default_timeout = self._timeout_for(self._retry)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -381,15 +400,24 @@ class BotMessageClient:
         state = SendState(
             department_uuid=department_uuid,
             user_uuid=user_uuid,
-            url=URL(self._base + _PATH.format(dept, user), encoded=True),
+            url=self._base_url.with_path(self._base_path + _PATH.format(dept, user), encoded=True),
             body=_wire.encode_request(text),
-            idempotency_key=idempotency_key or str(uuid.uuid4()),
+            idempotency_key=idempotency_key or new_idempotency_key(),
             policy=policy,
             started=self._clock(),
         )
         if self._budget is not None:
             self._budget.deposit()
         try:
+            # Most sends succeed at once; entering tenacity costs more than the rest
+            # of a send (it inspects every callback on every call), so the first
+            # attempt runs directly and tenacity takes over only to retry.
+            try:
+                return await self._attempt(state, session)
+            except BotMessageError as first:
+                if policy.max_attempts == 1 or not classify_failure(first, policy):
+                    raise
+                state.replay = first
             result: SendResult = await retrying(self._attempt, state, session)
         except BotMessageError as exc:
             # Errors are raised deep in one attempt; say here which message they concern.
@@ -431,6 +459,11 @@ class BotMessageClient:
         await self._sleep(wait + self._rng.uniform(0.0, min(1.0, wait / 10)))
 
     async def _attempt(self, state: SendState, session: aiohttp.ClientSession) -> SendResult:
+        if state.replay is not None:
+            # Hand the first attempt's failure to tenacity as its own first outcome,
+            # so that its predicate, wait and stop decide what happens next.
+            failure, state.replay = state.replay, None
+            raise failure
         state.attempt += 1
         policy = state.policy
         if self._paused_until:
@@ -439,7 +472,7 @@ class BotMessageClient:
         headers[policy.idempotency_header] = state.idempotency_key
         if state.attempt > 1 and policy.retry_count_header:
             headers[policy.retry_count_header] = str(state.attempt - 1)
-        timeout = self._timeout_for(policy)
+        timeout = self._default_timeout if policy is self._retry else self._timeout_for(policy)
         remaining = policy.deadline - (self._clock() - state.started)
         if timeout.total is not None and remaining < timeout.total:
             remaining = max(remaining, 0.001)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import tenacity
-from attrs import define, field, validators
+from attrs import define, field, setters, validators
 
 from ._errors import (
     APIStatusError,
@@ -137,7 +137,7 @@ class RetryPolicy:
         return True
 
 
-@define
+@define(on_setattr=setters.NO_OP)  # the balance changes on every send: keep that cheap
 class RetryBudget:
     """One client's allowance of retries, so that a failing server is not stormed.
 
@@ -219,6 +219,7 @@ class SendState:
         "idempotency_key",
         "maybe_delivered",
         "policy",
+        "replay",
         "retry_after",
         "started",
         "url",
@@ -248,6 +249,8 @@ class SendState:
         self.retry_after: float | None = None
         #: An earlier attempt may have been delivered (only with retry_ambiguous).
         self.maybe_delivered = False
+        #: The first attempt's failure, for the retry engine to start from.
+        self.replay: BaseException | None = None
 
 
 def classify_failure(exc: BaseException, policy: RetryPolicy) -> bool:

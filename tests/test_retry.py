@@ -455,3 +455,33 @@ async def test_handler_types_used(server: ScriptedServer) -> None:
     assert info.value.status == 418
     assert info.value.body_excerpt == "teapot"
     assert isinstance(web.Response, type)
+
+
+def test_idempotency_keys_are_uuid4() -> None:
+    """Generated keys are valid, distinct RFC 4122 version-4 UUIDs."""
+    import uuid
+
+    from botmsg_async._client import new_idempotency_key
+
+    keys = [new_idempotency_key() for _ in range(1000)]
+    assert len(set(keys)) == 1000
+    for key in keys[:50]:
+        parsed = uuid.UUID(key)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == key
+
+
+async def test_first_failure_is_replayed_into_the_retry_engine(
+    server: ScriptedServer, make_client: MakeClient, sleeps: Sleeps
+) -> None:
+    """The first attempt runs outside tenacity; its failure still drives the waits and stops."""
+    server.script += [answer(503, "down")] * 3
+    events: list[RetryEvent] = []
+    async with make_client(server.base_url, on_retry=events.append) as client:
+        with pytest.raises(APIStatusError) as info:
+            await client.send(DEPT, USER, "hi", retry=RetryPolicy(max_attempts=3))
+    assert info.value.attempts == 3
+    assert len(server.seen) == 3
+    assert [e.attempt for e in events] == [1, 2]
+    assert len(sleeps.waits) == 2
