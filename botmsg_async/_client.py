@@ -108,16 +108,16 @@ def check_message(message: object, defaults: MessageDefaults) -> TextMessage:
     return message
 
 
-def _check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
+def check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
     url = URL(base_url) if isinstance(base_url, str) else base_url
+    if url.user is not None or url.password is not None:
+        # Checked first, and the URL not echoed: it holds credentials.
+        raise InvalidRequestError(
+            "base_url", "<redacted>", "must not carry credentials; pass username and password"
+        )
     if url.scheme not in ("http", "https") or not url.host:
         raise InvalidRequestError(
             "base_url", str(url), "must be an absolute http:// or https:// URL with a host"
-        )
-    if url.user is not None or url.password is not None:
-        # Do not echo the URL: it holds credentials.
-        raise InvalidRequestError(
-            "base_url", "<redacted>", "must not carry credentials; pass username and password"
         )
     if url.query_string or url.fragment:
         raise InvalidRequestError("base_url", str(url), "must not have a query or fragment")
@@ -195,7 +195,7 @@ class BotMessageClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._base_url = _check_base_url(base_url, allow_insecure_http)
+        self._base_url = check_base_url(base_url, allow_insecure_http)
         self._base = str(self._base_url)
         self._base_path = self._base_url.raw_path.rstrip("/")
         if not isinstance(username, str) or not isinstance(password, str):

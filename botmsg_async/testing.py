@@ -287,6 +287,7 @@ class FakeBotMessageServer:
         fault_latency: Extra seconds a ``Fault.LATENCY`` request waits.
         idempotency_header: Header carrying the idempotency key.
         retry_count_header: Header carrying the retry number.
+        port: Port to listen on (127.0.0.1 only); 0, the default, picks a free one.
 
     Raises:
         ValueError: Both ``faults`` and ``fault_rate`` given, a negative delay,
@@ -313,7 +314,10 @@ class FakeBotMessageServer:
         fault_latency: float = 0.05,
         idempotency_header: str = "Idempotency-Key",
         retry_count_header: str = "X-Retry-Count",
+        port: int = 0,
     ) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be within [0, 65535], got {port}")
         if faults is not None and fault_rate is not None:
             raise ValueError("give faults or fault_rate, not both")
         if latency < 0 or fault_latency < 0:
@@ -346,12 +350,13 @@ class FakeBotMessageServer:
         self._by_key: dict[str, ReceivedMessage] = {}
 
         self._runner: web.AppRunner | None = None
+        self._bind_port = port
         self._port: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start serving on 127.0.0.1 and a free port.
+        """Start serving on 127.0.0.1 (on a free port unless one was given).
 
         Raises:
             RuntimeError: The server is already started.
@@ -366,7 +371,7 @@ class FakeBotMessageServer:
         # Binding the socket ourselves gives the port without private attributes.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind(("127.0.0.1", self._bind_port))
             site = web.SockSite(runner, sock, backlog=1024)
             await site.start()
         except BaseException:
@@ -619,7 +624,12 @@ class FakeBotMessageServer:
                 {hdrs.WWW_AUTHENTICATE: 'Basic realm="botmessage"'},
             )
         try:
-            message = decode_request(await request.read())
+            body = await request.read()
+        except ConnectionError:
+            # The client went away mid-request (a test killed it): nothing to answer.
+            return web.Response(status=499)
+        try:
+            message = decode_request(body)
         except WireFormatError as exc:
             return _detail(400, list(exc.problems))
         if not message.body.strip():

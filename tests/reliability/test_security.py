@@ -62,10 +62,11 @@ async def test_nothing_secret_in_logs_reprs_or_errors(caplog: pytest.LogCaptureF
             assert secret not in text
 
 
-def test_credentials_in_base_url_are_refused_and_not_echoed() -> None:
-    """A base_url carrying user:password is refused without repeating it."""
+@pytest.mark.parametrize("scheme", ["https", "http", "ftp"])
+def test_credentials_in_base_url_are_refused_and_not_echoed(scheme: str) -> None:
+    """A base_url carrying user:password is refused without repeating it, whatever the scheme."""
     with pytest.raises(InvalidRequestError) as info:
-        BotMessageClient(f"https://bot:{PASSWORD}@api.example.com", "bot", PASSWORD)
+        BotMessageClient(f"{scheme}://bot:{PASSWORD}@api.example.com", "bot", PASSWORD)
     assert all(PASSWORD not in text for text in chain(info.value))
 
 

@@ -1,0 +1,333 @@
+"""The ``botmsg send-many --journal`` file: crash-safe progress of a bulk send.
+
+The journal is JSON lines, appended with one ``os.write`` per record on an
+``O_APPEND`` descriptor, so a record is in the operating system's hands (and
+survives ``kill -9``) before the next step happens. The first record says which
+input it belongs to; then, per item::
+
+    {"i": 17, "s": "start", "key": "<idempotency key>"}          before the first attempt
+    {"i": 17, "o": "sent", "m": "<message uuid>", ...}            as soon as the answer is known
+    {"i": 17, "o": "failed", "retry": false, "e": "<why>", ...}   not delivered
+    {"i": 17, "o": "unknown", "e": "<why>", ...}                  may or may not have been delivered
+    {"i": 17, "o": "skipped"}                                     pulled but never attempted
+
+An item with a ``start`` and no outcome was in flight when the process died: it
+may or may not have been delivered. A run with ``--resume`` reports such items
+as unknown and never sends them again unless told to (``--resend-unknown``, with
+the same idempotency key). ``"retry": true`` marks a failure that certainly did
+not deliver the message and may succeed later (throttling, a transient FAILURE,
+no connection): a resumed run sends those again, with a new key.
+
+Reading the journal costs one byte per input item plus the in-doubt items, so a
+resumed run over ten million rows needs about ten megabytes; the records of
+finished items are streamed from the file again when ``--out`` needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, Final
+
+__all__ = [
+    "FAILED",
+    "NEW",
+    "RETRY",
+    "SENT",
+    "SKIPPED",
+    "STARTED",
+    "UNKNOWN",
+    "JournalError",
+    "JournalState",
+    "JournalWriter",
+    "finished_records",
+    "load",
+]
+
+FORMAT_VERSION: Final = 1
+
+# One byte per item: what the journal says became of it.
+NEW: Final = 0  #: Never pulled.
+STARTED: Final = 1  #: Started, no outcome: in flight when the process died.
+SENT: Final = 2  #: Delivered.
+FAILED: Final = 3  #: Not delivered, and sending it again would fail the same way.
+RETRY: Final = 4  #: Not delivered, may succeed if sent again.
+UNKNOWN: Final = 5  #: May or may not have been delivered.
+SKIPPED: Final = 6  #: Pulled but never attempted (the batch had stopped).
+
+#: States whose item needs no new send on resume, and whose record ``--out`` repeats.
+FINAL_STATES: Final = frozenset({SENT, FAILED})
+#: States whose delivery is in doubt.
+IN_DOUBT_STATES: Final = frozenset({STARTED, UNKNOWN})
+
+_OUTCOME_STATES: Final = {"sent": SENT, "unknown": UNKNOWN, "skipped": SKIPPED}
+
+
+class JournalError(Exception):
+    """The journal cannot be used: missing, corrupt, in use, or written for another input."""
+
+
+def _lock(fd: int, path: str) -> None:
+    if sys.platform == "win32":  # pragma: no cover - no flock; the README says one run at a time
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise JournalError(
+            f"{path}: in use by another botmsg run; running both would send messages twice"
+        ) from None
+
+
+def _state_of(record: dict[str, Any]) -> int | None:
+    """The state an outcome record stands for, or None when it is no outcome record."""
+    outcome = record.get("o")
+    if outcome == "failed":
+        return RETRY if record.get("retry") is True else FAILED
+    if isinstance(outcome, str):
+        return _OUTCOME_STATES.get(outcome)
+    return None
+
+
+class JournalState:
+    """What an existing journal says about every item of its input.
+
+    Attributes:
+        items: Number of items of the input the journal was written for.
+        states: One state byte per item (``NEW``, ``SENT``, ...).
+        in_doubt: For each item whose state is ``STARTED`` or ``UNKNOWN``: its
+            idempotency key and the error recorded, if any.
+        valid_bytes: Length of the journal up to its last complete record; a torn
+            tail beyond it is cut off before new records are appended.
+        has_header: Whether the journal has its first record; an empty journal
+            (killed before writing it) has nothing to resume.
+    """
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+        self.states = bytearray(items)
+        self.in_doubt: dict[int, tuple[str, str | None]] = {}
+        self.valid_bytes = 0
+        self.has_header = False
+
+    def count(self, state: int) -> int:
+        """How many items are in ``state``."""
+        return self.states.count(state)
+
+
+def _parse_line(raw: bytes, lineno: int, path: str) -> dict[str, Any]:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise JournalError(f"{path}:{lineno}: not a JSON record; the journal is corrupt") from None
+    if not isinstance(record, dict):
+        raise JournalError(f"{path}:{lineno}: not a JSON object; the journal is corrupt")
+    return record
+
+
+def _lines(path: str) -> Iterator[tuple[int, int, bytes, bool]]:
+    """Yield ``(line number, offset after the line, line, is_last)`` for each line."""
+    with open(path, "rb") as f:
+        offset = 0
+        lineno = 0
+        previous: bytes | None = None
+        for raw in f:
+            if previous is not None:
+                offset += len(previous)
+                yield lineno, offset, previous, False
+            lineno += 1
+            previous = raw
+        if previous is not None:
+            offset += len(previous)
+            yield lineno, offset, previous, True
+
+
+def load(path: str, *, fingerprint: str, items: int) -> JournalState:
+    """Read the journal at ``path`` for an input with ``fingerprint`` and ``items`` items.
+
+    A torn last line (the process was killed while writing it) is ignored: it
+    was never complete, so nothing was done on its strength. Any other bad line
+    makes the journal unusable.
+
+    Raises:
+        JournalError: the journal is missing, corrupt, or belongs to another input.
+    """
+    state = JournalState(items)
+    try:
+        for lineno, end, raw, is_last in _lines(path):
+            if not raw.strip():
+                if not is_last or raw.endswith(b"\n"):
+                    state.valid_bytes = end
+                continue
+            if is_last and not raw.endswith(b"\n"):
+                break  # torn: killed mid-write
+            try:
+                record = _parse_line(raw, lineno, path)
+            except JournalError:
+                if is_last:
+                    break  # a garbled last line is a torn one too
+                raise
+            if not state.has_header:
+                _check_header(record, path, fingerprint=fingerprint, items=items)
+                state.has_header = True
+            else:
+                _apply(state, record, lineno, path)
+            state.valid_bytes = end
+    except FileNotFoundError:
+        raise JournalError(f"{path}: no such journal; drop --resume to start a new one") from None
+    except OSError as exc:
+        raise JournalError(f"{path}: cannot read the journal: {exc.strerror}") from None
+    return state
+
+
+def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items: int) -> None:
+    if record.get("botmsg_journal") != FORMAT_VERSION:
+        raise JournalError(f"{path}:1: not a botmsg journal (version {FORMAT_VERSION})")
+    if record.get("input") != fingerprint or record.get("items") != items:
+        raise JournalError(
+            f"{path}: this journal was written for another input (or other --text, "
+            "--subject, --sender-name); resuming it would send the wrong messages. "
+            "Use the original input, or a new journal"
+        )
+
+
+def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) -> None:
+    index = record.get("i")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < state.items:
+        raise JournalError(f"{path}:{lineno}: item index {index!r} out of range")
+    if record.get("s") == "start":
+        key = record.get("key")
+        if not isinstance(key, str):
+            raise JournalError(f"{path}:{lineno}: start record without a key")
+        state.states[index] = STARTED
+        state.in_doubt[index] = (key, None)
+        return
+    new = _state_of(record)
+    if new is None:
+        raise JournalError(f"{path}:{lineno}: unknown record")
+    state.states[index] = new
+    if new == UNKNOWN:
+        previous = state.in_doubt.get(index)
+        key = record.get("k") if isinstance(record.get("k"), str) else None
+        key = key or (previous[0] if previous else None)
+        if key is None:
+            raise JournalError(f"{path}:{lineno}: unknown outcome without a key")
+        error = record.get("e")
+        state.in_doubt[index] = (key, error if isinstance(error, str) else None)
+    else:
+        state.in_doubt.pop(index, None)
+
+
+def finished_records(path: str, state: JournalState) -> Iterator[dict[str, Any]]:
+    """Stream the outcome record of every item that needs no new send (sent or failed).
+
+    Yields each such item once, in journal order; only the part of the file that
+    ``load`` found valid is read.
+    """
+    seen = bytearray(state.items)
+    header_seen = False
+    for lineno, end, raw, _ in _lines(path):
+        if end > state.valid_bytes:
+            break
+        if not raw.strip():
+            continue
+        record = _parse_line(raw, lineno, path)
+        if not header_seen:
+            header_seen = True
+            continue
+        index = record["i"]
+        record_state = _state_of(record)
+        if record_state in FINAL_STATES and state.states[index] == record_state and not seen[index]:
+            seen[index] = 1
+            yield record
+
+
+class JournalWriter:
+    """Appends records to a journal, each one handed to the OS before returning.
+
+    The journal is locked (``flock``, where the OS has it) while the writer is
+    open: two runs resuming one journal at once would both send its open items.
+
+    Args:
+        path: The journal file; created if missing.
+
+    Raises:
+        JournalError: another process holds the journal.
+        OSError: it cannot be opened.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd: int | None = os.open(path, flags, 0o600)
+        try:
+            _lock(self._fd, path)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+
+    def size(self) -> int:
+        """The journal's length in bytes now."""
+        assert self._fd is not None
+        return os.fstat(self._fd).st_size
+
+    def truncate(self, valid_bytes: int) -> None:
+        """Cut off anything after ``valid_bytes`` (a torn record), so that new
+        records never get glued to a fragment."""
+        assert self._fd is not None
+        if self.size() > valid_bytes:
+            os.ftruncate(self._fd, valid_bytes)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._fd is None:
+            raise JournalError(f"{self.path}: journal already closed")
+        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:  # a regular file takes it all in one call unless the disk is full
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def header(self, *, fingerprint: str, items: int) -> None:
+        """Write the first record, naming the input; fsynced, since it is written once."""
+        self._write({"botmsg_journal": FORMAT_VERSION, "input": fingerprint, "items": items})
+        assert self._fd is not None
+        os.fsync(self._fd)
+
+    def start(self, index: int, key: str) -> None:
+        """Record that item ``index`` is about to be sent with idempotency ``key``."""
+        self._write({"i": index, "s": "start", "key": key})
+
+    def outcome(
+        self,
+        index: int,
+        outcome: str,
+        *,
+        key: str | None,
+        department_uuid: str,
+        user_uuid: str,
+        message_uuid: str | None = None,
+        error: str | None = None,
+        retry: bool = False,
+    ) -> None:
+        """Record the outcome of item ``index``: sent, failed, unknown or skipped."""
+        record: dict[str, Any] = {"i": index, "o": outcome}
+        if outcome != "skipped":
+            record.update(m=message_uuid, k=key, d=department_uuid, u=user_uuid)
+            if error is not None:
+                record["e"] = error
+            if outcome == "failed":
+                record["retry"] = retry
+        self._write(record)
+
+    def close(self) -> None:
+        """Flush the journal to disk and close it; a second call does nothing."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
