@@ -1,0 +1,530 @@
+"""Run every benchmark scenario once and report: ``python -m benchmarks [--quick]``.
+
+Scenarios (``benchmarks/README.md`` has the why and the latest numbers):
+
+1. ``throughput``: the SDK's ``send_many`` vs a raw aiohttp loop vs httpx,
+   against a fast server (nginx when installed).
+2. ``latency``: the same three against a server that waits 50 ms per request,
+   at concurrency 200: throughput should approach ``200 / 0.05`` = 4,000 msg/s.
+3. ``memory``: ``stream_many`` over a generator of 1,000,000 and of 100,000
+   items; the peak RSS of the two should be about equal.
+4. ``faults``: 1 answer in 5 a transient FAILURE; the SDK retrying at once,
+   compared with the same SDK set-up against a server that never fails.
+
+Each run is a fresh process (so peak RSS is that run's), runs of a scenario
+alternate between variants (a, b, c, a, b, c, ...) so that a noisy machine
+hurts all of them alike, and the report gives medians. Results go to
+``benchmarks/results/latest.json``; a markdown table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from attrs import asdict, define, evolve
+
+from benchmarks.servers import REPO_ROOT, Server, child_env, nginx_version, start_server
+from benchmarks.variants import RunSpec
+
+__all__ = ["SCENARIOS", "Config", "main", "render_markdown", "run_benchmarks"]
+
+SCENARIOS = ("throughput", "latency", "memory", "faults")
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "latest.json"
+# The metrics of a run that get a median across repetitions.
+_METRICS = (
+    "n",
+    "sent",
+    "not_sent",
+    "retries",
+    "wall_s",
+    "msgs_per_s",
+    "cpu_s",
+    "cpu_us_per_msg",
+    "p50_ms",
+    "p99_ms",
+    "baseline_rss_mb",
+    "peak_rss_mb",
+)
+_LABELS = {
+    "sdk": "(a) SDK send_many",
+    "aiohttp": "(b) raw aiohttp",
+    "httpx": "(c) raw httpx",
+    "sdk_zero_backoff": "SDK send_many, zero backoff",
+    "sdk_stream": "SDK stream_many",
+}
+
+
+@define(frozen=True)
+class Config:
+    """Sizes and switches of one benchmark run.
+
+    Attributes:
+        throughput_n: Messages per run in the throughput and faults scenarios.
+        throughput_concurrency: Concurrency there.
+        httpx_max_n: Cap on httpx's messages per run: httpx is so much slower
+            that the full N would take minutes per run. Its rates are per
+            message, so the ratios still compare.
+        latency_n: Messages per run in the latency-bound scenario.
+        latency_concurrency: Concurrency there.
+        latency_delay: Seconds the slow server waits per request.
+        memory_large_n: Items streamed in the large memory run.
+        memory_small_n: Items streamed in the small memory run.
+        memory_concurrency: Concurrency of the memory runs.
+        fail_every: In the faults scenario, 1 answer in this many is a FAILURE.
+        reps: Runs per variant in the throughput, latency and faults scenarios.
+        server: ``"auto"`` (nginx when installed), ``"nginx"`` or ``"aiohttp"``.
+        server_processes: Processes of the aiohttp server (SO_REUSEPORT).
+        uvloop: Run the clients on uvloop.
+        httpx: Include the httpx variant.
+        scenarios: Which scenarios to run, in order.
+    """
+
+    throughput_n: int = 20_000
+    throughput_concurrency: int = 64
+    httpx_max_n: int = 2_000
+    latency_n: int = 8_000
+    latency_concurrency: int = 200
+    latency_delay: float = 0.05
+    memory_large_n: int = 1_000_000
+    memory_small_n: int = 100_000
+    memory_concurrency: int = 64
+    fail_every: int = 5
+    reps: int = 3
+    server: str = "auto"
+    server_processes: int = 2
+    uvloop: bool = False
+    httpx: bool = True
+    scenarios: tuple[str, ...] = SCENARIOS
+
+    def quick(self) -> Config:
+        """The same run with every N ten times smaller."""
+        return evolve(
+            self,
+            throughput_n=self.throughput_n // 10,
+            httpx_max_n=self.httpx_max_n // 10,
+            latency_n=self.latency_n // 10,
+            memory_large_n=self.memory_large_n // 10,
+            memory_small_n=self.memory_small_n // 10,
+        )
+
+
+def _run_child(spec: RunSpec) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter and return its ``RunResult`` dict."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.variants", json.dumps(asdict(spec))],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=child_env(),
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec.variant} run failed ({done.returncode}):\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    medians: dict[str, Any] = {}
+    for key in _METRICS:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        medians[key] = statistics.median(values) if values else None
+    return medians
+
+
+def _alternate(
+    specs: dict[str, RunSpec], reps: int, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Run each spec ``reps`` times, round-robin, and summarise each by medians.
+
+    Args:
+        specs: Variant label to the run it stands for.
+        reps: Rounds.
+        log: Progress lines.
+
+    Returns:
+        Per label: ``{"runs": [...], "median": {...}}``.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
+    for rep in range(reps):
+        for label, spec in specs.items():
+            result = _run_child(spec)
+            runs[label].append(result)
+            log(
+                f"  {label:<18} rep {rep + 1}/{reps}: {result['msgs_per_s']:8.0f} msg/s  "
+                f"{result['cpu_us_per_msg']:6.0f} us CPU/msg  "
+                f"sent {result['sent']}/{result['n']}"
+            )
+    return {label: {"runs": items, "median": _median(items)} for label, items in runs.items()}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _versus_raw(variants: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    sdk = variants["sdk"]["median"]
+    ratios: dict[str, float | None] = {}
+    for other in ("aiohttp", "httpx"):
+        if other in variants:
+            theirs = variants[other]["median"]
+            ratios[f"throughput_sdk_over_{other}"] = _ratio(sdk["msgs_per_s"], theirs["msgs_per_s"])
+            ratios[f"cpu_per_msg_sdk_over_{other}"] = _ratio(
+                sdk["cpu_us_per_msg"], theirs["cpu_us_per_msg"]
+            )
+    return ratios
+
+
+def _comparison(
+    config: Config, server: Server, n: int, concurrency: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The SDK vs the raw loops against one server: scenarios 1 and 2."""
+
+    def spec(variant: str, count: int) -> RunSpec:
+        return RunSpec(variant, server.base_url, count, concurrency, uvloop=config.uvloop)
+
+    specs = {"sdk": spec("sdk", n), "aiohttp": spec("aiohttp", n)}
+    if config.httpx:
+        specs["httpx"] = spec("httpx", min(n, config.httpx_max_n))
+    variants = _alternate(specs, config.reps, log)
+    return {
+        "server": server.description,
+        "n": n,
+        "concurrency": concurrency,
+        "variants": variants,
+        "ratios": _versus_raw(variants),
+    }
+
+
+def _scenario_throughput(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    with start_server(config.server, processes=config.server_processes) as server:
+        return _comparison(config, server, config.throughput_n, config.throughput_concurrency, log)
+
+
+def _scenario_latency(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    with start_server(
+        config.server, processes=config.server_processes, delay=config.latency_delay
+    ) as server:
+        result = _comparison(config, server, config.latency_n, config.latency_concurrency, log)
+    ideal = config.latency_concurrency / config.latency_delay
+    result["ideal_msgs_per_s"] = ideal
+    result["sdk_share_of_ideal"] = _ratio(result["variants"]["sdk"]["median"]["msgs_per_s"], ideal)
+    return result
+
+
+def _scenario_memory(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    with start_server(config.server, processes=config.server_processes) as server:
+        runs: dict[str, dict[str, Any]] = {}
+        for label, n in (("small", config.memory_small_n), ("large", config.memory_large_n)):
+            # No latency recording: its arrays would grow with N, which is the
+            # very thing this scenario checks the SDK does not do.
+            spec = RunSpec(
+                "sdk_stream",
+                server.base_url,
+                n,
+                config.memory_concurrency,
+                latency=False,
+                uvloop=config.uvloop,
+            )
+            runs[label] = _run_child(spec)
+            log(
+                f"  stream_many {n:>9,} items: peak RSS {runs[label]['peak_rss_mb']:.1f} MB, "
+                f"{runs[label]['msgs_per_s']:.0f} msg/s"
+            )
+    return {
+        "server": server.description,
+        "concurrency": config.memory_concurrency,
+        "runs": runs,
+        "peak_rss_large_over_small": _ratio(
+            runs["large"]["peak_rss_mb"], runs["small"]["peak_rss_mb"]
+        ),
+    }
+
+
+def _scenario_faults(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    # Both servers run at once so that the faulty and the clean runs alternate.
+    with (
+        start_server(config.server, processes=config.server_processes) as clean,
+        start_server(
+            config.server, processes=config.server_processes, fail_every=config.fail_every
+        ) as faulty,
+    ):
+        specs = {
+            variant: RunSpec(
+                "sdk_zero_backoff",
+                server.base_url,
+                config.throughput_n,
+                config.throughput_concurrency,
+                uvloop=config.uvloop,
+            )
+            for variant, server in (("clean", clean), ("faults", faulty))
+        }
+        variants = _alternate(specs, config.reps, log)
+    return {
+        "server": faulty.description,
+        "n": config.throughput_n,
+        "concurrency": config.throughput_concurrency,
+        "policy": "RetryPolicy(backoff_initial=0, backoff_max=0, max_attempts=8), "
+        "RetryBudget(ratio=1.0)",
+        "variants": variants,
+        "throughput_faults_over_clean": _ratio(
+            variants["faults"]["median"]["msgs_per_s"], variants["clean"]["median"]["msgs_per_s"]
+        ),
+    }
+
+
+_RUNNERS: dict[str, Callable[[Config, Callable[[str], None]], dict[str, Any]]] = {
+    "throughput": _scenario_throughput,
+    "latency": _scenario_latency,
+    "memory": _scenario_memory,
+    "faults": _scenario_faults,
+}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_revision() -> str | None:
+    """The commit measured, with ``+dirty`` when botmsg_async/ has local changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "botmsg_async"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    """Describe this machine and the software the numbers depend on."""
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu_model = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "aiohttp": _version("aiohttp"),
+        "httpx": _version("httpx"),
+        "orjson": _version("orjson"),
+        "uvloop": _version("uvloop"),
+        "botmsg_async": _version("botmsg-async"),
+        "nginx": nginx_version(),
+    }
+
+
+def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check the issue's targets against this run's numbers."""
+    targets: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, op: str, limit: float) -> None:
+        passed = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        targets.append({"target": name, "value": value, "op": op, "limit": limit, "pass": passed})
+
+    scenarios = report["scenarios"]
+    if "throughput" in scenarios:
+        ratios = scenarios["throughput"]["ratios"]
+        check("throughput SDK / raw aiohttp", ratios.get("throughput_sdk_over_aiohttp"), ">=", 0.9)
+        check(
+            "CPU per msg SDK / raw aiohttp", ratios.get("cpu_per_msg_sdk_over_aiohttp"), "<=", 1.15
+        )
+        if "throughput_sdk_over_httpx" in ratios:
+            check("throughput SDK / httpx", ratios["throughput_sdk_over_httpx"], ">=", 5.0)
+    if "memory" in scenarios:
+        memory = scenarios["memory"]
+        check("peak RSS, large stream (MB)", memory["runs"]["large"]["peak_rss_mb"], "<=", 100.0)
+        check("peak RSS large / small stream", memory["peak_rss_large_over_small"], "<=", 1.10)
+    return targets
+
+
+def run_benchmarks(
+    config: Config, *, out: Path | None = DEFAULT_OUT, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run the scenarios of ``config``; write and return the report.
+
+    Args:
+        config: What to run.
+        out: Where to write the JSON report (None: nowhere).
+        log: Progress lines go here.
+
+    Returns:
+        The report: ``meta`` (date, machine, config), ``scenarios`` and ``targets``.
+    """
+    unknown = set(config.scenarios) - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"unknown scenarios: {sorted(unknown)}")
+    report: dict[str, Any] = {
+        "meta": {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            # A list, not a tuple: the report should read back from JSON unchanged.
+            "config": {**asdict(config), "scenarios": list(config.scenarios)},
+            "loop": "uvloop" if config.uvloop else "asyncio",
+            # The SDK is re-imported by every run: edit it mid-run and runs differ.
+            "revision": _git_revision(),
+        },
+        "scenarios": {},
+    }
+    for name in config.scenarios:
+        log(f"scenario {name}")
+        report["scenarios"][name] = _RUNNERS[name](config, log)
+    report["targets"] = _targets(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Render the report as markdown tables: one row per scenario and variant."""
+    lines = [
+        "| scenario | variant | N | msg/s | CPU µs/msg | p50 ms | p99 ms | peak RSS MB | sent |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(scenario: str, label: str, m: dict[str, Any]) -> None:
+        lines.append(
+            f"| {scenario} | {label} | {_fmt(m['n'])} | {_fmt(m['msgs_per_s'])} "
+            f"| {_fmt(m['cpu_us_per_msg'])} | {_fmt(m['p50_ms'], 1)} | {_fmt(m['p99_ms'], 1)} "
+            f"| {_fmt(m['peak_rss_mb'], 1)} | {_fmt(m['sent'])}/{_fmt(m['n'])} |"
+        )
+
+    scenarios = report["scenarios"]
+    for name in ("throughput", "latency"):
+        if name in scenarios:
+            title = f"{name} (C={scenarios[name]['concurrency']})"
+            for variant, data in scenarios[name]["variants"].items():
+                row(title, _LABELS.get(variant, variant), data["median"])
+    if "memory" in scenarios:
+        for label, data in scenarios["memory"]["runs"].items():
+            row(f"memory ({label})", _LABELS["sdk_stream"], data)
+    if "faults" in scenarios:
+        for variant, data in scenarios["faults"]["variants"].items():
+            row(f"faults: {variant}", _LABELS["sdk_zero_backoff"], data["median"])
+
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    for name in ("throughput", "latency"):
+        if name in scenarios:
+            for key, value in scenarios[name]["ratios"].items():
+                lines.append(f"| {name}: {key} | {_fmt(value, 2)} |")
+    if "latency" in scenarios:
+        lines.append(
+            f"| latency: SDK share of ideal {_fmt(scenarios['latency']['ideal_msgs_per_s'])} "
+            f"msg/s | {_fmt(scenarios['latency']['sdk_share_of_ideal'], 2)} |"
+        )
+    if "memory" in scenarios:
+        lines.append(
+            f"| memory: peak RSS large / small | "
+            f"{_fmt(scenarios['memory']['peak_rss_large_over_small'], 3)} |"
+        )
+    if "faults" in scenarios:
+        lines.append(
+            f"| faults: throughput with faults / clean | "
+            f"{_fmt(scenarios['faults']['throughput_faults_over_clean'], 2)} |"
+        )
+    if report.get("targets"):
+        lines += ["", "| target | value | limit | pass |", "|---|---:|---:|---|"]
+        for target in report["targets"]:
+            verdict = {True: "PASS", False: "FAIL", None: "n/a"}[target["pass"]]
+            lines.append(
+                f"| {target['target']} | {_fmt(target['value'], 2)} "
+                f"| {target['op']} {target['limit']:g} | {verdict} |"
+            )
+    return "\n".join(lines)
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Benchmark botmsg-async against raw clients."
+    )
+    parser.add_argument("--quick", action="store_true", help="every N ten times smaller")
+    parser.add_argument("--reps", type=int, default=3, help="runs per variant")
+    parser.add_argument(
+        "--server",
+        choices=("auto", "nginx", "aiohttp"),
+        default="auto",
+        help="fast server: nginx if installed (auto), or the aiohttp fallback",
+    )
+    parser.add_argument("--uvloop", action="store_true", help="run the clients on uvloop")
+    parser.add_argument("--no-httpx", action="store_true", help="leave the httpx variant out")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})"
+    )
+    args = parser.parse_args(argv)
+    config = Config(
+        reps=args.reps,
+        server=args.server,
+        uvloop=args.uvloop,
+        httpx=not args.no_httpx,
+        scenarios=tuple(args.scenario or SCENARIOS),
+    )
+    return (config.quick() if args.quick else config), args.out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    config, out = _parse_args(argv)
+    if config.uvloop:
+        import uvloop  # noqa: F401 - fail now, not in the first child, when it is missing
+    if config.httpx:
+        try:
+            import httpx  # noqa: F401
+        except ImportError:
+            print("httpx is not installed: leaving the httpx variant out", file=sys.stderr)
+            config = evolve(config, httpx=False)
+    report = run_benchmarks(config, out=out, log=lambda line: print(line, flush=True))
+    print()
+    print(render_markdown(report))
+    if out is not None:
+        print(f"\nJSON report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
