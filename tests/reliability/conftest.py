@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 
+from _pytest.terminal import TerminalReporter
+
 
 class RefusingProxy:
     """Forwards 127.0.0.1:port to a target port, and can stop listening for a while.
@@ -73,3 +75,12 @@ class RefusingProxy:
         finally:
             with contextlib.suppress(Exception):
                 sink.close()
+
+
+def pytest_terminal_summary(terminalreporter: TerminalReporter) -> None:
+    """Print the soak's figures at the end of every run: the README quotes them."""
+    from . import test_soak
+
+    for name, figures in test_soak.FIGURES.items():
+        shown = {k: (str(v) if isinstance(v, dict) else v) for k, v in figures.items()}
+        terminalreporter.write_line(f"reliability soak ({name}): {shown}")

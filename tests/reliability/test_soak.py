@@ -46,7 +46,7 @@ MIX = {
 }
 #: Faults after which the client cannot know whether the message went through.
 AMBIGUOUS = {Fault.DROP_AFTER, Fault.DROP_BEFORE, Fault.HTTP_502, Fault.MALFORMED}
-FIGURES: dict[str, object] = {}
+FIGURES: dict[str, dict[str, object]] = {}
 
 
 def assign_faults(seed: int) -> dict[str, Fault]:
@@ -160,14 +160,20 @@ async def test_soak_default_policy_no_duplicates_nothing_lost() -> None:
     FIGURES["default"] = {
         "messages": MESSAGES,
         "faulted": len(faults),
-        "faults_injected": dict(server.faults_injected),
+        "faults_injected": {
+            f.value: n
+            for f, n in sorted(server.faults_injected.items(), key=lambda kv: kv[0].value)
+        },
         "refusal_bursts": proxy.refusals,
         "sent": report.sent,
         "failed": report.failed,
         "unknown": report.unknown,
         "retries": report.retries,
         "duplicates": server.duplicates,
-        "lost": 0,
+        # Silently lost: reported SENT but never received, or missing from the report.
+        "lost": sum(1 for u, r in by_user.items() if r.outcome is Outcome.SENT and not received[u])
+        + MESSAGES
+        - report.total,
     }
 
 
