@@ -180,7 +180,7 @@ async def test_soak_default_policy_no_duplicates_nothing_lost() -> None:
 @pytest.mark.slow
 async def test_soak_retry_ambiguous_delivers_exactly_once() -> None:
     """With retry_ambiguous=True and a deduplicating server, every message arrives once."""
-    report, server, faults, _ = await run_soak(RetryPolicy(retry_ambiguous=True), seed=11)
+    report, server, faults, proxy = await run_soak(RetryPolicy(retry_ambiguous=True), seed=11)
     received = Counter(m.user_uuid for m in server.messages)
     permanent = {u for u, f in faults.items() if f is Fault.PERMANENT_FAILURE}
 
@@ -192,6 +192,12 @@ async def test_soak_retry_ambiguous_delivers_exactly_once() -> None:
     injected = server.faults_injected
     assert server.duplicates == injected[Fault.DROP_AFTER] + injected[Fault.MALFORMED] > 0
     FIGURES["exactly_once"] = {
+        "messages": MESSAGES,
+        "faulted": len(faults),
+        "faults_injected": {
+            f.value: n for f, n in sorted(injected.items(), key=lambda kv: kv[0].value)
+        },
+        "refusal_bursts": proxy.refusals,
         "sent": report.sent,
         "failed": report.failed,
         "deduplicated_by_server": server.duplicates,
