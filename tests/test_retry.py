@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aioresponses import aioresponses
@@ -17,6 +19,7 @@ from botmsg_async import (
     APIStatusError,
     AuthenticationError,
     BotMessageClient,
+    BotMessageError,
     DeliveryUnknownError,
     InvalidResponseError,
     RateLimitedError,
@@ -435,8 +438,6 @@ def test_policy_validates_fields() -> None:
 
 async def test_mocked_retry_then_success(mock_http: aioresponses, sleeps: Sleeps) -> None:
     """The retry loop also works over the mocked transport (one 503, then SUCCESS)."""
-    import re
-
     url = re.compile(r"^https://api\.example\.com/.*$")
     mock_http.post(url, status=503, body="down")
     mock_http.post(url, payload={"status": "SUCCESS", "messageUuid": "m"})
@@ -485,3 +486,54 @@ async def test_first_failure_is_replayed_into_the_retry_engine(
     assert len(server.seen) == 3
     assert [e.attempt for e in events] == [1, 2]
     assert len(sleeps.waits) == 2
+
+
+MOCK_URL = re.compile(r"^https://api\.example\.com/.*$")
+REFUSED = aiohttp.ClientConnectorError(
+    connection_key=None,  # type: ignore[arg-type]  # only str() reads it
+    os_error=ConnectionRefusedError(111, "refused"),
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "retried"),
+    [
+        ({"exception": REFUSED}, True),
+        ({"exception": aiohttp.ConnectionTimeoutError("connect")}, True),
+        ({"status": 429, "body": "slow"}, True),
+        ({"status": 503, "body": "down"}, True),
+        (
+            {
+                "payload": {
+                    "status": "FAILURE",
+                    "errors": [{"errorCode": "E", "errorDescription": "timed out"}],
+                }
+            },
+            True,
+        ),
+        ({"payload": {"status": "FAILURE", "errors": [{"errorCode": "INVALID_USER"}]}}, False),
+        ({"exception": aiohttp.ServerDisconnectedError()}, False),
+        ({"exception": aiohttp.SocketTimeoutError("read")}, False),
+        ({"status": 500, "body": "x"}, False),
+        ({"status": 502, "body": "x"}, False),
+        ({"status": 504, "body": "x"}, False),
+        ({"status": 200, "body": "{not json"}, False),
+        ({"status": 401, "body": "no"}, False),
+        ({"status": 404, "body": "no"}, False),
+    ],
+)
+async def test_retry_table_on_the_mock(
+    mock_http: aioresponses, sleeps: Sleeps, first: dict[str, object], retried: bool
+) -> None:
+    """Each row of the retry table: safe failures are retried, ambiguous and final ones not."""
+    mock_http.post(MOCK_URL, **first)
+    mock_http.post(MOCK_URL, payload={"status": "SUCCESS", "messageUuid": "m"})
+    async with BotMessageClient("https://api.example.com", "u", "p", sleep=sleeps) as client:
+        if retried:
+            assert (await client.send(DEPT, USER, "hi")).attempts == 2
+        else:
+            with pytest.raises(BotMessageError) as info:
+                await client.send(DEPT, USER, "hi")
+            assert info.value.attempts == 1
+    calls = sum(len(c) for c in mock_http.requests.values())
+    assert calls == (2 if retried else 1)
