@@ -237,6 +237,7 @@ class BatchStream:
         per_department_rate_limit: float | None,
         retry: RetryPolicy | None,
         on_result: Callable[[ItemResult], object] | None,
+        on_start: Callable[[int, SendRequest], object] | None,
         on_progress: Callable[[Progress], object] | None,
         progress_interval: float,
         stop_after_consecutive_failures: int | None,
@@ -273,6 +274,7 @@ class BatchStream:
         )
         self._retry = retry
         self._on_result = on_result
+        self._on_start = on_start
         self._on_progress = on_progress
         self._progress_interval = progress_interval
         self._stop_after = stop_after_consecutive_failures
@@ -422,6 +424,8 @@ class BatchStream:
             await self._per_department.acquire(department_uuid)
         if self.stopped_by is not None:  # stopped while we waited for the limiter
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
+        if self._on_start is not None:
+            self._on_start(index, request)
         self.in_flight += 1
         try:
             result = await self._client.send(

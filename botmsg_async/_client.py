@@ -35,7 +35,7 @@ from ._errors import (
     TransportError,
     excerpt,
 )
-from ._models import MessageDefaults, SendResult, Status, TextMessage
+from ._models import MessageDefaults, SendRequest, SendResult, Status, TextMessage
 from ._retry import (
     RetryBudget,
     RetryEvent,
@@ -623,6 +623,7 @@ class BotMessageClient:
         per_department_rate_limit: float | None = None,
         retry: RetryPolicy | None = None,
         on_result: Callable[[ItemResult], object] | None = None,
+        on_start: Callable[[int, SendRequest], object] | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         progress_interval: float = 1.0,
         stop_after_consecutive_failures: int | None = None,
@@ -648,6 +649,7 @@ class BotMessageClient:
             per_department_rate_limit=per_department_rate_limit,
             retry=retry,
             on_result=on_result,
+            on_start=on_start,
             on_progress=on_progress,
             progress_interval=progress_interval,
             stop_after_consecutive_failures=stop_after_consecutive_failures,
@@ -662,6 +664,7 @@ class BotMessageClient:
         per_department_rate_limit: float | None = None,
         retry: RetryPolicy | None = None,
         on_result: Callable[[ItemResult], object] | None = None,
+        on_start: Callable[[int, SendRequest], object] | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         progress_interval: float = 1.0,
         stop_after_consecutive_failures: int | None = None,
@@ -687,6 +690,9 @@ class BotMessageClient:
             per_department_rate_limit: Most messages per second to one department.
             retry: A policy for this batch instead of the client's.
             on_result: Called with every ``ItemResult`` as it is known.
+            on_start: Called with an item's input index and request right before
+                its first attempt (after any rate-limit wait): where a journal
+                records "about to send".
             on_progress: Called about every ``progress_interval`` seconds with a
                 ``Progress`` snapshot, and once at the end.
             progress_interval: Seconds between ``on_progress`` calls.
@@ -710,6 +716,7 @@ class BotMessageClient:
             per_department_rate_limit=per_department_rate_limit,
             retry=retry,
             on_result=on_result,
+            on_start=on_start,
             on_progress=on_progress,
             progress_interval=progress_interval,
             stop_after_consecutive_failures=stop_after_consecutive_failures,

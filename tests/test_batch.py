@@ -312,3 +312,29 @@ async def test_bad_options_rejected(make_client: MakeClient, option: str, value:
     async with make_client("http://127.0.0.1:9") as client:
         with pytest.raises(InvalidRequestError, match=option):
             await client.send_many(items(3), **{option: value})  # type: ignore[arg-type]
+
+
+async def test_on_start_precedes_each_send_and_skips_skipped(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """on_start fires right before an item's first request, never for skipped or bad items."""
+    events: list[tuple[str, int]] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        events.append(("request", user_of(request)))
+        return await (answer(401, "no") if user_of(request) == 5 else ok)(request)
+
+    server.default = record
+    work: list[object] = [*items(5), "bad", *((f"d{i}", f"user-{i}", "x") for i in range(5, 40))]
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(
+            work,  # type: ignore[arg-type]
+            concurrency=1,
+            on_start=lambda index, request: events.append(("start", index)),
+        )
+    starts = [i for kind, i in events if kind == "start"]
+    assert starts == [0, 1, 2, 3, 4, 6]  # index 5 is the bad item; 7 on were skipped
+    for number, (kind, i) in enumerate(events):
+        if kind == "request":
+            assert events[number - 1][0] == "start"
+    assert report.skipped == 34  # indices 7 to 40, after the 401 at index 6
