@@ -334,7 +334,7 @@ async def test_on_start_precedes_each_send_and_skips_skipped(
         )
     starts = [i for kind, i in events if kind == "start"]
     assert starts == [0, 1, 2, 3, 4, 6]  # index 5 is the bad item; 7 on were skipped
-    for number, (kind, i) in enumerate(events):
+    for number, (kind, _) in enumerate(events):
         if kind == "request":
             assert events[number - 1][0] == "start"
     assert report.skipped == 34  # indices 7 to 40, after the 401 at index 6
