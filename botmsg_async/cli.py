@@ -888,11 +888,11 @@ class _SendMany:
         return max(count, 0)
 
     def _items(self) -> Iterator[SendRequest]:
-        """The items to send, read lazily; records each start just before its send.
+        """The items to send, read lazily, each with its idempotency key.
 
-        ``stream_many`` pulls an item only when a worker is free and sends it at
-        once, so writing the journal's start record here puts it on disk before
-        the first attempt.
+        The journal's start record is written by ``_on_start``, which
+        ``stream_many`` calls right before the first attempt (after any rate-limit
+        wait), so an item waiting for the limiter is never taken for one in flight.
         """
         state = self.state
         with self.source.open() as f:
@@ -936,13 +936,17 @@ class _SendMany:
                 # Items never tried, or certainly not delivered, get a fresh key; a
                 # deduplicating service could answer an old key with its old failure.
                 key = key or str(uuid.uuid4())
-                if self.journal is not None:
-                    self.journal.start(index, key)
                 self.pending[self.pulled] = _Pending(index, key)
                 self.pulled += 1
                 yield SendRequest(
                     parsed.department_uuid, parsed.user_uuid, parsed.message, idempotency_key=key
                 )
+
+    def _on_start(self, stream_index: int, request: SendRequest) -> None:
+        """Journal that an item is about to be sent, before its first attempt."""
+        if self.journal is not None:
+            meta = self.pending[stream_index]
+            self.journal.start(meta.index, meta.key)
 
     def _on_result(self, item: ItemResult) -> None:
         """Journal an outcome the moment it is known, before anything else."""
@@ -988,6 +992,7 @@ class _SendMany:
                     self._items(),
                     concurrency=self.args.concurrency,
                     rate_limit=self.args.rate,
+                    on_start=self._on_start,
                     on_result=self._on_result,
                     # For logs of unattended runs (--log-level INFO): a line every 10 s.
                     on_progress=_log_progress if log.isEnabledFor(logging.INFO) else None,
