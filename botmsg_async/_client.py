@@ -17,6 +17,7 @@ from urllib.parse import quote
 import aiohttp
 import tenacity
 from attrs import evolve
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import _wire
@@ -129,6 +130,16 @@ def check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
             "use https:// or pass allow_insecure_http=True",
         )
     return url.with_path(url.path.rstrip("/"))
+
+
+def _scrub(exc: BaseException) -> None:
+    """Drop the request headers (Authorization among them) from a chained aiohttp error."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        info = exc.request_info
+        exc.request_info = aiohttp.RequestInfo(
+            info.url, info.method, CIMultiDictProxy(CIMultiDict()), info.real_url
+        )
+        exc.args = (exc.request_info, exc.history)
 
 
 def _is_loopback(host: str) -> bool:
@@ -502,6 +513,7 @@ class BotMessageClient:
                 user_uuid=state.user_uuid,
             ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
+            _scrub(exc)
             raise ResponseLostError(
                 f"the request was sent but no answer came back ({exc.__class__.__name__}); "
                 "the message may or may not have been delivered",
@@ -539,6 +551,7 @@ class BotMessageClient:
             try:
                 body = await self._read_body(response)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                _scrub(exc)
                 raise ResponseLostError(
                     f"HTTP {status} but the body was cut off ({exc.__class__.__name__}); "
                     "the message may or may not have been delivered",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -91,3 +92,25 @@ async def test_path_injection_ids_rejected_before_io(identifier: str) -> None:
         with pytest.raises(InvalidRequestError):
             await client.send("d", identifier, "hi")
         assert server.requests == 0
+
+
+async def test_chained_aiohttp_errors_carry_no_authorization() -> None:
+    """A malformed answer's chained aiohttp error has no request headers left in it."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    tcp = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    try:
+        async with BotMessageClient(f"http://127.0.0.1:{port}", "bot", PASSWORD) as client:
+            with pytest.raises(BotMessageError) as info:
+                await client.send("d", "u", "hi")
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+    for secret in secrets_of("bot", PASSWORD):
+        assert all(secret not in text for text in chain(info.value))
