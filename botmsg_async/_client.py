@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._models import MessageDefaults, SendRequest, SendResult, Status, TextMessage
 from ._retry import (
+    ATTEMPT_FLOOR,
     RetryBudget,
     RetryEvent,
     RetryPolicy,
@@ -130,6 +131,25 @@ def check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
             "use https:// or pass allow_insecure_http=True",
         )
     return url.with_path(url.path.rstrip("/"))
+
+
+def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.ClientTimeout:
+    """Return ``timeout`` limited to ``total`` seconds, its connect phase ending first.
+
+    A total timeout surfaces as a bare ``TimeoutError`` whatever phase it cuts,
+    while a connect timeout is an ``aiohttp.ConnectionTimeoutError``. Ending the
+    connect phase clearly before the total (past aiohttp's rounding of timers
+    longer than ``ceil_threshold`` up to a whole second) means a bare
+    ``TimeoutError`` can only come after the connection was made: it is then
+    honest to report the delivery as unknown, and a timeout while connecting
+    as "nothing was sent".
+    """
+    connect = min(timeout.connect or total, total * 0.9)
+    if total > timeout.ceil_threshold:
+        connect = min(connect, total - 1.0)
+    if timeout.total == total and timeout.connect == connect:
+        return timeout
+    return evolve(timeout, total=total, connect=connect)
 
 
 def _scrub(exc: BaseException) -> None:
@@ -333,13 +353,12 @@ class BotMessageClient:
         if timeout is None:
             if isinstance(self._timeout, aiohttp.ClientTimeout):
                 timeout = self._timeout
-            elif self._timeout is not None:
-                timeout = aiohttp.ClientTimeout(
-                    total=self._timeout, connect=min(self._timeout, policy.connect_timeout)
-                )
+                if timeout.total is not None:
+                    timeout = bounded_timeout(timeout, timeout.total)
             else:
-                timeout = aiohttp.ClientTimeout(
-                    total=policy.attempt_timeout, connect=policy.connect_timeout
+                total = policy.attempt_timeout if self._timeout is None else self._timeout
+                timeout = bounded_timeout(
+                    aiohttp.ClientTimeout(total=total, connect=policy.connect_timeout), total
                 )
             if len(self._timeouts) >= 32:
                 self._timeouts.clear()
@@ -352,6 +371,7 @@ class BotMessageClient:
         if state.policy.retry_ambiguous and isinstance(exc, DeliveryUnknownError):
             state.maybe_delivered = True
         state.retry_after = None
+        state.last_error = exc
         log.debug(
             "retrying department=%s user=%s after attempt %d in %.3f s: %s",
             state.department_uuid,
@@ -455,9 +475,12 @@ class BotMessageClient:
         wait = self._paused_until - self._clock()
         if wait <= 0:
             return
+        # Spread the wake-ups of everyone who waited for the same instant.
+        delay = wait + self._rng.uniform(0.0, min(1.0, wait / 10))
         remaining = state.policy.deadline - (self._clock() - state.started)
-        if wait >= remaining:
-            state.retry_after = wait  # so that the retry engine stops here too
+        if delay + ATTEMPT_FLOOR >= remaining:
+            # At least the time left, so that the retry engine stops here too.
+            state.retry_after = max(wait, remaining)
             raise RateLimitedError(
                 f"the service asked to wait {wait:.1f} s, past this send's deadline; "
                 "slow down or raise RetryPolicy.deadline",
@@ -466,8 +489,7 @@ class BotMessageClient:
                 department_uuid=state.department_uuid,
                 user_uuid=state.user_uuid,
             )
-        # Spread the wake-ups of everyone who waited for the same instant.
-        await self._sleep(wait + self._rng.uniform(0.0, min(1.0, wait / 10)))
+        await self._sleep(delay)
 
     async def _attempt(self, state: SendState, session: aiohttp.ClientSession) -> SendResult:
         if state.replay is not None:
@@ -475,21 +497,22 @@ class BotMessageClient:
             # so that its predicate, wait and stop decide what happens next.
             failure, state.replay = state.replay, None
             raise failure
-        state.attempt += 1
         policy = state.policy
         if self._paused_until:
             await self._wait_for_pause(state)
+        timeout = self._default_timeout if policy is self._retry else self._timeout_for(policy)
+        remaining = policy.deadline - (self._clock() - state.started)
+        if remaining < ATTEMPT_FLOOR and state.last_error is not None:
+            # A wait ran long and left this retry no time worth trying: sending
+            # now could only turn the last failure into a false "unknown".
+            raise state.last_error
+        if timeout.total is None or remaining < timeout.total:
+            timeout = bounded_timeout(timeout, max(remaining, 0.001))
+        state.attempt += 1
         headers = self._headers.copy()
         headers[policy.idempotency_header] = state.idempotency_key
         if state.attempt > 1 and policy.retry_count_header:
             headers[policy.retry_count_header] = str(state.attempt - 1)
-        timeout = self._default_timeout if policy is self._retry else self._timeout_for(policy)
-        remaining = policy.deadline - (self._clock() - state.started)
-        if timeout.total is not None and remaining < timeout.total:
-            remaining = max(remaining, 0.001)
-            timeout = aiohttp.ClientTimeout(
-                total=remaining, connect=min(timeout.connect or remaining, remaining)
-            )
         debug = log.isEnabledFor(logging.DEBUG)
         begun = time.perf_counter() if debug else 0.0
         status = 0

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from ._models import SendResult
 
 __all__ = [
+    "ATTEMPT_FLOOR",
     "RetryBudget",
     "RetryEvent",
     "RetryPolicy",
@@ -217,6 +218,7 @@ class SendState:
         "body",
         "department_uuid",
         "idempotency_key",
+        "last_error",
         "maybe_delivered",
         "policy",
         "replay",
@@ -251,6 +253,13 @@ class SendState:
         self.maybe_delivered = False
         #: The first attempt's failure, for the retry engine to start from.
         self.replay: BaseException | None = None
+        #: The failure the retry engine is retrying, while it waits.
+        self.last_error: BaseException | None = None
+
+
+#: The least time, in seconds, worth giving an attempt: a retry that would have
+#: less before the deadline is not made (it could only end in a timeout).
+ATTEMPT_FLOOR = 0.05
 
 
 def classify_failure(exc: BaseException, policy: RetryPolicy) -> bool:
@@ -348,8 +357,8 @@ def build_retrying(
         if state.retry_after is not None and state.retry_after > policy.max_retry_after:
             return True
         elapsed = clock() - state.started
-        # Never start a wait after which no attempt could finish within the deadline.
-        if elapsed + (rs.upcoming_sleep or 0.0) >= policy.deadline:
+        # Never start a wait that leaves the next attempt too little time to finish.
+        if elapsed + (rs.upcoming_sleep or 0.0) + ATTEMPT_FLOOR >= policy.deadline:
             return True
         return budget is not None and not budget.try_withdraw()
 

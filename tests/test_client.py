@@ -264,3 +264,56 @@ async def test_stalled_answer_times_out(server: ScriptedServer, make_client: Mak
     async with make_client(server.base_url, timeout=0.2) as client:
         with pytest.raises(ResponseLostError):
             await client.send(DEPT, USER, "hello")
+
+
+class SlowResolver(aiohttp.abc.AbstractResolver):
+    """A resolver that never answers in time: a connect phase that hangs."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: int = 0
+    ) -> list[aiohttp.abc.ResolveResult]:
+        await asyncio.sleep(5)
+        raise AssertionError("the connect timeout should have fired")
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [0.2, aiohttp.ClientTimeout(total=0.2), aiohttp.ClientTimeout(total=0.2, connect=0.2)],
+    ids=["seconds", "total-only", "connect-equals-total"],
+)
+async def test_timeout_while_connecting_is_safe(
+    make_client: MakeClient, timeout: float | aiohttp.ClientTimeout
+) -> None:
+    """A timeout that cuts the connect phase says "nothing was sent", whatever the total."""
+    connector = aiohttp.TCPConnector(resolver=SlowResolver())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = make_client(
+            "http://slow.invalid",
+            session=session,
+            timeout=timeout,
+            allow_insecure_http=True,
+            retry=RetryPolicy.none(),
+        )
+        async with client:
+            with pytest.raises(TransportError) as info:
+                await client.send(DEPT, USER, "hello")
+    assert not isinstance(info.value, ResponseLostError)
+
+
+async def test_timeout_without_total_still_ends_at_deadline(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A ClientTimeout with no total is still cut at the policy's deadline."""
+    server.default = slow(3)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with make_client(
+        server.base_url, timeout=timeout, retry=RetryPolicy(deadline=0.3)
+    ) as client:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ResponseLostError):
+            await client.send(DEPT, USER, "hi")
+        assert loop.time() - start < 2.0

@@ -414,6 +414,60 @@ async def test_per_call_policy(server: ScriptedServer, make_client: MakeClient) 
     assert result.attempts == 2
 
 
+async def test_pause_never_carries_a_send_past_its_deadline(server: ScriptedServer) -> None:
+    """A send told to wait out a 429 pause either fits, jitter included, or fails unsent."""
+    clock = FakeClock()
+    policy = RetryPolicy(max_attempts=1, deadline=4.3)
+    outcomes: set[str] = set()
+    async with BotMessageClient(
+        server.base_url, "u", "p", sleep=clock.sleep, clock=clock, retry=RetryPolicy.none()
+    ) as client:
+        for _ in range(40):
+            server.script.append(answer(429, "slow", headers={"Retry-After": "4"}))
+            with pytest.raises(RateLimitedError):
+                await client.send(DEPT, USER, "pauses everyone")
+            posts, start = len(server.seen), clock.now
+            try:
+                await client.send(DEPT, USER, "waits", retry=policy)
+            except RateLimitedError as exc:
+                # Refused up front: nothing sent, no time spent.
+                assert exc.attempts == 0
+                assert len(server.seen) == posts
+                assert clock.now == start
+                outcomes.add("refused")
+            else:
+                assert clock.now - start < 4.3
+                outcomes.add("sent")
+            clock.now += 10  # let the pause lapse before the next round
+    assert outcomes == {"refused", "sent"}
+
+
+async def test_no_retry_is_squeezed_into_the_deadline_after_a_long_wait(
+    server: ScriptedServer,
+) -> None:
+    """A wait that overruns past the deadline ends the send with the last real failure."""
+    server.default = TRANSIENT
+    clock = FakeClock()
+
+    async def late_sleep(seconds: float) -> None:
+        # The loop was busy: the wait ends far later than asked.
+        await clock.sleep(seconds + 20)
+
+    async with BotMessageClient(
+        server.base_url,
+        "u",
+        "p",
+        retry=RetryPolicy(deadline=10.0),
+        sleep=late_sleep,
+        clock=clock,
+    ) as client:
+        with pytest.raises(SendFailedError) as info:
+            await client.send(DEPT, USER, "hi")
+    assert info.value.transient
+    assert info.value.attempts == 1
+    assert len(server.seen) == 1
+
+
 async def test_attempt_timeout_is_clipped_to_deadline(
     server: ScriptedServer, make_client: MakeClient
 ) -> None:
