@@ -280,12 +280,12 @@ class SlowResolver(aiohttp.abc.AbstractResolver):
 
 
 @pytest.mark.parametrize(
-    "timeout",
+    "attempt_timeout",
     [0.2, aiohttp.ClientTimeout(total=0.2), aiohttp.ClientTimeout(total=0.2, connect=0.2)],
     ids=["seconds", "total-only", "connect-equals-total"],
 )
 async def test_timeout_while_connecting_is_safe(
-    make_client: MakeClient, timeout: float | aiohttp.ClientTimeout
+    make_client: MakeClient, attempt_timeout: float | aiohttp.ClientTimeout
 ) -> None:
     """A timeout that cuts the connect phase says "nothing was sent", whatever the total."""
     connector = aiohttp.TCPConnector(resolver=SlowResolver())
@@ -293,7 +293,7 @@ async def test_timeout_while_connecting_is_safe(
         client = make_client(
             "http://slow.invalid",
             session=session,
-            timeout=timeout,
+            timeout=attempt_timeout,
             allow_insecure_http=True,
             retry=RetryPolicy.none(),
         )
