@@ -305,7 +305,14 @@ class BatchStream:
         if self._queue.empty() and self._runner.done():
             item: object = _DONE
         else:
-            item = await self._queue.get()
+            try:
+                item = await self._queue.get()
+            except asyncio.CancelledError:
+                # The consumer is being cancelled, maybe in a bare ``async for``
+                # that no ``async with`` will clean up: stop the workers now
+                # rather than let them go on sending with nobody watching.
+                self._abandon()
+                raise
         if isinstance(item, ItemResult):
             return item
         self._finished = True
@@ -336,6 +343,16 @@ class BatchStream:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+
+    def _abandon(self) -> None:
+        # The runner stays referenced: an enclosing ``async with`` still awaits it.
+        self._finished = True
+        runner = self._runner
+        if runner is not None and not runner.done():
+            runner.cancel()
+            # Nobody will await it: fetch its outcome so that asyncio does not
+            # warn about an exception that was never retrieved.
+            runner.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     @property
     def elapsed(self) -> float:
@@ -418,10 +435,8 @@ class BatchStream:
         department_uuid, user_uuid = request.department_uuid, request.user_uuid
         if self.stopped_by is not None:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
-        if self._limiter is not None:
-            await self._limiter.acquire()
-        if self._per_department is not None:
-            await self._per_department.acquire(department_uuid)
+        if self._limiter is not None or self._per_department is not None:
+            await self._admit(department_uuid)
         if self.stopped_by is not None:  # stopped while we waited for the limiter
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
         if self._on_start is not None:
@@ -444,6 +459,26 @@ class BatchStream:
         finally:
             self.in_flight -= 1
         return ItemResult(index, department_uuid, user_uuid, Outcome.SENT, result=result)
+
+    async def _admit(self, department_uuid: str) -> None:
+        """Wait for the rate limits, and for any 429 pause that began meanwhile.
+
+        A token taken before or during a pause is spent again after it: otherwise
+        every worker that got one while the service asked us to wait would send
+        at the same instant when the pause ends, far above the rate limit.
+        """
+        client = self._client
+        deadline = (self._retry or client._retry).deadline
+        while True:
+            if self._limiter is not None:
+                await self._limiter.acquire()
+            if self._per_department is not None:
+                await self._per_department.acquire(department_uuid)
+            pause = client._pause_left()
+            # A pause longer than the deadline is left to send(), which fails at once.
+            if pause <= 0 or pause >= deadline or self.stopped_by is not None:
+                return
+            await client._sleep(pause)
 
     def _record(self, item: ItemResult) -> None:
         outcome = item.outcome

@@ -471,6 +471,10 @@ class BotMessageClient:
             raise
         return result
 
+    def _pause_left(self) -> float:
+        """Seconds until the client-wide 429 pause ends (0 when there is none)."""
+        return max(0.0, self._paused_until - self._clock()) if self._paused_until else 0.0
+
     async def _wait_for_pause(self, state: SendState) -> None:
         wait = self._paused_until - self._clock()
         if wait <= 0:

@@ -291,6 +291,56 @@ async def test_break_out_of_stream_stops_workers(
     assert len(server.seen) == count < 20
 
 
+async def test_cancelled_bare_async_for_stops_workers(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """Cancelling a consumer iterating without ``async with`` still stops every worker."""
+    server.default = slow(10)
+
+    async def consume(client: BotMessageClient) -> None:
+        async for _ in client.stream_many(items(10_000), concurrency=4):
+            pass
+
+    async with make_client(server.base_url) as client:
+        before = client_tasks()
+        task = asyncio.create_task(consume(client))
+        while len(server.seen) < 4:  # noqa: ASYNC110 - polling a test server's log is enough
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(5):  # let the cancelled workers unwind
+            await asyncio.sleep(0)
+        assert client_tasks() == before
+        await asyncio.sleep(0.05)
+    assert len(server.seen) == 4
+
+
+async def test_batch_waits_out_a_429_pause_within_the_rate_limit(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """After a 429 pause the batch resumes at its rate limit, not in a burst of every worker."""
+    server.script.append(answer(429, "slow down", headers={"Retry-After": "0.5"}))
+    arrivals: list[float] = []
+
+    async def timed(request: web.Request) -> web.StreamResponse:
+        arrivals.append(time.perf_counter())
+        return await ok(request)
+
+    server.default = timed
+    # Real sleeps: the pause and aiolimiter both run on the loop's clock.
+    async with make_client(server.base_url, sleep=asyncio.sleep) as client:
+        report = await client.send_many(
+            items(30), concurrency=20, rate_limit=20, retry=RetryPolicy(backoff_initial=0)
+        )
+    assert report.sent == 30
+    # At 20/s with a burst of two, no tenth of a second may see more than a few sends;
+    # before the fix, the ten or so workers that got a token during the pause all
+    # went at once.
+    busiest = max(sum(1 for t in arrivals if a <= t < a + 0.1) for a in arrivals)
+    assert busiest <= 5, busiest
+
+
 async def test_input_errors_propagate(server: ScriptedServer, make_client: MakeClient) -> None:
     """An exception from the input iterator ends the batch with that exception."""
 
