@@ -16,7 +16,9 @@ may or may not have been delivered. A run with ``--resume`` reports such items
 as unknown and never sends them again unless told to (``--resend-unknown``, with
 the same idempotency key). ``"retry": true`` marks a failure that certainly did
 not deliver the message and may succeed later (throttling, a transient FAILURE,
-no connection): a resumed run sends those again, with a new key.
+no connection): a resumed run sends those again, with a new key. An item in
+doubt that a ``--resend-unknown`` run sends again stays in doubt unless that
+send settles it (sent, or a failure that is not ``"retry": true``).
 
 Reading the journal costs one byte per input item plus the in-doubt items, so a
 resumed run over ten million rows needs about ten megabytes; the records of
@@ -100,6 +102,8 @@ class JournalState:
         states: One state byte per item (``NEW``, ``SENT``, ...).
         in_doubt: For each item whose state is ``STARTED`` or ``UNKNOWN``: its
             idempotency key and the error recorded, if any.
+        resent: Items started again while in doubt, whose last start has no
+            outcome yet that settles the doubt.
         valid_bytes: Length of the journal up to its last complete record; a torn
             tail beyond it is cut off before new records are appended.
         has_header: Whether the journal has its first record; an empty journal
@@ -110,6 +114,7 @@ class JournalState:
         self.items = items
         self.states = bytearray(items)
         self.in_doubt: dict[int, tuple[str, str | None]] = {}
+        self.resent: set[int] = set()
         self.valid_bytes = 0
         self.has_header = False
 
@@ -202,12 +207,23 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
         key = record.get("key")
         if not isinstance(key, str):
             raise JournalError(f"{path}:{lineno}: start record without a key")
+        previous = state.in_doubt.get(index)
+        if previous is not None:
+            # Started again while in doubt: a --resend-unknown run, same key.
+            state.resent.add(index)
         state.states[index] = STARTED
-        state.in_doubt[index] = (key, None)
+        state.in_doubt[index] = (key, previous[1] if previous else None)
         return
     new = _state_of(record)
     if new is None:
         raise JournalError(f"{path}:{lineno}: unknown record")
+    if (new == SKIPPED and index in state.in_doubt) or (new == RETRY and index in state.resent):
+        # A resend of an item in doubt that settled nothing (skipped, or a failure
+        # that proves nothing about the earlier attempt): it stays in doubt, with
+        # its key, so that no later run sends it under a new one.
+        state.states[index] = UNKNOWN
+        return
+    state.resent.discard(index)
     state.states[index] = new
     if new == UNKNOWN:
         previous = state.in_doubt.get(index)

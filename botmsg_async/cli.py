@@ -704,6 +704,8 @@ class _Pending:
 
     index: int
     key: str
+    #: An earlier run may have delivered it (resent with --resend-unknown).
+    in_doubt: bool = False
 
 
 _IN_DOUBT_NOTE: Final = (
@@ -935,8 +937,9 @@ class _SendMany:
                             continue
                 # Items never tried, or certainly not delivered, get a fresh key; a
                 # deduplicating service could answer an old key with its old failure.
+                in_doubt = key is not None
                 key = key or str(uuid.uuid4())
-                self.pending[self.pulled] = _Pending(index, key)
+                self.pending[self.pulled] = _Pending(index, key, in_doubt=in_doubt)
                 self.pulled += 1
                 yield SendRequest(
                     parsed.department_uuid, parsed.user_uuid, parsed.message, idempotency_key=key
@@ -948,36 +951,53 @@ class _SendMany:
             meta = self.pending[stream_index]
             self.journal.start(meta.index, meta.key)
 
+    def _settle(self, meta: _Pending, item: ItemResult) -> tuple[str, str | None]:
+        """The outcome to record for ``item``, and why.
+
+        An item resent because an earlier run may have delivered it stays
+        unknown unless this resend settles it: SENT (a deduplicating service
+        answers the earlier delivery), or a FAILURE that would have refused the
+        earlier attempt too. A retryable failure or a skip proves nothing, and
+        recording it as such would let a later --resume send it with a new key.
+        """
+        outcome = item.outcome
+        error: str | None
+        if outcome is Outcome.SKIPPED:
+            error = f"not attempted: the batch stopped after: {self.stopped_by}"
+        else:
+            error = _describe(item.error)
+        if meta.in_doubt and (
+            outcome is Outcome.SKIPPED or (outcome is Outcome.FAILED and _may_resend(item.error))
+        ):
+            return Outcome.UNKNOWN.value, f"{_IN_DOUBT_NOTE}; this run's resend: {error}"
+        return outcome.value, error
+
     def _on_result(self, item: ItemResult) -> None:
         """Journal an outcome the moment it is known, before anything else."""
         if self.journal is None:
             return
         meta = self.pending[item.index]
-        error = item.error
+        outcome, error = self._settle(meta, item)
         self.journal.outcome(
             meta.index,
-            item.outcome.value,
+            outcome,
             key=meta.key,
             department_uuid=item.department_uuid,
             user_uuid=item.user_uuid,
             message_uuid=item.result.message_uuid if item.result is not None else None,
-            error=_describe(error),
-            retry=item.outcome is Outcome.FAILED and _may_resend(error),
+            error=None if outcome == Outcome.SKIPPED.value else error,
+            retry=outcome == Outcome.FAILED.value and _may_resend(item.error),
         )
 
     def _emit(self, item: ItemResult) -> None:
         meta = self.pending.pop(item.index)
         self.finished += 1
-        error: str | None
-        if item.outcome is Outcome.SKIPPED:
-            error = f"not attempted: the batch stopped after: {self.stopped_by}"
-        else:
-            error = _describe(item.error)
+        outcome, error = self._settle(meta, item)
         self.results.emit(
             meta.index,
             item.department_uuid,
             item.user_uuid,
-            item.outcome.value,
+            outcome,
             message_uuid=item.result.message_uuid if item.result is not None else None,
             error=error,
             key=meta.key,

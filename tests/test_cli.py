@@ -516,6 +516,36 @@ async def test_refused_credentials_stop_the_batch_and_resume_sends_the_rest(
 # -- the journal ------------------------------------------------------------------------------
 
 
+async def test_an_in_doubt_item_stays_in_doubt_until_a_resend_settles_it(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """A resend of an in-doubt item that proves nothing keeps it unknown: no later resend."""
+    source = write_csv(tmp_path / "in.csv", rows(5))
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    # Delivered, but the answer is lost: in doubt.
+    server.inject(Fault.DROP_AFTER, times=1, when=for_user("user-3"))
+    run = await botmsg("send-many", str(source), "--journal", str(journal), server=server)
+    assert run.rc == 3, run.stderr
+    assert len(server.messages) == 5
+
+    # --resend-unknown with refused credentials: the resend settles nothing.
+    wrong = cli_env(server, BOTMSG_PASSWORD="not-the-password")
+    args = ("send-many", str(source), "--journal", str(journal), "--resume", "--out", str(out))
+    run = await botmsg(*args, "--resend-unknown", server=server, env=wrong)
+    assert run.rc != 0
+    (line,) = [line for line in read_jsonl(out) if line["index"] == 3]
+    assert line["outcome"] == "unknown"
+    assert "may or may not have been delivered" in line["error"]
+
+    # A plain --resume must still report it unknown, not send it under a new key.
+    run = await botmsg(*args, server=server)
+    assert run.rc == 3, run.stderr
+    assert [m.user_uuid for m in server.messages].count("user-3") == 1
+    (line,) = [line for line in read_jsonl(out) if line["index"] == 3]
+    assert line["outcome"] == "unknown"
+
+
 async def wait_for_outcomes(journal: Path, count: int, process: asyncio.subprocess.Process) -> None:
     """Return once ``journal`` holds ``count`` outcome records (or the process ended)."""
     # Polling: the journal is a file another process appends to; nothing to await.
