@@ -339,6 +339,12 @@ class JournalWriter:
                 record["retry"] = retry
         self._write(record)
 
+    def discard(self) -> None:
+        """Delete the journal (while still holding its lock) and close it."""
+        if self._fd is not None:
+            os.unlink(self.path)
+            self.close()
+
     def close(self) -> None:
         """Flush the journal to disk and close it; a second call does nothing."""
         fd, self._fd = self._fd, None

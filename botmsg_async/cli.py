@@ -818,6 +818,9 @@ def _cmd_send_many(args: argparse.Namespace) -> int:
             try:
                 out = stack.enter_context(open(args.out, "w", encoding="utf-8"))
             except OSError as exc:
+                if journal is not None and state is None:
+                    # Nothing was sent: leave no new journal that would demand --resume.
+                    journal.discard()
                 raise UsageError(f"{args.out}: cannot write: {exc.strerror}") from None
         results = _Results(out)
         stack.callback(results.close)
@@ -1210,6 +1213,8 @@ def _cmd_fake_server(args: argparse.Namespace) -> int:
         raise UsageError("--fault-rate must be between 0 and 1")
     if args.latency < 0:
         raise UsageError("--latency must not be negative")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be between 0 and 65535")
     options: dict[str, Any] = {"latency": args.latency, "seed": args.seed}
     if args.fault_rate:
         options["fault_rate"] = args.fault_rate
@@ -1223,11 +1228,15 @@ def _cmd_fake_server(args: argparse.Namespace) -> int:
     if args.port:
         options["port"] = args.port
     server = FakeBotMessageServer(**options)
-    return _run(_serve(server), on_signal=EXIT_OK)
+    return _run(_serve(server, args.port), on_signal=EXIT_OK)
 
 
-async def _serve(server: FakeBotMessageServer) -> int:
-    async with server:
+async def _serve(server: FakeBotMessageServer, port: int) -> int:
+    try:
+        await server.start()
+    except OSError as exc:  # the port is taken, or privileged
+        raise UsageError(f"--port {port}: cannot listen on 127.0.0.1: {exc.strerror}") from None
+    try:
         print(server.base_url, flush=True)
         _err(
             f"fake service on {server.base_url}, user {server.username!r}; "
@@ -1235,11 +1244,11 @@ async def _serve(server: FakeBotMessageServer) -> int:
             f"{ENV_BASE_URL}={server.base_url} {ENV_USERNAME}={server.username} "
             f"{ENV_PASSWORD}=... botmsg send --department d-1 --user u-1 --text hi"
         )
-        try:
-            await asyncio.Event().wait()  # until a signal cancels us
-        finally:
-            received, requests = len(server.messages), server.requests
-            _err(f"stopping: {received} message(s) received in {requests} request(s)")
+        await asyncio.Event().wait()  # until a signal cancels us
+    finally:
+        received, requests = len(server.messages), server.requests
+        _err(f"stopping: {received} message(s) received in {requests} request(s)")
+        await server.close()
     return EXIT_OK  # pragma: no cover - only a signal ends the wait
 
 

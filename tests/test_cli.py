@@ -749,7 +749,38 @@ async def test_a_journal_in_use_by_another_run_is_refused(
     assert server.requests == 0
 
 
+async def test_an_unwritable_out_leaves_no_journal_behind(
+    inline: Inline, server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """A bad --out exits 2 before sending and leaves no journal demanding --resume."""
+    source = write_csv(tmp_path / "in.csv", rows(3))
+    journal = tmp_path / "journal"
+    args = ("send-many", str(source), "--journal", str(journal), "--out")
+    run = inline(*args, str(tmp_path), server=server)  # a directory
+    assert run.rc == 2
+    assert "cannot write" in run.stderr
+    assert not journal.exists()
+    assert (await botmsg(*args, str(tmp_path / "out.jsonl"), server=server)).rc == 0
+    assert len(server.messages) == 3
+
+
 # -- fake-server and demo ------------------------------------------------------------------
+
+
+def test_fake_server_refuses_an_impossible_port(inline: Inline) -> None:
+    """An out-of-range --port is a usage error (exit 2), not a traceback."""
+    run = inline("fake-server", "--port", "70000", server=None)
+    assert run.rc == 2
+    assert "--port 70000" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+async def test_fake_server_on_a_taken_port_is_a_usage_error(server: FakeBotMessageServer) -> None:
+    """A --port already in use exits 2 with the reason, not a traceback."""
+    run = await botmsg("fake-server", "--port", str(server.port), server=None)
+    assert run.rc == 2
+    assert "cannot listen" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 async def test_fake_server_prints_its_url_serves_and_stops_on_sigterm() -> None:
