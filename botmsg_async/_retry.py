@@ -54,11 +54,19 @@ __all__ = [
 ]
 
 # The words that make a FAILURE's error look transient, matched case-insensitively
-# in each error's code and description. "retry" alone is not among them: "do not
-# retry" is a common permanent answer.
+# in each error's code and description, each from the start of a word ("_" counts
+# as a separator, for codes like SERVER_BUSY; "business" is not "busy"). "retry"
+# alone is not among them: "do not retry" is a common permanent answer.
 TRANSIENT_PATTERN = re.compile(
-    r"time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
-    r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|busy|overload",
+    r"(?<![a-z])(?:time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
+    r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|busy(?![a-z])|overload)",
+    re.IGNORECASE,
+)
+# Words that make an error final even when it also sounds temporary:
+# "permanently unavailable", "user not found, try again with another id".
+PERMANENT_PATTERN = re.compile(
+    r"(?<![a-z])(?:permanent|never|not[ _-]?found|do[ _-]?not[ _-]?retry|don'?t[ _-]?retry"
+    r"|invalid|forbidden|blocked|disabled|deleted)",
     re.IGNORECASE,
 )
 
@@ -119,8 +127,10 @@ class RetryPolicy:
         Transient when every error is: its code is in ``transient_error_codes``,
         or its code or description matches ``TRANSIENT_PATTERN`` (timeouts,
         temporary unavailability, try again, throttling, rate limits, busy or
-        overloaded). Any code in ``permanent_error_codes``, any other error, or no
-        error at all makes the failure final. ``is_transient`` overrides all this.
+        overloaded) and not ``PERMANENT_PATTERN`` (permanent, never, not found,
+        do not retry, invalid, forbidden, blocked, disabled, deleted). Any code in
+        ``permanent_error_codes``, any other error, or no error at all makes the
+        failure final. ``is_transient`` overrides all this.
         """
         if self.is_transient is not None:
             return self.is_transient(result)
@@ -133,7 +143,7 @@ class RetryPolicy:
             if code in self.transient_error_codes:
                 continue
             text = f"{code} {error.description or ''}"
-            if TRANSIENT_PATTERN.search(text) is None:
+            if TRANSIENT_PATTERN.search(text) is None or PERMANENT_PATTERN.search(text):
                 return False
         return True
 

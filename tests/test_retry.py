@@ -64,6 +64,11 @@ def failed(*errors: tuple[str, str]) -> SendResult:
         ([("INVALID_USER", "User does not exist")], False),
         ([("E8", "do not retry")], False),
         ([("E1", "timeout"), ("BAD", "invalid body")], False),
+        ([("SERVER_BUSY", "")], True),
+        ([("E9", "Business rule violated")], False),
+        ([("E10", "Service permanently unavailable")], False),
+        ([("E11", "User not found, try again with another id")], False),
+        ([("E12", "Recipient blocked the bot; do not retry")], False),
         ([], False),
     ],
 )
