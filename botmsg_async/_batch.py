@@ -224,7 +224,9 @@ class BatchStream:
 
     Also an async context manager: leaving the ``async with`` block (or
     ``aclose()``) stops the workers and cancels in-flight sends. Iterating to
-    the end cleans up too.
+    the end cleans up too. Outside ``async with``, a cancelled read stops the
+    workers as well (it may be the consumer's end), and a later read raises
+    ``RuntimeError``.
     """
 
     def __init__(
@@ -283,6 +285,8 @@ class BatchStream:
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
+        self._managed = False
+        self._abandoned = False
         self._started = 0.0
         self.stopped_by: BotMessageError | None = None
         self.sent = self.failed = self.unknown = self.skipped = 0
@@ -296,6 +300,11 @@ class BatchStream:
         return self
 
     async def __anext__(self) -> ItemResult:
+        if self._abandoned:
+            raise RuntimeError(
+                "this stream stopped when a read of it was cancelled outside `async with`; "
+                "use `async with client.stream_many(...) as stream:` to keep reading after one"
+            )
         if self._finished:
             raise StopAsyncIteration
         if self._runner is None:
@@ -308,10 +317,13 @@ class BatchStream:
             try:
                 item = await self._queue.get()
             except asyncio.CancelledError:
-                # The consumer is being cancelled, maybe in a bare ``async for``
-                # that no ``async with`` will clean up: stop the workers now
-                # rather than let them go on sending with nobody watching.
-                self._abandon()
+                # Without ``async with`` this may be the last we hear of the
+                # consumer (a cancelled bare ``async for``): stop the workers now
+                # rather than let them go on sending with nobody watching. Inside
+                # ``async with``, the block's exit decides, so a timed-out read
+                # (``wait_for(anext(stream), ...)``) leaves the stream running.
+                if not self._managed:
+                    self._abandon()
                 raise
         if isinstance(item, ItemResult):
             return item
@@ -320,6 +332,7 @@ class BatchStream:
         raise StopAsyncIteration
 
     async def __aenter__(self) -> Self:
+        self._managed = True
         return self
 
     async def __aexit__(
@@ -345,8 +358,7 @@ class BatchStream:
                     raise
 
     def _abandon(self) -> None:
-        # The runner stays referenced: an enclosing ``async with`` still awaits it.
-        self._finished = True
+        self._abandoned = self._finished = True
         runner = self._runner
         if runner is not None and not runner.done():
             runner.cancel()
@@ -478,7 +490,8 @@ class BatchStream:
             # A pause longer than the deadline is left to send(), which fails at once.
             if pause <= 0 or pause >= deadline or self.stopped_by is not None:
                 return
-            await client._sleep(pause)
+            # Spread the wake-ups, as a send waiting for the pause would.
+            await client._sleep(pause + client._rng.uniform(0.0, min(1.0, pause / 10)))
 
     def _record(self, item: ItemResult) -> None:
         outcome = item.outcome
