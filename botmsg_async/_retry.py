@@ -54,19 +54,21 @@ __all__ = [
 ]
 
 # The words that make a FAILURE's error look transient, matched case-insensitively
-# in each error's code and description, each from the start of a word ("_" counts
-# as a separator, for codes like SERVER_BUSY; "business" is not "busy"). "retry"
-# alone is not among them: "do not retry" is a common permanent answer.
+# anywhere in each error's code and description, so that ServiceUnavailable,
+# GATEWAY_TIMEOUT, ETIMEDOUT and "please retry again" all count. Only "busy" is
+# short enough to hide in other words: it must start a word, or a CamelCase part
+# (SERVER_BUSY, ServerBusy; not "business"). "retry" alone is not among them: "do
+# not retry" is a common permanent answer.
 TRANSIENT_PATTERN = re.compile(
-    r"(?<![a-z])(?:time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
-    r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|busy(?![a-z])|overload)",
-    re.IGNORECASE,
+    r"(?i:time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
+    r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|overload)"
+    r"|(?:(?<![A-Za-z])|(?<=[a-z])(?=B))(?i:busy)(?![a-z])"
 )
 # Words that make an error final even when it also sounds temporary:
 # "permanently unavailable", "user not found, try again with another id".
 PERMANENT_PATTERN = re.compile(
-    r"(?<![a-z])(?:permanent|never|not[ _-]?found|do[ _-]?not[ _-]?retry|don'?t[ _-]?retry"
-    r"|invalid|forbidden|blocked|disabled|deleted)",
+    r"permanent|not[ _-]?found|do[ _-]?not[ _-]?retry|don'?t[ _-]?retry"
+    r"|invalid|forbidden|blocked|disabled|deleted",
     re.IGNORECASE,
 )
 
@@ -127,7 +129,7 @@ class RetryPolicy:
         Transient when every error is: its code is in ``transient_error_codes``,
         or its code or description matches ``TRANSIENT_PATTERN`` (timeouts,
         temporary unavailability, try again, throttling, rate limits, busy or
-        overloaded) and not ``PERMANENT_PATTERN`` (permanent, never, not found,
+        overloaded) and not ``PERMANENT_PATTERN`` (permanent, not found,
         do not retry, invalid, forbidden, blocked, disabled, deleted). Any code in
         ``permanent_error_codes``, any other error, or no error at all makes the
         failure final. ``is_transient`` overrides all this.
