@@ -138,18 +138,23 @@ def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.Cli
 
     A total timeout surfaces as a bare ``TimeoutError`` whatever phase it cuts,
     while a connect timeout is an ``aiohttp.ConnectionTimeoutError``. Ending the
-    connect phase clearly before the total (past aiohttp's rounding of timers
-    longer than ``ceil_threshold`` up to a whole second) means a bare
-    ``TimeoutError`` can only come after the connection was made: it is then
-    honest to report the delivery as unknown, and a timeout while connecting
-    as "nothing was sent".
+    connect phase clearly before the total means a bare ``TimeoutError`` can
+    only come after the connection was made: it is then honest to report the
+    delivery as unknown, and a timeout while connecting as "nothing was sent".
+    aiohttp rounds timers of ``ceil_threshold`` seconds or more up to a whole
+    second, which could let an attempt run up to a second past its deadline or
+    the connect timer fire after the total: the threshold is raised above the
+    total, so that neither is rounded.
     """
     connect = min(timeout.connect or total, total * 0.9)
-    if total > timeout.ceil_threshold:
-        connect = min(connect, total - 1.0)
-    if timeout.total == total and timeout.connect == connect:
+    ceil_threshold = max(timeout.ceil_threshold, total + 1.0)
+    if (
+        timeout.total == total
+        and timeout.connect == connect
+        and timeout.ceil_threshold == ceil_threshold
+    ):
         return timeout
-    return evolve(timeout, total=total, connect=connect)
+    return evolve(timeout, total=total, connect=connect, ceil_threshold=ceil_threshold)
 
 
 def _scrub(exc: BaseException) -> None:

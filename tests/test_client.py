@@ -23,6 +23,7 @@ from botmsg_async import (
     TextMessage,
     TransportError,
 )
+from botmsg_async._client import bounded_timeout
 
 from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, slow
 
@@ -317,3 +318,23 @@ async def test_timeout_without_total_still_ends_at_deadline(
         with pytest.raises(ResponseLostError):
             await client.send(DEPT, USER, "hi")
         assert loop.time() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        aiohttp.ClientTimeout(total=10, connect=5),
+        aiohttp.ClientTimeout(total=6, connect=6),
+        aiohttp.ClientTimeout(total=None, connect=None),
+    ],
+    ids=["defaults", "connect-equals-total", "no-total"],
+)
+def test_bounded_timeout_ends_connect_first_and_is_never_rounded(
+    timeout: aiohttp.ClientTimeout,
+) -> None:
+    """Connect ends before the total, and aiohttp's whole-second rounding is off for both."""
+    bounded = bounded_timeout(timeout, 5.05)
+    assert bounded.total == 5.05
+    assert bounded.connect is not None
+    assert bounded.connect < bounded.total
+    assert bounded.ceil_threshold > bounded.total
