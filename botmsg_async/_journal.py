@@ -277,8 +277,15 @@ class JournalWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self._fd: int | None = os.open(path, flags, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd: int | None = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            #: Whether this writer created the file (``discard`` removes only such).
+            self.created = True
+        except FileExistsError:
+            self._fd = os.open(path, flags)
+            self.created = False
+        self._initial_size = os.fstat(self._fd).st_size
         try:
             _lock(self._fd, path)
         except BaseException:
@@ -340,9 +347,14 @@ class JournalWriter:
         self._write(record)
 
     def discard(self) -> None:
-        """Delete the journal (while still holding its lock) and close it."""
+        """Undo this writer's work and close: delete the file it created, or cut
+        the file it found back to its length then."""
         if self._fd is not None:
-            os.unlink(self.path)
+            # Still locked: no other run can be using it.
+            if self.created:
+                os.unlink(self.path)
+            else:
+                os.ftruncate(self._fd, self._initial_size)
             self.close()
 
     def close(self) -> None:

@@ -959,9 +959,12 @@ class _SendMany:
 
         An item resent because an earlier run may have delivered it stays
         unknown unless this resend settles it: SENT (a deduplicating service
-        answers the earlier delivery), or a FAILURE that would have refused the
-        earlier attempt too. A retryable failure or a skip proves nothing, and
-        recording it as such would let a later --resume send it with a new key.
+        answers the earlier delivery), or a final FAILURE answer (the service
+        processed the message and refused it, as it would have the first time).
+        Anything else proves nothing about the earlier attempt: a retryable
+        failure, a skip, an HTTP error (a 409 may well mean "key already used",
+        a 404 a wrong --base-url this time). Recording it as failed would let a
+        later --resume send the item under a new key.
         """
         outcome = item.outcome
         error: str | None
@@ -969,9 +972,10 @@ class _SendMany:
             error = f"not attempted: the batch stopped after: {self.stopped_by}"
         else:
             error = _describe(item.error)
-        if meta.in_doubt and (
-            outcome is Outcome.SKIPPED or (outcome is Outcome.FAILED and _may_resend(item.error))
-        ):
+        settled = outcome is Outcome.SENT or (
+            isinstance(item.error, SendFailedError) and not item.error.transient
+        )
+        if meta.in_doubt and not settled and outcome is not Outcome.UNKNOWN:
             return Outcome.UNKNOWN.value, f"{_IN_DOUBT_NOTE}; this run's resend: {error}"
         return outcome.value, error
 

@@ -516,10 +516,11 @@ async def test_refused_credentials_stop_the_batch_and_resume_sends_the_rest(
 # -- the journal ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mistake", ["wrong-password", "wrong-base-url"])
 async def test_an_in_doubt_item_stays_in_doubt_until_a_resend_settles_it(
-    server: FakeBotMessageServer, tmp_path: Path
+    server: FakeBotMessageServer, tmp_path: Path, mistake: str
 ) -> None:
-    """A resend of an in-doubt item that proves nothing keeps it unknown: no later resend."""
+    """A resend of an in-doubt item that proves nothing (401, 404) keeps it unknown."""
     source = write_csv(tmp_path / "in.csv", rows(5))
     journal = tmp_path / "journal"
     out = tmp_path / "out.jsonl"
@@ -529,8 +530,11 @@ async def test_an_in_doubt_item_stays_in_doubt_until_a_resend_settles_it(
     assert run.rc == 3, run.stderr
     assert len(server.messages) == 5
 
-    # --resend-unknown with refused credentials: the resend settles nothing.
-    wrong = cli_env(server, BOTMSG_PASSWORD="not-the-password")
+    # --resend-unknown that goes wrong: the resend settles nothing.
+    if mistake == "wrong-password":
+        wrong = cli_env(server, BOTMSG_PASSWORD="not-the-password")
+    else:  # a 404: final for a fresh message, says nothing about the earlier attempt
+        wrong = cli_env(server, BOTMSG_BASE_URL=f"{server.base_url}/no-such-gateway")
     args = ("send-many", str(source), "--journal", str(journal), "--resume", "--out", str(out))
     run = await botmsg(*args, "--resend-unknown", server=server, env=wrong)
     assert run.rc != 0
