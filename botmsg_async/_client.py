@@ -569,7 +569,10 @@ class BotMessageClient:
         if length is not None:
             if length > limit:
                 return None
-            return await response.read()
+            # Content-Length counts the compressed bytes: a small gzip body can
+            # inflate to gigabytes, so only a plain one is read in one go.
+            if "Content-Encoding" not in response.headers:
+                return await response.read()
         chunks = bytearray()
         while chunk := await response.content.read(65536):
             chunks += chunk

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator
 
@@ -62,6 +63,24 @@ async def test_ten_megabyte_answer_refused_unread(server: ScriptedServer, chunke
         return response
 
     server.script.append(huge)
+    async with BotMessageClient(server.base_url, "u", "p") as client:
+        with pytest.raises(InvalidResponseError, match="over 1048576 bytes"):
+            await client.send(DEPT, USER, "hi")
+
+
+async def test_gzip_bomb_refused_past_the_cap(server: ScriptedServer) -> None:
+    """A small gzip answer that inflates to 50 MB is refused at the cap, not inflated whole."""
+    inflated = b"{" + b" " * (50 * 1024 * 1024) + b"}"
+    packed = gzip.compress(inflated, compresslevel=9)
+    assert len(packed) < 100 * 1024
+
+    async def bomb(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=packed,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    server.script.append(bomb)
     async with BotMessageClient(server.base_url, "u", "p") as client:
         with pytest.raises(InvalidResponseError, match="over 1048576 bytes"):
             await client.send(DEPT, USER, "hi")
