@@ -211,5 +211,12 @@ async def test_soak_retry_ambiguous_delivers_exactly_once() -> None:
         "refusal_bursts": proxy.refusals,
         "sent": report.sent,
         "failed": report.failed,
+        "unknown": report.unknown,
         "deduplicated_by_server": server.duplicates,
+        "received_twice": sum(1 for n in received.values() if n > 1),
+        "lost": sum(
+            1 for r in report.results if r.outcome is Outcome.SENT and not received[r.user_uuid]
+        )
+        + MESSAGES
+        - report.total,
     }
