@@ -461,8 +461,9 @@ def _make_row(
                 department_uuid,
                 user_uuid,
             )
-        # A row's own non-empty value wins; an empty cell takes the flag's value.
-        optional[name] = value or getattr(defaults, name)
+        # A flag applies to every row ("--text sends one text to every row");
+        # without it, each row's own value.
+        optional[name] = getattr(defaults, name) or value
     text = optional["text"]
     if text is None or not text.strip():
         return BadRow(
@@ -1327,27 +1328,26 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         bar = _Bar(len(items), "demo")
         counts = dict.fromkeys(Outcome, 0)
-        started = time.perf_counter()
-        async with (
-            BotMessageClient(
-                server.base_url, server.username, server.password, retry=policy, retry_budget=budget
-            ) as client,
-            client.stream_many(items, concurrency=args.concurrency) as stream,
-        ):
-            async for item in stream:
-                counts[item.outcome] += 1
-                bar.update(counts[Outcome.FAILED], counts[Outcome.UNKNOWN])
-            retries = stream.retries
-        elapsed = time.perf_counter() - started
+
+        def on_result(item: ItemResult) -> None:
+            counts[item.outcome] += 1
+            bar.update(counts[Outcome.FAILED], counts[Outcome.UNKNOWN])
+
+        async with BotMessageClient(
+            server.base_url, server.username, server.password, retry=policy, retry_budget=budget
+        ) as client:
+            batch = await client.send_many(
+                items, concurrency=args.concurrency, on_result=on_result, keep="failures"
+            )
         bar.close()
         report: dict[str, object] = {
-            "sent": counts[Outcome.SENT],
-            "failed": counts[Outcome.FAILED],
-            "unknown": counts[Outcome.UNKNOWN],
-            "skipped": counts[Outcome.SKIPPED],
-            "retries": retries,
-            "seconds": round(elapsed, 2),
-            "messages_per_second": round(len(items) / elapsed, 1) if elapsed else None,
+            "sent": batch.sent,
+            "failed": batch.failed,
+            "unknown": batch.unknown,
+            "skipped": batch.skipped,
+            "retries": batch.retries,
+            "seconds": round(batch.elapsed, 2),
+            "messages_per_second": round(batch.messages_per_second, 1),
             "server_received": len(server.messages),
             "server_requests": server.requests,
             "server_duplicates": server.duplicates,
@@ -1356,20 +1356,22 @@ async def _demo(args: argparse.Namespace) -> int:
         faults_injected = dict(server.faults_injected)
     faults_seen = ", ".join(f"{n} {f.value}" for f, n in faults_injected.items())
     print(
-        f"sent      {report['sent']}\n"
-        f"failed    {report['failed']}\n"
-        f"unknown   {report['unknown']}\n"
-        f"retries   {retries}\n"
-        f"time      {elapsed:.2f} s, {report['messages_per_second']} messages/s\n"
+        f"sent      {batch.sent}\n"
+        f"failed    {batch.failed}\n"
+        f"unknown   {batch.unknown}\n"
+        f"retries   {batch.retries}\n"
+        f"time      {batch.elapsed:.2f} s, {report['messages_per_second']} messages/s\n"
         f"service   received {report['server_received']} messages in "
         f"{report['server_requests']} requests; duplicates: {report['server_duplicates']}\n"
         f"faults    {faults_seen or 'none'}\n"
         "report as JSON:"
     )
     print(_dumps(report), flush=True)
-    if counts[Outcome.UNKNOWN]:
+    for item in batch.results[:MAX_LISTED_FAILURES]:
+        _err(f"item {item.index} (user={item.user_uuid}): {item.outcome.value}: {item.error}")
+    if batch.unknown:
         return EXIT_UNKNOWN
-    return EXIT_OK if counts[Outcome.SENT] == len(items) else EXIT_FAILED
+    return EXIT_OK if batch.sent == len(items) else EXIT_FAILED
 
 
 # -- the parser ------------------------------------------------------------------------------
@@ -1467,7 +1469,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument(
         "--format", choices=["csv", "jsonl"], help="default: by extension, else sniffed"
     )
-    many.add_argument("--text", "-t", help="text for rows whose text is missing or empty")
+    many.add_argument("--text", "-t", help="one text for every row (instead of a text column)")
     many.add_argument("--concurrency", "-c", type=_positive_int, default=32, help="default: 32")
     many.add_argument("--rate", type=float, help="most messages per second (default: no limit)")
     many.add_argument("--out", "-o", metavar="FILE", help="one JSON line per item; - for stdout")

@@ -346,10 +346,10 @@ async def test_send_many_from_csv_sends_every_row_and_writes_out(
     assert "30 sent" in run.stderr
 
 
-async def test_send_many_from_jsonl_applies_defaults_where_rows_have_none(
+async def test_send_many_text_flag_sends_one_text_to_every_row(
     server: FakeBotMessageServer, tmp_path: Path
 ) -> None:
-    """--text/--subject fill only rows without their own value; JSONL nulls count as none."""
+    """--text/--subject apply to every row, own values or not; JSONL nulls count as none."""
     source = write_jsonl(
         tmp_path / "in.jsonl",
         [
@@ -359,11 +359,28 @@ async def test_send_many_from_jsonl_applies_defaults_where_rows_have_none(
         ],
     )
     run = await botmsg(
-        "send-many", str(source), "--text", "default", "--subject", "S", server=server
+        "send-many", str(source), "--text", "for all", "--subject", "S", server=server
     )
     assert run.rc == 0, run.stderr
     got = {m.user_uuid: (m.message.body, m.message.subject) for m in server.messages}
-    assert got == {"u1": ("own", "own subject"), "u2": ("default", "S"), "u3": ("default", "S")}
+    assert got == {"u1": ("for all", "S"), "u2": ("for all", "S"), "u3": ("for all", "S")}
+
+
+async def test_send_many_rows_keep_their_own_values_without_flags(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """Without --text, each row sends its own text and subject."""
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"department_uuid": "d", "user_uuid": "u1", "text": "one", "subject": "S1"},
+            {"department_uuid": "d", "user_uuid": "u2", "text": "two", "subject": None},
+        ],
+    )
+    run = await botmsg("send-many", str(source), server=server)
+    assert run.rc == 0, run.stderr
+    got = {m.user_uuid: (m.message.body, m.message.subject) for m in server.messages}
+    assert got == {"u1": ("one", "S1"), "u2": ("two", None)}
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
