@@ -1534,8 +1534,8 @@ def build_parser() -> argparse.ArgumentParser:
 _SEND_MANY_HELP: Final = """\
 Send the messages of a CSV file (with a header) or a JSON-lines file, with
 the fields department_uuid, user_uuid and optionally text, subject, sender_name.
-A row's own non-empty text, subject or sender_name wins over --text, --subject
-and --sender-name, which fill in where the row has none.
+--text, --subject and --sender-name apply to every row, in place of the row's
+own value; without them, each row's own value is used.
 
 The whole input is checked before anything is sent: any invalid row is listed
 with its line number and nothing is sent (exit 2), unless --skip-invalid.
