@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeAlias
+from uuid import UUID
 
 from attrs import define
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchReport", "BatchStream", "ItemResult", "Items", "Outcome", "Progress", "collect"]
 
-ItemLike: TypeAlias = SendRequest | tuple[str, str, str | TextMessage]
+ItemLike: TypeAlias = SendRequest | tuple[str | UUID, str | UUID, str | TextMessage]
 Items: TypeAlias = Iterable[ItemLike] | AsyncIterable[ItemLike]
 
 
@@ -445,6 +446,11 @@ class BatchStream:
         except InvalidRequestError as exc:
             return ItemResult(index, "", "", Outcome.FAILED, error=exc)
         department_uuid, user_uuid = request.department_uuid, request.user_uuid
+        # uuid.UUID ids (send() takes them too) are reported as text.
+        if isinstance(department_uuid, UUID):
+            department_uuid = str(department_uuid)
+        if isinstance(user_uuid, UUID):
+            user_uuid = str(user_uuid)
         if self.stopped_by is not None:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
         if self._limiter is not None or self._per_department is not None:

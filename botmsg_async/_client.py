@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
 from urllib.parse import quote
+from uuid import UUID
 
 import aiohttp
 import tenacity
@@ -193,7 +194,8 @@ class BotMessageClient:
         max_connections: Size of the connection pool; None (default) leaves the
             pool uncapped so that ``send_many(concurrency=...)`` is the only cap.
         retry: The retry policy for every send (default ``RetryPolicy()``).
-        retry_budget: The client-wide retry allowance; None disables the budget.
+        retry_budget: The client-wide retry allowance; None (the default) gives the
+            client a ``RetryBudget()`` of its own.
         user_agent: Sent as ``User-Agent``.
         session: A session of your own. The client uses it and never closes it.
         allow_insecure_http: Permit ``http://`` to a host that is not loopback.
@@ -392,8 +394,8 @@ class BotMessageClient:
 
     async def send(
         self,
-        department_uuid: str,
-        user_uuid: str,
+        department_uuid: str | UUID,
+        user_uuid: str | UUID,
         message: str | TextMessage,
         *,
         retry: RetryPolicy | None = None,
@@ -402,8 +404,8 @@ class BotMessageClient:
         """Send one bot message to one user of one department.
 
         Args:
-            department_uuid: The department's id.
-            user_uuid: The user's id.
+            department_uuid: The department's id (a ``str``, or a ``uuid.UUID``).
+            user_uuid: The user's id (a ``str``, or a ``uuid.UUID``).
             message: The text, or a ``TextMessage`` for subject, sender and the rest.
             retry: A policy for this send only, instead of the client's.
             idempotency_key: The key every attempt carries (default: a new UUID4).
@@ -423,6 +425,10 @@ class BotMessageClient:
             APIStatusError: any other HTTP error.
             ClientClosedError: the client was closed.
         """
+        if isinstance(department_uuid, UUID):
+            department_uuid = str(department_uuid)
+        if isinstance(user_uuid, UUID):
+            user_uuid = str(user_uuid)
         dept = check_id("department_uuid", department_uuid)
         user = check_id("user_uuid", user_uuid)
         text = check_message(message, self._defaults)

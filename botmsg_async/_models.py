@@ -7,6 +7,7 @@ Plain frozen attrs classes in snake_case. They know nothing of the wire format
 from __future__ import annotations
 
 import enum
+from uuid import UUID
 
 from attrs import define, field
 
@@ -89,15 +90,15 @@ class SendRequest:
     """One item of a bulk send: a message for one user of one department.
 
     Attributes:
-        department_uuid: The department's id.
-        user_uuid: The user's id.
+        department_uuid: The department's id (a ``str``, or a ``uuid.UUID``).
+        user_uuid: The user's id (a ``str``, or a ``uuid.UUID``).
         message: The text, or a ``TextMessage``.
         idempotency_key: The key its attempts carry (default: a new UUID4). Give
             the key of an earlier try only to resend that same message.
     """
 
-    department_uuid: str
-    user_uuid: str
+    department_uuid: str | UUID
+    user_uuid: str | UUID
     message: str | TextMessage
     idempotency_key: str | None = field(default=None, kw_only=True)
 

@@ -57,10 +57,12 @@ __all__ = [
 # anywhere in each error's code and description, so that ServiceUnavailable,
 # GATEWAY_TIMEOUT, ETIMEDOUT and "please retry again" all count. Only "busy" is
 # short enough to hide in other words: it must start a word, or a CamelCase part
-# (SERVER_BUSY, ServerBusy; not "business"). "retry" alone is not among them: "do
-# not retry" is a common permanent answer.
+# (SERVER_BUSY, ServerBusy; not "business"). "retry" alone is not among them, only
+# "retry later / after / in" and "try later": "do not retry" is a common permanent
+# answer (and PERMANENT_PATTERN keeps it final even next to "retry later").
 TRANSIENT_PATTERN = re.compile(
     r"(?i:time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
+    r"|(?:re)?try[ _-]?(?:later|after|in\b)"
     r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|overload)"
     r"|(?:(?<![A-Za-z])|(?<=[a-z])(?=B))(?i:busy)(?![a-z])"
 )

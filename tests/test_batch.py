@@ -131,16 +131,14 @@ async def test_async_iterable_input(server: ScriptedServer, make_client: MakeCli
 
 
 async def test_rate_limit_holds(server: ScriptedServer, make_client: MakeClient) -> None:
-    """rate_limit=100 never sends faster than 100 messages per second, nor far slower."""
+    """rate_limit=100 sends about 100 messages per second (within 10%) over ~2 s."""
     async with make_client(server.base_url) as client:
         start = time.perf_counter()
         report = await client.send_many(items(210), concurrency=32, rate_limit=100)
         elapsed = time.perf_counter() - start
     assert report.sent == 210
     rate = (210 - 10) / elapsed  # the first tenth of a second is the allowed burst
-    # The ceiling is the promise; the floor only catches a limiter far too strict
-    # (a loaded machine can lag, never run ahead).
-    assert 60 <= rate <= 110, rate
+    assert 90 <= rate <= 110, rate
 
 
 def test_per_department_limiters_are_evicted() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,22 @@ async def test_message_defaults_apply_to_plain_strings(
     assert b'"senderName":"Ops"' in first
     assert b'"type":"DRAFT"' in second
     assert b"senderName" not in second
+
+
+async def test_uuid_objects_are_accepted_as_ids(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """uuid.UUID ids are sent as their text, in send() and in a batch; other types are refused."""
+    dept, user = uuid.uuid4(), uuid.uuid4()
+    async with make_client(server.base_url) as client:
+        await client.send(dept, user, "hi")
+        report = await client.send_many([(dept, user, "hi")])
+        with pytest.raises(InvalidRequestError, match="department_uuid"):
+            await client.send(42, user, "hi")  # type: ignore[arg-type]
+    path = f"/communications/department/{dept}/user/{user}/botmessage/send"
+    assert [seen[0] for seen in server.seen] == [path, path]
+    (item,) = report.results
+    assert (item.department_uuid, item.user_uuid) == (str(dept), str(user))
 
 
 @pytest.mark.parametrize(
