@@ -286,6 +286,7 @@ class BatchStream:
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
+        self._sink: Callable[[ItemResult], object] | None = None
         self._managed = False
         self._abandoned = False
         self._started = 0.0
@@ -357,6 +358,21 @@ class BatchStream:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+
+    async def _drain(self, sink: Callable[[ItemResult], object]) -> None:
+        """Run to the end handing each result to ``sink`` instead of the queue.
+
+        For ``send_many``: the queue's hand-over to a consumer task costs a task
+        switch per item, and a report needs no backpressure.
+        """
+        if self._runner is not None:
+            raise RuntimeError("_drain() must be the first use of the stream")
+        self._client._ensure_session()
+        self._started = time.perf_counter()
+        self._sink = sink
+        self._runner = asyncio.create_task(self._run())
+        await self._runner
+        self._finished = True
 
     def _abandon(self) -> None:
         self._abandoned = self._finished = True
@@ -432,13 +448,17 @@ class BatchStream:
         return index, raw
 
     async def _work(self) -> None:
+        sink = self._sink
         while (pulled := await self._pull()) is not None:
             index, raw = pulled
             item = await self._handle(index, raw)
             self._record(item)
             if self._on_result is not None:
                 self._on_result(item)
-            await self._queue.put(item)
+            if sink is not None:
+                sink(item)
+            else:
+                await self._queue.put(item)
 
     async def _handle(self, index: int, raw: object) -> ItemResult:
         try:
@@ -529,10 +549,21 @@ async def collect(
     if keep not in ("all", "failures", "none"):
         raise InvalidRequestError("keep", keep, "must be 'all', 'failures' or 'none'")
     results: list[ItemResult] = []
-    async with stream:
-        async for item in stream:
-            if keep == "all" or (keep == "failures" and item.outcome is not Outcome.SENT):
+    if keep == "all":
+        sink: Callable[[ItemResult], object] = results.append
+    elif keep == "failures":
+
+        def sink(item: ItemResult) -> None:
+            if item.outcome is not Outcome.SENT:
                 results.append(item)
+
+    else:
+
+        def sink(item: ItemResult) -> None:
+            pass
+
+    async with stream:
+        await stream._drain(sink)
     results.sort(key=lambda r: r.index)
     return BatchReport(
         results=results,
