@@ -29,6 +29,7 @@ from ._errors import (
     InvalidRequestError,
 )
 from ._models import SendRequest, SendResult, TextMessage
+from ._retry import spread
 
 if TYPE_CHECKING:
     from ._client import BotMessageClient
@@ -516,8 +517,7 @@ class BatchStream:
             # A pause longer than the deadline is left to send(), which fails at once.
             if pause <= 0 or pause >= deadline or self.stopped_by is not None:
                 return
-            # Spread the wake-ups, as a send waiting for the pause would.
-            await client._sleep(pause + client._rng.uniform(0.0, min(1.0, pause / 10)))
+            await client._sleep(spread(pause, client._rng))
 
     def _record(self, item: ItemResult) -> None:
         outcome = item.outcome

@@ -47,6 +47,7 @@ from ._retry import (
     build_retrying,
     classify_failure,
     parse_retry_after,
+    spread,
 )
 
 if TYPE_CHECKING:
@@ -490,8 +491,7 @@ class BotMessageClient:
         wait = self._paused_until - self._clock()
         if wait <= 0:
             return
-        # Spread the wake-ups of everyone who waited for the same instant.
-        delay = wait + self._rng.uniform(0.0, min(1.0, wait / 10))
+        delay = spread(wait, self._rng)
         remaining = state.policy.deadline - (self._clock() - state.started)
         if delay + ATTEMPT_FLOOR >= remaining:
             # At least the time left, so that the retry engine stops here too.

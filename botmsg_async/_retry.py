@@ -51,6 +51,7 @@ __all__ = [
     "build_retrying",
     "classify_failure",
     "parse_retry_after",
+    "spread",
 ]
 
 # The words that make a FAILURE's error look transient, matched case-insensitively
@@ -320,6 +321,12 @@ def parse_retry_after(
     return max(0.0, seconds)
 
 
+def spread(wait: float, rng: random.Random) -> float:
+    """``wait`` plus up to a tenth of it (1 s at most), so that clients told to
+    come back at the same instant do not all come back at once."""
+    return wait + rng.uniform(0.0, min(1.0, wait / 10))
+
+
 def full_jitter(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
     """Backoff before retry number ``attempt`` (1-based): AWS's "full jitter"."""
     cap = min(policy.backoff_initial * 2 ** (attempt - 1), policy.backoff_max)
@@ -360,9 +367,7 @@ def build_retrying(
         backoff = full_jitter(rs.attempt_number, policy, rng)
         if state.retry_after is None:
             return backoff
-        # A little jitter on top of Retry-After, so that clients told the same
-        # instant do not all come back at once.
-        return max(backoff, state.retry_after) + rng.uniform(0.0, min(1.0, state.retry_after / 10))
+        return spread(max(backoff, state.retry_after), rng)
 
     def stop(rs: tenacity.RetryCallState) -> bool:
         state = state_of(rs)
