@@ -458,6 +458,10 @@ class BatchStream:
                 self._on_result(item)
             if sink is not None:
                 sink(item)
+                if item.attempts == 0:
+                    # Skipped or refused before any I/O: nothing here awaited,
+                    # so let the loop run others (a ticker, a timeout, a cancel).
+                    await asyncio.sleep(0)
             else:
                 await self._queue.put(item)
 

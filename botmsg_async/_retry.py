@@ -56,16 +56,16 @@ __all__ = [
 
 # The words that make a FAILURE's error look transient, matched case-insensitively
 # anywhere in each error's code and description, so that ServiceUnavailable,
-# GATEWAY_TIMEOUT, ETIMEDOUT and "please retry again" all count. Only "busy" is
-# short enough to hide in other words: it must start a word, or a CamelCase part
-# (SERVER_BUSY, ServerBusy; not "business"). "retry" alone is not among them, only
-# "retry later / after / in" and "try later": "do not retry" is a common permanent
-# answer (and PERMANENT_PATTERN keeps it final even next to "retry later").
+# GATEWAY_TIMEOUT, ETIMEDOUT and "please retry again" all count. Words short enough
+# to hide inside others must start a word or a CamelCase part: "busy" (SERVER_BUSY,
+# ServerBusy; not "business") and "(re)try later / after / in" (not "country in").
+# "retry" alone is not among them: "do not retry" is a common permanent answer (and
+# PERMANENT_PATTERN keeps it final even next to "retry later").
 TRANSIENT_PATTERN = re.compile(
     r"(?i:time[ _-]?out|timed[ _-]?out|temporar|unavailab|try[ _-]?again|throttl"
-    r"|(?:re)?try[ _-]?(?:later|after|in\b)"
     r"|rate[ _-]?limit|too[ _-]?many[ _-]?requests|overload)"
     r"|(?:(?<![A-Za-z])|(?<=[a-z])(?=B))(?i:busy)(?![a-z])"
+    r"|(?:(?<![A-Za-z])|(?<=[a-z])(?=[RT]))(?i:(?:re)?try[ _-]?(?:later|after|in\b))"
 )
 # Words that make an error final even when it also sounds temporary:
 # "permanently unavailable", "user not found, try again with another id".
@@ -367,7 +367,7 @@ def build_retrying(
         backoff = full_jitter(rs.attempt_number, policy, rng)
         if state.retry_after is None:
             return backoff
-        return spread(max(backoff, state.retry_after), rng)
+        return max(backoff, spread(state.retry_after, rng))
 
     def stop(rs: tenacity.RetryCallState) -> bool:
         state = state_of(rs)

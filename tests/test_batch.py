@@ -362,6 +362,32 @@ async def test_batch_waits_out_a_429_pause_within_the_rate_limit(
     assert busiest <= 7, busiest
 
 
+async def test_items_failing_before_io_still_let_the_loop_run(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A batch of items refused before any I/O does not starve other tasks."""
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with make_client(server.base_url) as client:
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0)
+        before = ticks
+        report = await client.send_many((("d", f"u{i}", "") for i in range(5_000)), concurrency=4)
+        during = ticks - before
+        beat.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await beat
+    assert report.failed == 5_000
+    assert server.seen == []
+    assert during >= 1_000
+
+
 async def test_input_errors_propagate(server: ScriptedServer, make_client: MakeClient) -> None:
     """An exception from the input iterator ends the batch with that exception."""
 
