@@ -288,9 +288,10 @@ def _sdk_client(spec: RunSpec, **options: Any) -> botmsg_async.BotMessageClient:
     return botmsg_async.BotMessageClient(spec.base_url, USERNAME, PASSWORD, **options)
 
 
-async def sdk_send_many(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
-    """``client.send_many(items, concurrency=C)`` with default settings (retries on)."""
-    async with _sdk_client(spec) as client:
+async def _send_many(
+    spec: RunSpec, recorder: Recorder, meter: Meter, client: botmsg_async.BotMessageClient
+) -> Counts:
+    async with client:
         on_result = _finisher(recorder)
         with meter:
             report = await client.send_many(
@@ -299,6 +300,11 @@ async def sdk_send_many(spec: RunSpec, recorder: Recorder, meter: Meter) -> Coun
                 on_result=on_result,
             )
     return Counts(report.sent, report.total - report.sent, report.retries)
+
+
+async def sdk_send_many(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
+    """``client.send_many(items, concurrency=C)`` with default settings (retries on)."""
+    return await _send_many(spec, recorder, meter, _sdk_client(spec))
 
 
 async def sdk_zero_backoff(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
@@ -310,15 +316,8 @@ async def sdk_zero_backoff(spec: RunSpec, recorder: Recorder, meter: Meter) -> C
     """
     policy = botmsg_async.RetryPolicy(backoff_initial=0.0, backoff_max=0.0, max_attempts=8)
     budget = botmsg_async.RetryBudget(ratio=1.0)
-    async with _sdk_client(spec, retry=policy, retry_budget=budget) as client:
-        on_result = _finisher(recorder)
-        with meter:
-            report = await client.send_many(
-                recorder.timed(make_items(spec.n)),
-                concurrency=spec.concurrency,
-                on_result=on_result,
-            )
-    return Counts(report.sent, report.total - report.sent, report.retries)
+    client = _sdk_client(spec, retry=policy, retry_budget=budget)
+    return await _send_many(spec, recorder, meter, client)
 
 
 async def sdk_stream(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
