@@ -20,6 +20,7 @@ from uuid import UUID
 
 from attrs import define
 
+from ._client import id_text
 from ._errors import (
     AuthenticationError,
     BatchFailedError,
@@ -470,12 +471,8 @@ class BatchStream:
             request = _unpack(raw)
         except InvalidRequestError as exc:
             return ItemResult(index, "", "", Outcome.FAILED, error=exc)
-        department_uuid, user_uuid = request.department_uuid, request.user_uuid
         # uuid.UUID ids (send() takes them too) are reported as text.
-        if isinstance(department_uuid, UUID):
-            department_uuid = str(department_uuid)
-        if isinstance(user_uuid, UUID):
-            user_uuid = str(user_uuid)
+        department_uuid, user_uuid = id_text(request.department_uuid), id_text(request.user_uuid)
         if self.stopped_by is not None:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
         if self._limiter is not None or self._per_department is not None:

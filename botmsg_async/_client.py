@@ -76,6 +76,11 @@ def new_idempotency_key() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def id_text(value: str | UUID) -> str:
+    """A ``uuid.UUID`` id as its text; anything else as it is, for ``check_id``."""
+    return str(value) if isinstance(value, UUID) else value
+
+
 def check_id(name: str, value: object) -> str:
     """Return ``value`` percent-encoded for the path, or raise ``InvalidRequestError``.
 
@@ -426,10 +431,7 @@ class BotMessageClient:
             APIStatusError: any other HTTP error.
             ClientClosedError: the client was closed.
         """
-        if isinstance(department_uuid, UUID):
-            department_uuid = str(department_uuid)
-        if isinstance(user_uuid, UUID):
-            user_uuid = str(user_uuid)
+        department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
         dept = check_id("department_uuid", department_uuid)
         user = check_id("user_uuid", user_uuid)
         text = check_message(message, self._defaults)
@@ -488,8 +490,8 @@ class BotMessageClient:
         return max(0.0, self._paused_until - self._clock()) if self._paused_until else 0.0
 
     async def _wait_for_pause(self, state: SendState) -> None:
-        wait = self._paused_until - self._clock()
-        if wait <= 0:
+        wait = self._pause_left()
+        if not wait:
             return
         delay = spread(wait, self._rng)
         remaining = state.policy.deadline - (self._clock() - state.started)
