@@ -56,7 +56,17 @@ async def test_concurrency_fully_used_never_exceeded(
     server: ScriptedServer, make_client: MakeClient
 ) -> None:
     """With a slow server, in-flight requests reach the limit and never pass it."""
-    server.default = slow(0.3)
+
+    async def hold_until_full(request: web.Request) -> web.StreamResponse:
+        # Answer only once the limit was reached (or after 5 s): on a loaded
+        # machine 150 connections can take longer to open than a fixed delay.
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 5
+        while server.max_in_flight < 150 and loop.time() < give_up:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        return await slow(0.05)(request)
+
+    server.default = hold_until_full
     async with make_client(server.base_url) as client:
         report = await client.send_many(items(450), concurrency=150)
     assert report.sent == 450
