@@ -14,13 +14,15 @@ try:
 except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-from ._batch import BatchReport, BatchStream, ItemResult, Outcome, Progress
+from ._batch import BatchReport, BatchStream, ItemResult, Progress
 from ._client import BotMessageClient
 from ._errors import (
     APIStatusError,
     AuthenticationError,
     BatchFailedError,
+    BatchStoppedError,
     BotMessageError,
+    CertificateError,
     ClientClosedError,
     DeliveryUnknownError,
     InvalidRequestError,
@@ -30,11 +32,13 @@ from ._errors import (
     SendFailedError,
     ServerError,
     TransportError,
+    UnexpectedStatusError,
 )
 from ._models import (
     ApiError,
     ApiWarning,
     MessageDefaults,
+    Outcome,
     SendRequest,
     SendResult,
     Status,
@@ -49,9 +53,11 @@ __all__ = [
     "AuthenticationError",
     "BatchFailedError",
     "BatchReport",
+    "BatchStoppedError",
     "BatchStream",
     "BotMessageClient",
     "BotMessageError",
+    "CertificateError",
     "ClientClosedError",
     "DeliveryUnknownError",
     "InvalidRequestError",
@@ -72,5 +78,6 @@ __all__ = [
     "Status",
     "TextMessage",
     "TransportError",
+    "UnexpectedStatusError",
     "__version__",
 ]

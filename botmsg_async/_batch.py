@@ -10,7 +10,6 @@ of the input.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -18,18 +17,18 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeAlias
 from uuid import UUID
 
-from attrs import define
+from attrs import define, evolve
 
-from ._client import id_text
+from ._client import id_text, new_idempotency_key
+from ._delivery import outcome_of, stops_batch, trips_breaker
 from ._errors import (
-    AuthenticationError,
     BatchFailedError,
+    BatchStoppedError,
     BotMessageError,
-    ClientClosedError,
-    DeliveryUnknownError,
     InvalidRequestError,
+    RateLimitedError,
 )
-from ._models import SendRequest, SendResult, TextMessage
+from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._retry import spread
 
 if TYPE_CHECKING:
@@ -40,15 +39,6 @@ __all__ = ["BatchReport", "BatchStream", "ItemResult", "Items", "Outcome", "Prog
 
 ItemLike: TypeAlias = SendRequest | tuple[str | UUID, str | UUID, str | TextMessage]
 Items: TypeAlias = Iterable[ItemLike] | AsyncIterable[ItemLike]
-
-
-class Outcome(enum.Enum):
-    """What became of one item of a batch."""
-
-    SENT = "sent"  #: The service answered SUCCESS.
-    FAILED = "failed"  #: It was not delivered; ``error`` says why.
-    UNKNOWN = "unknown"  #: It may or may not have been delivered (``DeliveryUnknownError``).
-    SKIPPED = "skipped"  #: Never attempted: the batch stopped before it.
 
 
 @define(frozen=True)
@@ -227,9 +217,11 @@ class BatchStream:
 
     Also an async context manager: leaving the ``async with`` block (or
     ``aclose()``) stops the workers and cancels in-flight sends. Iterating to
-    the end cleans up too. Outside ``async with``, a cancelled read stops the
-    workers as well (it may be the consumer's end), and a later read raises
-    ``RuntimeError``.
+    the end cleans up too. Outside ``async with``, leaving an ``async for``
+    early (``break``, an exception) stops the workers as soon as the loop runs
+    again, and so does a cancelled read (it may be the consumer's end); a later
+    read raises ``RuntimeError``. Inside ``async with``, a ``break`` leaves the
+    stream running, to be read on.
     """
 
     def __init__(
@@ -246,6 +238,7 @@ class BatchStream:
         on_progress: Callable[[Progress], object] | None,
         progress_interval: float,
         stop_after_consecutive_failures: int | None,
+        max_pause: float,
     ) -> None:
         if not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidRequestError("concurrency", concurrency, "must be an int >= 1")
@@ -259,6 +252,8 @@ class BatchStream:
             raise InvalidRequestError(
                 "stop_after_consecutive_failures", stop_after_consecutive_failures, "must be >= 1"
             )
+        if not max_pause >= 0:
+            raise InvalidRequestError("max_pause", max_pause, "must be >= 0 seconds")
         if progress_interval <= 0:
             raise InvalidRequestError("progress_interval", progress_interval, "must be > 0")
         if isinstance(items, AsyncIterable):
@@ -283,6 +278,8 @@ class BatchStream:
         self._on_progress = on_progress
         self._progress_interval = progress_interval
         self._stop_after = stop_after_consecutive_failures
+        self._max_pause = max_pause
+        self._limited = self._limiter is not None or self._per_department is not None
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=concurrency)
         self._pull_lock = asyncio.Lock()
         self._next_index = 0
@@ -300,8 +297,25 @@ class BatchStream:
 
     # -- consumer side ---------------------------------------------------------
 
-    def __aiter__(self) -> Self:
-        return self
+    def __aiter__(self) -> AsyncIterator[ItemResult]:
+        # An async generator, not ``self``: when a bare ``async for`` is left
+        # early (``break``, an exception), the generator is dropped and asyncio's
+        # own async-generator finalizer runs its ``finally``, which stops the
+        # workers. A plain iterator object would never hear of the break, and its
+        # pending workers would be garbage-collected mid-send.
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ItemResult]:
+        try:
+            while True:
+                try:
+                    item = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not self._managed:  # inside ``async with``, the block's exit decides
+                await self.aclose()
 
     async def __anext__(self) -> ItemResult:
         if self._abandoned:
@@ -473,50 +487,97 @@ class BatchStream:
             return ItemResult(index, "", "", Outcome.FAILED, error=exc)
         # uuid.UUID ids (send() takes them too) are reported as text.
         department_uuid, user_uuid = id_text(request.department_uuid), id_text(request.user_uuid)
+        client = self._client
         if self.stopped_by is not None:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
-        if self._limiter is not None or self._per_department is not None:
+        if self._limited or client.pause_remaining():
             await self._admit(department_uuid)
-        if self.stopped_by is not None:  # stopped while we waited for the limiter
-            return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
+            if self.stopped_by is not None:  # stopped while we waited
+                return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
         if self._on_start is not None:
             self._on_start(index, request)
+        # A key of our own when the caller gave none: an item throttled by a 429
+        # is sent again after the pause, and must carry the same key then.
+        key = request.idempotency_key or new_idempotency_key()
+        earlier_attempts = 0
+        paused = 0.0
         self.in_flight += 1
         try:
-            result = await self._client.send(
-                department_uuid,
-                user_uuid,
-                request.message,
-                retry=self._retry,
-                idempotency_key=request.idempotency_key,
-            )
-        except DeliveryUnknownError as exc:
-            return ItemResult(index, department_uuid, user_uuid, Outcome.UNKNOWN, error=exc)
-        except BotMessageError as exc:
-            if isinstance(exc, AuthenticationError | ClientClosedError) and self.stopped_by is None:
-                self.stopped_by = exc
-            return ItemResult(index, department_uuid, user_uuid, Outcome.FAILED, error=exc)
+            while True:
+                try:
+                    result = await client.send(
+                        department_uuid,
+                        user_uuid,
+                        request.message,
+                        retry=self._retry,
+                        idempotency_key=key,
+                    )
+                except BotMessageError as exc:
+                    exc.attempts += earlier_attempts
+                    pause = client.pause_remaining()
+                    if isinstance(exc, RateLimitedError) and pause and self.stopped_by is None:
+                        # Not processed, and the service named when to come back:
+                        # the whole batch pauses, this item goes again after it.
+                        paused += pause
+                        if paused <= self._max_pause:
+                            earlier_attempts = exc.attempts
+                            await self._admit(department_uuid)
+                            if self.stopped_by is None:
+                                continue
+                        else:
+                            self._stop_for_pause(pause, exc)
+                    outcome = outcome_of(exc, exc.attempts)
+                    if stops_batch(exc) and self.stopped_by is None:
+                        self.stopped_by = exc
+                    return ItemResult(index, department_uuid, user_uuid, outcome, error=exc)
+                if earlier_attempts:
+                    result = evolve(result, attempts=result.attempts + earlier_attempts)
+                return ItemResult(index, department_uuid, user_uuid, Outcome.SENT, result=result)
         finally:
             self.in_flight -= 1
-        return ItemResult(index, department_uuid, user_uuid, Outcome.SENT, result=result)
+
+    def _stop_for_pause(self, pause: float, error: BotMessageError | None) -> None:
+        if self.stopped_by is None:
+            stop = BatchStoppedError(
+                f"the service asked to pause {pause:.1f} s, past max_pause={self._max_pause:g} s; "
+                "the batch stopped (the rest SKIPPED): resume it later",
+                reason="pause_too_long",
+                last_error=error,
+            )
+            stop.__cause__ = error
+            self.stopped_by = stop
+
+    def _trip_breaker(self, error: BotMessageError | None) -> None:
+        stop = BatchStoppedError(
+            f"{self._consecutive_failures} items in a row failed or are unknown "
+            f"(stop_after_consecutive_failures={self._stop_after}); the service or the "
+            f"configuration looks broken, so the batch stopped (the rest SKIPPED). "
+            f"Last error: {error}",
+            reason="consecutive_failures",
+            last_error=error,
+        )
+        stop.__cause__ = error
+        self.stopped_by = stop
 
     async def _admit(self, department_uuid: str) -> None:
         """Wait for the rate limits, and for any 429 pause that began meanwhile.
 
         A token taken before or during a pause is spent again after it: otherwise
         every worker that got one while the service asked us to wait would send
-        at the same instant when the pause ends, far above the rate limit.
+        at the same instant when the pause ends, far above the rate limit. A
+        pause longer than ``max_pause`` stops the batch instead.
         """
         client = self._client
-        deadline = (self._retry or client._retry).deadline
         while True:
             if self._limiter is not None:
                 await self._limiter.acquire()
             if self._per_department is not None:
                 await self._per_department.acquire(department_uuid)
-            pause = client._pause_left()
-            # A pause longer than the deadline is left to send(), which fails at once.
-            if pause <= 0 or pause >= deadline or self.stopped_by is not None:
+            pause = client.pause_remaining()
+            if pause <= 0 or self.stopped_by is not None:
+                return
+            if pause > self._max_pause:
+                self._stop_for_pause(pause, None)
                 return
             await client._sleep(spread(pause, client._rng))
 
@@ -532,13 +593,14 @@ class BatchStream:
                 self.failed += 1
             else:
                 self.unknown += 1
-            self._consecutive_failures += 1
-            if (
-                self._stop_after is not None
-                and self._consecutive_failures >= self._stop_after
-                and self.stopped_by is None
-            ):
-                self.stopped_by = item.error
+            if trips_breaker(outcome, item.error):
+                self._consecutive_failures += 1
+                if (
+                    self._stop_after is not None
+                    and self._consecutive_failures >= self._stop_after
+                    and self.stopped_by is None
+                ):
+                    self._trip_breaker(item.error)
         if item.attempts > 1:
             self.retries += item.attempts - 1
 

@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import _wire
+from ._delivery import StatusRule, status_rule
 from ._errors import (
     APIStatusError,
     AuthenticationError,
@@ -35,6 +36,7 @@ from ._errors import (
     SendFailedError,
     ServerError,
     TransportError,
+    UnexpectedStatusError,
     excerpt,
 )
 from ._models import MessageDefaults, SendRequest, SendResult, Status, TextMessage
@@ -58,7 +60,6 @@ __all__ = ["BotMessageClient"]
 log = logging.getLogger("botmsg_async")
 
 _FORBIDDEN_ID_CHARS = frozenset("/?#%\\")
-_AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
 _PATH = "/communications/department/{}/user/{}/botmessage/send"
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 
@@ -479,18 +480,25 @@ class BotMessageClient:
                     attempts=state.attempt,
                 )
                 unknown.idempotency_key = state.idempotency_key
+                # The definite error still decides what happens next (a batch
+                # stops on refused credentials); delivery stays unknown.
+                unknown.final_error = exc
                 raise unknown from exc
             if isinstance(exc, DeliveryUnknownError):
                 exc.idempotency_key = state.idempotency_key
             raise
         return result
 
-    def _pause_left(self) -> float:
-        """Seconds until the client-wide 429 pause ends (0 when there is none)."""
+    def pause_remaining(self) -> float:
+        """Seconds until the client-wide pause a 429's Retry-After asked for ends.
+
+        Every send of this client waits it out before its next attempt; a
+        batch waits it out before starting new items. 0 when there is none.
+        """
         return max(0.0, self._paused_until - self._clock()) if self._paused_until else 0.0
 
     async def _wait_for_pause(self, state: SendState) -> None:
-        wait = self._pause_left()
+        wait = self.pause_remaining()
         if not wait:
             return
         delay = spread(wait, self._rng)
@@ -525,6 +533,13 @@ class BotMessageClient:
             raise state.last_error
         if timeout.total is None or remaining < timeout.total:
             timeout = bounded_timeout(timeout, max(remaining, 0.001))
+        if self._closed or session.closed:
+            # Closed while this send waited to retry (or its lent session was):
+            # this attempt is not made, so nothing new can have been sent.
+            raise ClientClosedError(
+                "this BotMessageClient was closed before the next attempt; "
+                "the message was not sent again"
+            )
         state.attempt += 1
         headers = self._headers.copy()
         headers[policy.idempotency_header] = state.idempotency_key
@@ -628,19 +643,48 @@ class BotMessageClient:
         except (aiohttp.ClientError, TimeoutError):
             body = b""
         text = excerpt(body) if body is not None else "[body too large, not read]"
-        if status in (401, 403):
+        rule = status_rule(status, state.policy.not_processed_statuses)
+        if rule is StatusRule.AUTH:
             raise AuthenticationError(
                 f"HTTP {status}: the service refused the credentials; "
                 "check the username, the password and their rights",
                 status=status,
                 body_excerpt=text,
             )
+        if rule is StatusRule.AMBIGUOUS:
+            if 500 <= status < 600:
+                raise ServerError(
+                    f"HTTP {status}: the service failed while handling the request; "
+                    "the message may or may not have been delivered",
+                    status=status,
+                    body_excerpt=text,
+                )
+            raise UnexpectedStatusError(
+                f"HTTP {status}: an answer that does not say whether the message was "
+                "processed; it may or may not have been delivered",
+                status=status,
+                body_excerpt=text,
+            )
+        if rule is StatusRule.REDIRECT:
+            raise APIStatusError(
+                f"HTTP {status}: redirect to {response.headers.get('Location', '?')!r} not "
+                "followed, so credentials stay with this host; check base_url",
+                status=status,
+                body_excerpt=text,
+            )
+        if rule is StatusRule.REJECTED:
+            raise APIStatusError(
+                f"HTTP {status}: the service refused the request; check the request and base_url",
+                status=status,
+                body_excerpt=text,
+            )
+        # Not processed, worth retrying: 429, 408, 425, 503, or a status the policy names.
         retry_after = parse_retry_after(
             response.headers.get("Retry-After"), response.headers.get("retry-after-ms")
         )
-        if status == 429 or (status == 503 and retry_after is not None):
+        if rule is StatusRule.RATE_LIMITED or retry_after is not None:
             state.retry_after = retry_after
-            if status == 429 and retry_after:
+            if rule is StatusRule.RATE_LIMITED and retry_after:
                 self._paused_until = max(self._paused_until, self._clock() + retry_after)
             when = f"after {retry_after:.1f} s" if retry_after is not None else "later"
             raise RateLimitedError(
@@ -649,23 +693,11 @@ class BotMessageClient:
                 retry_after=retry_after,
                 body_excerpt=text,
             )
-        if status in _AMBIGUOUS_STATUSES:
-            raise ServerError(
-                f"HTTP {status}: the service failed while handling the request; "
-                "the message may or may not have been delivered",
-                status=status,
-                body_excerpt=text,
-            )
-        if 300 <= status < 400:
-            raise APIStatusError(
-                f"HTTP {status}: redirect to {response.headers.get('Location', '?')!r} not "
-                "followed, so credentials stay with this host; check base_url",
-                status=status,
-                body_excerpt=text,
-            )
-        advice = "try again later" if status == 503 else "check the request and base_url"
         raise APIStatusError(
-            f"HTTP {status}: unexpected answer; {advice}", status=status, body_excerpt=text
+            f"HTTP {status}: the service did not process the request; try again later",
+            status=status,
+            body_excerpt=text,
+            retryable=True,
         )
 
     # -- many ------------------------------------------------------------------
@@ -682,7 +714,8 @@ class BotMessageClient:
         on_start: Callable[[int, SendRequest], object] | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         progress_interval: float = 1.0,
-        stop_after_consecutive_failures: int | None = None,
+        stop_after_consecutive_failures: int | None = 100,
+        max_pause: float = 300.0,
     ) -> BatchStream:
         """Send many messages; yield each ``ItemResult`` as soon as it is known.
 
@@ -709,6 +742,7 @@ class BotMessageClient:
             on_progress=on_progress,
             progress_interval=progress_interval,
             stop_after_consecutive_failures=stop_after_consecutive_failures,
+            max_pause=max_pause,
         )
 
     async def send_many(
@@ -723,14 +757,22 @@ class BotMessageClient:
         on_start: Callable[[int, SendRequest], object] | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         progress_interval: float = 1.0,
-        stop_after_consecutive_failures: int | None = None,
+        stop_after_consecutive_failures: int | None = 100,
+        max_pause: float = 300.0,
         keep: Literal["all", "failures", "none"] = "all",
     ) -> BatchReport:
         """Send many messages concurrently and report what became of each.
 
-        One item's failure never stops the others. An ``AuthenticationError``,
-        or ``stop_after_consecutive_failures`` failures in a row, stops the
-        batch: no new item starts, the rest are reported SKIPPED.
+        One item's failure never stops the others. Refused credentials, a
+        redirect, a closed client, ``stop_after_consecutive_failures`` FAILED or
+        UNKNOWN items in a row (the circuit breaker: a service that answers 502
+        to everything would otherwise turn a whole batch into UNKNOWN), or a 429
+        pause longer than ``max_pause`` stop the batch: no new item starts, the
+        rest are reported SKIPPED, and ``BatchReport.stopped_by`` says why.
+
+        A 429 with a Retry-After pauses the whole batch until the instant the
+        service named; the item that got it was not processed and is sent again
+        after the pause, under the same idempotency key, with a fresh deadline.
 
         The report keeps results as ``keep`` says: ``"all"`` (default) holds one
         ``ItemResult`` per item in memory (about 300 bytes each: 300 MB for a
@@ -753,7 +795,10 @@ class BotMessageClient:
                 ``Progress`` snapshot, and once at the end.
             progress_interval: Seconds between ``on_progress`` calls.
             stop_after_consecutive_failures: Stop after this many FAILED or
-                UNKNOWN items in a row (None: never).
+                UNKNOWN items in a row (default 100; None: never).
+            max_pause: Longest 429 pause, in seconds, the batch waits out
+                (default 300); past it the batch stops. One item waits out at
+                most this much in all.
             keep: Which results the report holds.
 
         Returns:
@@ -776,5 +821,6 @@ class BotMessageClient:
             on_progress=on_progress,
             progress_interval=progress_interval,
             stop_after_consecutive_failures=stop_after_consecutive_failures,
+            max_pause=max_pause,
         )
         return await collect(stream, keep)

@@ -8,25 +8,37 @@
     ├── SendFailedError ............ HTTP 200 with "status": "FAILURE"
     ├── APIStatusError ............. any other non-2xx answer
     │   ├── AuthenticationError .... 401 / 403
-    │   ├── RateLimitedError ....... 429 (or 503 with a Retry-After too long to wait)
-    │   └── ServerError ............ 500 / 502 / 504: also a DeliveryUnknownError
-    ├── TransportError ............. no answer: refused, DNS, TLS, timeouts, disconnects
+    │   ├── RateLimitedError ....... 429 (or 408/425/503 with a Retry-After)
+    │   ├── ServerError ............ 500, 502, 504 and every 5xx but 501/503/505:
+    │   │                            also a DeliveryUnknownError
+    │   └── UnexpectedStatusError .. 303, other 3xx but 301/302/307/308, a 1xx as
+    │                                final status, anything outside 100-599:
+    │                                also a DeliveryUnknownError
+    ├── TransportError ............. no answer: refused, DNS, timeouts, disconnects
+    │   ├── CertificateError ....... TLS verification failed; not retried
     │   └── ResponseLostError ...... the request went out, the answer never came back:
     │                                also a DeliveryUnknownError
     ├── DeliveryUnknownError ....... the message may or may not have been delivered
     │   ├── InvalidResponseError ... a 2xx whose body is not the documented JSON
     │   ├── ServerError
+    │   ├── UnexpectedStatusError
     │   └── ResponseLostError
+    ├── BatchStoppedError .......... why a batch stopped early (BatchReport.stopped_by)
     └── BatchFailedError ........... BatchReport.raise_for_failures()
 
 Each error carries the department and user it concerns (``None`` where it is not
 about one message), how many HTTP attempts were made, and chains its cause.
-Credentials never appear in a message or in ``args``.
+Credentials never appear in a message or in ``args``. Every error pickles and
+copies with its fields (a process pool hands them back whole); the chained
+cause, as always in Python, does not travel.
+
+Which of these mean "certainly not delivered" and which "unknown" is decided
+in one place, ``_delivery``, not by the classes' names.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._models import SendResult
@@ -35,7 +47,9 @@ __all__ = [
     "APIStatusError",
     "AuthenticationError",
     "BatchFailedError",
+    "BatchStoppedError",
     "BotMessageError",
+    "CertificateError",
     "ClientClosedError",
     "DeliveryUnknownError",
     "InvalidRequestError",
@@ -45,6 +59,7 @@ __all__ = [
     "SendFailedError",
     "ServerError",
     "TransportError",
+    "UnexpectedStatusError",
 ]
 
 #: How much of a bad answer's body an error keeps, in characters.
@@ -57,6 +72,13 @@ def excerpt(body: bytes | str, limit: int = EXCERPT_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+def _restore(cls: type[BotMessageError], args: tuple[object, ...]) -> BotMessageError:
+    """Rebuild an error for ``pickle`` and ``copy``; its fields follow as state."""
+    error = cls.__new__(cls)
+    error.args = args
+    return error
 
 
 class BotMessageError(Exception):
@@ -81,6 +103,12 @@ class BotMessageError(Exception):
         self.department_uuid = department_uuid
         self.user_uuid = user_uuid
         self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Most subclasses take keyword-only fields, which BaseException's own
+        # reduce (``cls(*args)``) cannot rebuild: restore the instance bare, then
+        # its fields from ``__dict__``.
+        return (_restore, (type(self), self.args), self.__dict__)
 
     def __str__(self) -> str:
         if self.department_uuid is None and self.user_uuid is None:
@@ -160,6 +188,8 @@ class APIStatusError(BotMessageError):
     Attributes:
         status: The HTTP status code.
         body_excerpt: At most 500 characters of the answer's body.
+        retryable: The status proves the message was not processed and is worth
+            sending again (408, 425, 503, or a status the policy names).
     """
 
     def __init__(
@@ -168,6 +198,7 @@ class APIStatusError(BotMessageError):
         *,
         status: int,
         body_excerpt: str = "",
+        retryable: bool = False,
         department_uuid: str | None = None,
         user_uuid: str | None = None,
         attempts: int = 0,
@@ -177,6 +208,7 @@ class APIStatusError(BotMessageError):
         )
         self.status = status
         self.body_excerpt = body_excerpt
+        self.retryable = retryable
 
 
 class AuthenticationError(APIStatusError):
@@ -205,6 +237,7 @@ class RateLimitedError(APIStatusError):
             message,
             status=status,
             body_excerpt=body_excerpt,
+            retryable=True,
             department_uuid=department_uuid,
             user_uuid=user_uuid,
             attempts=attempts,
@@ -222,13 +255,26 @@ class DeliveryUnknownError(BotMessageError):
 
     Attributes:
         idempotency_key: The key every attempt carried, to ask the service about it.
+        final_error: With ``retry_ambiguous``, a definite failure that a later
+            attempt met (e.g. an ``AuthenticationError`` after a 500): delivery
+            stays unknown, but that error decides what happens next (a batch
+            stops on refused credentials).
     """
 
     idempotency_key: str | None = None
+    final_error: BotMessageError | None = None
 
 
 class TransportError(BotMessageError):
     """No HTTP answer: connection refused, DNS or TLS failure, timeout, disconnect."""
+
+
+class CertificateError(TransportError):
+    """TLS verification failed: the server's certificate is not trusted.
+
+    Nothing was sent. It is not retried: the same certificate would fail the
+    same way. Check the host name, or trust the service's CA.
+    """
 
 
 class ResponseLostError(TransportError, DeliveryUnknownError):
@@ -236,7 +282,18 @@ class ResponseLostError(TransportError, DeliveryUnknownError):
 
 
 class ServerError(APIStatusError, DeliveryUnknownError):
-    """HTTP 500, 502 or 504: the service failed while it may have processed the message."""
+    """A 5xx (but 501, 503, 505): the service failed while it may have processed the message.
+
+    500, 502 and 504, and the proxies' 520-527, 598 and 599 among them.
+    """
+
+
+class UnexpectedStatusError(APIStatusError, DeliveryUnknownError):
+    """A status that does not say whether the message was processed.
+
+    303 (the usual answer to a processed POST), other 3xx but the redirects
+    301/302/307/308, a 1xx as final status, or a number outside 100-599.
+    """
 
 
 class InvalidResponseError(DeliveryUnknownError):
@@ -265,6 +322,23 @@ class InvalidResponseError(DeliveryUnknownError):
         self.status = status
         self.body_excerpt = body_excerpt
         self.problems = problems
+
+
+class BatchStoppedError(BotMessageError):
+    """Why a batch stopped early without one item's error to show for it.
+
+    Found in ``BatchReport.stopped_by``; the items not started are SKIPPED.
+
+    Attributes:
+        reason: ``"consecutive_failures"`` (the circuit breaker) or
+            ``"pause_too_long"`` (a 429 asked to wait past ``max_pause``).
+        last_error: The item error that tripped it, if any.
+    """
+
+    def __init__(self, message: str, *, reason: str, last_error: BotMessageError | None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.last_error = last_error
 
 
 class BatchFailedError(BotMessageError):

@@ -15,6 +15,7 @@ __all__ = [
     "ApiError",
     "ApiWarning",
     "MessageDefaults",
+    "Outcome",
     "SendRequest",
     "SendResult",
     "Status",
@@ -27,6 +28,15 @@ class Status(enum.Enum):
 
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+
+
+class Outcome(enum.Enum):
+    """What became of one item of a batch."""
+
+    SENT = "sent"  #: The service answered SUCCESS.
+    FAILED = "failed"  #: It was not delivered; ``error`` says why.
+    UNKNOWN = "unknown"  #: It may or may not have been delivered (``DeliveryUnknownError``).
+    SKIPPED = "skipped"  #: Never attempted: the batch stopped before it.
 
 
 @define(frozen=True)

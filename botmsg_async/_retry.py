@@ -3,13 +3,16 @@
 The rule, in short (the README's "Retries" section says it in full):
 
 * Safe, retried by default, because the message cannot have been accepted: no
-  connection could be made (DNS, refused, connect timeout, TLS), HTTP 429 and
-  503, and a FAILURE answer whose every error looks transient.
+  connection could be made (DNS, refused, connect timeout), HTTP 408, 425, 429
+  and 503, and a FAILURE answer whose every error looks transient.
 * Ambiguous, retried only with ``retry_ambiguous=True``: the request went out
-  but no usable answer came back (read timeout, reset, disconnect, HTTP
-  500/502/504, a 2xx body that cannot be parsed). By default these raise
-  ``DeliveryUnknownError`` at once, so the default policy never sends twice.
-* Everything else is final.
+  but no usable answer came back (read timeout, reset, disconnect, HTTP 500,
+  502, 504 and other 5xx, 303, a 2xx body that cannot be parsed). By default
+  these raise ``DeliveryUnknownError`` at once, so the default policy never
+  sends twice.
+* Everything else is final (a TLS certificate failure included).
+
+Which is which is decided in ``_delivery``; this module only schedules.
 
 Waits are exponential with full jitter, ``uniform(0, min(initial * 2**n, cap))``;
 a ``Retry-After`` is honoured as ``max(backoff, retry_after)`` plus a little
@@ -29,15 +32,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import tenacity
-from attrs import define, field, setters, validators
+from attrs import Attribute, define, field, setters, validators
 
-from ._errors import (
-    APIStatusError,
-    DeliveryUnknownError,
-    RateLimitedError,
-    SendFailedError,
-    TransportError,
-)
+from ._delivery import is_retryable
+from ._errors import BotMessageError
 
 if TYPE_CHECKING:
     from ._models import SendResult
@@ -80,6 +78,18 @@ def _to_frozenset(codes: Iterable[str]) -> frozenset[str]:
     return frozenset(codes)
 
 
+def _to_int_frozenset(statuses: Iterable[int]) -> frozenset[int]:
+    return frozenset(statuses)
+
+
+def _check_statuses(_: object, attribute: Attribute[frozenset[int]], value: frozenset[int]) -> None:
+    for status in value:
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError(f"{attribute.name}: {status!r} is not an HTTP status (100-599)")
+        if 200 <= status < 300:
+            raise ValueError(f"{attribute.name}: {status} is a success; its body decides")
+
+
 @define(frozen=True)
 class RetryPolicy:
     """What to retry, how often and how long to wait.
@@ -101,6 +111,11 @@ class RetryPolicy:
         retry_count_header: Header telling the server which retry this is (None: off).
         max_retry_after: Longest Retry-After honoured; a longer one fails at once
             with ``RateLimitedError``.
+        not_processed_statuses: Extra HTTP statuses that the service documents
+            as "not processed, try again" (e.g. a gateway's 520 that never
+            forwards): retried, and never reported as unknown. Only name a
+            status the service guarantees; the default treats every 5xx but
+            501, 503 and 505 as "may have been processed".
 
     Example:
         >>> RetryPolicy(max_attempts=6, transient_error_codes={"E_QUEUE_FULL"})
@@ -120,6 +135,9 @@ class RetryPolicy:
     idempotency_header: str = "Idempotency-Key"
     retry_count_header: str | None = "X-Retry-Count"
     max_retry_after: float = field(default=60.0, validator=validators.ge(0))
+    not_processed_statuses: frozenset[int] = field(
+        default=frozenset(), converter=_to_int_frozenset, validator=_check_statuses
+    )
 
     @classmethod
     def none(cls) -> RetryPolicy:
@@ -278,16 +296,13 @@ ATTEMPT_FLOOR = 0.05
 
 
 def classify_failure(exc: BaseException, policy: RetryPolicy) -> bool:
-    """Return whether ``exc``, raised by one attempt, may be retried under ``policy``."""
-    if isinstance(exc, DeliveryUnknownError):
-        return policy.retry_ambiguous
-    if isinstance(exc, TransportError | RateLimitedError):
-        return True
-    if isinstance(exc, SendFailedError):
-        return exc.transient
-    if isinstance(exc, APIStatusError):
-        return exc.status == 503
-    return False
+    """Return whether ``exc``, raised by one attempt, may be retried under ``policy``.
+
+    The rule itself is ``_delivery.is_retryable``; this only adapts it to the policy.
+    """
+    return isinstance(exc, BotMessageError) and is_retryable(
+        exc, retry_ambiguous=policy.retry_ambiguous
+    )
 
 
 def parse_retry_after(

@@ -47,17 +47,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, TextIO
 from . import _journal
 from ._batch import ItemResult, Outcome, Progress
 from ._client import BotMessageClient, check_base_url, check_id
+from ._delivery import may_resend, settles_doubt
 from ._errors import (
     APIStatusError,
-    AuthenticationError,
     BotMessageError,
-    ClientClosedError,
     DeliveryUnknownError,
     InvalidRequestError,
     InvalidResponseError,
     RateLimitedError,
     SendFailedError,
-    TransportError,
 )
 from ._models import SendRequest, SendResult, TextMessage
 from ._retry import RetryBudget, RetryPolicy
@@ -594,22 +592,6 @@ def _scan(source: _Source, fmt: str, defaults: RowDefaults) -> Scan:
 # -- send-many -------------------------------------------------------------------------
 
 
-def _may_resend(error: BotMessageError | None) -> bool:
-    """Whether a FAILED item certainly was not delivered and may get through later.
-
-    A resumed run sends these again. The rest failed "permanently": the same
-    request would be refused the same way (a FAILURE the policy deems final, a
-    400-class answer, an invalid request).
-    """
-    if isinstance(error, SendFailedError):
-        return error.transient
-    if isinstance(error, AuthenticationError | RateLimitedError):
-        return True
-    if isinstance(error, APIStatusError):
-        return not 400 <= error.status < 500 or error.status in (408, 425)
-    return isinstance(error, TransportError | ClientClosedError)
-
-
 def _describe(error: BotMessageError | None) -> str | None:
     """An item's error for --out and the journal: type and sentence (the ids have fields)."""
     return None if error is None else f"{type(error).__name__}: {error.message}"
@@ -973,10 +955,11 @@ class _SendMany:
             error = f"not attempted: the batch stopped after: {self.stopped_by}"
         else:
             error = _describe(item.error)
-        settled = outcome is Outcome.SENT or (
-            isinstance(item.error, SendFailedError) and not item.error.transient
-        )
-        if meta.in_doubt and not settled and outcome is not Outcome.UNKNOWN:
+        if (
+            meta.in_doubt
+            and outcome is not Outcome.UNKNOWN
+            and not settles_doubt(outcome, item.error)
+        ):
             return Outcome.UNKNOWN.value, f"{_IN_DOUBT_NOTE}; this run's resend: {error}"
         return outcome.value, error
 
@@ -994,7 +977,7 @@ class _SendMany:
             user_uuid=item.user_uuid,
             message_uuid=item.result.message_uuid if item.result is not None else None,
             error=None if outcome == Outcome.SKIPPED.value else error,
-            retry=outcome == Outcome.FAILED.value and _may_resend(item.error),
+            retry=outcome == Outcome.FAILED.value and may_resend(item.error),
         )
 
     def _emit(self, item: ItemResult) -> None:
