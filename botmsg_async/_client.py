@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import select
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -175,6 +176,79 @@ def _scrub(exc: BaseException) -> None:
         exc.args = (exc.request_info, exc.history)
 
 
+#: aiohttp's StreamWriter methods that write a request's headers, its first bytes.
+_FIRST_WRITES = frozenset({"_send_headers_with_payload", "send_headers"})
+
+
+def _closed_before_written(exc: BaseException) -> bool:
+    """Whether aiohttp refused to write the request's first bytes to a closed connection.
+
+    aiohttp buffers the request line and headers and writes them together with
+    the body; before handing bytes to the transport it checks that the transport
+    is not closing, and raises ``ClientConnectionResetError`` if it is. Such an
+    error raised within the write that carries the headers proves that not one
+    byte of the request left: the server closed the pooled connection first.
+    Every other failure (a later write, a drain, a disconnect noticed while
+    waiting for the answer) may follow bytes that reached the server and stays
+    ambiguous; so does everything on an aiohttp that writes differently, since
+    then no frame matches. Only failures pay for this walk.
+    """
+    for error in (exc, exc.__cause__):
+        if isinstance(error, aiohttp.ClientConnectionResetError):
+            tb = error.__traceback__
+            while tb is not None:
+                code = tb.tb_frame.f_code
+                if code.co_name in _FIRST_WRITES and code.co_filename.endswith("http_writer.py"):
+                    return True
+                tb = tb.tb_next
+    return False
+
+
+def _peer_spoke(connection: aiohttp.connector.Connection) -> bool:
+    """Whether an idle connection has bytes or an end of stream the loop has not read yet.
+
+    An idle keep-alive connection has nothing to read unless the server closed it
+    (FIN or RST) or sent something unasked (a 408, a TLS close_notify): either
+    way it must not carry a request. The check is one ``select`` with no wait.
+    """
+    transport = connection.transport
+    if transport is None or transport.is_closing():
+        return False  # aiohttp already knows; it refuses to write and we report it
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select((sock,), (), (), 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class _LiveConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that never lends a pooled connection the server already closed.
+
+    aiohttp reuses a pooled connection unless the event loop has already seen it
+    close; a server's FIN that is in the kernel but not yet read by the loop (it
+    answered and closed at once, or its idle timeout just ran out) would carry
+    the next request to a dead socket, and the send would end "unknown". Such a
+    connection is closed and another one taken, before anything is written.
+    """
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        for _ in range(8):  # bounded: each one dropped leaves the pool smaller
+            if not _peer_spoke(connection):
+                break
+            connection.close()
+            connection = await super().connect(req, traces, timeout)
+        return connection
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -200,6 +274,10 @@ class BotMessageClient:
             None takes the retry policy's ``attempt_timeout`` and ``connect_timeout``.
         max_connections: Size of the connection pool; None (default) leaves the
             pool uncapped so that ``send_many(concurrency=...)`` is the only cap.
+        keepalive_timeout: Seconds an idle pooled connection is kept for reuse. Shorter
+            than the servers' own idle timeouts (5 s for uvicorn and Node), so that a
+            send rarely picks a connection the server is closing at that moment; lower
+            it below your service's idle timeout if that is shorter.
         retry: The retry policy for every send (default ``RetryPolicy()``).
         retry_budget: The client-wide retry allowance; None (the default) gives the
             client a ``RetryBudget()`` of its own.
@@ -229,6 +307,7 @@ class BotMessageClient:
         *,
         timeout: float | aiohttp.ClientTimeout | None = None,
         max_connections: int | None = None,
+        keepalive_timeout: float = 4.0,
         retry: RetryPolicy | None = None,
         retry_budget: RetryBudget | None = None,
         user_agent: str | None = None,
@@ -253,6 +332,8 @@ class BotMessageClient:
             ) from None
         if max_connections is not None and max_connections < 1:
             raise InvalidRequestError("max_connections", max_connections, "must be >= 1 or None")
+        if not keepalive_timeout > 0:  # also refuses NaN
+            raise InvalidRequestError("keepalive_timeout", keepalive_timeout, "must be > 0")
         if max_response_bytes < 1:
             raise InvalidRequestError("max_response_bytes", max_response_bytes, "must be >= 1")
         from . import __version__
@@ -265,6 +346,7 @@ class BotMessageClient:
         }
         self._timeout = timeout
         self._max_connections = max_connections
+        self._keepalive_timeout = keepalive_timeout
         self._retry = retry or RetryPolicy()
         self._clock = clock
         self._sleep = sleep
@@ -329,10 +411,11 @@ class BotMessageClient:
             raise ClientClosedError("this BotMessageClient is closed; create a new one")
         session = self._session
         if session is None:
-            connector = aiohttp.TCPConnector(
+            connector = _LiveConnector(
                 limit=self._max_connections or 0,
                 limit_per_host=0,
                 ttl_dns_cache=300,
+                keepalive_timeout=self._keepalive_timeout,
             )
             session = aiohttp.ClientSession(
                 connector=connector,
@@ -569,6 +652,15 @@ class BotMessageClient:
             ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             _scrub(exc)
+            if _closed_before_written(exc):
+                # A stale pooled connection: safe to retry, on another connection
+                # (aiohttp drops this one).
+                raise TransportError(
+                    "the pooled connection was closed before the request was written; "
+                    "nothing was sent",
+                    department_uuid=state.department_uuid,
+                    user_uuid=state.user_uuid,
+                ) from exc
             raise ResponseLostError(
                 f"the request was sent but no answer came back ({exc.__class__.__name__}); "
                 "the message may or may not have been delivered",

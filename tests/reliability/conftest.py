@@ -84,3 +84,7 @@ def pytest_terminal_summary(terminalreporter: TerminalReporter) -> None:
     for name, figures in test_soak.FIGURES.items():
         shown = {k: (str(v) if isinstance(v, dict) else v) for k, v in figures.items()}
         terminalreporter.write_line(f"reliability soak ({name}): {shown}")
+    from . import test_stale_connections
+
+    for name, counts in test_stale_connections.FIGURES.items():
+        terminalreporter.write_line(f"stale connections ({name}): {counts}")
