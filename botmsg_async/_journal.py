@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 __all__ = [
@@ -269,14 +269,17 @@ class JournalWriter:
 
     Args:
         path: The journal file; created if missing.
+        redact: Applied to every string written (the CLI's credential redactor):
+            an error text is the server's, and a server may echo the password.
 
     Raises:
         JournalError: another process holds the journal.
         OSError: it cannot be opened.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, redact: Callable[[str], str] | None = None) -> None:
         self.path = path
+        self._redact = redact
         flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         try:
             self._fd: int | None = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
@@ -308,7 +311,12 @@ class JournalWriter:
     def _write(self, record: dict[str, Any]) -> None:
         if self._fd is None:
             raise JournalError(f"{self.path}: journal already closed")
-        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        if self._redact is not None:
+            redact = self._redact
+            record = {k: redact(v) if isinstance(v, str) else v for k, v in record.items()}
+        # ensure_ascii: any text can be written, a lone surrogate from a server included,
+        # and no control character of it reaches a terminal that shows the journal.
+        data = (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
         view = memoryview(data)
         while view:  # a regular file takes it all in one call unless the disk is full
             written = os.write(self._fd, view)
