@@ -72,13 +72,13 @@ def test_discard_removes_only_what_the_writer_made(tmp_path: Path) -> None:
     """discard() deletes a journal it created and empties one it found empty."""
     made = tmp_path / "made"
     writer = _journal.JournalWriter(str(made))
-    writer.header(fingerprint="fp", items=3)
+    writer.header(fingerprint="fp", items=3, window=2)
     writer.discard()
     assert not made.exists()
 
     found = tmp_path / "found"
     found.touch()
     writer = _journal.JournalWriter(str(found))
-    writer.header(fingerprint="fp", items=3)
+    writer.header(fingerprint="fp", items=3, window=2)
     writer.discard()
     assert found.read_bytes() == b""
