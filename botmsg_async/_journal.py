@@ -11,6 +11,13 @@ input it belongs to; then, per item::
     {"i": 17, "o": "unknown", "e": "<why>", ...}                  may or may not have been delivered
     {"i": 17, "o": "skipped"}                                     pulled but never attempted
 
+The first record also holds ``"window"``: how many start records the run could
+lose at once (its ``--concurrency``; 0 with ``--durable``). Each resumed run
+appends ``{"resume": 1, "window": W}``. ``{"i": 17, "o": "skipped", "attempted":
+false}`` withdraws a start record written ahead of an attempt that never came
+(``--durable``); ``{"i": 17, "o": "unknown", "e": "<why>"}`` without a key marks an
+item held back after a torn tail (below).
+
 An item with a ``start`` and no outcome was in flight when the process died: it
 may or may not have been delivered. A run with ``--resume`` reports such items
 as unknown and never sends them again unless told to (``--resend-unknown``, with
@@ -20,17 +27,27 @@ no connection): a resumed run sends those again, with a new key. An item in
 doubt that a ``--resend-unknown`` run sends again stays in doubt unless that
 send settles it (sent, or a failure that is not ``"retry": true``).
 
-Reading the journal costs one byte per input item plus the in-doubt items, so a
+Records are handed to the OS one by one, but fsynced only at the end, so a
+power cut (unlike a crash) can lose the journal's last seconds. A torn last
+record shows such a loss; ``load`` then holds back, as unknown and never to be
+sent again, the items the last run may have started without a surviving start
+record: the items it had pulled without any record, and the next ``window``
+items it would have pulled after its highest started one. More lost records
+than that go unnoticed: only ``--durable`` (every start record fsynced before
+its send) makes the journal safe against power cuts.
+
+Reading the journal costs two bytes per input item plus the in-doubt items, so a
 resumed run over ten million rows needs about ten megabytes; the records of
 finished items are streamed from the file again when ``--out`` needs them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 __all__ = [
@@ -49,6 +66,14 @@ __all__ = [
 ]
 
 FORMAT_VERSION: Final = 1
+#: The window of journals written before it was recorded: the largest default concurrency.
+DEFAULT_WINDOW: Final = 64
+#: Why an item held back after a torn tail is unknown.
+TORN_NOTE: Final = (
+    "the journal's end was lost (a power cut?) while this item may have been in flight: "
+    "it may or may not have been delivered, and with no idempotency key on record it "
+    "cannot be resent safely (not even with --resend-unknown); check it by hand"
+)
 
 # One byte per item: what the journal says became of it.
 NEW: Final = 0  #: Never pulled.
@@ -63,6 +88,8 @@ SKIPPED: Final = 6  #: Pulled but never attempted (the batch had stopped).
 FINAL_STATES: Final = frozenset({SENT, FAILED})
 #: States whose delivery is in doubt.
 IN_DOUBT_STATES: Final = frozenset({STARTED, UNKNOWN})
+#: States whose item a run sends with a new key: what a lost start record may hide.
+_FRESH_STATES: Final = frozenset({NEW, RETRY, SKIPPED})
 
 _OUTCOME_STATES: Final = {"sent": SENT, "unknown": UNKNOWN, "skipped": SKIPPED}
 
@@ -101,22 +128,34 @@ class JournalState:
         items: Number of items of the input the journal was written for.
         states: One state byte per item (``NEW``, ``SENT``, ...).
         in_doubt: For each item whose state is ``STARTED`` or ``UNKNOWN``: its
-            idempotency key and the error recorded, if any.
+            idempotency key (None for an item held back after a torn tail: it
+            cannot be resent) and the error recorded, if any.
         resent: Items started again while in doubt, whose last start has no
             outcome yet that settles the doubt.
         valid_bytes: Length of the journal up to its last complete record; a torn
             tail beyond it is cut off before new records are appended.
         has_header: Whether the journal has its first record; an empty journal
             (killed before writing it) has nothing to resume.
+        torn: Whether a torn last record was found (and cut off).
+        torn_in_doubt: The items held back because of it (now ``UNKNOWN``, no
+            key); the caller records them, since the torn record that revealed
+            the loss is about to be cut off.
     """
 
     def __init__(self, items: int) -> None:
         self.items = items
         self.states = bytearray(items)
-        self.in_doubt: dict[int, tuple[str, str | None]] = {}
+        self.in_doubt: dict[int, tuple[str | None, str | None]] = {}
         self.resent: set[int] = set()
         self.valid_bytes = 0
         self.has_header = False
+        self.torn = False
+        self.torn_in_doubt: list[int] = []
+        # The last run's part of the journal: its window, its highest started
+        # item, and which items it wrote any record for.
+        self._window = DEFAULT_WINDOW
+        self._run_high = -1
+        self._run_seen = bytearray(items)
 
     def count(self, state: int) -> int:
         """How many items are in ``state``."""
@@ -153,9 +192,10 @@ def _lines(path: str) -> Iterator[tuple[int, int, bytes, bool]]:
 def load(path: str, *, fingerprint: str, items: int) -> JournalState:
     """Read the journal at ``path`` for an input with ``fingerprint`` and ``items`` items.
 
-    A torn last line (the process was killed while writing it) is ignored: it
-    was never complete, so nothing was done on its strength. Any other bad line
-    makes the journal unusable.
+    A torn last line (cut by a power cut or a crash while it was written) is
+    ignored, and the items the last run may have started without a surviving
+    record are held back (see the module's documentation): ``torn`` and
+    ``torn_in_doubt`` say so. Any other bad line makes the journal unusable.
 
     Raises:
         JournalError: the journal is missing, corrupt, or belongs to another input.
@@ -168,16 +208,22 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
                     state.valid_bytes = end
                 continue
             if is_last and not raw.endswith(b"\n"):
-                break  # torn: killed mid-write
+                state.torn = True  # cut mid-write
+                break
             try:
                 record = _parse_line(raw, lineno, path)
             except JournalError:
                 if is_last:
-                    break  # a garbled last line is a torn one too
+                    state.torn = True  # a garbled last line is a torn one too
+                    break
                 raise
             if not state.has_header:
-                _check_header(record, path, fingerprint=fingerprint, items=items)
+                state._window = _check_header(record, path, fingerprint=fingerprint, items=items)
                 state.has_header = True
+            elif "resume" in record:
+                state._window = _window_of(record, path, lineno)
+                state._run_high = -1
+                state._run_seen = bytearray(items)
             else:
                 _apply(state, record, lineno, path)
             state.valid_bytes = end
@@ -185,10 +231,42 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
         raise JournalError(f"{path}: no such journal; drop --resume to start a new one") from None
     except OSError as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc.strerror}") from None
+    if state.torn and state.has_header:
+        _hold_back(state)
     return state
 
 
-def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items: int) -> None:
+def _hold_back(state: JournalState) -> None:
+    """Mark unknown, without a key, each item the last run may have started unrecorded.
+
+    The last run pulled items in input order, skipping those it did not send
+    with a new key, and at most ``window`` of them had a start record not yet
+    on disk. So: the items below its highest started one that it would have
+    pulled yet has no record of, and the next ``window`` it would have pulled.
+    """
+    high, seen = state._run_high, state._run_seen
+    left = state._window
+    for index in range(state.items):
+        if state.states[index] not in _FRESH_STATES or seen[index]:
+            continue
+        if index > high:
+            if left == 0:
+                break
+            left -= 1
+        state.states[index] = UNKNOWN
+        state.in_doubt[index] = (None, TORN_NOTE)
+        state.torn_in_doubt.append(index)
+
+
+def _window_of(record: dict[str, Any], path: str, lineno: int) -> int:
+    window = record.get("window", DEFAULT_WINDOW)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise JournalError(f"{path}:{lineno}: bad window {window!r}")
+    return window
+
+
+def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items: int) -> int:
+    """Check the first record; return its window (``DEFAULT_WINDOW`` if it has none)."""
     if record.get("botmsg_journal") != FORMAT_VERSION:
         raise JournalError(f"{path}:1: not a botmsg journal (version {FORMAT_VERSION})")
     if record.get("input") != fingerprint or record.get("items") != items:
@@ -197,13 +275,16 @@ def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items:
             "--subject, --sender-name); resuming it would send the wrong messages. "
             "Use the original input, or a new journal"
         )
+    return _window_of(record, path, 1)
 
 
 def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) -> None:
     index = record.get("i")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < state.items:
         raise JournalError(f"{path}:{lineno}: item index {index!r} out of range")
+    state._run_seen[index] = 1
     if record.get("s") == "start":
+        state._run_high = max(state._run_high, index)
         key = record.get("key")
         if not isinstance(key, str):
             raise JournalError(f"{path}:{lineno}: start record without a key")
@@ -217,6 +298,12 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
     new = _state_of(record)
     if new is None:
         raise JournalError(f"{path}:{lineno}: unknown record")
+    if new == SKIPPED and record.get("attempted") is False and index not in state.resent:
+        # A start written ahead (--durable) for an attempt that never came: void.
+        # (Had the item been in doubt before that start, it stays so, below.)
+        state.in_doubt.pop(index, None)
+        state.states[index] = SKIPPED
+        return
     if (new == SKIPPED and index in state.in_doubt) or (new == RETRY and index in state.resent):
         # A resend of an item in doubt that settled nothing (skipped, or a failure
         # that proves nothing about the earlier attempt): it stays in doubt, with
@@ -228,9 +315,8 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
     if new == UNKNOWN:
         previous = state.in_doubt.get(index)
         key = record.get("k") if isinstance(record.get("k"), str) else None
+        # No key at all: an item held back after a torn tail; it is never resent.
         key = key or (previous[0] if previous else None)
-        if key is None:
-            raise JournalError(f"{path}:{lineno}: unknown outcome without a key")
         error = record.get("e")
         state.in_doubt[index] = (key, error if isinstance(error, str) else None)
     else:
@@ -254,6 +340,8 @@ def finished_records(path: str, state: JournalState) -> Iterator[dict[str, Any]]
         if not header_seen:
             header_seen = True
             continue
+        if "resume" in record:  # where a resumed run began
+            continue
         index = record["i"]
         record_state = _state_of(record)
         if record_state in FINAL_STATES and state.states[index] == record_state and not seen[index]:
@@ -269,14 +357,17 @@ class JournalWriter:
 
     Args:
         path: The journal file; created if missing.
+        redact: Applied to every string written (the CLI's credential redactor):
+            an error text is the server's, and a server may echo the password.
 
     Raises:
         JournalError: another process holds the journal.
         OSError: it cannot be opened.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, redact: Callable[[str], str] | None = None) -> None:
         self.path = path
+        self._redact = redact
         flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         try:
             self._fd: int | None = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
@@ -308,21 +399,73 @@ class JournalWriter:
     def _write(self, record: dict[str, Any]) -> None:
         if self._fd is None:
             raise JournalError(f"{self.path}: journal already closed")
-        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        if self._redact is not None:
+            redact = self._redact
+            record = {k: redact(v) if isinstance(v, str) else v for k, v in record.items()}
+        # ensure_ascii: any text can be written, a lone surrogate from a server included,
+        # and no control character of it reaches a terminal that shows the journal.
+        data = (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
         view = memoryview(data)
         while view:  # a regular file takes it all in one call unless the disk is full
             written = os.write(self._fd, view)
             view = view[written:]
 
-    def header(self, *, fingerprint: str, items: int) -> None:
-        """Write the first record, naming the input; fsynced, since it is written once."""
-        self._write({"botmsg_journal": FORMAT_VERSION, "input": fingerprint, "items": items})
+    def header(self, *, fingerprint: str, items: int, window: int) -> None:
+        """Write the first record, naming the input; fsynced, since it is written once.
+
+        Args:
+            fingerprint: The input's identity.
+            items: Its number of items.
+            window: How many start records this run may lose in a power cut: its
+                concurrency, or 0 when each is fsynced before its send.
+        """
+        self._write(
+            {
+                "botmsg_journal": FORMAT_VERSION,
+                "input": fingerprint,
+                "items": items,
+                "window": window,
+            }
+        )
         assert self._fd is not None
         os.fsync(self._fd)
+
+    def resumed(self, *, window: int, held_back: list[int]) -> None:
+        """Start a resumed run's part of the journal; record the items ``load`` held
+        back after a torn tail, and fsync: the torn record that revealed them is gone.
+        """
+        self._write({"resume": 1, "window": window})
+        for index in held_back:
+            self._write({"i": index, "o": "unknown", "e": TORN_NOTE})
+        if held_back:
+            assert self._fd is not None
+            os.fsync(self._fd)
 
     def start(self, index: int, key: str) -> None:
         """Record that item ``index`` is about to be sent with idempotency ``key``."""
         self._write({"i": index, "s": "start", "key": key})
+
+    def unattempted(self, index: int) -> None:
+        """Withdraw the start record of item ``index``: it was never attempted."""
+        self._write({"i": index, "o": "skipped", "attempted": False})
+
+    async def sync(self) -> None:
+        """fsync everything written so far, in a thread, so the event loop runs on.
+
+        The thread works on a duplicate descriptor: if the caller is cancelled
+        and the journal closed meanwhile, it still syncs (and closes) its own.
+        """
+        if self._fd is None:
+            raise JournalError(f"{self.path}: journal already closed")
+        fd = os.dup(self._fd)
+
+        def fsync_and_close() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(fsync_and_close)
 
     def outcome(
         self,

@@ -687,10 +687,15 @@ async def test_sigterm_drains_in_flight_sends_so_resume_has_nothing_in_doubt(
         )
 
 
-async def test_torn_last_journal_line_is_tolerated(
+async def test_a_torn_journal_holds_back_the_window_after_it(
     server: FakeBotMessageServer, tmp_path: Path
 ) -> None:
-    """A journal cut mid-record (killed while writing) resumes; the fragment is dropped."""
+    """A journal cut mid-record resumes with a warning; the run's window is held back.
+
+    A torn record means the journal's end may be lost (a power cut): the next
+    --concurrency items the run would have started may have been sent with no
+    surviving start record, so they are reported unknown, never sent again.
+    """
     source = write_csv(tmp_path / "in.csv", rows(6))
     journal = tmp_path / "journal"
     run = await botmsg(
@@ -699,28 +704,35 @@ async def test_torn_last_journal_line_is_tolerated(
     assert run.rc == 0
     # One at a time: header, start 0, outcome 0, start 1, outcome 1, ...
     lines = journal.read_bytes().splitlines(keepends=True)
+    assert b'"window":1' in lines[0]
     assert b'"s":"start"' in lines[3]
     assert b'"o":"sent"' in lines[4]
-    # Killed while writing item 1's outcome: item 1 is in doubt, 2 to 5 never started.
+    # Cut while writing item 1's outcome: item 1 is in doubt, and so is item 2,
+    # the one window (-c 1) after it: its start record may be lost too.
     journal.write_bytes(b"".join(lines[:4]) + lines[4][:15])
     server.reset()
     out = tmp_path / "out.jsonl"
-    run = await botmsg(
-        "send-many",
-        str(source),
-        "--journal",
-        str(journal),
-        "--resume",
-        "--out",
-        str(out),
-        server=server,
-    )
+    args = ["send-many", str(source), "--journal", str(journal), "--resume", "--out", str(out)]
+    run = await botmsg(*args, server=server)
     assert run.rc == 3, run.stderr
+    assert "torn record" in run.stderr
+    assert "1 item(s) the stopped run may have started" in run.stderr
     outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
-    assert outcomes == {0: "sent", 1: "unknown", 2: "sent", 3: "sent", 4: "sent", 5: "sent"}
+    assert outcomes == {0: "sent", 1: "unknown", 2: "unknown", 3: "sent", 4: "sent", 5: "sent"}
+    (held,) = [line for line in read_jsonl(out) if line["index"] == 2]
+    assert held["idempotency_key"] is None
+    assert "cannot be resent safely" in held["error"]
     for line in journal.read_bytes().splitlines():
         json.loads(line)  # the fragment is gone, no record got glued to it
-    assert sorted(m.user_uuid for m in server.messages) == [f"user-{i}" for i in range(2, 6)]
+    assert sorted(m.user_uuid for m in server.messages) == [f"user-{i}" for i in range(3, 6)]
+
+    # The torn record is gone now; the journal still holds item 2 back, even
+    # from --resend-unknown, which resends item 1 under its own key.
+    run = await botmsg(*args, "--resend-unknown", server=server)
+    assert run.rc == 3, run.stderr
+    outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
+    assert outcomes == {0: "sent", 1: "sent", 2: "unknown", 3: "sent", 4: "sent", 5: "sent"}
+    assert sorted(m.user_uuid for m in server.messages) == [f"user-{i}" for i in (1, 3, 4, 5)]
 
 
 async def test_resume_refuses_a_journal_of_another_input(

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import json
 import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from botmsg_async import BotMessageClient, BotMessageError, InvalidRequestError, RetryPolicy
 from botmsg_async.testing import FakeBotMessageServer, Fault
@@ -114,3 +122,131 @@ async def test_chained_aiohttp_errors_carry_no_authorization() -> None:
         await tcp.wait_closed()
     for secret in secrets_of("bot", PASSWORD):
         assert all(secret not in text for text in chain(info.value))
+
+
+# -- the CLI: every sink redacted, even when the server echoes the credentials -------------
+
+CLI_USER = "echo-user"
+# A quote and a backslash: JSON escapes them, so a search of the raw output would miss them.
+CLI_PASSWORD = 'pw"Zq\\8-echo-4412'
+
+
+def all_strings(value: object) -> list[str]:
+    """Every string (keys included) inside a decoded JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *all_strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in all_strings(v)]
+    return []
+
+
+def decoded_texts(text: str) -> list[str]:
+    """``text`` itself, and every string of each line that is JSON."""
+    texts = [text]
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            texts += all_strings(json.loads(line))
+    return texts
+
+
+@contextlib.asynccontextmanager
+async def echoing_server() -> AsyncIterator[str]:
+    """A server that answers every send with the request's credentials in its error text.
+
+    User ``fail-*``: HTTP 200 FAILURE with them in ``errorDescription``; ``http-*``:
+    HTTP 400 with them in a JSON body; else SUCCESS with them in ``messageUuid``.
+    """
+
+    async def handle(request: web.Request) -> web.Response:
+        authorization = request.headers["Authorization"]
+        decoded = base64.b64decode(authorization.split()[1]).decode()
+        password = decoded.partition(":")[2]
+        echo = f"refused {authorization!r} = {decoded} (password {password})"
+        user = request.match_info["user"]
+        if user.startswith("fail-"):
+            error = {"errorCode": "DENIED", "errorDescription": echo, "errorUID": password}
+            return web.json_response({"requestUuid": echo, "status": "FAILURE", "errors": [error]})
+        if user.startswith("http-"):
+            return web.json_response({"errorDescription": echo}, status=400)
+        return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": echo})
+
+    app = web.Application()
+    app.router.add_post("/communications/department/{dept}/user/{user}/botmessage/send", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def run_cli(*args: str, base_url: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME=CLI_USER, BOTMSG_PASSWORD=CLI_PASSWORD)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "botmsg_async",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def assert_no_cli_secret(texts: list[str]) -> None:
+    token = base64.b64encode(f"{CLI_USER}:{CLI_PASSWORD}".encode()).decode()
+    for secret in (CLI_PASSWORD, token, f"{CLI_USER}:{CLI_PASSWORD}"):
+        for text in texts:
+            assert secret not in text
+
+
+@pytest.mark.parametrize("user", ["fail-1", "http-1", "ok-1"])
+async def test_cli_send_redacts_credentials_the_server_echoes(user: str) -> None:
+    """botmsg send: credentials echoed by the server show in neither stdout nor stderr."""
+    async with echoing_server() as base_url:
+        rc, out, err = await run_cli(
+            "--log-level", "DEBUG", "send", "-d", "d-1", "-u", user, "-t", "hi", base_url=base_url
+        )
+    assert rc in (0, 1), err
+    if not user.startswith("http-"):  # a 400's body is not shown at all
+        assert "[redacted]" in out + err
+    assert_no_cli_secret(decoded_texts(out) + decoded_texts(err))
+
+
+async def test_cli_send_many_redacts_echoed_credentials_in_out_and_journal(
+    tmp_path: Path,
+) -> None:
+    """botmsg send-many: echoed credentials reach no sink: stdout, stderr, --out, journal."""
+    source = tmp_path / "in.jsonl"
+    users = ["fail-1", "http-2", "ok-3", "fail-4"]
+    source.write_text(
+        "".join(
+            json.dumps({"department_uuid": "d-1", "user_uuid": u, "text": "hi"}) + "\n"
+            for u in users
+        ),
+        encoding="utf-8",
+    )
+    out, journal = tmp_path / "out.jsonl", tmp_path / "journal"
+    async with echoing_server() as base_url:
+        for extra in (["--out", str(out)], ["--out", "-"]):
+            journal.unlink(missing_ok=True)
+            rc, stdout, stderr = await run_cli(
+                "send-many", str(source), "--journal", str(journal), *extra, base_url=base_url
+            )
+            assert rc == 1, stderr
+            texts = decoded_texts(stdout) + decoded_texts(stderr)
+            texts += decoded_texts(journal.read_text(encoding="utf-8"))
+            if extra[1] != "-":
+                texts += decoded_texts(out.read_text(encoding="utf-8"))
+                assert "[redacted]" in out.read_text(encoding="utf-8")
+            assert_no_cli_secret(texts)
