@@ -15,12 +15,13 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 from ._batch import BatchReport, BatchStream, ItemResult, Outcome, Progress
-from ._client import BotMessageClient
+from ._client import MAX_TEXT_BYTES, BotMessageClient
 from ._errors import (
     APIStatusError,
     AuthenticationError,
     BatchFailedError,
     BotMessageError,
+    CertificateError,
     ClientClosedError,
     DeliveryUnknownError,
     InvalidRequestError,
@@ -42,7 +43,7 @@ from ._models import (
 )
 from ._retry import RetryBudget, RetryEvent, RetryPolicy
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "APIStatusError",
     "ApiError",
     "ApiWarning",
@@ -52,11 +53,13 @@ __all__ = [
     "BatchStream",
     "BotMessageClient",
     "BotMessageError",
+    "CertificateError",
     "ClientClosedError",
     "DeliveryUnknownError",
     "InvalidRequestError",
     "InvalidResponseError",
     "ItemResult",
+    "MAX_TEXT_BYTES",
     "MessageDefaults",
     "Outcome",
     "Progress",

@@ -36,6 +36,7 @@ __all__ = [
     "AuthenticationError",
     "BatchFailedError",
     "BotMessageError",
+    "CertificateError",
     "ClientClosedError",
     "DeliveryUnknownError",
     "InvalidRequestError",
@@ -284,3 +285,11 @@ class BatchFailedError(BotMessageError):
         self.failed = failed
         self.unknown = unknown
         self.skipped = skipped
+
+
+class CertificateError(TransportError):
+    """TLS verification failed: the server's certificate is not trusted; not retried.
+
+    Nothing was sent. The message says why (expired, self-signed, wrong host...):
+    fix the server's certificate, or the trust store the client's session uses.
+    """
