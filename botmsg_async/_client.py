@@ -190,8 +190,12 @@ def check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
         scheme, host, _ = url.scheme, url.host, url.port
         has_extra = bool(url.query_string or url.fragment)
         trimmed = url.with_path(url.path.rstrip("/"))
-        shown = str(url)
-    except ValueError as exc:  # also UnicodeError, from IDNA-encoding the host
+        # Rebuilt, a URL can fail where the original did not ("http://[:0:0]"
+        # loses its brackets): read the one that will be used, too.
+        shown, _, _, _ = str(url), str(trimmed), trimmed.host, trimmed.port
+    except Exception as exc:
+        # Whatever yarl raises on text it cannot parse (ValueError, UnicodeError
+        # from IDNA, even IndexError for "0://[]@") means the same: no usable URL.
         # Echoed only when it cannot hold credentials (user:password@host).
         if isinstance(base_url, str) and "@" not in base_url:
             raise InvalidRequestError(

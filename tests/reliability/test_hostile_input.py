@@ -185,6 +185,8 @@ any_text = st.text(st.characters(exclude_categories=()))  # lone surrogates incl
 @example("https://h:abc")
 @example("https://[::1")
 @example("https://[zz]")
+@example("http://[:0:0]")
+@example("0://[]@")
 def test_check_base_url_is_total(text: str) -> None:
     """Any text is a usable URL or InvalidRequestError('base_url'), never yarl's ValueError."""
     try:
