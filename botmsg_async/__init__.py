@@ -15,7 +15,7 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 from ._batch import BatchReport, BatchStream, ItemResult, Progress
-from ._client import BotMessageClient
+from ._client import MAX_TEXT_BYTES, BotMessageClient
 from ._errors import (
     APIStatusError,
     AuthenticationError,
@@ -46,7 +46,7 @@ from ._models import (
 )
 from ._retry import RetryBudget, RetryEvent, RetryPolicy
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "APIStatusError",
     "ApiError",
     "ApiWarning",
@@ -63,6 +63,7 @@ __all__ = [
     "InvalidRequestError",
     "InvalidResponseError",
     "ItemResult",
+    "MAX_TEXT_BYTES",
     "MessageDefaults",
     "Outcome",
     "Progress",

@@ -28,6 +28,7 @@ from ._errors import (
     APIStatusError,
     AuthenticationError,
     BotMessageError,
+    CertificateError,
     ClientClosedError,
     DeliveryUnknownError,
     InvalidRequestError,
@@ -106,40 +107,124 @@ def check_id(name: str, value: object) -> str:
     return quote(value, safe="")
 
 
-def check_message(message: object, defaults: MessageDefaults) -> TextMessage:
-    """Return ``message`` as a ``TextMessage``, or raise ``InvalidRequestError``."""
+#: Largest message body accepted, in bytes of UTF-8 (1 MiB); ``max_text_bytes`` changes it.
+MAX_TEXT_BYTES = 1024 * 1024
+
+#: A lone surrogate: a str may hold one (from "\\ud800" in JSON), UTF-8 cannot.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _shown(text: str) -> str:
+    """``text`` as an error shows it: at most 60 characters, so a 1 MiB body stays out."""
+    return text if len(text) <= 60 else f"{text[:60]}... [{len(text)} characters]"
+
+
+def _check_text(name: str, value: object, *, optional: bool) -> None:
+    """Raise ``InvalidRequestError`` unless ``value`` is text that UTF-8 can carry."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        kind = "a str or None" if optional else "a str"
+        raise InvalidRequestError(name, value, f"must be {kind}, not {type(value).__name__}")
+    # isascii() is O(1): only non-ASCII text is searched for surrogates.
+    if not value.isascii() and (found := _SURROGATE.search(value)) is not None:
+        raise InvalidRequestError(
+            name,
+            _shown(value),
+            f"holds a lone surrogate {found.group()!r} at index {found.start()}, "
+            "which is not text and cannot be sent as UTF-8",
+        )
+
+
+def check_message(
+    message: object, defaults: MessageDefaults, max_text_bytes: int = MAX_TEXT_BYTES
+) -> TextMessage:
+    """Return ``message`` as a ``TextMessage``, or raise ``InvalidRequestError``.
+
+    Every text field must be a ``str`` that UTF-8 can encode (no lone
+    surrogates), and the body non-blank and at most ``max_text_bytes`` of UTF-8.
+    """
     if isinstance(message, str):
         message = defaults.message(message)
     elif not isinstance(message, TextMessage):
         raise InvalidRequestError(
             "message", message, f"must be a str or TextMessage, not {type(message).__name__}"
         )
-    if not isinstance(message.body, str) or not message.body.strip():
-        raise InvalidRequestError("message.body", message.body, "must be non-empty text")
+    body = message.body
+    _check_text("message.body", body, optional=False)
+    if not body.strip():
+        raise InvalidRequestError("message.body", body, "must be non-empty text")
+    # A character is at most 4 bytes of UTF-8: only a long body needs encoding to measure.
+    if len(body) > max_text_bytes // 4 and (
+        len(body) > max_text_bytes or len(body.encode()) > max_text_bytes
+    ):
+        raise InvalidRequestError(
+            "message.body",
+            _shown(body),
+            f"is over the limit of {max_text_bytes} bytes of UTF-8; "
+            "split it, or raise BotMessageClient(max_text_bytes=...)",
+        )
+    _check_text("message.subject", message.subject, optional=True)
+    _check_text("message.sender_name", message.sender_name, optional=True)
+    _check_text(
+        "message.recipient_communication_value",
+        message.recipient_communication_value,
+        optional=True,
+    )
+    _check_text("message.type", message.type, optional=False)
+    _check_text("message.purpose", message.purpose, optional=False)
     return message
 
 
 def check_base_url(base_url: str | URL, allow_insecure_http: bool) -> URL:
-    url = URL(base_url) if isinstance(base_url, str) else base_url
-    if url.user is not None or url.password is not None:
+    """Return ``base_url`` as a ``URL`` without a trailing slash, or raise ``InvalidRequestError``.
+
+    Total over any text: yarl parses lazily, so a bad port or IPv6 literal may
+    only fail when ``port`` or ``host`` is read; all of them are read here.
+    """
+    if not isinstance(base_url, str | URL):
+        raise InvalidRequestError(
+            "base_url", base_url, f"must be a str or yarl.URL, not {type(base_url).__name__}"
+        )
+    try:
+        url = URL(base_url) if isinstance(base_url, str) else base_url
+        has_credentials = url.user is not None or url.password is not None
+        scheme, host, _ = url.scheme, url.host, url.port
+        has_extra = bool(url.query_string or url.fragment)
+        trimmed = url.with_path(url.path.rstrip("/"))
+        # Rebuilt, a URL can fail where the original did not ("http://[:0:0]"
+        # loses its brackets): read the one that will be used, too.
+        shown, _, _, _ = str(url), str(trimmed), trimmed.host, trimmed.port
+    except Exception as exc:
+        # Whatever yarl raises on text it cannot parse (ValueError, UnicodeError
+        # from IDNA, even IndexError for "0://[]@") means the same: no usable URL.
+        # Echoed only when it cannot hold credentials (user:password@host).
+        if isinstance(base_url, str) and "@" not in base_url:
+            raise InvalidRequestError(
+                "base_url", base_url, f"is not a valid URL ({exc}); check the host and port"
+            ) from None
+        raise InvalidRequestError(
+            "base_url", "<redacted>", "is not a valid URL; check the host and port"
+        ) from None
+    if has_credentials:
         # Checked first, and the URL not echoed: it holds credentials.
         raise InvalidRequestError(
             "base_url", "<redacted>", "must not carry credentials; pass username and password"
         )
-    if url.scheme not in ("http", "https") or not url.host:
+    if scheme not in ("http", "https") or not host:
         raise InvalidRequestError(
-            "base_url", str(url), "must be an absolute http:// or https:// URL with a host"
+            "base_url", shown, "must be an absolute http:// or https:// URL with a host"
         )
-    if url.query_string or url.fragment:
-        raise InvalidRequestError("base_url", str(url), "must not have a query or fragment")
-    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
+    if has_extra:
+        raise InvalidRequestError("base_url", shown, "must not have a query or fragment")
+    if scheme == "http" and not allow_insecure_http and not _is_loopback(host):
         raise InvalidRequestError(
             "base_url",
-            str(url),
+            shown,
             "http:// to a non-loopback host would send the password in clear text; "
             "use https:// or pass allow_insecure_http=True",
         )
-    return url.with_path(url.path.rstrip("/"))
+    return trimmed
 
 
 def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.ClientTimeout:
@@ -249,6 +334,26 @@ class _LiveConnector(aiohttp.TCPConnector):
         return connection
 
 
+def _tls_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    """Why the certificate was refused, in OpenSSL's words (e.g. "self-signed certificate")."""
+    cause = exc.certificate_error
+    reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+    return str(reason or cause.__class__.__name__)
+
+
+class _Secret(str):
+    """A credential as text: sent as it is, shown as ``'<redacted>'`` by ``repr``.
+
+    Headers live in dicts that tracebacks print with ``capture_locals=True`` and
+    that debuggers and loggers ``repr``; the value itself still goes on the wire.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -286,6 +391,8 @@ class BotMessageClient:
         allow_insecure_http: Permit ``http://`` to a host that is not loopback.
         message_defaults: Values for messages given as plain strings.
         max_response_bytes: Largest answer body read; a larger one is an error.
+        max_text_bytes: Largest message body sent, in bytes of UTF-8 (default 1 MiB);
+            a larger one is refused with ``InvalidRequestError`` before any I/O.
         on_retry: Called with a ``RetryEvent`` before each retry's wait.
         sleep: How to wait (tests pass a fake to never wait for real).
         clock: Monotonic clock for deadlines (tests may pass a fake).
@@ -315,6 +422,7 @@ class BotMessageClient:
         allow_insecure_http: bool = False,
         message_defaults: MessageDefaults | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_text_bytes: int = MAX_TEXT_BYTES,
         on_retry: Callable[[RetryEvent], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -336,10 +444,12 @@ class BotMessageClient:
             raise InvalidRequestError("keepalive_timeout", keepalive_timeout, "must be > 0")
         if max_response_bytes < 1:
             raise InvalidRequestError("max_response_bytes", max_response_bytes, "must be >= 1")
+        if not isinstance(max_text_bytes, int) or max_text_bytes < 1:
+            raise InvalidRequestError("max_text_bytes", max_text_bytes, "must be an int >= 1")
         from . import __version__
 
         self._headers = {
-            "Authorization": authorization,
+            "Authorization": _Secret(authorization),
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": user_agent or f"botmsg-async/{__version__}",
@@ -353,6 +463,7 @@ class BotMessageClient:
         self._budget = retry_budget if retry_budget is not None else RetryBudget(clock=clock)
         self._defaults = message_defaults or MessageDefaults()
         self._max_response_bytes = max_response_bytes
+        self._max_text_bytes = max_text_bytes
         self._on_retry = on_retry
         self._lent_session = session
         self._session: aiohttp.ClientSession | None = session
@@ -518,7 +629,7 @@ class BotMessageClient:
         department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
         dept = check_id("department_uuid", department_uuid)
         user = check_id("user_uuid", user_uuid)
-        text = check_message(message, self._defaults)
+        text = check_message(message, self._defaults, self._max_text_bytes)
         if idempotency_key is not None and (
             not isinstance(idempotency_key, str) or not idempotency_key.isprintable()
         ):
@@ -643,6 +754,13 @@ class BotMessageClient:
                 return await self._read_answer(state, response)
         except BotMessageError:
             raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise CertificateError(
+                f"TLS verification of {self._base_url.host} failed: {_tls_reason(exc)}; "
+                "the server's certificate is not trusted. Nothing was sent; not retried",
+                department_uuid=state.department_uuid,
+                user_uuid=state.user_uuid,
+            ) from exc
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise TransportError(
                 f"could not connect to {self._base_url.host}: {exc.__class__.__name__}; "

@@ -270,10 +270,11 @@ class TransportError(BotMessageError):
 
 
 class CertificateError(TransportError):
-    """TLS verification failed: the server's certificate is not trusted.
+    """TLS verification failed: the server's certificate is not trusted; not retried.
 
-    Nothing was sent. It is not retried: the same certificate would fail the
-    same way. Check the host name, or trust the service's CA.
+    Nothing was sent. The message says why (expired, self-signed, wrong host...):
+    fix the server's certificate, or the trust store the client's session uses.
+    The same certificate would fail the same way, so it is not retried.
     """
 
 

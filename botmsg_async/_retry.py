@@ -24,6 +24,7 @@ stormed.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import re
 import time
@@ -310,14 +311,21 @@ def parse_retry_after(
 ) -> float | None:
     """Read a wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
 
+    Total over any header text: a value that cannot be read, or is not finite
+    (``inf``, ``1e400``, ``nan``, a date whose zone or year is out of range),
+    counts as absent. A large finite value is kept: ``max_retry_after`` decides.
+
     Returns:
-        Seconds to wait (never negative), or None when absent or unreadable.
+        Seconds to wait (finite, never negative), or None when absent or unreadable.
     """
     if retry_after_ms:
         try:
-            return max(0.0, float(retry_after_ms) / 1000.0)
+            seconds = float(retry_after_ms) / 1000.0
         except ValueError:
             pass
+        else:
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
     if not retry_after:
         return None
     value = retry_after.strip()
@@ -326,12 +334,14 @@ def parse_retry_after(
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        except (TypeError, ValueError, OverflowError):
+            # OverflowError: a zone like +99999999999999999999, or a date so far
+            # out that comparing it with now leaves datetime's range.
             return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN or infinite
+    if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
 

@@ -26,27 +26,32 @@ from ._models import ApiError, ApiWarning, SendResult, Status, TextMessage
 
 __all__ = ["WireFormatError", "converter", "decode_request", "decode_response", "encode_request"]
 
+
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    # orjson refuses NaN and Infinity; the fallback must read the same JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_loads(body: bytes | str) -> Any:
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
+# json's C scanner recurses per nesting level: a deep answer ([[[[...) raises
+# RecursionError, which is a bad answer like any other (orjson stops at 1024).
+_DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError, RecursionError)
+
 try:  # The `speed` extra: orjson encodes several times faster than json.
     import orjson
 
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-
+    _dumps: Callable[[Any], bytes] = orjson.dumps
     _loads: Callable[[bytes | str], Any] = orjson.loads
-    _DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
 except ImportError:  # pragma: no cover - exercised when the extra is absent
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-    def _refuse_constant(name: str) -> Any:
-        # orjson refuses NaN and Infinity; the fallback must read the same JSON.
-        raise ValueError(f"{name} is not JSON")
-
-    def _loads(body: bytes | str) -> Any:
-        return json.loads(body, parse_constant=_refuse_constant)
-
-    _DECODE_ERRORS = (ValueError, UnicodeDecodeError)
+    _dumps = _json_dumps
+    _loads = _json_loads
 
 
 # The wire shapes are built for every send and never shared: plain (not frozen)
@@ -266,6 +271,69 @@ class WireFormatError(ValueError):
         self.problems = problems
 
 
+def _string_count(data: dict[str, Any]) -> int:
+    """How many JSON strings ``data`` holds: every key, and every string value."""
+    count = 0
+    pending: list[Any] = [data]
+    while pending:
+        value = pending.pop()
+        if type(value) is dict:
+            count += len(value)
+            value = value.values()
+        for item in value:
+            if type(item) is str:
+                count += 1
+            elif type(item) is dict or type(item) is list:
+                pending.append(item)
+    return count
+
+
+def _may_repeat_a_key(body: bytes, data: dict[str, Any]) -> bool:
+    """Whether an object in ``body`` may hold a key twice; False only when none does.
+
+    Without a backslash, every JSON string in the body is two quote bytes and
+    nothing else is: a key written twice leaves its pair out of ``data``, so the
+    body has more quotes than ``data`` has strings. (In UTF-16 or UTF-32, which
+    json also reads, quote bytes can only be more, never fewer.)
+    """
+    return b"\\" in body or body.count(b'"') != 2 * _string_count(data)
+
+
+class _ConflictingKeyError(ValueError):
+    """A JSON object holds one key twice with different values."""
+
+
+def _same_json(a: object, b: object) -> bool:
+    # Python's == takes 1, 1.0 and true for one value; the JSON texts tell them apart.
+    return a == b and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result and not _same_json(result[key], value):
+            raise _ConflictingKeyError(f"key {key!r} appears twice with different values")
+        result[key] = value
+    return result
+
+
+def _check_duplicate_keys(body: bytes, data: dict[str, Any]) -> None:
+    """Refuse a body with one key twice at different values: which one counts is a guess.
+
+    Both decoders keep the last value, so ``{"status": "FAILURE", ..., "status":
+    "SUCCESS"}`` would read as a success. The exact check decodes again with a
+    hook on every object, so it runs only when the cheap scan cannot rule it out.
+    """
+    if not _may_repeat_a_key(body, data):
+        return
+    try:
+        json.loads(body, object_pairs_hook=_unique_pairs, parse_constant=_refuse_constant)
+    except _ConflictingKeyError as exc:
+        raise WireFormatError((f"ambiguous JSON: {exc}",)) from exc
+    except _DECODE_ERRORS as exc:  # read by orjson but not by json: not the documented JSON
+        raise WireFormatError((f"not JSON: {exc}",)) from exc
+
+
 def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
     try:
         data = _loads(body)
@@ -273,6 +341,7 @@ def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
         raise WireFormatError((f"not JSON: {exc}",)) from exc
     if not isinstance(data, dict):
         raise WireFormatError((f"expected a JSON object, got {type(data).__name__}",))
+    _check_duplicate_keys(body, data)
     try:
         return hook(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:

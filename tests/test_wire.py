@@ -26,6 +26,7 @@ from botmsg_async import (
     ServerError,
     Status,
     TextMessage,
+    _wire,
 )
 from botmsg_async._wire import WireFormatError, decode_request, decode_response, encode_request
 
@@ -288,3 +289,67 @@ def test_non_json_constants_refused(body: bytes) -> None:
     """NaN and Infinity are not JSON, with or without orjson installed."""
     with pytest.raises(WireFormatError):
         decode_response(body)
+
+
+@pytest.fixture(params=["orjson", "json"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each JSON decoder _wire may pick (orjson when installed, else json)."""
+    name: str = request.param
+    if name == "orjson":
+        orjson = pytest.importorskip("orjson")
+        monkeypatch.setattr(_wire, "_loads", orjson.loads)
+    else:
+        monkeypatch.setattr(_wire, "_loads", _wire._json_loads)
+    return name
+
+
+@pytest.mark.usefixtures("decoder")
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status":"FAILURE","requestUuid":"r","status":"SUCCESS"}',
+        b'{"status":"SUCCESS","messageUuid":"m1","messageUuid":"m2"}',
+        b'{"status":"FAILURE","st\\u0061tus":"SUCCESS"}',
+        b'{"status":"SUCCESS","errors":[{"errorCode":"A","errorCode":"B"}]}',
+        b'{"status":"SUCCESS","x":{"y":1,"y":true}}',
+        b'{"status":"SUCCESS","x":1,"x":1.0}',
+        '{"status":"SUCCESS","é":"a","é":"b"}'.encode(),
+        '{"status":"FAILURE","status":"SUCCESS"}'.encode("utf-16"),
+    ],
+)
+def test_conflicting_duplicate_keys_are_refused(body: bytes) -> None:
+    """One key twice with different values (at any depth, however written) is a bad answer."""
+    with pytest.raises(WireFormatError, match=r"ambiguous|not JSON"):
+        decode_response(body)
+
+
+@pytest.mark.usefixtures("decoder")
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status":"SUCCESS","status":"SUCCESS","messageUuid":"m"}',
+        b'{"status":"SUCCESS","x":{"a":[1,{"b":null}]},"x":{"a":[1,{"b":null}]}}',
+        b'{"status":"SUCCESS","requestUuid":"status","messageUuid":"status"}',
+        b'{"status":"SUCCESS","errors":[],"warnings":[{"warningCode":"W"},{"warningCode":"W"}]}',
+    ],
+)
+def test_same_value_twice_and_repeated_names_are_read(body: bytes) -> None:
+    """A key repeated with the same value, or one name in several objects, is not refused."""
+    assert decode_response(body).status is Status.SUCCESS
+
+
+async def test_duplicate_status_is_delivery_unknown(mock_http: aioresponses) -> None:
+    """{"status":"FAILURE",...,"status":"SUCCESS"} is InvalidResponseError, never SENT."""
+    mock_http.post(URL_RE, body=b'{"status":"FAILURE","requestUuid":"r","status":"SUCCESS"}')
+    async with client() as c:
+        with pytest.raises(InvalidResponseError) as info:
+            await c.send(DEPT, USER, "hi")
+    assert isinstance(info.value, DeliveryUnknownError)
+    assert "ambiguous" in str(info.value)
+
+
+@pytest.mark.usefixtures("decoder")
+def test_deep_nesting_is_a_bad_answer() -> None:
+    """An answer nested past the decoder's depth is WireFormatError, not RecursionError."""
+    with pytest.raises(WireFormatError):
+        decode_response(b'{"status":"SUCCESS","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}")
