@@ -30,7 +30,9 @@ try:  # The `speed` extra: orjson encodes several times faster than json.
     import orjson
 
     def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
+        # Typed local: without orjson installed mypy sees orjson.dumps as Any.
+        encoded: bytes = orjson.dumps(obj)
+        return encoded
 
     _loads: Callable[[bytes | str], Any] = orjson.loads
     _DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)
