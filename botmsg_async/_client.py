@@ -52,6 +52,7 @@ from ._retry import (
     parse_retry_after,
     spread,
 )
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._batch import BatchReport, BatchStream, ItemResult, Items, Progress
@@ -336,8 +337,6 @@ class BotMessageClient:
             raise InvalidRequestError("keepalive_timeout", keepalive_timeout, "must be > 0")
         if max_response_bytes < 1:
             raise InvalidRequestError("max_response_bytes", max_response_bytes, "must be >= 1")
-        from . import __version__
-
         self._headers = {
             "Authorization": authorization,
             "Content-Type": "application/json",
