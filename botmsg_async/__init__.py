@@ -6,14 +6,6 @@ Example:
     ...     result = await client.send(department_uuid, user_uuid, "Hello!")
 """
 
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
-
-try:
-    __version__ = _version("botmsg-async")
-except _PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
-
 from ._batch import BatchReport, BatchStream, ItemResult, Progress
 from ._client import MAX_TEXT_BYTES, BotMessageClient
 from ._errors import (
@@ -45,6 +37,7 @@ from ._models import (
     TextMessage,
 )
 from ._retry import RetryBudget, RetryEvent, RetryPolicy
+from ._version import __version__
 
 __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "APIStatusError",

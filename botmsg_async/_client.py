@@ -53,6 +53,7 @@ from ._retry import (
     parse_retry_after,
     spread,
 )
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._batch import BatchReport, BatchStream, ItemResult, Items, Progress
@@ -446,8 +447,6 @@ class BotMessageClient:
             raise InvalidRequestError("max_response_bytes", max_response_bytes, "must be >= 1")
         if not isinstance(max_text_bytes, int) or max_text_bytes < 1:
             raise InvalidRequestError("max_text_bytes", max_text_bytes, "must be an int >= 1")
-        from . import __version__
-
         self._headers = {
             "Authorization": _Secret(authorization),
             "Content-Type": "application/json",

@@ -1613,7 +1613,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     parser.add_argument("--log-level", choices=levels, default="WARNING", help="default: WARNING")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"botmsg {__version__}")
 
