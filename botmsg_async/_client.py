@@ -1006,8 +1006,8 @@ class BotMessageClient:
             stop_after_consecutive_failures: Stop after this many FAILED or
                 UNKNOWN items in a row (default 100; None: never).
             max_pause: Longest 429 pause, in seconds, the batch waits out
-                (default 300); past it the batch stops. One item waits out at
-                most this much in all.
+                (default 300). A longer one stops the batch, and so does an item
+                throttled again and again once its pauses add up past it.
             keep: Which results the report holds.
 
         Returns:

@@ -291,12 +291,13 @@ def _string_count(data: dict[str, Any]) -> int:
 def _may_repeat_a_key(body: bytes, data: dict[str, Any]) -> bool:
     """Whether an object in ``body`` may hold a key twice; False only when none does.
 
-    Without a backslash, every JSON string in the body is two quote bytes and
-    nothing else is: a key written twice leaves its pair out of ``data``, so the
-    body has more quotes than ``data`` has strings. (In UTF-16 or UTF-32, which
-    json also reads, quote bytes can only be more, never fewer.)
+    Every JSON string in the body is delimited by two quote bytes; other quote
+    bytes (an escaped ``\\"``, or the wider encodings UTF-16 and UTF-32, which
+    json also reads) only add to the count. A key written twice leaves its pair
+    out of ``data``, so the body then has more quotes than ``data`` has strings:
+    equality proves that no key was dropped, escapes (``\\u00e9``) or not.
     """
-    return b"\\" in body or body.count(b'"') != 2 * _string_count(data)
+    return body.count(b'"') != 2 * _string_count(data)
 
 
 class _ConflictingKeyError(ValueError):
@@ -312,7 +313,9 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result and not _same_json(result[key], value):
-            raise _ConflictingKeyError(f"key {key!r} appears twice with different values")
+            # The key is not quoted: it is the server's text (it could echo a
+            # credential), and a repr would escape it past the CLI's redaction.
+            raise _ConflictingKeyError("a key appears twice with different values")
         result[key] = value
     return result
 

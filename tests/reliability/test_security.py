@@ -250,3 +250,18 @@ async def test_cli_send_many_redacts_echoed_credentials_in_out_and_journal(
                 texts += decoded_texts(out.read_text(encoding="utf-8"))
                 assert "[redacted]" in out.read_text(encoding="utf-8")
             assert_no_cli_secret(texts)
+
+
+@pytest.mark.parametrize("key", [PASSWORD, 'pw"Zq\\8-echo', "tab\there"])
+def test_a_repeated_key_is_not_quoted_in_the_error(key: str) -> None:
+    """An answer repeating a key (say, an echoed password) is refused without quoting the key."""
+    from botmsg_async._wire import WireFormatError, decode_response
+
+    body = (
+        '{"requestUuid":"r","status":"SUCCESS",' + json.dumps(key) + ":1," + json.dumps(key) + ":2}"
+    ).encode()
+    with pytest.raises(WireFormatError) as info:
+        decode_response(body)
+    text = " ".join(info.value.problems)
+    for form in (key, repr(key)[1:-1], json.dumps(key)[1:-1]):
+        assert form not in text
