@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -189,3 +192,44 @@ def make_client(sleeps: Sleeps) -> Iterator[Callable[..., BotMessageClient]]:
 
 
 __all__ = ["DEPT", "PASSWORD", "SUCCESS", "USER", "USERNAME", "RetryPolicy"]
+
+
+SEND_ROUTE = "/communications/department/{dept}/user/{user}/botmessage/send"
+
+
+@contextlib.asynccontextmanager
+async def serving_send(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """Serve ``handle`` on the send endpoint on 127.0.0.1; yield the base URL."""
+    app = web.Application()
+    app.router.add_post(SEND_ROUTE, handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def run_botmsg(
+    *args: str, base_url: str, username: str, password: str
+) -> tuple[int, str, str]:
+    """Run the real ``botmsg`` entry point in a subprocess; return (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME=username, BOTMSG_PASSWORD=password)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "botmsg_async",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

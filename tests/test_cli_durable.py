@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from botmsg_async import cli
+from tests.conftest import serving_send
 from tests.test_cli import rows, write_csv
 
 Handler = Callable[[web.Request], web.Response]
@@ -29,16 +30,8 @@ async def serving(handle: Handler) -> AsyncIterator[str]:
         await request.read()
         return handle(request)
 
-    app = web.Application()
-    app.router.add_post("/communications/department/{d}/user/{u}/botmessage/send", endpoint)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving_send(endpoint) as base_url:
+        yield base_url
 
 
 def success(request: web.Request) -> web.Response:
@@ -113,7 +106,7 @@ async def test_durable_starts_never_attempted_are_withdrawn_and_resumed(
         if refuse[0]:  # the first answer refuses the credentials: the batch stops
             refuse[0] = False
             return web.json_response({"detail": "no"}, status=401)
-        users.append(request.match_info["u"])
+        users.append(request.match_info["user"])
         return success(request)
 
     args = ["send-many", str(source), "--journal", str(journal), "--durable", "-c", "4"]

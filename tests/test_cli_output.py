@@ -8,11 +8,8 @@ texts over the limit).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from botmsg_async import cli
+from tests.conftest import run_botmsg, serving_send
 from tests.test_cli import Inline, inline, rows, write_csv, write_jsonl
 
 __all__ = ["inline"]  # the fixture, imported for the tests here
@@ -79,34 +77,12 @@ async def hostile_server() -> AsyncIterator[str]:
         error = {"errorCode": HOSTILE, "errorDescription": HOSTILE, "errorUID": HOSTILE}
         return web.json_response({"requestUuid": HOSTILE, "status": "FAILURE", "errors": [error]})
 
-    app = web.Application()
-    app.router.add_post("/communications/department/{d}/user/{u}/botmessage/send", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving_send(handle) as base_url:
+        yield base_url
 
 
 async def run(*args: str, base_url: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
-    env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="secret-pw")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "botmsg_async",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_botmsg(*args, base_url=base_url, username="u", password="secret-pw")
 
 
 async def test_server_text_reaches_no_output_raw(tmp_path: Path) -> None:

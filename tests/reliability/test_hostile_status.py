@@ -67,6 +67,22 @@ class RawStatusServer:
             await self._server.wait_closed()
 
 
+class BlockedSleep:
+    """A sleep that holds every caller until released; says when ``n`` are waiting."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
+        self.waiters = 0
+        self.all_waiting = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waiters += 1
+        if self.waiters >= self.n:
+            self.all_waiting.set()
+        await self.release.wait()
+
+
 @pytest.mark.parametrize("status", [303, 520, 524, 598, 599, 500, 502, 504, 507])
 async def test_ambiguous_statuses_are_unknown_and_never_resendable(
     server: ScriptedServer, make_client: MakeClient, status: int
@@ -251,18 +267,12 @@ async def test_aclose_while_sends_wait_to_retry(
 ) -> None:
     """Closing the client during a retry wait: ClientClosedError, never aiohttp's RuntimeError."""
     server.default = answer(503, "later")
-    waiting = asyncio.Event()
-    release = asyncio.Event()
-
-    async def sleep(seconds: float) -> None:
-        waiting.set()
-        await release.wait()
-
+    sleep = BlockedSleep()
     client = make_client(server.base_url, sleep=sleep)
     send = asyncio.create_task(client.send(DEPT, USER, "hi"))
-    await waiting.wait()
+    await sleep.all_waiting.wait()
     await client.aclose()
-    release.set()
+    sleep.release.set()
     with pytest.raises(ClientClosedError) as info:
         await send
     assert info.value.attempts == 1
@@ -274,24 +284,14 @@ async def test_aclose_mid_batch_accounts_for_every_item(
 ) -> None:
     """Closed mid-batch: attempted items FAILED (503 proved nothing sent), the rest SKIPPED."""
     server.default = answer(503, "later")
-    all_waiting = asyncio.Event()
-    release = asyncio.Event()
-    waiters = 0
-
-    async def sleep(seconds: float) -> None:
-        nonlocal waiters
-        waiters += 1
-        if waiters == 4:
-            all_waiting.set()
-        await release.wait()
-
+    sleep = BlockedSleep(4)
     client = make_client(server.base_url, sleep=sleep)
     batch = asyncio.create_task(
         client.send_many(((DEPT, f"user-{i}", "hi") for i in range(40)), concurrency=4)
     )
-    await all_waiting.wait()
+    await sleep.all_waiting.wait()
     await client.aclose()
-    release.set()
+    sleep.release.set()
     report = await batch
     assert report.total == 40
     assert report.unknown == 0
@@ -306,18 +306,12 @@ async def test_aclose_after_an_ambiguous_attempt_is_unknown(
 ) -> None:
     """Closed while retrying a 500 (retry_ambiguous): the item is UNKNOWN, not FAILED."""
     server.default = answer(500, "oops")
-    waiting = asyncio.Event()
-    release = asyncio.Event()
-
-    async def sleep(seconds: float) -> None:
-        waiting.set()
-        await release.wait()
-
+    sleep = BlockedSleep()
     client = make_client(server.base_url, sleep=sleep, retry=RetryPolicy(retry_ambiguous=True))
     send = asyncio.create_task(client.send(DEPT, USER, "hi"))
-    await waiting.wait()
+    await sleep.all_waiting.wait()
     await client.aclose()
-    release.set()
+    sleep.release.set()
     with pytest.raises(DeliveryUnknownError) as info:
         await send
     assert isinstance(info.value.final_error, ClientClosedError)

@@ -7,8 +7,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from aiohttp import web
 
 from botmsg_async import BotMessageClient, BotMessageError, InvalidRequestError, RetryPolicy
 from botmsg_async.testing import FakeBotMessageServer, Fault
+
+from ..conftest import run_botmsg, serving_send
 
 PASSWORD = "pa55:w0rd-Ünïcode-s3cr3t"
 
@@ -172,35 +172,12 @@ async def echoing_server() -> AsyncIterator[str]:
             return web.json_response({"errorDescription": echo}, status=400)
         return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": echo})
 
-    app = web.Application()
-    app.router.add_post("/communications/department/{dept}/user/{user}/botmessage/send", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving_send(handle) as base_url:
+        yield base_url
 
 
 async def run_cli(*args: str, base_url: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
-    env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME=CLI_USER, BOTMSG_PASSWORD=CLI_PASSWORD)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "botmsg_async",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_botmsg(*args, base_url=base_url, username=CLI_USER, password=CLI_PASSWORD)
 
 
 def assert_no_cli_secret(texts: list[str]) -> None:
