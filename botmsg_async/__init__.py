@@ -7,7 +7,7 @@ Example:
 """
 
 from ._batch import BatchReport, BatchStream, ItemResult, Progress
-from ._client import MAX_TEXT_BYTES, BotMessageClient
+from ._client import BotMessageClient
 from ._errors import (
     APIStatusError,
     AuthenticationError,
@@ -37,6 +37,7 @@ from ._models import (
     TextMessage,
 )
 from ._retry import RetryBudget, RetryEvent, RetryPolicy
+from ._validate import MAX_TEXT_BYTES, check_base_url, check_request, new_idempotency_key
 from ._version import __version__
 
 __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
@@ -74,4 +75,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "TransportError",
     "UnexpectedStatusError",
     "__version__",
+    "check_base_url",
+    "check_request",
+    "new_idempotency_key",
 ]

@@ -19,7 +19,6 @@ from uuid import UUID
 
 from attrs import define, evolve
 
-from ._client import id_text, new_idempotency_key
 from ._delivery import outcome_of, stops_batch, trips_breaker
 from ._errors import (
     BatchFailedError,
@@ -30,6 +29,7 @@ from ._errors import (
 )
 from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._retry import spread
+from ._validate import id_text, new_idempotency_key
 
 if TYPE_CHECKING:
     from ._client import BotMessageClient

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, TextIO
 
 from . import _journal
 from ._batch import ItemResult, Outcome, Progress
-from ._client import BotMessageClient, check_base_url, check_id
+from ._client import BotMessageClient
 from ._delivery import may_resend, settles_doubt
 from ._errors import (
     APIStatusError,
@@ -71,6 +71,7 @@ from ._errors import (
 )
 from ._models import SendRequest, SendResult, TextMessage
 from ._retry import RetryBudget, RetryPolicy
+from ._validate import check_base_url, check_id
 
 if TYPE_CHECKING:
     # Imported when used: the fake service is for fake-server and demo only.
@@ -278,7 +279,7 @@ def _resolve_credentials(
     if not base_url:
         raise UsageError(f"no service URL: pass --base-url or set {ENV_BASE_URL}")
     try:  # before anything runs: the client's own check, worded for a terminal
-        check_base_url(base_url, args.allow_insecure_http)
+        check_base_url(base_url, allow_insecure_http=args.allow_insecure_http)
     except InvalidRequestError as exc:
         raise UsageError(f"--base-url (or {ENV_BASE_URL}): {exc}") from None
     except ValueError as exc:  # yarl's own: a port out of range, a broken IPv6 literal...

@@ -17,10 +17,11 @@ from botmsg_async import (
     InvalidRequestError,
     MessageDefaults,
     Outcome,
+    SendRequest,
     TextMessage,
     _wire,
 )
-from botmsg_async._client import check_base_url, check_message
+from botmsg_async._validate import check_base_url, check_message
 from botmsg_async.testing import FakeBotMessageServer
 
 from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer
@@ -235,3 +236,27 @@ def test_base_url_of_another_type_is_invalid_request() -> None:
     with pytest.raises(InvalidRequestError) as info:
         check_base_url(8080, allow_insecure_http=False)  # type: ignore[arg-type]
     assert info.value.field == "base_url"
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (SendRequest("", "u", "hi"), "department_uuid"),
+        (SendRequest("d", "a/b", "hi"), "user_uuid"),
+        (SendRequest("d", "u", "  "), "message.body"),
+        (SendRequest("d", "u", TextMessage("hi", subject="\ud800")), "message.subject"),
+        (SendRequest("d", "u", "hi", idempotency_key="a\nb"), "idempotency_key"),
+    ],
+)
+def test_check_request_names_the_field_send_would(request_: SendRequest, field: str) -> None:
+    """The public pre-check refuses what send() refuses, naming the same field."""
+    with pytest.raises(InvalidRequestError) as info:
+        botmsg_async.check_request(request_)
+    assert info.value.field == field
+
+
+def test_check_request_applies_the_body_limit() -> None:
+    """A body over the given limit is refused; within it, the request passes."""
+    botmsg_async.check_request(SendRequest("d", "u", "x" * 10), max_text_bytes=10)
+    with pytest.raises(InvalidRequestError, match="limit of 10 bytes"):
+        botmsg_async.check_request(SendRequest("d", "u", "é" * 6), max_text_bytes=10)

@@ -32,8 +32,8 @@ from botmsg_async import (
     ServerError,
     TransportError,
 )
-from botmsg_async._client import check_base_url
 from botmsg_async._retry import parse_retry_after
+from botmsg_async._validate import check_base_url
 
 from ..conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, failure
 

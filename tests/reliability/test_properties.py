@@ -26,7 +26,7 @@ from botmsg_async import (
     TextMessage,
     _wire,
 )
-from botmsg_async._client import check_id
+from botmsg_async._validate import check_id
 from botmsg_async._wire import WireFormatError, decode_request, decode_response, encode_request
 
 from ..conftest import _ShimmedResponse

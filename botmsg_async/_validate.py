@@ -1,0 +1,249 @@
+"""Checks of everything a caller hands the SDK, before any I/O: ids, messages, URLs, keys.
+
+Pure functions: no network, no aiohttp. Each raises ``InvalidRequestError``
+naming the field at fault, so bad input fails alone and early.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from urllib.parse import quote
+from uuid import UUID
+
+from yarl import URL
+
+from ._errors import InvalidRequestError
+from ._models import MessageDefaults, SendRequest, TextMessage
+
+__all__ = [
+    "MAX_TEXT_BYTES",
+    "check_base_url",
+    "check_id",
+    "check_idempotency_key",
+    "check_message",
+    "check_request",
+    "id_text",
+    "new_idempotency_key",
+]
+
+_FORBIDDEN_ID_CHARS = frozenset("/?#%\\")
+#: Ids that need neither checking nor encoding (UUIDs among them): the fast path.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+
+
+def new_idempotency_key() -> str:
+    """A random UUID4, as text; three times cheaper than ``str(uuid.uuid4())``."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def id_text(value: str | UUID) -> str:
+    """A ``uuid.UUID`` id as its text; anything else as it is, for ``check_id``."""
+    return str(value) if isinstance(value, UUID) else value
+
+
+def check_id(name: str, value: object) -> str:
+    """Return ``value`` percent-encoded for the path, or raise ``InvalidRequestError``.
+
+    Ids are opaque strings, but none may change the path: empty ids, ``.`` and
+    ``..``, and ids with ``/ ? # % \\``, whitespace or control characters are
+    refused; everything else is percent-encoded.
+    """
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, value, f"must be a str, not {type(value).__name__}")
+    if _PLAIN_ID.fullmatch(value) is not None:
+        return value
+    if not value:
+        raise InvalidRequestError(name, value, "must not be empty")
+    if value in (".", ".."):
+        raise InvalidRequestError(name, value, "must not be a path segment like '.' or '..'")
+    for ch in value:
+        if ch in _FORBIDDEN_ID_CHARS or ch.isspace() or not ch.isprintable():
+            raise InvalidRequestError(
+                name, value, f"must not contain {ch!r} (it could change the request path)"
+            )
+    return quote(value, safe="")
+
+
+#: Largest message body accepted, in bytes of UTF-8 (1 MiB); ``max_text_bytes`` changes it.
+MAX_TEXT_BYTES = 1024 * 1024
+
+#: A lone surrogate: a str may hold one (from "\\ud800" in JSON), UTF-8 cannot.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _shown(text: str) -> str:
+    """``text`` as an error shows it: at most 60 characters, so a 1 MiB body stays out."""
+    return text if len(text) <= 60 else f"{text[:60]}... [{len(text)} characters]"
+
+
+def _check_text(name: str, value: object, *, optional: bool) -> None:
+    """Raise ``InvalidRequestError`` unless ``value`` is text that UTF-8 can carry."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        kind = "a str or None" if optional else "a str"
+        raise InvalidRequestError(name, value, f"must be {kind}, not {type(value).__name__}")
+    # isascii() is O(1): only non-ASCII text is searched for surrogates.
+    if not value.isascii() and (found := _SURROGATE.search(value)) is not None:
+        raise InvalidRequestError(
+            name,
+            _shown(value),
+            f"holds a lone surrogate {found.group()!r} at index {found.start()}, "
+            "which is not text and cannot be sent as UTF-8",
+        )
+
+
+def check_message(
+    message: object, defaults: MessageDefaults, max_text_bytes: int = MAX_TEXT_BYTES
+) -> TextMessage:
+    """Return ``message`` as a ``TextMessage``, or raise ``InvalidRequestError``.
+
+    Every text field must be a ``str`` that UTF-8 can encode (no lone
+    surrogates), and the body non-blank and at most ``max_text_bytes`` of UTF-8.
+    """
+    if isinstance(message, str):
+        message = defaults.message(message)
+    elif not isinstance(message, TextMessage):
+        raise InvalidRequestError(
+            "message", message, f"must be a str or TextMessage, not {type(message).__name__}"
+        )
+    body = message.body
+    _check_text("message.body", body, optional=False)
+    if not body.strip():
+        raise InvalidRequestError("message.body", body, "must be non-empty text")
+    # A character is at most 4 bytes of UTF-8: only a long body needs encoding to measure.
+    if len(body) > max_text_bytes // 4 and (
+        len(body) > max_text_bytes or len(body.encode()) > max_text_bytes
+    ):
+        raise InvalidRequestError(
+            "message.body",
+            _shown(body),
+            f"is over the limit of {max_text_bytes} bytes of UTF-8; "
+            "split it, or raise BotMessageClient(max_text_bytes=...)",
+        )
+    _check_text("message.subject", message.subject, optional=True)
+    _check_text("message.sender_name", message.sender_name, optional=True)
+    _check_text(
+        "message.recipient_communication_value",
+        message.recipient_communication_value,
+        optional=True,
+    )
+    _check_text("message.type", message.type, optional=False)
+    _check_text("message.purpose", message.purpose, optional=False)
+    return message
+
+
+def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) -> URL:
+    """Return ``base_url`` as a ``URL`` without a trailing slash, or raise ``InvalidRequestError``.
+
+    The check ``BotMessageClient`` makes; public for callers that check
+    configuration before building a client. Total over any text: yarl parses
+    lazily, so a bad port or IPv6 literal may only fail when ``port`` or
+    ``host`` is read; all of them are read here.
+
+    Args:
+        base_url: Scheme, host and any gateway prefix before ``/communications``.
+        allow_insecure_http: Permit ``http://`` to a host that is not loopback.
+
+    Raises:
+        InvalidRequestError: no usable URL, credentials in it, a query or
+            fragment, or ``http://`` to a remote host without permission.
+    """
+    if not isinstance(base_url, str | URL):
+        raise InvalidRequestError(
+            "base_url", base_url, f"must be a str or yarl.URL, not {type(base_url).__name__}"
+        )
+    try:
+        url = URL(base_url) if isinstance(base_url, str) else base_url
+        has_credentials = url.user is not None or url.password is not None
+        scheme, host, _ = url.scheme, url.host, url.port
+        has_extra = bool(url.query_string or url.fragment)
+        trimmed = url.with_path(url.path.rstrip("/"))
+        # Rebuilt, a URL can fail where the original did not ("http://[:0:0]"
+        # loses its brackets): read the one that will be used, too.
+        shown, _, _, _ = str(url), str(trimmed), trimmed.host, trimmed.port
+    except Exception as exc:
+        # Whatever yarl raises on text it cannot parse (ValueError, UnicodeError
+        # from IDNA, even IndexError for "0://[]@") means the same: no usable URL.
+        # Echoed only when it cannot hold credentials (user:password@host).
+        if isinstance(base_url, str) and "@" not in base_url:
+            raise InvalidRequestError(
+                "base_url", base_url, f"is not a valid URL ({exc}); check the host and port"
+            ) from None
+        raise InvalidRequestError(
+            "base_url", "<redacted>", "is not a valid URL; check the host and port"
+        ) from None
+    if has_credentials:
+        # Checked first, and the URL not echoed: it holds credentials.
+        raise InvalidRequestError(
+            "base_url", "<redacted>", "must not carry credentials; pass username and password"
+        )
+    if scheme not in ("http", "https") or not host:
+        raise InvalidRequestError(
+            "base_url", shown, "must be an absolute http:// or https:// URL with a host"
+        )
+    if has_extra:
+        raise InvalidRequestError("base_url", shown, "must not have a query or fragment")
+    if scheme == "http" and not allow_insecure_http and not _is_loopback(host):
+        raise InvalidRequestError(
+            "base_url",
+            shown,
+            "http:// to a non-loopback host would send the password in clear text; "
+            "use https:// or pass allow_insecure_http=True",
+        )
+    return trimmed
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_idempotency_key(key: object) -> None:
+    """Raise ``InvalidRequestError`` unless ``key`` is None or a printable ``str``."""
+    if key is not None and (not isinstance(key, str) or not key.isprintable()):
+        raise InvalidRequestError("idempotency_key", key, "must be a printable str")
+
+
+def check_request(
+    request: SendRequest,
+    *,
+    message_defaults: MessageDefaults | None = None,
+    max_text_bytes: int = MAX_TEXT_BYTES,
+) -> None:
+    """Check one item of a batch as ``send`` would, without sending it.
+
+    For callers who pre-check a whole input before the first send (as
+    ``botmsg send-many`` does): the same rules, the same errors.
+
+    Args:
+        request: The item.
+        message_defaults: The client's defaults for plain-string messages.
+        max_text_bytes: The client's body limit.
+
+    Raises:
+        InvalidRequestError: the first problem found, naming the field.
+
+    Example:
+        >>> check_request(SendRequest("dept-1", "user/1", "hi"))
+        Traceback (most recent call last):
+        botmsg_async._errors.InvalidRequestError: invalid user_uuid 'user/1': ...
+    """
+    if not isinstance(request, SendRequest):
+        raise InvalidRequestError(
+            "item", request, f"must be a SendRequest, not {type(request).__name__}"
+        )
+    check_id("department_uuid", id_text(request.department_uuid))
+    check_id("user_uuid", id_text(request.user_uuid))
+    check_message(request.message, message_defaults or MessageDefaults(), max_text_bytes)
+    check_idempotency_key(request.idempotency_key)
