@@ -1,11 +1,15 @@
-"""The client: one pooled aiohttp session, one send at a time or many at once."""
+"""The client: its lifecycle, ``send`` and its attempt loop, the 429 pause, and batches.
+
+HTTP itself (the session's connector, timeouts, one POST and what its answer
+means) is ``_http``'s job; input checks are ``_validate``'s; retry scheduling is
+``_retry``'s; which failure means what is ``_delivery``'s.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-import select
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -13,42 +17,19 @@ from typing import TYPE_CHECKING, Literal, Self
 from uuid import UUID
 
 import aiohttp
-import tenacity
-from attrs import evolve
-from multidict import CIMultiDict, CIMultiDictProxy
+from attrs import define, evolve
 from yarl import URL
 
-from . import _wire
-from ._delivery import StatusRule, status_rule
+from . import _http, _wire
 from ._errors import (
-    APIStatusError,
-    AuthenticationError,
     BotMessageError,
-    CertificateError,
     ClientClosedError,
     DeliveryUnknownError,
     InvalidRequestError,
-    InvalidResponseError,
     RateLimitedError,
-    ResponseLostError,
-    SendFailedError,
-    ServerError,
-    TransportError,
-    UnexpectedStatusError,
-    excerpt,
 )
-from ._models import MessageDefaults, SendRequest, SendResult, Status, TextMessage
-from ._retry import (
-    ATTEMPT_FLOOR,
-    RetryBudget,
-    RetryEvent,
-    RetryPolicy,
-    SendState,
-    build_retrying,
-    classify_failure,
-    parse_retry_after,
-    spread,
-)
+from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
+from ._retry import ATTEMPT_FLOOR, Retrier, RetryBudget, RetryEvent, RetryPolicy, spread
 from ._validate import (
     MAX_TEXT_BYTES,
     check_base_url,
@@ -67,135 +48,60 @@ __all__ = ["BotMessageClient"]
 
 log = logging.getLogger("botmsg_async")
 
-_PATH = "/communications/department/{}/user/{}/botmessage/send"
-DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+
+@define(frozen=True)
+class _Plan:
+    """What one retry policy needs on every send, built once per policy and client."""
+
+    retrier: Retrier
+    timeout: aiohttp.ClientTimeout
+    rules: _http.AnswerRules
 
 
-def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.ClientTimeout:
-    """Return ``timeout`` limited to ``total`` seconds, its connect phase ending first.
+class _Send:
+    """Everything one logical send carries across its attempts."""
 
-    A total timeout surfaces as a bare ``TimeoutError`` whatever phase it cuts,
-    while a connect timeout is an ``aiohttp.ConnectionTimeoutError``. Ending the
-    connect phase clearly before the total means a bare ``TimeoutError`` can
-    only come after the connection was made: it is then honest to report the
-    delivery as unknown, and a timeout while connecting as "nothing was sent".
-    aiohttp rounds timers of ``ceil_threshold`` seconds or more up to a whole
-    second, which could let an attempt run up to a second past its deadline or
-    the connect timer fire after the total: the threshold is raised above the
-    total, so that neither is rounded.
-    """
-    connect = min(timeout.connect or total, total * 0.9)
-    ceil_threshold = max(timeout.ceil_threshold, total + 1.0)
-    if (
-        timeout.total == total
-        and timeout.connect == connect
-        and timeout.ceil_threshold == ceil_threshold
-    ):
-        return timeout
-    return evolve(timeout, total=total, connect=connect, ceil_threshold=ceil_threshold)
+    __slots__ = (
+        "attempt",
+        "body",
+        "department_uuid",
+        "idempotency_key",
+        "last_error",
+        "maybe_delivered",
+        "plan",
+        "policy",
+        "retry_after",
+        "started",
+        "url",
+        "user_uuid",
+    )
 
-
-def _scrub(exc: BaseException) -> None:
-    """Drop the request headers (Authorization among them) from a chained aiohttp error."""
-    if isinstance(exc, aiohttp.ClientResponseError):
-        info = exc.request_info
-        exc.request_info = aiohttp.RequestInfo(
-            info.url, info.method, CIMultiDictProxy(CIMultiDict()), info.real_url
-        )
-        exc.args = (exc.request_info, exc.history)
-
-
-#: aiohttp's StreamWriter methods that write a request's headers, its first bytes.
-_FIRST_WRITES = frozenset({"_send_headers_with_payload", "send_headers"})
-
-
-def _closed_before_written(exc: BaseException) -> bool:
-    """Whether aiohttp refused to write the request's first bytes to a closed connection.
-
-    aiohttp buffers the request line and headers and writes them together with
-    the body; before handing bytes to the transport it checks that the transport
-    is not closing, and raises ``ClientConnectionResetError`` if it is. Such an
-    error raised within the write that carries the headers proves that not one
-    byte of the request left: the server closed the pooled connection first.
-    Every other failure (a later write, a drain, a disconnect noticed while
-    waiting for the answer) may follow bytes that reached the server and stays
-    ambiguous; so does everything on an aiohttp that writes differently, since
-    then no frame matches. Only failures pay for this walk.
-    """
-    for error in (exc, exc.__cause__):
-        if isinstance(error, aiohttp.ClientConnectionResetError):
-            tb = error.__traceback__
-            while tb is not None:
-                code = tb.tb_frame.f_code
-                if code.co_name in _FIRST_WRITES and code.co_filename.endswith("http_writer.py"):
-                    return True
-                tb = tb.tb_next
-    return False
-
-
-def _peer_spoke(connection: aiohttp.connector.Connection) -> bool:
-    """Whether an idle connection has bytes or an end of stream the loop has not read yet.
-
-    An idle keep-alive connection has nothing to read unless the server closed it
-    (FIN or RST) or sent something unasked (a 408, a TLS close_notify): either
-    way it must not carry a request. The check is one ``select`` with no wait.
-    """
-    transport = connection.transport
-    if transport is None or transport.is_closing():
-        return False  # aiohttp already knows; it refuses to write and we report it
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select((sock,), (), (), 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-class _LiveConnector(aiohttp.TCPConnector):
-    """A ``TCPConnector`` that never lends a pooled connection the server already closed.
-
-    aiohttp reuses a pooled connection unless the event loop has already seen it
-    close; a server's FIN that is in the kernel but not yet read by the loop (it
-    answered and closed at once, or its idle timeout just ran out) would carry
-    the next request to a dead socket, and the send would end "unknown". Such a
-    connection is closed and another one taken, before anything is written.
-    """
-
-    async def connect(
+    def __init__(
         self,
-        req: aiohttp.ClientRequest,
-        traces: list[aiohttp.tracing.Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
-    ) -> aiohttp.connector.Connection:
-        connection = await super().connect(req, traces, timeout)
-        for _ in range(8):  # bounded: each one dropped leaves the pool smaller
-            if not _peer_spoke(connection):
-                break
-            connection.close()
-            connection = await super().connect(req, traces, timeout)
-        return connection
-
-
-def _tls_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
-    """Why the certificate was refused, in OpenSSL's words (e.g. "self-signed certificate")."""
-    cause = exc.certificate_error
-    reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-    return str(reason or cause.__class__.__name__)
-
-
-class _Secret(str):
-    """A credential as text: sent as it is, shown as ``'<redacted>'`` by ``repr``.
-
-    Headers live in dicts that tracebacks print with ``capture_locals=True`` and
-    that debuggers and loggers ``repr``; the value itself still goes on the wire.
-    """
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'<redacted>'"
+        *,
+        department_uuid: str,
+        user_uuid: str,
+        url: URL,
+        body: bytes,
+        idempotency_key: str,
+        plan: _Plan,
+        started: float,
+    ) -> None:
+        self.department_uuid = department_uuid
+        self.user_uuid = user_uuid
+        self.url = url
+        self.body = body
+        self.idempotency_key = idempotency_key
+        self.plan = plan
+        self.policy = plan.retrier.policy
+        self.started = started
+        self.attempt = 0
+        #: Seconds the last answer asked to wait (Retry-After), if any.
+        self.retry_after: float | None = None
+        #: An earlier attempt may have been delivered (only with retry_ambiguous).
+        self.maybe_delivered = False
+        #: The failure being retried, while the retry engine waits.
+        self.last_error: BotMessageError | None = None
 
 
 class BotMessageClient:
@@ -256,7 +162,7 @@ class BotMessageClient:
         session: aiohttp.ClientSession | None = None,
         allow_insecure_http: bool = False,
         message_defaults: MessageDefaults | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_response_bytes: int = _http.DEFAULT_MAX_RESPONSE_BYTES,
         max_text_bytes: int = MAX_TEXT_BYTES,
         on_retry: Callable[[RetryEvent], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -264,7 +170,6 @@ class BotMessageClient:
     ) -> None:
         self._base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         self._base = str(self._base_url)
-        self._base_path = self._base_url.raw_path.rstrip("/")
         if not isinstance(username, str) or not isinstance(password, str):
             raise InvalidRequestError("username", "<redacted>", "username and password must be str")
         try:
@@ -282,7 +187,7 @@ class BotMessageClient:
         if not isinstance(max_text_bytes, int) or max_text_bytes < 1:
             raise InvalidRequestError("max_text_bytes", max_text_bytes, "must be an int >= 1")
         self._headers = {
-            "Authorization": _Secret(authorization),
+            "Authorization": _http.Secret(authorization),
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": user_agent or f"botmsg-async/{__version__}",
@@ -305,10 +210,8 @@ class BotMessageClient:
         # Instant (on self._clock) before which no attempt may start: set by a
         # 429's Retry-After so every send of this client waits, not just the one told.
         self._paused_until = 0.0
-        self._retrying: dict[RetryPolicy, tenacity.AsyncRetrying] = {}
-        self._timeouts: dict[RetryPolicy, aiohttp.ClientTimeout] = {}
-        self._default_retrying = self._retrying_for(self._retry)
-        self._default_timeout = self._timeout_for(self._retry)
+        self._plans: dict[RetryPolicy, _Plan] = {}
+        self._default_plan = self._plan_for(self._retry)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -350,69 +253,63 @@ class BotMessageClient:
         """The retry allowance shared by every send of this client."""
         return self._budget
 
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The policy sends use unless given another."""
+        return self._retry
+
+    def ensure_open(self) -> None:
+        """Raise ``ClientClosedError`` if the client was closed; open its session if needed.
+
+        A batch calls it before its first item, so that a closed client fails at
+        once rather than item by item.
+        """
+        self._ensure_session()
+
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise ClientClosedError("this BotMessageClient is closed; create a new one")
         session = self._session
         if session is None:
-            connector = _LiveConnector(
-                limit=self._max_connections or 0,
-                limit_per_host=0,
-                ttl_dns_cache=300,
+            session = _http.new_session(
+                max_connections=self._max_connections,
                 keepalive_timeout=self._keepalive_timeout,
-            )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                # Cookies play no part in this API; skipping them saves work per answer.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=self._timeout_for(self._retry),
-                trust_env=False,
+                timeout=self._default_plan.timeout,
             )
             self._session = session
         return session
 
-    # -- retry plumbing -----------------------------------------------------
-
-    def _retrying_for(self, policy: RetryPolicy) -> tenacity.AsyncRetrying:
-        retrying = self._retrying.get(policy)
-        if retrying is None:
-            if len(self._retrying) >= 32:  # a caller building a policy per call
-                self._retrying.clear()
-            retrying = build_retrying(
-                policy,
-                budget=self._budget,
-                clock=self._clock,
-                sleep=self._sleep,
-                before_sleep=self._before_retry,
-                rng=self._rng,
+    def _plan_for(self, policy: RetryPolicy) -> _Plan:
+        plan = self._plans.get(policy)
+        if plan is None:
+            if len(self._plans) >= 32:  # a caller building a policy per call
+                self._plans.clear()
+            plan = _Plan(
+                retrier=Retrier(
+                    policy,
+                    budget=self._budget,
+                    clock=self._clock,
+                    sleep=self._sleep,
+                    before_sleep=self._before_retry,
+                    rng=self._rng,
+                ),
+                timeout=_http.attempt_timeout(
+                    self._timeout, policy.attempt_timeout, policy.connect_timeout
+                ),
+                rules=_http.AnswerRules(
+                    max_response_bytes=self._max_response_bytes,
+                    not_processed=policy.not_processed_statuses,
+                    classify=policy.classify,
+                ),
             )
-            self._retrying[policy] = retrying
-        return retrying
+            self._plans[policy] = plan
+        return plan
 
-    def _timeout_for(self, policy: RetryPolicy) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(policy)
-        if timeout is None:
-            if isinstance(self._timeout, aiohttp.ClientTimeout):
-                timeout = self._timeout
-                if timeout.total is not None:
-                    timeout = bounded_timeout(timeout, timeout.total)
-            else:
-                total = policy.attempt_timeout if self._timeout is None else self._timeout
-                timeout = bounded_timeout(
-                    aiohttp.ClientTimeout(total=total, connect=policy.connect_timeout), total
-                )
-            if len(self._timeouts) >= 32:
-                self._timeouts.clear()
-            self._timeouts[policy] = timeout
-        return timeout
-
-    def _before_retry(
-        self, state: SendState, attempt: int, wait: float, exc: BaseException
-    ) -> None:
+    def _before_retry(self, state: _Send, attempt: int, wait: float, exc: BaseException) -> None:
         if state.policy.retry_ambiguous and isinstance(exc, DeliveryUnknownError):
             state.maybe_delivered = True
         state.retry_after = None
-        state.last_error = exc
+        state.last_error = exc if isinstance(exc, BotMessageError) else None
         log.debug(
             "retrying department=%s user=%s after attempt %d in %.3f s: %s",
             state.department_uuid,
@@ -464,54 +361,48 @@ class BotMessageClient:
         user = check_id("user_uuid", user_uuid)
         text = check_message(message, self._defaults, self._max_text_bytes)
         check_idempotency_key(idempotency_key)
-        session = self._ensure_session()
-        policy = retry or self._retry
-        retrying = self._default_retrying if retry is None else self._retrying_for(retry)
-        state = SendState(
+        self._ensure_session()
+        state = _Send(
             department_uuid=department_uuid,
             user_uuid=user_uuid,
-            url=self._base_url.with_path(self._base_path + _PATH.format(dept, user), encoded=True),
+            url=_http.send_url(self._base_url, dept, user),
             body=_wire.encode_request(text),
             idempotency_key=idempotency_key or new_idempotency_key(),
-            policy=policy,
+            plan=self._default_plan if retry is None else self._plan_for(retry),
             started=self._clock(),
         )
         if self._budget is not None:
             self._budget.deposit()
         try:
-            # Most sends succeed at once; entering tenacity costs more than the rest
-            # of a send (it inspects every callback on every call), so the first
-            # attempt runs directly and tenacity takes over only to retry.
-            try:
-                return await self._attempt(state, session)
-            except BotMessageError as first:
-                if policy.max_attempts == 1 or not classify_failure(first, policy):
-                    raise
-                state.replay = first
-            result: SendResult = await retrying(self._attempt, state, session)
+            return await state.plan.retrier.run(self._attempt, state)
         except BotMessageError as exc:
-            # Errors are raised deep in one attempt; say here which message they concern.
-            exc.department_uuid = department_uuid
-            exc.user_uuid = user_uuid
-            exc.attempts = state.attempt
-            if state.maybe_delivered and not isinstance(exc, DeliveryUnknownError):
-                # An earlier attempt may have gone through: the truth is "unknown".
-                unknown = DeliveryUnknownError(
-                    f"an earlier attempt may have delivered the message; the last one failed: "
-                    f"{exc.message}",
-                    department_uuid=department_uuid,
-                    user_uuid=user_uuid,
-                    attempts=state.attempt,
-                )
-                unknown.idempotency_key = state.idempotency_key
-                # The definite error still decides what happens next (a batch
-                # stops on refused credentials); delivery stays unknown.
-                unknown.final_error = exc
-                raise unknown from exc
-            if isinstance(exc, DeliveryUnknownError):
-                exc.idempotency_key = state.idempotency_key
-            raise
-        return result
+            settled = self._settled(exc, state)
+            if settled is exc:
+                raise
+            raise settled from exc
+
+    def _settled(self, exc: BotMessageError, state: _Send) -> BotMessageError:
+        """The error a send ends with, told which message it concerns (the one place)."""
+        exc.department_uuid = state.department_uuid
+        exc.user_uuid = state.user_uuid
+        exc.attempts = state.attempt
+        if state.maybe_delivered and not isinstance(exc, DeliveryUnknownError):
+            # An earlier attempt may have gone through: the truth is "unknown".
+            unknown = DeliveryUnknownError(
+                f"an earlier attempt may have delivered the message; the last one failed: "
+                f"{exc.message}",
+                department_uuid=state.department_uuid,
+                user_uuid=state.user_uuid,
+                attempts=state.attempt,
+            )
+            unknown.idempotency_key = state.idempotency_key
+            # The definite error still decides what happens next (a batch
+            # stops on refused credentials); delivery stays unknown.
+            unknown.final_error = exc
+            return unknown
+        if isinstance(exc, DeliveryUnknownError):
+            exc.idempotency_key = state.idempotency_key
+        return exc
 
     def pause_remaining(self) -> float:
         """Seconds until the client-wide pause a 429's Retry-After asked for ends.
@@ -521,7 +412,18 @@ class BotMessageClient:
         """
         return max(0.0, self._paused_until - self._clock()) if self._paused_until else 0.0
 
-    async def _wait_for_pause(self, state: SendState) -> None:
+    async def wait_out_pause(self) -> None:
+        """Sleep (on the client's own sleep) until the client-wide 429 pause ends.
+
+        Clients told to come back at one instant do not all come back at once:
+        the wait gets up to a tenth more (1 s at most). Returns at once when
+        there is no pause.
+        """
+        wait = self.pause_remaining()
+        if wait:
+            await self._sleep(spread(wait, self._rng))
+
+    async def _wait_for_pause(self, state: _Send) -> None:
         wait = self.pause_remaining()
         if not wait:
             return
@@ -535,29 +437,23 @@ class BotMessageClient:
                 "slow down or raise RetryPolicy.deadline",
                 status=429,
                 retry_after=wait,
-                department_uuid=state.department_uuid,
-                user_uuid=state.user_uuid,
             )
         await self._sleep(delay)
 
-    async def _attempt(self, state: SendState, session: aiohttp.ClientSession) -> SendResult:
-        if state.replay is not None:
-            # Hand the first attempt's failure to tenacity as its own first outcome,
-            # so that its predicate, wait and stop decide what happens next.
-            failure, state.replay = state.replay, None
-            raise failure
+    async def _attempt(self, state: _Send) -> SendResult:
         policy = state.policy
         if self._paused_until:
             await self._wait_for_pause(state)
-        timeout = self._default_timeout if policy is self._retry else self._timeout_for(policy)
+        timeout = state.plan.timeout
         remaining = policy.deadline - (self._clock() - state.started)
         if remaining < ATTEMPT_FLOOR and state.last_error is not None:
             # A wait ran long and left this retry no time worth trying: sending
             # now could only turn the last failure into a false "unknown".
             raise state.last_error
         if timeout.total is None or remaining < timeout.total:
-            timeout = bounded_timeout(timeout, max(remaining, 0.001))
-        if self._closed or session.closed:
+            timeout = _http.bounded_timeout(timeout, max(remaining, 0.001))
+        session = self._session
+        if self._closed or session is None or session.closed:
             # Closed while this send waited to retry (or its lent session was):
             # this attempt is not made, so nothing new can have been sent.
             raise ClientClosedError(
@@ -571,174 +467,33 @@ class BotMessageClient:
             headers[policy.retry_count_header] = str(state.attempt - 1)
         debug = log.isEnabledFor(logging.DEBUG)
         begun = time.perf_counter() if debug else 0.0
-        status = 0
+        outcome = "no answer"
         try:
-            async with session.post(
-                state.url,
-                data=state.body,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-                return await self._read_answer(state, response)
-        except BotMessageError:
+            result = await _http.post(
+                session, state.url, state.body, headers, timeout, state.plan.rules
+            )
+            outcome = "200"
+        except RateLimitedError as exc:
+            outcome = str(exc.status)
+            state.retry_after = exc.retry_after
+            if exc.status == 429 and exc.retry_after:
+                self._paused_until = max(self._paused_until, self._clock() + exc.retry_after)
             raise
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise CertificateError(
-                f"TLS verification of {self._base_url.host} failed: {_tls_reason(exc)}; "
-                "the server's certificate is not trusted. Nothing was sent; not retried",
-                department_uuid=state.department_uuid,
-                user_uuid=state.user_uuid,
-            ) from exc
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise TransportError(
-                f"could not connect to {self._base_url.host}: {exc.__class__.__name__}; "
-                "nothing was sent, check the host and the network",
-                department_uuid=state.department_uuid,
-                user_uuid=state.user_uuid,
-            ) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            _scrub(exc)
-            if _closed_before_written(exc):
-                # A stale pooled connection: safe to retry, on another connection
-                # (aiohttp drops this one).
-                raise TransportError(
-                    "the pooled connection was closed before the request was written; "
-                    "nothing was sent",
-                    department_uuid=state.department_uuid,
-                    user_uuid=state.user_uuid,
-                ) from exc
-            raise ResponseLostError(
-                f"the request was sent but no answer came back ({exc.__class__.__name__}); "
-                "the message may or may not have been delivered",
-                department_uuid=state.department_uuid,
-                user_uuid=state.user_uuid,
-            ) from exc
+        except BotMessageError as exc:
+            outcome = str(getattr(exc, "status", None) or "no answer")
+            raise
         finally:
             if debug:
                 log.debug(
                     "POST %s -> %s in %.1f ms (attempt %d)",
                     state.url.path,
-                    status or "no answer",
+                    outcome,
                     (time.perf_counter() - begun) * 1000,
                     state.attempt,
                 )
-
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
-        """Read the body, or return None if it is larger than allowed (unread)."""
-        limit = self._max_response_bytes
-        length = response.content_length
-        if length is not None:
-            if length > limit:
-                return None
-            # Content-Length counts the compressed bytes: a small gzip body can
-            # inflate to gigabytes, so only a plain one is read in one go.
-            if "Content-Encoding" not in response.headers:
-                return await response.read()
-        chunks = bytearray()
-        while chunk := await response.content.read(65536):
-            chunks += chunk
-            if len(chunks) > limit:
-                return None
-        return bytes(chunks)
-
-    async def _read_answer(self, state: SendState, response: aiohttp.ClientResponse) -> SendResult:
-        status = response.status
-        if 200 <= status < 300:
-            try:
-                body = await self._read_body(response)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                _scrub(exc)
-                raise ResponseLostError(
-                    f"HTTP {status} but the body was cut off ({exc.__class__.__name__}); "
-                    "the message may or may not have been delivered",
-                ) from exc
-            if body is None:
-                raise InvalidResponseError(
-                    f"HTTP {status} with a body over {self._max_response_bytes} bytes; "
-                    "not read. The message may or may not have been delivered",
-                    status=status,
-                    body_excerpt="",
-                    problems=("body too large",),
-                )
-            try:
-                result = _wire.decode_response(body)
-            except _wire.WireFormatError as exc:
-                raise InvalidResponseError(
-                    f"HTTP {status} but the body is not the documented JSON "
-                    f"({'; '.join(exc.problems)}); the message may or may not have been delivered",
-                    status=status,
-                    body_excerpt=excerpt(body),
-                    problems=exc.problems,
-                ) from exc
-            if state.attempt != 1:
-                result = evolve(result, attempts=state.attempt)
-            if result.status is Status.SUCCESS:
-                return result
-            raise SendFailedError(result, transient=state.policy.classify(result))
-
-        try:
-            body = await self._read_body(response)
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        text = excerpt(body) if body is not None else "[body too large, not read]"
-        rule = status_rule(status, state.policy.not_processed_statuses)
-        if rule is StatusRule.AUTH:
-            raise AuthenticationError(
-                f"HTTP {status}: the service refused the credentials; "
-                "check the username, the password and their rights",
-                status=status,
-                body_excerpt=text,
-            )
-        if rule is StatusRule.AMBIGUOUS:
-            if 500 <= status < 600:
-                raise ServerError(
-                    f"HTTP {status}: the service failed while handling the request; "
-                    "the message may or may not have been delivered",
-                    status=status,
-                    body_excerpt=text,
-                )
-            raise UnexpectedStatusError(
-                f"HTTP {status}: an answer that does not say whether the message was "
-                "processed; it may or may not have been delivered",
-                status=status,
-                body_excerpt=text,
-            )
-        if rule is StatusRule.REDIRECT:
-            raise APIStatusError(
-                f"HTTP {status}: redirect to {response.headers.get('Location', '?')!r} not "
-                "followed, so credentials stay with this host; check base_url",
-                status=status,
-                body_excerpt=text,
-            )
-        if rule is StatusRule.REJECTED:
-            raise APIStatusError(
-                f"HTTP {status}: the service refused the request; check the request and base_url",
-                status=status,
-                body_excerpt=text,
-            )
-        # Not processed, worth retrying: 429, 408, 425, 503, or a status the policy names.
-        retry_after = parse_retry_after(
-            response.headers.get("Retry-After"), response.headers.get("retry-after-ms")
-        )
-        if rule is StatusRule.RATE_LIMITED or retry_after is not None:
-            state.retry_after = retry_after
-            if rule is StatusRule.RATE_LIMITED and retry_after:
-                self._paused_until = max(self._paused_until, self._clock() + retry_after)
-            when = f"after {retry_after:.1f} s" if retry_after is not None else "later"
-            raise RateLimitedError(
-                f"HTTP {status}: the service asks to slow down; try again {when}",
-                status=status,
-                retry_after=retry_after,
-                body_excerpt=text,
-            )
-        raise APIStatusError(
-            f"HTTP {status}: the service did not process the request; try again later",
-            status=status,
-            body_excerpt=text,
-            retryable=True,
-        )
+        if state.attempt != 1:
+            result = evolve(result, attempts=state.attempt)
+        return result
 
     # -- many ------------------------------------------------------------------
 

@@ -23,14 +23,11 @@ stormed.
 
 from __future__ import annotations
 
-import email.utils
-import math
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import tenacity
 from attrs import Attribute, define, field, setters, validators
@@ -43,13 +40,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTEMPT_FLOOR",
+    "Retrier",
     "RetryBudget",
     "RetryEvent",
     "RetryPolicy",
-    "SendState",
+    "RetryState",
     "build_retrying",
     "classify_failure",
-    "parse_retry_after",
     "spread",
 ]
 
@@ -244,51 +241,13 @@ class RetryEvent:
     error: BaseException
 
 
-class SendState:
-    """Everything one logical send carries across its attempts."""
+class RetryState(Protocol):
+    """What the retry engine reads of one logical send (the client's own state object)."""
 
-    __slots__ = (
-        "attempt",
-        "body",
-        "department_uuid",
-        "idempotency_key",
-        "last_error",
-        "maybe_delivered",
-        "policy",
-        "replay",
-        "retry_after",
-        "started",
-        "url",
-        "user_uuid",
-    )
-
-    def __init__(
-        self,
-        *,
-        department_uuid: str,
-        user_uuid: str,
-        url: Any,
-        body: bytes,
-        idempotency_key: str,
-        policy: RetryPolicy,
-        started: float,
-    ) -> None:
-        self.department_uuid = department_uuid
-        self.user_uuid = user_uuid
-        self.url = url
-        self.body = body
-        self.idempotency_key = idempotency_key
-        self.policy = policy
-        self.started = started
-        self.attempt = 0
-        #: Seconds the last answer asked to wait (Retry-After), if any.
-        self.retry_after: float | None = None
-        #: An earlier attempt may have been delivered (only with retry_ambiguous).
-        self.maybe_delivered = False
-        #: The first attempt's failure, for the retry engine to start from.
-        self.replay: BaseException | None = None
-        #: The failure the retry engine is retrying, while it waits.
-        self.last_error: BaseException | None = None
+    #: When the send began, on the client's clock.
+    started: float
+    #: Seconds the last answer asked to wait (Retry-After), if any.
+    retry_after: float | None
 
 
 #: The least time, in seconds, worth giving an attempt: a retry that would have
@@ -304,46 +263,6 @@ def classify_failure(exc: BaseException, policy: RetryPolicy) -> bool:
     return isinstance(exc, BotMessageError) and is_retryable(
         exc, retry_ambiguous=policy.retry_ambiguous
     )
-
-
-def parse_retry_after(
-    retry_after: str | None, retry_after_ms: str | None, *, now: datetime | None = None
-) -> float | None:
-    """Read a wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
-
-    Total over any header text: a value that cannot be read, or is not finite
-    (``inf``, ``1e400``, ``nan``, a date whose zone or year is out of range),
-    counts as absent. A large finite value is kept: ``max_retry_after`` decides.
-
-    Returns:
-        Seconds to wait (finite, never negative), or None when absent or unreadable.
-    """
-    if retry_after_ms:
-        try:
-            seconds = float(retry_after_ms) / 1000.0
-        except ValueError:
-            pass
-        else:
-            if math.isfinite(seconds):
-                return max(0.0, seconds)
-    if not retry_after:
-        return None
-    value = retry_after.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=UTC)
-            seconds = (when - (now or datetime.now(UTC))).total_seconds()
-        except (TypeError, ValueError, OverflowError):
-            # OverflowError: a zone like +99999999999999999999, or a date so far
-            # out that comparing it with now leaves datetime's range.
-            return None
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 def spread(wait: float, rng: random.Random) -> float:
@@ -364,7 +283,7 @@ def build_retrying(
     budget: RetryBudget | None,
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]],
-    before_sleep: Callable[[SendState, int, float, BaseException], None],
+    before_sleep: Callable[[Any, int, float, BaseException], None],
     rng: random.Random,
 ) -> tenacity.AsyncRetrying:
     """Build the tenacity engine for one policy; callers reuse it for every send.
@@ -375,8 +294,8 @@ def build_retrying(
     cannot interleave inside its bookkeeping.
     """
 
-    def state_of(rs: tenacity.RetryCallState) -> SendState:
-        send_state: SendState = rs.args[0]
+    def state_of(rs: tenacity.RetryCallState) -> RetryState:
+        send_state: RetryState = rs.args[0]
         return send_state
 
     def should_retry(rs: tenacity.RetryCallState) -> bool:
@@ -421,3 +340,64 @@ def build_retrying(
         before_sleep=announce,
         reraise=True,
     )
+
+
+S = TypeVar("S", bound=RetryState)
+T = TypeVar("T")
+
+
+class Retrier:
+    """One policy's retry engine, made once and shared by every send under it.
+
+    The first attempt runs directly: most sends succeed at once, and entering
+    tenacity costs more than the rest of a send (it inspects every callback on
+    every call). Only a failure worth retrying hands over to tenacity, which
+    gets that failure as its own first outcome, so that its predicate, wait and
+    stop decide what happens next.
+
+    Args:
+        policy: What to retry and how long to wait.
+        budget: The client-wide retry allowance, if any.
+        clock: The client's monotonic clock (deadlines).
+        sleep: How to wait.
+        before_sleep: Called with ``(state, attempt, wait, error)`` before each wait.
+        rng: Jitter.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        budget: RetryBudget | None,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+        before_sleep: Callable[[Any, int, float, BaseException], None],
+        rng: random.Random,
+    ) -> None:
+        self.policy = policy
+        self._engine = build_retrying(
+            policy, budget=budget, clock=clock, sleep=sleep, before_sleep=before_sleep, rng=rng
+        )
+
+    async def run(self, attempt: Callable[[S], Awaitable[T]], state: S) -> T:
+        """Run ``attempt(state)`` until it succeeds or the policy says stop.
+
+        Raises:
+            BotMessageError: the last attempt's failure.
+        """
+        try:
+            return await attempt(state)
+        except BotMessageError as first:
+            if self.policy.max_attempts == 1 or not classify_failure(first, self.policy):
+                raise
+            replay: BotMessageError | None = first
+
+        async def again(state: S) -> T:
+            nonlocal replay
+            if replay is not None:
+                failure, replay = replay, None
+                raise failure
+            return await attempt(state)
+
+        result: T = await self._engine(again, state)
+        return result

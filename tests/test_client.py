@@ -24,7 +24,7 @@ from botmsg_async import (
     TextMessage,
     TransportError,
 )
-from botmsg_async._client import bounded_timeout
+from botmsg_async._http import bounded_timeout
 
 from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, slow
 

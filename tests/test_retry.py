@@ -33,7 +33,8 @@ from botmsg_async import (
     Status,
     TransportError,
 )
-from botmsg_async._retry import TRANSIENT_PATTERN, full_jitter, parse_retry_after
+from botmsg_async._http import parse_retry_after
+from botmsg_async._retry import TRANSIENT_PATTERN, full_jitter
 
 from .conftest import DEPT, USER, ScriptedServer, Sleeps, answer, client_tasks, drop, failure, slow
 

@@ -32,7 +32,7 @@ from botmsg_async import (
     ServerError,
     TransportError,
 )
-from botmsg_async._retry import parse_retry_after
+from botmsg_async._http import parse_retry_after
 from botmsg_async._validate import check_base_url
 
 from ..conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, failure

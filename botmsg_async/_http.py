@@ -1,0 +1,426 @@
+"""Everything that speaks HTTP: the session, timeouts, one POST, and what its answer means.
+
+With ``_client`` (which owns the session's lifecycle) the only module that
+knows aiohttp. Which statuses prove "not processed" is ``_delivery``'s table;
+this module turns each answer into a ``SendResult`` or the error that table
+names, and every aiohttp exception into a ``BotMessageError``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import select
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import aiohttp
+from attrs import define, evolve
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from . import _wire
+from ._delivery import StatusRule, status_rule
+from ._errors import (
+    APIStatusError,
+    AuthenticationError,
+    BotMessageError,
+    CertificateError,
+    InvalidResponseError,
+    RateLimitedError,
+    ResponseLostError,
+    SendFailedError,
+    ServerError,
+    TransportError,
+    UnexpectedStatusError,
+    excerpt,
+)
+from ._models import SendResult, Status
+
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "AnswerRules",
+    "Secret",
+    "attempt_timeout",
+    "bounded_timeout",
+    "new_session",
+    "parse_retry_after",
+    "post",
+    "send_url",
+]
+
+_PATH = "/communications/department/{}/user/{}/botmessage/send"
+#: Largest answer body read, in bytes (after inflating a compressed one).
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+@define(frozen=True)
+class AnswerRules:
+    """How one client reads answers: its size cap, its policy's statuses and FAILURE rule."""
+
+    max_response_bytes: int
+    not_processed: frozenset[int]
+    classify: Callable[[SendResult], bool]
+
+
+def send_url(base_url: URL, dept: str, user: str) -> URL:
+    """The endpoint for one message; ``dept`` and ``user`` are already percent-encoded."""
+    return base_url.with_path(
+        base_url.raw_path.rstrip("/") + _PATH.format(dept, user), encoded=True
+    )
+
+
+def attempt_timeout(
+    option: float | aiohttp.ClientTimeout | None, total: float, connect: float
+) -> aiohttp.ClientTimeout:
+    """The per-attempt timeout: the client's ``timeout=`` option, or the policy's figures."""
+    if isinstance(option, aiohttp.ClientTimeout):
+        return option if option.total is None else bounded_timeout(option, option.total)
+    total = total if option is None else option
+    return bounded_timeout(aiohttp.ClientTimeout(total=total, connect=connect), total)
+
+
+def new_session(
+    *, max_connections: int | None, keepalive_timeout: float, timeout: aiohttp.ClientTimeout
+) -> aiohttp.ClientSession:
+    """A session over a pool that never lends a connection the server already closed."""
+    connector = _LiveConnector(
+        limit=max_connections or 0,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=keepalive_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Cookies play no part in this API; skipping them saves work per answer.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=timeout,
+        trust_env=False,
+    )
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: URL,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's per-request timeout
+    rules: AnswerRules,
+) -> SendResult:
+    """Make one attempt: POST ``body``, and read what the answer means.
+
+    Returns:
+        The SUCCESS answer.
+
+    Raises:
+        BotMessageError: every failure, as the delivery table classifies it;
+            no aiohttp exception escapes.
+    """
+    try:
+        async with session.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as response:
+            return await _read_answer(response, rules)
+    except BotMessageError:
+        raise
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise CertificateError(
+            f"TLS verification of {url.host} failed: {_tls_reason(exc)}; "
+            "the server's certificate is not trusted. Nothing was sent; not retried",
+        ) from exc
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        raise TransportError(
+            f"could not connect to {url.host}: {exc.__class__.__name__}; "
+            "nothing was sent, check the host and the network",
+        ) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        _scrub(exc)
+        if _closed_before_written(exc):
+            # A stale pooled connection: safe to retry, on another connection
+            # (aiohttp drops this one).
+            raise TransportError(
+                "the pooled connection was closed before the request was written; nothing was sent",
+            ) from exc
+        raise ResponseLostError(
+            f"the request was sent but no answer came back ({exc.__class__.__name__}); "
+            "the message may or may not have been delivered",
+        ) from exc
+
+
+def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.ClientTimeout:
+    """Return ``timeout`` limited to ``total`` seconds, its connect phase ending first.
+
+    A total timeout surfaces as a bare ``TimeoutError`` whatever phase it cuts,
+    while a connect timeout is an ``aiohttp.ConnectionTimeoutError``. Ending the
+    connect phase clearly before the total means a bare ``TimeoutError`` can
+    only come after the connection was made: it is then honest to report the
+    delivery as unknown, and a timeout while connecting as "nothing was sent".
+    aiohttp rounds timers of ``ceil_threshold`` seconds or more up to a whole
+    second, which could let an attempt run up to a second past its deadline or
+    the connect timer fire after the total: the threshold is raised above the
+    total, so that neither is rounded.
+    """
+    connect = min(timeout.connect or total, total * 0.9)
+    ceil_threshold = max(timeout.ceil_threshold, total + 1.0)
+    if (
+        timeout.total == total
+        and timeout.connect == connect
+        and timeout.ceil_threshold == ceil_threshold
+    ):
+        return timeout
+    return evolve(timeout, total=total, connect=connect, ceil_threshold=ceil_threshold)
+
+
+def _scrub(exc: BaseException) -> None:
+    """Drop the request headers (Authorization among them) from a chained aiohttp error."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        info = exc.request_info
+        exc.request_info = aiohttp.RequestInfo(
+            info.url, info.method, CIMultiDictProxy(CIMultiDict()), info.real_url
+        )
+        exc.args = (exc.request_info, exc.history)
+
+
+#: aiohttp's StreamWriter methods that write a request's headers, its first bytes.
+_FIRST_WRITES = frozenset({"_send_headers_with_payload", "send_headers"})
+
+
+def _closed_before_written(exc: BaseException) -> bool:
+    """Whether aiohttp refused to write the request's first bytes to a closed connection.
+
+    aiohttp buffers the request line and headers and writes them together with
+    the body; before handing bytes to the transport it checks that the transport
+    is not closing, and raises ``ClientConnectionResetError`` if it is. Such an
+    error raised within the write that carries the headers proves that not one
+    byte of the request left: the server closed the pooled connection first.
+    Every other failure (a later write, a drain, a disconnect noticed while
+    waiting for the answer) may follow bytes that reached the server and stays
+    ambiguous; so does everything on an aiohttp that writes differently, since
+    then no frame matches. Only failures pay for this walk.
+    """
+    for error in (exc, exc.__cause__):
+        if isinstance(error, aiohttp.ClientConnectionResetError):
+            tb = error.__traceback__
+            while tb is not None:
+                code = tb.tb_frame.f_code
+                if code.co_name in _FIRST_WRITES and code.co_filename.endswith("http_writer.py"):
+                    return True
+                tb = tb.tb_next
+    return False
+
+
+def _peer_spoke(connection: aiohttp.connector.Connection) -> bool:
+    """Whether an idle connection has bytes or an end of stream the loop has not read yet.
+
+    An idle keep-alive connection has nothing to read unless the server closed it
+    (FIN or RST) or sent something unasked (a 408, a TLS close_notify): either
+    way it must not carry a request. The check is one ``select`` with no wait.
+    """
+    transport = connection.transport
+    if transport is None or transport.is_closing():
+        return False  # aiohttp already knows; it refuses to write and we report it
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select((sock,), (), (), 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class _LiveConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that never lends a pooled connection the server already closed.
+
+    aiohttp reuses a pooled connection unless the event loop has already seen it
+    close; a server's FIN that is in the kernel but not yet read by the loop (it
+    answered and closed at once, or its idle timeout just ran out) would carry
+    the next request to a dead socket, and the send would end "unknown". Such a
+    connection is closed and another one taken, before anything is written.
+    """
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        for _ in range(8):  # bounded: each one dropped leaves the pool smaller
+            if not _peer_spoke(connection):
+                break
+            connection.close()
+            connection = await super().connect(req, traces, timeout)
+        return connection
+
+
+def _tls_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    """Why the certificate was refused, in OpenSSL's words (e.g. "self-signed certificate")."""
+    cause = exc.certificate_error
+    reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+    return str(reason or cause.__class__.__name__)
+
+
+class Secret(str):
+    """A credential as text: sent as it is, shown as ``'<redacted>'`` by ``repr``.
+
+    Headers live in dicts that tracebacks print with ``capture_locals=True`` and
+    that debuggers and loggers ``repr``; the value itself still goes on the wire.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """Read the body, or return None if it is larger than ``limit`` (unread)."""
+    length = response.content_length
+    if length is not None:
+        if length > limit:
+            return None
+        # Content-Length counts the compressed bytes: a small gzip body can
+        # inflate to gigabytes, so only a plain one is read in one go.
+        if "Content-Encoding" not in response.headers:
+            return await response.read()
+    chunks = bytearray()
+    while chunk := await response.content.read(65536):
+        chunks += chunk
+        if len(chunks) > limit:
+            return None
+    return bytes(chunks)
+
+
+async def _read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> SendResult:
+    """What an answer means: a SUCCESS result, or the error the status table names."""
+    status = response.status
+    if 200 <= status < 300:
+        try:
+            body = await _read_body(response, rules.max_response_bytes)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            _scrub(exc)
+            raise ResponseLostError(
+                f"HTTP {status} but the body was cut off ({exc.__class__.__name__}); "
+                "the message may or may not have been delivered",
+            ) from exc
+        if body is None:
+            raise InvalidResponseError(
+                f"HTTP {status} with a body over {rules.max_response_bytes} bytes; "
+                "not read. The message may or may not have been delivered",
+                status=status,
+                body_excerpt="",
+                problems=("body too large",),
+            )
+        try:
+            result = _wire.decode_response(body)
+        except _wire.WireFormatError as exc:
+            raise InvalidResponseError(
+                f"HTTP {status} but the body is not the documented JSON "
+                f"({'; '.join(exc.problems)}); the message may or may not have been delivered",
+                status=status,
+                body_excerpt=excerpt(body),
+                problems=exc.problems,
+            ) from exc
+        if result.status is Status.SUCCESS:
+            return result
+        raise SendFailedError(result, transient=rules.classify(result))
+
+    try:
+        body = await _read_body(response, rules.max_response_bytes)
+    except (aiohttp.ClientError, TimeoutError):
+        body = b""
+    text = excerpt(body) if body is not None else "[body too large, not read]"
+    rule = status_rule(status, rules.not_processed)
+    if rule is StatusRule.AUTH:
+        raise AuthenticationError(
+            f"HTTP {status}: the service refused the credentials; "
+            "check the username, the password and their rights",
+            status=status,
+            body_excerpt=text,
+        )
+    if rule is StatusRule.AMBIGUOUS:
+        if 500 <= status < 600:
+            raise ServerError(
+                f"HTTP {status}: the service failed while handling the request; "
+                "the message may or may not have been delivered",
+                status=status,
+                body_excerpt=text,
+            )
+        raise UnexpectedStatusError(
+            f"HTTP {status}: an answer that does not say whether the message was "
+            "processed; it may or may not have been delivered",
+            status=status,
+            body_excerpt=text,
+        )
+    if rule is StatusRule.REDIRECT:
+        raise APIStatusError(
+            f"HTTP {status}: redirect to {response.headers.get('Location', '?')!r} not "
+            "followed, so credentials stay with this host; check base_url",
+            status=status,
+            body_excerpt=text,
+        )
+    if rule is StatusRule.REJECTED:
+        raise APIStatusError(
+            f"HTTP {status}: the service refused the request; check the request and base_url",
+            status=status,
+            body_excerpt=text,
+        )
+    # Not processed, worth retrying: 429, 408, 425, 503, or a status the policy names.
+    retry_after = parse_retry_after(
+        response.headers.get("Retry-After"), response.headers.get("retry-after-ms")
+    )
+    if rule is StatusRule.RATE_LIMITED or retry_after is not None:
+        when = f"after {retry_after:.1f} s" if retry_after is not None else "later"
+        raise RateLimitedError(
+            f"HTTP {status}: the service asks to slow down; try again {when}",
+            status=status,
+            retry_after=retry_after,
+            body_excerpt=text,
+        )
+    raise APIStatusError(
+        f"HTTP {status}: the service did not process the request; try again later",
+        status=status,
+        body_excerpt=text,
+        retryable=True,
+    )
+
+
+def parse_retry_after(
+    retry_after: str | None, retry_after_ms: str | None, *, now: datetime | None = None
+) -> float | None:
+    """Read a wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
+
+    Total over any header text: a value that cannot be read, or is not finite
+    (``inf``, ``1e400``, ``nan``, a date whose zone or year is out of range),
+    counts as absent. A large finite value is kept: ``max_retry_after`` decides.
+
+    Returns:
+        Seconds to wait (finite, never negative), or None when absent or unreadable.
+    """
+    if retry_after_ms:
+        try:
+            seconds = float(retry_after_ms) / 1000.0
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
+    if not retry_after:
+        return None
+    value = retry_after.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        except (TypeError, ValueError, OverflowError):
+            # OverflowError: a zone like +99999999999999999999, or a date so far
+            # out that comparing it with now leaves datetime's range.
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
