@@ -6,7 +6,7 @@ Example:
     ...     result = await client.send(department_uuid, user_uuid, "Hello!")
 """
 
-from ._batch import BatchReport, BatchStream, ItemResult, Progress
+from ._batch import BatchOptions, BatchReport, BatchStream, Counts, ItemResult, Progress, Sender
 from ._client import BotMessageClient
 from ._errors import (
     APIStatusError,
@@ -26,6 +26,7 @@ from ._errors import (
     TransportError,
     UnexpectedStatusError,
 )
+from ._limits import LocalRateLimiter, RateLimiter
 from ._models import (
     ApiError,
     ApiWarning,
@@ -46,6 +47,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "ApiWarning",
     "AuthenticationError",
     "BatchFailedError",
+    "BatchOptions",
     "BatchReport",
     "BatchStoppedError",
     "BatchStream",
@@ -53,15 +55,18 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "BotMessageError",
     "CertificateError",
     "ClientClosedError",
+    "Counts",
     "DeliveryUnknownError",
     "InvalidRequestError",
     "InvalidResponseError",
     "ItemResult",
+    "LocalRateLimiter",
     "MAX_TEXT_BYTES",
     "MessageDefaults",
     "Outcome",
     "Progress",
     "RateLimitedError",
+    "RateLimiter",
     "ResponseLostError",
     "RetryBudget",
     "RetryEvent",
@@ -69,6 +74,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "SendFailedError",
     "SendRequest",
     "SendResult",
+    "Sender",
     "ServerError",
     "Status",
     "TextMessage",

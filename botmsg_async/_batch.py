@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol, Self, TypeAlias
@@ -27,15 +26,25 @@ from ._errors import (
     InvalidRequestError,
     RateLimitedError,
 )
+from ._limits import LocalRateLimiter
 from ._models import Outcome, SendRequest, SendResult, TextMessage
-from ._retry import spread
 from ._validate import id_text, new_idempotency_key
 
 if TYPE_CHECKING:
-    from ._client import BotMessageClient
     from ._retry import RetryPolicy
 
-__all__ = ["BatchReport", "BatchStream", "ItemResult", "Items", "Outcome", "Progress", "collect"]
+__all__ = [
+    "BatchOptions",
+    "BatchReport",
+    "BatchStream",
+    "Counts",
+    "ItemResult",
+    "Items",
+    "Outcome",
+    "Progress",
+    "Sender",
+    "collect",
+]
 
 ItemLike: TypeAlias = SendRequest | tuple[str | UUID, str | UUID, str | TextMessage]
 Items: TypeAlias = Iterable[ItemLike] | AsyncIterable[ItemLike]
@@ -70,30 +79,89 @@ class ItemResult:
 
 
 @define(frozen=True)
+class Counts:
+    """How many items ended each way: the one tally behind ``Progress``, reports and the CLI.
+
+    Attributes:
+        sent: Items the service accepted.
+        failed: Items not delivered.
+        unknown: Items that may or may not have been delivered.
+        skipped: Items never attempted.
+    """
+
+    sent: int = 0
+    failed: int = 0
+    unknown: int = 0
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        """Items with an outcome."""
+        return self.sent + self.failed + self.unknown + self.skipped
+
+    @property
+    def attempted(self) -> int:
+        """Items that were sent, failed or ended unknown (not skipped)."""
+        return self.sent + self.failed + self.unknown
+
+
+class _Tally:
+    """The running counts of one batch; ``counts()`` takes a frozen snapshot."""
+
+    __slots__ = ("failed", "retries", "sent", "skipped", "unknown")
+
+    def __init__(self) -> None:
+        self.sent = self.failed = self.unknown = self.skipped = self.retries = 0
+
+    def counts(self) -> Counts:
+        return Counts(self.sent, self.failed, self.unknown, self.skipped)
+
+
+@define(frozen=True)
 class Progress:
     """A snapshot of a running batch, for progress bars and logs.
 
-    Counts are of completed items; ``in_flight`` are being sent now.
+    Attributes:
+        counts: Completed items, by outcome.
+        in_flight: Items being sent now.
+        retries: HTTP retries made so far.
+        elapsed: Seconds since the batch began.
     """
 
-    sent: int
-    failed: int
-    unknown: int
-    skipped: int
+    counts: Counts
     in_flight: int
     retries: int
     elapsed: float
 
     @property
+    def sent(self) -> int:
+        """Items the service accepted."""
+        return self.counts.sent
+
+    @property
+    def failed(self) -> int:
+        """Items not delivered."""
+        return self.counts.failed
+
+    @property
+    def unknown(self) -> int:
+        """Items that may or may not have been delivered."""
+        return self.counts.unknown
+
+    @property
+    def skipped(self) -> int:
+        """Items never attempted."""
+        return self.counts.skipped
+
+    @property
     def done(self) -> int:
         """Items with a final outcome."""
-        return self.sent + self.failed + self.unknown + self.skipped
+        return self.counts.total
 
     @property
     def rate(self) -> float:
         """Completed sends per second so far."""
-        finished = self.sent + self.failed + self.unknown
-        return finished / self.elapsed if self.elapsed > 0 else 0.0
+        return self.counts.attempted / self.elapsed if self.elapsed > 0 else 0.0
 
 
 @define(frozen=True)
@@ -102,34 +170,48 @@ class BatchReport:
 
     Attributes:
         results: ``ItemResult``s in input order (as many as ``keep`` kept).
-        sent: Items the service accepted.
-        failed: Items not delivered.
-        unknown: Items that may or may not have been delivered.
-        skipped: Items never attempted.
+        counts: Items by outcome (``sent``, ``failed``, ``unknown``, ``skipped``
+            are also attributes of the report).
         retries: HTTP retries made across the batch.
         elapsed: Seconds the batch took.
         stopped_by: The error that stopped the batch early, or None.
     """
 
     results: list[ItemResult]
-    sent: int
-    failed: int
-    unknown: int
-    skipped: int
+    counts: Counts
     retries: int
     elapsed: float
     stopped_by: BotMessageError | None = None
 
     @property
+    def sent(self) -> int:
+        """Items the service accepted."""
+        return self.counts.sent
+
+    @property
+    def failed(self) -> int:
+        """Items not delivered."""
+        return self.counts.failed
+
+    @property
+    def unknown(self) -> int:
+        """Items that may or may not have been delivered."""
+        return self.counts.unknown
+
+    @property
+    def skipped(self) -> int:
+        """Items never attempted."""
+        return self.counts.skipped
+
+    @property
     def total(self) -> int:
         """Items in the input."""
-        return self.sent + self.failed + self.unknown + self.skipped
+        return self.counts.total
 
     @property
     def messages_per_second(self) -> float:
         """Items sent, failed or unknown per second of the batch."""
-        finished = self.sent + self.failed + self.unknown
-        return finished / self.elapsed if self.elapsed > 0 else 0.0
+        return self.counts.attempted / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def ok(self) -> bool:
@@ -149,47 +231,77 @@ class BatchReport:
             ) from self.stopped_by
 
 
-class _PerKeyLimiter:
-    """One rate limiter per department, forgotten once idle so memory stays flat."""
-
-    def __init__(self, rate: float, make: Callable[[float], _Limiter]) -> None:
-        self._rate = rate
-        self._make = make
-        self._limiters: OrderedDict[str, tuple[_Limiter, float]] = OrderedDict()
-        # An idle limiter has fully drained after a second or two at most;
-        # forgetting it then changes nothing but memory.
-        self._idle = max(2.0, 2.0 / rate)
-
-    def __len__(self) -> int:
-        return len(self._limiters)
-
-    async def acquire(self, key: str) -> None:
-        now = time.monotonic()
-        entry = self._limiters.pop(key, None)
-        limiter = entry[0] if entry is not None else self._make(self._rate)
-        self._limiters[key] = (limiter, now)
-        while self._limiters:
-            oldest_key, (_, last) = next(iter(self._limiters.items()))
-            if now - last < self._idle:
-                break
-            del self._limiters[oldest_key]
-        await limiter.acquire()
+def _check_options(options: BatchOptions) -> None:
+    """Raise ``InvalidRequestError`` naming the first bad batch option."""
+    if not isinstance(options.concurrency, int) or options.concurrency < 1:
+        raise InvalidRequestError("concurrency", options.concurrency, "must be an int >= 1")
+    for name, rate in (
+        ("rate_limit", options.rate_limit),
+        ("per_department_rate_limit", options.per_department_rate_limit),
+    ):
+        if rate is not None and not rate > 0:
+            raise InvalidRequestError(name, rate, "must be > 0 messages per second, or None")
+    stop_after = options.stop_after_consecutive_failures
+    if stop_after is not None and stop_after < 1:
+        raise InvalidRequestError("stop_after_consecutive_failures", stop_after, "must be >= 1")
+    if not options.max_pause >= 0:
+        raise InvalidRequestError("max_pause", options.max_pause, "must be >= 0 seconds")
+    if not options.progress_interval > 0:
+        raise InvalidRequestError("progress_interval", options.progress_interval, "must be > 0")
 
 
-class _Limiter(Protocol):
-    async def acquire(self) -> None: ...
+@define(frozen=True, kw_only=True)
+class BatchOptions:
+    """How a batch runs: built once, checked once, handed to the batch whole.
+
+    ``send_many`` and ``stream_many`` build one from their keyword arguments,
+    which they document.
+
+    Raises:
+        InvalidRequestError: a bad option, named, before anything is sent.
+    """
+
+    concurrency: int = 64
+    rate_limit: float | None = None
+    per_department_rate_limit: float | None = None
+    retry: RetryPolicy | None = None
+    on_result: Callable[[ItemResult], object] | None = None
+    on_start: Callable[[int, SendRequest], object] | None = None
+    on_progress: Callable[[Progress], object] | None = None
+    progress_interval: float = 1.0
+    stop_after_consecutive_failures: int | None = 100
+    max_pause: float = 300.0
+
+    def __attrs_post_init__(self) -> None:
+        _check_options(self)
 
 
-def _smooth_limiter(rate: float) -> _Limiter:
-    """An aiolimiter leaky bucket with a burst of at most a tenth of a second."""
-    try:
-        from aiolimiter import AsyncLimiter
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise InvalidRequestError(
-            "rate_limit", rate, "needs aiolimiter: pip install 'botmsg-async[rate]'"
-        ) from None
-    capacity = max(1.0, rate / 10)
-    return AsyncLimiter(capacity, capacity / rate)
+class Sender(Protocol):
+    """What a batch needs of a client: ``BotMessageClient`` is one."""
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: str | TextMessage,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        """Send one message, with its retries."""
+        ...
+
+    def ensure_open(self) -> None:
+        """Raise ``ClientClosedError`` when the sender is closed."""
+        ...
+
+    def pause_remaining(self) -> float:
+        """Seconds left of a 429 pause the sender knows of (0 when none)."""
+        ...
+
+    async def wait_out_pause(self) -> None:
+        """Sleep until that pause ends."""
+        ...
 
 
 def _unpack(raw: object) -> SendRequest:
@@ -224,38 +336,7 @@ class BatchStream:
     stream running, to be read on.
     """
 
-    def __init__(
-        self,
-        client: BotMessageClient,
-        items: Items,
-        *,
-        concurrency: int,
-        rate_limit: float | None,
-        per_department_rate_limit: float | None,
-        retry: RetryPolicy | None,
-        on_result: Callable[[ItemResult], object] | None,
-        on_start: Callable[[int, SendRequest], object] | None,
-        on_progress: Callable[[Progress], object] | None,
-        progress_interval: float,
-        stop_after_consecutive_failures: int | None,
-        max_pause: float,
-    ) -> None:
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise InvalidRequestError("concurrency", concurrency, "must be an int >= 1")
-        for name, value in (
-            ("rate_limit", rate_limit),
-            ("per_department_rate_limit", per_department_rate_limit),
-        ):
-            if value is not None and not value > 0:
-                raise InvalidRequestError(name, value, "must be > 0 messages per second, or None")
-        if stop_after_consecutive_failures is not None and stop_after_consecutive_failures < 1:
-            raise InvalidRequestError(
-                "stop_after_consecutive_failures", stop_after_consecutive_failures, "must be >= 1"
-            )
-        if not max_pause >= 0:
-            raise InvalidRequestError("max_pause", max_pause, "must be >= 0 seconds")
-        if progress_interval <= 0:
-            raise InvalidRequestError("progress_interval", progress_interval, "must be > 0")
+    def __init__(self, sender: Sender, items: Items, options: BatchOptions) -> None:
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[ItemLike] | None = aiter(items)
             self._iter: Iterator[ItemLike] | None = None
@@ -264,23 +345,22 @@ class BatchStream:
             self._iter = iter(items)
         else:
             raise InvalidRequestError("items", items, "must be an iterable or async iterable")
-        self._client = client
-        self._concurrency = concurrency
-        self._limiter = _smooth_limiter(rate_limit) if rate_limit else None
-        self._per_department = (
-            _PerKeyLimiter(per_department_rate_limit, _smooth_limiter)
-            if per_department_rate_limit
+        self._sender = sender
+        self.options = options
+        self._concurrency = options.concurrency
+        self._limiter = (
+            LocalRateLimiter(options.rate_limit, options.per_department_rate_limit)
+            if options.rate_limit or options.per_department_rate_limit
             else None
         )
-        self._retry = retry
-        self._on_result = on_result
-        self._on_start = on_start
-        self._on_progress = on_progress
-        self._progress_interval = progress_interval
-        self._stop_after = stop_after_consecutive_failures
-        self._max_pause = max_pause
-        self._limited = self._limiter is not None or self._per_department is not None
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=concurrency)
+        self._retry = options.retry
+        self._on_result = options.on_result
+        self._on_start = options.on_start
+        self._on_progress = options.on_progress
+        self._progress_interval = options.progress_interval
+        self._stop_after = options.stop_after_consecutive_failures
+        self._max_pause = options.max_pause
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=options.concurrency)
         self._pull_lock = asyncio.Lock()
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
@@ -290,9 +370,8 @@ class BatchStream:
         self._abandoned = False
         self._started = 0.0
         self.stopped_by: BotMessageError | None = None
-        self.sent = self.failed = self.unknown = self.skipped = 0
+        self._tally = _Tally()
         self.in_flight = 0
-        self.retries = 0
         self._consecutive_failures = 0
 
     # -- consumer side ---------------------------------------------------------
@@ -326,7 +405,7 @@ class BatchStream:
         if self._finished:
             raise StopAsyncIteration
         if self._runner is None:
-            self._client._ensure_session()  # a closed client fails here, before any read
+            self._sender.ensure_open()  # a closed client fails here, before any read
             self._started = time.perf_counter()
             self._runner = asyncio.create_task(self._run())
         if self._queue.empty() and self._runner.done():
@@ -383,7 +462,7 @@ class BatchStream:
         """
         if self._runner is not None:
             raise RuntimeError("_drain() must be the first use of the stream")
-        self._client._ensure_session()
+        self._sender.ensure_open()
         self._started = time.perf_counter()
         self._sink = sink
         self._runner = asyncio.create_task(self._run())
@@ -404,17 +483,40 @@ class BatchStream:
         """Seconds since the first item was pulled."""
         return time.perf_counter() - self._started if self._started else 0.0
 
+    @property
+    def counts(self) -> Counts:
+        """Completed items so far, by outcome."""
+        return self._tally.counts()
+
+    @property
+    def sent(self) -> int:
+        """Items the service accepted so far."""
+        return self._tally.sent
+
+    @property
+    def failed(self) -> int:
+        """Items not delivered so far."""
+        return self._tally.failed
+
+    @property
+    def unknown(self) -> int:
+        """Items whose delivery is unknown so far."""
+        return self._tally.unknown
+
+    @property
+    def skipped(self) -> int:
+        """Items never attempted so far."""
+        return self._tally.skipped
+
+    @property
+    def retries(self) -> int:
+        """HTTP retries made so far."""
+        return self._tally.retries
+
     def progress(self) -> Progress:
         """A snapshot of the counts so far."""
-        return Progress(
-            sent=self.sent,
-            failed=self.failed,
-            unknown=self.unknown,
-            skipped=self.skipped,
-            in_flight=self.in_flight,
-            retries=self.retries,
-            elapsed=self.elapsed,
-        )
+        tally = self._tally
+        return Progress(tally.counts(), self.in_flight, tally.retries, self.elapsed)
 
     # -- worker side -------------------------------------------------------------
 
@@ -487,10 +589,10 @@ class BatchStream:
             return ItemResult(index, "", "", Outcome.FAILED, error=exc)
         # uuid.UUID ids (send() takes them too) are reported as text.
         department_uuid, user_uuid = id_text(request.department_uuid), id_text(request.user_uuid)
-        client = self._client
+        sender = self._sender
         if self.stopped_by is not None:
             return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
-        if self._limited or client.pause_remaining():
+        if self._limiter is not None or sender.pause_remaining():
             await self._admit(department_uuid)
             if self.stopped_by is not None:  # stopped while we waited
                 return ItemResult(index, department_uuid, user_uuid, Outcome.SKIPPED)
@@ -505,7 +607,7 @@ class BatchStream:
         try:
             while True:
                 try:
-                    result = await client.send(
+                    result = await sender.send(
                         department_uuid,
                         user_uuid,
                         request.message,
@@ -514,7 +616,7 @@ class BatchStream:
                     )
                 except BotMessageError as exc:
                     exc.attempts += earlier_attempts
-                    pause = client.pause_remaining()
+                    pause = sender.pause_remaining()
                     if isinstance(exc, RateLimitedError) and pause and self.stopped_by is None:
                         # Not processed, and the service named when to come back:
                         # the whole batch pauses, this item goes again after it.
@@ -567,32 +669,31 @@ class BatchStream:
         at the same instant when the pause ends, far above the rate limit. A
         pause longer than ``max_pause`` stops the batch instead.
         """
-        client = self._client
+        sender = self._sender
         while True:
             if self._limiter is not None:
-                await self._limiter.acquire()
-            if self._per_department is not None:
-                await self._per_department.acquire(department_uuid)
-            pause = client.pause_remaining()
+                await self._limiter.acquire(department_uuid)
+            pause = sender.pause_remaining()
             if pause <= 0 or self.stopped_by is not None:
                 return
             if pause > self._max_pause:
                 self._stop_for_pause(pause, None)
                 return
-            await client._sleep(spread(pause, client._rng))
+            await sender.wait_out_pause()
 
     def _record(self, item: ItemResult) -> None:
         outcome = item.outcome
+        tally = self._tally
         if outcome is Outcome.SENT:
-            self.sent += 1
+            tally.sent += 1
             self._consecutive_failures = 0
         elif outcome is Outcome.SKIPPED:
-            self.skipped += 1
+            tally.skipped += 1
         else:
             if outcome is Outcome.FAILED:
-                self.failed += 1
+                tally.failed += 1
             else:
-                self.unknown += 1
+                tally.unknown += 1
             if trips_breaker(outcome, item.error):
                 self._consecutive_failures += 1
                 if (
@@ -602,7 +703,7 @@ class BatchStream:
                 ):
                     self._trip_breaker(item.error)
         if item.attempts > 1:
-            self.retries += item.attempts - 1
+            tally.retries += item.attempts - 1
 
 
 async def collect(
@@ -630,10 +731,7 @@ async def collect(
     results.sort(key=lambda r: r.index)
     return BatchReport(
         results=results,
-        sent=stream.sent,
-        failed=stream.failed,
-        unknown=stream.unknown,
-        skipped=stream.skipped,
+        counts=stream.counts,
         retries=stream.retries,
         elapsed=stream.elapsed,
         stopped_by=stream.stopped_by,

@@ -28,6 +28,7 @@ from ._errors import (
     InvalidRequestError,
     RateLimitedError,
 )
+from ._limits import RateLimiter
 from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
 from ._retry import ATTEMPT_FLOOR, Retrier, RetryBudget, RetryEvent, RetryPolicy, spread
 from ._validate import (
@@ -134,6 +135,11 @@ class BotMessageClient:
         max_response_bytes: Largest answer body read; a larger one is an error.
         max_text_bytes: Largest message body sent, in bytes of UTF-8 (default 1 MiB);
             a larger one is refused with ``InvalidRequestError`` before any I/O.
+        rate_limiter: Shared by every send of this client (and of any other client
+            given the same limiter): a slot per logical send, taken before its
+            deadline starts, and one pause that a 429 seen by any holder imposes on
+            all. A batch's own ``rate_limit`` applies on top: the stricter wins.
+            ``LocalRateLimiter`` is the in-process one.
         on_retry: Called with a ``RetryEvent`` before each retry's wait.
         sleep: How to wait (tests pass a fake to never wait for real).
         clock: Monotonic clock for deadlines (tests may pass a fake).
@@ -164,6 +170,7 @@ class BotMessageClient:
         message_defaults: MessageDefaults | None = None,
         max_response_bytes: int = _http.DEFAULT_MAX_RESPONSE_BYTES,
         max_text_bytes: int = MAX_TEXT_BYTES,
+        rate_limiter: RateLimiter | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -203,6 +210,7 @@ class BotMessageClient:
         self._max_response_bytes = max_response_bytes
         self._max_text_bytes = max_text_bytes
         self._on_retry = on_retry
+        self._rate_limiter = rate_limiter
         self._lent_session = session
         self._session: aiohttp.ClientSession | None = session
         self._closed = False
@@ -362,6 +370,9 @@ class BotMessageClient:
         text = check_message(message, self._defaults, self._max_text_bytes)
         check_idempotency_key(idempotency_key)
         self._ensure_session()
+        if self._rate_limiter is not None:
+            # Before the deadline starts: a wait for a slot is not time lost to retries.
+            await self._rate_limiter.acquire(department_uuid)
         state = _Send(
             department_uuid=department_uuid,
             user_uuid=user_uuid,
@@ -442,6 +453,10 @@ class BotMessageClient:
 
     async def _attempt(self, state: _Send) -> SendResult:
         policy = state.policy
+        limiter = self._rate_limiter
+        if limiter is not None and (shared := await limiter.paused_for()):
+            # Another holder of the limiter was told to wait: so are we.
+            self._paused_until = max(self._paused_until, self._clock() + shared)
         if self._paused_until:
             await self._wait_for_pause(state)
         timeout = state.plan.timeout
@@ -478,6 +493,8 @@ class BotMessageClient:
             state.retry_after = exc.retry_after
             if exc.status == 429 and exc.retry_after:
                 self._paused_until = max(self._paused_until, self._clock() + exc.retry_after)
+                if limiter is not None:
+                    await limiter.pause(exc.retry_after)
             raise
         except BotMessageError as exc:
             outcome = str(getattr(exc, "status", None) or "no answer")
@@ -523,11 +540,9 @@ class BotMessageClient:
             ...     async for item in results:
             ...         journal.write(item)
         """
-        from ._batch import BatchStream
+        from ._batch import BatchOptions, BatchStream
 
-        return BatchStream(
-            self,
-            items,
+        options = BatchOptions(
             concurrency=concurrency,
             rate_limit=rate_limit,
             per_department_rate_limit=per_department_rate_limit,
@@ -539,6 +554,7 @@ class BotMessageClient:
             stop_after_consecutive_failures=stop_after_consecutive_failures,
             max_pause=max_pause,
         )
+        return BatchStream(self, items, options)
 
     async def send_many(
         self,
@@ -605,6 +621,7 @@ class BotMessageClient:
         """
         from ._batch import collect
 
+        # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(
             items,
             concurrency=concurrency,

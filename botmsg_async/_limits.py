@@ -1,0 +1,144 @@
+"""Rate limits and the shared 429 pause: the protocol senders use, and its in-process form.
+
+``BotMessageClient(rate_limiter=...)`` and every batch take a ``RateLimiter``:
+a slot per message (globally and per department) and one pause that a 429's
+Retry-After, seen by any holder, imposes on all of them. ``LocalRateLimiter``
+is the in-process implementation; limiters shared across processes or
+machines implement the same three methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+from ._errors import InvalidRequestError
+
+__all__ = ["LocalRateLimiter", "RateLimiter"]
+
+
+class RateLimiter(Protocol):
+    """What a client and a batch ask of a rate limiter.
+
+    Implementations must be safe to share by every task of one event loop.
+    """
+
+    async def acquire(self, department_uuid: str) -> None:
+        """Wait until one more message to ``department_uuid`` may be sent."""
+        ...
+
+    async def pause(self, seconds: float) -> None:
+        """Make every holder wait ``seconds`` from now (a 429's Retry-After)."""
+        ...
+
+    async def paused_for(self) -> float:
+        """Seconds left of the shared pause; 0 when there is none."""
+        ...
+
+
+class _Bucket(Protocol):
+    async def acquire(self) -> None: ...
+
+
+def _smooth_bucket(rate: float) -> _Bucket:
+    """An aiolimiter leaky bucket with a burst of at most a tenth of a second."""
+    try:
+        from aiolimiter import AsyncLimiter
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise InvalidRequestError(
+            "rate_limit", rate, "needs aiolimiter: pip install 'botmsg-async[rate]'"
+        ) from None
+    capacity = max(1.0, rate / 10)
+    return AsyncLimiter(capacity, capacity / rate)
+
+
+class _PerKeyBuckets:
+    """One bucket per department, forgotten once idle so memory stays flat."""
+
+    def __init__(self, rate: float, make: Callable[[float], _Bucket]) -> None:
+        self._rate = rate
+        self._make = make
+        self._buckets: OrderedDict[str, tuple[_Bucket, float]] = OrderedDict()
+        # An idle bucket has fully drained after a second or two at most;
+        # forgetting it then changes nothing but memory.
+        self._idle = max(2.0, 2.0 / rate)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    async def acquire(self, key: str) -> None:
+        # The loop's clock, as aiolimiter's: tests that move one move both.
+        now = asyncio.get_running_loop().time()
+        entry = self._buckets.pop(key, None)
+        bucket = entry[0] if entry is not None else self._make(self._rate)
+        self._buckets[key] = (bucket, now)
+        while self._buckets:
+            oldest_key, (_, last) = next(iter(self._buckets.items()))
+            if now - last < self._idle:
+                break
+            del self._buckets[oldest_key]
+        await bucket.acquire()
+
+
+class LocalRateLimiter:
+    """A ``RateLimiter`` for one process: smooth rates (aiolimiter) and an in-memory pause.
+
+    Args:
+        rate: Most messages per second in all (None: no global limit).
+        per_department_rate: Most messages per second to one department (None: no limit).
+        clock: Monotonic clock for the pause (tests may pass a fake).
+
+    Raises:
+        InvalidRequestError: a rate that is not > 0, or aiolimiter missing
+            (``pip install 'botmsg-async[rate]'``).
+
+    Example:
+        >>> limiter = LocalRateLimiter(rate=100, per_department_rate=5)
+        >>> client = BotMessageClient(url, user, password, rate_limiter=limiter)
+    """
+
+    def __init__(
+        self,
+        rate: float | None = None,
+        per_department_rate: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        for name, value in (
+            ("rate_limit", rate),
+            ("per_department_rate_limit", per_department_rate),
+        ):
+            if value is not None and not value > 0:
+                raise InvalidRequestError(name, value, "must be > 0 messages per second, or None")
+        self.rate = rate
+        self.per_department_rate = per_department_rate
+        self._global = _smooth_bucket(rate) if rate else None
+        self._per_department = (
+            _PerKeyBuckets(per_department_rate, _smooth_bucket) if per_department_rate else None
+        )
+        self._clock = clock
+        self._paused_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"LocalRateLimiter(rate={self.rate}, per_department_rate={self.per_department_rate})"
+
+    async def acquire(self, department_uuid: str) -> None:
+        """Wait for a global slot, then for one for ``department_uuid``."""
+        if self._global is not None:
+            await self._global.acquire()
+        if self._per_department is not None:
+            await self._per_department.acquire(department_uuid)
+
+    async def pause(self, seconds: float) -> None:
+        """Pause every holder until ``seconds`` from now (a longer pause already set stays)."""
+        if seconds > 0:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    async def paused_for(self) -> float:
+        """Seconds left of the pause; 0 when there is none."""
+        if not self._paused_until:
+            return 0.0
+        return max(0.0, self._paused_until - self._clock())

@@ -1,0 +1,174 @@
+"""The in-process rate limiter, on a virtual clock: exact rates, bursts and pauses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from botmsg_async import BotMessageClient, InvalidRequestError, LocalRateLimiter
+from botmsg_async._limits import _PerKeyBuckets, _smooth_bucket
+
+from .conftest import DEPT, USER, ScriptedServer, answer
+
+MakeClient = Callable[..., BotMessageClient]
+
+
+@contextlib.contextmanager
+def virtual_time(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Run ``loop`` on a clock that jumps to the next timer instead of waiting for it.
+
+    As aiolimiter's own tests do, ``loop.time`` is replaced; the selector then
+    never blocks: a wait for the next timer moves the clock by that much.
+    Only for code that does no real I/O.
+    """
+    now = loop.time()
+    selector: Any = loop._selector  # type: ignore[attr-defined]
+    real_select = selector.select
+
+    def time() -> float:
+        return now
+
+    def select(timeout: float | None = None) -> Any:
+        nonlocal now
+        events = real_select(0)
+        if not events and timeout is not None:
+            # At least a tick: a timer computed from float sums can land a hair
+            # short of its instant, and a clock that never moves would spin there.
+            now += max(timeout, 1e-7)
+        return events
+
+    with mock.patch.object(loop, "time", time), mock.patch.object(selector, "select", select):
+        yield
+
+
+async def _grants(limiter: LocalRateLimiter, keys: list[str], workers: int) -> list[float]:
+    loop = asyncio.get_running_loop()
+    todo = iter(keys)
+    stamps: list[float] = []
+
+    async def worker() -> None:
+        for key in todo:
+            await limiter.acquire(key)
+            stamps.append(loop.time())
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return stamps
+
+
+def _most_in_any_window(stamps: list[float], width: float) -> int:
+    stamps = sorted(stamps)
+    most = start = 0
+    for end, t in enumerate(stamps):
+        while t - stamps[start] >= width:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+async def test_global_rate_is_exact_on_a_virtual_clock() -> None:
+    """rate=100: 1,010 grants take 10 s after the burst; no 1 s window holds more than 110."""
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        limiter = LocalRateLimiter(rate=100)
+        begun = loop.time()
+        stamps = await _grants(limiter, ["d"] * 1_010, workers=64)
+    assert len(stamps) == 1_010
+    assert max(stamps) - begun == pytest.approx(10.0, rel=0.01)
+    assert _most_in_any_window(stamps, 1.0) <= 100 + 10
+
+
+async def test_per_department_rate_holds_each_department_alone() -> None:
+    """per_department_rate=5: a busy department waits, the others are not slowed."""
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        limiter = LocalRateLimiter(per_department_rate=5)
+        begun = loop.time()
+        slow = await _grants(limiter, ["busy"] * 51, workers=8)
+        quick = await _grants(limiter, [f"d{i}" for i in range(200)], workers=8)
+    assert max(slow) - begun == pytest.approx(10.0, rel=0.02)
+    assert _most_in_any_window(slow, 1.0) <= 5 + 1
+    assert max(quick) - max(slow) < 0.01  # 200 departments at once: no wait
+
+
+async def test_pause_is_shared_and_only_extends() -> None:
+    """A pause is seen by every holder, and a shorter one never cuts a longer one short."""
+    now = [100.0]
+    limiter = LocalRateLimiter(clock=lambda: now[0])
+    assert await limiter.paused_for() == 0.0
+    await limiter.pause(30.0)
+    await limiter.pause(5.0)
+    assert await limiter.paused_for() == 30.0
+    now[0] += 29.0
+    assert await limiter.paused_for() == pytest.approx(1.0)
+    now[0] += 2.0
+    assert await limiter.paused_for() == 0.0
+
+
+@pytest.mark.parametrize(("rate", "per_department"), [(0, None), (-1.0, None), (None, 0.0)])
+def test_bad_rates_are_refused(rate: float | None, per_department: float | None) -> None:
+    """A rate that is not > 0 is refused, naming the option."""
+    with pytest.raises(InvalidRequestError) as info:
+        LocalRateLimiter(rate, per_department)
+    assert info.value.field in ("rate_limit", "per_department_rate_limit")
+
+
+async def test_idle_department_buckets_are_forgotten() -> None:
+    """Idle per-department buckets are dropped, so a million departments do not grow memory."""
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        buckets = _PerKeyBuckets(1000.0, _smooth_bucket)
+        for i in range(2_000):
+            await buckets.acquire(f"dept-{i}")
+            if i % 100 == 99:
+                await asyncio.sleep(3.0)  # past the idle time: the older ones go
+    assert len(buckets) <= 100
+
+
+async def test_clients_sharing_a_limiter_share_a_429_pause(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A 429 seen by one client pauses another client that holds the same limiter."""
+    now = [1000.0]
+
+    def clock() -> float:
+        return now[0]
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    server.script = [answer(429, "slow", {"Retry-After": "7"})]
+    limiter = LocalRateLimiter(clock=clock)
+    first = make_client(server.base_url, rate_limiter=limiter, clock=clock, sleep=sleep)
+    second = make_client(server.base_url, rate_limiter=limiter, clock=clock, sleep=sleep)
+    async with first, second:
+        assert (await first.send(DEPT, USER, "hi")).attempts == 2
+        waited = len(waits)
+        await limiter.pause(7.0)  # as the first client's 429 did, again
+        assert (await second.send(DEPT, USER, "hi")).attempts == 1
+    assert sum(waits[waited:]) >= 7.0  # the second client waited out the shared pause
+
+
+async def test_a_clients_limiter_paces_single_sends(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """send() takes a slot from the client's limiter: the limiter sees every department."""
+    seen: list[str] = []
+
+    class Recording(LocalRateLimiter):
+        async def acquire(self, department_uuid: str) -> None:
+            seen.append(department_uuid)
+            await super().acquire(department_uuid)
+
+    async with make_client(server.base_url, rate_limiter=Recording()) as client:
+        await client.send("dept-a", USER, "hi")
+        await client.send_many([("dept-b", USER, "x"), ("dept-c", USER, "y")], concurrency=1)
+    assert seen == ["dept-a", "dept-b", "dept-c"]
