@@ -337,6 +337,15 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
     ignored, and the items the last run may have started without a surviving
     record are held back (see the module's documentation): ``torn`` and
     ``torn_in_doubt`` say so. Any other bad line makes the journal unusable.
+    Reads only: for a run that appends, ``FileJournal.begin`` locks first, then loads.
+
+    Args:
+        path: The journal file.
+        fingerprint: The input's identity, as written in the journal's first record.
+        items: The input's number of items.
+
+    Returns:
+        What the journal says about every item.
 
     Raises:
         JournalError: the journal is missing, corrupt, or belongs to another input.
@@ -469,6 +478,13 @@ def finished_records(path: str, state: JournalState) -> Iterator[dict[str, Any]]
 
     Yields each such item once, in journal order; only the part of the file that
     ``load`` found valid is read.
+
+    Args:
+        path: The journal file.
+        state: What ``load`` read from it.
+
+    Returns:
+        The records, as dicts (``"i"``, ``"o"``, ``"m"``, ``"k"``, ``"d"``, ``"u"``, ``"e"``).
     """
     seen = bytearray(state.items)
     header_seen = False
