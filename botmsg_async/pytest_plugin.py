@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from ._client import BotMessageClient
-from .testing import FakeBotMessageServer
+from botmsg_async import BotMessageClient
+from botmsg_async.testing import FakeBotMessageServer
 
 __all__ = ["botmsg_client", "botmsg_server", "botmsg_server_options"]
 

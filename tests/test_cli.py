@@ -25,7 +25,7 @@ import pytest_asyncio
 from attrs import frozen
 
 from botmsg_async import BotMessageClient, cli
-from botmsg_async._journal import JournalWriter
+from botmsg_async.journal import FileJournal
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 USERNAME = "cli-user"
@@ -772,7 +772,7 @@ async def test_a_journal_in_use_by_another_run_is_refused(
     """Two runs on one journal would both send its open items: the second exits 2."""
     source = write_csv(tmp_path / "in.csv", rows(3))
     journal = tmp_path / "journal"
-    holder = JournalWriter(str(journal))  # as a running botmsg would hold it
+    holder = FileJournal(str(journal))  # as a running botmsg would hold it
     try:
         run = inline("send-many", str(source), "--journal", str(journal), server=server)
     finally:

@@ -1,6 +1,6 @@
 """What ``botmsg`` prints: no raw control or bidi character, and clear usage errors.
 
-Covers the one output filter (``cli._printable`` and ``cli._dumps``), property
+Covers the one output filter (``Console.printable`` and ``Console.dumps``), property
 tested, and end to end against a server that answers with terminal escapes; and
 the usage errors for inputs the client cannot send (bad URLs, lone surrogates,
 texts over the limit).
@@ -18,7 +18,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from botmsg_async import cli
+from botmsg_async import MAX_TEXT_BYTES, cli
+from botmsg_async.cli.console import Console
 from tests.conftest import run_botmsg, serving_send
 from tests.test_cli import Inline, inline, rows, write_csv, write_jsonl
 
@@ -50,15 +51,15 @@ any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=60
 @given(any_text)
 def test_printable_leaves_no_unsafe_character(text: str) -> None:
     """Any text made printable holds no control, DEL, bidi control or surrogate."""
-    assert not unsafe_in(cli._printable(text))
-    assert not unsafe_in(cli._printable(text, json_text=True))
+    assert not unsafe_in(Console().printable(text))
+    assert not unsafe_in(Console().printable(text, json_text=True))
 
 
 @settings(deadline=None, max_examples=300)
 @given(st.recursive(any_text | st.integers() | st.none(), lambda inner: st.lists(inner)))
 def test_dumps_escapes_unsafe_characters_and_keeps_the_value(value: object) -> None:
     """JSON from _dumps holds no unsafe character raw, and decodes to the same value."""
-    text = cli._dumps({"v": value})
+    text = Console().dumps({"v": value})
     assert not unsafe_in(text)
     assert "\n" not in text
     assert json.loads(text) == {"v": value}
@@ -66,7 +67,7 @@ def test_dumps_escapes_unsafe_characters_and_keeps_the_value(value: object) -> N
 
 def test_plain_text_escapes_are_visible() -> None:
     """An ESC shows as \\x1b, a bidi override as \\u202e, in plain text."""
-    assert cli._printable("a\x1b[2Kb\u202ec\x9b") == "a\\x1b[2Kb\\u202ec\\x9b"
+    assert Console().printable("a\x1b[2Kb\u202ec\x9b") == "a\\x1b[2Kb\\u202ec\\x9b"
 
 
 @contextlib.asynccontextmanager
@@ -166,7 +167,7 @@ def test_the_text_limit_is_one_mib_of_utf8_in_both_formats(
     200 KiB-long cells used to stop the CSV reader (its 128 KiB default) while
     JSONL took anything; the limit is now the same, in bytes of UTF-8.
     """
-    at_limit = "é" * (cli.MAX_TEXT_BYTES // 2)  # two bytes each
+    at_limit = "é" * (MAX_TEXT_BYTES // 2)  # two bytes each
     items = [
         {"department_uuid": "d", "user_uuid": "u1", "text": at_limit},
         {"department_uuid": "d", "user_uuid": "u2", "text": at_limit + "x"},
@@ -178,6 +179,6 @@ def test_the_text_limit_is_one_mib_of_utf8_in_both_formats(
     result = inline("send-many", str(source), server=None, env=env)
     assert result.rc == cli.EXIT_USAGE
     line = 3 if fmt == "csv" else 2  # the CSV's header is line 1
-    assert f"{source}:{line}: text is {cli.MAX_TEXT_BYTES + 1} bytes" in result.stderr
-    assert f"limit of {cli.MAX_TEXT_BYTES} bytes" in result.stderr
+    assert f"{source}:{line}: text is {MAX_TEXT_BYTES + 1} bytes" in result.stderr
+    assert f"limit of {MAX_TEXT_BYTES} bytes" in result.stderr
     assert "1 invalid row(s)" in result.stderr

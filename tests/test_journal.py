@@ -6,15 +6,32 @@ import json
 from pathlib import Path
 from typing import Any
 
-from botmsg_async import _journal
+import pytest
 
-HEADER = {"botmsg_journal": _journal.FORMAT_VERSION, "input": "fp", "items": 3}
+from botmsg_async import (
+    ApiError,
+    APIStatusError,
+    AuthenticationError,
+    BotMessageError,
+    ClientClosedError,
+    Outcome,
+    RateLimitedError,
+    ResponseLostError,
+    SendFailedError,
+    SendResult,
+    ServerError,
+    Status,
+    TransportError,
+    journal,
+)
+
+HEADER = {"botmsg_journal": journal.FORMAT_VERSION, "input": "fp", "items": 3}
 
 
-def load(tmp_path: Path, *records: dict[str, Any]) -> _journal.JournalState:
+def load(tmp_path: Path, *records: dict[str, Any]) -> journal.JournalState:
     path = tmp_path / "journal"
     path.write_text("".join(json.dumps(r) + "\n" for r in (HEADER, *records)), encoding="utf-8")
-    return _journal.load(str(path), fingerprint="fp", items=3)
+    return journal.load(str(path), fingerprint="fp", items=3)
 
 
 def outcome(index: int, name: str, **fields: Any) -> dict[str, Any]:
@@ -24,14 +41,14 @@ def outcome(index: int, name: str, **fields: Any) -> dict[str, Any]:
 def test_a_start_without_outcome_is_in_doubt(tmp_path: Path) -> None:
     """An item started and never finished is in doubt, with the key it was sent with."""
     state = load(tmp_path, {"i": 0, "s": "start", "key": "k0"})
-    assert state.states[0] == _journal.STARTED
+    assert state.states[0] == journal.STARTED
     assert state.in_doubt == {0: ("k0", None)}
 
 
 def test_a_retryable_failure_of_a_fresh_item_may_be_resent(tmp_path: Path) -> None:
     """A first send that failed retryably is RETRY: a resumed run sends it again."""
     state = load(tmp_path, {"i": 1, "s": "start", "key": "k1"}, outcome(1, "failed", retry=True))
-    assert state.states[1] == _journal.RETRY
+    assert state.states[1] == journal.RETRY
     assert state.in_doubt == {}
 
 
@@ -46,7 +63,7 @@ def test_an_unsettling_resend_keeps_the_item_in_doubt(tmp_path: Path) -> None:
         {"i": 2, "s": "start", "key": "k2"},  # killed in flight
         outcome(2, "skipped"),  # a later run skipped it
     )
-    assert state.states[0] == state.states[2] == _journal.UNKNOWN
+    assert state.states[0] == state.states[2] == journal.UNKNOWN
     assert state.in_doubt == {0: ("k0", "answer lost"), 2: ("k2", None)}
 
 
@@ -62,8 +79,8 @@ def test_a_settling_resend_ends_the_doubt(tmp_path: Path) -> None:
         {"i": 1, "s": "start", "key": "k1"},
         outcome(1, "failed", retry=False),
     )
-    assert state.states[0] == _journal.SENT
-    assert state.states[1] == _journal.FAILED
+    assert state.states[0] == journal.SENT
+    assert state.states[1] == journal.FAILED
     assert state.in_doubt == {}
     assert state.resent == set()
 
@@ -71,23 +88,23 @@ def test_a_settling_resend_ends_the_doubt(tmp_path: Path) -> None:
 def test_discard_removes_only_what_the_writer_made(tmp_path: Path) -> None:
     """discard() deletes a journal it created and empties one it found empty."""
     made = tmp_path / "made"
-    writer = _journal.JournalWriter(str(made))
+    writer = journal.FileJournal(str(made))
     writer.header(fingerprint="fp", items=3, window=2)
     writer.discard()
     assert not made.exists()
 
     found = tmp_path / "found"
     found.touch()
-    writer = _journal.JournalWriter(str(found))
+    writer = journal.FileJournal(str(found))
     writer.header(fingerprint="fp", items=3, window=2)
     writer.discard()
     assert found.read_bytes() == b""
 
 
-def load_raw(tmp_path: Path, text: str, items: int = 10) -> _journal.JournalState:
+def load_raw(tmp_path: Path, text: str, items: int = 10) -> journal.JournalState:
     path = tmp_path / "journal"
     path.write_text(text, encoding="utf-8")
-    return _journal.load(str(path), fingerprint="fp", items=items)
+    return journal.load(str(path), fingerprint="fp", items=items)
 
 
 def lines(*records: dict[str, Any]) -> str:
@@ -95,7 +112,7 @@ def lines(*records: dict[str, Any]) -> str:
 
 
 def header(window: int | None, items: int = 10) -> dict[str, Any]:
-    record: dict[str, Any] = {"botmsg_journal": _journal.FORMAT_VERSION, "input": "fp"}
+    record: dict[str, Any] = {"botmsg_journal": journal.FORMAT_VERSION, "input": "fp"}
     record["items"] = items
     if window is not None:
         record["window"] = window
@@ -112,8 +129,8 @@ def test_a_torn_tail_holds_back_the_window_after_the_highest_start(tmp_path: Pat
     state = load_raw(tmp_path, text + '{"i": 2, "o": "se')
     assert state.torn
     assert state.torn_in_doubt == [3, 4]
-    assert state.states[5] == _journal.NEW
-    assert state.in_doubt[3] == (None, _journal.TORN_NOTE)
+    assert state.states[5] == journal.NEW
+    assert state.in_doubt[3] == (None, journal.TORN_NOTE)
     assert state.in_doubt[1] == ("k1", None)  # started: in doubt with its key, as ever
 
 
@@ -122,14 +139,14 @@ def test_without_a_torn_tail_nothing_is_held_back(tmp_path: Path) -> None:
     state = load_raw(tmp_path, lines(header(2), start(0), start(1)))
     assert not state.torn
     assert state.torn_in_doubt == []
-    assert state.states[2] == _journal.NEW
+    assert state.states[2] == journal.NEW
 
 
 def test_an_old_journal_without_a_window_loads_with_the_default(tmp_path: Path) -> None:
     """A header without "window" (older versions) loads; a torn tail uses 64."""
     state = load_raw(tmp_path, lines(header(None, 100), start(0)) + "\0\0\0", items=100)
     assert state.torn
-    assert state.torn_in_doubt == list(range(1, 1 + _journal.DEFAULT_WINDOW))
+    assert state.torn_in_doubt == list(range(1, 1 + journal.DEFAULT_WINDOW))
 
 
 def test_a_durable_run_holds_back_nothing(tmp_path: Path) -> None:
@@ -158,7 +175,7 @@ def test_the_window_is_the_last_runs_and_counts_only_items_it_would_send(
     )
     state = load_raw(tmp_path, text + "{")
     assert state.torn_in_doubt == [6, 9]  # 6: no record this run; 9: the window of 2 ...
-    assert state.states[7] == _journal.SENT  # ... counts only items not done (7 is sent)
+    assert state.states[7] == journal.SENT  # ... counts only items not done (7 is sent)
 
 
 def test_a_withdrawn_start_is_no_doubt_unless_the_item_was_in_doubt_before(
@@ -174,15 +191,211 @@ def test_a_withdrawn_start_is_no_doubt_unless_the_item_was_in_doubt_before(
         {"i": 1, "s": "start", "key": "k1"},  # --resend-unknown, --durable
         {"i": 1, "o": "skipped", "attempted": False},
     )
-    assert state.states[0] == _journal.SKIPPED
-    assert state.states[1] == _journal.UNKNOWN
+    assert state.states[0] == journal.SKIPPED
+    assert state.states[1] == journal.UNKNOWN
     assert state.in_doubt == {1: ("k1", None)}
 
 
 def test_a_held_back_item_stays_unknown_without_a_key(tmp_path: Path) -> None:
     """The keyless unknown record a resumed run writes loads as in doubt, with no key."""
     state = load(
-        tmp_path, {"resume": 1, "window": 1}, {"i": 2, "o": "unknown", "e": _journal.TORN_NOTE}
+        tmp_path, {"resume": 1, "window": 1}, {"i": 2, "o": "unknown", "e": journal.TORN_NOTE}
     )
-    assert state.states[2] == _journal.UNKNOWN
-    assert state.in_doubt == {2: (None, _journal.TORN_NOTE)}
+    assert state.states[2] == journal.UNKNOWN
+    assert state.in_doubt == {2: (None, journal.TORN_NOTE)}
+
+
+# -- the settle rules, through the journal module alone ------------------------------------
+
+
+def _failure(transient: bool) -> SendFailedError:
+    result = SendResult(Status.FAILURE, errors=(ApiError("E", "x"),))
+    return SendFailedError(result, transient=transient)
+
+
+#: (case, outcome of this send, its error): one row per kind of answer.
+SENDS: list[tuple[str, Outcome, BotMessageError | None]] = [
+    ("sent", Outcome.SENT, None),
+    ("final FAILURE", Outcome.FAILED, _failure(False)),
+    ("transient FAILURE", Outcome.FAILED, _failure(True)),
+    ("409", Outcome.FAILED, APIStatusError("x", status=409)),
+    ("404", Outcome.FAILED, APIStatusError("x", status=404)),
+    ("401", Outcome.FAILED, AuthenticationError("x", status=401)),
+    ("429", Outcome.FAILED, RateLimitedError("x", status=429, retry_after=1.0)),
+    ("no connection", Outcome.FAILED, TransportError("refused")),
+    ("500", Outcome.UNKNOWN, ServerError("x", status=500)),
+    ("answer lost", Outcome.UNKNOWN, ResponseLostError("lost")),
+    ("skipped", Outcome.SKIPPED, None),
+    ("closed before an attempt", Outcome.SKIPPED, ClientClosedError("closed")),
+]
+
+#: case -> (recorded outcome if the item was in doubt, retry_later if it was not).
+EXPECTED: dict[str, tuple[Outcome, bool]] = {
+    "sent": (Outcome.SENT, False),
+    "final FAILURE": (Outcome.FAILED, False),
+    "transient FAILURE": (Outcome.UNKNOWN, True),
+    "409": (Outcome.UNKNOWN, False),
+    "404": (Outcome.UNKNOWN, False),
+    "401": (Outcome.UNKNOWN, True),
+    "429": (Outcome.UNKNOWN, True),
+    "no connection": (Outcome.UNKNOWN, True),
+    "500": (Outcome.UNKNOWN, False),
+    "answer lost": (Outcome.UNKNOWN, False),
+    "skipped": (Outcome.UNKNOWN, False),
+    "closed before an attempt": (Outcome.UNKNOWN, False),
+}
+
+
+@pytest.mark.parametrize(("case", "outcome", "error"), SENDS, ids=[c for c, _, _ in SENDS])
+def test_settle_keeps_a_fresh_items_outcome(
+    case: str, outcome: Outcome, error: BotMessageError | None
+) -> None:
+    """An item no earlier run may have delivered is recorded as its send came out, no note."""
+    assert journal.settle(outcome, error, in_doubt=False) == (outcome, None)
+
+
+@pytest.mark.parametrize(("case", "outcome", "error"), SENDS, ids=[c for c, _, _ in SENDS])
+def test_settle_ends_a_doubt_only_on_proof(
+    case: str, outcome: Outcome, error: BotMessageError | None
+) -> None:
+    """A resend of an in-doubt item settles it only when SENT or finally refused."""
+    recorded, note = journal.settle(outcome, error, in_doubt=True)
+    assert recorded is EXPECTED[case][0]
+    # The note says why an outcome was turned into UNKNOWN, and only then.
+    assert (note == journal.IN_DOUBT_NOTE) is (recorded is not outcome)
+
+
+@pytest.mark.parametrize(("case", "outcome", "error"), SENDS, ids=[c for c, _, _ in SENDS])
+def test_retry_later_only_for_failures_that_certainly_did_not_deliver(
+    case: str, outcome: Outcome, error: BotMessageError | None
+) -> None:
+    """Only a FAILED item whose error proves non-delivery is sent again under a new key."""
+    assert journal.retry_later(outcome, error) is EXPECTED[case][1]
+
+
+@pytest.mark.parametrize("in_doubt", [False, True])
+@pytest.mark.parametrize(("case", "outcome", "error"), SENDS, ids=[c for c, _, _ in SENDS])
+def test_what_is_recorded_never_loads_as_fresh_when_it_may_have_been_delivered(
+    tmp_path: Path, case: str, outcome: Outcome, error: BotMessageError | None, in_doubt: bool
+) -> None:
+    """Written with settle/retry_later and loaded back: no possibly-delivered item is resent.
+
+    A resumed run sends items in NEW, RETRY or SKIPPED under a new key: an item
+    whose send (or an earlier one) may have delivered it must load as anything else.
+    """
+    path = str(tmp_path / "journal")
+    store: journal.JournalStore = journal.FileJournal(path)
+    store.begin(fingerprint="fp", items=1, window=1, resume=False)
+    if in_doubt:  # an earlier run left it in flight, and this one resends it
+        store.start(0, "k0")
+        store.close()
+        store = journal.FileJournal(path)
+        store.begin(fingerprint="fp", items=1, window=1, resume=True)
+    store.start(0, "k0")
+    recorded, _ = journal.settle(outcome, error, in_doubt=in_doubt)
+    store.outcome(
+        0,
+        recorded.value,
+        key="k0",
+        department_uuid="d",
+        user_uuid="u",
+        retry=journal.retry_later(recorded, error),
+    )
+    store.close()
+    state = journal.load(path, fingerprint="fp", items=1)
+    if in_doubt or outcome is Outcome.UNKNOWN:  # it may have been delivered
+        assert state.states[0] not in (journal.NEW, journal.RETRY, journal.SKIPPED)
+    if state.states[0] == journal.UNKNOWN:
+        assert state.in_doubt[0][0] == "k0"  # resendable only under its own key
+    assert (
+        state.states[0]
+        == {
+            Outcome.SENT: journal.SENT,
+            Outcome.UNKNOWN: journal.UNKNOWN,
+            Outcome.FAILED: journal.RETRY
+            if journal.retry_later(recorded, error)
+            else journal.FAILED,
+            # After its start record, a skip proves nothing: the item stays in doubt.
+            Outcome.SKIPPED: journal.UNKNOWN,
+        }[recorded]
+    )
+
+
+# -- FileJournal -----------------------------------------------------------------------------
+
+
+def test_the_file_format_is_unchanged(tmp_path: Path) -> None:
+    """FileJournal writes byte for byte what earlier versions wrote (and still load)."""
+    path = tmp_path / "journal"
+    store = journal.FileJournal(str(path))
+    assert store.begin(fingerprint="fp", items=3, window=2, resume=False) is None
+    store.start(0, "k0")
+    store.outcome(0, "sent", key="k0", department_uuid="d", user_uuid="u", message_uuid="m0")
+    store.start(1, "k1")
+    store.outcome(1, "failed", key="k1", department_uuid="d", user_uuid="u", error="E", retry=True)
+    store.start(2, "k2")
+    store.unattempted(2)
+    store.close()
+    assert path.read_bytes() == (
+        b'{"botmsg_journal":1,"input":"fp","items":3,"window":2}\n'
+        b'{"i":0,"s":"start","key":"k0"}\n'
+        b'{"i":0,"o":"sent","m":"m0","k":"k0","d":"d","u":"u"}\n'
+        b'{"i":1,"s":"start","key":"k1"}\n'
+        b'{"i":1,"o":"failed","m":null,"k":"k1","d":"d","u":"u","e":"E","retry":true}\n'
+        b'{"i":2,"s":"start","key":"k2"}\n'
+        b'{"i":2,"o":"skipped","attempted":false}\n'
+    )
+
+
+def test_begin_on_resume_cuts_a_torn_tail_and_records_the_held_back(tmp_path: Path) -> None:
+    """Resuming a torn journal cuts the fragment and records the held-back items as unknown."""
+    path = tmp_path / "journal"
+    path.write_text(lines(header(1, items=3), start(0)) + '{"i": 0, "o', encoding="utf-8")
+    store = journal.FileJournal(str(path))
+    state = store.begin(fingerprint="fp", items=3, window=4, resume=True)
+    store.close()
+    assert state is not None
+    assert state.torn_in_doubt == [1]
+    assert path.read_text(encoding="utf-8").endswith(
+        '{"i": 0, "s": "start", "key": "k0"}\n{"resume":1,"window":4}\n'
+        + json.dumps({"i": 1, "o": "unknown", "e": journal.TORN_NOTE}, separators=(",", ":"))
+        + "\n"
+    )
+    again = journal.load(str(path), fingerprint="fp", items=3)
+    assert not again.torn
+    assert again.in_doubt == {0: ("k0", None), 1: (None, journal.TORN_NOTE)}
+
+
+def test_begin_without_resume_refuses_a_journal_with_records(tmp_path: Path) -> None:
+    """A new run never appends to a journal another run has written."""
+    path = tmp_path / "journal"
+    path.write_text(lines(header(1, items=3)), encoding="utf-8")
+    store = journal.FileJournal(str(path))
+    with pytest.raises(journal.JournalError, match="pass --resume"):
+        store.begin(fingerprint="fp", items=3, window=1, resume=False)
+    store.close()
+
+
+def test_a_second_store_on_one_journal_is_refused(tmp_path: Path) -> None:
+    """The journal is locked from the store's creation: two runs cannot share it."""
+    path = str(tmp_path / "journal")
+    first = journal.FileJournal(path)
+    try:
+        with pytest.raises(journal.JournalError, match="in use"):
+            journal.FileJournal(path)
+    finally:
+        first.close()
+
+
+def test_finished_records_of_a_store_are_its_files(tmp_path: Path) -> None:
+    """FileJournal.finished_records streams the sent and failed records of its file."""
+    path = tmp_path / "journal"
+    path.write_text(
+        lines(header(1, items=3), start(0), outcome(0, "sent", m="m0"), start(1)),
+        encoding="utf-8",
+    )
+    store = journal.FileJournal(str(path))
+    state = store.begin(fingerprint="fp", items=3, window=1, resume=True)
+    assert state is not None
+    assert [r["i"] for r in store.finished_records(state)] == [0]
+    store.close()

@@ -1,6 +1,13 @@
-"""The ``botmsg send-many --journal`` file: crash-safe progress of a bulk send.
+"""Crash-safe progress of a bulk send: the ``botmsg send-many --journal`` file.
 
-The journal is JSON lines, appended with one ``os.write`` per record on an
+A library module: ``botmsg send-many`` uses it, and so can any bulk job that must
+survive a crash without sending a message twice. What a job needs from a journal
+is the ``JournalStore`` protocol; ``FileJournal`` (a JSON-lines file) is its first
+implementation. The rules for what to record come from the SDK's delivery rules:
+``settle`` (what became of an item resent while in doubt) and ``retry_later``
+(which failures a resumed run sends again, under a new key).
+
+The file journal is JSON lines, appended with one ``os.write`` per record on an
 ``O_APPEND`` descriptor, so a record is in the operating system's hands (and
 survives ``kill -9``) before the next step happens. The first record says which
 input it belongs to; then, per item::
@@ -48,21 +55,35 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
+
+# A library module may use the private delivery rules; the CLI asks this module.
+from ._delivery import may_resend, settles_doubt
+from ._errors import BotMessageError
+from ._models import Outcome
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "FAILED",
+    "FINAL_STATES",
+    "FORMAT_VERSION",
+    "IN_DOUBT_NOTE",
+    "IN_DOUBT_STATES",
     "NEW",
     "RETRY",
     "SENT",
     "SKIPPED",
     "STARTED",
+    "TORN_NOTE",
     "UNKNOWN",
+    "FileJournal",
     "JournalError",
     "JournalState",
-    "JournalWriter",
+    "JournalStore",
     "finished_records",
     "load",
+    "retry_later",
+    "settle",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -73,6 +94,11 @@ TORN_NOTE: Final = (
     "the journal's end was lost (a power cut?) while this item may have been in flight: "
     "it may or may not have been delivered, and with no idempotency key on record it "
     "cannot be resent safely (not even with --resend-unknown); check it by hand"
+)
+#: Why an item an earlier run left in doubt is still unknown.
+IN_DOUBT_NOTE: Final = (
+    "in flight when an earlier run stopped: it may or may not have been delivered "
+    "(--resume --resend-unknown sends it again with the same idempotency key)"
 )
 
 # One byte per item: what the journal says became of it.
@@ -96,6 +122,121 @@ _OUTCOME_STATES: Final = {"sent": SENT, "unknown": UNKNOWN, "skipped": SKIPPED}
 
 class JournalError(Exception):
     """The journal cannot be used: missing, corrupt, in use, or written for another input."""
+
+
+def settle(
+    outcome: Outcome, error: BotMessageError | None, *, in_doubt: bool
+) -> tuple[Outcome, str | None]:
+    """The outcome to record for an item's send, and a note when it stays in doubt.
+
+    An item resent because an earlier run may have delivered it stays
+    unknown unless this resend settles it: SENT (a deduplicating service
+    answers the earlier delivery), or a final FAILURE answer (the service
+    processed the message and refused it, as it would have the first time).
+    Anything else proves nothing about the earlier attempt: a retryable
+    failure, a skip, an HTTP error (a 409 may well mean "key already used",
+    a 404 a wrong base URL this time). Recording it as failed would let a
+    later resumed run send the item under a new key.
+
+    Args:
+        outcome: What this send came to.
+        error: Its error, if any.
+        in_doubt: Whether an earlier run may have delivered the item (it is
+            resent with the key it had then).
+
+    Returns:
+        The outcome to record, and ``IN_DOUBT_NOTE`` when the send left the item
+        in doubt (``outcome`` was not UNKNOWN, and is recorded as UNKNOWN), else None.
+    """
+    if in_doubt and outcome is not Outcome.UNKNOWN and not settles_doubt(outcome, error):
+        return Outcome.UNKNOWN, IN_DOUBT_NOTE
+    return outcome, None
+
+
+def retry_later(outcome: Outcome, error: BotMessageError | None) -> bool:
+    """Whether a resumed run sends the item again, under a new key (``"retry": true``).
+
+    Only a FAILED item whose error proves the message was not delivered and
+    that may get through later (throttling, a transient FAILURE, no connection):
+    the delivery rule ``may_resend``.
+
+    Args:
+        outcome: The outcome recorded (after ``settle``).
+        error: The send's error, if any.
+    """
+    return outcome is Outcome.FAILED and may_resend(error)
+
+
+class JournalStore(Protocol):
+    """What a bulk send needs from a journal: a record per step, and what earlier runs left.
+
+    A store is locked to one run from its creation (two runs on one journal
+    would both send its open items) until ``close`` or ``discard``. Records are
+    appended: each must be safe (survive a crash of the process) before the
+    method returns, except that start records may wait for ``sync``.
+    ``FileJournal`` is the implementation for a local file.
+    """
+
+    def begin(
+        self, *, fingerprint: str, items: int, window: int, resume: bool
+    ) -> JournalState | None:
+        """Start this run's part of the journal.
+
+        Args:
+            fingerprint: The input's identity; a journal belongs to one.
+            items: The input's number of items.
+            window: How many start records this run may lose at once (its
+                concurrency; 0 when each is synced before its send).
+            resume: Continue the journal's earlier runs.
+
+        Returns:
+            With ``resume``, what the earlier runs left (None when they left nothing).
+
+        Raises:
+            JournalError: the journal is corrupt, for another input, or (without
+                ``resume``) already holds records.
+            OSError: it cannot be read or written.
+        """
+        ...
+
+    def finished_records(self, state: JournalState) -> Iterator[dict[str, Any]]:
+        """The outcome record of every item that needs no new send (sent or failed)."""
+        ...
+
+    def start(self, index: int, key: str) -> None:
+        """Record that item ``index`` is about to be sent with idempotency ``key``."""
+        ...
+
+    def unattempted(self, index: int) -> None:
+        """Withdraw the start record of item ``index``: it was never attempted."""
+        ...
+
+    def outcome(
+        self,
+        index: int,
+        outcome: str,
+        *,
+        key: str | None,
+        department_uuid: str,
+        user_uuid: str,
+        message_uuid: str | None = None,
+        error: str | None = None,
+        retry: bool = False,
+    ) -> None:
+        """Record the outcome of item ``index``: sent, failed, unknown or skipped."""
+        ...
+
+    async def sync(self) -> None:
+        """Make every record so far safe against a power cut, without blocking the loop."""
+        ...
+
+    def discard(self) -> None:
+        """Undo this run's records (nothing was sent) and release the journal."""
+        ...
+
+    def close(self) -> None:
+        """Make every record safe and release the journal; a second call does nothing."""
+        ...
 
 
 def _lock(fd: int, path: str) -> None:
@@ -196,6 +337,15 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
     ignored, and the items the last run may have started without a surviving
     record are held back (see the module's documentation): ``torn`` and
     ``torn_in_doubt`` say so. Any other bad line makes the journal unusable.
+    Reads only: for a run that appends, ``FileJournal.begin`` locks first, then loads.
+
+    Args:
+        path: The journal file.
+        fingerprint: The input's identity, as written in the journal's first record.
+        items: The input's number of items.
+
+    Returns:
+        What the journal says about every item.
 
     Raises:
         JournalError: the journal is missing, corrupt, or belongs to another input.
@@ -328,6 +478,13 @@ def finished_records(path: str, state: JournalState) -> Iterator[dict[str, Any]]
 
     Yields each such item once, in journal order; only the part of the file that
     ``load`` found valid is read.
+
+    Args:
+        path: The journal file.
+        state: What ``load`` read from it.
+
+    Returns:
+        The records, as dicts (``"i"``, ``"o"``, ``"m"``, ``"k"``, ``"d"``, ``"u"``, ``"e"``).
     """
     seen = bytearray(state.items)
     header_seen = False
@@ -349,8 +506,9 @@ def finished_records(path: str, state: JournalState) -> Iterator[dict[str, Any]]
             yield record
 
 
-class JournalWriter:
-    """Appends records to a journal, each one handed to the OS before returning.
+class FileJournal:
+    """A journal in a local file (``JournalStore``): each record handed to the OS
+    before returning.
 
     The journal is locked (``flock``, where the OS has it) while the writer is
     open: two runs resuming one journal at once would both send its open items.
@@ -383,6 +541,37 @@ class JournalWriter:
             os.close(self._fd)
             self._fd = None
             raise
+
+    def begin(
+        self, *, fingerprint: str, items: int, window: int, resume: bool
+    ) -> JournalState | None:
+        """Start this run's part of the journal (see ``JournalStore.begin``).
+
+        With ``resume``, read the journal (``load``) and cut off a torn tail; the
+        items held back because of it (``JournalState.torn_in_doubt``) are
+        recorded as unknown. Locked first, then read: what is read stays true
+        while this run goes on.
+
+        Raises:
+            JournalError: corrupt, for another input, or (without ``resume``)
+                written meanwhile by another run.
+            OSError: it cannot be read or written.
+        """
+        state: JournalState | None = None
+        if resume:
+            state = load(self.path, fingerprint=fingerprint, items=items)
+            self.truncate(state.valid_bytes)
+        elif self.size():
+            raise JournalError(f"{self.path} was just written by another run; pass --resume")
+        if state is None or not state.has_header:
+            self.header(fingerprint=fingerprint, items=items, window=window)
+        else:
+            self.resumed(window=window, held_back=state.torn_in_doubt)
+        return state
+
+    def finished_records(self, state: JournalState) -> Iterator[dict[str, Any]]:
+        """``finished_records`` of this journal's file."""
+        return finished_records(self.path, state)
 
     def size(self) -> int:
         """The journal's length in bytes now."""

@@ -1,0 +1,86 @@
+"""The ``botmsg`` command line: send one message, send a file of them, or try it all offline.
+
+Subcommands:
+
+* ``botmsg send``: one message; the outcome as JSON on stdout.
+* ``botmsg send-many INPUT``: a CSV or JSONL file of messages, validated in full
+  before anything is sent, then streamed through ``BotMessageClient.stream_many``
+  with an optional per-item ``--out`` file and a crash-safe ``--journal``.
+* ``botmsg fake-server``: the fake service of ``botmsg_async.testing``, for manual tries.
+* ``botmsg demo``: a realistic batch against an in-process fake service with faults.
+
+Credentials come from ``BOTMSG_BASE_URL``, ``BOTMSG_USERNAME`` and
+``BOTMSG_PASSWORD``, or ``--base-url``, ``--username`` and ``--password-stdin``,
+or a prompt on a terminal. There is deliberately no ``--password VALUE`` flag:
+a command line is visible to every user of the machine and lands in shell
+history. Credentials never appear in any output, log or error message.
+
+Exit codes: 0 every message sent; 1 some failed (not delivered); 2 usage or input
+error, nothing sent; 3 some outcomes unknown (they may or may not have been
+delivered: a human has to look, so 3 wins over 1); 130 interrupted (SIGINT or
+SIGTERM).
+
+The package uses only the public API of ``botmsg_async`` (and its public
+``journal`` and ``testing`` modules), one module per job: ``parser``
+(arguments), ``console`` (all output, redacted and escaped), ``credentials``,
+``input`` (reading and checking ``send-many`` input), ``send``, ``send_many``
+and ``results`` (the bulk run and its accounting), ``signals`` and ``offline``
+(``fake-server``, ``demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNKNOWN,
+    EXIT_USAGE,
+    UsageError,
+)
+from .console import Console
+from .parser import build_parser, check_no_password_argument
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_UNKNOWN",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``botmsg`` command line; return the exit code.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 all sent, 1 some failed, 2 usage or input error, 3 some outcomes
+        unknown, 130 interrupted.
+    """
+    console = Console()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_no_password_argument(argv)
+    except UsageError as exc:
+        console.err(str(exc))
+        return EXIT_USAGE
+    args = build_parser().parse_args(argv)
+    console.setup_logging(args.log_level)
+    handler: Callable[[argparse.Namespace, Console], int] = args.handler
+    try:
+        return handler(args, console)
+    except UsageError as exc:
+        console.err(f"error: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.err("interrupted")
+        return EXIT_INTERRUPTED

@@ -1,0 +1,399 @@
+"""Reading ``send-many`` input: CSV or JSON lines, every row checked as the client would.
+
+``scan_input`` reads the whole input once before anything is sent (the validation
+pre-scan), keeping only counts, the first few bad rows and a fingerprint;
+``parse`` reads it again, lazily, to send. Rows are checked with the SDK's own
+``check_request``: a row the scan passes is one the client accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Final, Literal
+
+from botmsg_async import (
+    MAX_TEXT_BYTES,
+    InvalidRequestError,
+    SendRequest,
+    TextMessage,
+    check_request,
+)
+
+from .common import UsageError
+
+__all__ = [
+    "FIELDS",
+    "MAX_LISTED_ROWS",
+    "MAX_TEXT_BYTES",
+    "REQUIRED_FIELDS",
+    "BadRow",
+    "Row",
+    "RowDefaults",
+    "Scan",
+    "Source",
+    "check_flags_text",
+    "parse",
+    "scan_input",
+    "text_problem",
+]
+
+FIELDS: Final = ("department_uuid", "user_uuid", "text", "subject", "sender_name")
+REQUIRED_FIELDS: Final = ("department_uuid", "user_uuid")
+#: Largest CSV cell the csv module reads, in characters (its default is 128 Ki): far
+#: enough above MAX_TEXT_BYTES that a text over the limit is reported as such, with its
+#: line, and the row alone is refused; a cell beyond even this stops the read (memory).
+_CSV_FIELD_LIMIT: Final = 16 * MAX_TEXT_BYTES
+#: Invalid rows listed one by one on stderr; the rest are only counted.
+MAX_LISTED_ROWS: Final = 50
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(name: str, value: str) -> str | None:
+    """Why ``value`` cannot be sent as field ``name``, or None.
+
+    A lone surrogate (a JSON ``"\\ud800"``, or an undecodable byte in a command-line
+    argument) has no UTF-8 form; a text over ``MAX_TEXT_BYTES`` is over the limit.
+    """
+    if match := _SURROGATE.search(value):
+        return (
+            f"{name} holds a lone surrogate (U+{ord(match.group()):04X} at character "
+            f"{match.start()}): not valid Unicode text"
+        )
+    # Four bytes of UTF-8 at most per character: most texts need no encoding to know.
+    if name == "text" and len(value) * 4 > MAX_TEXT_BYTES:
+        size = len(value.encode("utf-8"))
+        if size > MAX_TEXT_BYTES:
+            return (
+                f"text is {size} bytes of UTF-8, over the limit of {MAX_TEXT_BYTES} bytes (1 MiB)"
+            )
+    return None
+
+
+def check_flags_text(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Refuse a text flag (or id) that cannot be sent, before anything else happens."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            problem = text_problem("text" if name == "text" else name, value)
+            if problem is not None:
+                raise UsageError(f"--{name.replace('_', '-')}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One valid input row.
+
+    Attributes:
+        index: Position among the data rows of the input, from 0.
+        line: Line of the input where the row starts, from 1.
+    """
+
+    index: int
+    line: int
+    department_uuid: str
+    user_uuid: str
+    message: TextMessage
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """One input row that cannot be sent, and why."""
+
+    index: int
+    line: int
+    problem: str
+    department_uuid: str = ""
+    user_uuid: str = ""
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """What ``--text``, ``--subject`` and ``--sender-name`` give rows that lack them."""
+
+    text: str | None = None
+    subject: str | None = None
+    sender_name: str | None = None
+
+
+class Source:
+    """The input, readable twice: a file as is, stdin copied to a temporary file first."""
+
+    def __init__(self, name: str, stack: contextlib.ExitStack) -> None:
+        self.name = name
+        self._path: str | None = None
+        self._spool: BinaryIO | None = None
+        if name == "-":
+            self.display = "stdin"
+            # Two passes need the data twice; stdin gives it once. Disk, not memory.
+            spool = stack.enter_context(tempfile.TemporaryFile(prefix="botmsg-"))  # noqa: SIM115
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+            self._spool = spool
+        else:
+            self.display = name
+            self._path = name
+            try:
+                with open(name, "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"{name}: cannot read: {exc.strerror}") from None
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        """The input from its start."""
+        if self._spool is not None:
+            self._spool.seek(0)
+            yield self._spool
+        else:
+            assert self._path is not None
+            with open(self._path, "rb") as f:
+                yield f
+
+    def guess_format(self) -> Literal["csv", "jsonl"]:
+        """By extension, else by the first character: ``{`` means JSON lines."""
+        if self._path is not None:
+            ext = os.path.splitext(self._path)[1].lower()
+            if ext == ".csv":
+                return "csv"
+            if ext in (".jsonl", ".json", ".ndjson"):
+                return "jsonl"
+        with self.open() as f:
+            start = True
+            while chunk := f.read(4096):
+                if start:
+                    chunk = chunk.removeprefix(b"\xef\xbb\xbf")
+                    start = False
+                stripped = chunk.lstrip()
+                if stripped:
+                    return "jsonl" if stripped.startswith(b"{") else "csv"
+        return "csv"
+
+
+def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str]:
+    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes."""
+    for lineno, raw in enumerate(f, 1):
+        if digest is not None:
+            digest.update(raw)
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"line {lineno}: not UTF-8 text") from None
+
+
+def _make_row(
+    index: int, line: int, values: Mapping[str, object], defaults: RowDefaults
+) -> Row | BadRow:
+    """Check one row's fields the way the client would, and build its message."""
+    ids: list[str] = []
+    problems: list[str] = []
+    for name in REQUIRED_FIELDS:
+        value = values.get(name)
+        if value is None or value == "":
+            problems.append(f"{name} is missing")
+            value = ""
+        elif not isinstance(value, str):
+            problems.append(f"{name} must be a string, not {type(value).__name__}")
+            value = ""
+        else:
+            # Ids never hold blanks (the client refuses them): "a, b" in a CSV means "a","b".
+            value = value.strip()
+            if (problem := text_problem(name, value)) is not None:
+                problems.append(problem)
+                value = ""  # not repeated: it cannot even be printed as is
+        ids.append(value)
+    department_uuid, user_uuid = ids
+    if problems:
+        return BadRow(index, line, "; ".join(problems), department_uuid, user_uuid)
+    optional: dict[str, str | None] = {}
+    for name in ("text", "subject", "sender_name"):
+        value = values.get(name)
+        if value is not None and not isinstance(value, str):
+            return BadRow(
+                index,
+                line,
+                f"{name} must be a string, not {type(value).__name__}",
+                department_uuid,
+                user_uuid,
+            )
+        # A flag applies to every row ("--text sends one text to every row");
+        # without it, each row's own value.
+        optional[name] = chosen = getattr(defaults, name) or value
+        if chosen is not None and (problem := text_problem(name, chosen)) is not None:
+            return BadRow(index, line, problem, department_uuid, user_uuid)
+    message = TextMessage(
+        optional["text"] or "",
+        subject=optional["subject"] or None,
+        sender_name=optional["sender_name"] or None,
+    )
+    try:
+        # The client's own checks (ids first, then the message): what passes here,
+        # the client accepts.
+        check_request(SendRequest(department_uuid, user_uuid, message))
+    except InvalidRequestError as exc:
+        return BadRow(index, line, _request_problem(exc, message), department_uuid, user_uuid)
+    return Row(index, line, department_uuid, user_uuid, message)
+
+
+def _request_problem(exc: InvalidRequestError, message: TextMessage) -> str:
+    """A row's problem as ``check_request`` found it, worded for an input file."""
+    if exc.field == "message.body" and not message.body.strip():
+        return "no text: fill the text column or pass --text"
+    return f"{exc.field} {exc.value!r}: {exc.problem}"
+
+
+def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterator[Row | BadRow]:
+    lines = _text_lines(f, digest)
+    # The limit is the csv module's only setting, process-wide: raised, never lowered.
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+        while header == []:  # blank lines before the header
+            header = next(reader, None)
+        if header is None:
+            raise UsageError("the input is empty: a CSV needs a header line")
+        names = [h.strip() for h in header]
+        unknown = [n for n in names if n not in FIELDS]
+        if unknown:
+            raise UsageError(
+                f"line {reader.line_num}: unknown column(s) {', '.join(map(repr, unknown))}; "
+                f"the columns are {', '.join(FIELDS)}"
+            )
+        if len(set(names)) != len(names):
+            raise UsageError(f"line {reader.line_num}: a column appears twice")
+        missing = [n for n in REQUIRED_FIELDS if n not in names]
+        if missing:
+            raise UsageError(f"line {reader.line_num}: missing column(s) {', '.join(missing)}")
+        index = 0
+        last_line = reader.line_num
+        for record in reader:
+            line = last_line + 1
+            last_line = reader.line_num
+            if not any(cell.strip() for cell in record):
+                continue  # a blank line, or a spreadsheet's empty ",,," row
+            if len(record) != len(names):
+                yield BadRow(index, line, f"expected {len(names)} fields, got {len(record)}")
+            else:
+                yield _make_row(index, line, dict(zip(names, record, strict=True)), defaults)
+            index += 1
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise UsageError(
+                f"line {reader.line_num}: a cell is over {_CSV_FIELD_LIMIT} characters; "
+                f"a text may hold at most {MAX_TEXT_BYTES} bytes of UTF-8 (1 MiB)"
+            ) from None
+        raise UsageError(f"line {reader.line_num}: not valid CSV: {exc}") from None
+
+
+def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterator[Row | BadRow]:
+    index = 0
+    for line, text in enumerate(_text_lines(f, digest), 1):
+        if not text.strip():
+            continue
+        if index == 0 and text.lstrip().startswith("["):
+            raise UsageError(
+                f"line {line}: this looks like a JSON array; send-many reads JSON lines, "
+                "one object per line"
+            )
+        try:
+            values = json.loads(text)
+        except ValueError as exc:
+            yield BadRow(index, line, f"not valid JSON: {exc}")
+        else:
+            if not isinstance(values, dict):
+                yield BadRow(index, line, f"not a JSON object but {type(values).__name__}")
+            elif unknown := [k for k in values if k not in FIELDS]:
+                yield BadRow(
+                    index,
+                    line,
+                    f"unknown key(s) {', '.join(map(repr, unknown))}; "
+                    f"the keys are {', '.join(FIELDS)}",
+                )
+            else:
+                yield _make_row(index, line, values, defaults)
+        index += 1
+
+
+def parse(
+    f: BinaryIO, fmt: str, defaults: RowDefaults, digest: Any | None = None
+) -> Iterator[Row | BadRow]:
+    """The data rows of ``f`` (``"csv"`` or ``"jsonl"``), read lazily, each checked.
+
+    Args:
+        f: The input, from its start.
+        fmt: ``"csv"`` or ``"jsonl"``.
+        defaults: What the message flags give every row.
+        digest: A hash fed the input's bytes as they are read (``scan_input``'s fingerprint).
+
+    Raises:
+        UsageError: the input cannot be read as ``fmt`` at all; a bad row is a ``BadRow``.
+    """
+    if fmt == "csv":
+        return _parse_csv(f, defaults, digest)
+    return _parse_jsonl(f, defaults, digest)
+
+
+@dataclass
+class Scan:
+    """What the validation pass found.
+
+    Attributes:
+        items: Data rows, valid or not.
+        invalid: How many are invalid.
+        listed: The first ``MAX_LISTED_ROWS`` invalid rows.
+        fingerprint: sha256 of the input's bytes and the message defaults; a
+            journal belongs to one fingerprint.
+    """
+
+    items: int = 0
+    invalid: int = 0
+    listed: list[BadRow] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def valid(self) -> int:
+        """Rows that can be sent."""
+        return self.items - self.invalid
+
+
+def scan_input(source: Source, fmt: str, defaults: RowDefaults) -> Scan:
+    """Read the whole input once, checking every row; keep only counts and a few errors.
+
+    Raises:
+        UsageError: the input cannot be read as ``fmt`` at all (not UTF-8, a
+            broken CSV, a JSON array...); a bad row is only counted and listed.
+    """
+    found = Scan()
+    digest = hashlib.sha256()
+    with source.open() as f:
+        for parsed in parse(f, fmt, defaults, digest):
+            found.items += 1
+            if isinstance(parsed, BadRow):
+                found.invalid += 1
+                if len(found.listed) < MAX_LISTED_ROWS:
+                    found.listed.append(parsed)
+    # The same rows sent with another --text are other messages: part of the identity.
+    digest.update(
+        b"\0"
+        + json.dumps(
+            [fmt, defaults.text, defaults.subject, defaults.sender_name],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8", "surrogatepass")
+    )
+    found.fingerprint = digest.hexdigest()
+    return found

@@ -1,0 +1,213 @@
+"""The ``botmsg`` argument parser: subcommands, flags, help texts."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Final
+
+from botmsg_async import __version__
+
+from .common import ENV_BASE_URL, ENV_PASSWORD, ENV_USERNAME, UsageError
+from .offline import cmd_demo, cmd_fake_server
+from .send import cmd_send
+from .send_many import cmd_send_many
+
+__all__ = ["build_parser", "check_no_password_argument"]
+
+_EPILOG: Final = """\
+credentials: BOTMSG_BASE_URL, BOTMSG_USERNAME and BOTMSG_PASSWORD, or --base-url,
+  --username and --password-stdin (first line of stdin), or a prompt on a terminal.
+
+exit codes:
+  0  every message sent
+  1  some messages failed (not delivered)
+  2  usage or input error: nothing was sent
+  3  some outcomes unknown: they may or may not have been delivered (wins over 1)
+  130 interrupted by SIGINT or SIGTERM
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``botmsg`` argument parser.
+
+    Each subcommand sets ``handler``: a function of the parsed arguments and a
+    ``Console`` that returns the exit code.
+    """
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="botmsg",
+        description="Send bot messages to users (botmsg-async).",
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        allow_abbrev=False,
+    )
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", choices=levels, default="WARNING", help="default: WARNING")
+    parser.add_argument("--version", action="version", version=f"botmsg {__version__}")
+
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    # SUPPRESS: a subcommand's default must not overwrite a value given before it.
+    common.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
+    client = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = client.add_argument_group("service")
+    group.add_argument("--base-url", help=f"the URL before /communications (or {ENV_BASE_URL})")
+    group.add_argument("--username", help=f"Basic-auth user name (or {ENV_USERNAME})")
+    group.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help=f"read the password from the first line of stdin (else {ENV_PASSWORD}, else a prompt)",
+    )
+    group.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="permit http:// to a host that is not loopback (the password travels in clear)",
+    )
+    message = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = message.add_argument_group("message")
+    group.add_argument("--subject", help="subject line")
+    group.add_argument("--sender-name", help="name the message appears to come from")
+
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
+
+    send = sub.add_parser(
+        "send",
+        parents=[common, client, message],
+        help="send one message",
+        description="Send one message; print the outcome as JSON on stdout.",
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        allow_abbrev=False,
+    )
+    send.add_argument("--department", "-d", required=True, help="department UUID")
+    send.add_argument("--user", "-u", required=True, help="user UUID")
+    send.add_argument("--text", "-t", required=True, help="the message text")
+    send.add_argument(
+        "--idempotency-key",
+        help="key of an earlier try, to resend that same message to a deduplicating service",
+    )
+    send.set_defaults(handler=cmd_send)
+
+    many = sub.add_parser(
+        "send-many",
+        parents=[common, client, message],
+        help="send the messages of a CSV or JSONL file",
+        description=_SEND_MANY_HELP,
+        epilog=_EPILOG,
+        formatter_class=formatter,
+        allow_abbrev=False,
+    )
+    many.add_argument("input", metavar="INPUT", help="CSV or JSONL file; - for stdin")
+    many.add_argument(
+        "--format", choices=["csv", "jsonl"], help="default: by extension, else sniffed"
+    )
+    many.add_argument("--text", "-t", help="one text for every row (instead of a text column)")
+    many.add_argument("--concurrency", "-c", type=_positive_int, default=32, help="default: 32")
+    many.add_argument("--rate", type=float, help="most messages per second (default: no limit)")
+    many.add_argument("--out", "-o", metavar="FILE", help="one JSON line per item; - for stdout")
+    many.add_argument("--journal", metavar="FILE", help="crash-safe progress file")
+    many.add_argument("--resume", action="store_true", help="continue the run of --journal")
+    many.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync each start record before its send, so that even a power cut loses "
+        "no trace of a send (costs throughput; see below)",
+    )
+    many.add_argument(
+        "--resend-unknown",
+        action="store_true",
+        help="with --resume: send in-doubt items again, with their idempotency key",
+    )
+    many.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="send the valid rows, skip (and list) the others",
+    )
+    many.set_defaults(handler=cmd_send_many)
+
+    fake = sub.add_parser(
+        "fake-server",
+        parents=[common],
+        help="run a fake service on 127.0.0.1 for manual tries",
+        description=(
+            "Run botmsg_async.testing.FakeBotMessageServer in the foreground and print its "
+            "base URL. User 'user', password 'secret' unless --username/--password-stdin."
+        ),
+        allow_abbrev=False,
+    )
+    fake.add_argument("--port", type=int, default=0, help="default: any free port")
+    fake.add_argument(
+        "--fault-rate",
+        type=float,
+        help="share of requests that get a random fault, spread over every fault a retry "
+        "can get through (ambiguous ones included: 500, dropped connections...)",
+    )
+    fake.add_argument("--latency", type=float, default=0.0, help="seconds every request waits")
+    fake.add_argument("--seed", type=int, help="makes faults and answered UUIDs reproducible")
+    fake.add_argument("--username", help="the user name to accept (default: user)")
+    fake.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password to accept from stdin (default: secret)",
+    )
+    fake.set_defaults(handler=cmd_fake_server)
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="send a realistic batch to an in-process fake service",
+        description=(
+            "Start a fake service with faults switched on, send 2,000 messages to 200 users "
+            "in 10 departments, and report. Needs no configuration and no network."
+        ),
+        allow_abbrev=False,
+    )
+    demo.add_argument("--messages", type=_positive_int, default=2000, help=argparse.SUPPRESS)
+    demo.add_argument("--concurrency", type=_positive_int, default=64, help=argparse.SUPPRESS)
+    demo.add_argument("--seed", type=int, default=2024, help=argparse.SUPPRESS)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+_SEND_MANY_HELP: Final = """\
+Send the messages of a CSV file (with a header) or a JSON-lines file, with
+the fields department_uuid, user_uuid and optionally text, subject, sender_name.
+--text, --subject and --sender-name apply to every row, in place of the row's
+own value; without them, each row's own value is used.
+
+The whole input is checked before anything is sent: any invalid row is listed
+with its line number and nothing is sent (exit 2), unless --skip-invalid.
+
+--journal FILE records each item's start before it is sent and its outcome as
+soon as it is known, so that after a crash (even kill -9) --resume sends only
+what was never tried: items in flight at the crash are reported unknown and not
+sent again, unless --resend-unknown (same idempotency key).
+
+The journal survives a crash of botmsg (even kill -9), but it is fsynced only at
+the end: a power cut or OS crash can lose its last seconds, and items sent then
+could be sent again by --resume. A torn last record is detected and a window of
+items around it held back as unknown, but a longer loss goes unnoticed.
+--durable fsyncs each start record before its send (one fsync shared by all
+sends ready at the time), so that nothing sent is ever forgotten.
+"""
+
+
+def check_no_password_argument(argv: Sequence[str]) -> None:
+    """Refuse ``--password`` before argparse, which would echo its value as unrecognized."""
+    for arg in argv:
+        if arg == "--":
+            return
+        if arg == "--password" or arg.startswith("--password="):
+            raise UsageError(
+                "there is no --password option, so that passwords stay out of shell history "
+                f"and process lists; use {ENV_PASSWORD}, --password-stdin or the prompt"
+            )

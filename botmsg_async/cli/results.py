@@ -1,0 +1,170 @@
+"""Where ``send-many`` accounts for its items: the ``--out`` file, the tally, the summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TextIO
+
+from botmsg_async import BotMessageError
+
+from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, MAX_LISTED_FAILURES
+from .console import Console
+
+__all__ = ["Results", "RunEnd", "Tally", "print_summary"]
+
+
+@dataclass
+class Tally:
+    """Counts over every item of the input, this run's and the journal's."""
+
+    sent: int = 0
+    failed: int = 0
+    unknown: int = 0
+    skipped: int = 0
+    invalid: int = 0
+    from_journal: int = 0
+
+    @property
+    def total(self) -> int:
+        """Items accounted for."""
+        return self.sent + self.failed + self.unknown + self.skipped + self.invalid
+
+    def exit_code(self) -> int:
+        """Unknown beats failed: a human must look before anything else happens."""
+        if self.unknown:
+            return EXIT_UNKNOWN
+        if self.failed or self.skipped:
+            return EXIT_FAILED
+        return EXIT_OK
+
+
+class Results:
+    """Where per-item outcomes go: the ``--out`` file, the tally, a few stderr lines."""
+
+    def __init__(self, console: Console, out: TextIO | None) -> None:
+        self.console = console
+        self.out = out
+        self.tally = Tally()
+        self.listed = 0
+        self._since_flush = 0
+
+    def emit(
+        self,
+        index: int,
+        department_uuid: str,
+        user_uuid: str,
+        outcome: str,
+        *,
+        message_uuid: str | None = None,
+        error: str | None = None,
+        key: str | None = None,
+        invalid: bool = False,
+    ) -> None:
+        """Account for one item: count it, write it to ``--out`` (or name it on stderr)."""
+        tally = self.tally
+        if outcome == "sent":
+            tally.sent += 1
+        elif outcome == "failed":
+            tally.failed += 1
+        elif outcome == "unknown":
+            tally.unknown += 1
+        elif invalid:
+            tally.invalid += 1
+        else:
+            tally.skipped += 1
+        if self.out is not None:
+            record = {
+                "index": index,
+                "department_uuid": department_uuid,
+                "user_uuid": user_uuid,
+                "outcome": outcome,
+                "message_uuid": message_uuid,
+                "error": error,
+                "idempotency_key": key,
+            }
+            self.out.write(self.console.dumps(record) + "\n")
+            self._since_flush += 1
+            if self._since_flush >= 256:
+                self.out.flush()
+                self._since_flush = 0
+        elif outcome != "sent" and not invalid and self.listed < MAX_LISTED_FAILURES:
+            # No --out: name the first few that need attention, or they are lost.
+            self.listed += 1
+            self.console.err(
+                f"item {index} (department={department_uuid}, user={user_uuid}): {outcome}: {error}"
+            )
+
+    def close(self) -> None:
+        """Flush ``--out``."""
+        if self.out is not None:
+            self.out.flush()
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a ``send-many`` run ended, for its summary.
+
+    Attributes:
+        items: Data rows of the input.
+        finished: Results of this run's sends.
+        elapsed: Seconds this run's sends took.
+        retries: Retries made.
+        in_flight: Items unfinished at the end.
+        stopped_by: The error that stopped the batch early, if any.
+        crash: What ended the run before its end (the input changed, a file
+            could not be written...), if anything.
+        stop_requested: A first signal asked the run to stop.
+        interrupted: A second signal cancelled it.
+        journal: The ``--journal`` file, if any.
+        out: The ``--out`` file, if any.
+    """
+
+    items: int
+    finished: int
+    elapsed: float
+    retries: int
+    in_flight: int
+    stopped_by: BotMessageError | None
+    crash: BaseException | None
+    stop_requested: bool
+    interrupted: bool
+    journal: str | None
+    out: str | None
+
+
+def print_summary(console: Console, t: Tally, end: RunEnd) -> None:
+    """Print the run's summary on stderr, and what to do next."""
+    rate = end.finished / end.elapsed if end.elapsed > 0 else 0.0
+    parts = [f"{t.sent} sent", f"{t.failed} failed", f"{t.unknown} unknown"]
+    skipped = t.skipped + t.invalid
+    parts.append(f"{skipped} skipped" + (f" ({t.invalid} invalid)" if t.invalid else ""))
+    line = f"{t.total} of {end.items} items: {', '.join(parts)}; {end.retries} retries"
+    line += f"; {end.finished} sends in {end.elapsed:.1f} s, {rate:.0f} messages/s"
+    if t.from_journal:
+        line += f"; {t.from_journal} finished in an earlier run (from the journal)"
+    console.err(line)
+    if end.stopped_by is not None:
+        console.err(f"the batch stopped early: {end.stopped_by}")
+    if end.crash is not None:
+        console.err(
+            f"error: {end.crash}; stopped with {end.in_flight} item(s) unfinished"
+            + (f"; fix it and rerun with --journal {end.journal} --resume" if end.journal else "")
+        )
+    if end.stop_requested and not end.interrupted:
+        left = end.items - t.total
+        console.err(
+            f"stopped on request: {left} item(s) not started"
+            + (f"; rerun with --journal {end.journal} --resume to send them" if end.journal else "")
+        )
+    if end.interrupted:
+        where = (
+            f"rerun with --journal {end.journal} --resume to finish"
+            if end.journal
+            else "items in flight may or may not have been delivered"
+        )
+        console.err(f"interrupted with {end.in_flight} item(s) in flight; {where}")
+    elif t.unknown:
+        console.err(
+            f"{t.unknown} item(s) may or may not have been delivered: check them before "
+            "sending again" + (" (see --out)" if end.out else "")
+        )

@@ -1,0 +1,502 @@
+"""``botmsg send-many``: the messages of a file, streamed, with ``--out`` and a journal.
+
+The input is checked in full first (``input.scan``); then ``SendMany`` streams
+it through ``BotMessageClient.stream_many``, recording each item's start and
+outcome in a ``JournalStore`` (``--journal``) so that ``--resume`` sends only
+what was never tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import sys
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from botmsg_async import (
+    BotMessageError,
+    InvalidRequestError,
+    ItemResult,
+    Outcome,
+    SendRequest,
+    new_idempotency_key,
+)
+from botmsg_async.journal import (
+    FINAL_STATES,
+    IN_DOUBT_NOTE,
+    IN_DOUBT_STATES,
+    FileJournal,
+    JournalError,
+    JournalState,
+    JournalStore,
+    retry_later,
+    settle,
+)
+
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
+from .console import Bar, Console
+from .credentials import Credentials, make_client, resolve_credentials
+from .input import BadRow, RowDefaults, Scan, Source, check_flags_text, parse, scan_input
+from .results import Results, RunEnd, print_summary
+from .signals import run
+
+__all__ = ["SendMany", "cmd_send_many"]
+
+
+def _describe(error: BotMessageError | None) -> str | None:
+    """An item's error for --out and the journal: type and sentence (the ids have fields)."""
+    return None if error is None else f"{type(error).__name__}: {error.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """What the journal and --out need about an item in flight."""
+
+    index: int
+    key: str
+    #: An earlier run may have delivered it (resent with --resend-unknown).
+    in_doubt: bool = False
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _validate_send_many_flags(args: argparse.Namespace) -> None:
+    if args.resume and not args.journal:
+        raise UsageError("--resume needs --journal FILE")
+    if args.resend_unknown and not args.resume:
+        raise UsageError("--resend-unknown needs --resume")
+    if args.durable and not args.journal:
+        raise UsageError("--durable needs --journal FILE")
+    if args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if args.rate is not None and not args.rate > 0:
+        raise UsageError("--rate must be more than 0 messages per second")
+    if args.text is not None and not args.text.strip():
+        raise UsageError("--text must not be empty")
+    files = {"INPUT": args.input, "--out": args.out, "--journal": args.journal}
+    named = [(flag, path) for flag, path in files.items() if path and path != "-"]
+    for i, (flag, path) in enumerate(named):
+        for other_flag, other in named[i + 1 :]:
+            if _same_file(path, other):
+                # --out would truncate the input before it is read again, or the journal.
+                raise UsageError(f"{flag} and {other_flag} must be different files")
+    if args.journal and not args.resume:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(args.journal) > 0:
+                raise UsageError(
+                    f"{args.journal} already exists: pass --resume to continue that run, "
+                    "or choose another journal file"
+                )
+
+
+def _open_journal(
+    args: argparse.Namespace, console: Console, scan: Scan, stack: contextlib.ExitStack
+) -> tuple[JournalStore, JournalState | None]:
+    """Open (and lock) the journal; with --resume, read what it says.
+
+    Raises:
+        JournalError: missing with --resume, in use, corrupt, or for another input.
+        OSError: it cannot be opened or written.
+    """
+    path: str = args.journal
+    if args.resume and not os.path.exists(path):
+        raise JournalError(f"{path}: no such journal; drop --resume to start a new one")
+    # Locked as it opens; begin() reads it only then: what is read stays true while we run.
+    journal = FileJournal(path, redact=console.redact)
+    stack.callback(journal.close)
+    # How many start records a power cut could take: none when each is fsynced first.
+    window = 0 if args.durable else args.concurrency
+    state = journal.begin(
+        fingerprint=scan.fingerprint, items=scan.items, window=window, resume=args.resume
+    )
+    if state is not None and state.torn:
+        console.err(
+            f"warning: {path} ends in a torn record (a power cut or crash while "
+            f"writing): {len(state.torn_in_doubt)} item(s) the stopped run may have "
+            "started without a record are held back as unknown, never to be resent"
+        )
+    return journal, state
+
+
+def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
+    """Run ``botmsg send-many``; return the exit code.
+
+    Raises:
+        UsageError: a bad flag or input, or a journal that cannot be used: nothing sent.
+    """
+    check_flags_text(args, ("text", "subject", "sender_name"))
+    _validate_send_many_flags(args)
+    defaults = RowDefaults(args.text, args.subject, args.sender_name)
+    with contextlib.ExitStack() as stack:
+        source = Source(args.input, stack)
+        creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=args.input == "-")
+        fmt: str = args.format or source.guess_format()
+        try:
+            scan = scan_input(source, fmt, defaults)
+        except UsageError as exc:
+            raise UsageError(f"{source.display}: {exc}") from None
+        for bad in scan.listed:
+            console.err(f"{source.display}:{bad.line}: {bad.problem}")
+        if scan.invalid > len(scan.listed):
+            console.err(f"... and {scan.invalid - len(scan.listed)} more invalid rows")
+        if scan.invalid and not args.skip_invalid:
+            raise UsageError(
+                f"{scan.invalid} invalid row(s) in {source.display}; nothing was sent. "
+                "Fix them, or pass --skip-invalid to send the others"
+            )
+        if scan.invalid and not scan.valid:
+            raise UsageError(f"no valid row in {source.display}; nothing was sent")
+        if scan.invalid:
+            console.err(f"skipping {scan.invalid} invalid row(s)")
+
+        state: JournalState | None = None
+        journal: JournalStore | None = None
+        if args.journal:
+            try:
+                journal, state = _open_journal(args, console, scan, stack)
+            except JournalError as exc:
+                raise UsageError(str(exc)) from None
+            except OSError as exc:
+                raise UsageError(
+                    f"{args.journal}: cannot use the journal: {exc.strerror}"
+                ) from None
+
+        out: TextIO | None = None
+        if args.out == "-":
+            out = sys.stdout
+        elif args.out:
+            try:
+                out = stack.enter_context(open(args.out, "w", encoding="utf-8"))
+            except OSError as exc:
+                if journal is not None and state is None:
+                    # Nothing was sent: leave no new journal that would demand --resume.
+                    journal.discard()
+                raise UsageError(f"{args.out}: cannot write: {exc.strerror}") from None
+        results = Results(console, out)
+        stack.callback(results.close)
+        job = SendMany(args, console, source, fmt, defaults, scan, state, journal, results)
+        return run(job.run(creds), first_signal=job.request_stop)
+
+
+class SendMany:
+    """One ``send-many`` run: the journal's finished items, then a stream of sends."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        console: Console,
+        source: Source,
+        fmt: str,
+        defaults: RowDefaults,
+        scan: Scan,
+        state: JournalState | None,
+        journal: JournalStore | None,
+        results: Results,
+    ) -> None:
+        self.args = args
+        self.console = console
+        self.source = source
+        self.fmt = fmt
+        self.defaults = defaults
+        self.scan = scan
+        self.state = state
+        self.journal = journal
+        self.results = results
+        # Stream index (order of pulling) -> the input item; only items in flight.
+        self.pending: dict[int, _Pending] = {}
+        self.pulled = 0
+        self.finished = 0  # results of this run's sends
+        self.stopped_by: BotMessageError | None = None
+        self.stop_requested = False
+        # --durable: items handed to the batch and not finished, and stream
+        # indices whose start record is written but whose attempt has not begun.
+        self.in_workers = 0
+        self.unattempted: set[int] = set()
+
+    def request_stop(self) -> None:
+        """Start no new item; let those in flight finish (first SIGINT or SIGTERM)."""
+        self.stop_requested = True
+        self.console.err(
+            f"stopping: waiting for {len(self.pending)} send(s) in flight; "
+            "signal again to abandon them (their outcome would be unknown)"
+        )
+
+    def _replay_journal(self) -> None:
+        """Write the journal's sent and failed items to --out, as recorded."""
+        if self.state is None:
+            return
+        assert self.journal is not None
+        for record in self.journal.finished_records(self.state):
+            self.results.emit(
+                record["i"],
+                record.get("d", ""),
+                record.get("u", ""),
+                record["o"],
+                message_uuid=record.get("m"),
+                error=record.get("e"),
+                key=record.get("k"),
+            )
+            self.results.tally.from_journal += 1
+
+    def _to_send(self) -> int:
+        """How many items this run will attempt (for the progress bar)."""
+        count = self.scan.valid
+        if self.state is not None:
+            finished = sum(self.state.count(s) for s in FINAL_STATES)
+            count -= finished
+            if not self.args.resend_unknown:
+                count -= len(self.state.in_doubt)
+        return max(count, 0)
+
+    def _items(self) -> Generator[SendRequest, None, None]:
+        """The items to send, read lazily, each with its idempotency key.
+
+        The journal's start record is written by ``_on_start``, which
+        ``stream_many`` calls right before the first attempt (after any rate-limit
+        wait), so an item waiting for the limiter is never taken for one in flight.
+        """
+        state = self.state
+        with self.source.open() as f:
+            for parsed in parse(f, self.fmt, self.defaults):
+                if self.stop_requested:
+                    return
+                if isinstance(parsed, BadRow):
+                    if not self.args.skip_invalid:
+                        # Valid in the first pass: the file changed underneath us.
+                        raise UsageError(
+                            f"{self.source.display}:{parsed.line} changed while sending: "
+                            f"{parsed.problem}"
+                        )
+                    self.results.emit(
+                        parsed.index,
+                        parsed.department_uuid,
+                        parsed.user_uuid,
+                        Outcome.SKIPPED.value,
+                        error=f"invalid input at line {parsed.line}: {parsed.problem}",
+                        invalid=True,
+                    )
+                    continue
+                index = parsed.index
+                key: str | None = None
+                if state is not None:
+                    st = state.states[index]
+                    if st in FINAL_STATES:
+                        continue  # written to --out from the journal already
+                    if st in IN_DOUBT_STATES:
+                        key, error = state.in_doubt[index]
+                        # Without a key (held back after a torn journal) it is never resent.
+                        if not self.args.resend_unknown or key is None:
+                            self.results.emit(
+                                index,
+                                parsed.department_uuid,
+                                parsed.user_uuid,
+                                Outcome.UNKNOWN.value,
+                                error=error or IN_DOUBT_NOTE,
+                                key=key,
+                            )
+                            continue
+                # Items never tried, or certainly not delivered, get a fresh key; a
+                # deduplicating service could answer an old key with its old failure.
+                in_doubt = key is not None
+                key = key or new_idempotency_key()
+                self.pending[self.pulled] = _Pending(index, key, in_doubt=in_doubt)
+                self.pulled += 1
+                yield SendRequest(
+                    parsed.department_uuid, parsed.user_uuid, parsed.message, idempotency_key=key
+                )
+
+    async def _durable_items(self) -> AsyncIterator[SendRequest]:
+        """``_items`` for ``--durable``: no send before its start record is on disk.
+
+        The batch pulls items one at a time (under a lock) and, with no rate limit,
+        goes straight from the pull to ``on_start`` and the first attempt without
+        yielding to the loop. So the start record is written here, at the pull,
+        and fsynced before the item is handed over. Group commit: when asked for
+        an item, this writes the start records of as many items as there are idle
+        workers (each is waiting for the pull lock), fsyncs once in a thread, then
+        hands them out one by one; workers that free up during that fsync wait for
+        the next one, so one fsync serves all of them.
+
+        An item handed over but never attempted (the batch stopped meanwhile)
+        and an item written ahead but never handed over (a stop, a cancel) get a
+        record withdrawing the start. With ``--rate``, the start record is
+        written before the rate limiter's wait: at most ``--concurrency`` items
+        a crash would then report unknown though they were never sent.
+        """
+        journal = self.journal
+        assert journal is not None
+        source = self._items()
+        ready: collections.deque[tuple[int, SendRequest]] = collections.deque()
+        try:
+            while True:
+                if not ready:
+                    idle = max(1, self.args.concurrency - self.in_workers)
+                    for request in itertools.islice(source, idle):
+                        stream_index = self.pulled - 1  # _items counted it when it yielded
+                        meta = self.pending[stream_index]
+                        journal.start(meta.index, meta.key)
+                        self.unattempted.add(stream_index)
+                        ready.append((stream_index, request))
+                    if not ready:
+                        return
+                    await journal.sync()
+                if self.stop_requested:
+                    return
+                stream_index, request = ready.popleft()
+                self.in_workers += 1
+                yield request
+        finally:
+            for stream_index, _ in ready:
+                self.unattempted.discard(stream_index)
+                journal.unattempted(self.pending.pop(stream_index).index)
+            source.close()
+
+    def _on_start(self, stream_index: int, request: SendRequest) -> None:
+        """Journal that an item is about to be sent, before its first attempt."""
+        if self.args.durable:
+            self.unattempted.discard(stream_index)  # journaled, and on disk, already
+        elif self.journal is not None:
+            meta = self.pending[stream_index]
+            self.journal.start(meta.index, meta.key)
+
+    def _settle(self, meta: _Pending, item: ItemResult) -> tuple[str, str | None]:
+        """The outcome to record for ``item``, and why.
+
+        The journal's rule (``journal.settle``): an item resent because an
+        earlier run may have delivered it stays unknown unless this resend
+        settles it; its error then says so.
+        """
+        error: str | None
+        if item.outcome is Outcome.SKIPPED:
+            error = f"not attempted: the batch stopped after: {self.stopped_by}"
+        else:
+            error = _describe(item.error)
+        outcome, note = settle(item.outcome, item.error, in_doubt=meta.in_doubt)
+        if note is not None:
+            return outcome.value, f"{note}; this run's resend: {error}"
+        return outcome.value, error
+
+    def _on_result(self, item: ItemResult) -> None:
+        """Journal an outcome the moment it is known, before anything else."""
+        if self.journal is None:
+            return
+        meta = self.pending[item.index]
+        if self.args.durable:
+            self.in_workers -= 1
+            if item.index in self.unattempted:
+                self.unattempted.discard(item.index)
+                if item.outcome is Outcome.SKIPPED:
+                    self.journal.unattempted(meta.index)
+                    return
+        outcome, error = self._settle(meta, item)
+        self.journal.outcome(
+            meta.index,
+            outcome,
+            key=meta.key,
+            department_uuid=item.department_uuid,
+            user_uuid=item.user_uuid,
+            message_uuid=item.result.message_uuid if item.result is not None else None,
+            error=None if outcome == Outcome.SKIPPED.value else error,
+            retry=retry_later(Outcome(outcome), item.error),
+        )
+
+    def _emit(self, item: ItemResult) -> None:
+        meta = self.pending.pop(item.index)
+        self.finished += 1
+        outcome, error = self._settle(meta, item)
+        self.results.emit(
+            meta.index,
+            item.department_uuid,
+            item.user_uuid,
+            outcome,
+            message_uuid=item.result.message_uuid if item.result is not None else None,
+            error=error,
+            key=meta.key,
+        )
+
+    async def run(self, creds: Credentials) -> int:
+        """Send, write results, print the summary; return the exit code."""
+        self._replay_journal()
+        items: Iterator[SendRequest] | AsyncIterator[SendRequest]
+        items = self._durable_items() if self.args.durable else self._items()
+        async with make_client(creds) as client, _closing(items):
+            try:
+                stream = client.stream_many(
+                    items,
+                    concurrency=self.args.concurrency,
+                    rate_limit=self.args.rate,
+                    on_start=self._on_start,
+                    on_result=self._on_result,
+                    # For logs of unattended runs (--log-level INFO): a line every 10 s.
+                    on_progress=self.console.progress_logger(),
+                    progress_interval=10.0,
+                )
+            except InvalidRequestError as exc:
+                raise UsageError(str(exc)) from None
+            bar = Bar(self.console, self._to_send(), "sending")
+            started = time.perf_counter()
+            interrupted = False
+            crash: BaseException | None = None
+            try:
+                async with stream:
+                    async for item in stream:
+                        self.stopped_by = stream.stopped_by
+                        self._emit(item)
+                        tally = self.results.tally
+                        bar.update(tally.failed, tally.unknown)
+                    self.stopped_by = stream.stopped_by
+            except asyncio.CancelledError:
+                interrupted = True
+                raise
+            except (UsageError, OSError, BotMessageError) as exc:
+                # The input changed under us, the journal or --out could not be
+                # written...: some items may be done, so this is no usage error.
+                crash = exc
+            finally:
+                bar.close()
+                self.results.close()
+                end = RunEnd(
+                    items=self.scan.items,
+                    finished=self.finished,
+                    elapsed=time.perf_counter() - started,
+                    retries=stream.retries,
+                    in_flight=len(self.pending),
+                    stopped_by=self.stopped_by,
+                    crash=crash,
+                    stop_requested=self.stop_requested,
+                    interrupted=interrupted,
+                    journal=self.args.journal,
+                    out=self.args.out,
+                )
+                print_summary(self.console, self.results.tally, end)
+        if crash is not None:
+            return (
+                EXIT_UNKNOWN if self.pending else max(EXIT_FAILED, self.results.tally.exit_code())
+            )
+        if self.stop_requested:
+            return EXIT_INTERRUPTED
+        return self.results.tally.exit_code()
+
+
+@contextlib.asynccontextmanager
+async def _closing(items: Iterator[Any] | AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Close ``items`` at the end, so a generator's cleanup runs now, not at exit."""
+    try:
+        yield
+    finally:
+        if isinstance(items, AsyncGenerator):
+            await items.aclose()
+        elif isinstance(items, Generator):
+            items.close()

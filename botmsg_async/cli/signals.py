@@ -1,0 +1,61 @@
+"""Running a command's coroutine under SIGINT/SIGTERM: a signal stops it, cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .common import EXIT_INTERRUPTED
+
+__all__ = ["run"]
+
+
+def run(
+    coro: Coroutine[Any, Any, int],
+    *,
+    on_signal: int = EXIT_INTERRUPTED,
+    first_signal: Callable[[], None] | None = None,
+) -> int:
+    """Run ``coro`` under SIGINT/SIGTERM handling; return its exit code.
+
+    A signal cancels ``coro`` (so its cleanup runs) and the exit code is
+    ``on_signal``. With ``first_signal``, the first signal calls it instead,
+    to stop gracefully, and only a second one cancels.
+    """
+    return asyncio.run(_with_signals(coro, on_signal, first_signal))
+
+
+async def _with_signals(
+    coro: Coroutine[Any, Any, int], on_signal: int, first_signal: Callable[[], None] | None
+) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1 and first_signal is not None:
+            first_signal()
+        elif not task.cancelling():
+            task.cancel()
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop, signum)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows, threads
+            continue
+        installed.append(signum)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        task.uncancel()
+        return on_signal
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,88 @@
+"""``botmsg_async.cli.input``: parsing and checking send-many rows, without a process."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from botmsg_async import InvalidRequestError, SendRequest, TextMessage, check_request
+from botmsg_async.cli.console import Console
+from botmsg_async.cli.input import BadRow, Row, RowDefaults, parse
+
+
+def parse_jsonl(*rows: dict[str, Any], defaults: RowDefaults | None = None) -> list[Row | BadRow]:
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return list(parse(io.BytesIO(data), "jsonl", defaults or RowDefaults()))
+
+
+def row(**fields: Any) -> dict[str, Any]:
+    return {"department_uuid": "d-1", "user_uuid": "u-1", "text": "hi", **fields}
+
+
+#: (case, row, the problem reported): the first problem of each row, as the pre-scan words it.
+BAD_ROWS: list[tuple[str, dict[str, Any], str]] = [
+    ("missing id", row(user_uuid=""), "user_uuid is missing"),
+    ("id not a string", row(department_uuid=7), "department_uuid must be a string, not int"),
+    ("slash", row(user_uuid="a/b"), "user_uuid 'a/b': must not contain '/'"),
+    ("dot-dot", row(department_uuid=".."), "department_uuid '..': must not be a path segment"),
+    # check_request looks at the ids before the message: the department is reported.
+    ("both ids bad", row(department_uuid="a?b", user_uuid="c#d"), "department_uuid 'a?b'"),
+    ("bad id, no text", row(user_uuid="%", text=""), "user_uuid '%': must not contain '%'"),
+    ("no text", row(text="  "), "no text: fill the text column or pass --text"),
+    ("text missing", {"department_uuid": "d", "user_uuid": "u"}, "no text: fill the text"),
+    ("subject not a string", row(subject=["x"]), "subject must be a string, not list"),
+    ("surrogate", row(sender_name="\ud800"), "sender_name holds a lone surrogate (U+D800"),
+]
+
+
+@pytest.mark.parametrize(("case", "values", "problem"), BAD_ROWS, ids=[c for c, _, _ in BAD_ROWS])
+def test_a_bad_row_names_its_first_problem(case: str, values: dict[str, Any], problem: str) -> None:
+    """Each bad row is one BadRow at its line, its first problem worded for a file."""
+    (parsed,) = parse_jsonl(values)
+    assert isinstance(parsed, BadRow)
+    assert parsed.line == 1
+    assert parsed.problem.startswith(problem), parsed.problem
+
+
+def test_message_flags_apply_to_every_row() -> None:
+    """--text and --subject replace each row's own value; a blank row value is left out."""
+    parsed = parse_jsonl(
+        row(text="", subject=""), row(subject="own"), defaults=RowDefaults(text="T", subject="S")
+    )
+    assert [p.message for p in parsed if isinstance(p, Row)] == [
+        TextMessage("T", subject="S"),
+        TextMessage("T", subject="S"),
+    ]
+
+
+ids = st.text(st.characters(codec="utf-8"), max_size=8)
+
+
+@settings(deadline=None, max_examples=300)
+@given(ids, ids, st.text(st.characters(codec="utf-8"), max_size=8))
+def test_the_pre_scan_passes_exactly_what_the_client_accepts(
+    department: str, user: str, text: str
+) -> None:
+    """A row is valid exactly when check_request accepts its request (ids stripped)."""
+    (parsed,) = parse_jsonl(row(department_uuid=department, user_uuid=user, text=text))
+    request = SendRequest(department.strip(), user.strip(), TextMessage(text))
+    try:
+        check_request(request)
+    except InvalidRequestError:
+        accepted = False
+    else:
+        accepted = True
+    assert isinstance(parsed, Row) is accepted
+
+
+def test_consoles_share_no_secrets() -> None:
+    """Each run's Console redacts its own credentials: no state lives in the module."""
+    first, second = Console(), Console()
+    first.redact.add_credentials("user", "hunter2-pw")
+    assert first.printable("pw hunter2-pw") == "pw [redacted]"
+    assert second.printable("pw hunter2-pw") == "pw hunter2-pw"
