@@ -50,7 +50,7 @@ def fake_server() -> Iterator[FakeBotMessageServer]:
     assert server.messages, "schemathesis sent no request the fake server accepted"
 
 
-@pytest.mark.slow
+# About 3 s: not marked slow, so every run checks the spec and the fake server agree.
 @schema.parametrize()
 @settings(max_examples=50, derandomize=True, deadline=None)
 def test_fake_server_conforms_to_the_spec(
