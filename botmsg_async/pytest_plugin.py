@@ -1,6 +1,7 @@
 """pytest fixtures for testing code that sends bot messages.
 
-Enable the plugin in your top-level ``conftest.py`` (it needs ``pytest-asyncio``)::
+Enable the plugin in your top-level ``conftest.py`` (it needs ``pytest-asyncio``, and
+``jsonschema`` from the ``testing`` extra)::
 
     pytest_plugins = ["botmsg_async.pytest_plugin"]
 

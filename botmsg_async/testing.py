@@ -2,10 +2,12 @@
 
 ``FakeBotMessageServer`` is a real HTTP server (``aiohttp.web``) on
 ``127.0.0.1`` and a port the OS picks. It serves the one endpoint of the
-contract, checks Basic auth and the request body like the service would,
-records what it accepted, deduplicates by ``Idempotency-Key``, and can be told
-to misbehave: answer ``FAILURE``, 429, 5xx, garbage, be slow, or drop the
-connection before or after it processed the message.
+contract, checks Basic auth, validates the request body against the JSON
+Schema taken from the project's spec (``spec/botmessage-openapi.yaml``, shipped
+as ``botmsg_async/schemas/send-request.json``), records what it accepted,
+deduplicates by ``Idempotency-Key``, and can be told to misbehave: answer
+``FAILURE``, 429, 5xx, garbage, be slow, or drop the connection before or
+after it processed the message.
 
 Example:
     >>> from botmsg_async import BotMessageClient
@@ -26,8 +28,9 @@ run concurrently)::
 
 Faults only ever replace the answer to an authenticated, well-formed request;
 401, 400 and 422 answers are never replaced and do not use up a scripted fault.
-With pytest, ``botmsg_async.pytest_plugin`` provides a ready ``botmsg_server``
-fixture.
+Every status it answers is documented in the spec. It needs ``jsonschema``:
+install the ``testing`` (or ``cli``) extra. With pytest,
+``botmsg_async.pytest_plugin`` provides a ready ``botmsg_server`` fixture.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import base64
 import binascii
 import collections
 import enum
+import importlib.resources
 import json
 import random
 import secrets
@@ -51,7 +55,13 @@ from aiohttp import hdrs, web
 from attrs import define, field
 
 from ._models import TextMessage
-from ._wire import WireFormatError, decode_request
+
+try:
+    import jsonschema
+except ImportError as exc:  # pragma: no cover - exercised when the extra is absent
+    raise ImportError(
+        "botmsg_async.testing needs jsonschema: pip install 'botmsg-async[testing]'"
+    ) from exc
 
 __all__ = [
     "FakeBotMessageServer",
@@ -257,6 +267,90 @@ _NOT_RECORDED_STATUS: Final = {
 }
 
 
+#: Where the request schema lives in the package (generated from spec/botmessage-openapi.yaml).
+_REQUEST_SCHEMA: Final = "schemas/send-request.json"
+#: A request's ``messageAttributes.body``: blank text there is answered 422, not 400.
+_BODY_PATH: Final = ("messageAttributes", "body")
+#: Bounds on a 400's problem list, so that a huge body cannot make a huge answer.
+_MAX_PROBLEMS: Final = 10
+_MAX_PROBLEM_CHARS: Final = 200
+#: What a field the request leaves out stands for: the SDK's own defaults.
+_DEFAULTS: Final = TextMessage("-")
+
+
+class _RefusedError(Exception):
+    """A request body the fake server does not accept: the status and what is wrong."""
+
+    def __init__(self, status: int, problems: list[str]) -> None:
+        super().__init__(status, problems)
+        self.status = status
+        self.problems = problems
+
+
+def _request_validator() -> jsonschema.protocols.Validator:
+    """A validator of the request schema shipped with the package."""
+    text = importlib.resources.files(__package__).joinpath(_REQUEST_SCHEMA).read_text("utf-8")
+    schema = json.loads(text)
+    validator: jsonschema.protocols.Validator = jsonschema.validators.validator_for(schema)(schema)
+    return validator
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Which of two values counts would be a guess: refuse the body instead.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("an object holds one key twice")
+    return result
+
+
+def _problem(error: jsonschema.ValidationError) -> str:
+    text = f"{error.json_path}: {error.message}"
+    return text if len(text) <= _MAX_PROBLEM_CHARS else f"{text[:_MAX_PROBLEM_CHARS]}..."
+
+
+def _message_from_json(data: Mapping[str, Any]) -> TextMessage:
+    """The message a schema-valid request body holds.
+
+    The fake server's own reading of the spec's camelCase names, independent of
+    the SDK's encoder, so that a wrong name on the SDK's side fails the schema
+    instead of passing on both sides. A field left out takes the SDK's default.
+    """
+    attributes: Mapping[str, Any] = data["messageAttributes"]
+    sending: Mapping[str, Any] = data.get("messageSendingAttributes", {})
+    return TextMessage(
+        attributes["body"],
+        subject=attributes.get("subject"),
+        sender_name=sending.get("senderName"),
+        recipient_communication_value=sending.get("recipientCommunicationValue"),
+        type=attributes.get("type", _DEFAULTS.type),
+        purpose=attributes.get("purpose", _DEFAULTS.purpose),
+        is_manual=attributes.get("isManual", _DEFAULTS.is_manual),
+    )
+
+
+def _read_request(body: bytes, validator: jsonschema.protocols.Validator) -> TextMessage:
+    """The message of a send request body.
+
+    Raises:
+        _RefusedError: 400 for a body that is not JSON or not the request schema,
+            422 for one whose only fault is a blank message text.
+    """
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _RefusedError(400, [f"not JSON: {exc}"[:_MAX_PROBLEM_CHARS]]) from None
+    errors = sorted(validator.iter_errors(data), key=lambda e: (e.json_path, e.message))
+    if not errors:
+        return _message_from_json(data)
+    if all(e.validator == "pattern" and tuple(e.absolute_path) == _BODY_PATH for e in errors):
+        raise _RefusedError(422, ["$.messageAttributes.body: must not be empty or whitespace"])
+    raise _RefusedError(400, [_problem(e) for e in errors[:_MAX_PROBLEMS]])
+
+
 def _detail(status: int, detail: object, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
@@ -334,6 +428,7 @@ class FakeBotMessageServer:
         self._fault_latency = fault_latency
         self._idempotency_header = idempotency_header
         self._retry_count_header = retry_count_header
+        self._validator = _request_validator()
         self._id_rng = self._new_id_rng()
         self._rules: list[_Rule] = []
         self._plan: FaultPlan
@@ -629,11 +724,9 @@ class FakeBotMessageServer:
             # The client went away mid-request (a test killed it): nothing to answer.
             return web.Response(status=499)
         try:
-            message = decode_request(body)
-        except WireFormatError as exc:
-            return _detail(400, list(exc.problems))
-        if not message.body.strip():
-            return _detail(422, ["$.messageAttributes.body: must not be empty or whitespace"])
+            message = _read_request(body, self._validator)
+        except _RefusedError as exc:
+            return _detail(exc.status, exc.problems)
         headers = request.headers
         key = headers.get(self._idempotency_header)
         raw_retry = headers.get(self._retry_count_header)

@@ -13,11 +13,21 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from attrs import frozen
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
 
 from botmsg_async import BotMessageClient, TextMessage
 from botmsg_async._wire import encode_request
-from botmsg_async.testing import FakeBotMessageServer, Fault, FaultPlan, RequestInfo
+from botmsg_async.testing import (
+    FakeBotMessageServer,
+    Fault,
+    FaultPlan,
+    RequestInfo,
+    _read_request,
+    _RefusedError,
+    _request_validator,
+)
 
 pytest_plugins = ["botmsg_async.pytest_plugin"]
 
@@ -228,6 +238,13 @@ async def test_non_ascii_password_is_accepted_in_utf8_and_latin1() -> None:
         b'{"messageAttributes": {"body": 42}}',
         b'{"messageAttributes": {"body": "hi", "protocol": "SMS"}}',
         b'{"messageAttributes": {"body": "hi", "numberOfMessageAttachments": 1}}',
+        b'{"messageAttributes": {"body": "hi", "sujbect": "typo"}}',
+        b'{"messageAttributes": {"body": "hi"}, "messageSendingAttributes": {"sender": "x"}}',
+        b'{"messageAttributes": {"body": "hi", "subject": null}}',
+        b'{"messageAttributes": {"body": "hi", "isManual": "yes"}}',
+        b'{"messageAttributes": {"body": "hi", "body": "ho"}}',
+        b'{"messageAttributes": {"body": "hi", "numberOfMessageAttachments": NaN}}',
+        b'{"messageAttributes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     ],
     ids=[
         "not-json",
@@ -237,6 +254,13 @@ async def test_non_ascii_password_is_accepted_in_utf8_and_latin1() -> None:
         "body-not-string",
         "not-text",
         "attachments",
+        "misspelt-key",
+        "unknown-sending-key",
+        "null-subject",
+        "manual-not-boolean",
+        "repeated-key",
+        "nan",
+        "deep-nesting",
     ],
 )
 async def test_malformed_body_gets_400(
@@ -251,6 +275,69 @@ async def test_malformed_body_gets_400(
     assert detail
     assert all(isinstance(problem, str) for problem in detail)
     assert botmsg_server.messages == []
+
+
+async def test_problem_list_is_bounded(
+    botmsg_server: FakeBotMessageServer, session: aiohttp.ClientSession
+) -> None:
+    """A body with many faults gets at most 10 problems of at most about 200 characters."""
+    long_keys = ", ".join(f'"{i}{"k" * 5000}": 1' for i in range(50))
+    many_keys = f'{{"messageAttributes": {{"body": "hi", {long_keys}}}}}'.encode()
+    many_faults = (
+        b'{"messageAttributes": {"body": 1, "subject": 2, "type": 3, "purpose": 4,'
+        b' "isManual": 5, "protocol": 6, "numberOfMessageAttachments": "x"},'
+        b' "messageSendingAttributes": {"senderName": 1, "recipientCommunicationValue": 2},'
+        b' "unknown": 1}'
+    )
+    keys_answer = await post(session, botmsg_server, body=many_keys)
+    faults_answer = await post(session, botmsg_server, body=many_faults)
+
+    assert keys_answer.status == faults_answer.status == 400
+    assert len(faults_answer.json()["detail"]) == 10
+    for answer in (keys_answer, faults_answer):
+        assert all(len(problem) <= 203 for problem in answer.json()["detail"])
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+_REQUESTISH = st.fixed_dictionaries(
+    {},
+    optional={
+        "messageAttributes": st.fixed_dictionaries(
+            {},
+            optional={
+                "body": _JSON | st.text(),
+                "subject": _JSON,
+                "isManual": _JSON,
+                "numberOfMessageAttachments": _JSON,
+            },
+        ),
+        "messageSendingAttributes": _JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_JSON | _REQUESTISH)
+def test_reading_any_json_body_is_total(data: Any) -> None:
+    """Any JSON body is read as a message or refused with 400/422 and strings: nothing escapes."""
+    result: TextMessage | _RefusedError
+    try:
+        result = _read_request(json.dumps(data).encode(), _request_validator())
+    except _RefusedError as exc:
+        result = exc
+
+    if isinstance(result, _RefusedError):
+        assert result.status in (400, 422)
+        assert result.problems
+        assert all(isinstance(problem, str) for problem in result.problems)
+    else:
+        assert result.body == data["messageAttributes"]["body"]
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t"], ids=["empty", "spaces", "whitespace"])
