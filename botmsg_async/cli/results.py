@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TextIO
 
-from botmsg_async import BotMessageError
+from botmsg_async import BotMessageError, Counts, Outcome
 
 from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, MAX_LISTED_FAILURES
 from .console import Console
@@ -13,21 +13,55 @@ from .console import Console
 __all__ = ["Results", "RunEnd", "Tally", "print_summary"]
 
 
-@dataclass
 class Tally:
-    """Counts over every item of the input, this run's and the journal's."""
+    """Counts over every item of the input, this run's and the journal's.
 
-    sent: int = 0
-    failed: int = 0
-    unknown: int = 0
-    skipped: int = 0
-    invalid: int = 0
-    from_journal: int = 0
+    The outcomes are the SDK's ``Counts`` (as in ``BatchReport`` and ``Progress``);
+    the CLI adds rows refused before sending (``invalid``) and how many outcomes
+    came from an earlier run's journal.
+    """
+
+    def __init__(self) -> None:
+        self._by_outcome = dict.fromkeys(Outcome, 0)
+        self.invalid = 0
+        self.from_journal = 0
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one item's outcome."""
+        self._by_outcome[outcome] += 1
+
+    @property
+    def counts(self) -> Counts:
+        """The items with an outcome, by outcome."""
+        by = self._by_outcome
+        return Counts(
+            by[Outcome.SENT], by[Outcome.FAILED], by[Outcome.UNKNOWN], by[Outcome.SKIPPED]
+        )
+
+    @property
+    def sent(self) -> int:
+        """Items sent."""
+        return self._by_outcome[Outcome.SENT]
+
+    @property
+    def failed(self) -> int:
+        """Items not delivered."""
+        return self._by_outcome[Outcome.FAILED]
+
+    @property
+    def unknown(self) -> int:
+        """Items that may or may not have been delivered."""
+        return self._by_outcome[Outcome.UNKNOWN]
+
+    @property
+    def skipped(self) -> int:
+        """Items never attempted (invalid rows not included)."""
+        return self._by_outcome[Outcome.SKIPPED]
 
     @property
     def total(self) -> int:
         """Items accounted for."""
-        return self.sent + self.failed + self.unknown + self.skipped + self.invalid
+        return self.counts.total + self.invalid
 
     def exit_code(self) -> int:
         """Unknown beats failed: a human must look before anything else happens."""
@@ -61,17 +95,10 @@ class Results:
         invalid: bool = False,
     ) -> None:
         """Account for one item: count it, write it to ``--out`` (or name it on stderr)."""
-        tally = self.tally
-        if outcome == "sent":
-            tally.sent += 1
-        elif outcome == "failed":
-            tally.failed += 1
-        elif outcome == "unknown":
-            tally.unknown += 1
-        elif invalid:
-            tally.invalid += 1
+        if invalid:
+            self.tally.invalid += 1
         else:
-            tally.skipped += 1
+            self.tally.add(Outcome(outcome))
         if self.out is not None:
             record = {
                 "index": index,
