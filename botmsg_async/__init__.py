@@ -6,7 +6,7 @@ Example:
     ...     result = await client.send(department_uuid, user_uuid, "Hello!")
 """
 
-from ._batch import BatchOptions, BatchReport, BatchStream, Counts, ItemResult, Progress, Sender
+from ._batch import BatchOptions, BatchStream, Sender
 from ._client import BotMessageClient
 from ._errors import (
     APIStatusError,
@@ -37,6 +37,7 @@ from ._models import (
     Status,
     TextMessage,
 )
+from ._report import BatchReport, Counts, ItemResult, Progress
 from ._retry import RetryBudget, RetryEvent, RetryPolicy
 from ._validate import MAX_TEXT_BYTES, check_base_url, check_request, new_idempotency_key
 from ._version import __version__

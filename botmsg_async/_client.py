@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self
+from typing import Literal, Self
 from uuid import UUID
 
 import aiohttp
@@ -21,6 +21,7 @@ from attrs import define, evolve
 from yarl import URL
 
 from . import _http, _wire
+from ._batch import BatchOptions, BatchStream, Items, collect
 from ._errors import (
     BotMessageError,
     ClientClosedError,
@@ -30,6 +31,7 @@ from ._errors import (
 )
 from ._limits import RateLimiter
 from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
+from ._report import BatchReport, ItemResult, Progress
 from ._retry import ATTEMPT_FLOOR, Retrier, RetryBudget, RetryEvent, RetryPolicy, spread
 from ._validate import (
     MAX_TEXT_BYTES,
@@ -41,9 +43,6 @@ from ._validate import (
     new_idempotency_key,
 )
 from ._version import __version__
-
-if TYPE_CHECKING:
-    from ._batch import BatchReport, BatchStream, ItemResult, Items, Progress
 
 __all__ = ["BotMessageClient"]
 
@@ -540,8 +539,6 @@ class BotMessageClient:
             ...     async for item in results:
             ...         journal.write(item)
         """
-        from ._batch import BatchOptions, BatchStream
-
         options = BatchOptions(
             concurrency=concurrency,
             rate_limit=rate_limit,
@@ -619,8 +616,6 @@ class BotMessageClient:
             InvalidRequestError: a bad argument (before anything is sent).
             ClientClosedError: the client was closed.
         """
-        from ._batch import collect
-
         # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(
             items,
