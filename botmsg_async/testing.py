@@ -54,7 +54,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from attrs import define, field
 
-from ._models import TextMessage
+from botmsg_async import TextMessage
 
 try:
     import jsonschema
