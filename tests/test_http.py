@@ -28,6 +28,7 @@ from botmsg_async import (
     TextMessage,
     TransportError,
 )
+from botmsg_async._http import bounded_timeout
 from botmsg_async._wire import WireFormatError
 
 from .conftest import DEPT, PASSWORD, SUCCESS, USER, USERNAME
@@ -241,3 +242,23 @@ async def test_duplicate_status_is_delivery_unknown(mock_http: aioresponses) -> 
             await c.send(DEPT, USER, "hi")
     assert isinstance(info.value, DeliveryUnknownError)
     assert "ambiguous" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        aiohttp.ClientTimeout(total=10, connect=5),
+        aiohttp.ClientTimeout(total=6, connect=6),
+        aiohttp.ClientTimeout(total=None, connect=None),
+    ],
+    ids=["defaults", "connect-equals-total", "no-total"],
+)
+def test_bounded_timeout_ends_connect_first_and_is_never_rounded(
+    timeout: aiohttp.ClientTimeout,
+) -> None:
+    """Connect ends before the total, and aiohttp's whole-second rounding is off for both."""
+    bounded = bounded_timeout(timeout, 5.05)
+    assert bounded.total == 5.05
+    assert bounded.connect is not None
+    assert bounded.connect < bounded.total
+    assert bounded.ceil_threshold > bounded.total

@@ -537,7 +537,7 @@ def test_idempotency_keys_are_uuid4() -> None:
     """Generated keys are valid, distinct RFC 4122 version-4 UUIDs."""
     import uuid
 
-    from botmsg_async._validate import new_idempotency_key
+    from botmsg_async import new_idempotency_key
 
     keys = [new_idempotency_key() for _ in range(1000)]
     assert len(set(keys)) == 1000
