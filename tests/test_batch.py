@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
+from aioresponses import CallbackResult, aioresponses
 
 from botmsg_async import (
     AuthenticationError,
@@ -24,9 +26,29 @@ from botmsg_async import (
     TextMessage,
 )
 
-from .conftest import ScriptedServer, answer, client_tasks, drop, failure, ok, slow
+from .conftest import (
+    SUCCESS,
+    ScriptedServer,
+    answer,
+    client_tasks,
+    drop,
+    failure,
+    ok,
+    slow,
+    virtual_time,
+)
 
 MakeClient = Callable[..., BotMessageClient]
+#: Batches on the virtual clock go over aioresponses: no real I/O, so the clock
+#: can jump to the next timer and rates and pauses are exact.
+MOCKED = "https://api.example.com"
+ANY_SEND = re.compile(r"^https://api\.example\.com/communications/.*$")
+
+
+def on_virtual_time(make_client: MakeClient, **options: Any) -> BotMessageClient:
+    """A client for ``MOCKED`` whose waits and deadlines run on the loop's (virtual) clock."""
+    loop = asyncio.get_running_loop()
+    return make_client(MOCKED, sleep=asyncio.sleep, clock=lambda: loop.time(), **options)
 
 
 def items(n: int, text: str = "hello") -> Iterator[tuple[str, str, str]]:
@@ -56,17 +78,18 @@ async def test_concurrency_fully_used_never_exceeded(
 ) -> None:
     """With a slow server, in-flight requests reach the limit and never pass it."""
 
+    full = asyncio.Event()
+
     async def hold_until_full(request: web.Request) -> web.StreamResponse:
-        # Answer only once the limit was reached (or after 5 s): on a loaded
-        # machine 150 connections can take longer to open than a fixed delay.
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 5
-        while server.max_in_flight < 150 and loop.time() < give_up:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        return await slow(0.05)(request)
+        # No answer until the limit is reached, however long 150 connections take
+        # to open; if it never is, the outer timeout fails the test.
+        if server.in_flight >= 150:
+            full.set()
+        await full.wait()
+        return await ok(request)
 
     server.default = hold_until_full
-    async with make_client(server.base_url) as client:
+    async with make_client(server.base_url) as client, asyncio.timeout(120):
         report = await client.send_many(items(450), concurrency=150)
     assert report.sent == 450
     assert server.max_in_flight == 150
@@ -92,7 +115,12 @@ async def test_stream_is_lazy_and_bounded(server: ScriptedServer, make_client: M
                 # The workers, their runner, and aiohttp's writer task per request in flight.
                 assert len(client_tasks()) - baseline <= 8 + 1 + 8
                 if taken == 500:
-                    await asyncio.sleep(0.05)  # a slow consumer: workers must wait, not read on
+                    # A slow consumer: wait until every item read so far has been
+                    # sent and answered. Workers that read on would keep this from
+                    # happening until the input ran out; bounded ones are all parked.
+                    async with asyncio.timeout(60):
+                        while stream.in_flight or len(server.seen) < pulled:  # noqa: ASYNC110
+                            await asyncio.sleep(0.001)
                     assert pulled - taken <= 17
     assert taken == 2_000
 
@@ -150,40 +178,46 @@ def _start_stamps() -> tuple[list[tuple[str, float]], Callable[[int, SendRequest
 
 
 async def test_rate_limit_is_applied_to_the_batch(
-    server: ScriptedServer, make_client: MakeClient
+    mock_http: aioresponses, make_client: MakeClient
 ) -> None:
-    """rate_limit=100 never starts more than rate + burst items in any second.
+    """rate_limit=100: 150 items take (150 - 10) / 100 s, never over rate + burst a second.
 
-    Stamped at each item's start (its grant from the limiter, on the loop's clock);
-    only the bound is asserted, since a slow machine can only start fewer. The exact
-    rate is tested on a virtual clock in test_limits.py.
+    Stamped at each item's start (its grant from the limiter), on a virtual clock.
     """
+    mock_http.post(ANY_SEND, payload=SUCCESS, repeat=True)
+    loop = asyncio.get_running_loop()
     stamps, on_start = _start_stamps()
-    async with make_client(server.base_url) as client:
-        report = await client.send_many(
-            items(150), concurrency=32, rate_limit=100, on_start=on_start
-        )
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            report = await client.send_many(
+                items(150), concurrency=32, rate_limit=100, on_start=on_start
+            )
     assert report.sent == 150
     times = sorted(t for _, t in stamps)
+    assert times[-1] - times[0] == pytest.approx((150 - 10) / 100, rel=0.01)
     assert all(b - a >= 1.0 for a, b in zip(times, times[110:], strict=False))
 
 
-async def test_per_department_rate_limit(server: ScriptedServer, make_client: MakeClient) -> None:
+async def test_per_department_rate_limit(mock_http: aioresponses, make_client: MakeClient) -> None:
     """per_department_rate_limit holds one department back without holding back the others."""
+    mock_http.post(ANY_SEND, payload=SUCCESS, repeat=True)
+    loop = asyncio.get_running_loop()
     stamps, on_start = _start_stamps()
     work = [("slow-dept", f"u{i}", "x") for i in range(30)] + [
         (f"d{i}", "u", "x") for i in range(100)
     ]
-    async with make_client(server.base_url) as client:
-        report = await client.send_many(
-            work, concurrency=32, per_department_rate_limit=50, on_start=on_start
-        )
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            begun = loop.time()
+            report = await client.send_many(
+                work, concurrency=32, per_department_rate_limit=50, on_start=on_start
+            )
     assert report.sent == 130
     slow = sorted(t for dept, t in stamps if dept == "slow-dept")
-    # 50/s with a burst of 5: the 30th starts (30 - 5) / 50 s after the first, at least.
-    assert slow[-1] - slow[0] >= (30 - 5) / 50 * 0.999
+    # 50/s with a burst of 5: the 30th starts (30 - 5) / 50 s after the first.
+    assert slow[-1] - slow[0] == pytest.approx((30 - 5) / 50, rel=0.01)
     others = sorted(t for dept, t in stamps if dept != "slow-dept")
-    assert others[-1] < slow[-1]  # the other departments did not wait for it
+    assert others[-1] - begun < 0.01  # the other departments did not wait for it
 
 
 async def test_auth_failure_stops_rest_skipped(
@@ -263,15 +297,22 @@ async def test_keep_options(server: ScriptedServer, make_client: MakeClient) -> 
     assert (nothing.sent, nothing.results) == (50, [])
 
 
-async def test_progress_reports_completed(server: ScriptedServer, make_client: MakeClient) -> None:
+async def test_progress_reports_completed(mock_http: aioresponses, make_client: MakeClient) -> None:
     """on_progress gets snapshots of completed sends, and a final one."""
-    server.default = slow(0.01)
+
+    async def in_ten_ms(url: object, **kwargs: object) -> CallbackResult:
+        await asyncio.sleep(0.01)
+        return CallbackResult(payload=SUCCESS)
+
+    mock_http.post(ANY_SEND, callback=in_ten_ms, repeat=True)
     snapshots: list[Progress] = []
-    async with make_client(server.base_url) as client:
-        await client.send_many(
-            items(60), concurrency=4, on_progress=snapshots.append, progress_interval=0.02
-        )
-    assert len(snapshots) >= 3
+    with virtual_time(asyncio.get_running_loop()):
+        async with on_virtual_time(make_client) as client:
+            await client.send_many(
+                items(60), concurrency=4, on_progress=snapshots.append, progress_interval=0.02
+            )
+    # 15 rounds of 10 ms on the virtual clock: a snapshot every 20 ms, and the last.
+    assert len(snapshots) >= 7
     assert snapshots[-1].sent == 60
     assert snapshots[-1].in_flight == 0
     assert all(s.in_flight <= 4 for s in snapshots)
@@ -302,12 +343,13 @@ async def test_break_out_of_stream_stops_workers(
 ) -> None:
     """Leaving the async-with early stops the workers: no more requests are made."""
     async with make_client(server.base_url) as client:
+        before = client_tasks()
         async with client.stream_many(items(10_000), concurrency=4) as stream:
             async for _ in stream:
                 break
-        count = len(server.seen)
-        await asyncio.sleep(0.05)
-    assert len(server.seen) == count < 20
+        # No worker is left, so no request can start any more.
+        assert client_tasks() == before
+    assert len(server.seen) < 20
 
 
 async def test_cancelled_bare_async_for_stops_workers(
@@ -330,8 +372,8 @@ async def test_cancelled_bare_async_for_stops_workers(
             await task
         for _ in range(5):  # let the cancelled workers unwind
             await asyncio.sleep(0)
+        # No worker is left, so no request can start any more.
         assert client_tasks() == before
-        await asyncio.sleep(0.05)
     assert len(server.seen) == 4
 
 
@@ -339,15 +381,24 @@ async def test_timed_out_read_inside_async_with_keeps_the_stream(
     server: ScriptedServer, make_client: MakeClient
 ) -> None:
     """Inside ``async with``, a read cancelled by a timeout loses nothing; outside, it stops."""
-    server.default = slow(0.2)
+    # No answer until the first read has timed out: the timeout cannot lose the race.
+    answering = asyncio.Event()
+
+    async def when_allowed(request: web.Request) -> web.StreamResponse:
+        await answering.wait()
+        return await ok(request)
+
+    server.default = when_allowed
     async with make_client(server.base_url) as client:
         async with client.stream_many(items(6), concurrency=3) as stream:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(anext(stream), 0.01)
+            answering.set()
             got = [item async for item in stream]
         assert sorted(r.index for r in got) == list(range(6))
         assert all(r.outcome is Outcome.SENT for r in got)
 
+        answering.clear()
         bare = client.stream_many(items(6), concurrency=3)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(anext(bare), 0.01)
@@ -357,28 +408,32 @@ async def test_timed_out_read_inside_async_with_keeps_the_stream(
 
 
 async def test_batch_waits_out_a_429_pause_within_the_rate_limit(
-    server: ScriptedServer, make_client: MakeClient
+    mock_http: aioresponses, make_client: MakeClient
 ) -> None:
     """After a 429 pause the batch resumes at its rate limit, not in a burst of every worker."""
-    server.script.append(answer(429, "slow down", headers={"Retry-After": "0.5"}))
+    loop = asyncio.get_running_loop()
     arrivals: list[float] = []
 
-    async def timed(request: web.Request) -> web.StreamResponse:
-        arrivals.append(time.perf_counter())
-        return await ok(request)
+    def first_429(url: object, **kwargs: object) -> CallbackResult:
+        arrivals.append(loop.time())
+        if len(arrivals) == 1:
+            return CallbackResult(status=429, body="slow down", headers={"Retry-After": "0.5"})
+        return CallbackResult(payload=SUCCESS)
 
-    server.default = timed
-    # Real sleeps: the pause and aiolimiter both run on the loop's clock.
-    async with make_client(server.base_url, sleep=asyncio.sleep) as client:
-        report = await client.send_many(
-            items(30), concurrency=20, rate_limit=20, retry=RetryPolicy(backoff_initial=0)
-        )
+    mock_http.post(ANY_SEND, callback=first_429, repeat=True)
+    # The pause (the client's sleep and clock) and the rate limiter both run on
+    # the loop's clock, here a virtual one.
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            report = await client.send_many(
+                items(30), concurrency=20, rate_limit=20, retry=RetryPolicy(backoff_initial=0)
+            )
     assert report.sent == 30
-    # At 20/s with a burst of two, a tenth of a second sees about four sends at most;
+    # At 20/s with a burst of two, a tenth of a second sees four sends at most;
     # before the fix, the ten or so workers that got a token during the pause all
     # went at once.
     busiest = max(sum(1 for t in arrivals if a <= t < a + 0.1) for a in arrivals)
-    assert busiest <= 7, busiest
+    assert busiest <= 4, busiest
 
 
 async def test_items_failing_before_io_still_let_the_loop_run(

@@ -90,8 +90,10 @@ def _assert_comparison(scenario: dict[str, Any], variants: set[str], n: int) -> 
     assert ("throughput_sdk_over_httpx" in scenario["ratios"]) == TINY.httpx
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the process check reads /proc")
 def test_every_scenario_reports_every_message_sent(tmp_path: Path) -> None:
+    """A tiny run of every benchmark scenario sends everything and leaves no process behind."""
     out = tmp_path / "report.json"
     before = set(_children())
 

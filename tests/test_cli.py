@@ -582,6 +582,7 @@ def outcome_records(journal: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [0.1, 0.5, 0.9])
 async def test_sigkill_then_resume_never_sends_twice_and_accounts_for_every_item(
     tmp_path: Path, kill_at: float
@@ -592,7 +593,18 @@ async def test_sigkill_then_resume_never_sends_twice_and_accounts_for_every_item
     wanted = {(r["department_uuid"], r["user_uuid"], r["text"]) for r in items}
     source = write_csv(tmp_path / "in.csv", items)
     journal = tmp_path / "journal"
-    async with FakeBotMessageServer(username=USERNAME, password=PASSWORD, latency=0.02) as server:
+    # The last four items are held (answered an hour late) until the kill: however
+    # slow this test's side is, the run cannot end before it is killed, while the
+    # kill still lands wherever the free-running items happen to be.
+    holding = [True]
+
+    def held(info: RequestInfo) -> bool:
+        return holding[0] and int(info.user_uuid.removeprefix("user-")) >= total - 4
+
+    async with FakeBotMessageServer(
+        username=USERNAME, password=PASSWORD, latency=0.02, fault_latency=3600
+    ) as server:
+        server.inject(Fault.LATENCY, when=held)
         env = cli_env(server)
         first = await start_cli(
             "send-many", str(source), "--journal", str(journal), "-c", "4", env=env
@@ -601,6 +613,7 @@ async def test_sigkill_then_resume_never_sends_twice_and_accounts_for_every_item
         with contextlib.suppress(ProcessLookupError):  # it finished first: asserted below
             first.kill()
         await first.communicate()
+        holding[0] = False
         assert first.returncode == -signal.SIGKILL, "the run ended before the kill"
 
         out = tmp_path / "resumed.jsonl"
@@ -666,7 +679,18 @@ async def test_sigterm_drains_in_flight_sends_so_resume_has_nothing_in_doubt(
     total = 80
     source = write_csv(tmp_path / "in.csv", rows(total))
     journal = tmp_path / "journal"
-    async with FakeBotMessageServer(username=USERNAME, password=PASSWORD, latency=0.02) as server:
+    # Items 20 to 23 fill all four workers and are answered 2 s late: the run is
+    # parked there, not racing to its end, when the SIGTERM comes (the fake
+    # server has no "hold until released", so this is a margin of 2 s, not an event).
+    held = range(total // 4, total // 4 + 4)
+
+    def parked(info: RequestInfo) -> bool:
+        return int(info.user_uuid.removeprefix("user-")) in held
+
+    async with FakeBotMessageServer(
+        username=USERNAME, password=PASSWORD, latency=0.02, fault_latency=2.0
+    ) as server:
+        server.inject(Fault.LATENCY, when=parked)
         first = await start_cli(
             "send-many", str(source), "--journal", str(journal), "-c", "4", env=cli_env(server)
         )
@@ -676,7 +700,7 @@ async def test_sigterm_drains_in_flight_sends_so_resume_has_nothing_in_doubt(
         assert first.returncode == 130
         assert "not started" in err.decode()
         assert "0 unknown" in err.decode()
-        assert 0 < len(server.messages) < total
+        assert len(server.messages) == total // 4 + 4  # the parked ones were drained
 
         run = await botmsg(
             "send-many", str(source), "--journal", str(journal), "--resume", server=server

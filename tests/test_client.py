@@ -24,7 +24,6 @@ from botmsg_async import (
     TextMessage,
     TransportError,
 )
-from botmsg_async._http import bounded_timeout
 
 from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, slow
 
@@ -325,33 +324,17 @@ async def test_timeout_without_total_still_ends_at_deadline(
     server: ScriptedServer, make_client: MakeClient
 ) -> None:
     """A ClientTimeout with no total is still cut at the policy's deadline."""
-    server.default = slow(3)
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    server.default = never
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with make_client(
         server.base_url, timeout=timeout, retry=RetryPolicy(deadline=0.3)
     ) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        with pytest.raises(ResponseLostError):
-            await client.send(DEPT, USER, "hi")
-        assert loop.time() - start < 2.0
-
-
-@pytest.mark.parametrize(
-    "timeout",
-    [
-        aiohttp.ClientTimeout(total=10, connect=5),
-        aiohttp.ClientTimeout(total=6, connect=6),
-        aiohttp.ClientTimeout(total=None, connect=None),
-    ],
-    ids=["defaults", "connect-equals-total", "no-total"],
-)
-def test_bounded_timeout_ends_connect_first_and_is_never_rounded(
-    timeout: aiohttp.ClientTimeout,
-) -> None:
-    """Connect ends before the total, and aiohttp's whole-second rounding is off for both."""
-    bounded = bounded_timeout(timeout, 5.05)
-    assert bounded.total == 5.05
-    assert bounded.connect is not None
-    assert bounded.connect < bounded.total
-    assert bounded.ceil_threshold > bounded.total
+        # Only an outer bound far past the 0.3 s deadline: uncut, the send never ends.
+        async with asyncio.timeout(15):
+            with pytest.raises(ResponseLostError):
+                await client.send(DEPT, USER, "hi")

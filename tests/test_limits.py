@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
-from unittest import mock
+from collections.abc import Callable
 
 import pytest
 
 from botmsg_async import BotMessageClient, InvalidRequestError, LocalRateLimiter
 from botmsg_async._limits import _PerKeyBuckets, _smooth_bucket
 
-from .conftest import DEPT, USER, ScriptedServer, answer
+from .conftest import DEPT, USER, ScriptedServer, answer, virtual_time
 
 MakeClient = Callable[..., BotMessageClient]
-
-
-@contextlib.contextmanager
-def virtual_time(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
-    """Run ``loop`` on a clock that jumps to the next timer instead of waiting for it.
-
-    As aiolimiter's own tests do, ``loop.time`` is replaced; the selector then
-    never blocks: a wait for the next timer moves the clock by that much.
-    Only for code that does no real I/O.
-    """
-    now = loop.time()
-    selector: Any = loop._selector  # type: ignore[attr-defined]
-    real_select = selector.select
-
-    def time() -> float:
-        return now
-
-    def select(timeout: float | None = None) -> Any:
-        nonlocal now
-        events = real_select(0)
-        if not events and timeout is not None:
-            # At least a tick: a timer computed from float sums can land a hair
-            # short of its instant, and a clock that never moves would spin there.
-            now += max(timeout, 1e-7)
-        return events
-
-    with mock.patch.object(loop, "time", time), mock.patch.object(selector, "select", select):
-        yield
 
 
 async def _grants(limiter: LocalRateLimiter, keys: list[str], workers: int) -> list[float]:

@@ -31,9 +31,9 @@ from botmsg_async import (
     SendResult,
     ServerError,
     TransportError,
+    check_base_url,
 )
 from botmsg_async._http import parse_retry_after
-from botmsg_async._validate import check_base_url
 
 from ..conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, failure
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -36,10 +35,11 @@ async def test_headers_then_stall_is_cut_by_the_timeout(server: ScriptedServer) 
 
     server.script.append(stall)
     async with BotMessageClient(server.base_url, "u", "p", timeout=0.3) as client:
-        start = time.perf_counter()
-        with pytest.raises(ResponseLostError) as info:
-            await client.send(DEPT, USER, "hi")
-        assert time.perf_counter() - start < 2.0
+        # Only an outer bound far past the 0.3 s timeout (and short of the 30 s
+        # stall): the test fails if the timeout does not cover the body's read.
+        async with asyncio.timeout(15):
+            with pytest.raises(ResponseLostError) as info:
+                await client.send(DEPT, USER, "hi")
     assert info.value.attempts == 1  # ambiguous: not retried by default
 
 
