@@ -81,21 +81,10 @@ class Tally:
         return Counts(self.sent, self.failed, self.unknown, self.skipped)
 
 
-@define(frozen=True)
-class Progress:
-    """A snapshot of a running batch, for progress bars and logs.
-
-    Attributes:
-        counts: Completed items, by outcome.
-        in_flight: Items being sent now.
-        retries: HTTP retries made so far.
-        elapsed: Seconds since the batch began.
-    """
+class _ByOutcome:
+    """``sent``, ``failed``, ``unknown`` and ``skipped``, read from the ``counts`` of a snapshot."""
 
     counts: Counts
-    in_flight: int
-    retries: int
-    elapsed: float
 
     @property
     def sent(self) -> int:
@@ -117,6 +106,23 @@ class Progress:
         """Items never attempted."""
         return self.counts.skipped
 
+
+@define(frozen=True)
+class Progress(_ByOutcome):
+    """A snapshot of a running batch, for progress bars and logs.
+
+    Attributes:
+        counts: Completed items, by outcome.
+        in_flight: Items being sent now.
+        retries: HTTP retries made so far.
+        elapsed: Seconds since the batch began.
+    """
+
+    counts: Counts
+    in_flight: int
+    retries: int
+    elapsed: float
+
     @property
     def done(self) -> int:
         """Items with a final outcome."""
@@ -129,7 +135,7 @@ class Progress:
 
 
 @define(frozen=True)
-class BatchReport:
+class BatchReport(_ByOutcome):
     """What became of every item of a ``send_many``.
 
     Attributes:
@@ -146,26 +152,6 @@ class BatchReport:
     retries: int
     elapsed: float
     stopped_by: BotMessageError | None = None
-
-    @property
-    def sent(self) -> int:
-        """Items the service accepted."""
-        return self.counts.sent
-
-    @property
-    def failed(self) -> int:
-        """Items not delivered."""
-        return self.counts.failed
-
-    @property
-    def unknown(self) -> int:
-        """Items that may or may not have been delivered."""
-        return self.counts.unknown
-
-    @property
-    def skipped(self) -> int:
-        """Items never attempted."""
-        return self.counts.skipped
 
     @property
     def total(self) -> int:
