@@ -176,6 +176,7 @@ class BotMessageClient:
     ) -> None:
         self._base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         self._base = str(self._base_url)
+        self._base_path = self._base_url.raw_path.rstrip("/")
         if not isinstance(username, str) or not isinstance(password, str):
             raise InvalidRequestError("username", "<redacted>", "username and password must be str")
         try:
@@ -375,7 +376,7 @@ class BotMessageClient:
         state = _Send(
             department_uuid=department_uuid,
             user_uuid=user_uuid,
-            url=_http.send_url(self._base_url, dept, user),
+            url=_http.send_url(self._base_url, self._base_path, dept, user),
             body=_wire.encode_request(text),
             idempotency_key=idempotency_key or new_idempotency_key(),
             plan=self._default_plan if retry is None else self._plan_for(retry),
@@ -384,7 +385,10 @@ class BotMessageClient:
         if self._budget is not None:
             self._budget.deposit()
         try:
-            return await state.plan.retrier.run(self._attempt, state)
+            try:
+                return await self._attempt(state)
+            except BotMessageError as first:
+                return await state.plan.retrier.retry(first, self._attempt, state)
         except BotMessageError as exc:
             settled = self._settled(exc, state)
             if settled is exc:

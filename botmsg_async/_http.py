@@ -63,11 +63,13 @@ class AnswerRules:
     classify: Callable[[SendResult], bool]
 
 
-def send_url(base_url: URL, dept: str, user: str) -> URL:
-    """The endpoint for one message; ``dept`` and ``user`` are already percent-encoded."""
-    return base_url.with_path(
-        base_url.raw_path.rstrip("/") + _PATH.format(dept, user), encoded=True
-    )
+def send_url(base_url: URL, base_path: str, dept: str, user: str) -> URL:
+    """The endpoint for one message.
+
+    ``base_path`` is ``base_url``'s raw path without a trailing slash (worked out
+    once per client); ``dept`` and ``user`` are already percent-encoded.
+    """
+    return base_url.with_path(base_path + _PATH.format(dept, user), encoded=True)
 
 
 def attempt_timeout(

@@ -349,11 +349,11 @@ T = TypeVar("T")
 class Retrier:
     """One policy's retry engine, made once and shared by every send under it.
 
-    The first attempt runs directly: most sends succeed at once, and entering
-    tenacity costs more than the rest of a send (it inspects every callback on
-    every call). Only a failure worth retrying hands over to tenacity, which
-    gets that failure as its own first outcome, so that its predicate, wait and
-    stop decide what happens next.
+    The caller makes the first attempt directly: most sends succeed at once,
+    and entering tenacity costs more than the rest of a send (it inspects every
+    callback on every call). Only a failure worth retrying is handed over
+    (``retry``); tenacity gets it as its own first outcome, so that its
+    predicate, wait and stop decide what happens next.
 
     Args:
         policy: What to retry and how long to wait.
@@ -379,18 +379,21 @@ class Retrier:
             policy, budget=budget, clock=clock, sleep=sleep, before_sleep=before_sleep, rng=rng
         )
 
-    async def run(self, attempt: Callable[[S], Awaitable[T]], state: S) -> T:
-        """Run ``attempt(state)`` until it succeeds or the policy says stop.
+    async def retry(
+        self, first: BotMessageError, attempt: Callable[[S], Awaitable[T]], state: S
+    ) -> T:
+        """After ``first`` failed the first attempt: retry ``attempt(state)`` as the policy says.
+
+        The caller makes the first attempt itself (one coroutine layer less on
+        the path most sends take) and hands over only its failure.
 
         Raises:
-            BotMessageError: the last attempt's failure.
+            BotMessageError: ``first`` when it is not worth retrying, else the
+                last attempt's failure.
         """
-        try:
-            return await attempt(state)
-        except BotMessageError as first:
-            if self.policy.max_attempts == 1 or not classify_failure(first, self.policy):
-                raise
-            replay: BotMessageError | None = first
+        if self.policy.max_attempts == 1 or not classify_failure(first, self.policy):
+            raise first
+        replay: BotMessageError | None = first
 
         async def again(state: S) -> T:
             nonlocal replay

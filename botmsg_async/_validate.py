@@ -209,6 +209,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: The defaults ``check_request`` applies when given none (frozen: one is enough).
+_DEFAULTS = MessageDefaults()
+
+
 def check_idempotency_key(key: object) -> None:
     """Raise ``InvalidRequestError`` unless ``key`` is None or a printable ``str``."""
     if key is not None and (not isinstance(key, str) or not key.isprintable()):
@@ -245,5 +249,5 @@ def check_request(
         )
     check_id("department_uuid", id_text(request.department_uuid))
     check_id("user_uuid", id_text(request.user_uuid))
-    check_message(request.message, message_defaults or MessageDefaults(), max_text_bytes)
+    check_message(request.message, message_defaults or _DEFAULTS, max_text_bytes)
     check_idempotency_key(request.idempotency_key)
