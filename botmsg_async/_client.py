@@ -28,6 +28,7 @@ from ._errors import (
     DeliveryUnknownError,
     InvalidRequestError,
     RateLimitedError,
+    WrongEventLoopError,
 )
 from ._limits import RateLimiter
 from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
@@ -212,6 +213,8 @@ class BotMessageClient:
         self._rate_limiter = rate_limiter
         self._lent_session = session
         self._session: aiohttp.ClientSession | None = session
+        # The loop of the first use: the pool's connections and timers live on it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         # Instant (on self._clock) before which no attempt may start: set by a
@@ -276,6 +279,23 @@ class BotMessageClient:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise ClientClosedError("this BotMessageClient is closed; create a new one")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoopError(
+                "this BotMessageClient was used with no running event loop; nothing was "
+                "sent. Use it from async code, inside asyncio.run"
+            ) from None
+        if loop is not self._loop:
+            if self._loop is not None:
+                # Its pooled connections and timers belong to the first loop (often
+                # closed by now): aiohttp would fail with "Event loop is closed".
+                raise WrongEventLoopError(
+                    "this BotMessageClient was used from a second event loop; nothing was "
+                    "sent. A client belongs to the event loop that first used it; create "
+                    "one per loop, inside asyncio.run"
+                )
+            self._loop = loop
         session = self._session
         if session is None:
             session = _http.new_session(
@@ -362,6 +382,8 @@ class BotMessageClient:
             TransportError: no connection could be made.
             APIStatusError: any other HTTP error.
             ClientClosedError: the client was closed.
+            WrongEventLoopError: the client is used from another event loop than
+                the one that first used it; nothing was sent.
         """
         department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
         dept = check_id("department_uuid", department_uuid)
@@ -615,6 +637,8 @@ class BotMessageClient:
         Raises:
             InvalidRequestError: a bad argument (before anything is sent).
             ClientClosedError: the client was closed.
+            WrongEventLoopError: the client is used from another event loop than
+                the one that first used it; nothing was sent.
         """
         # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(

@@ -5,6 +5,8 @@
     BotMessageError
     ├── InvalidRequestError ........ bad input, raised before any I/O (also a ValueError)
     ├── ClientClosedError .......... the client was closed (also a RuntimeError)
+    ├── WrongEventLoopError ........ the client was used from a second event loop
+    │                                (also a RuntimeError)
     ├── SendFailedError ............ HTTP 200 with "status": "FAILURE"
     ├── APIStatusError ............. any other non-2xx answer
     │   ├── AuthenticationError .... 401 / 403
@@ -60,6 +62,7 @@ __all__ = [
     "ServerError",
     "TransportError",
     "UnexpectedStatusError",
+    "WrongEventLoopError",
 ]
 
 #: How much of a bad answer's body an error keeps, in characters.
@@ -145,6 +148,15 @@ class InvalidRequestError(BotMessageError, ValueError):
 
 class ClientClosedError(BotMessageError, RuntimeError):
     """The client was closed; create a new ``BotMessageClient``."""
+
+
+class WrongEventLoopError(BotMessageError, RuntimeError):
+    """The client was used from an event loop other than the one that first used it.
+
+    Its connection pool lives on that first loop (which may be closed by now,
+    as at the end of an ``asyncio.run``): nothing was sent. Create one client
+    per event loop, inside the coroutine that ``asyncio.run`` runs.
+    """
 
 
 class SendFailedError(BotMessageError):
