@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Literal, Self
@@ -226,6 +227,19 @@ class BotMessageClient:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<BotMessageClient {self._base} {state}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # Only a warning (``_warn`` bound early: module globals may be gone at
+        # exit). Nothing is scheduled: the loop may be closed or busy elsewhere.
+        session = getattr(self, "_session", None)  # None too if __init__ failed early
+        if session is None or session is self._lent_session or self._closed:
+            return
+        _warn(
+            f"unclosed {self!r}: a BotMessageClient holds a connection pool until closed; "
+            "use `async with BotMessageClient(...) as client:` or `await client.aclose()`",
+            ResourceWarning,
+            source=self,
+        )
 
     # -- lifecycle ---------------------------------------------------------
 

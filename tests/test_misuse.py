@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
+import warnings
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
-from botmsg_async import BotMessageClient, Outcome, WrongEventLoopError
+from botmsg_async import BotMessageClient, InvalidRequestError, Outcome, WrongEventLoopError
 from botmsg_async._delivery import is_retryable, may_resend, outcome_of, stops_batch
 
 from .conftest import DEPT, PASSWORD, SUCCESS, USER, USERNAME, ScriptedServer
@@ -69,3 +72,51 @@ def test_a_second_event_loop_is_classified_like_a_closed_client() -> None:
     assert stops_batch(error)
     assert outcome_of(error, attempts=0) is Outcome.SKIPPED
     assert may_resend(error)
+
+
+def _drop_and_collect(clients: list[BotMessageClient]) -> None:
+    """Drop the last references to ``clients`` and collect them (a client is in a cycle)."""
+    clients.clear()
+    gc.collect()
+
+
+def test_a_client_dropped_unclosed_warns_naming_itself() -> None:
+    """A client that sent and is garbage-collected unclosed emits our ResourceWarning."""
+    with server_in_a_thread() as srv:
+        clients = [BotMessageClient(srv.base_url, USERNAME, PASSWORD)]
+        asyncio.run(clients[0].send(DEPT, USER, "hello"))
+    ours_only = r"unclosed <BotMessageClient .*aclose\(\)"
+    # aiohttp warns about its own session too; that one is not under test here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unclosed (client session|connector)", ResourceWarning)
+        with pytest.warns(ResourceWarning, match=ours_only) as seen:
+            _drop_and_collect(clients)
+    ours = [w for w in seen if "BotMessageClient" in str(w.message)]
+    assert len(ours) == 1
+    assert "async with" in str(ours[0].message)
+
+
+async def test_a_client_closed_unused_or_lent_a_session_does_not_warn() -> None:
+    """No warning for a client never used, one closed, or one whose session is the caller's."""
+    never_used = BotMessageClient("https://api.example.com", USERNAME, PASSWORD)
+    closed = BotMessageClient("https://api.example.com", USERNAME, PASSWORD)
+    closed.ensure_open()
+    await closed.aclose()
+    async with aiohttp.ClientSession() as session:
+        lent = BotMessageClient("https://api.example.com", USERNAME, PASSWORD, session=session)
+        lent.ensure_open()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            del never_used, closed, lent
+            gc.collect()
+    assert [str(w.message) for w in seen] == []
+
+
+def test_a_client_whose_init_failed_does_not_warn() -> None:
+    """A half-built client (refused arguments) is collected without a warning or an error."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidRequestError):
+            BotMessageClient("ftp://example.com", USERNAME, PASSWORD)
+        gc.collect()
+    assert [str(w.message) for w in seen] == []
