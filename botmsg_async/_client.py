@@ -178,8 +178,12 @@ class BotMessageClient:
     ) -> None:
         self._base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         self._base = str(self._base_url)
-        if not isinstance(username, str) or not isinstance(password, str):
-            raise InvalidRequestError("username", "<redacted>", "username and password must be str")
+        # One check per field, so the error names the one at fault; neither is echoed.
+        for field, value in (("username", username), ("password", password)):
+            if not isinstance(value, str):
+                raise InvalidRequestError(
+                    field, "<redacted>", f"must be a str, not {type(value).__name__}"
+                )
         try:
             authorization = aiohttp.encode_basic_auth(username, password)
         except ValueError:

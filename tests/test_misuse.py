@@ -13,7 +13,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from botmsg_async import BotMessageClient, InvalidRequestError, Outcome, WrongEventLoopError
+from botmsg_async import (
+    BotMessageClient,
+    InvalidRequestError,
+    Outcome,
+    WrongEventLoopError,
+    check_base_url,
+)
 from botmsg_async._delivery import is_retryable, may_resend, outcome_of, stops_batch
 
 from .conftest import DEPT, PASSWORD, SUCCESS, USER, USERNAME, ScriptedServer
@@ -120,3 +126,67 @@ def test_a_client_whose_init_failed_does_not_warn() -> None:
             BotMessageClient("ftp://example.com", USERNAME, PASSWORD)
         gc.collect()
     assert [str(w.message) for w in seen] == []
+
+
+@pytest.mark.parametrize(
+    ("base_url", "drop"),
+    [
+        ("https://api.example.com/communications", "/communications"),
+        ("https://api.example.com/gw/communications/", "/communications"),
+        ("https://api.example.com/gw/Communications", "/Communications"),
+        ("https://api.example.com/communications/department", "/communications/department"),
+        (
+            f"https://api.example.com/gw/communications/department/{DEPT}/user/{USER}"
+            "/botmessage/send",
+            f"/communications/department/{DEPT}/user/{USER}/botmessage/send",
+        ),
+        ("https://api.example.com/gw/botmessage/send", "/botmessage/send"),
+    ],
+)
+def test_a_base_url_with_the_endpoint_path_is_refused_with_a_hint(base_url: str, drop: str) -> None:
+    """A base_url that already holds /communications... is refused up front, saying what to drop."""
+    for check in (
+        lambda: check_base_url(base_url),
+        lambda: BotMessageClient(base_url, USERNAME, PASSWORD),
+    ):
+        with pytest.raises(InvalidRequestError) as caught:
+            check()
+        assert caught.value.field == "base_url"
+        assert "base_url is what comes before /communications" in str(caught.value)
+        assert f"drop {drop!r}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://api.example.com",
+        "https://api.example.com/gw/",
+        "https://api.example.com/communications-api",
+        "https://api.example.com/communications/v2",
+        "https://api.example.com/botmessage",
+    ],
+)
+def test_a_gateway_prefix_is_not_mistaken_for_the_endpoint(base_url: str) -> None:
+    """Prefixes that only resemble the endpoint's path are accepted."""
+    assert str(check_base_url(base_url)) == base_url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "field"),
+    [
+        (None, PASSWORD, "username"),
+        (USERNAME, None, "password"),
+        (USERNAME, b"secret-bytes", "password"),
+        (42, None, "username"),
+    ],
+)
+def test_a_credential_of_the_wrong_type_names_its_own_field(
+    username: object, password: object, field: str
+) -> None:
+    """username=None names username, password=None names password; neither value is echoed."""
+    with pytest.raises(InvalidRequestError) as caught:
+        BotMessageClient("https://api.example.com", username, password)  # type: ignore[arg-type]
+    assert caught.value.field == field
+    assert caught.value.value == "<redacted>"
+    assert "secret-bytes" not in str(caught.value)
+    assert PASSWORD not in str(caught.value)
