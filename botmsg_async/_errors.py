@@ -185,7 +185,7 @@ class SendFailedError(BotMessageError):
             else "the service rejected the message; fix the request before sending it again"
         )
         super().__init__(
-            f"send failed ({reasons or 'no error given'}): {advice}",
+            f"send failed ({reasons or 'the service gave no reason'}): {advice}",
             department_uuid=department_uuid,
             user_uuid=user_uuid,
             attempts=attempts,
@@ -257,13 +257,21 @@ class RateLimitedError(APIStatusError):
         self.retry_after = retry_after
 
 
+#: What to do next, at the end of every ``DeliveryUnknownError``'s message.
+UNKNOWN_HINT = (
+    "check with the recipient before sending it again (a resend is safe only under the "
+    "same idempotency key, and only if the service deduplicates by it)"
+)
+
+
 class DeliveryUnknownError(BotMessageError):
     """The request may have reached the service, but no usable answer came back.
 
     The message may or may not have been delivered. Sending it again risks a
     duplicate; check with the recipient or the service before doing so, or use
     ``RetryPolicy(retry_ambiguous=True)`` with a server that deduplicates by
-    idempotency key.
+    idempotency key. The message ends with that advice, whichever subclass
+    (and whichever place in the SDK) built it.
 
     Attributes:
         idempotency_key: The key every attempt carried, to ask the service about it.
@@ -275,6 +283,23 @@ class DeliveryUnknownError(BotMessageError):
 
     idempotency_key: str | None = None
     final_error: BotMessageError | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        # Every subclass's __init__ reaches this one (it is next in each MRO), so
+        # no place that builds one can leave the advice out.
+        super().__init__(
+            f"{message}; {UNKNOWN_HINT}",
+            department_uuid=department_uuid,
+            user_uuid=user_uuid,
+            attempts=attempts,
+        )
 
 
 class TransportError(BotMessageError):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,14 +17,33 @@ from aiohttp import web
 
 from botmsg_async import (
     BotMessageClient,
+    DeliveryUnknownError,
     InvalidRequestError,
     Outcome,
+    RetryPolicy,
+    SendFailedError,
+    SendResult,
+    Status,
     WrongEventLoopError,
     check_base_url,
 )
 from botmsg_async._delivery import is_retryable, may_resend, outcome_of, stops_batch
+from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
-from .conftest import DEPT, PASSWORD, SUCCESS, USER, USERNAME, ScriptedServer
+from .conftest import (
+    DEPT,
+    PASSWORD,
+    SUCCESS,
+    USER,
+    USERNAME,
+    Handler,
+    ScriptedServer,
+    answer,
+    drop,
+    run_botmsg,
+)
+
+MakeClient = Callable[..., BotMessageClient]
 
 
 async def _ok_then_close(request: web.Request) -> web.StreamResponse:
@@ -190,3 +211,85 @@ def test_a_credential_of_the_wrong_type_names_its_own_field(
     assert caught.value.value == "<redacted>"
     assert "secret-bytes" not in str(caught.value)
     assert PASSWORD not in str(caught.value)
+
+
+UNKNOWN_ADVICE = (
+    "check with the recipient before sending it again (a resend is safe only under the "
+    "same idempotency key, and only if the service deduplicates by it)"
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "retry_ambiguous"),
+    [
+        ([answer(500, "boom")], False),
+        ([answer(303, "")], False),
+        ([answer(200, "{not json")], False),
+        ([drop], False),
+        ([answer(500, "boom"), answer(404, "nope")], True),  # built by the client's _settled
+    ],
+    ids=["500", "303", "bad-body", "dropped", "500-then-404"],
+)
+async def test_an_unknown_delivery_says_what_to_do_next(
+    server: ScriptedServer,
+    make_client: MakeClient,
+    script: list[Handler],
+    retry_ambiguous: bool,
+) -> None:
+    """Every DeliveryUnknownError the client raises ends with the advice on resending."""
+    server.script = list(script)
+    policy = RetryPolicy(retry_ambiguous=retry_ambiguous)
+    async with make_client(server.base_url, retry=policy) as client:
+        with pytest.raises(DeliveryUnknownError) as caught:
+            await client.send(DEPT, USER, "hello")
+    assert caught.value.message.endswith(UNKNOWN_ADVICE)
+    assert caught.value.message.count(UNKNOWN_ADVICE) == 1
+
+
+def test_a_failure_without_errors_says_the_service_gave_no_reason() -> None:
+    """A FAILURE with an empty errors list says so in plain words."""
+    error = SendFailedError(SendResult(Status.FAILURE, errors=()), transient=False)
+    assert "the service gave no reason" in str(error)
+    assert "no error given" not in str(error)
+
+
+@pytest.mark.parametrize("with_files", [True, False], ids=["out-and-journal", "bare"])
+async def test_the_cli_summary_says_how_to_look_at_unknown_items(
+    tmp_path: Path, with_files: bool
+) -> None:
+    """An unknown item: the summary names --out, outcome unknown and --resend-unknown."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"department_uuid": DEPT, "user_uuid": f"user-{i}", "text": "hi"}) + "\n"
+            for i in range(3)
+        ),
+        encoding="utf-8",
+    )
+    out, journal = tmp_path / "out.jsonl", tmp_path / "journal"
+    files = ["--out", str(out), "--journal", str(journal)] if with_files else []
+
+    def user_1(request: RequestInfo) -> bool:
+        return request.user_uuid == "user-1"
+
+    async with FakeBotMessageServer(username=USERNAME, password=PASSWORD) as fake:
+        fake.inject(Fault.HTTP_500, when=user_1)
+        rc, _, err = await run_botmsg(
+            "send-many",
+            str(source),
+            *files,
+            base_url=fake.base_url,
+            username=USERNAME,
+            password=PASSWORD,
+        )
+    assert rc == 3, err
+    assert "1 item(s) may or may not have been delivered" in err
+    assert "--resend-unknown" in err
+    assert "under the same idempotency key" in err
+    assert "deduplicates by Idempotency-Key, which its spec does not document" in err
+    if with_files:
+        assert f'the lines of {out} with "outcome": "unknown"' in err
+        assert f"--journal {journal} --resume --resend-unknown" in err
+    else:
+        assert 'rerun with --out FILE to list them (outcome "unknown")' in err
+    assert PASSWORD not in err

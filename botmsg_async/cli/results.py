@@ -191,7 +191,27 @@ def print_summary(console: Console, t: Tally, end: RunEnd) -> None:
         )
         console.err(f"interrupted with {end.in_flight} item(s) in flight; {where}")
     elif t.unknown:
-        console.err(
-            f"{t.unknown} item(s) may or may not have been delivered: check them before "
-            "sending again" + (" (see --out)" if end.out else "")
-        )
+        _advise_unknown(console, t.unknown, end)
+
+
+def _advise_unknown(console: Console, unknown: int, end: RunEnd) -> None:
+    """Say where the items in doubt are listed and what a resend of them would risk."""
+    where = (
+        f'they are the lines of {end.out} with "outcome": "unknown"'
+        if end.out
+        else 'rerun with --out FILE to list them (outcome "unknown")'
+    )
+    console.err(
+        f"{unknown} item(s) may or may not have been delivered: {where}; check with their "
+        "recipients before sending them again"
+    )
+    resend = (
+        f"a rerun with --journal {end.journal} --resume --resend-unknown resends them"
+        if end.journal
+        else "--resend-unknown (on a rerun with --journal and --resume) resends such items"
+    )
+    console.err(
+        f"{resend} under the same idempotency key: safe only if the service deduplicates "
+        "by Idempotency-Key, which its spec does not document"
+        + ("" if end.journal else "; this run kept no --journal")
+    )
