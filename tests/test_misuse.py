@@ -293,3 +293,78 @@ async def test_the_cli_summary_says_how_to_look_at_unknown_items(
     else:
         assert 'rerun with --out FILE to list them (outcome "unknown")' in err
     assert PASSWORD not in err
+
+
+@pytest.mark.parametrize("command", ["send", "send-many"])
+async def test_the_cli_http_refusal_names_its_flag(tmp_path: Path, command: str) -> None:
+    """http:// to a remote host is refused naming --allow-insecure-http, not the SDK argument."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"department_uuid": DEPT, "user_uuid": USER, "text": "hi"}) + "\n")
+    args = (
+        ["send", "--department", DEPT, "--user", USER, "--text", "hi"]
+        if command == "send"
+        else ["send-many", str(source)]
+    )
+    rc, out, err = await run_botmsg(
+        *args, base_url="http://api.example.com", username=USERNAME, password=PASSWORD
+    )
+    assert rc == 2, err
+    assert "pass --allow-insecure-http" in err
+    assert "allow_insecure_http=True" not in err
+    assert PASSWORD not in err + out
+
+
+async def test_the_cli_out_error_is_an_object_like_send_prints(tmp_path: Path) -> None:
+    """--out's error is {type, message, status}, from this run and replayed from the journal."""
+    lines = [
+        {"department_uuid": DEPT, "user_uuid": "user-ok", "text": "hi"},
+        {"department_uuid": DEPT, "user_uuid": "user-500", "text": "hi"},
+        {"department_uuid": DEPT, "user_uuid": "user-refused", "text": "hi"},
+        {"department_uuid": DEPT, "user_uuid": "user-bad"},  # no text: invalid
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    journal = tmp_path / "journal"
+    faults = {"user-500": Fault.HTTP_500, "user-refused": Fault.PERMANENT_FAILURE}
+
+    def faulty(fault: Fault) -> Callable[[RequestInfo], bool]:
+        return lambda request: faults.get(request.user_uuid) is fault
+
+    async with FakeBotMessageServer(username=USERNAME, password=PASSWORD) as fake:
+        for fault in faults.values():
+            fake.inject(fault, when=faulty(fault))
+        runs = []
+        for n, extra in enumerate((["--skip-invalid"], ["--skip-invalid", "--resume"])):
+            out = tmp_path / f"out-{n}.jsonl"
+            runs.append(out)
+            rc, _, err = await run_botmsg(
+                "send-many",
+                str(source),
+                "--journal",
+                str(journal),
+                "--out",
+                str(out),
+                *extra,
+                base_url=fake.base_url,
+                username=USERNAME,
+                password=PASSWORD,
+            )
+            assert rc == 3, err
+    first, replayed = (
+        {r["user_uuid"]: r for r in map(json.loads, out.read_text().splitlines())} for out in runs
+    )
+    assert first["user-ok"]["error"] is None
+    assert first["user-500"]["error"]["type"] == "ServerError"
+    assert first["user-500"]["error"]["status"] == 500
+    assert first["user-500"]["error"]["message"].startswith("HTTP 500")
+    assert first["user-refused"]["error"]["type"] == "SendFailedError"
+    assert first["user-refused"]["error"]["status"] is None
+    assert first["user-bad"]["error"]["type"] == "InvalidRequestError"
+    assert "invalid input at line 4" in first["user-bad"]["error"]["message"]
+    # Replayed from the journal, which keeps the text alone: same type and message.
+    for user in ("user-500", "user-refused"):
+        assert replayed[user]["error"]["type"] == first[user]["error"]["type"]
+        assert replayed[user]["error"]["message"] == first[user]["error"]["message"]
+    # The journal itself still records the error as text.
+    recorded = [json.loads(line).get("e") for line in journal.read_text().splitlines()]
+    assert any(isinstance(e, str) and e.startswith("ServerError: HTTP 500") for e in recorded)
