@@ -25,6 +25,7 @@ from ._errors import (
     ServerError,
     TransportError,
     UnexpectedStatusError,
+    WrongEventLoopError,
 )
 from ._limits import LocalRateLimiter, RateLimiter
 from ._models import (
@@ -81,6 +82,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "TextMessage",
     "TransportError",
     "UnexpectedStatusError",
+    "WrongEventLoopError",
     "__version__",
     "check_base_url",
     "check_request",

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Literal, Self
@@ -28,6 +29,7 @@ from ._errors import (
     DeliveryUnknownError,
     InvalidRequestError,
     RateLimitedError,
+    WrongEventLoopError,
 )
 from ._limits import RateLimiter
 from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
@@ -177,8 +179,12 @@ class BotMessageClient:
         self._base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         self._base = str(self._base_url)
         self._base_path = self._base_url.raw_path.rstrip("/")
-        if not isinstance(username, str) or not isinstance(password, str):
-            raise InvalidRequestError("username", "<redacted>", "username and password must be str")
+        # One check per field, so the error names the one at fault; neither is echoed.
+        for field, value in (("username", username), ("password", password)):
+            if not isinstance(value, str):
+                raise InvalidRequestError(
+                    field, "<redacted>", f"must be a str, not {type(value).__name__}"
+                )
         try:
             authorization = aiohttp.encode_basic_auth(username, password)
         except ValueError:
@@ -213,6 +219,8 @@ class BotMessageClient:
         self._rate_limiter = rate_limiter
         self._lent_session = session
         self._session: aiohttp.ClientSession | None = session
+        # The loop of the first use: the pool's connections and timers live on it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         # Instant (on self._clock) before which no attempt may start: set by a
@@ -224,6 +232,19 @@ class BotMessageClient:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<BotMessageClient {self._base} {state}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # Only a warning (``_warn`` bound early: module globals may be gone at
+        # exit). Nothing is scheduled: the loop may be closed or busy elsewhere.
+        session = getattr(self, "_session", None)  # None too if __init__ failed early
+        if session is None or session is self._lent_session or self._closed:
+            return
+        _warn(
+            f"unclosed {self!r}: a BotMessageClient holds a connection pool until closed; "
+            "use `async with BotMessageClient(...) as client:` or `await client.aclose()`",
+            ResourceWarning,
+            source=self,
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -277,6 +298,23 @@ class BotMessageClient:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise ClientClosedError("this BotMessageClient is closed; create a new one")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoopError(
+                "this BotMessageClient was used with no running event loop; nothing was "
+                "sent. Use it from async code, inside asyncio.run"
+            ) from None
+        if loop is not self._loop:
+            if self._loop is not None:
+                # Its pooled connections and timers belong to the first loop (often
+                # closed by now): aiohttp would fail with "Event loop is closed".
+                raise WrongEventLoopError(
+                    "this BotMessageClient was used from a second event loop; nothing was "
+                    "sent. A client belongs to the event loop that first used it; create "
+                    "one per loop, inside asyncio.run"
+                )
+            self._loop = loop
         session = self._session
         if session is None:
             session = _http.new_session(
@@ -363,6 +401,8 @@ class BotMessageClient:
             TransportError: no connection could be made.
             APIStatusError: any other HTTP error.
             ClientClosedError: the client was closed.
+            WrongEventLoopError: the client is used from another event loop than
+                the one that first used it; nothing was sent.
         """
         department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
         dept = check_id("department_uuid", department_uuid)
@@ -619,6 +659,8 @@ class BotMessageClient:
         Raises:
             InvalidRequestError: a bad argument (before anything is sent).
             ClientClosedError: the client was closed.
+            WrongEventLoopError: the client is used from another event loop than
+                the one that first used it; nothing was sent.
         """
         # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(

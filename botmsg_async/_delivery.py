@@ -40,6 +40,7 @@ from ._errors import (
     RateLimitedError,
     SendFailedError,
     TransportError,
+    WrongEventLoopError,
 )
 from ._models import Outcome
 
@@ -130,7 +131,7 @@ def is_retryable(error: BotMessageError, *, retry_ambiguous: bool) -> bool:
         return retry_ambiguous
     if isinstance(error, SendFailedError):
         return error.transient
-    if isinstance(error, CertificateError | ClientClosedError):
+    if isinstance(error, CertificateError | ClientClosedError | WrongEventLoopError):
         return False
     if isinstance(error, TransportError | RateLimitedError):
         return True
@@ -143,14 +144,14 @@ def outcome_of(error: BotMessageError | None, attempts: int) -> Outcome:
     """The outcome of a send that ended with ``error`` after ``attempts`` HTTP attempts.
 
     SENT when there is no error; UNKNOWN when the message may have been
-    delivered; SKIPPED when the client was closed before any attempt; FAILED
-    otherwise (certainly not delivered).
+    delivered; SKIPPED when the client was closed (or used from a second event
+    loop) before any attempt; FAILED otherwise (certainly not delivered).
     """
     if error is None:
         return Outcome.SENT
     if isinstance(error, DeliveryUnknownError):
         return Outcome.UNKNOWN
-    if isinstance(error, ClientClosedError) and attempts == 0:
+    if isinstance(error, ClientClosedError | WrongEventLoopError) and attempts == 0:
         return Outcome.SKIPPED
     return Outcome.FAILED
 
@@ -161,14 +162,18 @@ def may_resend(error: BotMessageError | None) -> bool:
     Only when the message certainly was not delivered and the same request may
     get through later: throttling, a transient FAILURE, no connection, a
     closed client, refused credentials (fixed by the user), a status that
-    proves it was not processed and is worth retrying. A final FAILURE or a
-    4xx that says the request itself is wrong would only fail again.
+    proves it was not processed and is worth retrying, a client used from a
+    second event loop (nothing was sent; the program is at fault, not the
+    message). A final FAILURE or a 4xx that says the request itself is wrong
+    would only fail again.
     """
     if error is None or isinstance(error, DeliveryUnknownError):
         return False
     if isinstance(error, SendFailedError):
         return error.transient
     if isinstance(error, AuthenticationError | RateLimitedError | ClientClosedError):
+        return True
+    if isinstance(error, WrongEventLoopError):
         return True
     if isinstance(error, CertificateError):
         return True  # nothing was sent; a fixed trust store lets it through
@@ -208,10 +213,11 @@ def stops_batch(error: BotMessageError) -> bool:
     """Whether ``error`` on one item must stop a whole batch (the rest SKIPPED).
 
     Refused credentials (going on risks a lockout), a redirect (``base_url`` is
-    wrong for every item) and a closed client stop it; so does any of these
-    when it came after an attempt whose delivery is unknown.
+    wrong for every item), a closed client and a client used from a second event
+    loop stop it; so does any of these when it came after an attempt whose
+    delivery is unknown.
     """
     error = _definite(error)
-    if isinstance(error, AuthenticationError | ClientClosedError):
+    if isinstance(error, AuthenticationError | ClientClosedError | WrongEventLoopError):
         return True
     return isinstance(error, APIStatusError) and status_rule(error.status) is StatusRule.REDIRECT

@@ -5,6 +5,8 @@
     BotMessageError
     ├── InvalidRequestError ........ bad input, raised before any I/O (also a ValueError)
     ├── ClientClosedError .......... the client was closed (also a RuntimeError)
+    ├── WrongEventLoopError ........ the client was used from a second event loop
+    │                                (also a RuntimeError)
     ├── SendFailedError ............ HTTP 200 with "status": "FAILURE"
     ├── APIStatusError ............. any other non-2xx answer
     │   ├── AuthenticationError .... 401 / 403
@@ -60,6 +62,7 @@ __all__ = [
     "ServerError",
     "TransportError",
     "UnexpectedStatusError",
+    "WrongEventLoopError",
 ]
 
 #: How much of a bad answer's body an error keeps, in characters.
@@ -147,6 +150,15 @@ class ClientClosedError(BotMessageError, RuntimeError):
     """The client was closed; create a new ``BotMessageClient``."""
 
 
+class WrongEventLoopError(BotMessageError, RuntimeError):
+    """The client was used from an event loop other than the one that first used it.
+
+    Its connection pool lives on that first loop (which may be closed by now,
+    as at the end of an ``asyncio.run``): nothing was sent. Create one client
+    per event loop, inside the coroutine that ``asyncio.run`` runs.
+    """
+
+
 class SendFailedError(BotMessageError):
     """The service answered HTTP 200 with ``"status": "FAILURE"``.
 
@@ -173,7 +185,7 @@ class SendFailedError(BotMessageError):
             else "the service rejected the message; fix the request before sending it again"
         )
         super().__init__(
-            f"send failed ({reasons or 'no error given'}): {advice}",
+            f"send failed ({reasons or 'the service gave no reason'}): {advice}",
             department_uuid=department_uuid,
             user_uuid=user_uuid,
             attempts=attempts,
@@ -245,13 +257,21 @@ class RateLimitedError(APIStatusError):
         self.retry_after = retry_after
 
 
+#: What to do next, at the end of every ``DeliveryUnknownError``'s message.
+UNKNOWN_HINT = (
+    "check with the recipient before sending it again (a resend is safe only under the "
+    "same idempotency key, and only if the service deduplicates by it)"
+)
+
+
 class DeliveryUnknownError(BotMessageError):
     """The request may have reached the service, but no usable answer came back.
 
     The message may or may not have been delivered. Sending it again risks a
     duplicate; check with the recipient or the service before doing so, or use
     ``RetryPolicy(retry_ambiguous=True)`` with a server that deduplicates by
-    idempotency key.
+    idempotency key. The message ends with that advice, whichever subclass
+    (and whichever place in the SDK) built it.
 
     Attributes:
         idempotency_key: The key every attempt carried, to ask the service about it.
@@ -263,6 +283,23 @@ class DeliveryUnknownError(BotMessageError):
 
     idempotency_key: str | None = None
     final_error: BotMessageError | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        department_uuid: str | None = None,
+        user_uuid: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        # Every subclass's __init__ reaches this one (it is next in each MRO), so
+        # no place that builds one can leave the advice out.
+        super().__init__(
+            f"{message}; {UNKNOWN_HINT}",
+            department_uuid=department_uuid,
+            user_uuid=user_uuid,
+            attempts=attempts,
+        )
 
 
 class TransportError(BotMessageError):

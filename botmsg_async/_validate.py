@@ -139,6 +139,22 @@ def check_message(
     return message
 
 
+def _endpoint_part(path: str) -> str | None:
+    """The tail of a base URL's path that is the endpoint's own path, if it has one.
+
+    A ``communications`` segment that ends the path or is followed by
+    ``department``, or a path ending in ``/botmessage/send``: the client would
+    add the endpoint's path again and get a 404.
+    """
+    segments = path.lower().split("/")
+    for i, segment in enumerate(segments):
+        if segment == "communications" and segments[i + 1 : i + 2] in ([], ["department"]):
+            return path[len("/".join(segments[:i])) :]
+    if segments[-2:] == ["botmessage", "send"]:
+        return path[-len("/botmessage/send") :]
+    return None
+
+
 def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) -> URL:
     """Return ``base_url`` as a ``URL`` without a trailing slash, or raise ``InvalidRequestError``.
 
@@ -153,7 +169,8 @@ def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) ->
 
     Raises:
         InvalidRequestError: no usable URL, credentials in it, a query or
-            fragment, or ``http://`` to a remote host without permission.
+            fragment, the endpoint's own path (``/communications...``), or
+            ``http://`` to a remote host without permission.
     """
     if not isinstance(base_url, str | URL):
         raise InvalidRequestError(
@@ -190,6 +207,15 @@ def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) ->
         )
     if has_extra:
         raise InvalidRequestError("base_url", shown, "must not have a query or fragment")
+    endpoint = _endpoint_part(trimmed.path)
+    if endpoint is not None:
+        # Caught here, not as a 404 from a doubled path on the first send.
+        raise InvalidRequestError(
+            "base_url",
+            shown,
+            f"base_url is what comes before /communications; drop {endpoint!r} "
+            "(the client adds the endpoint's path itself)",
+        )
     if scheme == "http" and not allow_insecure_http and not _is_loopback(host):
         raise InvalidRequestError(
             "base_url",

@@ -447,7 +447,7 @@ async def test_skip_invalid_sends_the_rest_and_reports_skipped_rows(
     assert len(server.messages) == 3
     outcomes = {line["index"]: line for line in read_jsonl(out)}
     assert outcomes[1]["outcome"] == "skipped"
-    assert "line 3" in outcomes[1]["error"]
+    assert "line 3" in outcomes[1]["error"]["message"]
     assert [outcomes[i]["outcome"] for i in (0, 2, 3)] == ["sent"] * 3
 
 
@@ -557,7 +557,7 @@ async def test_an_in_doubt_item_stays_in_doubt_until_a_resend_settles_it(
     assert run.rc != 0
     (line,) = [line for line in read_jsonl(out) if line["index"] == 3]
     assert line["outcome"] == "unknown"
-    assert "may or may not have been delivered" in line["error"]
+    assert "may or may not have been delivered" in line["error"]["message"]
 
     # A plain --resume must still report it unknown, not send it under a new key.
     run = await botmsg(*args, server=server)
@@ -745,7 +745,7 @@ async def test_a_torn_journal_holds_back_the_window_after_it(
     assert outcomes == {0: "sent", 1: "unknown", 2: "unknown", 3: "sent", 4: "sent", 5: "sent"}
     (held,) = [line for line in read_jsonl(out) if line["index"] == 2]
     assert held["idempotency_key"] is None
-    assert "cannot be resent safely" in held["error"]
+    assert "cannot be resent safely" in held["error"]["message"]
     for line in journal.read_bytes().splitlines():
         json.loads(line)  # the fragment is gone, no record got glued to it
     assert sorted(m.user_uuid for m in server.messages) == [f"user-{i}" for i in range(3, 6)]

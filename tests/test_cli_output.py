@@ -106,7 +106,7 @@ async def test_server_text_reaches_no_output_raw(tmp_path: Path) -> None:
     assert "\\x1b[2K" in runs[3][2]  # on stderr: visible
     written = out.read_text(encoding="utf-8")
     assert not unsafe_in(written.replace("\n", ""))
-    assert HOSTILE in json.loads(written.splitlines()[0])["error"]
+    assert HOSTILE in json.loads(written.splitlines()[0])["error"]["message"]
 
 
 # -- usage errors -------------------------------------------------------------------

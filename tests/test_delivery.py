@@ -28,6 +28,7 @@ from botmsg_async import (
     Status,
     TransportError,
     UnexpectedStatusError,
+    WrongEventLoopError,
 )
 from botmsg_async._delivery import (
     StatusRule,
@@ -164,6 +165,7 @@ CASES: list[tuple[str, BotMessageError, bool, bool, Outcome, bool, bool]] = [
     ("refused", TransportError("x"), True, True, Outcome.FAILED, True, False),
     ("certificate", CertificateError("x"), False, False, Outcome.FAILED, True, False),
     ("invalid", InvalidRequestError("f", 1, "bad"), False, False, Outcome.FAILED, False, False),
+    ("second loop", WrongEventLoopError("x"), False, False, Outcome.FAILED, True, True),
     (
         "unknown then 401",
         _unknown_after(AuthenticationError("x", status=401)),
@@ -247,6 +249,7 @@ def _every_public_error() -> list[BotMessageError]:
         BotMessageError("base", department_uuid="d", user_uuid="u", attempts=1),
         InvalidRequestError("user_uuid", "a/b", "bad", department_uuid="d", user_uuid="a/b"),
         ClientClosedError("closed"),
+        WrongEventLoopError("second loop"),
         SendFailedError(result, transient=True, department_uuid="d", user_uuid="u", attempts=3),
         APIStatusError("x", status=404, body_excerpt="nf", retryable=False, attempts=1),
         AuthenticationError("x", status=401, body_excerpt="b"),

@@ -61,6 +61,13 @@ def resolve_credentials(
     try:  # before anything runs: the client's own check, worded for a terminal
         check_base_url(base_url, allow_insecure_http=args.allow_insecure_http)
     except InvalidRequestError as exc:
+        if not args.allow_insecure_http and _only_insecure(base_url):
+            # The SDK's words name its argument; here the flag is what to pass.
+            raise UsageError(
+                f"--base-url (or {ENV_BASE_URL}) {exc.value!r}: http:// to a non-loopback "
+                "host would send the password in clear text; use https:// or pass "
+                "--allow-insecure-http"
+            ) from None
         raise UsageError(f"--base-url (or {ENV_BASE_URL}): {exc}") from None
     except ValueError as exc:  # yarl's own: a port out of range, a broken IPv6 literal...
         raise UsageError(_bad_base_url(exc)) from None
@@ -87,6 +94,15 @@ def resolve_credentials(
         )
     redact.add_credentials(username, password)
     return Credentials(base_url, username, password, args.allow_insecure_http)
+
+
+def _only_insecure(base_url: str) -> bool:
+    """Whether ``--allow-insecure-http`` alone would make ``base_url`` acceptable."""
+    try:
+        check_base_url(base_url, allow_insecure_http=True)
+    except ValueError:  # InvalidRequestError, or yarl's own
+        return False
+    return True
 
 
 def _bad_base_url(exc: ValueError) -> str:

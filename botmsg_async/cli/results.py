@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from botmsg_async import BotMessageError, Counts, Outcome
 
 from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, MAX_LISTED_FAILURES
 from .console import Console
 
-__all__ = ["Results", "RunEnd", "Tally", "print_summary"]
+__all__ = ["Results", "RunEnd", "Tally", "error_json", "print_summary"]
+
+#: How ``send-many`` describes an item's error in its journal: ``"<Type>: <message>"``.
+_DESCRIBED = re.compile(r"([A-Z][A-Za-z0-9]*Error): (.*)", re.DOTALL)
+
+
+def error_json(text: str, *, default_type: str, status: int | None = None) -> dict[str, Any]:
+    """An item's error for ``--out``, shaped as ``botmsg send`` prints one.
+
+    Args:
+        text: The error as the journal records it (``"<Type>: <message>"``), or
+            a sentence of the CLI's own.
+        default_type: The type to give a sentence that names none.
+        status: The HTTP status of the answer, if there was one.
+
+    Returns:
+        ``{"type", "message", "status"}``.
+    """
+    described = _DESCRIBED.fullmatch(text)
+    if described is not None:
+        return {"type": described[1], "message": described[2], "status": status}
+    return {"type": default_type, "message": text, "status": status}
 
 
 class Tally:
@@ -90,11 +112,14 @@ class Results:
         outcome: str,
         *,
         message_uuid: str | None = None,
-        error: str | None = None,
+        error: dict[str, Any] | None = None,
         key: str | None = None,
         invalid: bool = False,
     ) -> None:
-        """Account for one item: count it, write it to ``--out`` (or name it on stderr)."""
+        """Account for one item: count it, write it to ``--out`` (or name it on stderr).
+
+        ``error`` is ``{"type", "message", "status"}`` (see ``error_json``).
+        """
         if invalid:
             self.tally.invalid += 1
         else:
@@ -117,8 +142,9 @@ class Results:
         elif outcome != "sent" and not invalid and self.listed < MAX_LISTED_FAILURES:
             # No --out: name the first few that need attention, or they are lost.
             self.listed += 1
+            said = None if error is None else f"{error['type']}: {error['message']}"
             self.console.err(
-                f"item {index} (department={department_uuid}, user={user_uuid}): {outcome}: {error}"
+                f"item {index} (department={department_uuid}, user={user_uuid}): {outcome}: {said}"
             )
 
     def close(self) -> None:
@@ -191,7 +217,27 @@ def print_summary(console: Console, t: Tally, end: RunEnd) -> None:
         )
         console.err(f"interrupted with {end.in_flight} item(s) in flight; {where}")
     elif t.unknown:
-        console.err(
-            f"{t.unknown} item(s) may or may not have been delivered: check them before "
-            "sending again" + (" (see --out)" if end.out else "")
-        )
+        _advise_unknown(console, t.unknown, end)
+
+
+def _advise_unknown(console: Console, unknown: int, end: RunEnd) -> None:
+    """Say where the items in doubt are listed and what a resend of them would risk."""
+    where = (
+        f'they are the lines of {end.out} with "outcome": "unknown"'
+        if end.out
+        else 'rerun with --out FILE to list them (outcome "unknown")'
+    )
+    console.err(
+        f"{unknown} item(s) may or may not have been delivered: {where}; check with their "
+        "recipients before sending them again"
+    )
+    resend = (
+        f"a rerun with --journal {end.journal} --resume --resend-unknown resends them"
+        if end.journal
+        else "--resend-unknown (on a rerun with --journal and --resume) resends such items"
+    )
+    console.err(
+        f"{resend} under the same idempotency key: safe only if the service deduplicates "
+        "by Idempotency-Key, which its spec does not document"
+        + ("" if end.journal else "; this run kept no --journal")
+    )

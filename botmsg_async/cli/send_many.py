@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from botmsg_async import (
+    APIStatusError,
     BotMessageError,
     InvalidRequestError,
+    InvalidResponseError,
     ItemResult,
     Outcome,
     SendRequest,
@@ -44,15 +46,37 @@ from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials, make_client, resolve_credentials
 from .input import BadRow, RowDefaults, Scan, Source, check_flags_text, parse, scan_input
-from .results import Results, RunEnd, print_summary
+from .results import Results, RunEnd, error_json, print_summary
 from .signals import run
 
 __all__ = ["SendMany", "cmd_send_many"]
 
 
+def _journal_error(text: object, outcome: object) -> dict[str, Any] | None:
+    """An error the journal recorded as text, for --out (the journal keeps no status)."""
+    if not isinstance(text, str):
+        return None
+    unknown = outcome == Outcome.UNKNOWN.value
+    return error_json(text, default_type="DeliveryUnknownError" if unknown else "BotMessageError")
+
+
 def _describe(error: BotMessageError | None) -> str | None:
     """An item's error for --out and the journal: type and sentence (the ids have fields)."""
     return None if error is None else f"{type(error).__name__}: {error.message}"
+
+
+def _error_object(item: ItemResult, text: str | None, outcome: str) -> dict[str, Any] | None:
+    """An item's error for --out, ``{"type", "message", "status"}``, from its journal text."""
+    if text is None:
+        return None
+    error = item.error
+    if error is None:  # not attempted: the batch stopped
+        return error_json(text, default_type="BatchStoppedError")
+    status = error.status if isinstance(error, APIStatusError | InvalidResponseError) else None
+    if outcome == Outcome.UNKNOWN.value and item.outcome is not Outcome.UNKNOWN:
+        # Still in doubt from an earlier run: the text says so, and what the resend met.
+        return error_json(text, default_type="DeliveryUnknownError", status=status)
+    return {"type": type(error).__name__, "message": error.message, "status": status}
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +269,7 @@ class SendMany:
                 record.get("u", ""),
                 record["o"],
                 message_uuid=record.get("m"),
-                error=record.get("e"),
+                error=_journal_error(record.get("e"), record["o"]),
                 key=record.get("k"),
             )
             self.results.tally.from_journal += 1
@@ -284,7 +308,10 @@ class SendMany:
                         parsed.department_uuid,
                         parsed.user_uuid,
                         Outcome.SKIPPED.value,
-                        error=f"invalid input at line {parsed.line}: {parsed.problem}",
+                        error=error_json(
+                            f"invalid input at line {parsed.line}: {parsed.problem}",
+                            default_type="InvalidRequestError",
+                        ),
                         invalid=True,
                     )
                     continue
@@ -303,7 +330,7 @@ class SendMany:
                                 parsed.department_uuid,
                                 parsed.user_uuid,
                                 Outcome.UNKNOWN.value,
-                                error=error or IN_DOUBT_NOTE,
+                                error=_journal_error(error or IN_DOUBT_NOTE, Outcome.UNKNOWN.value),
                                 key=key,
                             )
                             continue
@@ -422,7 +449,7 @@ class SendMany:
             item.user_uuid,
             outcome,
             message_uuid=item.result.message_uuid if item.result is not None else None,
-            error=error,
+            error=_error_object(item, error, outcome),
             key=meta.key,
         )
 
