@@ -527,9 +527,13 @@ class BotMessageClient:
         begun = time.perf_counter() if debug else 0.0
         outcome = "no answer"
         try:
-            result = await _http.post(
-                session, state.url, state.body, headers, timeout, state.plan.rules
-            )
+            try:
+                async with _http.open_post(
+                    session, state.url, state.body, headers, timeout
+                ) as response:
+                    result = await _http.read_answer(response, state.plan.rules)
+            except _http.TRANSPORT_ERRORS as exc:
+                raise _http.transport_error(exc, state.url) from exc
             outcome = "200"
         except RateLimitedError as exc:
             outcome = str(exc.status)
