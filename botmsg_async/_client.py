@@ -282,11 +282,6 @@ class BotMessageClient:
         """The retry allowance shared by every send of this client."""
         return self._budget
 
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        """The policy sends use unless given another."""
-        return self._retry
-
     def ensure_open(self) -> None:
         """Raise ``ClientClosedError`` if the client was closed; open its session if needed.
 
