@@ -133,7 +133,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class BatchStream:
-    """An async iterator of ``ItemResult``s, in completion order.
+    """An async iterator of ``ItemResult`` values, in completion order.
 
     Also an async context manager: leaving the ``async with`` block (or
     ``aclose()``) stops the workers and cancels in-flight sends. Iterating to

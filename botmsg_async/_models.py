@@ -36,7 +36,7 @@ class Outcome(enum.Enum):
     SENT = "sent"  #: The service answered SUCCESS.
     FAILED = "failed"  #: It was not delivered; ``error`` says why.
     UNKNOWN = "unknown"  #: It may or may not have been delivered (``DeliveryUnknownError``).
-    SKIPPED = "skipped"  #: Never attempted: the batch stopped before it.
+    SKIPPED = "skipped"  #: Never attempted, since the batch stopped before it.
 
 
 @define(frozen=True)

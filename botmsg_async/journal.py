@@ -87,7 +87,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION: Final = 1
-#: The window of journals written before it was recorded: the largest default concurrency.
+#: The window of journals written before it was recorded (the largest default concurrency).
 DEFAULT_WINDOW: Final = 64
 #: Why an item held back after a torn tail is unknown.
 TORN_NOTE: Final = (
@@ -103,7 +103,7 @@ IN_DOUBT_NOTE: Final = (
 
 # One byte per item: what the journal says became of it.
 NEW: Final = 0  #: Never pulled.
-STARTED: Final = 1  #: Started, no outcome: in flight when the process died.
+STARTED: Final = 1  #: Started with no outcome (in flight when the process died).
 SENT: Final = 2  #: Delivered.
 FAILED: Final = 3  #: Not delivered, and sending it again would fail the same way.
 RETRY: Final = 4  #: Not delivered, may succeed if sent again.
