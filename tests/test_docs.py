@@ -344,7 +344,7 @@ WEB_CASES: list[tuple[str, Fault | None, dict[str, str], str, int]] = [
     ("permanent FAILURE", Fault.PERMANENT_FAILURE, {}, "SendFailedError", 422),
     ("transient FAILURE", Fault.TRANSIENT_FAILURE, {}, "SendFailedError", 503),
     ("throttled", Fault.RATE_LIMITED, {}, "RateLimitedError", 503),
-    ("no connection", Fault.DROP_BEFORE, {}, "TransportError", 503),
+    ("dropped connection", Fault.DROP_BEFORE, {}, "DeliveryUnknownError", 502),
     ("answer lost", Fault.DROP_AFTER, {}, "DeliveryUnknownError", 502),
     ("502 from a proxy", Fault.HTTP_502, {}, "DeliveryUnknownError", 502),
     ("garbled answer", Fault.MALFORMED, {}, "DeliveryUnknownError", 502),
@@ -455,24 +455,33 @@ def test_aiohttp_recipe_refused_credentials_are_500(monkeypatch: pytest.MonkeyPa
 
 def test_fastapi_recipe_maps_errors_to_statuses(monkeypatch: pytest.MonkeyPatch) -> None:
     """The FastAPI recipe, with its lifespan run, answers each documented status."""
-    from fastapi.testclient import TestClient
+    import httpx
 
     with served(monkeypatch) as server:
         namespace = load_recipe("fastapi-recipe", monkeypatch)
-        seen = []
-        # TestClient runs the lifespan (startup opens the client, shutdown closes it)
-        # and the app on one event loop of its own; the fake server has another.
-        with TestClient(namespace["app"]) as http:
-            for label, fault, override, _, _ in WEB_CASES:
-                server.clear_faults()
-                if fault is not None:
-                    server.inject(fault, times=None)
-                body = {"department": DEPT, "user": USER, "text": f"hello ({label})"} | override
-                seen.append((label, http.post("/notify", json=body).status_code))
-            client = namespace["app"].state.botmsg
-        server.clear_faults()
-        assert seen == [(label, status) for label, _, _, _, status in WEB_CASES]
-        assert client.closed  # the lifespan's shutdown closed the shared client
+        app = namespace["app"]
+
+        async def drive() -> list[tuple[str, int]]:
+            seen = []
+            # The recipe's own lifespan (startup opens the client, shutdown closes it)
+            # around the app, served in-process by httpx's ASGI transport.
+            async with (
+                namespace["lifespan"](app),
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://app.test"
+                ) as http,
+            ):
+                for label, fault, override, _, _ in WEB_CASES:
+                    server.clear_faults()
+                    if fault is not None:
+                        server.inject(fault, times=None)
+                    body = {"department": DEPT, "user": USER, "text": f"hi ({label})"} | override
+                    seen.append((label, (await http.post("/notify", json=body)).status_code))
+            server.clear_faults()
+            assert app.state.botmsg.closed  # the lifespan's shutdown closed the client
+            return seen
+
+        assert asyncio.run(drive()) == [(label, status) for label, _, _, _, status in WEB_CASES]
 
 
 # -- the queue worker: a real process, stopped by SIGTERM ----------------------------------
