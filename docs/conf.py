@@ -41,6 +41,11 @@ napoleon_use_rtype = False
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
+# Defaults as written in the source (``asyncio.sleep``), not their repr
+# (``<function sleep>``), which the signature parser cannot read.
+autodoc_preserve_defaults = True
+# A long signature gets one parameter per line.
+python_maximum_signature_line_length = 88
 autodoc_default_options = {"members": True, "show-inheritance": True}
 
 nitpicky = True
