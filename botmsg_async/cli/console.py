@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -176,6 +177,22 @@ def _log_progress(progress: Progress) -> None:
     )
 
 
+def _bar_width() -> int | None:
+    """The bar's fixed width when the terminal reports no width, else None (follow it).
+
+    Some terminals (a serial console, a container started without a tty size)
+    report 0 columns; tqdm then draws nothing at all. ``COLUMNS`` if it is a
+    positive number, else 80, as ``shutil.get_terminal_size`` falls back.
+    """
+    try:
+        if os.get_terminal_size(sys.stderr.fileno()).columns > 0:
+            return None
+    except (OSError, ValueError):
+        pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdecimal() and 0 < int(columns) < 10_000 else 80
+
+
 class Bar:
     """A tqdm progress bar on stderr when it is a terminal; does nothing otherwise."""
 
@@ -189,7 +206,15 @@ class Bar:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - the `cli` extra brings it
             return
-        self._bar = tqdm(total=total, desc=desc, unit="msg", file=sys.stderr, dynamic_ncols=True)
+        width = _bar_width()
+        self._bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="msg",
+            file=sys.stderr,
+            ncols=width,
+            dynamic_ncols=width is None,
+        )
         console.active_bar = self._bar
 
     def update(self, failed: int, unknown: int) -> None:
