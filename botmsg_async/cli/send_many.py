@@ -333,6 +333,7 @@ class SendMany:
         self.attempted = 0  # of them, items attempted (not skipped)
         self.requests = 0  # HTTP requests made for them
         self.to_send = 0  # items this run will attempt, set when it begins
+        self.last_line_at = 0.0  # the batch's elapsed time at the last progress line
         self.stopped_by: BotMessageError | None = None
         self.stop_requested = False
         # --durable: items handed to the batch and not finished, and stream
@@ -560,7 +561,14 @@ class SendMany:
         return self._progress_line
 
     def _progress_line(self, progress: Progress) -> None:
-        """One progress line: done/total of the input, outcomes, rate and ETA."""
+        """One progress line: done/total of the input, outcomes, rate and ETA.
+
+        The batch reports once more as it ends; the summary follows at once, so
+        that report is printed only if the last line is half an interval old.
+        """
+        if progress.elapsed - self.last_line_at < self.args.progress_interval / 2:
+            return
+        self.last_line_at = progress.elapsed
         tally = self.results.tally
         items = self.scan.items
         percent = 100 * tally.total // items if items else 100
