@@ -19,7 +19,12 @@ input it belongs to; then, per item::
     {"i": 17, "o": "skipped"}                                     pulled but never attempted
 
 The first record also holds ``"window"``: how many start records the run could
-lose at once (its ``--concurrency``; 0 with ``--durable``). Each resumed run
+lose at once (its ``--concurrency``; 0 with ``--durable``), and, from format
+version 2 on, ``"options"``: what the run was given that shapes its messages
+(``botmsg send-many`` records ``format``, ``text``, ``subject``, ``sender_name``
+and ``ignore_columns``), so that a resumed run can take them from the journal
+(``read_options``). A version 1 journal has only the input's fingerprint, which
+covers the same options as a hash. Each resumed run
 appends ``{"resume": 1, "window": W}``. ``{"i": 17, "o": "skipped", "attempted":
 false}`` withdraws a start record written ahead of an attempt that never came
 (``--durable``); ``{"i": 17, "o": "unknown", "e": "<why>"}`` without a key marks an
@@ -54,7 +59,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 # A library module may use the private delivery rules; the CLI asks this module.
@@ -82,11 +87,16 @@ __all__ = [
     "JournalStore",
     "finished_records",
     "load",
+    "read_options",
     "retry_later",
     "settle",
 ]
 
-FORMAT_VERSION: Final = 1
+#: The version written with options. 2 adds ``"options"`` to the first record; a
+#: journal begun without options is written as version 1, and both are read.
+FORMAT_VERSION: Final = 2
+#: The versions ``load`` reads.
+_READ_VERSIONS: Final = frozenset({1, 2})
 #: The window of journals written before it was recorded (the largest default concurrency).
 DEFAULT_WINDOW: Final = 64
 #: Why an item held back after a torn tail is unknown.
@@ -178,7 +188,13 @@ class JournalStore(Protocol):
     """
 
     def begin(
-        self, *, fingerprint: str, items: int, window: int, resume: bool
+        self,
+        *,
+        fingerprint: str,
+        items: int,
+        window: int,
+        resume: bool,
+        options: Mapping[str, object] | None = None,
     ) -> JournalState | None:
         """Start this run's part of the journal.
 
@@ -188,6 +204,8 @@ class JournalStore(Protocol):
             window: How many start records this run may lose at once (its
                 concurrency; 0 when each is synced before its send).
             resume: Continue the journal's earlier runs.
+            options: JSON-able options of the job, recorded in the first record
+                when this run writes it (``read_options`` gives them back).
 
         Returns:
             With ``resume``, what the earlier runs left (None when they left nothing).
@@ -417,8 +435,10 @@ def _window_of(record: dict[str, Any], path: str, lineno: int) -> int:
 
 def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items: int) -> int:
     """Check the first record; return its window (``DEFAULT_WINDOW`` if it has none)."""
-    if record.get("botmsg_journal") != FORMAT_VERSION:
-        raise JournalError(f"{path}:1: not a botmsg journal (version {FORMAT_VERSION})")
+    version = record.get("botmsg_journal")
+    if isinstance(version, bool) or version not in _READ_VERSIONS:
+        versions = " or ".join(map(str, sorted(_READ_VERSIONS)))
+        raise JournalError(f"{path}:1: not a botmsg journal (version {versions})")
     if record.get("input") != fingerprint or record.get("items") != items:
         raise JournalError(
             f"{path}: this journal was written for another input (or other --text, "
@@ -426,6 +446,52 @@ def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items:
             "Use the original input, or a new journal"
         )
     return _window_of(record, path, 1)
+
+
+def read_options(path: str) -> dict[str, Any] | None:
+    """The options the journal at ``path`` recorded for its job, if it recorded any.
+
+    Reads only the first record, without the lock: a resumed run takes the
+    options it was not given from here before reading its input; ``load``
+    (under the lock) then checks the input's fingerprint, which covers them.
+
+    Args:
+        path: The journal file.
+
+    Returns:
+        The ``"options"`` object of a version 2 journal; None when the journal
+        is empty, its first record torn, or of version 1 (which records only a
+        hash of them); what else may be wrong with the journal ``load`` reports.
+
+    Raises:
+        JournalError: the journal is missing or unreadable, or its options are
+            not a JSON object.
+    """
+    try:
+        with open(path, "rb") as f:
+            first = b""
+            for raw in f:
+                if raw.strip():
+                    first = raw
+                    break
+    except FileNotFoundError:
+        raise JournalError(f"{path}: no such journal; drop --resume to start a new one") from None
+    except OSError as exc:
+        raise JournalError(f"{path}: cannot read the journal: {exc.strerror}") from None
+    if not first.endswith(b"\n"):
+        return None  # empty, or torn while its first record was written: nothing recorded
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return None  # load says what is wrong
+    if not isinstance(record, dict) or record.get("botmsg_journal") != FORMAT_VERSION:
+        return None
+    options = record.get("options")
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise JournalError(f"{path}:1: bad options {options!r}; the journal is corrupt")
+    return options
 
 
 def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) -> None:
@@ -543,7 +609,13 @@ class FileJournal:
             raise
 
     def begin(
-        self, *, fingerprint: str, items: int, window: int, resume: bool
+        self,
+        *,
+        fingerprint: str,
+        items: int,
+        window: int,
+        resume: bool,
+        options: Mapping[str, object] | None = None,
     ) -> JournalState | None:
         """Start this run's part of the journal (see ``JournalStore.begin``).
 
@@ -564,7 +636,7 @@ class FileJournal:
         elif self.size():
             raise JournalError(f"{self.path} was just written by another run; pass --resume")
         if state is None or not state.has_header:
-            self.header(fingerprint=fingerprint, items=items, window=window)
+            self.header(fingerprint=fingerprint, items=items, window=window, options=options)
         else:
             self.resumed(window=window, held_back=state.torn_in_doubt)
         return state
@@ -585,6 +657,18 @@ class FileJournal:
         if self.size() > valid_bytes:
             os.ftruncate(self._fd, valid_bytes)
 
+    def _redacted(self, value: object) -> object:
+        """``value`` (JSON-like) with the redactor applied to every string in it."""
+        if self._redact is None:
+            return value
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {k: self._redacted(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._redacted(v) for v in value]
+        return value
+
     def _write(self, record: dict[str, Any]) -> None:
         if self._fd is None:
             raise JournalError(f"{self.path}: journal already closed")
@@ -599,7 +683,14 @@ class FileJournal:
             written = os.write(self._fd, view)
             view = view[written:]
 
-    def header(self, *, fingerprint: str, items: int, window: int) -> None:
+    def header(
+        self,
+        *,
+        fingerprint: str,
+        items: int,
+        window: int,
+        options: Mapping[str, object] | None = None,
+    ) -> None:
         """Write the first record, naming the input; fsynced, since it is written once.
 
         Args:
@@ -607,15 +698,19 @@ class FileJournal:
             items: Its number of items.
             window: How many start records this run may lose in a power cut: its
                 concurrency, or 0 when each is fsynced before its send.
+            options: The job's options (JSON-able), for ``read_options``; the
+                credential redactor applies to their strings too.
         """
-        self._write(
-            {
-                "botmsg_journal": FORMAT_VERSION,
-                "input": fingerprint,
-                "items": items,
-                "window": window,
-            }
-        )
+        # Without options, version 1: byte for byte what earlier versions wrote and read.
+        record: dict[str, Any] = {
+            "botmsg_journal": 1 if options is None else FORMAT_VERSION,
+            "input": fingerprint,
+            "items": items,
+            "window": window,
+        }
+        if options is not None:
+            record["options"] = self._redacted(dict(options))
+        self._write(record)
         assert self._fd is not None
         os.fsync(self._fd)
 

@@ -399,3 +399,65 @@ def test_finished_records_of_a_store_are_its_files(tmp_path: Path) -> None:
     assert state is not None
     assert [r["i"] for r in store.finished_records(state)] == [0]
     store.close()
+
+
+# -- format version 2: the job's options ---------------------------------------------------------
+
+
+def test_a_journal_begun_with_options_records_them_as_version_2(tmp_path: Path) -> None:
+    """begin(options=...) writes a version 2 header that read_options and load read back."""
+    path = tmp_path / "journal"
+    store = journal.FileJournal(str(path), redact=lambda s: s.replace("pw", "[redacted]"))
+    options = {"text": "Hi", "subject": None, "ignore_columns": ["name", "pw"]}
+    assert store.begin(fingerprint="fp", items=3, window=2, resume=False, options=options) is None
+    store.close()
+    assert path.read_bytes() == (
+        b'{"botmsg_journal":2,"input":"fp","items":3,"window":2,'
+        b'"options":{"text":"Hi","subject":null,"ignore_columns":["name","[redacted]"]}}\n'
+    )
+    assert journal.read_options(str(path)) == {**options, "ignore_columns": ["name", "[redacted]"]}
+    assert journal.load(str(path), fingerprint="fp", items=3).has_header
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", None),
+        ('{"botmsg_journal": 1, "input": "fp", "items": 3}\n', None),
+        ('{"botmsg_journal": 2, "input": "fp", "items": 3, "options": {"t', None),  # torn
+        ("\n\nnot json\n", None),
+        ('{"botmsg_journal": 2, "options": {"text": "x"}}\n', {"text": "x"}),
+    ],
+    ids=["empty", "version-1", "torn", "garbage", "version-2"],
+)
+def test_read_options_finds_only_recorded_options(
+    tmp_path: Path, text: str, expected: dict[str, Any] | None
+) -> None:
+    """Only a complete version 2 header has options; whatever else is wrong, load says."""
+    path = tmp_path / "journal"
+    path.write_text(text, encoding="utf-8")
+    assert journal.read_options(str(path)) == expected
+
+
+@pytest.mark.parametrize("options", ['"text"', "[]", "3"])
+def test_options_that_are_not_an_object_are_a_journal_error(tmp_path: Path, options: str) -> None:
+    """A hand-edited header with options of another shape is refused, not trusted."""
+    path = tmp_path / "journal"
+    path.write_text(f'{{"botmsg_journal": 2, "options": {options}}}\n', encoding="utf-8")
+    with pytest.raises(journal.JournalError, match="bad options"):
+        journal.read_options(str(path))
+
+
+def test_read_options_of_a_missing_journal_is_a_journal_error(tmp_path: Path) -> None:
+    """No journal at all: the same error as load's."""
+    with pytest.raises(journal.JournalError, match="no such journal"):
+        journal.read_options(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("version", [0, 3, True, "2"])
+def test_an_unknown_format_version_is_refused(tmp_path: Path, version: object) -> None:
+    """Versions 1 and 2 are read; any other (True and "2" included) is no botmsg journal."""
+    path = tmp_path / "journal"
+    path.write_text(json.dumps({**header(1, items=3), "botmsg_journal": version}) + "\n")
+    with pytest.raises(journal.JournalError, match="not a botmsg journal"):
+        journal.load(str(path), fingerprint="fp", items=3)

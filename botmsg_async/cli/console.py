@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -176,6 +177,31 @@ def _log_progress(progress: Progress) -> None:
     )
 
 
+def _bar_size() -> tuple[int, int] | None:
+    """A fixed size (columns, rows) for the bar when the terminal reports none, else None.
+
+    Some terminals (a serial console, a container started without a tty size)
+    report 0 columns and 0 rows; tqdm then draws nothing at all (it takes the
+    bar for one below the last row). Then ``COLUMNS`` and ``LINES`` if they are
+    positive numbers, else 80 by 24, as ``shutil.get_terminal_size`` falls back.
+    """
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return None  # a real size: follow it as it changes
+    return (
+        size.columns if size.columns > 0 else _positive_env("COLUMNS", 80),
+        size.lines if size.lines > 0 else _positive_env("LINES", 24),
+    )
+
+
+def _positive_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdecimal() and 0 < int(value) < 10_000 else default
+
+
 class Bar:
     """A tqdm progress bar on stderr when it is a terminal; does nothing otherwise."""
 
@@ -189,7 +215,16 @@ class Bar:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - the `cli` extra brings it
             return
-        self._bar = tqdm(total=total, desc=desc, unit="msg", file=sys.stderr, dynamic_ncols=True)
+        size = _bar_size()
+        self._bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="msg",
+            file=sys.stderr,
+            ncols=None if size is None else size[0],
+            nrows=None if size is None else size[1],
+            dynamic_ncols=size is None,
+        )
         console.active_bar = self._bar
 
     def update(self, failed: int, unknown: int) -> None:

@@ -43,12 +43,20 @@ __all__ = [
     "Scan",
     "Source",
     "check_flags_text",
+    "ignored_columns",
     "parse",
     "scan_input",
     "text_problem",
 ]
 
-FIELDS: Final = ("department_uuid", "user_uuid", "text", "subject", "sender_name")
+FIELDS: Final = (
+    "department_uuid",
+    "user_uuid",
+    "text",
+    "subject",
+    "sender_name",
+    "idempotency_key",
+)
 REQUIRED_FIELDS: Final = ("department_uuid", "user_uuid")
 #: Largest CSV cell the csv module reads, in characters (its default is 128 Ki): far
 #: enough above MAX_TEXT_BYTES that a text over the limit is reported as such, with its
@@ -98,6 +106,8 @@ class Row:
     Attributes:
         index: Position among the data rows of the input, from 0.
         line: Line of the input where the row starts, from 1.
+        idempotency_key: The row's own key (its ``idempotency_key`` field), used
+            in every run instead of a new one; None when it has none.
     """
 
     index: int
@@ -105,6 +115,7 @@ class Row:
     department_uuid: str
     user_uuid: str
     message: TextMessage
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +131,44 @@ class BadRow:
 
 @dataclass(frozen=True)
 class RowDefaults:
-    """What ``--text``, ``--subject`` and ``--sender-name`` give rows that lack them."""
+    """What the flags do to rows: ``--text``, ``--subject`` and ``--sender-name``
+    give every row its value; ``--ignore-columns`` names columns (CSV) or keys
+    (JSON lines) that are read past, not refused as unknown."""
 
     text: str | None = None
     subject: str | None = None
     sender_name: str | None = None
+    ignore_columns: frozenset[str] = frozenset()
+
+
+def ignored_columns(flag: str | None) -> frozenset[str]:
+    """The names of ``--ignore-columns a,b`` (blanks around names dropped).
+
+    Raises:
+        UsageError: a name is one of the fields botmsg reads: ignoring it
+            would change the messages (a subject dropped, say).
+    """
+    if flag is None:
+        return frozenset()
+    names = frozenset(n.strip() for n in flag.split(",") if n.strip())
+    if read := sorted(names & set(FIELDS)):
+        raise UsageError(
+            f"--ignore-columns: {', '.join(map(repr, read))} is read by botmsg, not an "
+            f"extra column; the fields it reads are {', '.join(FIELDS)}"
+        )
+    return names
+
+
+def _unknown_hint(unknown: Sequence[str]) -> str:
+    """The end of an "unknown column" error: what is read, and how to read past the rest."""
+    names = ",".join(unknown)
+    # A name with a comma cannot be given to the flag: say so rather than suggest it.
+    if any("," in n or not n.strip() for n in unknown):
+        return f"the fields read are {', '.join(FIELDS)}"
+    return (
+        f"the fields read are {', '.join(FIELDS)}; if the extra ones are meant to be there, "
+        f"pass --ignore-columns {names}"
+    )
 
 
 class Source:
@@ -238,13 +282,23 @@ def _make_row(
         subject=optional["subject"] or None,
         sender_name=optional["sender_name"] or None,
     )
+    key = values.get("idempotency_key")
+    if key is not None and not isinstance(key, str):
+        return BadRow(
+            index,
+            line,
+            f"idempotency_key must be a string, not {type(key).__name__}",
+            department_uuid,
+            user_uuid,
+        )
+    key = key or None  # an empty cell: no key of its own, a new one is made
     try:
-        # The client's own checks (ids first, then the message): what passes here,
+        # The client's own checks (ids, the message, the key): what passes here,
         # the client accepts.
-        check_request(SendRequest(department_uuid, user_uuid, message))
+        check_request(SendRequest(department_uuid, user_uuid, message, idempotency_key=key))
     except InvalidRequestError as exc:
         return BadRow(index, line, _request_problem(exc, message), department_uuid, user_uuid)
-    return Row(index, line, department_uuid, user_uuid, message)
+    return Row(index, line, department_uuid, user_uuid, message, key)
 
 
 def _request_problem(exc: InvalidRequestError, message: TextMessage) -> str:
@@ -267,13 +321,14 @@ def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterat
         if header is None:
             raise UsageError("the input is empty: a CSV needs a header line")
         names = [h.strip() for h in header]
-        unknown = [n for n in names if n not in FIELDS]
+        unknown = [n for n in names if n not in FIELDS and n not in defaults.ignore_columns]
         if unknown:
             raise UsageError(
                 f"line {reader.line_num}: unknown column(s) {', '.join(map(repr, unknown))}; "
-                f"the columns are {', '.join(FIELDS)}"
+                + _unknown_hint(unknown)
             )
-        if len(set(names)) != len(names):
+        read = [n for n in names if n in FIELDS]
+        if len(set(read)) != len(read):
             raise UsageError(f"line {reader.line_num}: a column appears twice")
         missing = [n for n in REQUIRED_FIELDS if n not in names]
         if missing:
@@ -288,7 +343,8 @@ def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterat
             if len(record) != len(names):
                 yield BadRow(index, line, f"expected {len(names)} fields, got {len(record)}")
             else:
-                yield _make_row(index, line, dict(zip(names, record, strict=True)), defaults)
+                values = {n: v for n, v in zip(names, record, strict=True) if n in FIELDS}
+                yield _make_row(index, line, values, defaults)
             index += 1
     except csv.Error as exc:
         if "field larger than field limit" in str(exc):
@@ -316,12 +372,13 @@ def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iter
         else:
             if not isinstance(values, dict):
                 yield BadRow(index, line, f"not a JSON object but {type(values).__name__}")
-            elif unknown := [k for k in values if k not in FIELDS]:
+            elif unknown := [
+                k for k in values if k not in FIELDS and k not in defaults.ignore_columns
+            ]:
                 yield BadRow(
                     index,
                     line,
-                    f"unknown key(s) {', '.join(map(repr, unknown))}; "
-                    f"the keys are {', '.join(FIELDS)}",
+                    f"unknown key(s) {', '.join(map(repr, unknown))}; " + _unknown_hint(unknown),
                 )
             else:
                 yield _make_row(index, line, values, defaults)
@@ -342,9 +399,33 @@ def parse(
     Raises:
         UsageError: the input cannot be read as ``fmt`` at all; a bad row is a ``BadRow``.
     """
-    if fmt == "csv":
-        return _parse_csv(f, defaults, digest)
-    return _parse_jsonl(f, defaults, digest)
+    rows = _parse_csv(f, defaults, digest) if fmt == "csv" else _parse_jsonl(f, defaults, digest)
+    return _no_repeated_keys(rows)
+
+
+def _no_repeated_keys(rows: Iterator[Row | BadRow]) -> Iterator[Row | BadRow]:
+    """``rows``, with a row whose own idempotency key an earlier row has made a ``BadRow``.
+
+    A deduplicating service would answer the second send with the first's
+    result: the second message would be reported sent and never delivered.
+    Keys are kept as 16-byte digests (memory grows with the rows that have one).
+    """
+    seen: set[bytes] = set()
+    for row in rows:
+        if isinstance(row, Row) and row.idempotency_key is not None:
+            digest = hashlib.blake2b(row.idempotency_key.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                yield BadRow(
+                    row.index,
+                    row.line,
+                    "idempotency_key repeats an earlier row's: a service that deduplicates "
+                    "would drop this message; give each row its own key",
+                    row.department_uuid,
+                    row.user_uuid,
+                )
+                continue
+            seen.add(digest)
+        yield row
 
 
 @dataclass

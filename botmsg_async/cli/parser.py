@@ -35,6 +35,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``botmsg`` argument parser.
 
@@ -132,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the valid rows, skip (and list) the others",
     )
+    many.add_argument(
+        "--ignore-columns",
+        metavar="A,B",
+        help="extra CSV columns / JSON keys to read past (others not read are refused)",
+    )
+    many.add_argument(
+        "--progress-interval",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=10.0,
+        help="when stderr is no terminal, a progress line this often (default: 10)",
+    )
     many.set_defaults(handler=cmd_send_many)
 
     fake = sub.add_parser(
@@ -180,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 _SEND_MANY_HELP: Final = """\
 Send the messages of a CSV file (with a header) or a JSON-lines file, with
-the fields department_uuid, user_uuid and optionally text, subject, sender_name.
+the fields department_uuid, user_uuid and optionally text, subject, sender_name
+and idempotency_key (the row's own key, used instead of a new one in every run).
 --text, --subject and --sender-name apply to every row, in place of the row's
-own value; without them, each row's own value is used.
+own value; without them, each row's own value is used. Any other column or key
+is refused (a misspelt one would be lost), unless named by --ignore-columns.
 
 The whole input is checked before anything is sent: any invalid row is listed
 with its line number and nothing is sent (exit 2), unless --skip-invalid.
@@ -190,7 +211,12 @@ with its line number and nothing is sent (exit 2), unless --skip-invalid.
 --journal FILE records each item's start before it is sent and its outcome as
 soon as it is known, so that after a crash (even kill -9) --resume sends only
 what was never tried: items in flight at the crash are reported unknown and not
-sent again, unless --resend-unknown (same idempotency key).
+sent again, unless --resend-unknown (same idempotency key). --resume takes
+--text, --subject, --sender-name, --format and --ignore-columns from the journal
+when they are not given; given, they must be the same.
+
+On a terminal stderr shows a progress bar; elsewhere (a log, nohup, systemd) a
+progress line every --progress-interval seconds.
 
 The journal survives a crash of botmsg (even kill -9), but it is fsynced only at
 the end: a power cut or OS crash can lose its last seconds, and items sent then

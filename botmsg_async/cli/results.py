@@ -159,7 +159,10 @@ class RunEnd:
 
     Attributes:
         items: Data rows of the input.
-        finished: Results of this run's sends.
+        finished: Results of this run's sends (skipped items included).
+        attempted: Of them, items attempted: the rate counts these, not the
+            items a stopped batch skipped.
+        requests: HTTP requests made for them, retries included.
         elapsed: Seconds this run's sends took.
         retries: Retries made.
         in_flight: Items unfinished at the end.
@@ -183,16 +186,23 @@ class RunEnd:
     interrupted: bool
     journal: str | None
     out: str | None
+    attempted: int = 0
+    requests: int = 0
 
 
 def print_summary(console: Console, t: Tally, end: RunEnd) -> None:
     """Print the run's summary on stderr, and what to do next."""
-    rate = end.finished / end.elapsed if end.elapsed > 0 else 0.0
+    # Items really attempted: a batch stopped by refused credentials after 32
+    # requests skipped the rest in no time, and they are no messages per second.
+    rate = end.attempted / end.elapsed if end.elapsed > 0 else 0.0
     parts = [f"{t.sent} sent", f"{t.failed} failed", f"{t.unknown} unknown"]
     skipped = t.skipped + t.invalid
     parts.append(f"{skipped} skipped" + (f" ({t.invalid} invalid)" if t.invalid else ""))
     line = f"{t.total} of {end.items} items: {', '.join(parts)}; {end.retries} retries"
-    line += f"; {end.finished} sends in {end.elapsed:.1f} s, {rate:.0f} messages/s"
+    line += (
+        f"; {end.attempted} attempted with {end.requests} requests in {end.elapsed:.1f} s, "
+        f"{rate:.0f} messages/s"
+    )
     if t.from_journal:
         line += f"; {t.from_journal} finished in an earlier run (from the journal)"
     console.err(line)

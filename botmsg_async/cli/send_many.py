@@ -16,9 +16,9 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from botmsg_async import (
     APIStatusError,
@@ -27,6 +27,7 @@ from botmsg_async import (
     InvalidResponseError,
     ItemResult,
     Outcome,
+    Progress,
     SendRequest,
     new_idempotency_key,
 )
@@ -38,6 +39,7 @@ from botmsg_async.journal import (
     JournalError,
     JournalState,
     JournalStore,
+    read_options,
     retry_later,
     settle,
 )
@@ -45,7 +47,16 @@ from botmsg_async.journal import (
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials, make_client, resolve_credentials
-from .input import BadRow, RowDefaults, Scan, Source, check_flags_text, parse, scan_input
+from .input import (
+    BadRow,
+    RowDefaults,
+    Scan,
+    Source,
+    check_flags_text,
+    ignored_columns,
+    parse,
+    scan_input,
+)
 from .results import Results, RunEnd, error_json, print_summary
 from .signals import run
 
@@ -125,8 +136,75 @@ def _validate_send_many_flags(args: argparse.Namespace) -> None:
                 )
 
 
+#: The options that shape the messages, which a journal records (format version 2)
+#: and --resume takes from it when they are not given: (attribute of args, flag).
+_RECORDED_OPTIONS: Final = (
+    ("format", "--format"),
+    ("text", "--text"),
+    ("subject", "--subject"),
+    ("sender_name", "--sender-name"),
+)
+
+
+def _job_options(args: argparse.Namespace, fmt: str, defaults: RowDefaults) -> dict[str, Any]:
+    """What the journal records of this job's options, for a later --resume."""
+    return {
+        "format": fmt,
+        "text": args.text,
+        "subject": args.subject,
+        "sender_name": args.sender_name,
+        "ignore_columns": sorted(defaults.ignore_columns),
+    }
+
+
+def _take_journal_options(args: argparse.Namespace) -> None:
+    """With --resume, take the options not given from the journal; refuse ones that differ.
+
+    A version 1 journal records only a hash of them (in its fingerprint), checked
+    when it is loaded, as before.
+
+    Raises:
+        UsageError: an option differs from the journal's, or the journal's are corrupt.
+    """
+    path: str = args.journal
+    try:
+        recorded = read_options(path)
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
+    if recorded is None:
+        return
+    for name, flag in _RECORDED_OPTIONS:
+        value = recorded.get(name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{path}: bad {name} {value!r} in its options; the journal is corrupt")
+        if name == "format" and value not in (None, "csv", "jsonl"):
+            raise UsageError(f"{path}: bad format {value!r} in its options; the journal is corrupt")
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, value)
+        elif given != value:
+            had = f"was given another {flag}" if value is not None else f"had no {flag}"
+            raise UsageError(
+                f"{flag} differs from the journal's: the run of {path} {had}, and resuming "
+                f"with another would send other messages; drop {flag} to use the journal's, "
+                "or start a new journal"
+            )
+    ignore = recorded.get("ignore_columns", [])
+    if not isinstance(ignore, list) or not all(isinstance(n, str) for n in ignore):
+        raise UsageError(
+            f"{path}: bad ignore_columns {ignore!r} in its options; the journal is corrupt"
+        )
+    if args.ignore_columns is None and ignore:
+        # Ignored columns never change a message (a field botmsg reads cannot be one).
+        args.ignore_columns = ",".join(ignore)
+
+
 def _open_journal(
-    args: argparse.Namespace, console: Console, scan: Scan, stack: contextlib.ExitStack
+    args: argparse.Namespace,
+    console: Console,
+    scan: Scan,
+    stack: contextlib.ExitStack,
+    options: dict[str, Any],
 ) -> tuple[JournalStore, JournalState | None]:
     """Open (and lock) the journal; with --resume, read what it says.
 
@@ -143,7 +221,11 @@ def _open_journal(
     # How many start records a power cut could take: none when each is fsynced first.
     window = 0 if args.durable else args.concurrency
     state = journal.begin(
-        fingerprint=scan.fingerprint, items=scan.items, window=window, resume=args.resume
+        fingerprint=scan.fingerprint,
+        items=scan.items,
+        window=window,
+        resume=args.resume,
+        options=options,
     )
     if state is not None and state.torn:
         console.err(
@@ -162,7 +244,12 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
     """
     check_flags_text(args, ("text", "subject", "sender_name"))
     _validate_send_many_flags(args)
-    defaults = RowDefaults(args.text, args.subject, args.sender_name)
+    if args.resume:
+        _take_journal_options(args)
+        check_flags_text(args, ("text", "subject", "sender_name"))  # a journal edited by hand
+    defaults = RowDefaults(
+        args.text, args.subject, args.sender_name, ignored_columns(args.ignore_columns)
+    )
     with contextlib.ExitStack() as stack:
         source = Source(args.input, stack)
         creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=args.input == "-")
@@ -189,7 +276,8 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         journal: JournalStore | None = None
         if args.journal:
             try:
-                journal, state = _open_journal(args, console, scan, stack)
+                options = _job_options(args, fmt, defaults)
+                journal, state = _open_journal(args, console, scan, stack, options)
             except JournalError as exc:
                 raise UsageError(str(exc)) from None
             except OSError as exc:
@@ -242,6 +330,10 @@ class SendMany:
         self.pending: dict[int, _Pending] = {}
         self.pulled = 0
         self.finished = 0  # results of this run's sends
+        self.attempted = 0  # of them, items attempted (not skipped)
+        self.requests = 0  # HTTP requests made for them
+        self.to_send = 0  # items this run will attempt, set when it begins
+        self.last_line_at = 0.0  # the batch's elapsed time at the last progress line
         self.stopped_by: BotMessageError | None = None
         self.stop_requested = False
         # --durable: items handed to the batch and not finished, and stream
@@ -336,8 +428,9 @@ class SendMany:
                             continue
                 # Items never tried, or certainly not delivered, get a fresh key; a
                 # deduplicating service could answer an old key with its old failure.
+                # A row's own key is the caller's choice: it is kept in every run.
                 in_doubt = key is not None
-                key = key or new_idempotency_key()
+                key = key or parsed.idempotency_key or new_idempotency_key()
                 self.pending[self.pulled] = _Pending(index, key, in_doubt=in_doubt)
                 self.pulled += 1
                 yield SendRequest(
@@ -442,6 +535,9 @@ class SendMany:
     def _emit(self, item: ItemResult) -> None:
         meta = self.pending.pop(item.index)
         self.finished += 1
+        self.requests += item.attempts
+        if item.outcome is not Outcome.SKIPPED:
+            self.attempted += 1
         outcome, error = self._settle(meta, item)
         self.results.emit(
             meta.index,
@@ -453,9 +549,47 @@ class SendMany:
             key=meta.key,
         )
 
+    def _progress_callback(self) -> Callable[[Progress], None] | None:
+        """What ``stream_many`` calls every ``--progress-interval`` seconds.
+
+        Without a terminal (a CI log, nohup, systemd), where no bar can be drawn:
+        a progress line on stderr. On a terminal the bar shows progress; a log
+        line too with ``--log-level INFO``.
+        """
+        if sys.stderr.isatty():
+            return self.console.progress_logger()
+        return self._progress_line
+
+    def _progress_line(self, progress: Progress) -> None:
+        """One progress line: done/total of the input, outcomes, rate and ETA.
+
+        The batch reports once more as it ends; the summary follows at once, so
+        that report is printed only if the last line is half an interval old.
+        """
+        if progress.elapsed - self.last_line_at < self.args.progress_interval / 2:
+            return
+        self.last_line_at = progress.elapsed
+        tally = self.results.tally
+        items = self.scan.items
+        percent = 100 * tally.total // items if items else 100
+        rate = progress.rate
+        left = max(self.to_send - progress.done, 0)
+        if not left:
+            eta = "0 s"
+        elif rate > 0:
+            eta = _duration(left / rate)
+        else:
+            eta = "unknown"
+        self.console.err(
+            f"progress: {tally.total}/{items} items done ({percent}%): {tally.sent} sent, "
+            f"{tally.failed} failed, {tally.unknown} unknown; {progress.in_flight} in flight, "
+            f"{progress.retries} retries; {rate:.0f} messages/s; ETA {eta}"
+        )
+
     async def run(self, creds: Credentials) -> int:
         """Send, write results, print the summary; return the exit code."""
         self._replay_journal()
+        self.to_send = self._to_send()
         items: Iterator[SendRequest] | AsyncIterator[SendRequest]
         items = self._durable_items() if self.args.durable else self._items()
         async with make_client(creds) as client, _closing(items):
@@ -466,13 +600,12 @@ class SendMany:
                     rate_limit=self.args.rate,
                     on_start=self._on_start,
                     on_result=self._on_result,
-                    # For logs of unattended runs (--log-level INFO): a line every 10 s.
-                    on_progress=self.console.progress_logger(),
-                    progress_interval=10.0,
+                    on_progress=self._progress_callback(),
+                    progress_interval=self.args.progress_interval,
                 )
             except InvalidRequestError as exc:
                 raise UsageError(str(exc)) from None
-            bar = Bar(self.console, self._to_send(), "sending")
+            bar = Bar(self.console, self.to_send, "sending")
             started = time.perf_counter()
             interrupted = False
             crash: BaseException | None = None
@@ -497,6 +630,8 @@ class SendMany:
                 end = RunEnd(
                     items=self.scan.items,
                     finished=self.finished,
+                    attempted=self.attempted,
+                    requests=self.requests,
                     elapsed=time.perf_counter() - started,
                     retries=stream.retries,
                     in_flight=len(self.pending),
@@ -515,6 +650,16 @@ class SendMany:
         if self.stop_requested:
             return EXIT_INTERRUPTED
         return self.results.tally.exit_code()
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for a human: ``45 s``, ``12 min 5 s``, ``3 h 20 min``."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 @contextlib.asynccontextmanager
