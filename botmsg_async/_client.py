@@ -519,14 +519,14 @@ class BotMessageClient:
         if state.attempt > 1 and policy.retry_count_header:
             headers[policy.retry_count_header] = str(state.attempt - 1)
         debug = log.isEnabledFor(logging.DEBUG)
-        begun = time.perf_counter() if debug else 0.0
+        begun = time.perf_counter()  # also the answer's ``elapsed``
         outcome = "no answer"
         try:
             try:
                 async with _http.open_post(
                     session, state.url, state.body, headers, timeout
                 ) as response:
-                    result = await _http.read_answer(response, state.plan.rules)
+                    result = await _http.read_answer(response, state.plan.rules, begun)
             except _http.TRANSPORT_ERRORS as exc:
                 raise _http.transport_error(exc, state.url) from exc
             outcome = "200"

@@ -11,7 +11,8 @@ from __future__ import annotations
 import email.utils
 import math
 import select
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
@@ -36,7 +37,7 @@ from ._errors import (
     UnexpectedStatusError,
     excerpt,
 )
-from ._models import SendResult, Status
+from ._models import NO_HEADERS, ResponseHeaders, SendResult, Status
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -45,6 +46,7 @@ __all__ = [
     "Secret",
     "attempt_timeout",
     "bounded_timeout",
+    "kept_headers",
     "new_session",
     "open_post",
     "parse_retry_after",
@@ -301,8 +303,74 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | No
     return bytes(chunks)
 
 
-async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> SendResult:
-    """What an answer means: a SUCCESS result, or the error the status table names."""
+#: Which answer headers results and errors keep (documented on ``SendResult.headers``;
+#: keep the two in step): ids a service's support asks for, and its rate-limit advice.
+_KEPT_PREFIXES = ("x-ratelimit-", "x-rate-limit-", "ratelimit", "retry-after")
+_KEPT_SUFFIXES = ("request-id", "requestid", "correlation-id", "trace-id")
+_KEPT_NAMES = frozenset({"cf-ray"})
+#: At most this many distinct headers kept: an answer cannot grow a result without bound.
+_MAX_KEPT = 32
+
+
+def kept_headers(headers: Mapping[str, str]) -> ResponseHeaders:
+    """The headers of an answer that results and errors carry, as a read-only copy.
+
+    Request and correlation ids and rate-limit advice (see ``SendResult.headers``);
+    a repeated header's values are joined with ``", "``. Total: any names and
+    values are accepted, at most 32 distinct headers kept.
+    """
+    # Most answers have none of them: a pass over the names alone settles that
+    # (about a third cheaper than reading every value as well).
+    for name in headers.keys():  # noqa: SIM118 - the names only, not a copy of each value
+        if _kept(name.lower()):
+            break
+    else:
+        return NO_HEADERS
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if not _kept(lower):
+            continue
+        if lower in kept:
+            kept[lower] = f"{kept[lower]}, {value}"
+        elif len(kept) < _MAX_KEPT:
+            kept[lower] = value
+    return ResponseHeaders(kept)
+
+
+def _kept(lower: str) -> bool:
+    return (
+        lower.startswith(_KEPT_PREFIXES) or lower.endswith(_KEPT_SUFFIXES) or lower in _KEPT_NAMES
+    )
+
+
+def _answered(
+    result: SendResult, status: int, elapsed: float, headers: ResponseHeaders
+) -> SendResult:
+    """``result`` with what the client knows of its exchange (one constructor call:
+    ``attrs.evolve`` costs twice as much on every send)."""
+    return SendResult(
+        result.status,
+        request_uuid=result.request_uuid,
+        message_uuid=result.message_uuid,
+        errors=result.errors,
+        warnings=result.warnings,
+        attempts=result.attempts,
+        http_status=status,
+        elapsed=elapsed,
+        headers=headers,
+    )
+
+
+async def read_answer(
+    response: aiohttp.ClientResponse, rules: AnswerRules, started: float
+) -> SendResult:
+    """What an answer means: a SUCCESS result, or the error the status table names.
+
+    The result, or the ``APIStatusError`` / ``InvalidResponseError``, carries the
+    HTTP status, the kept headers (``kept_headers``) and the seconds since
+    ``started`` (a ``time.perf_counter()`` reading taken before the request).
+    """
     status = response.status
     if 200 <= status < 300:
         try:
@@ -313,6 +381,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 f"HTTP {status} but the body was cut off ({exc.__class__.__name__}); "
                 "the message may or may not have been delivered",
             ) from exc
+        elapsed = time.perf_counter() - started
+        headers = kept_headers(response.headers)
         if body is None:
             raise InvalidResponseError(
                 f"HTTP {status} with a body over {rules.max_response_bytes} bytes; "
@@ -320,6 +390,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 status=status,
                 body_excerpt="",
                 problems=("body too large",),
+                headers=headers,
+                elapsed=elapsed,
             )
         try:
             result = _wire.decode_response(body)
@@ -330,7 +402,10 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 status=status,
                 body_excerpt=excerpt(body),
                 problems=exc.problems,
+                headers=headers,
+                elapsed=elapsed,
             ) from exc
+        result = _answered(result, status, elapsed, headers)
         if result.status is Status.SUCCESS:
             return result
         raise SendFailedError(result, transient=rules.classify(result))
@@ -339,6 +414,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
         body = await _read_body(response, rules.max_response_bytes)
     except (aiohttp.ClientError, TimeoutError):
         body = b""
+    elapsed = time.perf_counter() - started
+    headers = kept_headers(response.headers)
     text = excerpt(body) if body is not None else "[body too large, not read]"
     rule = status_rule(status, rules.not_processed)
     if rule is StatusRule.AUTH:
@@ -347,6 +424,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
             "check the username, the password and their rights",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     if rule is StatusRule.AMBIGUOUS:
         if 500 <= status < 600:
@@ -355,12 +434,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 "the message may or may not have been delivered",
                 status=status,
                 body_excerpt=text,
+                headers=headers,
+                elapsed=elapsed,
             )
         raise UnexpectedStatusError(
             f"HTTP {status}: an answer that does not say whether the message was "
             "processed; it may or may not have been delivered",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     if rule is StatusRule.REDIRECT:
         raise APIStatusError(
@@ -368,12 +451,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
             "followed, so credentials stay with this host; check base_url",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     if rule is StatusRule.REJECTED:
         raise APIStatusError(
             f"HTTP {status}: the service refused the request; check the request and base_url",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     # Not processed, worth retrying: 429, 408, 425, 503, or a status the policy names.
     retry_after = parse_retry_after(
@@ -386,12 +473,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
             status=status,
             retry_after=retry_after,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     raise APIStatusError(
         f"HTTP {status}: the service did not process the request; try again later",
         status=status,
         body_excerpt=text,
         retryable=True,
+        headers=headers,
+        elapsed=elapsed,
     )
 
 
