@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from ssl import SSLContext
 
 import aiohttp
 from attrs import define, evolve
@@ -44,9 +45,11 @@ __all__ = [
     "TRANSPORT_ERRORS",
     "AnswerRules",
     "Secret",
+    "SessionOptions",
     "attempt_timeout",
     "bounded_timeout",
     "kept_headers",
+    "merged_headers",
     "new_session",
     "open_post",
     "parse_retry_after",
@@ -88,22 +91,51 @@ def attempt_timeout(
     return bounded_timeout(aiohttp.ClientTimeout(total=total, connect=connect), total)
 
 
-def new_session(
-    *, max_connections: int | None, keepalive_timeout: float, timeout: aiohttp.ClientTimeout
-) -> aiohttp.ClientSession:
+@define(frozen=True)
+class SessionOptions:
+    """How the client's own session connects: its pool, TLS, proxy and tracing.
+
+    Each of these belongs to an ``aiohttp.ClientSession`` (or its connector): a
+    client lent a session by its caller cannot apply them, so it refuses them
+    (``changed()`` names those set) rather than ignore them.
+    """
+
+    max_connections: int | None = None
+    keepalive_timeout: float = 4.0
+    #: True: verify with the default trust store; False: do not verify; or a context.
+    ssl: SSLContext | bool = True
+    #: The proxy's URL, without credentials (the client sends those itself).
+    proxy: URL | None = None
+    trust_env: bool = False
+    trace_configs: tuple[aiohttp.TraceConfig, ...] = ()
+
+    def changed(self) -> list[str]:
+        """The options set to other than their default, by argument name."""
+        default = SessionOptions()
+        names = ("max_connections", "keepalive_timeout", "ssl", "proxy", "trust_env")
+        changed = [name for name in names if getattr(self, name) != getattr(default, name)]
+        if self.trace_configs:
+            changed.append("trace_configs")
+        return changed
+
+
+def new_session(options: SessionOptions, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     """A session over a pool that never lends a connection the server already closed."""
     connector = _LiveConnector(
-        limit=max_connections or 0,
+        limit=options.max_connections or 0,
         limit_per_host=0,
         ttl_dns_cache=300,
-        keepalive_timeout=keepalive_timeout,
+        keepalive_timeout=options.keepalive_timeout,
+        ssl=options.ssl,
     )
     return aiohttp.ClientSession(
         connector=connector,
         # Cookies play no part in this API; skipping them saves work per answer.
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=timeout,
-        trust_env=False,
+        proxy=options.proxy,
+        trust_env=options.trust_env,
+        trace_configs=list(options.trace_configs) or None,
     )
 
 
@@ -117,15 +149,24 @@ def open_post(
     body: bytes,
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
+    proxy_headers: dict[str, str] | None = None,
 ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
     """Start one attempt: the POST, as aiohttp's ``async with`` context (no redirects followed).
 
     Used as ``async with open_post(...) as response: await read_answer(response, rules)``
     inside ``except TRANSPORT_ERRORS as exc: raise transport_error(exc, url)``: the
     caller's own coroutine awaits aiohttp directly, one frame less on every wake-up of
-    every send than a wrapping coroutine would cost.
+    every send than a wrapping coroutine would cost. ``proxy_headers`` go to the
+    session's proxy only (on its ``CONNECT``).
     """
-    return session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    return session.post(
+        url,
+        data=body,
+        headers=headers,
+        timeout=timeout,
+        allow_redirects=False,
+        proxy_headers=proxy_headers,
+    )
 
 
 def transport_error(exc: BaseException, url: URL) -> BotMessageError:
@@ -139,6 +180,17 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
         return CertificateError(
             f"TLS verification of {url.host} failed: {_tls_reason(exc)}; "
             "the server's certificate is not trusted. Nothing was sent; not retried",
+        )
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return TransportError(
+            f"could not connect to the proxy {exc.host}:{exc.port}: "
+            f"{exc.os_error.__class__.__name__}; nothing was sent, check the proxy",
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # The proxy refused the tunnel (CONNECT): nothing reached the service.
+        return TransportError(
+            f"the proxy refused to connect to {url.host} (HTTP {exc.status}); "
+            "nothing was sent, check the proxy and its credentials",
         )
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return TransportError(
@@ -270,6 +322,16 @@ def _tls_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
     cause = exc.certificate_error
     reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
     return str(reason or cause.__class__.__name__)
+
+
+def merged_headers(base: dict[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ``extra`` added: an extra header replaces a base one of the same
+    name in any case (never both sent), and its value is shown ``'<redacted>'`` by
+    ``repr`` (it may be an API key)."""
+    replaced = {name.lower() for name in extra}
+    merged = {name: value for name, value in base.items() if name.lower() not in replaced}
+    merged.update((name, Secret(value)) for name, value in extra.items())
+    return merged
 
 
 class Secret(str):
