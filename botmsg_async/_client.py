@@ -8,11 +8,13 @@ means) is ``_http``'s job; input checks are ``_validate``'s; retry scheduling is
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from ssl import SSLContext
 from types import TracebackType
 from typing import Literal, Self
 from uuid import UUID
@@ -38,9 +40,11 @@ from ._retry import ATTEMPT_FLOOR, Retrier, RetryBudget, RetryEvent, RetryPolicy
 from ._validate import (
     MAX_TEXT_BYTES,
     check_base_url,
+    check_headers,
     check_id,
     check_idempotency_key,
     check_message,
+    check_proxy,
     id_text,
     new_idempotency_key,
 )
@@ -58,6 +62,50 @@ class _Plan:
     retrier: Retrier
     timeout: aiohttp.ClientTimeout
     rules: _http.AnswerRules
+
+
+#: Headers the client sets itself (lower-case), which extra headers cannot replace:
+#: the credentials (a proxy's come with its URL), the body's type and framing, and
+#: the idempotency key (the policy's own header names are added by ``_protected``).
+_OWN_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "idempotency-key",
+        "proxy-authorization",
+    }
+)
+
+
+def _protected(policy: RetryPolicy) -> frozenset[str]:
+    """The header names extra headers may not use with ``policy``, lower-case."""
+    names = {policy.idempotency_header.lower()}
+    if policy.retry_count_header:
+        names.add(policy.retry_count_header.lower())
+    return _OWN_HEADERS | names
+
+
+class _Shared:
+    """What a client shares with its ``with_options()`` views: one pool, one loop, one pause.
+
+    The session (created on first use by whichever of them comes first), the
+    event loop it lives on, whether the client that owns it was closed, and the
+    instant before which no attempt may start (a 429's Retry-After).
+    """
+
+    __slots__ = ("closed", "lent_session", "loop", "paused_until", "session")
+
+    def __init__(self, lent_session: aiohttp.ClientSession | None) -> None:
+        self.lent_session = lent_session
+        self.session: aiohttp.ClientSession | None = lent_session
+        # The loop of the first use: the pool's connections and timers live on it.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        # Instant (on the client's clock) before which no attempt may start: set by
+        # a 429's Retry-After so every send of this client waits, not just the one told.
+        self.paused_until = 0.0
 
 
 class _Send:
@@ -106,6 +154,54 @@ class _Send:
         self.last_error: BotMessageError | None = None
 
 
+def _session_options(
+    *,
+    max_connections: int | None,
+    keepalive_timeout: float,
+    proxy: URL | None,
+    ssl: object,
+    trust_env: object,
+    trace_configs: object,
+) -> _http.SessionOptions:
+    """Check the options of the client's own session, before any I/O."""
+    if max_connections is not None and max_connections < 1:
+        raise InvalidRequestError("max_connections", max_connections, "must be >= 1 or None")
+    if not keepalive_timeout > 0:  # also refuses NaN
+        raise InvalidRequestError("keepalive_timeout", keepalive_timeout, "must be > 0")
+    if not isinstance(ssl, SSLContext | bool):
+        raise InvalidRequestError(
+            "ssl", ssl, f"must be an ssl.SSLContext, True or False, not {type(ssl).__name__}"
+        )
+    if not isinstance(trust_env, bool):
+        raise InvalidRequestError("trust_env", trust_env, "must be True or False")
+    if not isinstance(trace_configs, Sequence) or not all(
+        isinstance(config, aiohttp.TraceConfig) for config in trace_configs
+    ):
+        raise InvalidRequestError(
+            "trace_configs", trace_configs, "must be a sequence of aiohttp.TraceConfig"
+        )
+    return _http.SessionOptions(
+        max_connections=max_connections,
+        keepalive_timeout=keepalive_timeout,
+        ssl=ssl,
+        proxy=proxy,
+        trust_env=trust_env,
+        trace_configs=tuple(trace_configs),
+    )
+
+
+def _proxy_authorization(user: str | None, password: str | None) -> str | None:
+    """The ``Proxy-Authorization`` value for a proxy URL's credentials, if it has any."""
+    if user is None:
+        return None
+    try:
+        return _http.Secret(aiohttp.encode_basic_auth(user, password or ""))
+    except ValueError:
+        raise InvalidRequestError(
+            "proxy", "<redacted>", "its user name must not contain ':' (RFC 7617)"
+        ) from None
+
+
 class BotMessageClient:
     """An asyncio client for the "send a bot message to a user" endpoint.
 
@@ -131,6 +227,30 @@ class BotMessageClient:
             client a ``RetryBudget()`` of its own.
         user_agent: Sent as ``User-Agent``.
         session: A session of your own. The client uses it and never closes it.
+            Options that belong to a session (``max_connections``,
+            ``keepalive_timeout``, ``proxy``, ``ssl``, ``trust_env``,
+            ``trace_configs``) are then refused with ``InvalidRequestError``:
+            set them on your session.
+        proxy: An ``http://`` or ``https://`` proxy every request goes through
+            (``CONNECT`` for https targets). Credentials in it
+            (``http://user:password@proxy:3128``) are sent as
+            ``Proxy-Authorization`` and never shown in a repr or an error.
+        ssl: An ``ssl.SSLContext`` (a private CA, a client certificate for mTLS),
+            or False to skip certificate verification (never in production).
+            Default True: verified against the system's trust store.
+        trust_env: Take proxy settings (``HTTPS_PROXY``, ``HTTP_PROXY``,
+            ``NO_PROXY``) and ``.netrc`` from the environment, as aiohttp does.
+        default_headers: Headers added to every request (a gateway's API key, a
+            tenant id). ``Accept`` and ``User-Agent`` may be replaced;
+            ``Authorization``, ``Proxy-Authorization`` (put a proxy's credentials
+            in ``proxy``), ``Content-Type``, ``Content-Length``,
+            ``Transfer-Encoding`` and the retry policy's idempotency and retry-count
+            headers may not, in any case (``InvalidRequestError`` names the header).
+            Values are never shown in reprs or errors.
+        trace_configs: ``aiohttp.TraceConfig`` objects for the client's session,
+            passed through as they are. Note that aiohttp hands their callbacks the
+            request's headers, ``Authorization`` (the Basic credentials) included:
+            never log those.
         allow_insecure_http: Permit ``http://`` to a host that is not loopback.
         message_defaults: Values for messages given as plain strings.
         max_response_bytes: Largest answer body read; a larger one is an error.
@@ -175,6 +295,11 @@ class BotMessageClient:
         on_retry: Callable[[RetryEvent], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        proxy: str | URL | None = None,
+        ssl: SSLContext | bool = True,
+        trust_env: bool = False,
+        default_headers: Mapping[str, str] | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         self._base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         self._base = str(self._base_url)
@@ -191,24 +316,54 @@ class BotMessageClient:
             raise InvalidRequestError(
                 "username", "<redacted>", "must not contain ':' (RFC 7617)"
             ) from None
-        if max_connections is not None and max_connections < 1:
-            raise InvalidRequestError("max_connections", max_connections, "must be >= 1 or None")
-        if not keepalive_timeout > 0:  # also refuses NaN
-            raise InvalidRequestError("keepalive_timeout", keepalive_timeout, "must be > 0")
         if max_response_bytes < 1:
             raise InvalidRequestError("max_response_bytes", max_response_bytes, "must be >= 1")
         if not isinstance(max_text_bytes, int) or max_text_bytes < 1:
             raise InvalidRequestError("max_text_bytes", max_text_bytes, "must be an int >= 1")
-        self._headers = {
+        proxy_url, proxy_user, proxy_password = (
+            check_proxy(proxy) if proxy is not None else (None, None, None)
+        )
+        self._session_options = _session_options(
+            max_connections=max_connections,
+            keepalive_timeout=keepalive_timeout,
+            proxy=proxy_url,
+            ssl=ssl,
+            trust_env=trust_env,
+            trace_configs=trace_configs,
+        )
+        if session is not None and (refused := self._session_options.changed()):
+            name = refused[0]
+            raise InvalidRequestError(
+                name,
+                getattr(self._session_options, name),  # proxy: its URL without credentials
+                "belongs to the session, and with session= the client uses yours as it is: "
+                "set it on your aiohttp.ClientSession (or its connector) instead",
+            )
+        self._retry = retry or RetryPolicy()
+        extra = check_headers("default_headers", default_headers or {}, _protected(self._retry))
+        if user_agent is not None and any(name.lower() == "user-agent" for name in extra):
+            raise InvalidRequestError(
+                "default_headers", "User-Agent", "is also given as user_agent=; pass one of them"
+            )
+        #: The caller's own headers, kept to check them again in ``with_options``.
+        self._extra_headers = extra
+        own = {
             "Authorization": _http.Secret(authorization),
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": user_agent or f"botmsg-async/{__version__}",
         }
+        # The proxy's credentials go to the proxy only: on the CONNECT that opens a
+        # tunnel for https://, on the request itself (which the proxy reads) for
+        # http://. Never in aiohttp's proxy URL, which its errors would show.
+        self._proxy_headers: dict[str, str] | None = None
+        if (proxy_authorization := _proxy_authorization(proxy_user, proxy_password)) is not None:
+            if self._base_url.scheme == "https":
+                self._proxy_headers = {"Proxy-Authorization": proxy_authorization}
+            else:
+                own["Proxy-Authorization"] = proxy_authorization
+        self._headers = _http.merged_headers(own, extra)
         self._timeout = timeout
-        self._max_connections = max_connections
-        self._keepalive_timeout = keepalive_timeout
-        self._retry = retry or RetryPolicy()
         self._clock = clock
         self._sleep = sleep
         self._budget = retry_budget if retry_budget is not None else RetryBudget(clock=clock)
@@ -217,27 +372,28 @@ class BotMessageClient:
         self._max_text_bytes = max_text_bytes
         self._on_retry = on_retry
         self._rate_limiter = rate_limiter
-        self._lent_session = session
-        self._session: aiohttp.ClientSession | None = session
-        # The loop of the first use: the pool's connections and timers live on it.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shared = _Shared(session)
+        #: Set on a ``with_options()`` view only: the client it shares everything with.
+        self._parent: BotMessageClient | None = None
+        # This client's own aclose(); a view is also closed when its parent is.
         self._closed = False
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
-        # Instant (on self._clock) before which no attempt may start: set by a
-        # 429's Retry-After so every send of this client waits, not just the one told.
-        self._paused_until = 0.0
         self._plans: dict[RetryPolicy, _Plan] = {}
         self._default_plan = self._plan_for(self._retry)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<BotMessageClient {self._base} {state}>"
+        state = "closed" if self.closed else "open"
+        view = " (view)" if self._parent is not None else ""
+        return f"<BotMessageClient {self._base} {state}{view}>"
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # Only a warning (``_warn`` bound early: module globals may be gone at
         # exit). Nothing is scheduled: the loop may be closed or busy elsewhere.
-        session = getattr(self, "_session", None)  # None too if __init__ failed early
-        if session is None or session is self._lent_session or self._closed:
+        shared = getattr(self, "_shared", None)  # None too if __init__ failed early
+        if shared is None or self._parent is not None:  # a view owns nothing
+            return
+        session = shared.session
+        if session is None or session is shared.lent_session or self._closed:
             return
         _warn(
             f"unclosed {self!r}: a BotMessageClient holds a connection pool until closed; "
@@ -264,18 +420,77 @@ class BotMessageClient:
         """Close the client and the session it owns; a second call does nothing.
 
         A session passed in as ``session=`` is left open: it is the caller's.
+        Closing a ``with_options()`` view closes that view only; closing the
+        client closes every view of it too.
         """
         if self._closed:
             return
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None and session is not self._lent_session:
+        if self._parent is not None:
+            return
+        shared = self._shared
+        shared.closed = True
+        session, shared.session = shared.session, None
+        if session is not None and session is not shared.lent_session:
             await session.close()
 
     @property
     def closed(self) -> bool:
-        """Whether ``aclose()`` was called."""
-        return self._closed
+        """Whether ``aclose()`` was called (on a view: on it, or on its client)."""
+        return self._closed or self._shared.closed
+
+    def with_options(
+        self,
+        *,
+        timeout: float | aiohttp.ClientTimeout | None = None,
+        retry: RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> BotMessageClient:
+        """A view of this client with other per-request options; all else is shared.
+
+        The view sends over the same session and connection pool, under the same
+        client-wide 429 pause, retry budget and rate limiter (one vendor account):
+        a 429 seen through the view pauses this client, and the other way round.
+        It is cheap (no new session); closing it (``aclose()``, ``async with``)
+        closes the view only, while closing this client closes every view of it.
+
+        Args:
+            timeout: The per-attempt timeout, as ``BotMessageClient(timeout=...)``;
+                None keeps this client's.
+            retry: The retry policy; None keeps this client's.
+            headers: Headers added to this client's ``default_headers`` (one of the
+                same name, in any case, replaced); the same names are refused.
+
+        Returns:
+            A ``BotMessageClient`` view.
+
+        Raises:
+            InvalidRequestError: a header that may not be set, or a bad one.
+            ClientClosedError: this client is closed.
+
+        Example:
+            >>> urgent = client.with_options(timeout=2.0, retry=RetryPolicy.none())
+            >>> await urgent.send(department_id, user_id, "The server room is on fire")
+        """
+        if self.closed:
+            raise ClientClosedError("this BotMessageClient is closed; create a new one")
+        policy = retry or self._retry
+        protected = _protected(policy)
+        extra = _http.merged_headers(
+            self._extra_headers, check_headers("headers", headers or {}, protected)
+        )
+        # Again as a whole: this client's own headers against a new policy's names.
+        check_headers("headers", extra, protected)
+        view = copy.copy(self)
+        view._parent = self._parent or self
+        view._closed = False
+        view._timeout = self._timeout if timeout is None else timeout
+        view._retry = policy
+        view._extra_headers = extra
+        view._headers = _http.merged_headers(self._headers, extra)
+        view._plans = {}
+        view._default_plan = view._plan_for(policy)
+        return view
 
     @property
     def retry_budget(self) -> RetryBudget | None:
@@ -291,7 +506,8 @@ class BotMessageClient:
         self._ensure_session()
 
     def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._closed:
+        shared = self._shared
+        if self._closed or shared.closed:
             raise ClientClosedError("this BotMessageClient is closed; create a new one")
         try:
             loop = asyncio.get_running_loop()
@@ -300,8 +516,8 @@ class BotMessageClient:
                 "this BotMessageClient was used with no running event loop; nothing was "
                 "sent. Use it from async code, inside asyncio.run"
             ) from None
-        if loop is not self._loop:
-            if self._loop is not None:
+        if loop is not shared.loop:
+            if shared.loop is not None:
                 # Its pooled connections and timers belong to the first loop (often
                 # closed by now): aiohttp would fail with "Event loop is closed".
                 raise WrongEventLoopError(
@@ -309,15 +525,11 @@ class BotMessageClient:
                     "sent. A client belongs to the event loop that first used it; create "
                     "one per loop, inside asyncio.run"
                 )
-            self._loop = loop
-        session = self._session
+            shared.loop = loop
+        session = shared.session
         if session is None:
-            session = _http.new_session(
-                max_connections=self._max_connections,
-                keepalive_timeout=self._keepalive_timeout,
-                timeout=self._default_plan.timeout,
-            )
-            self._session = session
+            session = _http.new_session(self._session_options, self._default_plan.timeout)
+            shared.session = session
         return session
 
     def _plan_for(self, policy: RetryPolicy) -> _Plan:
@@ -459,7 +671,8 @@ class BotMessageClient:
         Every send of this client waits it out before its next attempt; a
         batch waits it out before starting new items. 0 when there is none.
         """
-        return max(0.0, self._paused_until - self._clock()) if self._paused_until else 0.0
+        paused_until = self._shared.paused_until
+        return max(0.0, paused_until - self._clock()) if paused_until else 0.0
 
     async def wait_out_pause(self) -> None:
         """Sleep (on the client's own sleep) until the client-wide 429 pause ends.
@@ -492,10 +705,11 @@ class BotMessageClient:
     async def _attempt(self, state: _Send) -> SendResult:
         policy = state.policy
         limiter = self._rate_limiter
+        common = self._shared
         if limiter is not None and (shared := await limiter.paused_for()):
             # Another holder of the limiter was told to wait: so are we.
-            self._paused_until = max(self._paused_until, self._clock() + shared)
-        if self._paused_until:
+            common.paused_until = max(common.paused_until, self._clock() + shared)
+        if common.paused_until:
             await self._wait_for_pause(state)
         timeout = state.plan.timeout
         remaining = policy.deadline - (self._clock() - state.started)
@@ -505,7 +719,7 @@ class BotMessageClient:
             raise state.last_error
         if timeout.total is None or remaining < timeout.total:
             timeout = _http.bounded_timeout(timeout, max(remaining, 0.001))
-        session = self._session
+        session = common.session
         if self._closed or session is None or session.closed:
             # Closed while this send waited to retry (or its lent session was):
             # this attempt is not made, so nothing new can have been sent.
@@ -519,14 +733,14 @@ class BotMessageClient:
         if state.attempt > 1 and policy.retry_count_header:
             headers[policy.retry_count_header] = str(state.attempt - 1)
         debug = log.isEnabledFor(logging.DEBUG)
-        begun = time.perf_counter() if debug else 0.0
+        begun = time.perf_counter()  # also the answer's ``elapsed``
         outcome = "no answer"
         try:
             try:
                 async with _http.open_post(
-                    session, state.url, state.body, headers, timeout
+                    session, state.url, state.body, headers, timeout, self._proxy_headers
                 ) as response:
-                    result = await _http.read_answer(response, state.plan.rules)
+                    result = await _http.read_answer(response, state.plan.rules, begun)
             except _http.TRANSPORT_ERRORS as exc:
                 raise _http.transport_error(exc, state.url) from exc
             outcome = "200"
@@ -534,7 +748,7 @@ class BotMessageClient:
             outcome = str(exc.status)
             state.retry_after = exc.retry_after
             if exc.status == 429 and exc.retry_after:
-                self._paused_until = max(self._paused_until, self._clock() + exc.retry_after)
+                common.paused_until = max(common.paused_until, self._clock() + exc.retry_after)
                 if limiter is not None:
                     await limiter.pause(exc.retry_after)
             raise

@@ -40,7 +40,10 @@ in one place, ``_delivery``, not by the classes' names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from ._models import NO_HEADERS
 
 if TYPE_CHECKING:
     from ._models import SendResult
@@ -198,10 +201,15 @@ class APIStatusError(BotMessageError):
     """The service answered with a non-2xx HTTP status.
 
     Attributes:
-        status: The HTTP status code.
+        status: The HTTP status code (also as ``http_status``, as on ``SendResult``).
         body_excerpt: At most 500 characters of the answer's body.
         retryable: The status proves the message was not processed and is worth
             sending again (408, 425, 503, or a status the policy names).
+        headers: The answer's headers that matter (ids, rate limits, Retry-After),
+            read-only; the same selection as ``SendResult.headers``. Empty for an
+            error not read from an answer.
+        elapsed: Seconds the attempt that got this answer took (None when not
+            read from an answer).
     """
 
     def __init__(
@@ -211,6 +219,8 @@ class APIStatusError(BotMessageError):
         status: int,
         body_excerpt: str = "",
         retryable: bool = False,
+        headers: Mapping[str, str] = NO_HEADERS,
+        elapsed: float | None = None,
         department_uuid: str | None = None,
         user_uuid: str | None = None,
         attempts: int = 0,
@@ -221,6 +231,13 @@ class APIStatusError(BotMessageError):
         self.status = status
         self.body_excerpt = body_excerpt
         self.retryable = retryable
+        self.headers = headers
+        self.elapsed = elapsed
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status code (``status``), named as on ``SendResult``."""
+        return self.status
 
 
 class AuthenticationError(APIStatusError):
@@ -241,6 +258,8 @@ class RateLimitedError(APIStatusError):
         status: int,
         retry_after: float | None,
         body_excerpt: str = "",
+        headers: Mapping[str, str] = NO_HEADERS,
+        elapsed: float | None = None,
         department_uuid: str | None = None,
         user_uuid: str | None = None,
         attempts: int = 0,
@@ -250,6 +269,8 @@ class RateLimitedError(APIStatusError):
             status=status,
             body_excerpt=body_excerpt,
             retryable=True,
+            headers=headers,
+            elapsed=elapsed,
             department_uuid=department_uuid,
             user_uuid=user_uuid,
             attempts=attempts,
@@ -338,9 +359,11 @@ class InvalidResponseError(DeliveryUnknownError):
     """A 2xx answer whose body is not the documented JSON.
 
     Attributes:
-        status: The HTTP status code.
+        status: The HTTP status code (also as ``http_status``).
         body_excerpt: At most 500 characters of the body.
         problems: What was wrong with it, one line per problem.
+        headers: The answer's headers that matter, as on ``APIStatusError``.
+        elapsed: Seconds the attempt took, as on ``APIStatusError``.
     """
 
     def __init__(
@@ -350,6 +373,8 @@ class InvalidResponseError(DeliveryUnknownError):
         status: int,
         body_excerpt: str,
         problems: tuple[str, ...] = (),
+        headers: Mapping[str, str] = NO_HEADERS,
+        elapsed: float | None = None,
         department_uuid: str | None = None,
         user_uuid: str | None = None,
         attempts: int = 0,
@@ -360,6 +385,13 @@ class InvalidResponseError(DeliveryUnknownError):
         self.status = status
         self.body_excerpt = body_excerpt
         self.problems = problems
+        self.headers = headers
+        self.elapsed = elapsed
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status code (``status``), named as on ``SendResult``."""
+        return self.status
 
 
 class BatchStoppedError(BotMessageError):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import email.utils
 import math
 import select
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from ssl import SSLContext
 
 import aiohttp
 from attrs import define, evolve
@@ -36,15 +38,18 @@ from ._errors import (
     UnexpectedStatusError,
     excerpt,
 )
-from ._models import SendResult, Status
+from ._models import NO_HEADERS, ResponseHeaders, SendResult, Status
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "TRANSPORT_ERRORS",
     "AnswerRules",
     "Secret",
+    "SessionOptions",
     "attempt_timeout",
     "bounded_timeout",
+    "kept_headers",
+    "merged_headers",
     "new_session",
     "open_post",
     "parse_retry_after",
@@ -86,22 +91,51 @@ def attempt_timeout(
     return bounded_timeout(aiohttp.ClientTimeout(total=total, connect=connect), total)
 
 
-def new_session(
-    *, max_connections: int | None, keepalive_timeout: float, timeout: aiohttp.ClientTimeout
-) -> aiohttp.ClientSession:
+@define(frozen=True)
+class SessionOptions:
+    """How the client's own session connects: its pool, TLS, proxy and tracing.
+
+    Each of these belongs to an ``aiohttp.ClientSession`` (or its connector): a
+    client lent a session by its caller cannot apply them, so it refuses them
+    (``changed()`` names those set) rather than ignore them.
+    """
+
+    max_connections: int | None = None
+    keepalive_timeout: float = 4.0
+    #: True: verify with the default trust store; False: do not verify; or a context.
+    ssl: SSLContext | bool = True
+    #: The proxy's URL, without credentials (the client sends those itself).
+    proxy: URL | None = None
+    trust_env: bool = False
+    trace_configs: tuple[aiohttp.TraceConfig, ...] = ()
+
+    def changed(self) -> list[str]:
+        """The options set to other than their default, by argument name."""
+        default = SessionOptions()
+        names = ("max_connections", "keepalive_timeout", "ssl", "proxy", "trust_env")
+        changed = [name for name in names if getattr(self, name) != getattr(default, name)]
+        if self.trace_configs:
+            changed.append("trace_configs")
+        return changed
+
+
+def new_session(options: SessionOptions, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     """A session over a pool that never lends a connection the server already closed."""
     connector = _LiveConnector(
-        limit=max_connections or 0,
+        limit=options.max_connections or 0,
         limit_per_host=0,
         ttl_dns_cache=300,
-        keepalive_timeout=keepalive_timeout,
+        keepalive_timeout=options.keepalive_timeout,
+        ssl=options.ssl,
     )
     return aiohttp.ClientSession(
         connector=connector,
         # Cookies play no part in this API; skipping them saves work per answer.
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=timeout,
-        trust_env=False,
+        proxy=options.proxy,
+        trust_env=options.trust_env,
+        trace_configs=list(options.trace_configs) or None,
     )
 
 
@@ -115,15 +149,24 @@ def open_post(
     body: bytes,
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
+    proxy_headers: dict[str, str] | None = None,
 ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
     """Start one attempt: the POST, as aiohttp's ``async with`` context (no redirects followed).
 
     Used as ``async with open_post(...) as response: await read_answer(response, rules)``
     inside ``except TRANSPORT_ERRORS as exc: raise transport_error(exc, url)``: the
     caller's own coroutine awaits aiohttp directly, one frame less on every wake-up of
-    every send than a wrapping coroutine would cost.
+    every send than a wrapping coroutine would cost. ``proxy_headers`` go to the
+    session's proxy only (on its ``CONNECT``).
     """
-    return session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    return session.post(
+        url,
+        data=body,
+        headers=headers,
+        timeout=timeout,
+        allow_redirects=False,
+        proxy_headers=proxy_headers,
+    )
 
 
 def transport_error(exc: BaseException, url: URL) -> BotMessageError:
@@ -137,6 +180,17 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
         return CertificateError(
             f"TLS verification of {url.host} failed: {_tls_reason(exc)}; "
             "the server's certificate is not trusted. Nothing was sent; not retried",
+        )
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return TransportError(
+            f"could not connect to the proxy {exc.host}:{exc.port}: "
+            f"{exc.os_error.__class__.__name__}; nothing was sent, check the proxy",
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # The proxy refused the tunnel (CONNECT): nothing reached the service.
+        return TransportError(
+            f"the proxy refused to connect to {url.host} (HTTP {exc.status}); "
+            "nothing was sent, check the proxy and its credentials",
         )
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return TransportError(
@@ -270,6 +324,16 @@ def _tls_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
     return str(reason or cause.__class__.__name__)
 
 
+def merged_headers(base: dict[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ``extra`` added: an extra header replaces a base one of the same
+    name in any case (never both sent), and its value is shown ``'<redacted>'`` by
+    ``repr`` (it may be an API key)."""
+    replaced = {name.lower() for name in extra}
+    merged = {name: value for name, value in base.items() if name.lower() not in replaced}
+    merged.update((name, Secret(value)) for name, value in extra.items())
+    return merged
+
+
 class Secret(str):
     """A credential as text: sent as it is, shown as ``'<redacted>'`` by ``repr``.
 
@@ -301,8 +365,74 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | No
     return bytes(chunks)
 
 
-async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> SendResult:
-    """What an answer means: a SUCCESS result, or the error the status table names."""
+#: Which answer headers results and errors keep (documented on ``SendResult.headers``;
+#: keep the two in step): ids a service's support asks for, and its rate-limit advice.
+_KEPT_PREFIXES = ("x-ratelimit-", "x-rate-limit-", "ratelimit", "retry-after")
+_KEPT_SUFFIXES = ("request-id", "requestid", "correlation-id", "trace-id")
+_KEPT_NAMES = frozenset({"cf-ray"})
+#: At most this many distinct headers kept: an answer cannot grow a result without bound.
+_MAX_KEPT = 32
+
+
+def kept_headers(headers: Mapping[str, str]) -> ResponseHeaders:
+    """The headers of an answer that results and errors carry, as a read-only copy.
+
+    Request and correlation ids and rate-limit advice (see ``SendResult.headers``);
+    a repeated header's values are joined with ``", "``. Total: any names and
+    values are accepted, at most 32 distinct headers kept.
+    """
+    # Most answers have none of them: a pass over the names alone settles that
+    # (about a third cheaper than reading every value as well).
+    for name in headers.keys():  # noqa: SIM118 - the names only, not a copy of each value
+        if _kept(name.lower()):
+            break
+    else:
+        return NO_HEADERS
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if not _kept(lower):
+            continue
+        if lower in kept:
+            kept[lower] = f"{kept[lower]}, {value}"
+        elif len(kept) < _MAX_KEPT:
+            kept[lower] = value
+    return ResponseHeaders(kept)
+
+
+def _kept(lower: str) -> bool:
+    return (
+        lower.startswith(_KEPT_PREFIXES) or lower.endswith(_KEPT_SUFFIXES) or lower in _KEPT_NAMES
+    )
+
+
+def _answered(
+    result: SendResult, status: int, elapsed: float, headers: ResponseHeaders
+) -> SendResult:
+    """``result`` with what the client knows of its exchange (one constructor call:
+    ``attrs.evolve`` costs twice as much on every send)."""
+    return SendResult(
+        result.status,
+        request_uuid=result.request_uuid,
+        message_uuid=result.message_uuid,
+        errors=result.errors,
+        warnings=result.warnings,
+        attempts=result.attempts,
+        http_status=status,
+        elapsed=elapsed,
+        headers=headers,
+    )
+
+
+async def read_answer(
+    response: aiohttp.ClientResponse, rules: AnswerRules, started: float
+) -> SendResult:
+    """What an answer means: a SUCCESS result, or the error the status table names.
+
+    The result, or the ``APIStatusError`` / ``InvalidResponseError``, carries the
+    HTTP status, the kept headers (``kept_headers``) and the seconds since
+    ``started`` (a ``time.perf_counter()`` reading taken before the request).
+    """
     status = response.status
     if 200 <= status < 300:
         try:
@@ -313,6 +443,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 f"HTTP {status} but the body was cut off ({exc.__class__.__name__}); "
                 "the message may or may not have been delivered",
             ) from exc
+        elapsed = time.perf_counter() - started
+        headers = kept_headers(response.headers)
         if body is None:
             raise InvalidResponseError(
                 f"HTTP {status} with a body over {rules.max_response_bytes} bytes; "
@@ -320,6 +452,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 status=status,
                 body_excerpt="",
                 problems=("body too large",),
+                headers=headers,
+                elapsed=elapsed,
             )
         try:
             result = _wire.decode_response(body)
@@ -330,7 +464,10 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 status=status,
                 body_excerpt=excerpt(body),
                 problems=exc.problems,
+                headers=headers,
+                elapsed=elapsed,
             ) from exc
+        result = _answered(result, status, elapsed, headers)
         if result.status is Status.SUCCESS:
             return result
         raise SendFailedError(result, transient=rules.classify(result))
@@ -339,6 +476,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
         body = await _read_body(response, rules.max_response_bytes)
     except (aiohttp.ClientError, TimeoutError):
         body = b""
+    elapsed = time.perf_counter() - started
+    headers = kept_headers(response.headers)
     text = excerpt(body) if body is not None else "[body too large, not read]"
     rule = status_rule(status, rules.not_processed)
     if rule is StatusRule.AUTH:
@@ -347,6 +486,8 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
             "check the username, the password and their rights",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     if rule is StatusRule.AMBIGUOUS:
         if 500 <= status < 600:
@@ -355,12 +496,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
                 "the message may or may not have been delivered",
                 status=status,
                 body_excerpt=text,
+                headers=headers,
+                elapsed=elapsed,
             )
         raise UnexpectedStatusError(
             f"HTTP {status}: an answer that does not say whether the message was "
             "processed; it may or may not have been delivered",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     if rule is StatusRule.REDIRECT:
         raise APIStatusError(
@@ -368,12 +513,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
             "followed, so credentials stay with this host; check base_url",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     if rule is StatusRule.REJECTED:
         raise APIStatusError(
             f"HTTP {status}: the service refused the request; check the request and base_url",
             status=status,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     # Not processed, worth retrying: 429, 408, 425, 503, or a status the policy names.
     retry_after = parse_retry_after(
@@ -386,12 +535,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
             status=status,
             retry_after=retry_after,
             body_excerpt=text,
+            headers=headers,
+            elapsed=elapsed,
         )
     raise APIStatusError(
         f"HTTP {status}: the service did not process the request; try again later",
         status=status,
         body_excerpt=text,
         retryable=True,
+        headers=headers,
+        elapsed=elapsed,
     )
 
 

@@ -7,6 +7,8 @@ Plain frozen attrs classes in snake_case. They know nothing of the wire format
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Mapping
+from typing import Any
 from uuid import UUID
 
 from attrs import define, field
@@ -16,6 +18,7 @@ __all__ = [
     "ApiWarning",
     "MessageDefaults",
     "Outcome",
+    "ResponseHeaders",
     "SendRequest",
     "SendResult",
     "Status",
@@ -130,6 +133,48 @@ class ApiWarning:
     description: str | None = None
 
 
+class ResponseHeaders(Mapping[str, str]):
+    """A read-only copy of some of an answer's headers.
+
+    Names are kept lower-case and looked up case-insensitively
+    (``headers["X-Request-Id"]`` and ``headers["x-request-id"]`` are the same);
+    a header that came more than once holds its values joined by ``", "``.
+    Which headers the client keeps is documented on ``SendResult.headers``.
+    Hashable, picklable, and equal to any mapping with the same items.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = (
+            {name.lower(): value for name, value in items.items()} if items else {}
+        )
+
+    def __getitem__(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise KeyError(name)
+        return self._items[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({self._items!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ResponseHeaders, (self._items,))
+
+
+#: The headers of a result that came with none worth keeping (shared: it cannot change).
+NO_HEADERS = ResponseHeaders()
+
+
 @define(frozen=True)
 class SendResult:
     """The service's answer to one send.
@@ -141,6 +186,19 @@ class SendResult:
         errors: Why the send failed (empty on success).
         warnings: Anything the service wants the caller to know.
         attempts: How many HTTP attempts this send took (1 when no retry was needed).
+        http_status: The HTTP status of the answer (None for a result not read
+            from an answer, e.g. one built by hand).
+        elapsed: Seconds the answered attempt took, from the request to the end
+            of its body (None when not read from an answer).
+        headers: The answer's headers that matter to callers, read-only: request
+            and correlation ids (names ending in ``request-id``, ``requestid``,
+            ``correlation-id``, ``trace-id``; ``cf-ray``) and what the service
+            says of rate limits (``x-ratelimit-*``, ``x-rate-limit-*``,
+            ``ratelimit*``, ``retry-after``, ``retry-after-ms``); at most 32 of
+            them. No other header, never ``Set-Cookie``.
+
+    ``http_status``, ``elapsed`` and ``headers`` describe the exchange, not the
+    service's answer: they take no part in ``==`` or ``hash``.
     """
 
     status: Status
@@ -149,3 +207,6 @@ class SendResult:
     errors: tuple[ApiError, ...] = field(default=(), kw_only=True)
     warnings: tuple[ApiWarning, ...] = field(default=(), kw_only=True)
     attempts: int = field(default=1, kw_only=True)
+    http_status: int | None = field(default=None, kw_only=True, eq=False)
+    elapsed: float | None = field(default=None, kw_only=True, eq=False)
+    headers: Mapping[str, str] = field(default=NO_HEADERS, kw_only=True, eq=False)

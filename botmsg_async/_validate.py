@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Collection, Mapping
 from urllib.parse import quote
 from uuid import UUID
 
@@ -20,9 +21,11 @@ from ._models import MessageDefaults, SendRequest, TextMessage
 __all__ = [
     "MAX_TEXT_BYTES",
     "check_base_url",
+    "check_headers",
     "check_id",
     "check_idempotency_key",
     "check_message",
+    "check_proxy",
     "check_request",
     "id_text",
     "new_idempotency_key",
@@ -224,6 +227,88 @@ def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) ->
             "use https:// or pass allow_insecure_http=True",
         )
     return trimmed
+
+
+def check_proxy(proxy: str | URL) -> tuple[URL, str | None, str | None]:
+    """Split an HTTP(S) proxy URL into the URL without credentials, the user and password.
+
+    Total over any text, like ``check_base_url``; the credentials are never echoed
+    (an error shows the URL with its userinfo as ``<redacted>``).
+
+    Returns:
+        The proxy's URL without userinfo, its user name and its password (None
+        when absent), to be sent as ``Proxy-Authorization``.
+
+    Raises:
+        InvalidRequestError: not an absolute ``http://`` or ``https://`` URL with a
+            host and no path, query or fragment.
+    """
+    if not isinstance(proxy, str | URL):
+        raise InvalidRequestError(
+            "proxy", proxy, f"must be a str or yarl.URL, not {type(proxy).__name__}"
+        )
+    try:
+        url = URL(proxy) if isinstance(proxy, str) else proxy
+        user, password = url.user, url.password
+        bare = url.with_user(None)
+        scheme, host, _ = bare.scheme, bare.host, bare.port
+        has_extra = bool(bare.path not in ("", "/") or bare.query_string or bare.fragment)
+        shown = str(bare)
+    except Exception:
+        # Whatever yarl raises means one thing: no usable URL. Never echoed:
+        # the text may hold a password.
+        raise InvalidRequestError(
+            "proxy", "<redacted>", "is not a valid URL; check the host and port"
+        ) from None
+    if user is not None or password is not None:
+        shown = shown.replace("://", "://<redacted>@", 1)
+    if scheme not in ("http", "https") or not host:
+        raise InvalidRequestError(
+            "proxy", shown, "must be an absolute http:// or https:// URL with a host"
+        )
+    if has_extra:
+        raise InvalidRequestError("proxy", shown, "must not have a path, query or fragment")
+    return bare, user, password
+
+
+#: A header name: an RFC 9110 token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def check_headers(field: str, headers: object, protected: Collection[str]) -> dict[str, str]:
+    """Return extra request headers as a plain dict, or raise ``InvalidRequestError``.
+
+    Names must be RFC 9110 tokens and values ``str`` with no CR, LF or NUL (no
+    header injection); ``protected`` names (lower-case: the client's own, e.g.
+    ``authorization``) are refused whatever their case. Values are never echoed
+    (they may be API keys): an error names the header only.
+    """
+    if not isinstance(headers, Mapping):
+        raise InvalidRequestError(
+            field, headers, f"must be a mapping of names to values, not {type(headers).__name__}"
+        )
+    checked: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
+            raise InvalidRequestError(field, name, "is not a valid header name")
+        lower = name.lower()
+        if lower in protected:
+            raise InvalidRequestError(
+                field,
+                name,
+                "is set by the client itself and cannot be overridden "
+                f"(nor can {', '.join(sorted(protected))})",
+            )
+        if lower in seen:
+            raise InvalidRequestError(field, name, "is given twice (header names ignore case)")
+        seen.add(lower)
+        if not isinstance(value, str) or any(ch in value for ch in "\r\n\0"):
+            raise InvalidRequestError(
+                field, name, "must have a str value without CR, LF or NUL (value not shown)"
+            )
+        checked[name] = value
+    return checked
 
 
 def _is_loopback(host: str) -> bool:

@@ -196,7 +196,11 @@ def _make_converter() -> cattrs.Converter:
         SendResult,
         errors=override(struct_hook=_null_is_empty(ApiError)),
         warnings=override(struct_hook=_null_is_empty(ApiWarning)),
+        # What the client knows of the exchange, never read from the body.
         attempts=override(omit=True),
+        http_status=override(omit=True),
+        elapsed=override(omit=True),
+        headers=override(omit=True),
     )
     conv.register_structure_hook(
         SendResult, _structure_fn(SendResult, conv, result_overrides, strict=False)

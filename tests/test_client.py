@@ -56,7 +56,7 @@ async def test_constructed_outside_a_loop() -> None:
         return BotMessageClient("https://api.example.com", USERNAME, PASSWORD)
 
     client = await asyncio.get_running_loop().run_in_executor(None, build)
-    assert client._session is None
+    assert client._shared.session is None
     await client.aclose()
 
 
@@ -66,7 +66,7 @@ async def test_close_is_idempotent_and_final(
     """aclose() twice is fine; a closed client refuses sends and re-entry."""
     client = make_client(server.base_url)
     await client.send(DEPT, USER, "hello")
-    session = client._session
+    session = client._shared.session
     await client.aclose()
     await client.aclose()
     assert session is not None

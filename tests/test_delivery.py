@@ -40,7 +40,7 @@ from botmsg_async._delivery import (
     stops_batch,
     trips_breaker,
 )
-from botmsg_async._models import ApiError
+from botmsg_async._models import ApiError, ResponseHeaders
 
 NOT_PROCESSED_FINAL_4XX = [400, 404, 409, 410, 413, 415, 422, 451, 499]
 
@@ -241,7 +241,14 @@ def test_breaker_counts_service_failures_only() -> None:
 
 
 def _every_public_error() -> list[BotMessageError]:
-    result = SendResult(Status.FAILURE, errors=(ApiError("E", "why", "uid"),))
+    ids = ResponseHeaders({"X-Request-Id": "req-1", "Retry-After": "2"})
+    result = SendResult(
+        Status.FAILURE,
+        errors=(ApiError("E", "why", "uid"),),
+        http_status=200,
+        elapsed=0.25,
+        headers=ids,
+    )
     unknown = DeliveryUnknownError("maybe", department_uuid="d", user_uuid="u", attempts=2)
     unknown.idempotency_key = "key-1"
     unknown.final_error = AuthenticationError("no", status=401, body_excerpt="b")
@@ -251,16 +258,26 @@ def _every_public_error() -> list[BotMessageError]:
         ClientClosedError("closed"),
         WrongEventLoopError("second loop"),
         SendFailedError(result, transient=True, department_uuid="d", user_uuid="u", attempts=3),
-        APIStatusError("x", status=404, body_excerpt="nf", retryable=False, attempts=1),
+        APIStatusError(
+            "x",
+            status=404,
+            body_excerpt="nf",
+            retryable=False,
+            attempts=1,
+            headers=ids,
+            elapsed=1.5,
+        ),
         AuthenticationError("x", status=401, body_excerpt="b"),
-        RateLimitedError("x", status=429, retry_after=2.5, body_excerpt="slow"),
-        ServerError("x", status=502, body_excerpt="<html>"),
+        RateLimitedError("x", status=429, retry_after=2.5, body_excerpt="slow", headers=ids),
+        ServerError("x", status=502, body_excerpt="<html>", elapsed=0.5),
         UnexpectedStatusError("x", status=303, body_excerpt=""),
         TransportError("x", department_uuid="d", user_uuid="u", attempts=4),
         CertificateError("x"),
         ResponseLostError("x", attempts=1),
         unknown,
-        InvalidResponseError("x", status=200, body_excerpt="{", problems=("cut",)),
+        InvalidResponseError(
+            "x", status=200, body_excerpt="{", problems=("cut",), headers=ids, elapsed=0.1
+        ),
         BatchStoppedError("stop", reason="consecutive_failures", last_error=TransportError("t")),
         BatchFailedError(failed=1, unknown=2, skipped=3),
     ]
@@ -275,6 +292,10 @@ def _same(a: BaseException, b: BaseException) -> None:
         other = vars(b)[name]
         if isinstance(value, BaseException):
             _same(value, other)
+        elif isinstance(value, SendResult):  # == ignores the exchange's metadata
+            assert value == other
+            assert (value.http_status, value.elapsed) == (other.http_status, other.elapsed)
+            assert value.headers == other.headers
         else:
             assert value == other, name
 

@@ -89,7 +89,7 @@ def test_a_client_opened_with_no_running_loop_says_so() -> None:
     client = BotMessageClient("https://api.example.com", USERNAME, PASSWORD)
     with pytest.raises(WrongEventLoopError, match="no running event loop"):
         client.ensure_open()
-    assert client._session is None
+    assert client._shared.session is None
 
 
 def test_a_second_event_loop_is_classified_like_a_closed_client() -> None:
