@@ -122,23 +122,27 @@ class _SendWatch:
         self, attempt: int, status: int | None, error: BaseException | None, duration: float
     ) -> None:
         self._last_status = status
-        attributes: dict[str, AttributeValue] = {
-            "botmsg.attempt": attempt,
-            "botmsg.attempt.wait": self._next_wait,
-            "botmsg.attempt.duration": duration,
-        }
+        error_type = _error_type(error) if error is not None else None
         metric_attributes: dict[str, AttributeValue] = {
             "botmsg.status_class": _status_class(status)
         }
-        if attempt > 1:
-            attributes["http.request.resend_count"] = attempt - 1
-        if status is not None:
-            attributes["http.response.status_code"] = status
-        if error is not None:
-            attributes["error.type"] = metric_attributes["error.type"] = _error_type(error)
-        self._next_wait = 0.0
-        self._span.add_event("botmsg.attempt", attributes)
+        if error_type is not None:
+            metric_attributes["error.type"] = error_type
         self._telemetry._attempts.add(1, metric_attributes)
+        if self._span.is_recording():  # a sampled-out span would drop the event anyway
+            attributes: dict[str, AttributeValue] = {
+                "botmsg.attempt": attempt,
+                "botmsg.attempt.wait": self._next_wait,
+                "botmsg.attempt.duration": duration,
+            }
+            if attempt > 1:
+                attributes["http.request.resend_count"] = attempt - 1
+            if status is not None:
+                attributes["http.response.status_code"] = status
+            if error_type is not None:
+                attributes["error.type"] = error_type
+            self._span.add_event("botmsg.attempt", attributes)
+        self._next_wait = 0.0
 
     def retry_scheduled(self, attempt: int, wait: float, error: BaseException) -> None:
         self._next_wait = wait

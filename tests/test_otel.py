@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 from botmsg_async import (
@@ -30,7 +31,7 @@ from botmsg_async import (
 )
 from botmsg_async.otel import Telemetry
 
-from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, Sleeps, answer, slow
+from .conftest import DEPT, PASSWORD, USER, ScriptedServer, Sleeps, answer, slow
 
 TEXT = "the message text, never recorded"
 ROUTE = "/communications/department/{department_uuid}/user/{user_uuid}/botmessage/send"
@@ -360,6 +361,25 @@ async def test_a_cancelled_send_ends_its_span(
     assert recorded.points("botmsg.client.active_sends") == {frozenset(): 0}
 
 
+async def test_sampled_out_sends_record_metrics_and_no_spans(
+    server: ScriptedServer, make_client: Callable[..., BotMessageClient]
+) -> None:
+    """With a sampler that drops every span, the metrics still count each send and retry."""
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rec = Recorded()
+    rec.telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=rec.meter_provider)
+    server.script = [answer(503, {"error": "busy"})]
+    async with make_client(server.base_url, telemetry=rec.telemetry) as client:
+        await client.send(DEPT, USER, TEXT)
+    assert exporter.get_finished_spans() == ()
+    assert rec.points("botmsg.client.sends") == {attrs(botmsg__outcome="sent"): 1}
+    assert rec.points("botmsg.client.retries") == {attrs(error__type="APIStatusError"): 1}
+    rec.meter_provider.shutdown()
+    tracer_provider.shutdown()
+
+
 def test_the_default_path_never_imports_opentelemetry(tmp_path: Any) -> None:
     """Without telemetry, import, send and send_many load no opentelemetry module."""
     script = textwrap.dedent(
@@ -386,6 +406,3 @@ def test_the_default_path_never_imports_opentelemetry(tmp_path: Any) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
-
-
-__all__ = ["USERNAME"]
