@@ -29,6 +29,7 @@ from botmsg_async import (
     TextMessage,
     TransportError,
 )
+from botmsg_async._observe import Observer
 from botmsg_async.otel import Telemetry
 
 from .conftest import DEPT, PASSWORD, USER, ScriptedServer, Sleeps, answer, slow
@@ -406,3 +407,18 @@ def test_the_default_path_never_imports_opentelemetry(tmp_path: Any) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_telemetry_is_an_observer() -> None:
+    """Telemetry meets the client's Observer protocol (mypy checks the assignment)."""
+    observer: Observer = Telemetry(tracer_provider=TracerProvider(), meter_provider=MeterProvider())
+    assert repr(observer) == "<botmsg_async.otel.Telemetry>"
+
+
+def test_the_overhead_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/telemetry_overhead.py runs its variants and prints a line for each."""
+    from benchmarks.telemetry_overhead import main
+
+    assert main(["--sends", "20", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["off", "noop", "otel"]
