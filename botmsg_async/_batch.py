@@ -31,6 +31,7 @@ from ._report import BatchReport, Counts, ItemResult, Progress, Tally
 from ._validate import id_text, new_idempotency_key
 
 if TYPE_CHECKING:
+    from ._observe import Observer
     from ._retry import RetryPolicy
 
 __all__ = ["BatchOptions", "BatchStream", "Items", "Sender", "collect"]
@@ -142,9 +143,19 @@ class BatchStream:
     again, and so does a cancelled read (it may be the consumer's end); a later
     read raises ``RuntimeError``. Inside ``async with``, a ``break`` leaves the
     stream running, to be read on.
+
+    ``telemetry`` (the client's) is told when the batch starts and ends, and of
+    the time its own rate limits hold items back.
     """
 
-    def __init__(self, sender: Sender, items: Items, options: BatchOptions) -> None:
+    def __init__(
+        self,
+        sender: Sender,
+        items: Items,
+        options: BatchOptions,
+        *,
+        telemetry: Observer | None = None,
+    ) -> None:
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[ItemLike] | None = aiter(items)
             self._iter: Iterator[ItemLike] | None = None
@@ -155,6 +166,7 @@ class BatchStream:
             raise InvalidRequestError("items", items, "must be an iterable or async iterable")
         self._sender = sender
         self.options = options
+        self._telemetry = telemetry
         self._concurrency = options.concurrency
         self._limiter = (
             LocalRateLimiter(options.rate_limit, options.per_department_rate_limit)
@@ -215,7 +227,7 @@ class BatchStream:
         if self._runner is None:
             self._sender.ensure_open()  # a closed client fails here, before any read
             self._started = time.perf_counter()
-            self._runner = asyncio.create_task(self._run())
+            self._runner = asyncio.create_task(self._observed_run())
         if self._queue.empty() and self._runner.done():
             item: object = _DONE
         else:
@@ -273,7 +285,7 @@ class BatchStream:
         self._sender.ensure_open()
         self._started = time.perf_counter()
         self._sink = sink
-        self._runner = asyncio.create_task(self._run())
+        self._runner = asyncio.create_task(self._observed_run())
         await self._runner
         self._finished = True
 
@@ -327,6 +339,31 @@ class BatchStream:
         return Progress(tally.counts(), self.in_flight, tally.retries, self.elapsed)
 
     # -- worker side -------------------------------------------------------------
+
+    async def _observed_run(self) -> None:
+        """``_run``, inside the telemetry's batch (its span is current for every worker)."""
+        telemetry = self._telemetry
+        if telemetry is None:
+            await self._run()
+            return
+        watch = telemetry.batch_started(
+            "send_many" if self._sink is not None else "stream_many", self._concurrency
+        )
+        error: BaseException | None = None
+        try:
+            await self._run()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            tally = self._tally
+            counts = {
+                Outcome.SENT: tally.sent,
+                Outcome.FAILED: tally.failed,
+                Outcome.UNKNOWN: tally.unknown,
+                Outcome.SKIPPED: tally.skipped,
+            }
+            watch.batch_finished(counts, tally.retries, self.stopped_by, error)
 
     async def _run(self) -> None:
         try:
@@ -480,7 +517,12 @@ class BatchStream:
         sender = self._sender
         while True:
             if self._limiter is not None:
-                await self._limiter.acquire(department_uuid)
+                if self._telemetry is None:
+                    await self._limiter.acquire(department_uuid)
+                else:
+                    began = time.perf_counter()
+                    await self._limiter.acquire(department_uuid)
+                    self._telemetry.limiter_waited(time.perf_counter() - began)
             pause = sender.pause_remaining()
             if pause <= 0 or self.stopped_by is not None:
                 return

@@ -25,6 +25,7 @@ from yarl import URL
 
 from . import _http, _wire
 from ._batch import BatchOptions, BatchStream, Items, collect
+from ._delivery import outcome_of
 from ._errors import (
     BotMessageError,
     ClientClosedError,
@@ -34,7 +35,8 @@ from ._errors import (
     WrongEventLoopError,
 )
 from ._limits import RateLimiter
-from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
+from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
+from ._observe import Observer, SendObservation
 from ._report import BatchReport, ItemResult, Progress
 from ._retry import ATTEMPT_FLOOR, Retrier, RetryBudget, RetryEvent, RetryPolicy, spread
 from ._validate import (
@@ -124,6 +126,7 @@ class _Send:
         "started",
         "url",
         "user_uuid",
+        "watch",
     )
 
     def __init__(
@@ -152,6 +155,26 @@ class _Send:
         self.maybe_delivered = False
         #: The failure being retried, while the retry engine waits.
         self.last_error: BotMessageError | None = None
+        #: The telemetry's view of this send (None: no telemetry).
+        self.watch: SendObservation | None = None
+
+
+def _log_fields(
+    state: _Send, attempt: int, status: int | None, outcome: str | None
+) -> dict[str, object]:
+    """The ``extra`` of a log record about one send: fields a JSON formatter can emit as is.
+
+    The same keys on every record about a send (None where not known yet), and
+    never the message text or a credential.
+    """
+    return {
+        "department_uuid": state.department_uuid,
+        "user_uuid": state.user_uuid,
+        "idempotency_key": state.idempotency_key,
+        "attempt": attempt,
+        "status": status,
+        "outcome": outcome,
+    }
 
 
 def _session_options(
@@ -262,6 +285,9 @@ class BotMessageClient:
             all. A batch's own ``rate_limit`` applies on top: the stricter wins.
             ``LocalRateLimiter`` is the in-process one.
         on_retry: Called with a ``RetryEvent`` before each retry's wait.
+        telemetry: Told of every send, attempt, retry and batch:
+            ``botmsg_async.otel.Telemetry`` records them as OpenTelemetry spans
+            and metrics (the ``otel`` extra). None (default): nothing is recorded.
         sleep: How to wait (tests pass a fake to never wait for real).
         clock: Monotonic clock for deadlines (tests may pass a fake).
 
@@ -293,6 +319,7 @@ class BotMessageClient:
         max_text_bytes: int = MAX_TEXT_BYTES,
         rate_limiter: RateLimiter | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
+        telemetry: Observer | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         proxy: str | URL | None = None,
@@ -371,6 +398,7 @@ class BotMessageClient:
         self._max_response_bytes = max_response_bytes
         self._max_text_bytes = max_text_bytes
         self._on_retry = on_retry
+        self._telemetry = telemetry
         self._rate_limiter = rate_limiter
         self._shared = _Shared(session)
         #: Set on a ``with_options()`` view only: the client it shares everything with.
@@ -563,14 +591,18 @@ class BotMessageClient:
             state.maybe_delivered = True
         state.retry_after = None
         state.last_error = exc if isinstance(exc, BotMessageError) else None
-        log.debug(
-            "retrying department=%s user=%s after attempt %d in %.3f s: %s",
-            state.department_uuid,
-            state.user_uuid,
-            attempt,
-            wait,
-            exc,
-        )
+        if state.watch is not None:
+            state.watch.retry_scheduled(attempt, wait, exc)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "retrying department=%s user=%s after attempt %d in %.3f s: %s",
+                state.department_uuid,
+                state.user_uuid,
+                attempt,
+                wait,
+                exc,
+                extra=_log_fields(state, attempt, getattr(exc, "status", None), None),
+            )
         if self._on_retry is not None:
             self._on_retry(RetryEvent(state.department_uuid, state.user_uuid, attempt, wait, exc))
 
@@ -617,6 +649,8 @@ class BotMessageClient:
         text = check_message(message, self._defaults, self._max_text_bytes)
         check_idempotency_key(idempotency_key)
         self._ensure_session()
+        telemetry = self._telemetry
+        queued = time.perf_counter() if telemetry is not None else 0.0
         if self._rate_limiter is not None:
             # Before the deadline starts: a wait for a slot is not time lost to retries.
             await self._rate_limiter.acquire(department_uuid)
@@ -631,16 +665,50 @@ class BotMessageClient:
         )
         if self._budget is not None:
             self._budget.deposit()
+        if telemetry is not None:
+            state.watch = telemetry.send_started(
+                department_uuid,
+                user_uuid,
+                state.idempotency_key,
+                self._base_url,
+                time.perf_counter() - queued if self._rate_limiter is not None else None,
+            )
         try:
             try:
-                return await self._attempt(state)
+                result = await self._attempt(state)
             except BotMessageError as first:
-                return await state.plan.retrier.retry(first, self._attempt, state)
+                result = await state.plan.retrier.retry(first, self._attempt, state)
         except BotMessageError as exc:
             settled = self._settled(exc, state)
+            self._ended(state, settled)
             if settled is exc:
                 raise
             raise settled from exc
+        except BaseException as exc:  # cancelled (or a callback raised): no outcome
+            if state.watch is not None:
+                state.watch.send_finished(None, state.attempt, exc)
+            raise
+        if state.watch is not None:
+            state.watch.send_finished(Outcome.SENT, state.attempt, None)
+        return result
+
+    def _ended(self, state: _Send, error: BotMessageError) -> None:
+        """Tell the telemetry and the log how a send that raises ``error`` ended."""
+        outcome = outcome_of(error, state.attempt)
+        if state.watch is not None:
+            state.watch.send_finished(outcome, state.attempt, error)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "send to department=%s user=%s ended %s after %d attempt(s): %s",
+                state.department_uuid,
+                state.user_uuid,
+                outcome.value,
+                state.attempt,
+                type(error).__name__,
+                extra=_log_fields(
+                    state, state.attempt, getattr(error, "status", None), outcome.value
+                ),
+            )
 
     def _settled(self, exc: BotMessageError, state: _Send) -> BotMessageError:
         """The error a send ends with, told which message it concerns (the one place)."""
@@ -734,36 +802,46 @@ class BotMessageClient:
             headers[policy.retry_count_header] = str(state.attempt - 1)
         debug = log.isEnabledFor(logging.DEBUG)
         begun = time.perf_counter()  # also the answer's ``elapsed``
-        outcome = "no answer"
+        timed = debug or state.watch is not None
+        status: int | None = None  # of the answer, once one came
+        error: BaseException | None = None
         try:
             try:
                 async with _http.open_post(
                     session, state.url, state.body, headers, timeout, self._proxy_headers
                 ) as response:
+                    status = response.status
                     result = await _http.read_answer(response, state.plan.rules, begun)
             except _http.TRANSPORT_ERRORS as exc:
                 raise _http.transport_error(exc, state.url) from exc
-            outcome = "200"
         except RateLimitedError as exc:
-            outcome = str(exc.status)
+            error = exc
             state.retry_after = exc.retry_after
             if exc.status == 429 and exc.retry_after:
                 common.paused_until = max(common.paused_until, self._clock() + exc.retry_after)
                 if limiter is not None:
                     await limiter.pause(exc.retry_after)
             raise
-        except BotMessageError as exc:
-            outcome = str(getattr(exc, "status", None) or "no answer")
+        except BaseException as exc:  # a BotMessageError, or cancelled mid-attempt
+            error = exc
             raise
         finally:
-            if debug:
-                log.debug(
-                    "POST %s -> %s in %.1f ms (attempt %d)",
-                    state.url.path,
-                    outcome,
-                    (time.perf_counter() - begun) * 1000,
-                    state.attempt,
-                )
+            if timed:
+                duration = time.perf_counter() - begun
+                if state.watch is not None:
+                    state.watch.attempt_finished(state.attempt, status, error, duration)
+                if debug:
+                    log.debug(
+                        "POST %s -> %s in %.1f ms (attempt %d)",
+                        state.url.path,
+                        status or "no answer",
+                        duration * 1000,
+                        state.attempt,
+                        # A SUCCESS answer settles the send; a failure may yet be retried.
+                        extra=_log_fields(
+                            state, state.attempt, status, "sent" if error is None else None
+                        ),
+                    )
         if state.attempt != 1:
             result = evolve(result, attempts=state.attempt)
         return result
@@ -808,7 +886,7 @@ class BotMessageClient:
             stop_after_consecutive_failures=stop_after_consecutive_failures,
             max_pause=max_pause,
         )
-        return BatchStream(self, items, options)
+        return BatchStream(self, items, options, telemetry=self._telemetry)
 
     async def send_many(
         self,
