@@ -12,6 +12,7 @@ from .common import ENV_BASE_URL, ENV_PASSWORD, ENV_USERNAME, UsageError
 from .offline import cmd_demo, cmd_fake_server
 from .send import cmd_send
 from .send_many import cmd_send_many
+from .workers import parse_workers
 
 __all__ = ["build_parser", "check_no_password_argument"]
 
@@ -113,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--text", "-t", help="one text for every row (instead of a text column)")
     many.add_argument("--concurrency", "-c", type=_positive_int, default=32, help="default: 32")
     many.add_argument("--rate", type=float, help="most messages per second (default: no limit)")
+    many.add_argument(
+        "--per-department-rate",
+        type=float,
+        help="most messages per second to one department (default: no limit)",
+    )
+    many.add_argument(
+        "--workers",
+        type=parse_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sending as one job; auto: one per usable core (default: 1)",
+    )
+    # Each rate-limit grant appended to FILE (for audits and the tests of the limits).
+    many.add_argument("--grant-log", metavar="FILE", help=argparse.SUPPRESS)
     many.add_argument("--out", "-o", metavar="FILE", help="one JSON line per item; - for stdout")
     many.add_argument("--journal", metavar="FILE", help="crash-safe progress file")
     many.add_argument("--resume", action="store_true", help="continue the run of --journal")
