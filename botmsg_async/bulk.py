@@ -340,9 +340,55 @@ class WorkerConfig:
     fingerprint: str = ""
     items: int = 0
     durable: bool = False
+    #: Whether the segment records outcomes too. Without a journal, start records
+    #: alone tell what a dead worker had started; an item it finished without
+    #: reporting is then unknown, never resent.
+    record_outcomes: bool = True
     limiter_fd: int = -1
     grant_log: str | None = None
     use_uvloop: bool = True
+
+
+# Plain tuples on the wire: pickling an attrs class with slots builds a dict per
+# object, several microseconds per item each way.
+_Wire = tuple[int, str, str, "str | tuple[Any, ...]", str, bool]
+
+
+def _to_wire(item: WorkItem) -> _Wire:
+    message = item.message
+    packed: str | tuple[Any, ...] = (
+        message
+        if isinstance(message, str)
+        else (
+            message.body,
+            message.subject,
+            message.sender_name,
+            message.recipient_communication_value,
+            message.type,
+            message.purpose,
+            message.is_manual,
+        )
+    )
+    return (item.index, item.department_uuid, item.user_uuid, packed, item.key, item.in_doubt)
+
+
+def _from_wire(wire: _Wire) -> WorkItem:
+    index, department_uuid, user_uuid, packed, key, in_doubt = wire
+    message: str | TextMessage
+    if isinstance(packed, str):
+        message = packed
+    else:
+        body, subject, sender_name, value, kind, purpose, manual = packed
+        message = TextMessage(
+            body,
+            subject=subject,
+            sender_name=sender_name,
+            recipient_communication_value=value,
+            type=kind,
+            purpose=purpose,
+            is_manual=manual,
+        )
+    return WorkItem(index, department_uuid, user_uuid, message, key, in_doubt)
 
 
 def _describe(error: BotMessageError | None) -> str | None:
@@ -473,7 +519,7 @@ class _Worker:
                 message = self.conn.recv()
                 kind = message[0]
                 if kind == "items":
-                    self.buffer.extend(message[1])
+                    self.buffer.extend(map(_from_wire, message[1]))
                     self.requested = False
                 elif kind == "end":
                     self.ended = True
@@ -528,7 +574,7 @@ class _Worker:
         if note is not None:
             error_text = f"{note}; this run's resend: {error_text}"
         message_uuid = result.result.message_uuid if result.result is not None else None
-        if meta.started:
+        if meta.started and self.config.record_outcomes:
             # Never-started items get no record: a resumed run sends them, and an
             # item in doubt from an earlier run stays so.
             self.journal.outcome(
@@ -567,7 +613,25 @@ class _Worker:
         self.flush_scheduled = False
         if self.outbox:
             outbox, self.outbox = self.outbox, []
-            self._send(("results", outbox))
+            self._send(
+                (
+                    "results",
+                    [
+                        (
+                            r.index,
+                            r.department_uuid,
+                            r.user_uuid,
+                            r.outcome,
+                            r.message_uuid,
+                            r.error,
+                            r.key,
+                            r.attempts,
+                            r.journal_error,
+                        )
+                        for r in outbox
+                    ],
+                )
+            )
 
     async def run(self) -> None:
         config = self.config
@@ -625,7 +689,7 @@ class _Worker:
             self.journal.close()
             self._flush()
             left = [*self.buffer, *(m.item for m in self.pending.values())]
-            self._send(("done", retries, left))
+            self._send(("done", retries, [_to_wire(item) for item in left]))
 
     def _drain(self) -> None:
         self.stopping = True
@@ -1046,7 +1110,7 @@ class ParallelSend:
                 process.wants = False
                 for item in chunk:
                     process.outstanding[item.index] = item
-                self._post(process, ("items", chunk))
+                self._post(process, ("items", [_to_wire(item) for item in chunk]))
             elif self._exhausted():
                 process.wants = False
                 self._post(process, ("end",))
@@ -1076,9 +1140,10 @@ class ParallelSend:
         if kind == "more":
             process.wants = True
         elif kind == "results":
-            for item in message[1]:
-                process.outstanding.pop(item.index, None)
-                self._emit(item)
+            for wire in message[1]:
+                result = ParallelItem(*wire)
+                process.outstanding.pop(result.index, None)
+                self._emit(result)
         elif kind == "stopped":
             if self.stopped_by is None:
                 self.stopped_by = message[1]
@@ -1087,7 +1152,7 @@ class ParallelSend:
         elif kind == "done":
             process.done = True
             process.retries = message[1]
-            for item in message[2]:
+            for item in map(_from_wire, message[2]):
                 if process.outstanding.pop(item.index, None) is not None:
                     process.returned.append(item)
 
@@ -1223,6 +1288,7 @@ class ParallelSend:
                 fingerprint=config.fingerprint,
                 items=config.items,
                 durable=config.durable,
+                record_outcomes=self._journal is not None,
                 limiter_fd=limiter_fd,
                 grant_log=config.grant_log,
                 use_uvloop=config.use_uvloop,
