@@ -492,3 +492,66 @@ async def test_send_parallel_from_python() -> None:
     assert report.counts.sent == 100
     assert [item.index for item in report.results] == list(range(100))
     assert svc.received == 100
+
+
+@pytest.mark.slow
+async def test_second_signal_abandons_in_flight_sends(tmp_path: Path) -> None:
+    """A second SIGTERM abandons sends in flight: exit 130, no process left, them unknown."""
+    n = 200
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    hold = asyncio.Event()
+    stalled = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        stalled.set()
+        await hold.wait()
+        return web.json_response({}, status=503)
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)  # one send stays in flight until the end
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "2", "--journal", str(journal),
+            "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)
+        hold.set()
+        assert code == 130, err
+        assert await gone(pids, within=5)
+        out = tmp_path / "out.jsonl"
+        code, err = await botmsg(
+            base_url, str(source), "--journal", str(journal), "--resume", "--out", str(out)
+        )
+    assert code == 3, err
+    outcomes = check_accounting(svc, out, n)
+    assert Counter(outcomes.values())["unknown"] >= 1
+
+
+async def test_each_start_is_recorded_before_its_send(tmp_path: Path) -> None:
+    """With --durable (group commit in the workers), each key is in a segment on arrival."""
+    n = 300
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    missing: list[str] = []
+
+    async def check(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        segments = b"".join(
+            part.read_bytes()
+            for part in tmp_path.glob("journal.part-*")  # noqa: ASYNC240
+        )
+        if f'"key":"{key}"'.encode() not in segments:
+            missing.append(key)
+        return web.json_response({"requestUuid": key, "status": "SUCCESS", "messageUuid": key})
+
+    async with serving_send(check) as base_url:
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--durable", "--journal", str(journal)
+        )
+    assert code == 0, err
+    assert missing == []
+    assert sum(starts_by_segment(journal)) == n
