@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from botmsg_async.bulk import ProcessRateLimiter, send_parallel
+from botmsg_async.cli.workers import WORKER_GLIBC_TUNABLES
 from tests.conftest import serving_send
 from tests.test_cli import read_jsonl, write_csv
 
@@ -204,6 +205,10 @@ async def test_a_fast_worker_takes_more(tmp_path: Path) -> None:
             "--out", str(out),
         )  # fmt: skip
         pids = await worker_pids(process, 2)
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")  # noqa: ASYNC240
+        # glibc rewrites the variable in place as it parses it: its first tunable stays.
+        first = WORKER_GLIBC_TUNABLES.split(":")[0]
+        assert any(e.startswith(f"GLIBC_TUNABLES={first}".encode()) for e in environ)
         await svc.when_received(1).wait()
         os.kill(pids[0], signal.SIGSTOP)
         try:
@@ -555,3 +560,32 @@ async def test_each_start_is_recorded_before_its_send(tmp_path: Path) -> None:
     assert code == 0, err
     assert missing == []
     assert sum(starts_by_segment(journal)) == n
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (("--workers", "0"), "--workers: must be at least 1"),
+        (("--workers", "many"), "--workers: must be a number or 'auto'"),
+        (("--per-department-rate", "0"), "--per-department-rate must be more than 0"),
+    ],
+)
+async def test_bad_worker_flags_send_nothing(
+    tmp_path: Path, flags: tuple[str, ...], problem: str
+) -> None:
+    """A bad --workers or --per-department-rate is a usage error (exit 2), nothing sent."""
+    source = items(tmp_path, 10)
+    async with service() as (svc, base_url):
+        code, err = await botmsg(base_url, str(source), *flags)
+    assert code == 2
+    assert problem in err
+    assert svc.requests == 0
+
+
+async def test_per_department_rate_in_one_process(tmp_path: Path) -> None:
+    """Without --workers, --per-department-rate is the batch's per_department_rate_limit."""
+    source = items(tmp_path, 40, departments=2)
+    async with service() as (svc, base_url):
+        code, err = await botmsg(base_url, str(source), "--per-department-rate", "1000")
+    assert code == 0, err
+    assert svc.received == 40
