@@ -1309,6 +1309,8 @@ class ParallelSend:
 
     def _ended(self, process: _Process) -> None:
         process.exited = True
+        # Items routed to it and not yet handed over go to their departments' new owners.
+        self._backlog.extendleft(reversed(self._routed.pop(process.number, ())))
         with contextlib.suppress(OSError):
             process.conn.close()
         code = process.popen.wait()

@@ -108,8 +108,16 @@ async def start(base_url: str, *args: str) -> asyncio.subprocess.Process:
 
 async def finish(process: asyncio.subprocess.Process) -> tuple[int, str]:
     assert process.stderr is not None
-    err = await asyncio.wait_for(process.stderr.read(), TIMEOUT)
-    code = await asyncio.wait_for(process.wait(), TIMEOUT)
+    try:
+        err = await asyncio.wait_for(process.stderr.read(), TIMEOUT)
+        code = await asyncio.wait_for(process.wait(), TIMEOUT)
+    except TimeoutError:
+        # A hung run fails its test, and leaves no process behind.
+        for pid in [*children(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await process.wait()
+        raise
     assert PASSWORD.encode() not in err
     return code, err.decode()
 
@@ -384,8 +392,19 @@ async def test_parent_killed_then_resumed(tmp_path: Path, share: float) -> None:
     assert (code == 3) == ("unknown" in outcomes.values())
 
 
-@pytest.mark.parametrize("share", KILL_POINTS)
-async def test_worker_killed_then_resumed(tmp_path: Path, share: float) -> None:
+ROUTED = pytest.param(0.5, ("--per-department-rate", "100000"), id="50%-routed")
+
+
+@pytest.mark.parametrize(
+    ("share", "flags"),
+    [
+        *(pytest.param(p.values[0], (), id=p.id, marks=p.marks) for p in KILL_POINTS),
+        pytest.param(*ROUTED.values, id=ROUTED.id, marks=pytest.mark.slow),
+    ],
+)
+async def test_worker_killed_then_resumed(
+    tmp_path: Path, share: float, flags: tuple[str, ...]
+) -> None:
     """SIGKILL of one worker: the other takes its unstarted items; a resume settles all."""
     n = 1000
     source = items(tmp_path, n)
@@ -395,7 +414,7 @@ async def test_worker_killed_then_resumed(tmp_path: Path, share: float) -> None:
     async with service() as (svc, base_url):
         process = await start(
             base_url, str(source), "--workers", "2", "-c", "16", "--journal", str(journal),
-            "--out", str(first),
+            "--out", str(first), *flags,
         )  # fmt: skip
         pids = await worker_pids(process, 2)
         await asyncio.wait_for(svc.when_received(int(n * share)).wait(), TIMEOUT)
