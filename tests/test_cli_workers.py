@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -136,6 +136,16 @@ def children(pid: int) -> list[int]:
                 if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                     found.append(int(entry))
     return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    """Whatever a test started is gone after it, even when the test failed midway."""
+    yield
+    for pid in children(os.getpid()):
+        for process in [*children(pid), pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -541,8 +551,13 @@ async def test_second_signal_abandons_in_flight_sends(tmp_path: Path) -> None:
         pids = await worker_pids(process, 2)
         await asyncio.wait_for(stalled.wait(), TIMEOUT)
         process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        # The second signal once the first is handled (two at once would be one).
+        said = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+        assert b"stopping" in said
         process.send_signal(signal.SIGTERM)
         code, err = await finish(process)
+        assert "interrupted" in err
         hold.set()
         assert code == 130, err
         assert await gone(pids, within=5)
