@@ -851,6 +851,7 @@ class JournalSet:
         """
         segments = self.segments_of(self.path)
         if segments and not resume:
+            self.main.discard()
             raise JournalError(
                 f"{self.path}: segments of an earlier run exist ({segments[0][2]}...): "
                 "pass --resume to continue it, or remove them"
@@ -897,7 +898,8 @@ class JournalSet:
         parts: list[tuple[int, str, JournalState]],
         group: list[int],
     ) -> None:
-        best: dict[int, int] = {}  # item -> part that speaks for it in this run
+        # Item -> the part that speaks for it in this run: four bytes per item.
+        best = array.array("i", [-1]) * combined.items
         for p in group:
             part = parts[p][2]
             torn = set(part.torn_in_doubt)
@@ -906,10 +908,12 @@ class JournalSet:
                 state = states[index]
                 if state == NEW or index in torn:
                     continue
-                other = best.get(index)
-                if other is None or parts[other][2].states[index] in _FRESH:
+                other = best[index]
+                if other < 0 or parts[other][2].states[index] in _FRESH:
                     best[index] = p
-        for index, p in best.items():
+        for index, p in enumerate(best):
+            if p < 0:
+                continue
             run, _, part = parts[p]
             new = part.states[index]
             previous = combined.states[index]
