@@ -478,6 +478,7 @@ class _Worker:
         self.stopping = False
         self.parent_gone = False
         self.wakeup = asyncio.Event()
+        self.stopped = asyncio.Event()
         self.pending: dict[int, _Meta] = {}  # stream index -> item
         self.by_key: dict[str, _Meta] = {}
         self.pulled = 0
@@ -513,7 +514,7 @@ class _Worker:
 
     def _parent_died(self) -> None:
         self.parent_gone = True
-        self.stopping = True
+        self.stop()
         self.wakeup.set()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.conn.fileno())
@@ -529,9 +530,9 @@ class _Worker:
                 elif kind == "end":
                     self.ended = True
                 elif kind == "stop":
-                    self.stopping = True
+                    self.stop()
                 elif kind == "abandon" and self.main is not None:
-                    self.stopping = True
+                    self.stop()
                     self.main.cancel()
                 self.wakeup.set()
         except (EOFError, OSError):
@@ -701,7 +702,12 @@ class _Worker:
             self._send(("done", retries, [_to_wire(item) for item in left]))
 
     def _drain(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Start nothing new: waits for a slot or a pause end now, not at their end."""
         self.stopping = True
+        self.stopped.set()
         self.wakeup.set()
 
 
@@ -720,14 +726,17 @@ class _WorkerSender:
 
     async def _admit(self, department_uuid: str) -> None:
         limiter = self._limiter
-        while True:
+        stopped = self._worker.stopped
+        while not stopped.is_set():
             if limiter.rate or limiter.per_department_rate:
                 await limiter.acquire(department_uuid)
             pause = await limiter.paused_for()
             if pause <= 0:
                 return
-            # A slot taken before or during a pause is taken again after it.
-            await asyncio.sleep(pause)
+            # A slot taken before or during a pause is taken again after it. A stop
+            # (another worker's refused credentials, a signal) ends the wait at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), pause)
 
     async def send(
         self,
@@ -753,7 +762,12 @@ class _WorkerSender:
                 worker.sync.written += 1
                 await worker.sync.wait(worker.sync.written)
         else:
-            await self._admit(department_uuid)  # a resend after a 429: a new slot
+            # A resend after a 429 (which proved the message was not processed).
+            if worker.stopping:
+                raise _JobStoppingError("not sent again after a 429: the job is stopping")
+            await self._admit(department_uuid)  # a new slot
+            if worker.stopping:
+                raise _JobStoppingError("not sent again after a 429: the job is stopping")
         return await self._client.send(
             department_uuid, user_uuid, message, retry=retry, idempotency_key=idempotency_key
         )
@@ -762,10 +776,15 @@ class _WorkerSender:
         self._client.ensure_open()
 
     def pause_remaining(self) -> float:
-        return self._client.pause_remaining()
+        # Stopping: nothing waits for the pause; what the batch then tries to
+        # start (or to send again) is refused at once by ``send``.
+        return 0.0 if self._worker.stopping else self._client.pause_remaining()
 
     async def wait_out_pause(self) -> None:
-        await self._client.wait_out_pause()
+        wait = self.pause_remaining()
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._worker.stopped.wait(), wait)
 
 
 def _worker_main(fd: int) -> int:

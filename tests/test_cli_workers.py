@@ -623,3 +623,33 @@ async def test_per_department_rate_in_one_process(tmp_path: Path) -> None:
         code, err = await botmsg(base_url, str(source), "--per-department-rate", "1000")
     assert code == 0, err
     assert svc.received == 40
+
+
+async def test_a_stop_ends_the_wait_for_a_429_pause(tmp_path: Path) -> None:
+    """SIGTERM during a 30 s shared pause drains at once; the resume sends the rest."""
+    n = 100
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    told = asyncio.Event()
+
+    async def throttle(request: web.Request) -> web.Response:
+        told.set()
+        return web.json_response({}, status=429, headers={"Retry-After": "30"})
+
+    async with service() as (svc, base_url):
+        svc.script.append(throttle)
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "2", "--journal", str(journal),
+            "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        await asyncio.wait_for(told.wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        code, err = await asyncio.wait_for(finish(process), 20)  # well before the pause ends
+        assert code == 130, err
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(out),
+        )  # fmt: skip
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
