@@ -345,10 +345,11 @@ class WorkerConfig:
     fingerprint: str = ""
     items: int = 0
     durable: bool = False
-    #: Whether the segment records outcomes too. Without a journal, start records
-    #: alone tell what a dead worker had started; an item it finished without
-    #: reporting is then unknown, never resent.
-    record_outcomes: bool = True
+    #: Without a journal: a shared map of one byte per item, set before the item's
+    #: first attempt, to tell what a dead worker had started (no system call per
+    #: item, unlike a segment); an item it finished without reporting is then
+    #: unknown, never resent. -1 with a journal (its segment says it all).
+    started_fd: int = -1
     limiter_fd: int = -1
     grant_log: str | None = None
     use_uvloop: bool = True
@@ -494,8 +495,13 @@ class _Worker:
         self.secrets = sorted(
             {s for s in (pair, config.password, token) if len(s) >= 4}, key=len, reverse=True
         )
-        self.journal = FileJournal(config.segment, redact=self._redact)
-        self.sync = _GroupSync(self.journal)
+        self.journal: FileJournal | None = None
+        self.started: mmap.mmap | None = None
+        if config.started_fd >= 0:
+            self.started = mmap.mmap(config.started_fd, max(1, config.items))
+        else:
+            self.journal = FileJournal(config.segment, redact=self._redact)
+        self.sync = _GroupSync(self.journal) if self.journal is not None else None
 
     def _redact(self, text: str) -> str:
         # An error text is the server's, and a server may echo the password.
@@ -580,7 +586,7 @@ class _Worker:
         if note is not None:
             error_text = f"{note}; this run's resend: {error_text}"
         message_uuid = result.result.message_uuid if result.result is not None else None
-        if meta.started and self.config.record_outcomes:
+        if meta.started and self.journal is not None:
             # Never-started items get no record: a resumed run sends them, and an
             # item in doubt from an earlier run stays so.
             self.journal.outcome(
@@ -649,12 +655,13 @@ class _Worker:
         loop.add_reader(self.conn.fileno(), self._on_readable)
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGTERM, self._drain)
-        self.journal.begin(
-            fingerprint=config.fingerprint,
-            items=config.items,
-            window=0 if config.durable else config.concurrency,
-            resume=False,
-        )
+        if self.journal is not None:
+            self.journal.begin(
+                fingerprint=config.fingerprint,
+                items=config.items,
+                window=0 if config.durable else config.concurrency,
+                resume=False,
+            )
         limiter = ProcessRateLimiter(
             config.limiter_fd,
             rate=config.rate_limit,
@@ -696,7 +703,10 @@ class _Worker:
                 retries = stream.retries
         finally:
             limiter.close()
-            self.journal.close()
+            if self.journal is not None:
+                self.journal.close()
+            if self.started is not None:
+                self.started.close()
             self._flush()
             left = [*self.buffer, *(m.item for m in self.pending.values())]
             self._send(("done", retries, [_to_wire(item) for item in left]))
@@ -756,9 +766,13 @@ class _WorkerSender:
                 await self._admit(department_uuid)
             if worker.stopping:
                 raise _JobStoppingError("not attempted: the job is stopping")
-            worker.journal.start(meta.item.index, meta.item.key)
+            if worker.journal is not None:
+                worker.journal.start(meta.item.index, meta.item.key)
+            else:
+                assert worker.started is not None
+                worker.started[meta.item.index] = 1
             meta.started = True
-            if worker.config.durable:
+            if worker.sync is not None and worker.config.durable:
                 worker.sync.written += 1
                 await worker.sync.wait(worker.sync.written)
         else:
@@ -1053,6 +1067,8 @@ class ParallelSend:
         self.counts = {o.value: 0 for o in Outcome}
         self.not_started = 0
         self.in_flight = 0
+        self._started_fd = -1
+        self._started: mmap.mmap | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -1199,6 +1215,15 @@ class ParallelSend:
         process.returned.clear()
         if not left:
             return
+        if self._started is not None:
+            unstarted = []
+            for index, item in sorted(left.items()):
+                if self._started[index]:
+                    self._emit(self._unknown(item, WORKER_DIED_NOTE))
+                else:
+                    unstarted.append(item)  # its key was never used
+            self._requeue(unstarted)
+            return
         if not os.path.exists(process.segment):
             self._requeue(list(left.values()))  # it died before it could start any
             return
@@ -1299,7 +1324,8 @@ class ParallelSend:
         env = {**os.environ, **self._env}
         popen = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-c", _WORKER_CODE, str(theirs.fileno())],
-            pass_fds=(theirs.fileno(), limiter_fd),
+            pass_fds=(theirs.fileno(), limiter_fd)
+            + ((self._started_fd,) if self._started_fd >= 0 else ()),
             env=env,
             stdin=subprocess.DEVNULL,
         )
@@ -1322,7 +1348,7 @@ class ParallelSend:
                 fingerprint=config.fingerprint,
                 items=config.items,
                 durable=config.durable,
-                record_outcomes=self._journal is not None,
+                started_fd=self._started_fd,
                 limiter_fd=limiter_fd,
                 grant_log=config.grant_log,
                 use_uvloop=config.use_uvloop,
@@ -1355,8 +1381,13 @@ class ParallelSend:
             if self._journal is not None:
                 segment_of: Callable[[int], str] = self._journal.segment
             else:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="botmsg-"))
-                segment_of = lambda n: os.path.join(tmp, f"part-{n:04d}")  # noqa: E731
+                segment_of = str  # unused: the workers mark starts in a shared map
+                with tempfile.TemporaryFile() as f:
+                    f.truncate(max(1, self._config.items))  # sparse: zeros, no disk
+                    self._started_fd = os.dup(f.fileno())
+                stack.callback(os.close, self._started_fd)
+                self._started = mmap.mmap(self._started_fd, max(1, self._config.items))
+                stack.callback(self._started.close)
             stack.callback(self._reap)
             for number in range(self._workers):
                 self._processes.append(self._start(number, segment_of(number), limiter_fd))

@@ -653,3 +653,22 @@ async def test_a_stop_ends_the_wait_for_a_429_pause(tmp_path: Path) -> None:
         )  # fmt: skip
     assert code == 0, err
     assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+async def test_worker_killed_without_journal(tmp_path: Path) -> None:
+    """Without --journal a dead worker's started items are unknown, the others sent once."""
+    n = 600
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "16", "--out", str(out)
+        )
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(svc.when_received(n // 2).wait(), TIMEOUT)
+        os.kill(pids[1], signal.SIGKILL)
+        code, err = await finish(process)
+    assert "died" in err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) <= {"sent", "unknown"}
+    assert code == (3 if "unknown" in outcomes.values() else 1)
