@@ -46,7 +46,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import fcntl
 import glob
 import mmap
 import os
@@ -164,6 +163,12 @@ class ProcessRateLimiter:
         per_department_rate: float | None = None,
         grant_log: str | None = None,
     ) -> None:
+        # Imported here: the module (and the CLI that imports it) loads on Windows,
+        # where there are no POSIX record locks and no workers.
+        import fcntl
+
+        self._lockf = fcntl.lockf
+        self._flags = (fcntl.LOCK_UN, fcntl.LOCK_EX)
         self._fd = fd
         self._map = mmap.mmap(fd, _STATE.size)
         self.rate = rate
@@ -182,6 +187,9 @@ class ProcessRateLimiter:
             if grant_log
             else None
         )
+
+    def _lock(self, exclusive: bool) -> None:
+        self._lockf(self._fd, self._flags[exclusive])
 
     @staticmethod
     def create() -> int:
@@ -204,7 +212,7 @@ class ProcessRateLimiter:
             self._log_fd = None
 
     def _reserve_global(self, now: float) -> float:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        self._lock(True)
         try:
             tat: float
             paused_until: float
@@ -213,7 +221,7 @@ class ProcessRateLimiter:
             slot: float = max(now, tat - self._tolerance)
             _STATE.pack_into(self._map, 0, tat + self._interval, paused_until)
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            self._lock(False)
         return slot
 
     def _reserve_department(self, department_uuid: str, now: float) -> float:
@@ -249,12 +257,12 @@ class ProcessRateLimiter:
         if not seconds > 0:
             return
         until = time.monotonic() + seconds
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        self._lock(True)
         try:
             tat, paused_until = _STATE.unpack_from(self._map)
             _STATE.pack_into(self._map, 0, tat, max(paused_until, until))
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            self._lock(False)
 
     async def paused_for(self) -> float:
         """Seconds left of the shared pause; 0 when there is none."""
