@@ -12,6 +12,7 @@ from .common import ENV_BASE_URL, ENV_PASSWORD, ENV_USERNAME, UsageError
 from .offline import cmd_demo, cmd_fake_server
 from .send import cmd_send
 from .send_many import cmd_send_many
+from .workers import parse_workers
 
 __all__ = ["build_parser", "check_no_password_argument"]
 
@@ -120,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--text", "-t", help="one text for every row (instead of a text column)")
     many.add_argument("--concurrency", "-c", type=_positive_int, default=32, help="default: 32")
     many.add_argument("--rate", type=float, help="most messages per second (default: no limit)")
+    many.add_argument(
+        "--per-department-rate",
+        type=float,
+        help="most messages per second to one department (default: no limit)",
+    )
+    many.add_argument(
+        "--workers",
+        type=parse_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sending as one job; auto: one per usable core (default: 1)",
+    )
+    # Each rate-limit grant appended to FILE (for audits and the tests of the limits).
+    many.add_argument("--grant-log", metavar="FILE", help=argparse.SUPPRESS)
     many.add_argument("--out", "-o", metavar="FILE", help="one JSON line per item; - for stdout")
     many.add_argument("--journal", metavar="FILE", help="crash-safe progress file")
     many.add_argument("--resume", action="store_true", help="continue the run of --journal")
@@ -224,6 +239,14 @@ could be sent again by --resume. A torn last record is detected and a window of
 items around it held back as unknown, but a longer loss goes unnoticed.
 --durable fsyncs each start record before its send (one fsync shared by all
 sends ready at the time), so that nothing sent is ever forgotten.
+
+--workers N sends from N processes (auto: one per usable core) as one job: a
+worker takes a new chunk of items when it runs low; --rate is one limit for all
+of them; with --per-department-rate each department is sent by one worker; a
+429's pause and refused credentials stop them all. The journal is FILE plus a
+segment per worker (FILE.part-RUN-WORKER); --resume works with any --workers.
+A worker that dies leaves its items in flight unknown; the others take the rest.
+--out lines come in the order results become known; "index" is the input row.
 """
 
 

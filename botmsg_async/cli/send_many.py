@@ -59,6 +59,7 @@ from .input import (
 )
 from .results import Results, RunEnd, error_json, print_summary
 from .signals import run
+from .workers import run_with_workers, uses_workers
 
 __all__ = ["SendMany", "cmd_send_many"]
 
@@ -118,6 +119,8 @@ def _validate_send_many_flags(args: argparse.Namespace) -> None:
         raise UsageError("--concurrency must be at least 1")
     if args.rate is not None and not args.rate > 0:
         raise UsageError("--rate must be more than 0 messages per second")
+    if args.per_department_rate is not None and not args.per_department_rate > 0:
+        raise UsageError("--per-department-rate must be more than 0 messages per second")
     if args.text is not None and not args.text.strip():
         raise UsageError("--text must not be empty")
     files = {"INPUT": args.input, "--out": args.out, "--journal": args.journal}
@@ -271,6 +274,8 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"no valid row in {source.display}; nothing was sent")
         if scan.invalid:
             console.err(f"skipping {scan.invalid} invalid row(s)")
+        if uses_workers(args):
+            return run_with_workers(args, console, source, fmt, defaults, scan, creds, stack)
 
         state: JournalState | None = None
         journal: JournalStore | None = None
@@ -598,6 +603,7 @@ class SendMany:
                     items,
                     concurrency=self.args.concurrency,
                     rate_limit=self.args.rate,
+                    per_department_rate_limit=self.args.per_department_rate,
                     on_start=self._on_start,
                     on_result=self._on_result,
                     on_progress=self._progress_callback(),

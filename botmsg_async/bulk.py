@@ -1,0 +1,1580 @@
+"""One bulk send over several worker processes: ``botmsg send-many --workers N``.
+
+A library module: the CLI uses it, and so can a bulk script (``send_parallel``).
+One parent process hands out the items in chunks and collects the results;
+each worker process runs its own event loop (uvloop when installed) and its
+own ``BotMessageClient``, and sends its items through a ``BatchStream``.
+
+One job, not N:
+
+* **Load balance**: a worker asks for a new chunk when its own runs low, so a
+  fast worker takes more. With a per-department limit, each department is
+  routed to one worker (the least loaded when the department is first seen)
+  for the whole run, so that the worker's own per-department limiter holds it
+  exactly; without one, items go to whoever asks.
+* **One rate and one pause**: ``ProcessRateLimiter`` keeps the global rate
+  (GCRA) and the 429 pause in a few bytes of shared memory under a POSIX
+  record lock; every worker's client holds it, so a Retry-After seen by one
+  worker pauses all of them until the instant the server named.
+* **One stop**: a worker whose batch stops (refused credentials, a redirect,
+  too many failures in a row) tells the parent, which stops every worker; the
+  rest is SKIPPED.
+* **One journal**: ``JournalSet``. The ``--journal`` file itself keeps its
+  header and one record per run; each worker of each run writes its own
+  segment, a ``FileJournal`` named ``<journal>.part-<run>-<worker>``, with the
+  same records as a single-process journal (a start record right before the
+  first attempt, the outcome when known). A resumed run reads all of them,
+  whatever ``--workers`` wrote them and whatever ``--workers`` it runs with.
+* **A worker that dies**: its segment says which of its items started (in
+  doubt: unknown) and which never did (handed to the other workers). Without
+  ``--journal``, segments are kept in a temporary directory for that purpose.
+
+Workers are started with ``subprocess`` (``python -m botmsg_async.bulk``), not
+``multiprocessing``: the parent chooses each worker's environment (the CLI
+sets a malloc tunable that glibc reads at exec), a caller's ``__main__`` is
+never imported again in the workers, and no helper process (fork server,
+resource tracker) is left to outlive the job. The parent and a worker talk
+over a socket pair with ``multiprocessing.connection.Connection`` framing.
+A worker whose parent dies sees the socket close: it starts nothing new,
+lets its sends in flight finish (recording them), and exits.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import collections
+import contextlib
+import glob
+import mmap
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+from attrs import define, field
+
+from ._batch import BatchOptions, BatchStream
+from ._client import BotMessageClient
+from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
+from ._models import Outcome, SendRequest, SendResult, TextMessage
+from ._report import Counts, ItemResult
+from ._retry import RetryPolicy
+from ._validate import new_idempotency_key
+from .journal import (
+    FINAL_STATES,
+    IN_DOUBT_STATES,
+    NEW,
+    RETRY,
+    SKIPPED,
+    TORN_NOTE,
+    UNKNOWN,
+    FileJournal,
+    JournalError,
+    JournalState,
+    finished_records,
+    load,
+    retry_later,
+    settle,
+)
+
+__all__ = [
+    "JournalSet",
+    "ParallelItem",
+    "ParallelReport",
+    "ParallelSend",
+    "ProcessRateLimiter",
+    "WorkItem",
+    "WorkerConfig",
+    "send_parallel",
+    "usable_cores",
+]
+
+#: Why an item is unknown when the worker sending it died.
+WORKER_DIED_NOTE: Final = (
+    "the worker process sending it died while it was in flight: it may or may not "
+    "have been delivered"
+)
+_FRESH: Final = frozenset({NEW, RETRY, SKIPPED})
+# A worker's program: imports this module by name (not as __main__), so that what it
+# sends back unpickles in the parent as the same classes.
+_WORKER_CODE: Final = (
+    "import sys; from botmsg_async.bulk import _worker_main; "
+    "sys.exit(_worker_main(int(sys.argv[1])))"
+)
+_SEGMENT = re.compile(r"\.part-(\d+)-(\d+)$")
+
+
+def usable_cores() -> int:
+    """The number of cores this process may run on (``--workers auto``)."""
+    counter = getattr(os, "process_cpu_count", None)  # 3.13+
+    if counter is not None:
+        return int(counter() or 1)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+# -- the shared rate limiter -------------------------------------------------------
+
+# Shared state: the global GCRA's theoretical arrival time, and the pause's end,
+# both on CLOCK_MONOTONIC, which every process of the machine shares.
+_STATE = struct.Struct("=dd")
+
+
+class ProcessRateLimiter:
+    """A ``RateLimiter`` shared by the processes of one machine.
+
+    The global rate is a GCRA (generic cell rate algorithm) whose state, one
+    instant, lives in shared memory with the 429 pause's end; each acquire takes
+    a POSIX record lock for a few microseconds, reserves its slot and sleeps
+    until it (no polling). The per-department rate is kept in this process only:
+    the parent routes each department to one worker while it is set.
+
+    Grants are reservations: with a burst of ``max(1, rate / 10)`` (a tenth of
+    a second), no interval of ``w`` seconds holds more than ``rate * w + burst``
+    grants, whichever process took them.
+
+    Args:
+        fd: A file descriptor of the shared state (``create`` makes one).
+        rate: Most messages per second across every holder (None: no limit).
+        per_department_rate: Most messages per second to one department, in
+            this process (None: no limit).
+        grant_log: Append each grant (the slot's monotonic time, the pid and the
+            department) to this file: for audits and tests of the limits.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        rate: float | None = None,
+        per_department_rate: float | None = None,
+        grant_log: str | None = None,
+    ) -> None:
+        # Imported here: the module (and the CLI that imports it) loads on Windows,
+        # where there are no POSIX record locks and no workers.
+        import fcntl
+
+        self._lockf = fcntl.lockf
+        self._flags = (fcntl.LOCK_UN, fcntl.LOCK_EX)
+        self._fd = fd
+        self._map = mmap.mmap(fd, _STATE.size)
+        self.rate = rate
+        self.per_department_rate = per_department_rate
+        self._interval = 1.0 / rate if rate else 0.0
+        self._tolerance = (max(1.0, rate / 10) - 1.0) * self._interval if rate else 0.0
+        self._dept_interval = 1.0 / per_department_rate if per_department_rate else 0.0
+        self._dept_tolerance = (
+            (max(1.0, per_department_rate / 10) - 1.0) * self._dept_interval
+            if per_department_rate
+            else 0.0
+        )
+        self._dept_tat: dict[str, float] = {}
+        self._log_fd = (
+            os.open(grant_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if grant_log
+            else None
+        )
+
+    def _lock(self, exclusive: bool) -> None:
+        self._lockf(self._fd, self._flags[exclusive])
+
+    @staticmethod
+    def create() -> int:
+        """A new shared state (zeroed), as an unnamed file's descriptor to pass to workers."""
+        with tempfile.TemporaryFile() as f:
+            f.write(b"\0" * _STATE.size)
+            f.flush()
+            return os.dup(f.fileno())
+
+    def __repr__(self) -> str:
+        return (
+            f"ProcessRateLimiter(rate={self.rate}, per_department_rate={self.per_department_rate})"
+        )
+
+    def close(self) -> None:
+        """Release the mapping and the grant log."""
+        self._map.close()
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    def _reserve_global(self, now: float) -> float:
+        self._lock(True)
+        try:
+            tat: float
+            paused_until: float
+            tat, paused_until = _STATE.unpack_from(self._map)
+            tat = max(tat, now)
+            slot: float = max(now, tat - self._tolerance)
+            _STATE.pack_into(self._map, 0, tat + self._interval, paused_until)
+        finally:
+            self._lock(False)
+        return slot
+
+    def _reserve_department(self, department_uuid: str, now: float) -> float:
+        tat = max(self._dept_tat.get(department_uuid, 0.0), now)
+        slot = max(now, tat - self._dept_tolerance)
+        self._dept_tat[department_uuid] = tat + self._dept_interval
+        if len(self._dept_tat) > 4096:
+            # Forget departments whose schedule is in the past: nothing of them holds.
+            self._dept_tat = {d: t for d, t in self._dept_tat.items() if t > now}
+        return slot
+
+    async def acquire(self, department_uuid: str) -> None:
+        """Wait for a global slot, then for one for ``department_uuid``."""
+        if self.rate:
+            slot = self._reserve_global(time.monotonic())
+            self._log(slot, "*")
+            wait = slot - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if self.per_department_rate:
+            slot = self._reserve_department(department_uuid, time.monotonic())
+            self._log(slot, department_uuid)
+            wait = slot - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    def _log(self, slot: float, department: str) -> None:
+        if self._log_fd is not None:
+            os.write(self._log_fd, f"{slot:.6f} {os.getpid()} {department}\n".encode())
+
+    async def pause(self, seconds: float) -> None:
+        """Pause every holder, in every process, until ``seconds`` from now."""
+        if not seconds > 0:
+            return
+        until = time.monotonic() + seconds
+        self._lock(True)
+        try:
+            tat, paused_until = _STATE.unpack_from(self._map)
+            _STATE.pack_into(self._map, 0, tat, max(paused_until, until))
+        finally:
+            self._lock(False)
+
+    async def paused_for(self) -> float:
+        """Seconds left of the shared pause; 0 when there is none."""
+        return self.pause_left()
+
+    def pause_left(self) -> float:
+        """``paused_for``, without a coroutine: for a sender's fast path."""
+        # An aligned 8-byte read: no lock needed to see either the old or the new end.
+        paused_until: float = _STATE.unpack_from(self._map)[1]
+        return max(0.0, paused_until - time.monotonic()) if paused_until else 0.0
+
+
+class _PauseOnly:
+    """The shared limiter as the client sees it: its pause; slots are taken before
+    the start record (``_WorkerSender``), so the client takes none."""
+
+    def __init__(self, limiter: ProcessRateLimiter) -> None:
+        self._limiter = limiter
+
+    async def acquire(self, department_uuid: str) -> None:
+        return None
+
+    async def pause(self, seconds: float) -> None:
+        await self._limiter.pause(seconds)
+
+    async def paused_for(self) -> float:
+        return await self._limiter.paused_for()
+
+
+# -- what travels between the processes --------------------------------------------
+
+
+@define(frozen=True, slots=True)
+class WorkItem:
+    """One item to send: its input index, its message and its idempotency key.
+
+    ``in_doubt``: an earlier run may have delivered it (resent with its old key).
+    """
+
+    index: int
+    department_uuid: str
+    user_uuid: str
+    message: str | TextMessage
+    key: str
+    in_doubt: bool = False
+
+
+@define(frozen=True, slots=True)
+class ParallelItem:
+    """The outcome of one item of a parallel send.
+
+    Attributes:
+        index: The item's input index.
+        outcome: ``"sent"``, ``"failed"``, ``"unknown"`` or ``"skipped"``.
+        error: ``{"type", "message", "status"}`` when not sent, else None.
+        journal_error: The error as the journal records it (``"<Type>: <message>"``).
+        from_journal: Whether the outcome comes from a journal segment (the
+            worker died before reporting it), not from a worker's report.
+    """
+
+    index: int
+    department_uuid: str
+    user_uuid: str
+    outcome: str
+    message_uuid: str | None
+    error: dict[str, Any] | None
+    key: str | None
+    attempts: int = 0
+    journal_error: str | None = None
+    from_journal: bool = False
+
+
+@define(frozen=True, kw_only=True)
+class WorkerConfig:
+    """What a worker needs to know; sent over its socket, never on its command line."""
+
+    base_url: str
+    username: str
+    password: str = field(repr=False)
+    allow_insecure_http: bool = False
+    concurrency: int = 32
+    rate_limit: float | None = None
+    per_department_rate_limit: float | None = None
+    retry: RetryPolicy | None = None
+    stop_after_consecutive_failures: int | None = 100
+    max_pause: float = 300.0
+    segment: str = ""
+    fingerprint: str = ""
+    items: int = 0
+    durable: bool = False
+    #: Without a journal: a shared map of one byte per item, set before the item's
+    #: first attempt, to tell what a dead worker had started (no system call per
+    #: item, unlike a segment); an item it finished without reporting is then
+    #: unknown, never resent. -1 with a journal (its segment says it all).
+    started_fd: int = -1
+    limiter_fd: int = -1
+    grant_log: str | None = None
+    use_uvloop: bool = True
+
+
+# Plain tuples on the wire: pickling an attrs class with slots builds a dict per
+# object, several microseconds per item each way.
+_Wire = tuple[int, str, str, "str | tuple[Any, ...]", str, bool]
+
+
+def _to_wire(item: WorkItem) -> _Wire:
+    message = item.message
+    packed: str | tuple[Any, ...] = (
+        message
+        if isinstance(message, str)
+        else (
+            message.body,
+            message.subject,
+            message.sender_name,
+            message.recipient_communication_value,
+            message.type,
+            message.purpose,
+            message.is_manual,
+        )
+    )
+    return (item.index, item.department_uuid, item.user_uuid, packed, item.key, item.in_doubt)
+
+
+def _from_wire(wire: _Wire) -> WorkItem:
+    index, department_uuid, user_uuid, packed, key, in_doubt = wire
+    message: str | TextMessage
+    if isinstance(packed, str):
+        message = packed
+    else:
+        body, subject, sender_name, value, kind, purpose, manual = packed
+        message = TextMessage(
+            body,
+            subject=subject,
+            sender_name=sender_name,
+            recipient_communication_value=value,
+            type=kind,
+            purpose=purpose,
+            is_manual=manual,
+        )
+    return WorkItem(index, department_uuid, user_uuid, message, key, in_doubt)
+
+
+def _describe(error: BotMessageError | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error.message}"
+
+
+def _error_object(
+    error: BotMessageError | None, text: str | None, outcome: Outcome, recorded: str
+) -> dict[str, Any] | None:
+    """``{"type", "message", "status"}`` for ``--out``, as ``botmsg send-many`` writes it."""
+    if text is None:
+        return None
+    if error is None:  # not attempted: the batch stopped
+        return {"type": "BatchStoppedError", "message": text, "status": None}
+    status = error.status if isinstance(error, APIStatusError | InvalidResponseError) else None
+    if recorded == Outcome.UNKNOWN.value and outcome is not Outcome.UNKNOWN:
+        # Still in doubt from an earlier run: the text says so, and what the resend met.
+        return {"type": "DeliveryUnknownError", "message": text, "status": status}
+    return {"type": type(error).__name__, "message": error.message, "status": status}
+
+
+_DESCRIBED = re.compile(r"([A-Z][A-Za-z0-9]*Error): (.*)", re.DOTALL)
+
+
+def _error_from_text(text: object, default_type: str) -> dict[str, Any] | None:
+    """An error a journal recorded as ``"<Type>: <message>"``, for ``--out``."""
+    if not isinstance(text, str):
+        return None
+    described = _DESCRIBED.fullmatch(text)
+    if described is not None:
+        return {"type": described[1], "message": described[2], "status": None}
+    return {"type": default_type, "message": text, "status": None}
+
+
+# -- the worker process ------------------------------------------------------------
+
+
+class _JobStoppingError(ClientClosedError):
+    """Raised, before any attempt, for an item the job will not start (it is stopping)."""
+
+
+@define(slots=True)
+class _Meta:
+    item: WorkItem
+    started: bool = False
+
+
+class _GroupSync:
+    """fsync of the segment for ``--durable``: one fsync serves every start record
+    written before it began (group commit)."""
+
+    def __init__(self, journal: FileJournal) -> None:
+        self._journal = journal
+        self.written = 0
+        self._synced = 0
+        self._task: asyncio.Future[None] | None = None
+
+    async def _sync(self, target: int) -> None:
+        try:
+            await self._journal.sync()
+            self._synced = max(self._synced, target)
+        finally:
+            self._task = None
+
+    async def wait(self, upto: int) -> None:
+        """Return once every record up to the ``upto``-th is on disk."""
+        while self._synced < upto:
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._sync(self.written))
+            await asyncio.shield(self._task)
+
+
+class _Worker:
+    """One worker process: items from the parent, sends, results back."""
+
+    def __init__(self, conn: Connection, config: WorkerConfig) -> None:
+        self.conn = conn
+        self.config = config
+        self.buffer: collections.deque[WorkItem] = collections.deque()
+        self.requested = False
+        self.ended = False
+        self.stopping = False
+        self.parent_gone = False
+        self.wakeup = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.pending: dict[int, _Meta] = {}  # stream index -> item
+        self.by_key: dict[str, _Meta] = {}
+        self.pulled = 0
+        self.outbox: list[ParallelItem] = []
+        self.flush_scheduled = False
+        self.stream: BatchStream | None = None
+        self.reported_stop = False
+        self.main: asyncio.Task[None] | None = None
+        self.low_water = max(1, config.concurrency)
+        pair = f"{config.username}:{config.password}"
+        token = base64.b64encode(pair.encode("utf-8", "surrogatepass")).decode()
+        # Longest first; a secret of under four characters is everywhere in text.
+        self.secrets = sorted(
+            {s for s in (pair, config.password, token) if len(s) >= 4}, key=len, reverse=True
+        )
+        self.journal: FileJournal | None = None
+        self.started: mmap.mmap | None = None
+        if config.started_fd >= 0:
+            self.started = mmap.mmap(config.started_fd, max(1, config.items))
+        else:
+            self.journal = FileJournal(config.segment, redact=self._redact)
+        self.sync = _GroupSync(self.journal) if self.journal is not None else None
+
+    def _redact(self, text: str) -> str:
+        # An error text is the server's, and a server may echo the password.
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self.parent_gone:
+            return
+        try:
+            self.conn.send(message)
+        except OSError:  # the parent died: finish what is in flight, then exit
+            self._parent_died()
+
+    def _parent_died(self) -> None:
+        self.parent_gone = True
+        self.stop()
+        self.wakeup.set()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+
+    def _on_readable(self) -> None:
+        try:
+            while self.conn.poll():
+                message = self.conn.recv()
+                kind = message[0]
+                if kind == "items":
+                    self.buffer.extend(map(_from_wire, message[1]))
+                    self.requested = False
+                elif kind == "end":
+                    self.ended = True
+                elif kind == "stop":
+                    self.stop()
+                elif kind == "abandon" and self.main is not None:
+                    self.stop()
+                    self.main.cancel()
+                self.wakeup.set()
+        except (EOFError, OSError):
+            self._parent_died()
+
+    def _request(self) -> None:
+        if not self.requested and not self.ended and not self.stopping:
+            self.requested = True
+            self._send(("more",))
+
+    async def _items(self) -> Any:
+        while True:
+            if self.stopping:
+                return
+            if not self.buffer:
+                if self.ended:
+                    return
+                self._request()
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            if len(self.buffer) <= self.low_water:
+                self._request()
+            item = self.buffer.popleft()
+            meta = _Meta(item)
+            self.pending[self.pulled] = meta
+            self.by_key[item.key] = meta
+            self.pulled += 1
+            yield SendRequest(
+                item.department_uuid, item.user_uuid, item.message, idempotency_key=item.key
+            )
+
+    def _on_result(self, result: ItemResult) -> None:
+        meta = self.pending.pop(result.index)
+        self.by_key.pop(meta.item.key, None)
+        item = meta.item
+        error_text: str | None
+        stream = self.stream
+        assert stream is not None
+        if result.outcome is Outcome.SKIPPED:
+            error_text = f"not attempted: the batch stopped after: {stream.stopped_by}"
+        else:
+            error_text = _describe(result.error)
+        outcome, note = settle(result.outcome, result.error, in_doubt=item.in_doubt)
+        if note is not None:
+            error_text = f"{note}; this run's resend: {error_text}"
+        message_uuid = result.result.message_uuid if result.result is not None else None
+        if meta.started and self.journal is not None:
+            # Never-started items get no record: a resumed run sends them, and an
+            # item in doubt from an earlier run stays so.
+            self.journal.outcome(
+                item.index,
+                outcome.value,
+                key=item.key,
+                department_uuid=result.department_uuid,
+                user_uuid=result.user_uuid,
+                message_uuid=message_uuid,
+                error=None if outcome is Outcome.SKIPPED else error_text,
+                retry=retry_later(outcome, result.error),
+            )
+        stopped = stream.stopped_by
+        if stopped is not None and not self.reported_stop:
+            self.reported_stop = True
+            if not isinstance(stopped, _JobStoppingError):
+                self._send(("stopped", f"{type(stopped).__name__}: {stopped.message}"))
+        self.outbox.append(
+            ParallelItem(
+                item.index,
+                result.department_uuid,
+                result.user_uuid,
+                outcome.value,
+                message_uuid,
+                _error_object(result.error, error_text, result.outcome, outcome.value),
+                item.key,
+                result.attempts,
+                journal_error=error_text,
+            )
+        )
+        # A message per few milliseconds, not per result: each costs both sides
+        # a system call and a wake-up.
+        if len(self.outbox) >= 256:
+            self._flush()
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_later(0.005, self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.outbox:
+            outbox, self.outbox = self.outbox, []
+            self._send(
+                (
+                    "results",
+                    [
+                        (
+                            r.index,
+                            r.department_uuid,
+                            r.user_uuid,
+                            r.outcome,
+                            r.message_uuid,
+                            r.error,
+                            r.key,
+                            r.attempts,
+                            r.journal_error,
+                        )
+                        for r in outbox
+                    ],
+                )
+            )
+
+    async def run(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGTERM, self._drain)
+        if self.journal is not None:
+            self.journal.begin(
+                fingerprint=config.fingerprint,
+                items=config.items,
+                window=0 if config.durable else config.concurrency,
+                resume=False,
+            )
+        limiter = ProcessRateLimiter(
+            config.limiter_fd,
+            rate=config.rate_limit,
+            per_department_rate=config.per_department_rate_limit,
+            grant_log=config.grant_log,
+        )
+        client = BotMessageClient(
+            config.base_url,
+            config.username,
+            config.password,
+            allow_insecure_http=config.allow_insecure_http,
+            rate_limiter=_PauseOnly(limiter),
+        )
+        retries = 0
+        try:
+            async with client:
+                sender = _WorkerSender(self, client, limiter)
+                stream = BatchStream(
+                    sender,
+                    self._items(),
+                    BatchOptions(
+                        concurrency=config.concurrency,
+                        retry=config.retry,
+                        on_result=self._on_result,
+                        stop_after_consecutive_failures=config.stop_after_consecutive_failures,
+                        max_pause=config.max_pause,
+                    ),
+                )
+                self.stream = stream
+                self.main = asyncio.current_task()
+                try:
+                    async with stream:
+                        async for _ in stream:
+                            pass
+                except asyncio.CancelledError:
+                    # The parent abandoned the job: sends in flight were cancelled;
+                    # their start records without outcomes say "unknown".
+                    pass
+                retries = stream.retries
+        finally:
+            limiter.close()
+            if self.journal is not None:
+                self.journal.close()
+            if self.started is not None:
+                self.started.close()
+            self._flush()
+            left = [*self.buffer, *(m.item for m in self.pending.values())]
+            self._send(("done", retries, [_to_wire(item) for item in left]))
+
+    def _drain(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Start nothing new: waits for a slot or a pause end now, not at their end."""
+        self.stopping = True
+        self.stopped.set()
+        self.wakeup.set()
+
+
+class _WorkerSender:
+    """The ``Sender`` a worker's batch uses: the shared limiter, the start record,
+    then the client. The slot is taken before the start record, so a crash while
+    an item waits for its slot leaves nothing in doubt."""
+
+    def __init__(
+        self, worker: _Worker, client: BotMessageClient, limiter: ProcessRateLimiter
+    ) -> None:
+        self._worker = worker
+        self._client = client
+        self._limiter = limiter
+        self._limited = bool(limiter.rate or limiter.per_department_rate)
+
+    async def _admit(self, department_uuid: str) -> None:
+        limiter = self._limiter
+        stopped = self._worker.stopped
+        while not stopped.is_set():
+            if limiter.rate or limiter.per_department_rate:
+                await limiter.acquire(department_uuid)
+            pause = await limiter.paused_for()
+            if pause <= 0:
+                return
+            # A slot taken before or during a pause is taken again after it. A stop
+            # (another worker's refused credentials, a signal) ends the wait at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), pause)
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: str | TextMessage,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        worker = self._worker
+        meta = worker.by_key[idempotency_key] if idempotency_key is not None else None
+        if meta is not None and not meta.started:
+            if worker.stopping:
+                raise _JobStoppingError("not attempted: the job is stopping")
+            if self._limited or self._limiter.pause_left():
+                await self._admit(department_uuid)
+            if worker.stopping:
+                raise _JobStoppingError("not attempted: the job is stopping")
+            if worker.journal is not None:
+                worker.journal.start(meta.item.index, meta.item.key)
+            else:
+                assert worker.started is not None
+                worker.started[meta.item.index] = 1
+            meta.started = True
+            if worker.sync is not None and worker.config.durable:
+                worker.sync.written += 1
+                await worker.sync.wait(worker.sync.written)
+        else:
+            # A resend after a 429 (which proved the message was not processed).
+            if worker.stopping:
+                raise _JobStoppingError("not sent again after a 429: the job is stopping")
+            await self._admit(department_uuid)  # a new slot
+            if worker.stopping:
+                raise _JobStoppingError("not sent again after a 429: the job is stopping")
+        return await self._client.send(
+            department_uuid, user_uuid, message, retry=retry, idempotency_key=idempotency_key
+        )
+
+    def ensure_open(self) -> None:
+        self._client.ensure_open()
+
+    def pause_remaining(self) -> float:
+        # Stopping: nothing waits for the pause; what the batch then tries to
+        # start (or to send again) is refused at once by ``send``.
+        return 0.0 if self._worker.stopping else self._client.pause_remaining()
+
+    async def wait_out_pause(self) -> None:
+        wait = self.pause_remaining()
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._worker.stopped.wait(), wait)
+
+
+def _worker_main(fd: int) -> int:
+    """A worker process's life: read its config, send, report, exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    conn = Connection(fd)
+    try:
+        config: WorkerConfig = conn.recv()
+    except (EOFError, OSError):
+        return 1
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if config.use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        worker = _Worker(conn, config)
+        runner.run(worker.run())
+    conn.close()
+    return 0
+
+
+# -- the journal of a parallel run -------------------------------------------------
+
+
+class JournalSet:
+    """The journal of a job run by several workers: a main file and its segments.
+
+    The main file (``path``, a ``FileJournal``) is locked for the whole run and
+    keeps the header and a record per run (and, for a journal begun by a
+    single-process run, that run's records). Worker ``w`` of run ``r`` writes
+    ``<path>.part-<r>-<w>``. Reading combines them: within a run each item was
+    started by at most one worker (an item is handed to another worker only if
+    its first worker's segment shows no start), and a later run's record of an
+    item wins over an earlier run's, except that a resend that settles nothing
+    leaves an item in doubt with its old key.
+
+    Args:
+        path: The ``--journal`` file.
+        redact: Applied to every string written.
+
+    Raises:
+        JournalError: another run holds the journal.
+        OSError: it cannot be opened.
+    """
+
+    def __init__(self, path: str, *, redact: Callable[[str], str] | None = None) -> None:
+        self.path = path
+        self.main = FileJournal(path, redact=redact)
+        self.run = 1
+        self.state: JournalState | None = None
+        self._sources: array.array[int] | None = None
+        self._segments: list[tuple[int, str, JournalState]] = []
+
+    @staticmethod
+    def segments_of(path: str) -> list[tuple[int, int, str]]:
+        """The segments of the journal at ``path``: ``(run, worker, file)``, in order."""
+        found = []
+        for name in glob.glob(glob.escape(path) + ".part-*"):
+            match = _SEGMENT.search(name)
+            if match is not None and name == path + match[0]:
+                found.append((int(match[1]), int(match[2]), name))
+        return sorted(found)
+
+    def segment(self, worker: int) -> str:
+        """The segment file of ``worker`` in this run."""
+        return f"{self.path}.part-{self.run:04d}-{worker:04d}"
+
+    def begin(
+        self, *, fingerprint: str, items: int, window: int, resume: bool
+    ) -> JournalState | None:
+        """Start this run: read (with ``resume``) what every earlier run left.
+
+        Returns:
+            With ``resume``, the combined state (None when nothing was recorded).
+
+        Raises:
+            JournalError: corrupt, for another input, or stale segments
+                without ``resume``.
+        """
+        segments = self.segments_of(self.path)
+        if segments and not resume:
+            self.main.discard()
+            raise JournalError(
+                f"{self.path}: segments of an earlier run exist ({segments[0][2]}...): "
+                "pass --resume to continue it, or remove them"
+            )
+        main_state = self.main.begin(
+            fingerprint=fingerprint, items=items, window=window, resume=resume
+        )
+        if not resume:
+            return None
+        combined = JournalState(items)
+        sources = array.array("i", [-1]) * items
+        runs = array.array("i", [-1]) * items
+        parts: list[tuple[int, str, JournalState]] = []
+        if main_state is not None and main_state.has_header:
+            parts.append((0, self.path, main_state))
+        for run, _, name in segments:
+            parts.append((run, name, load(name, fingerprint=fingerprint, items=items)))
+            self.run = max(self.run, run + 1)
+        held: list[tuple[int, JournalState]] = []
+        position = 0
+        while position < len(parts):
+            run = parts[position][0]
+            group = []
+            while position < len(parts) and parts[position][0] == run:
+                group.append(position)
+                position += 1
+            self._merge_run(combined, sources, runs, parts, group)
+            held.extend((run, parts[p][2]) for p in group if parts[p][2].torn)
+        for run, part in held:
+            for index in part.torn_in_doubt:
+                if combined.states[index] in _FRESH and runs[index] <= run:
+                    combined.states[index] = UNKNOWN
+                    combined.in_doubt[index] = (None, TORN_NOTE)
+        self.state = combined
+        self._sources = sources
+        self._segments = parts
+        return combined if parts else None
+
+    @staticmethod
+    def _merge_run(
+        combined: JournalState,
+        sources: array.array[int],
+        runs: array.array[int],
+        parts: list[tuple[int, str, JournalState]],
+        group: list[int],
+    ) -> None:
+        # Item -> the part that speaks for it in this run: four bytes per item.
+        best = array.array("i", [-1]) * combined.items
+        for p in group:
+            part = parts[p][2]
+            torn = set(part.torn_in_doubt)
+            states = part.states
+            for index in range(part.items):
+                state = states[index]
+                if state == NEW or index in torn:
+                    continue
+                other = best[index]
+                if other < 0 or parts[other][2].states[index] in _FRESH:
+                    best[index] = p
+        for index, p in enumerate(best):
+            if p < 0:
+                continue
+            run, _, part = parts[p]
+            new = part.states[index]
+            previous = combined.states[index]
+            runs[index] = run
+            sources[index] = p
+            if previous in IN_DOUBT_STATES and new in _FRESH:
+                # A resend that settled nothing: still in doubt, under its old key.
+                combined.states[index] = UNKNOWN
+                continue
+            combined.states[index] = new
+            if new in IN_DOUBT_STATES:
+                key, error = part.in_doubt.get(index, (None, None))
+                if key is None and index in combined.in_doubt:
+                    key = combined.in_doubt[index][0]
+                combined.in_doubt[index] = (key, error)
+            else:
+                combined.in_doubt.pop(index, None)
+
+    def finished_records(self) -> Iterator[dict[str, Any]]:
+        """The outcome record of every item that needs no new send, once each."""
+        assert self.state is not None
+        assert self._sources is not None
+        for p, (_, name, part) in enumerate(self._segments):
+            for record in finished_records(name, part):
+                index = record["i"]
+                if self._sources[index] == p and self.state.states[index] in FINAL_STATES:
+                    yield record
+
+    def close(self) -> None:
+        """Release the journal (the segments are the workers' to close)."""
+        self.main.close()
+
+    def discard(self) -> None:
+        """Nothing was sent: undo this run's part of the main file."""
+        self.main.discard()
+
+
+# -- the parent --------------------------------------------------------------------
+
+
+@define(slots=True)
+class _Process:
+    number: int
+    popen: subprocess.Popen[bytes]
+    conn: Connection
+    segment: str
+    outstanding: dict[int, WorkItem] = field(factory=dict)
+    wants: bool = False
+    done: bool = False
+    exited: bool = False
+    retries: int = 0
+    returned: list[WorkItem] = field(factory=list)
+
+
+@define(slots=True)
+class ParallelReport:
+    """What a parallel send came to (this run's items).
+
+    Attributes:
+        counts: Items by outcome.
+        retries: HTTP retries made.
+        elapsed: Seconds from the first worker's start to the last one's end.
+        stopped_by: Why the job stopped early (``"<Type>: <message>"``), if it did.
+        worker_deaths: Workers that died before their end (killed, out of memory).
+        not_started: Items left unsent by a stop on request (or with no worker left).
+        results: The items' outcomes, as ``keep`` asked (in input order).
+    """
+
+    counts: Counts
+    retries: int
+    elapsed: float
+    stopped_by: str | None
+    worker_deaths: list[str]
+    not_started: int
+    results: list[ParallelItem]
+
+
+class ParallelSend:
+    """The parent of a parallel send: hands out items, gathers results, owns the workers.
+
+    Args:
+        config: What every worker needs (its ``segment`` and ``limiter_fd`` are
+            filled in here).
+        items: The items to send, read lazily.
+        workers: How many worker processes.
+        on_result: Called with each item's outcome as it becomes known.
+        journal: The job's journal, or None (segments then go to a temporary
+            directory, to know what a dead worker had started).
+        worker_env: Environment variables to add for the workers.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        items: Iterable[WorkItem],
+        *,
+        workers: int,
+        on_result: Callable[[ParallelItem], object],
+        journal: JournalSet | None = None,
+        worker_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._config = config
+        self._items = iter(items)
+        self._workers = workers
+        self._on_result = on_result
+        self._journal = journal
+        self._env = dict(worker_env or {})
+        self._route = config.per_department_rate_limit is not None
+        self._backlog: collections.deque[WorkItem] = collections.deque()
+        self._routed: dict[int, collections.deque[WorkItem]] = {}
+        self._owner: dict[str, int] = {}
+        self._input_done = False
+        self._processes: list[_Process] = []
+        self.stopped_by: str | None = None
+        self.stop_requested = False
+        self.abandoned = False
+        self.worker_deaths: list[str] = []
+        self.counts = {o.value: 0 for o in Outcome}
+        self.not_started = 0
+        self.in_flight = 0
+        self._started_fd = -1
+        self._started: mmap.mmap | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _chunk(self) -> int:
+        # Chunks of up to a few hundred items keep the pipes quiet; near the end
+        # of a short input they shrink, so that every worker gets its share.
+        return max(1, min(256, self._config.concurrency * 2))
+
+    def request_stop(self) -> None:
+        """Start no new item anywhere; let those in flight finish (signal-safe)."""
+        self.stop_requested = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"s")
+
+    def abandon(self) -> None:
+        """Cancel every send in flight (their outcome unknown) and end (signal-safe)."""
+        self.abandoned = True
+        self.stop_requested = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"a")
+
+    # -- items --------------------------------------------------------------------
+
+    def _next_input(self) -> WorkItem | None:
+        if self._input_done or self.stop_requested or self.stopped_by is not None:
+            return None
+        item = next(self._items, None)
+        if item is None:
+            self._input_done = True
+        return item
+
+    def _live(self) -> list[_Process]:
+        return [p for p in self._processes if not p.exited and not p.done]
+
+    def _owner_of(self, department: str) -> _Process | None:
+        number = self._owner.get(department)
+        live = {p.number: p for p in self._live()}
+        if number in live:
+            return live[number]
+        if not live:
+            return None
+        chosen = min(
+            live.values(),
+            key=lambda p: len(p.outstanding) + len(self._routed.get(p.number, ())),
+        )
+        self._owner[department] = chosen.number
+        return chosen
+
+    def _take(self, process: _Process) -> list[WorkItem]:
+        """Up to a chunk of items for ``process``."""
+        size = self._chunk()
+        chunk: list[WorkItem] = []
+        if not self._route:
+            while self._backlog and len(chunk) < size:
+                chunk.append(self._backlog.popleft())
+            while len(chunk) < size and (pulled := self._next_input()) is not None:
+                chunk.append(pulled)
+            return chunk
+        mine = self._routed.setdefault(process.number, collections.deque())
+        # Read ahead, routing each item to its department's worker, until this
+        # worker has a chunk or the read-ahead is at its bound.
+        bound = size * max(1, len(self._processes)) * 4
+        while len(mine) < size:
+            if self._backlog:
+                item: WorkItem | None = self._backlog.popleft()
+            else:
+                if sum(len(q) for q in self._routed.values()) >= bound:
+                    break
+                item = self._next_input()
+            if item is None:
+                break
+            owner = self._owner_of(item.department_uuid)
+            if owner is None:
+                self._backlog.appendleft(item)
+                break
+            self._routed.setdefault(owner.number, collections.deque()).append(item)
+        while mine and len(chunk) < size:
+            chunk.append(mine.popleft())
+        return chunk
+
+    def _serve(self) -> None:
+        """Give work to every worker that asked for it, or tell it there is none."""
+        for process in self._live():
+            if not process.wants:
+                continue
+            chunk = self._take(process)
+            if chunk:
+                process.wants = False
+                for item in chunk:
+                    process.outstanding[item.index] = item
+                self._post(process, ("items", [_to_wire(item) for item in chunk]))
+            elif self._exhausted():
+                process.wants = False
+                self._post(process, ("end",))
+
+    def _exhausted(self) -> bool:
+        if self.stop_requested or self.stopped_by is not None:
+            return True
+        routed = any(self._routed.values())
+        # While a worker holds items, it may die and give some back: the others
+        # wait for them rather than end.
+        held = any(p.outstanding for p in self._live())
+        return self._input_done and not self._backlog and not routed and not held
+
+    def _post(self, process: _Process, message: tuple[Any, ...]) -> None:
+        # It died: its end is handled when its socket reports EOF.
+        with contextlib.suppress(OSError):
+            process.conn.send(message)
+
+    # -- results ------------------------------------------------------------------
+
+    def _emit(self, item: ParallelItem) -> None:
+        self.counts[item.outcome] += 1
+        self._on_result(item)
+
+    def _on_message(self, process: _Process, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "more":
+            process.wants = True
+        elif kind == "results":
+            for wire in message[1]:
+                result = ParallelItem(*wire)
+                process.outstanding.pop(result.index, None)
+                self._emit(result)
+        elif kind == "stopped":
+            if self.stopped_by is None:
+                self.stopped_by = message[1]
+                for other in self._live():
+                    self._post(other, ("stop",))
+        elif kind == "done":
+            process.done = True
+            process.retries = message[1]
+            for item in map(_from_wire, message[2]):
+                if process.outstanding.pop(item.index, None) is not None:
+                    process.returned.append(item)
+
+    def _reconcile(self, process: _Process) -> None:
+        """Account for the items a worker held when it ended: from its segment."""
+        left = dict(process.outstanding)
+        process.outstanding.clear()
+        for item in process.returned:
+            left.setdefault(item.index, item)
+        process.returned.clear()
+        if not left:
+            return
+        if self._started is not None:
+            unstarted = []
+            for index, item in sorted(left.items()):
+                if self._started[index]:
+                    self._emit(self._unknown(item, WORKER_DIED_NOTE))
+                else:
+                    unstarted.append(item)  # its key was never used
+            self._requeue(unstarted)
+            return
+        if not os.path.exists(process.segment):
+            self._requeue(list(left.values()))  # it died before it could start any
+            return
+        try:
+            state = load(
+                process.segment, fingerprint=self._config.fingerprint, items=self._config.items
+            )
+        except JournalError as exc:
+            # Unreadable: any of its items may have started.
+            for _, item in sorted(left.items()):
+                self._emit(self._unknown(item, f"{WORKER_DIED_NOTE} ({exc})"))
+            return
+        if not state.has_header:
+            # It wrote nothing (died at birth): none of its items started.
+            self._requeue(list(left.values()))
+            return
+        torn = set(state.torn_in_doubt)
+        for record in finished_records(process.segment, state):
+            if record["i"] in left:
+                item = left.pop(record["i"])
+                error = record.get("e")
+                self._emit(
+                    ParallelItem(
+                        item.index,
+                        item.department_uuid,
+                        item.user_uuid,
+                        record["o"],
+                        record.get("m"),
+                        _error_from_text(error, "BotMessageError"),
+                        item.key,
+                        journal_error=error,
+                        from_journal=True,
+                    )
+                )
+        again: list[WorkItem] = []
+        for index, item in sorted(left.items()):
+            st = state.states[index]
+            if st in IN_DOUBT_STATES or index in torn:
+                recorded = state.in_doubt.get(index, (None, None))[1]
+                self._emit(self._unknown(item, recorded or WORKER_DIED_NOTE))
+            elif st == NEW or item.in_doubt:
+                again.append(item)  # never started: its key was never used
+            else:
+                # Started, and certainly not delivered: sent again with a new key.
+                again.append(
+                    WorkItem(
+                        item.index,
+                        item.department_uuid,
+                        item.user_uuid,
+                        item.message,
+                        new_idempotency_key(),
+                    )
+                )
+        self._requeue(again)
+
+    @staticmethod
+    def _unknown(item: WorkItem, why: str) -> ParallelItem:
+        return ParallelItem(
+            item.index,
+            item.department_uuid,
+            item.user_uuid,
+            "unknown",
+            None,
+            _error_from_text(why, "DeliveryUnknownError"),
+            item.key,
+            journal_error=why,
+            from_journal=True,
+        )
+
+    def _requeue(self, items: list[WorkItem]) -> None:
+        if self.stopped_by is not None:
+            for item in items:
+                self._skip(item)
+        elif self.stop_requested:
+            self.not_started += len(items)
+        else:
+            self._backlog.extendleft(reversed(items))
+
+    def _skip(self, item: WorkItem) -> None:
+        text = f"not attempted: the batch stopped after: {self.stopped_by}"
+        self._emit(
+            ParallelItem(
+                item.index,
+                item.department_uuid,
+                item.user_uuid,
+                "skipped",
+                None,
+                {"type": "BatchStoppedError", "message": text, "status": None},
+                item.key,
+                journal_error=text,
+            )
+        )
+
+    # -- processes ----------------------------------------------------------------
+
+    def _start(self, number: int, segment: str, limiter_fd: int) -> _Process:
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, **self._env}
+        popen = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-c", _WORKER_CODE, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(), limiter_fd)
+            + ((self._started_fd,) if self._started_fd >= 0 else ()),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        conn = Connection(ours.detach())
+        config = self._config
+        conn.send(
+            WorkerConfig(
+                base_url=config.base_url,
+                username=config.username,
+                password=config.password,
+                allow_insecure_http=config.allow_insecure_http,
+                concurrency=config.concurrency,
+                rate_limit=config.rate_limit,
+                per_department_rate_limit=config.per_department_rate_limit,
+                retry=config.retry,
+                stop_after_consecutive_failures=config.stop_after_consecutive_failures,
+                max_pause=config.max_pause,
+                segment=segment,
+                fingerprint=config.fingerprint,
+                items=config.items,
+                durable=config.durable,
+                started_fd=self._started_fd,
+                limiter_fd=limiter_fd,
+                grant_log=config.grant_log,
+                use_uvloop=config.use_uvloop,
+            )
+        )
+        return _Process(number, popen, conn, segment)
+
+    def _ended(self, process: _Process) -> None:
+        process.exited = True
+        # Items routed to it and not yet handed over go to their departments' new owners.
+        self._backlog.extendleft(reversed(self._routed.pop(process.number, ())))
+        with contextlib.suppress(OSError):
+            process.conn.close()
+        code = process.popen.wait()
+        if not process.done:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            self.worker_deaths.append(
+                f"worker {process.number} (pid {process.popen.pid}) died: {how}"
+            )
+        self._reconcile(process)
+
+    def run(self) -> ParallelReport:
+        """Run the job to its end; return its report. Every worker has exited on return."""
+        started = time.perf_counter()
+        limiter_fd = ProcessRateLimiter.create()
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, limiter_fd)
+            stack.callback(self._wake_r.close)
+            stack.callback(self._wake_w.close)
+            if self._journal is not None:
+                segment_of: Callable[[int], str] = self._journal.segment
+            else:
+                segment_of = str  # unused: the workers mark starts in a shared map
+                with tempfile.TemporaryFile() as f:
+                    f.truncate(max(1, self._config.items))  # sparse: zeros, no disk
+                    self._started_fd = os.dup(f.fileno())
+                stack.callback(os.close, self._started_fd)
+                self._started = mmap.mmap(self._started_fd, max(1, self._config.items))
+                stack.callback(self._started.close)
+            stack.callback(self._reap)
+            for number in range(self._workers):
+                self._processes.append(self._start(number, segment_of(number), limiter_fd))
+            self._loop()
+        retries = sum(p.retries for p in self._processes)
+        # Items never handed out when a stop came: not started.
+        if self.stopped_by is not None:
+            for item in self._leftovers():
+                self._skip(item)
+        else:
+            self.not_started += sum(1 for _ in self._leftovers())
+        c = self.counts
+        return ParallelReport(
+            counts=Counts(c["sent"], c["failed"], c["unknown"], c["skipped"]),
+            retries=retries,
+            elapsed=time.perf_counter() - started,
+            stopped_by=self.stopped_by,
+            worker_deaths=self.worker_deaths,
+            not_started=self.not_started,
+            results=[],
+        )
+
+    def _leftovers(self) -> Iterator[WorkItem]:
+        yield from self._backlog
+        self._backlog.clear()
+        for queue in self._routed.values():
+            yield from queue
+            queue.clear()
+        if self.stopped_by is not None and not self._input_done:
+            # Refused credentials and the like: the rest of the input is SKIPPED, as
+            # in a single-process batch (a stop on request leaves it unread).
+            self._input_done = True
+            yield from self._items
+
+    def _loop(self) -> None:
+        stop_sent = abandon_sent = False
+        # One selector for the whole run: multiprocessing.connection.wait builds a
+        # new one per call, tens of microseconds a message.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ, None)
+            for process in self._processes:
+                selector.register(process.conn.fileno(), selectors.EVENT_READ, process)
+            while any(not p.exited for p in self._processes):
+                if self.stop_requested and not stop_sent:
+                    stop_sent = True
+                    for p in self._processes:
+                        self._post(p, ("stop",))
+                if self.abandoned and not abandon_sent:
+                    abandon_sent = True
+                    for p in self._processes:
+                        self._post(p, ("abandon",))
+                for key, _ in selector.select():
+                    process = key.data
+                    if process is None:
+                        with contextlib.suppress(BlockingIOError):
+                            self._wake_r.recv(64)
+                        continue
+                    try:
+                        # One message per wake-up: the selector reports the rest.
+                        self._on_message(process, process.conn.recv())
+                    except (EOFError, OSError):
+                        selector.unregister(key.fd)
+                        self._ended(process)
+                self._serve()
+
+    def _reap(self) -> None:
+        """No worker outlives the job: those still running are told to stop, then killed."""
+        for process in self._processes:
+            if process.popen.poll() is None:
+                self._post(process, ("abandon",))
+        deadline = time.monotonic() + 10
+        for process in self._processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.popen.wait(max(0.0, deadline - time.monotonic()))
+            if process.popen.poll() is None:
+                process.popen.kill()
+                process.popen.wait()
+            if not process.exited:
+                process.exited = True
+                with contextlib.suppress(OSError):
+                    process.conn.close()
+
+
+def send_parallel(
+    items: Iterable[SendRequest | tuple[str, str, str | TextMessage]],
+    *,
+    base_url: str,
+    username: str,
+    password: str,
+    workers: int = 2,
+    concurrency: int = 64,
+    rate_limit: float | None = None,
+    per_department_rate_limit: float | None = None,
+    keep: str = "all",
+    allow_insecure_http: bool = False,
+) -> ParallelReport:
+    """Send many messages from ``workers`` processes, as one job; block until done.
+
+    The parent (this process) hands the items out in chunks to worker processes,
+    each with its own event loop and client; ``rate_limit`` is one limit across
+    all of them, ``per_department_rate_limit`` is exact (each department goes to
+    one worker), a 429's pause and refused credentials stop them all. Call it
+    from a script's main code (not inside a running event loop: it blocks).
+
+    Args:
+        items: ``SendRequest``s or ``(department_uuid, user_uuid, message)`` tuples.
+        base_url: The URL before ``/communications``.
+        username: Basic-auth user name.
+        password: Basic-auth password (sent to the workers over their socket).
+        workers: Worker processes (``usable_cores()`` for one per core).
+        concurrency: Sends in flight per worker.
+        rate_limit: Most messages per second in all.
+        per_department_rate_limit: Most messages per second to one department.
+        keep: Which results to keep in the report: ``"all"``, ``"failures"``, ``"none"``.
+        allow_insecure_http: Permit ``http://`` to a host that is not loopback.
+
+    Returns:
+        A ``ParallelReport`` (counts as ``BatchReport``'s; results in input order).
+
+    Raises:
+        InvalidRequestError: a bad option or item, before anything is sent.
+    """
+    from ._errors import InvalidRequestError
+
+    if not isinstance(workers, int) or workers < 1:
+        raise InvalidRequestError("workers", workers, "must be an int >= 1")
+    if keep not in ("all", "failures", "none"):
+        raise InvalidRequestError("keep", keep, "must be 'all', 'failures' or 'none'")
+    BatchOptions(
+        concurrency=concurrency,
+        rate_limit=rate_limit,
+        per_department_rate_limit=per_department_rate_limit,
+    )
+    # Checked here, where the error reaches the caller, not in a worker.
+    BotMessageClient(base_url, username, password, allow_insecure_http=allow_insecure_http)
+
+    # Held in memory (the CLI streams its file instead): a worker's segment is
+    # sized by the number of items, to tell after its death what it had started.
+    work: list[WorkItem] = []
+    for index, raw in enumerate(items):
+        if isinstance(raw, SendRequest):
+            request = raw
+        elif isinstance(raw, tuple) and len(raw) == 3:
+            request = SendRequest(raw[0], raw[1], raw[2])
+        else:
+            raise InvalidRequestError(
+                "item",
+                raw,
+                "must be a SendRequest or a (department_uuid, user_uuid, message) tuple",
+            )
+        work.append(
+            WorkItem(
+                index,
+                str(request.department_uuid),
+                str(request.user_uuid),
+                request.message,
+                request.idempotency_key or new_idempotency_key(),
+            )
+        )
+
+    kept: list[ParallelItem] = []
+
+    def on_result(item: ParallelItem) -> None:
+        if keep == "all" or (keep == "failures" and item.outcome != "sent"):
+            kept.append(item)
+
+    config = WorkerConfig(
+        base_url=base_url,
+        username=username,
+        password=password,
+        allow_insecure_http=allow_insecure_http,
+        concurrency=concurrency,
+        rate_limit=rate_limit,
+        per_department_rate_limit=per_department_rate_limit,
+        fingerprint="send_parallel",
+        items=len(work),
+    )
+    job = ParallelSend(config, work, workers=workers, on_result=on_result)
+    report = job.run()
+    kept.sort(key=lambda r: r.index)
+    report.results = kept
+    return report

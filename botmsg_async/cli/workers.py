@@ -1,0 +1,351 @@
+"""``botmsg send-many --workers N``: the same job, sent from N worker processes.
+
+This process (the parent) owns the terminal, the progress bar, ``--out``, the
+exit code and the signals; ``botmsg_async.bulk`` runs the workers. The input is
+read here, once, and handed out in chunks; each item's outcome is written to
+``--out`` when its worker reports it (in the order results become known, each
+line with its input ``index``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import Final, TextIO
+
+from botmsg_async import Outcome, new_idempotency_key
+from botmsg_async.bulk import (
+    JournalSet,
+    ParallelItem,
+    ParallelReport,
+    ParallelSend,
+    WorkerConfig,
+    WorkItem,
+    usable_cores,
+)
+from botmsg_async.journal import (
+    FINAL_STATES,
+    IN_DOUBT_NOTE,
+    IN_DOUBT_STATES,
+    JournalError,
+    JournalState,
+)
+
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
+from .console import Bar, Console
+from .credentials import Credentials
+from .input import BadRow, RowDefaults, Scan, Source, parse
+from .results import Results, RunEnd, error_json, print_summary
+
+__all__ = ["WORKER_GLIBC_TUNABLES", "parse_workers", "run_with_workers", "uses_workers"]
+
+#: Set for the worker processes the CLI starts (issue #17, item 6): asyncio's
+#: selector transport reads with ``sock.recv(256 KiB)``, and glibc maps and unmaps
+#: a buffer that size for every read unless its mmap threshold is above it. The
+#: library never changes process-wide settings; the CLI owns its workers.
+WORKER_GLIBC_TUNABLES: Final = (
+    "glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=8388608"
+)
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a number of processes, or ``auto`` (the usable cores)."""
+    if text == "auto":
+        return usable_cores()
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def uses_workers(args: argparse.Namespace) -> bool:
+    """Whether this run goes through worker processes: ``--workers`` above 1, or a
+    journal that workers wrote (resumed with any ``--workers``)."""
+    if args.workers != 1:
+        return True
+    return bool(args.journal and args.resume and JournalSet.segments_of(args.journal))
+
+
+def _worker_env() -> dict[str, str]:
+    if sys.platform != "linux":
+        return {}
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    # A user's own tunables win; ours are added after them.
+    return {
+        "GLIBC_TUNABLES": f"{tunables}:{WORKER_GLIBC_TUNABLES}"
+        if tunables
+        else WORKER_GLIBC_TUNABLES
+    }
+
+
+class _Signals:
+    """SIGINT/SIGTERM while the job runs: the first drains, the second abandons."""
+
+    def __init__(self, job: ParallelSend, console: Console) -> None:
+        self.job = job
+        self.console = console
+        self.received = 0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
+        if self.received == 1:
+            self.job.request_stop()
+            self.console.err(
+                "stopping: every worker finishes its sends in flight and starts no new one; "
+                "signal again to abandon them (their outcome would be unknown)"
+            )
+        else:
+            self.job.abandon()
+
+
+class _Run:
+    """One ``send-many --workers`` run: the journal's finished items, then the workers."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        console: Console,
+        source: Source,
+        fmt: str,
+        defaults: RowDefaults,
+        scan: Scan,
+        state: JournalState | None,
+        results: Results,
+    ) -> None:
+        self.args = args
+        self.console = console
+        self.source = source
+        self.fmt = fmt
+        self.defaults = defaults
+        self.scan = scan
+        self.state = state
+        self.results = results
+        self.finished = 0
+
+    def to_send(self) -> int:
+        count = self.scan.valid
+        if self.state is not None:
+            count -= sum(self.state.count(s) for s in FINAL_STATES)
+            if not self.args.resend_unknown:
+                count -= len(self.state.in_doubt)
+        return max(count, 0)
+
+    def items(self) -> Iterator[WorkItem]:
+        """The items to send, read lazily; the others accounted for on the way."""
+        state = self.state
+        with self.source.open() as f:
+            for parsed in parse(f, self.fmt, self.defaults):
+                if isinstance(parsed, BadRow):
+                    if not self.args.skip_invalid:
+                        raise UsageError(
+                            f"{self.source.display}:{parsed.line} changed while sending: "
+                            f"{parsed.problem}"
+                        )
+                    self.results.emit(
+                        parsed.index,
+                        parsed.department_uuid,
+                        parsed.user_uuid,
+                        Outcome.SKIPPED.value,
+                        error=error_json(
+                            f"invalid input at line {parsed.line}: {parsed.problem}",
+                            default_type="InvalidRequestError",
+                        ),
+                        invalid=True,
+                    )
+                    continue
+                index = parsed.index
+                key: str | None = None
+                if state is not None:
+                    st = state.states[index]
+                    if st in FINAL_STATES:
+                        continue  # written to --out from the journal already
+                    if st in IN_DOUBT_STATES:
+                        key, error = state.in_doubt[index]
+                        if not self.args.resend_unknown or key is None:
+                            self.results.emit(
+                                index,
+                                parsed.department_uuid,
+                                parsed.user_uuid,
+                                Outcome.UNKNOWN.value,
+                                error=error_json(
+                                    error or IN_DOUBT_NOTE, default_type="DeliveryUnknownError"
+                                ),
+                                key=key,
+                            )
+                            continue
+                yield WorkItem(
+                    index,
+                    parsed.department_uuid,
+                    parsed.user_uuid,
+                    parsed.message,
+                    key or new_idempotency_key(),
+                    in_doubt=key is not None,
+                )
+
+    def on_result(self, item: ParallelItem) -> None:
+        self.finished += 1
+        self.results.emit(
+            item.index,
+            item.department_uuid,
+            item.user_uuid,
+            item.outcome,
+            message_uuid=item.message_uuid,
+            error=item.error,
+            key=item.key,
+        )
+
+
+def _open_journal(
+    args: argparse.Namespace, console: Console, scan: Scan, stack: contextlib.ExitStack
+) -> tuple[JournalSet, JournalState | None]:
+    path: str = args.journal
+    if args.resume and not os.path.exists(path):
+        raise JournalError(f"{path}: no such journal; drop --resume to start a new one")
+    journal = JournalSet(path, redact=console.redact)
+    stack.callback(journal.close)
+    window = 0 if args.durable else args.concurrency
+    state = journal.begin(
+        fingerprint=scan.fingerprint, items=scan.items, window=window, resume=args.resume
+    )
+    if state is not None and state.torn:
+        console.err(f"warning: {path} ends in a torn record; items it may hide are held back")
+    return journal, state
+
+
+def run_with_workers(
+    args: argparse.Namespace,
+    console: Console,
+    source: Source,
+    fmt: str,
+    defaults: RowDefaults,
+    scan: Scan,
+    creds: Credentials,
+    stack: contextlib.ExitStack,
+) -> int:
+    """Run ``send-many`` through ``args.workers`` worker processes; return the exit code.
+
+    Raises:
+        UsageError: a journal or ``--out`` that cannot be used: nothing sent.
+    """
+    journal: JournalSet | None = None
+    state: JournalState | None = None
+    if args.journal:
+        try:
+            journal, state = _open_journal(args, console, scan, stack)
+        except JournalError as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise UsageError(f"{args.journal}: cannot use the journal: {exc.strerror}") from None
+    out: TextIO | None = None
+    if args.out == "-":
+        out = sys.stdout
+    elif args.out:
+        try:
+            out = stack.enter_context(open(args.out, "w", encoding="utf-8"))  # noqa: SIM115
+        except OSError as exc:
+            if journal is not None and state is None:
+                journal.discard()
+            raise UsageError(f"{args.out}: cannot write: {exc.strerror}") from None
+    results = Results(console, out)
+    stack.callback(results.close)
+    run = _Run(args, console, source, fmt, defaults, scan, state, results)
+    if journal is not None and state is not None:
+        for record in journal.finished_records():
+            results.emit(
+                record["i"],
+                record.get("d", ""),
+                record.get("u", ""),
+                record["o"],
+                message_uuid=record.get("m"),
+                error=None
+                if record.get("e") is None
+                else error_json(record["e"], default_type="BotMessageError"),
+                key=record.get("k"),
+            )
+            results.tally.from_journal += 1
+    config = WorkerConfig(
+        base_url=creds.base_url,
+        username=creds.username,
+        password=creds.password,
+        allow_insecure_http=creds.allow_insecure_http,
+        concurrency=args.concurrency,
+        rate_limit=args.rate,
+        per_department_rate_limit=args.per_department_rate,
+        fingerprint=scan.fingerprint,
+        items=scan.items,
+        durable=args.durable,
+        grant_log=args.grant_log,
+    )
+    bar = Bar(console, run.to_send(), "sending")
+
+    def on_result(item: ParallelItem) -> None:
+        run.on_result(item)
+        bar.update(results.tally.failed, results.tally.unknown)
+
+    job = ParallelSend(
+        config,
+        run.items(),
+        workers=args.workers,
+        on_result=on_result,
+        journal=journal,
+        worker_env=_worker_env(),
+    )
+    started = time.perf_counter()
+    crash: BaseException | None = None
+    report: ParallelReport | None = None
+    with _Signals(job, console) as signals:
+        try:
+            report = job.run()
+        except (UsageError, OSError) as exc:
+            crash = exc
+        finally:
+            bar.close()
+            results.close()
+    retries = report.retries if report is not None else 0
+    end = RunEnd(
+        items=scan.items,
+        finished=run.finished,
+        elapsed=time.perf_counter() - started,
+        retries=retries,
+        in_flight=0,
+        stopped_by=None,
+        crash=crash,
+        stop_requested=signals.received > 0,
+        interrupted=signals.received > 1,
+        journal=args.journal,
+        out=args.out,
+    )
+    print_summary(console, results.tally, end)
+    if report is not None and report.stopped_by is not None:
+        console.err(f"the batch stopped early: {report.stopped_by}")
+    deaths = report.worker_deaths if report is not None else []
+    for death in deaths:
+        console.err(f"error: {death}; its items in flight are unknown, the others were resent")
+    if report is not None and report.not_started and not signals.received:
+        console.err(f"{report.not_started} item(s) not started: no worker was left to send them")
+    if signals.received:
+        return EXIT_INTERRUPTED
+    code = results.tally.exit_code()
+    if crash is not None or deaths or (report is not None and report.not_started):
+        # A worker's death is never "all sent": exit 3 when it left items in doubt.
+        return max(code, EXIT_FAILED) if code != EXIT_UNKNOWN else EXIT_UNKNOWN
+    return code

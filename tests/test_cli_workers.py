@@ -1,0 +1,674 @@
+"""``botmsg send-many --workers N``: one job over worker processes, end to end.
+
+Every run is the real ``botmsg`` entry point in a subprocess (its workers are
+its own subprocesses); the service is an aiohttp server in the test's event
+loop that deduplicates by ``Idempotency-Key`` and records which keys each
+message arrived under, so that "received twice" means "under two keys".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from botmsg_async.bulk import ProcessRateLimiter, send_parallel
+from botmsg_async.cli.workers import WORKER_GLIBC_TUNABLES
+from tests.conftest import serving_send
+from tests.test_cli import read_jsonl, write_csv
+
+USERNAME = "workers-user"
+PASSWORD = "pw-workers-4471"
+TIMEOUT = 60.0
+
+
+class Service:
+    """A deduplicating endpoint that records every message's keys and waits on counts."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[str]] = defaultdict(set)  # user -> keys it arrived under
+        self.answers: dict[str, dict[str, str]] = {}
+        self.requests = 0
+        self.arrivals: list[float] = []
+        self.script: list[Callable[[web.Request], Awaitable[web.Response]]] = []
+        self._waiters: list[tuple[int, asyncio.Event]] = []
+
+    @property
+    def received(self) -> int:
+        """Messages delivered (a repeated key counts once)."""
+        return len(self.answers)
+
+    def when_received(self, count: int) -> asyncio.Event:
+        """An event set once ``count`` messages have been delivered."""
+        event = asyncio.Event()
+        if self.received >= count:
+            event.set()
+        else:
+            self._waiters.append((count, event))
+        return event
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.requests += 1
+        self.arrivals.append(time.monotonic())
+        if self.script:
+            return await self.script.pop(0)(request)
+        key = request.headers["Idempotency-Key"]
+        if key not in self.answers:
+            self.keys[request.match_info["user"]].add(key)
+            self.answers[key] = {"requestUuid": key, "status": "SUCCESS", "messageUuid": key}
+            for count, event in self._waiters:
+                if self.received >= count:
+                    event.set()
+        return web.json_response(self.answers[key])
+
+
+@contextlib.asynccontextmanager
+async def service() -> AsyncIterator[tuple[Service, str]]:
+    svc = Service()
+    async with serving_send(svc.handle) as base_url:
+        yield svc, base_url
+
+
+def items(tmp_path: Path, n: int, departments: int = 3) -> Path:
+    return write_csv(
+        tmp_path / "in.csv",
+        [
+            {"department_uuid": f"dep-{i % departments}", "user_uuid": f"user-{i}", "text": f"#{i}"}
+            for i in range(n)
+        ],
+    )
+
+
+async def start(base_url: str, *args: str) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME=USERNAME, BOTMSG_PASSWORD=PASSWORD)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "botmsg_async",
+        "send-many",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+
+async def finish(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    assert process.stderr is not None
+    try:
+        err = await asyncio.wait_for(process.stderr.read(), TIMEOUT)
+        code = await asyncio.wait_for(process.wait(), TIMEOUT)
+    except TimeoutError:
+        # A hung run fails its test, and leaves no process behind.
+        for pid in [*children(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await process.wait()
+        raise
+    assert PASSWORD.encode() not in err
+    return code, err.decode()
+
+
+async def botmsg(base_url: str, *args: str) -> tuple[int, str]:
+    return await finish(await start(base_url, *args))
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    """Whatever a test started is gone after it, even when the test failed midway."""
+    yield
+    for pid in children(os.getpid()):
+        for process in [*children(pid), pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+async def gone(pids: list[int], within: float = 30.0) -> bool:
+    """Whether every process of ``pids`` ends within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def worker_pids(process: asyncio.subprocess.Process, workers: int) -> list[int]:
+    """The worker processes of a ``botmsg`` run, once they are all started."""
+    while len(pids := children(process.pid)) < workers:
+        assert process.returncode is None
+        await asyncio.sleep(0.01)
+    return pids
+
+
+def check_accounting(svc: Service, out: Path, n: int) -> dict[int, str]:
+    """Every item in ``--out`` once, none received twice, every "sent" one received.
+
+    Returns:
+        The outcome of each item.
+    """
+    lines = read_jsonl(out)
+    indices = Counter(line["index"] for line in lines)
+    assert sorted(indices) == list(range(n))
+    assert set(indices.values()) == {1}
+    twice = {user: keys for user, keys in svc.keys.items() if len(keys) > 1}
+    assert twice == {}
+    outcomes = {}
+    for line in lines:
+        received = bool(svc.keys.get(line["user_uuid"]))
+        outcomes[line["index"]] = line["outcome"]
+        if line["outcome"] == "sent":
+            assert received
+        elif not received:
+            assert line["outcome"] in ("unknown", "failed", "skipped")
+    return outcomes
+
+
+@pytest.mark.slow
+async def test_workers_send_each_item_once(tmp_path: Path) -> None:
+    """Two workers send every item exactly once and --out lists each index once."""
+    source = items(tmp_path, 600)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        code, err = await botmsg(base_url, str(source), "--workers", "2", "--out", str(out))
+    assert code == 0, err
+    outcomes = check_accounting(svc, out, 600)
+    assert set(outcomes.values()) == {"sent"}
+    assert svc.received == 600
+    assert "600 sent" in err
+
+
+async def test_a_fast_worker_takes_more(tmp_path: Path) -> None:
+    """While one worker is stopped (SIGSTOP), the other sends all the rest of the job."""
+    n = 1000
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--journal", str(journal),
+            "--out", str(out),
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")  # noqa: ASYNC240
+        # glibc rewrites the variable in place as it parses it: its first tunable stays.
+        first = WORKER_GLIBC_TUNABLES.split(":")[0]
+        assert any(e.startswith(f"GLIBC_TUNABLES={first}".encode()) for e in environ)
+        await svc.when_received(1).wait()
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            # The stopped worker holds at most two chunks and its sends in flight.
+            await asyncio.wait_for(svc.when_received(n - 64).wait(), TIMEOUT)
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        code, err = await finish(process)
+    assert code == 0, err
+    check_accounting(svc, out, n)
+    starts = starts_by_segment(journal)
+    assert sum(starts) == n
+    assert max(starts) >= n - 64
+
+
+def starts_by_segment(journal: Path) -> list[int]:
+    """How many start records each segment of ``journal`` holds."""
+    parts = journal.parent.glob(journal.name + ".part-*")
+    return [part.read_text().count('"s":"start"') for part in parts]
+
+
+def grants(log: Path) -> dict[str, list[tuple[float, int]]]:
+    by_key: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for line in log.read_text().splitlines():
+        slot, pid, key = line.split()
+        by_key[key].append((float(slot), int(pid)))
+    return by_key
+
+
+def assert_rate(slots: list[float], rate: float) -> None:
+    """No interval holds more grants than ``rate * length + burst`` (GCRA's bound)."""
+    slots = sorted(slots)
+    burst = max(1.0, rate / 10)
+    for i, j in itertools.combinations(range(len(slots)), 2):
+        assert j - i + 1 <= rate * (slots[j] - slots[i]) + burst + 1e-3, (i, j)
+
+
+async def test_rate_limits_hold_across_workers(tmp_path: Path) -> None:
+    """The grants of both workers together keep --rate; each department's, its own rate."""
+    source = items(tmp_path, 300)
+    log = tmp_path / "grants"
+    async with service() as (svc, base_url):
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--rate", "300",
+            "--per-department-rate", "120", "--grant-log", str(log),
+        )  # fmt: skip
+    assert code == 0, err
+    assert svc.received == 300
+    by_key = grants(log)
+    overall = by_key.pop("*")
+    assert len(overall) == 300
+    assert len({pid for _, pid in overall}) == 2  # both workers sent
+    assert_rate([slot for slot, _ in overall], 300)
+    assert sorted(by_key) == ["dep-0", "dep-1", "dep-2"]
+    for department in by_key.values():
+        assert len({pid for _, pid in department}) == 1  # one worker per department
+        assert_rate([slot for slot, _ in department], 120)
+
+
+async def test_the_limiter_is_one_across_processes(tmp_path: Path) -> None:
+    """Slots another process reserved push this process's slot back; its pause is seen here."""
+    fd = ProcessRateLimiter.create()
+    log = tmp_path / "grants"
+    try:
+        # The child reserves 100 slots at 10/s (ten seconds ahead), then gives up on them.
+        code = f"""
+import asyncio
+from botmsg_async.bulk import ProcessRateLimiter
+async def main():
+    limiter = ProcessRateLimiter({fd}, rate=10, grant_log={str(log)!r})
+    tasks = [asyncio.ensure_future(limiter.acquire("d")) for _ in range(100)]
+    await asyncio.sleep(0)
+    for task in tasks:
+        task.cancel()
+    await limiter.pause(30)
+asyncio.run(main())
+"""
+        child = await asyncio.create_subprocess_exec(sys.executable, "-c", code, pass_fds=(fd,))
+        assert await child.wait() == 0
+        here = ProcessRateLimiter(fd, rate=10, grant_log=str(log))
+        assert await here.paused_for() > 20
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(here.acquire("d"), 0.01)
+        here.close()
+    finally:
+        os.close(fd)
+    slots = [slot for slot, _ in grants(log)["*"]]
+    assert len(slots) == 101
+    assert_rate(slots, 10)
+
+
+@pytest.mark.slow
+async def test_a_429_pauses_every_worker(tmp_path: Path) -> None:
+    """After a 429 with Retry-After: 2, no worker sends in the middle of the pause."""
+    told: list[float] = []
+
+    async def throttle(request: web.Request) -> web.Response:
+        told.append(time.monotonic())
+        return web.json_response({}, status=429, headers={"Retry-After": "2"})
+
+    source = items(tmp_path, 200)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        svc.script.append(throttle)
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "-c", "4", "--out", str(out)
+        )
+    assert code == 0, err
+    check_accounting(svc, out, 200)
+    assert svc.received == 200
+    # Requests in flight when the 429 was answered arrive just after it; none later
+    # until the pause ends.
+    middle = [t for t in svc.arrivals if told[0] + 0.5 < t < told[0] + 1.5]
+    assert middle == []
+    assert max(svc.arrivals) > told[0] + 1.9
+
+
+async def test_refused_credentials_stop_every_worker(tmp_path: Path) -> None:
+    """A 401 stops both workers: at most their sends in flight go out, the rest SKIPPED."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        refused[0] += 1
+        return web.json_response({}, status=401)
+
+    refused = [0]
+    source = items(tmp_path, 500)
+    out = tmp_path / "out.jsonl"
+    async with serving_send(refuse) as base_url:
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "-c", "4", "--out", str(out)
+        )
+    assert code == 1, err
+    lines = read_jsonl(out)
+    assert sorted(line["index"] for line in lines) == list(range(500))
+    outcomes = Counter(line["outcome"] for line in lines)
+    assert outcomes["sent"] == 0
+    assert outcomes["failed"] == refused[0] <= 8
+    assert outcomes["skipped"] == 500 - refused[0]
+    assert "AuthenticationError" in err
+
+
+KILL_POINTS = [
+    pytest.param(0.5, id="50%"),
+    pytest.param(0.1, id="10%", marks=pytest.mark.slow),
+    pytest.param(0.9, id="90%", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("share", KILL_POINTS)
+async def test_parent_killed_then_resumed(tmp_path: Path, share: float) -> None:
+    """SIGKILL of the parent: its workers exit; a resume with 3 workers settles the rest."""
+    n = 1000
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "16", "--journal", str(journal),
+            "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(svc.when_received(int(n * share)).wait(), TIMEOUT)
+        process.kill()
+        await process.wait()
+        assert await gone(pids), "a worker outlived its parent"
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "3", "--journal", str(journal), "--resume",
+            "--out", str(out),
+        )  # fmt: skip
+    assert code in (0, 3), err
+    outcomes = check_accounting(svc, out, n)
+    assert (code == 3) == ("unknown" in outcomes.values())
+
+
+ROUTED = pytest.param(0.5, ("--per-department-rate", "100000"), id="50%-routed")
+
+
+@pytest.mark.parametrize(
+    ("share", "flags"),
+    [
+        *(pytest.param(p.values[0], (), id=p.id, marks=p.marks) for p in KILL_POINTS),
+        pytest.param(*ROUTED.values, id=ROUTED.id, marks=pytest.mark.slow),
+    ],
+)
+async def test_worker_killed_then_resumed(
+    tmp_path: Path, share: float, flags: tuple[str, ...]
+) -> None:
+    """SIGKILL of one worker: the other takes its unstarted items; a resume settles all."""
+    n = 1000
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first = tmp_path / "first.jsonl"
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "16", "--journal", str(journal),
+            "--out", str(first), *flags,
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(svc.when_received(int(n * share)).wait(), TIMEOUT)
+        os.kill(pids[0], signal.SIGKILL)
+        code, err = await finish(process)
+        assert code in (1, 3), err
+        assert "died" in err
+        first_outcomes = check_accounting(svc, first, n)
+        assert set(first_outcomes.values()) <= {"sent", "unknown"}
+        assert (code == 3) == ("unknown" in first_outcomes.values())
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "1", "--journal", str(journal), "--resume",
+            "--out", str(out),
+        )  # fmt: skip
+    assert code in (0, 3), err
+    outcomes = check_accounting(svc, out, n)
+    assert outcomes == first_outcomes  # nothing in doubt is resent; nothing else was left
+
+
+@pytest.mark.slow
+async def test_resume_with_other_workers_and_resend_unknown(tmp_path: Path) -> None:
+    """Items left in doubt by a dead worker are resent by --resend-unknown under their key."""
+    n = 400
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    hold = asyncio.Event()
+    stalled = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        stalled.set()
+        await hold.wait()
+        return web.json_response({}, status=503)
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)  # the first request never answers before the kill
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "4", "--journal", str(journal),
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        code, err = await finish(process)
+        hold.set()
+        assert code == 3, err
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "3", "--journal", str(journal), "--resume",
+            "--resend-unknown", "--out", str(out),
+        )  # fmt: skip
+    assert code == 0, err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) == {"sent"}
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_and_leaves_no_process(tmp_path: Path) -> None:
+    """A first SIGTERM drains every worker: exit 130, no process left, resume finishes."""
+    n = 1000
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--journal", str(journal),
+            "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(svc.when_received(n // 4).wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)
+        assert code == 130, err
+        assert await gone(pids, within=5)
+        lines = read_jsonl(tmp_path / "first.jsonl")
+        assert len({line["index"] for line in lines}) == len(lines) < n
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(out),
+        )  # fmt: skip
+    assert code == 0, err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) == {"sent"}
+    assert svc.received == n
+
+
+async def test_send_parallel_from_python() -> None:
+    """``bulk.send_parallel`` sends a list from two workers and reports like a batch."""
+    async with service() as (svc, base_url):
+        work = [(f"dep-{i % 2}", f"user-{i}", f"#{i}") for i in range(100)]
+        report = await asyncio.to_thread(
+            send_parallel,
+            work,
+            base_url=base_url,
+            username=USERNAME,
+            password=PASSWORD,
+            workers=2,
+            concurrency=8,
+        )
+    assert report.counts.sent == 100
+    assert [item.index for item in report.results] == list(range(100))
+    assert svc.received == 100
+
+
+@pytest.mark.slow
+async def test_second_signal_abandons_in_flight_sends(tmp_path: Path) -> None:
+    """A second SIGTERM abandons sends in flight: exit 130, no process left, them unknown."""
+    n = 200
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    hold = asyncio.Event()
+    stalled = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        stalled.set()
+        await hold.wait()
+        return web.json_response({}, status=503)
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)  # one send stays in flight until the end
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "2", "--journal", str(journal),
+            "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        # The second signal once the first is handled (two at once would be one).
+        said = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+        assert b"stopping" in said
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)
+        assert "interrupted" in err
+        hold.set()
+        assert code == 130, err
+        assert await gone(pids, within=5)
+        out = tmp_path / "out.jsonl"
+        code, err = await botmsg(
+            base_url, str(source), "--journal", str(journal), "--resume", "--out", str(out)
+        )
+    assert code == 3, err
+    outcomes = check_accounting(svc, out, n)
+    assert Counter(outcomes.values())["unknown"] >= 1
+
+
+async def test_each_start_is_recorded_before_its_send(tmp_path: Path) -> None:
+    """With --durable (group commit in the workers), each key is in a segment on arrival."""
+    n = 300
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    missing: list[str] = []
+
+    async def check(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        segments = b"".join(
+            part.read_bytes()
+            for part in tmp_path.glob("journal.part-*")  # noqa: ASYNC240
+        )
+        if f'"key":"{key}"'.encode() not in segments:
+            missing.append(key)
+        return web.json_response({"requestUuid": key, "status": "SUCCESS", "messageUuid": key})
+
+    async with serving_send(check) as base_url:
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--durable", "--journal", str(journal)
+        )
+    assert code == 0, err
+    assert missing == []
+    assert sum(starts_by_segment(journal)) == n
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (("--workers", "0"), "--workers: must be at least 1"),
+        (("--workers", "many"), "--workers: must be a number or 'auto'"),
+        (("--per-department-rate", "0"), "--per-department-rate must be more than 0"),
+    ],
+)
+async def test_bad_worker_flags_send_nothing(
+    tmp_path: Path, flags: tuple[str, ...], problem: str
+) -> None:
+    """A bad --workers or --per-department-rate is a usage error (exit 2), nothing sent."""
+    source = items(tmp_path, 10)
+    async with service() as (svc, base_url):
+        code, err = await botmsg(base_url, str(source), *flags)
+    assert code == 2
+    assert problem in err
+    assert svc.requests == 0
+
+
+async def test_per_department_rate_in_one_process(tmp_path: Path) -> None:
+    """Without --workers, --per-department-rate is the batch's per_department_rate_limit."""
+    source = items(tmp_path, 40, departments=2)
+    async with service() as (svc, base_url):
+        code, err = await botmsg(base_url, str(source), "--per-department-rate", "1000")
+    assert code == 0, err
+    assert svc.received == 40
+
+
+async def test_a_stop_ends_the_wait_for_a_429_pause(tmp_path: Path) -> None:
+    """SIGTERM during a 30 s shared pause drains at once; the resume sends the rest."""
+    n = 100
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    told = asyncio.Event()
+
+    async def throttle(request: web.Request) -> web.Response:
+        told.set()
+        return web.json_response({}, status=429, headers={"Retry-After": "30"})
+
+    async with service() as (svc, base_url):
+        svc.script.append(throttle)
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "2", "--journal", str(journal),
+            "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        await asyncio.wait_for(told.wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        code, err = await asyncio.wait_for(finish(process), 20)  # well before the pause ends
+        assert code == 130, err
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(out),
+        )  # fmt: skip
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+async def test_worker_killed_without_journal(tmp_path: Path) -> None:
+    """Without --journal a dead worker's started items are unknown, the others sent once."""
+    n = 600
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "16", "--out", str(out)
+        )
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(svc.when_received(n // 2).wait(), TIMEOUT)
+        os.kill(pids[1], signal.SIGKILL)
+        code, err = await finish(process)
+    assert "died" in err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) <= {"sent", "unknown"}
+    assert code == (3 if "unknown" in outcomes.values() else 1)
