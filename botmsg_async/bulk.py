@@ -879,9 +879,18 @@ class JournalSet:
         return f"{self.path}.part-{self.run:04d}-{worker:04d}"
 
     def begin(
-        self, *, fingerprint: str, items: int, window: int, resume: bool
+        self,
+        *,
+        fingerprint: str,
+        items: int,
+        window: int,
+        resume: bool,
+        options: Mapping[str, Any] | None = None,
     ) -> JournalState | None:
         """Start this run: read (with ``resume``) what every earlier run left.
+
+        ``options`` go in the main journal's first record, as ``FileJournal.begin``
+        writes them (the job's message options, for a later ``--resume``).
 
         Returns:
             With ``resume``, the combined state (None when nothing was recorded).
@@ -898,7 +907,7 @@ class JournalSet:
                 "pass --resume to continue it, or remove them"
             )
         main_state = self.main.begin(
-            fingerprint=fingerprint, items=items, window=window, resume=resume
+            fingerprint=fingerprint, items=items, window=window, resume=resume, options=options
         )
         if not resume:
             return None

@@ -672,3 +672,36 @@ async def test_worker_killed_without_journal(tmp_path: Path) -> None:
     outcomes = check_accounting(svc, out, n)
     assert set(outcomes.values()) <= {"sent", "unknown"}
     assert code == (3 if "unknown" in outcomes.values() else 1)
+
+
+async def test_workers_record_options_and_use_row_keys(tmp_path: Path) -> None:
+    """--workers journals the message options for --resume and sends each row's own key."""
+    source = write_csv(
+        tmp_path / "keys.csv",
+        [
+            {"department_uuid": "dep-0", "user_uuid": f"user-{i}", "idempotency_key": f"k-{i}"}
+            for i in range(40)
+        ],
+    )
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--text", "Closed on Friday",
+            "--journal", str(journal),
+        )  # fmt: skip
+        assert code == 0, err
+        # The resume is given no --text: it takes the journal's (a different one is refused).
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, err
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--text", "Open on Friday",
+        )  # fmt: skip
+        assert code == 2, err
+        assert "--text" in err
+    assert {key for keys in svc.keys.values() for key in keys} == {f"k-{i}" for i in range(40)}
+    assert {line["idempotency_key"] for line in read_jsonl(out)} == {f"k-{i}" for i in range(40)}

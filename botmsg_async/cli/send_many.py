@@ -275,7 +275,10 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         if scan.invalid:
             console.err(f"skipping {scan.invalid} invalid row(s)")
         if uses_workers(args):
-            return run_with_workers(args, console, source, fmt, defaults, scan, creds, stack)
+            options = _job_options(args, fmt, defaults)
+            return run_with_workers(
+                args, console, source, fmt, defaults, scan, creds, stack, options
+            )
 
         state: JournalState | None = None
         journal: JournalStore | None = None

@@ -15,9 +15,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import FrameType
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 from botmsg_async import Outcome, new_idempotency_key
 from botmsg_async.bulk import (
@@ -197,7 +197,7 @@ class _Run:
                     parsed.department_uuid,
                     parsed.user_uuid,
                     parsed.message,
-                    key or new_idempotency_key(),
+                    key or parsed.idempotency_key or new_idempotency_key(),
                     in_doubt=key is not None,
                 )
 
@@ -215,7 +215,11 @@ class _Run:
 
 
 def _open_journal(
-    args: argparse.Namespace, console: Console, scan: Scan, stack: contextlib.ExitStack
+    args: argparse.Namespace,
+    console: Console,
+    scan: Scan,
+    stack: contextlib.ExitStack,
+    options: Mapping[str, Any],
 ) -> tuple[JournalSet, JournalState | None]:
     path: str = args.journal
     if args.resume and not os.path.exists(path):
@@ -224,7 +228,11 @@ def _open_journal(
     stack.callback(journal.close)
     window = 0 if args.durable else args.concurrency
     state = journal.begin(
-        fingerprint=scan.fingerprint, items=scan.items, window=window, resume=args.resume
+        fingerprint=scan.fingerprint,
+        items=scan.items,
+        window=window,
+        resume=args.resume,
+        options=options,
     )
     if state is not None and state.torn:
         console.err(f"warning: {path} ends in a torn record; items it may hide are held back")
@@ -240,8 +248,11 @@ def run_with_workers(
     scan: Scan,
     creds: Credentials,
     stack: contextlib.ExitStack,
+    options: Mapping[str, Any],
 ) -> int:
     """Run ``send-many`` through ``args.workers`` worker processes; return the exit code.
+
+    ``options`` are the job's message options, which a new journal records.
 
     Raises:
         UsageError: a journal or ``--out`` that cannot be used: nothing sent.
@@ -250,7 +261,7 @@ def run_with_workers(
     state: JournalState | None = None
     if args.journal:
         try:
-            journal, state = _open_journal(args, console, scan, stack)
+            journal, state = _open_journal(args, console, scan, stack, options)
         except JournalError as exc:
             raise UsageError(str(exc)) from None
         except OSError as exc:
