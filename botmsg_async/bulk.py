@@ -1053,6 +1053,9 @@ class ParallelSend:
         journal: The job's journal, or None (segments then go to a temporary
             directory, to know what a dead worker had started).
         worker_env: Environment variables to add for the workers.
+        on_tick: Called every ``tick_interval`` seconds while the job runs
+            (progress reports), results or not.
+        tick_interval: Seconds between ``on_tick`` calls.
     """
 
     def __init__(
@@ -1064,8 +1067,12 @@ class ParallelSend:
         on_result: Callable[[ParallelItem], object],
         journal: JournalSet | None = None,
         worker_env: Mapping[str, str] | None = None,
+        on_tick: Callable[[], object] | None = None,
+        tick_interval: float = 10.0,
     ) -> None:
         self._config = config
+        self._on_tick = on_tick
+        self._tick_interval = tick_interval
         self._items = iter(items)
         self._workers = workers
         self._on_result = on_result
@@ -1083,7 +1090,6 @@ class ParallelSend:
         self.worker_deaths: list[str] = []
         self.counts = {o.value: 0 for o in Outcome}
         self.not_started = 0
-        self.in_flight = 0
         self._started_fd = -1
         self._started: mmap.mmap | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -1181,6 +1187,11 @@ class ParallelSend:
             elif self._exhausted():
                 process.wants = False
                 self._post(process, ("end",))
+
+    @property
+    def held(self) -> int:
+        """Items handed to live workers and not yet reported: in flight or queued there."""
+        return sum(len(p.outstanding) for p in self._live())
 
     def _exhausted(self) -> bool:
         if self.stop_requested or self.stopped_by is not None:
@@ -1443,6 +1454,8 @@ class ParallelSend:
         stop_sent = abandon_sent = False
         # One selector for the whole run: multiprocessing.connection.wait builds a
         # new one per call, tens of microseconds a message.
+        next_tick = time.monotonic() + self._tick_interval
+        timeout: float | None = None
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             for process in self._processes:
@@ -1456,7 +1469,13 @@ class ParallelSend:
                     abandon_sent = True
                     for p in self._processes:
                         self._post(p, ("abandon",))
-                for key, _ in selector.select():
+                if self._on_tick is not None:
+                    now = time.monotonic()
+                    if now >= next_tick:
+                        next_tick = now + self._tick_interval
+                        self._on_tick()
+                    timeout = max(0.0, next_tick - now)
+                for key, _ in selector.select(timeout):
                     process = key.data
                     if process is None:
                         with contextlib.suppress(BlockingIOError):

@@ -199,6 +199,45 @@ async def test_without_a_terminal_progress_lines_come_every_interval(
     assert "4 of 4 items: 4 sent" in err.decode()
 
 
+async def test_with_workers_progress_lines_come_from_the_parent(
+    held_server: tuple[str, asyncio.Event], tmp_path: Path
+) -> None:
+    """--workers 2, stderr a pipe: the parent prints the same line while workers hold items."""
+    base_url, release = held_server
+    source = write_csv(tmp_path / "in.csv", recipients(4))
+    env = cli_env(None, BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")
+    process = await start_cli(
+        "send-many", str(source), "--text", "hi", "--workers", "2",
+        "--progress-interval", "0.2", env=env,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        seen: list[str] = []
+
+        async def progress_line() -> str:
+            while True:
+                line = (await process.stderr.readline()).decode()  # type: ignore[union-attr]
+                assert line, f"stderr ended without the line: {seen}"
+                seen.append(line)
+                if "2/4 items done" in line:
+                    return line
+
+        line = await asyncio.wait_for(progress_line(), WAIT)
+        assert re.fullmatch(
+            r"botmsg: progress: 2/4 items done \(50%\): 2 sent, 0 failed, 0 unknown; "
+            r"[0-2] in flight; \d+ messages/s; ETA (\d+ s|\d+ min \d+ s|\d+ h \d+ min)\n",
+            line,
+        ), line
+        release.set()
+        _, err = await asyncio.wait_for(process.communicate(), WAIT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err
+    assert "4 of 4 items: 4 sent" in err.decode()
+
+
 async def test_on_a_terminal_of_no_width_the_bar_is_still_drawn(
     server: FakeBotMessageServer, tmp_path: Path
 ) -> None:

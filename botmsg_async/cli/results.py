@@ -190,6 +190,44 @@ class RunEnd:
     requests: int = 0
 
 
+def progress_line(
+    t: Tally, items: int, *, left: int, rate: float, in_flight: int, retries: int | None
+) -> str:
+    """One progress line for a log: done/total of the input, outcomes, rate and ETA.
+
+    Args:
+        t: The counts so far (this run's and the journal's).
+        items: Items in the input.
+        left: Items this run still has to finish.
+        rate: This run's items per second so far.
+        in_flight: Items being sent (or held by workers) now.
+        retries: HTTP retries so far (None: not known until the end).
+    """
+    percent = 100 * t.total // items if items else 100
+    if not left:
+        eta = "0 s"
+    elif rate > 0:
+        eta = duration_text(left / rate)
+    else:
+        eta = "unknown"
+    retried = "" if retries is None else f", {retries} retries"
+    return (
+        f"progress: {t.total}/{items} items done ({percent}%): {t.sent} sent, "
+        f"{t.failed} failed, {t.unknown} unknown; {in_flight} in flight{retried}; "
+        f"{rate:.0f} messages/s; ETA {eta}"
+    )
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` for a human: ``45 s``, ``12 min 5 s``, ``3 h 20 min``."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
+
+
 def print_summary(console: Console, t: Tally, end: RunEnd) -> None:
     """Print the run's summary on stderr, and what to do next."""
     # Items really attempted: a batch stopped by refused credentials after 32

@@ -57,7 +57,7 @@ from .input import (
     parse,
     scan_input,
 )
-from .results import Results, RunEnd, error_json, print_summary
+from .results import Results, RunEnd, error_json, print_summary, progress_line
 from .signals import run
 from .workers import run_with_workers, uses_workers
 
@@ -577,21 +577,15 @@ class SendMany:
         if progress.elapsed - self.last_line_at < self.args.progress_interval / 2:
             return
         self.last_line_at = progress.elapsed
-        tally = self.results.tally
-        items = self.scan.items
-        percent = 100 * tally.total // items if items else 100
-        rate = progress.rate
-        left = max(self.to_send - progress.done, 0)
-        if not left:
-            eta = "0 s"
-        elif rate > 0:
-            eta = _duration(left / rate)
-        else:
-            eta = "unknown"
         self.console.err(
-            f"progress: {tally.total}/{items} items done ({percent}%): {tally.sent} sent, "
-            f"{tally.failed} failed, {tally.unknown} unknown; {progress.in_flight} in flight, "
-            f"{progress.retries} retries; {rate:.0f} messages/s; ETA {eta}"
+            progress_line(
+                self.results.tally,
+                self.scan.items,
+                left=max(self.to_send - progress.done, 0),
+                rate=progress.rate,
+                in_flight=progress.in_flight,
+                retries=progress.retries,
+            )
         )
 
     async def run(self, creds: Credentials) -> int:
@@ -659,16 +653,6 @@ class SendMany:
         if self.stop_requested:
             return EXIT_INTERRUPTED
         return self.results.tally.exit_code()
-
-
-def _duration(seconds: float) -> str:
-    """``seconds`` for a human: ``45 s``, ``12 min 5 s``, ``3 h 20 min``."""
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60} s"
-    return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 @contextlib.asynccontextmanager

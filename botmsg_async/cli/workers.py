@@ -41,7 +41,7 @@ from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials
 from .input import BadRow, RowDefaults, Scan, Source, parse
-from .results import Results, RunEnd, error_json, print_summary
+from .results import Results, RunEnd, error_json, print_summary, progress_line
 
 __all__ = ["WORKER_GLIBC_TUNABLES", "parse_workers", "run_with_workers", "uses_workers"]
 
@@ -312,6 +312,23 @@ def run_with_workers(
         run.on_result(item)
         bar.update(results.tally.failed, results.tally.unknown)
 
+    started = time.perf_counter()
+    to_send = run.to_send()
+
+    def on_tick() -> None:
+        # Without a terminal (CI logs, nohup, systemd) no bar is drawn: a line instead.
+        elapsed = time.perf_counter() - started
+        console.err(
+            progress_line(
+                results.tally,
+                scan.items,
+                left=max(to_send - run.finished, 0),
+                rate=run.finished / elapsed if elapsed > 0 else 0.0,
+                in_flight=job.held,
+                retries=None,  # the workers report theirs as they end
+            )
+        )
+
     job = ParallelSend(
         config,
         run.items(),
@@ -319,8 +336,9 @@ def run_with_workers(
         on_result=on_result,
         journal=journal,
         worker_env=_worker_env(),
+        on_tick=None if sys.stderr.isatty() else on_tick,
+        tick_interval=args.progress_interval,
     )
-    started = time.perf_counter()
     crash: BaseException | None = None
     report: ParallelReport | None = None
     with _Signals(job, console) as signals:
