@@ -353,7 +353,7 @@ class WorkerConfig:
     fingerprint: str = ""
     items: int = 0
     durable: bool = False
-    #: Without a journal: a shared map of one byte per item, set before the item's
+    #: A shared map of one byte per item (used without a journal), set before the item's
     #: first attempt, to tell what a dead worker had started (no system call per
     #: item, unlike a segment); an item it finished without reporting is then
     #: unknown, never resent. -1 with a journal (its segment says it all).
@@ -1190,7 +1190,7 @@ class ParallelSend:
 
     @property
     def held(self) -> int:
-        """Items handed to live workers and not yet reported: in flight or queued there."""
+        """How many items live workers hold (handed out, not yet reported), in flight or queued."""
         return sum(len(p.outstanding) for p in self._live())
 
     def _exhausted(self) -> bool:
