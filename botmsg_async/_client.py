@@ -21,7 +21,7 @@ import aiohttp
 from attrs import define, evolve
 from yarl import URL
 
-from . import _http, _wire
+from . import _http
 from ._batch import BatchOptions, BatchStream, Items, collect
 from ._errors import (
     BotMessageError,
@@ -40,8 +40,8 @@ from ._validate import (
     check_base_url,
     check_id,
     check_idempotency_key,
-    check_message,
     id_text,
+    message_encoder,
     new_idempotency_key,
 )
 from ._version import __version__
@@ -215,6 +215,8 @@ class BotMessageClient:
         self._defaults = message_defaults or MessageDefaults()
         self._max_response_bytes = max_response_bytes
         self._max_text_bytes = max_text_bytes
+        # check_message + encode_request in one, with a fast path for plain strings.
+        self._encode_message = message_encoder(self._defaults, max_text_bytes)
         self._on_retry = on_retry
         self._rate_limiter = rate_limiter
         self._lent_session = session
@@ -402,7 +404,7 @@ class BotMessageClient:
         department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
         dept = check_id("department_uuid", department_uuid)
         user = check_id("user_uuid", user_uuid)
-        text = check_message(message, self._defaults, self._max_text_bytes)
+        body = self._encode_message(message)
         check_idempotency_key(idempotency_key)
         self._ensure_session()
         if self._rate_limiter is not None:
@@ -412,7 +414,7 @@ class BotMessageClient:
             department_uuid=department_uuid,
             user_uuid=user_uuid,
             url=_http.send_url(self._base_url, self._base_path, dept, user),
-            body=_wire.encode_request(text),
+            body=body,
             idempotency_key=idempotency_key or new_idempotency_key(),
             plan=self._default_plan if retry is None else self._plan_for(retry),
             started=self._clock(),

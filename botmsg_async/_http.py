@@ -293,7 +293,12 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | No
         # inflate to gigabytes, so only a plain one is read in one go.
         if "Content-Encoding" not in response.headers:
             return await response.read()
-    chunks = bytearray()
+    first = await response.content.read(65536)
+    if len(first) > limit:
+        return None
+    if response.content.at_eof():
+        return first  # the whole body in one read (the usual case): no copy into a buffer
+    chunks = bytearray(first)
     while chunk := await response.content.read(65536):
         chunks += chunk
         if len(chunks) > limit:
