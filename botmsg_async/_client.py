@@ -215,6 +215,8 @@ class BotMessageClient:
         self._defaults = message_defaults or MessageDefaults()
         self._max_response_bytes = max_response_bytes
         self._max_text_bytes = max_text_bytes
+        # The last department id checked, and its path form (check_id is pure).
+        self._checked_department: tuple[object, str] = (None, "")
         # check_message + encode_request in one, with a fast path for plain strings.
         self._encode_message = message_encoder(self._defaults, max_text_bytes)
         self._on_retry = on_retry
@@ -402,7 +404,12 @@ class BotMessageClient:
                 the one that first used it; nothing was sent.
         """
         department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
-        dept = check_id("department_uuid", department_uuid)
+        checked = self._checked_department
+        if type(department_uuid) is str and department_uuid == checked[0]:
+            dept = checked[1]  # a batch sends to few departments: checked once, not per message
+        else:
+            dept = check_id("department_uuid", department_uuid)
+            self._checked_department = (department_uuid, dept)
         user = check_id("user_uuid", user_uuid)
         body = self._encode_message(message)
         check_idempotency_key(idempotency_key)

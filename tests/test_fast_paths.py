@@ -40,7 +40,7 @@ def test_one_urandom_call_serves_many_keys(monkeypatch: pytest.MonkeyPatch) -> N
         calls.append(n)
         return real(n)
 
-    monkeypatch.setattr(_validate.os, "urandom", counting)
+    monkeypatch.setattr(os, "urandom", counting)
     source = _validate._KeySource()
     keys = [source.take() for _ in range(512)]
     assert calls == [16 * 256, 16 * 256]
