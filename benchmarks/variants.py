@@ -193,9 +193,9 @@ class Meter:
         if not self._on:
             return
         if phase == "start":
-            self._gc_started = time.perf_counter()
+            self._gc_started = time.process_time()
         else:
-            self.gc_seconds += time.perf_counter() - self._gc_started
+            self.gc_seconds += time.process_time() - self._gc_started
             self.gc_collections[info["generation"]] += 1
 
     def __enter__(self) -> None:

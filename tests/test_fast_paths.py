@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import uuid
@@ -13,8 +14,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from botmsg_async import InvalidRequestError, MessageDefaults, SendResult, _validate, _wire
+from botmsg_async import (
+    ApiError,
+    ApiWarning,
+    BatchReport,
+    BotMessageClient,
+    Counts,
+    InvalidRequestError,
+    ItemResult,
+    MessageDefaults,
+    Outcome,
+    SendRequest,
+    SendResult,
+    Status,
+    _client,
+    _validate,
+    _wire,
+)
+from botmsg_async._batch import BatchStream
+from botmsg_async._report import ItemResults
 from botmsg_async._validate import check_message, message_encoder, new_idempotency_key
+
+from .conftest import SUCCESS, ScriptedServer
+
+MakeClient = Callable[..., BotMessageClient]
 
 # -- idempotency keys ------------------------------------------------------------
 
@@ -233,3 +256,171 @@ def test_a_plain_success_skips_the_converter(monkeypatch: pytest.MonkeyPatch) ->
     body = b'{"requestUuid":"r","status":"SUCCESS","messageUuid":"m","errors":[],"warnings":[]}'
     result = _wire.decode_response(body)
     assert (result.request_uuid, result.message_uuid, result.errors) == ("r", "m", ())
+
+
+# -- batch bookkeeping and compact reports ----------------------------------------------
+
+
+def _items(n: int, departments: int = 3) -> list[tuple[str, str, str]]:
+    return [(f"dept-{i % departments}", f"user-{i}", "hello") for i in range(n)]
+
+
+async def test_a_kept_report_leaves_no_object_per_item_for_the_collector(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """keep="all" results hold no GC-tracked object per item (a list of ItemResult held two)."""
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(_items(1000), concurrency=16)
+    assert report.sent == 1000
+    gc.collect()
+    before = len(gc.get_objects())
+    del report
+    gc.collect()
+    assert before - len(gc.get_objects()) < 100
+
+
+async def test_no_item_result_is_built_for_a_report_until_read(
+    server: ScriptedServer, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send_many without on_result builds no ItemResult per item; reading builds equal ones."""
+    built: list[int] = []
+    real_init = ItemResult.__init__
+
+    def counting(self: ItemResult, *args: Any, **kwargs: Any) -> None:
+        built.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ItemResult, "__init__", counting)
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(_items(200), concurrency=8)
+    assert built == []
+    first = report.results[0]
+    assert (first.index, first.user_uuid, first.outcome) == (0, "user-0", Outcome.SENT)
+    assert first.result is not None
+    assert first.result.message_uuid == SUCCESS["messageUuid"]
+    assert len(built) == 1
+
+
+async def test_tuple_items_build_a_send_request_only_for_on_start(
+    server: ScriptedServer, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SendRequest per tuple item is built only when on_start needs one, equal to before."""
+    built: list[int] = []
+    real_init = SendRequest.__init__
+
+    def counting(self: SendRequest, *args: Any, **kwargs: Any) -> None:
+        built.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SendRequest, "__init__", counting)
+    started: list[tuple[int, SendRequest]] = []
+    async with make_client(server.base_url) as client:
+        await client.send_many(_items(50), concurrency=4)
+        assert built == []
+        await client.send_many(
+            _items(5), concurrency=1, on_start=lambda i, r: started.append((i, r))
+        )
+    assert started == [(i, SendRequest(*item)) for i, item in enumerate(_items(5))]
+
+
+async def test_a_plain_iterator_is_read_without_a_coroutine_per_item(
+    server: ScriptedServer, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items of a plain iterable are pulled inline; the async pull is for async iterables."""
+
+    async def no_pull(self: BatchStream) -> None:
+        raise AssertionError("a plain iterator went through _pull")
+
+    monkeypatch.setattr(BatchStream, "_pull", no_pull)
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(iter(_items(100)), concurrency=8)
+    assert report.sent == 100
+    assert [r.user_uuid for r in report.results] == [f"user-{i}" for i in range(100)]
+
+
+async def test_a_department_id_is_checked_once_while_it_repeats(
+    server: ScriptedServer, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same department is checked once in a row; a bad one after a good one is refused."""
+    checked: list[object] = []
+    real = _client.check_id
+
+    def counting(name: str, value: object) -> str:
+        if name == "department_uuid":
+            checked.append(value)
+        return real(name, value)
+
+    monkeypatch.setattr(_client, "check_id", counting)
+    async with make_client(server.base_url) as client:
+        for user in ("u1", "u2", "u3"):
+            await client.send("dept-1", user, "hello")
+        with pytest.raises(InvalidRequestError, match="department_uuid"):
+            await client.send("dept/1", "u4", "hello")
+        await client.send(uuid.UUID(int=7), "u5", "hello")
+        await client.send(uuid.UUID(int=7), "u6", "hello")
+    assert checked == ["dept-1", "dept/1", str(uuid.UUID(int=7))]
+    assert len(server.seen) == 5
+
+
+OUTCOMES = st.sampled_from(list(Outcome))
+SEND_RESULTS = st.builds(
+    SendResult,
+    st.sampled_from(list(Status)),
+    request_uuid=st.none() | st.text(max_size=5),
+    message_uuid=st.none() | st.text(max_size=5),
+    errors=st.lists(st.builds(ApiError, code=st.none() | st.text(max_size=3)), max_size=2).map(
+        tuple
+    ),
+    warnings=st.lists(st.builds(ApiWarning), max_size=1).map(tuple),
+    attempts=st.integers(1, 5),
+)
+
+
+@st.composite
+def item_results(draw: st.DrawFn) -> list[ItemResult]:
+    """ItemResults with distinct indexes, in a random order (as a batch completes them)."""
+    indexes = draw(st.lists(st.integers(0, 10_000), unique=True, max_size=30))
+    return [
+        ItemResult(
+            index,
+            draw(st.text(max_size=4)),
+            draw(st.text(max_size=4)),
+            draw(OUTCOMES),
+            result=draw(st.none() | SEND_RESULTS),
+            error=draw(st.none() | st.builds(InvalidRequestError, st.just("item"), st.integers())),
+        )
+        for index in indexes
+    ]
+
+
+@settings(deadline=None, max_examples=200)
+@given(items=item_results(), data=st.data())
+def test_item_results_read_as_the_sorted_list_they_replace(
+    items: list[ItemResult], data: st.DataObject
+) -> None:
+    """ItemResults reads back as the list of ItemResult sorted by index: items, slices, errors."""
+    results = ItemResults(items)
+    expected = sorted(items, key=lambda r: r.index)
+    assert list(results) == expected
+    assert results == expected
+    assert results != tuple(expected)
+    assert len(results) == len(expected)
+    assert repr(results) == repr(expected)
+    for r in expected:
+        assert results.index(r) == expected.index(r)
+    if expected:
+        i = data.draw(st.integers(-len(expected), len(expected) - 1))
+        assert results[i] == expected[i]
+        assert results[i].error is expected[i].error
+    start, stop = data.draw(st.integers(-40, 40)), data.draw(st.integers(-40, 40))
+    assert results[start:stop] == expected[start:stop]
+    with pytest.raises(IndexError):
+        results[len(expected)]
+
+
+def test_a_report_accepts_a_plain_list_of_results() -> None:
+    """BatchReport(results=[...]) still takes a list, as built by hand."""
+    item = ItemResult(0, "d", "u", Outcome.SKIPPED)
+    report = BatchReport(results=[item], counts=Counts(skipped=1), retries=0, elapsed=0.0)
+    assert report.results == [item]
+    assert report.results == ItemResults([item])
