@@ -343,7 +343,7 @@ async def test_a_department_id_is_checked_once_while_it_repeats(
 ) -> None:
     """The same department is checked once in a row; a bad one after a good one is refused."""
     checked: list[object] = []
-    real = _client.check_id
+    real = _validate.check_id
 
     def counting(name: str, value: object) -> str:
         if name == "department_uuid":
