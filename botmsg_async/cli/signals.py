@@ -58,7 +58,8 @@ async def _with_signals(
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(signum, stop, signum)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows, threads
+        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+            # Windows; or not the main thread (asyncio says RuntimeError, uvloop ValueError).
             continue
         installed.append(signum)
     try:
