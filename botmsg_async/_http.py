@@ -311,7 +311,16 @@ async def read_answer(response: aiohttp.ClientResponse, rules: AnswerRules) -> S
     status = response.status
     if 200 <= status < 300:
         try:
-            body = await _read_body(response, rules.max_response_bytes)
+            length = response.content_length
+            if (
+                length is not None
+                and length <= rules.max_response_bytes
+                and "Content-Encoding" not in response.headers
+            ):
+                # The usual answer, read as _read_body would, without its coroutine.
+                body: bytes | None = await response.read()
+            else:
+                body = await _read_body(response, rules.max_response_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
             _scrub(exc)
             raise ResponseLostError(
