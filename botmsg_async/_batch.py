@@ -390,7 +390,9 @@ class BatchStream:
                 index, raw = pulled
             row = await self._handle(index, raw)
             _, _, _, outcome, result, error = row
-            attempts = result.attempts if result is not None else error.attempts if error else 0
+            attempts = (
+                result.attempts if result is not None else 0 if error is None else error.attempts
+            )
             self._record(outcome, error, attempts)
             if sink is None:
                 item = ItemResult(*row)
