@@ -17,9 +17,10 @@ LOOPS: Final = ("auto", "asyncio", "uvloop")
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The factory for ``asyncio.Runner`` that ``--loop NAME`` asks for (None: asyncio's).
 
-    uvloop sends 14-19% more messages per second than asyncio's default loop
-    on one core (the benchmarks' fair scenario), so ``auto`` takes it when the
-    ``speed`` extra installed it, and asyncio's loop otherwise.
+    uvloop costs less CPU per message than asyncio's default loop (send_many:
+    -14% in the benchmarks' fair scenario, 2026-11-27; issue #17 measured +14-19%
+    messages per second), so ``auto`` takes it when the ``speed`` extra installed
+    it, and asyncio's loop otherwise.
 
     Raises:
         UsageError: ``uvloop`` was asked for and is not installed.
