@@ -21,7 +21,7 @@ import aiohttp
 from attrs import define, evolve
 from yarl import URL
 
-from . import _http, _wire
+from . import _guard, _http, _wire
 from ._batch import BatchOptions, BatchStream, Items, collect
 from ._errors import (
     BotMessageError,
@@ -31,6 +31,7 @@ from ._errors import (
     RateLimitedError,
     WrongEventLoopError,
 )
+from ._guard import SendGuard
 from ._limits import RateLimiter
 from ._models import MessageDefaults, SendRequest, SendResult, TextMessage
 from ._report import BatchReport, ItemResult, Progress
@@ -141,6 +142,11 @@ class BotMessageClient:
             deadline starts, and one pause that a 429 seen by any holder imposes on
             all. A batch's own ``rate_limit`` applies on top: the stricter wins.
             ``LocalRateLimiter`` is the in-process one.
+        send_guard: At-most-once across processes for sends that carry a caller's
+            ``idempotency_key``: the first send of a key claims it and records the
+            outcome; a later send of that key (another worker, a job queue's
+            redelivery) returns the recorded result, or raises the recorded error,
+            without sending. ``botmsg_async.shared.RedisSendGuard`` is one.
         on_retry: Called with a ``RetryEvent`` before each retry's wait.
         sleep: How to wait (tests pass a fake to never wait for real).
         clock: Monotonic clock for deadlines (tests may pass a fake).
@@ -172,6 +178,7 @@ class BotMessageClient:
         max_response_bytes: int = _http.DEFAULT_MAX_RESPONSE_BYTES,
         max_text_bytes: int = MAX_TEXT_BYTES,
         rate_limiter: RateLimiter | None = None,
+        send_guard: SendGuard | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -217,6 +224,7 @@ class BotMessageClient:
         self._max_text_bytes = max_text_bytes
         self._on_retry = on_retry
         self._rate_limiter = rate_limiter
+        self._send_guard = send_guard
         self._lent_session = session
         self._session: aiohttp.ClientSession | None = session
         # The loop of the first use: the pool's connections and timers live on it.
@@ -381,7 +389,9 @@ class BotMessageClient:
             message: The text, or a ``TextMessage`` for subject, sender and the rest.
             retry: A policy for this send only, instead of the client's.
             idempotency_key: The key every attempt carries (default: a new UUID4).
-                Pass the same key again only to resend the same message.
+                Pass the same key again only to resend the same message. With a
+                ``send_guard``, a key already used returns (or raises) what its
+                first send got, without sending again.
 
         Returns:
             The service's SUCCESS answer; ``attempts`` says how many tries it took.
@@ -395,6 +405,10 @@ class BotMessageClient:
                 (``ServerError``, ``ResponseLostError``, ``InvalidResponseError``).
             TransportError: no connection could be made.
             APIStatusError: any other HTTP error.
+            CoordinationError: the shared rate limiter or send guard failed; nothing
+                was sent.
+            IdempotencyConflictError: with a ``send_guard``, the key was already
+                used for another message; nothing was sent.
             ClientClosedError: the client was closed.
             WrongEventLoopError: the client is used from another event loop than
                 the one that first used it; nothing was sent.
@@ -417,6 +431,27 @@ class BotMessageClient:
             plan=self._default_plan if retry is None else self._plan_for(retry),
             started=self._clock(),
         )
+        if self._send_guard is not None and idempotency_key is not None:
+            return await self._send_guarded(self._send_guard, state)
+        return await self._deliver(state)
+
+    async def _send_guarded(self, guard: SendGuard, state: _Send) -> SendResult:
+        """Send at most once per key across every holder of ``guard``."""
+        key = state.idempotency_key
+        digest = _guard.fingerprint(state.department_uuid, state.user_uuid, state.body)
+        earlier = await guard.claim(key, digest, state.department_uuid, state.user_uuid)
+        if earlier is not None:
+            return earlier
+        try:
+            result = await self._deliver(state)
+        except BotMessageError as exc:
+            await _guard.settle(guard, key, digest, None, exc)
+            raise
+        await _guard.settle(guard, key, digest, result, None)
+        return result
+
+    async def _deliver(self, state: _Send) -> SendResult:
+        """Make the attempts of one logical send; raise its settled error."""
         if self._budget is not None:
             self._budget.deposit()
         try:
