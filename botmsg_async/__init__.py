@@ -29,6 +29,7 @@ from ._errors import (
     UnexpectedStatusError,
     WrongEventLoopError,
 )
+from ._guard import SendGuard
 from ._limits import LocalRateLimiter, RateLimiter
 from ._models import (
     ApiError,
@@ -78,6 +79,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "RetryEvent",
     "RetryPolicy",
     "SendFailedError",
+    "SendGuard",
     "SendRequest",
     "SendResult",
     "Sender",

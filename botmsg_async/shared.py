@@ -231,9 +231,9 @@ class RedisRateLimiter:
         lease_time: Most seconds of the global rate one round trip may reserve
             for this process (several slots at high rates; 0 for one slot per trip).
         sleep: How to wait (tests may pass their own).
-        on_grant: Called with the instant (seconds on the Redis server's clock) of
-            each slot this limiter hands out: the grant timestamps tests and
-            benchmarks check the limits on.
+        on_grant: Called with the department and the instant (seconds on the Redis
+            server's clock) of each slot this limiter hands out: the grant
+            timestamps that tests and benchmarks check the limits on.
 
     Raises:
         InvalidRequestError: a bad rate, name or URL.
@@ -258,7 +258,7 @@ class RedisRateLimiter:
         fail_open: bool = False,
         lease_time: float = 0.02,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        on_grant: Callable[[float], object] | None = None,
+        on_grant: Callable[[str, float], object] | None = None,
     ) -> None:
         _check_rate("rate", rate)
         _check_rate("per_department_rate", per_department_rate)
@@ -357,7 +357,7 @@ class RedisRateLimiter:
             return
         try:
             if self.per_department_rate is None:
-                await self._global_slot(loop)
+                await self._global_slot(loop, department_uuid)
             else:
                 await self._department_slot(loop, department_uuid)
         except CoordinationError as exc:
@@ -458,11 +458,11 @@ class RedisRateLimiter:
                 continue  # a pause began while we waited: ask again after it
             if status == 1:
                 if self._on_grant is not None:
-                    self._on_grant((now + waits[0]) / 1e6)
+                    self._on_grant(department, (now + waits[0]) / 1e6)
                 return
             mode = 2  # the department slot is ours; now the global one
 
-    async def _global_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _global_slot(self, loop: asyncio.AbstractEventLoop, department: str) -> None:
         while True:
             while self._slots:
                 at, granted = self._slots.popleft()
@@ -475,7 +475,7 @@ class RedisRateLimiter:
                 if self._paused_since(epoch, loop):
                     continue
                 if self._on_grant is not None:
-                    self._on_grant(granted)
+                    self._on_grant(department, granted)
                 return
             fetching = self._fetching
             if fetching is not None:
