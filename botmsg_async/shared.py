@@ -289,7 +289,12 @@ class RedisRateLimiter:
             else 0
         )
         self._lease_time = lease_time
-        self._max_lease = max(1, int(rate * lease_time)) if rate and not per_department_rate else 1
+        # A leased slot not taken this long after its instant is dropped (a busy
+        # loop may wake a waiter a little late; a lease is never held for long).
+        self._stale_after = max(0.05, lease_time)
+        self._max_lease = (
+            min(256, max(1, int(rate * lease_time))) if rate and not per_department_rate else 1
+        )
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._pause = self._redis.register_script(_PAUSE)
         self._sleep = sleep
@@ -307,6 +312,8 @@ class RedisRateLimiter:
         self._listener: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
         self._closed = False
+        #: Reservation round trips made to Redis so far (one per slot, or per lease).
+        self.round_trips = 0
 
     def __repr__(self) -> str:
         return (
@@ -424,6 +431,7 @@ class RedisRateLimiter:
     ) -> tuple[int, int, list[int]]:
         keys = [self._global_key, self._department_prefix + department_uuid, self._pause_key]
         args = [self._interval_g, self._tau_g, self._interval_d, self._tau_d, slots, mode]
+        self.round_trips += 1
         try:
             reply: Any = await self._acquire(keys=keys, args=args)
         except _REDIS_ERRORS as exc:
@@ -467,7 +475,7 @@ class RedisRateLimiter:
             while self._slots:
                 at, granted = self._slots.popleft()
                 now = loop.time()
-                if at < now - self._lease_time:
+                if at < now - self._stale_after:
                     continue  # a leased slot nobody took in time: gone, as leases are bounded
                 epoch = self._pause_epoch
                 if at > now:

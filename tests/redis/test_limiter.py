@@ -224,3 +224,36 @@ def test_four_processes_share_one_rate(redis_server: RedisServer, tmp_path: Path
     stamps = [t for grants in per_process for _, t in grants]
     assert len(stamps) == 240
     _check_rate(stamps, rate=100, burst=10)
+
+
+async def test_one_slot_per_round_trip_and_cancellation(redis_server: RedisServer) -> None:
+    """lease_time=0: one slot per trip, none dropped as stale; a waiter may be cancelled."""
+    grants: Grants = []
+    async with RedisRateLimiter(
+        redis_server.url,
+        name="t",
+        rate=1_000_000,  # never waits: each slot is due at once
+        lease_time=0,
+        on_grant=lambda department, at: grants.append((department, at)),
+    ) as limiter:
+        reserve = limiter._reserve
+        trips = 0
+
+        async def counted(mode: int, department: str, slots: int) -> tuple[int, int, list[int]]:
+            nonlocal trips
+            trips += 1
+            if trips > 500:  # slots dropped as stale as soon as granted: it would never end
+                raise AssertionError("the limiter keeps dropping its own slots")
+            return await reserve(mode, department, slots)
+
+        limiter._reserve = counted  # type: ignore[method-assign,assignment]
+        await _take(limiter, ["d"] * 50, tasks=1)
+        assert len(grants) == 50
+        assert trips == limiter.round_trips == 50
+    async with RedisRateLimiter(redis_server.url, name="slow", rate=0.5) as slow:
+        await slow.acquire("d")
+        waiter = asyncio.create_task(slow.acquire("d"))  # its slot is 2 s away
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
