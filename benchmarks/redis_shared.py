@@ -238,13 +238,11 @@ def _sender(
             await limiter.paused_for()
             go.wait()
             stop = time.monotonic() + seconds
-            count = 0
 
             async def task(i: int) -> None:
-                nonlocal count
+                # Each task keeps to one department, so every department has waiters.
+                department = departments[i % len(departments)]
                 while time.monotonic() < stop:
-                    department = departments[(i + count) % len(departments)]
-                    count += 1
                     with contextlib.suppress(Exception):
                         await client.send(department, USER, "hello")
 

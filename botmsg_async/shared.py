@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -304,6 +305,9 @@ class RedisRateLimiter:
         self._slots: deque[tuple[float, float]] = deque()
         self._fetching: asyncio.Event | None = None
         self._waiting = 0
+        # Slots taken since the last lease, and when that was: the recent demand.
+        self._taken = 0
+        self._last_fetch = 0.0
         self._paused_until = 0.0
         self._pause_epoch = 0
         self._down_until = 0.0
@@ -482,6 +486,7 @@ class RedisRateLimiter:
                     await self._sleep(at - now)
                 if self._paused_since(epoch, loop):
                     continue
+                self._taken += 1
                 if self._on_grant is not None:
                     self._on_grant(department, granted)
                 return
@@ -496,7 +501,13 @@ class RedisRateLimiter:
                 continue
             fetching = self._fetching = asyncio.Event()
             try:
-                wanted = min(self._max_lease, self._waiting + 1)
+                # As many slots as wait now, or as were taken in one lease time of
+                # late (the demand a saturated process keeps up), within the bound.
+                now = loop.time()
+                elapsed = max(now - self._last_fetch, 1e-3)
+                recent = math.ceil(self._taken * self._lease_time / elapsed)
+                wanted = min(self._max_lease, max(self._waiting + 1, recent))
+                self._taken, self._last_fetch = 0, now
                 status, server_now, waits = await self._reserve(1, "", wanted)
                 if status == 0:
                     await self._wait_pause(waits[0])
