@@ -16,7 +16,9 @@ from ._errors import (
     BotMessageError,
     CertificateError,
     ClientClosedError,
+    CoordinationError,
     DeliveryUnknownError,
+    IdempotencyConflictError,
     InvalidRequestError,
     InvalidResponseError,
     RateLimitedError,
@@ -27,6 +29,7 @@ from ._errors import (
     UnexpectedStatusError,
     WrongEventLoopError,
 )
+from ._guard import SendGuard
 from ._limits import LocalRateLimiter, RateLimiter
 from ._models import (
     ApiError,
@@ -57,8 +60,10 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "BotMessageError",
     "CertificateError",
     "ClientClosedError",
+    "CoordinationError",
     "Counts",
     "DeliveryUnknownError",
+    "IdempotencyConflictError",
     "InvalidRequestError",
     "InvalidResponseError",
     "ItemResult",
@@ -74,6 +79,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as test_public_api checks
     "RetryEvent",
     "RetryPolicy",
     "SendFailedError",
+    "SendGuard",
     "SendRequest",
     "SendResult",
     "Sender",

@@ -23,7 +23,7 @@ import aiohttp
 from attrs import define, evolve
 from yarl import URL
 
-from . import _http
+from . import _guard, _http
 from ._batch import BatchOptions, BatchStream, Items, collect
 from ._delivery import outcome_of
 from ._errors import (
@@ -34,6 +34,7 @@ from ._errors import (
     RateLimitedError,
     WrongEventLoopError,
 )
+from ._guard import SendGuard
 from ._limits import RateLimiter
 from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
 from ._observe import Observer, SendObservation
@@ -284,6 +285,11 @@ class BotMessageClient:
             deadline starts, and one pause that a 429 seen by any holder imposes on
             all. A batch's own ``rate_limit`` applies on top: the stricter wins.
             ``LocalRateLimiter`` is the in-process one.
+        send_guard: At-most-once across processes for sends that carry a caller's
+            ``idempotency_key``: the first send of a key claims it and records the
+            outcome; a later send of that key (another worker, a job queue's
+            redelivery) returns the recorded result, or raises the recorded error,
+            without sending. ``botmsg_async.shared.RedisSendGuard`` is one.
         on_retry: Called with a ``RetryEvent`` before each retry's wait.
         telemetry: Told of every send, attempt, retry and batch:
             ``botmsg_async.otel.Telemetry`` records them as OpenTelemetry spans
@@ -318,6 +324,7 @@ class BotMessageClient:
         max_response_bytes: int = _http.DEFAULT_MAX_RESPONSE_BYTES,
         max_text_bytes: int = MAX_TEXT_BYTES,
         rate_limiter: RateLimiter | None = None,
+        send_guard: SendGuard | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
         telemetry: Observer | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -404,6 +411,7 @@ class BotMessageClient:
         self._on_retry = on_retry
         self._telemetry = telemetry
         self._rate_limiter = rate_limiter
+        self._send_guard = send_guard
         self._shared = _Shared(session)
         #: Set on a ``with_options()`` view only: the client it shares everything with.
         self._parent: BotMessageClient | None = None
@@ -629,7 +637,9 @@ class BotMessageClient:
             message: The text, or a ``TextMessage`` for subject, sender and the rest.
             retry: A policy for this send only, instead of the client's.
             idempotency_key: The key every attempt carries (default: a new UUID4).
-                Pass the same key again only to resend the same message.
+                Pass the same key again only to resend the same message. With a
+                ``send_guard``, a key already used returns (or raises) what its
+                first send got, without sending again.
 
         Returns:
             The service's SUCCESS answer; ``attempts`` says how many tries it took.
@@ -643,6 +653,10 @@ class BotMessageClient:
                 (``ServerError``, ``ResponseLostError``, ``InvalidResponseError``).
             TransportError: no connection could be made.
             APIStatusError: any other HTTP error.
+            CoordinationError: the shared rate limiter or send guard failed; nothing
+                was sent.
+            IdempotencyConflictError: with a ``send_guard``, the key was already
+                used for another message; nothing was sent.
             ClientClosedError: the client was closed.
             WrongEventLoopError: the client is used from another event loop than
                 the one that first used it; nothing was sent.
@@ -672,15 +686,48 @@ class BotMessageClient:
             plan=self._default_plan if retry is None else self._plan_for(retry),
             started=self._clock(),
         )
+        # The rate limiter's wait, for the telemetry (None: no limiter, or no telemetry).
+        waited = (
+            time.perf_counter() - queued
+            if telemetry is not None and self._rate_limiter is not None
+            else None
+        )
+        if self._send_guard is not None and idempotency_key is not None:
+            return await self._send_guarded(self._send_guard, state, waited)
+        return await self._deliver(state, waited)
+
+    async def _send_guarded(
+        self, guard: SendGuard, state: _Send, waited: float | None
+    ) -> SendResult:
+        """Send at most once per key across every holder of ``guard``."""
+        key = state.idempotency_key
+        digest = _guard.fingerprint(state.department_uuid, state.user_uuid, state.body)
+        earlier = await guard.claim(key, digest, state.department_uuid, state.user_uuid)
+        if earlier is not None:
+            return earlier
+        try:
+            result = await self._deliver(state, waited)
+        except BotMessageError as exc:
+            await _guard.settle(guard, key, digest, None, exc)
+            raise
+        await _guard.settle(guard, key, digest, result, None)
+        return result
+
+    async def _deliver(self, state: _Send, waited: float | None) -> SendResult:
+        """Make the attempts of one logical send; raise its settled error.
+
+        ``waited``: the seconds the rate limiter held it, for the telemetry.
+        """
         if self._budget is not None:
             self._budget.deposit()
+        telemetry = self._telemetry
         if telemetry is not None:
             state.watch = telemetry.send_started(
-                department_uuid,
-                user_uuid,
+                state.department_uuid,
+                state.user_uuid,
                 state.idempotency_key,
                 self._base_url,
-                time.perf_counter() - queued if self._rate_limiter is not None else None,
+                waited,
             )
         try:
             try:

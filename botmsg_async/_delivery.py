@@ -35,6 +35,7 @@ from ._errors import (
     BotMessageError,
     CertificateError,
     ClientClosedError,
+    CoordinationError,
     DeliveryUnknownError,
     InvalidRequestError,
     RateLimitedError,
@@ -49,6 +50,7 @@ __all__ = [
     "is_retryable",
     "may_resend",
     "outcome_of",
+    "releases_claim",
     "settles_doubt",
     "status_rule",
     "stops_batch",
@@ -173,6 +175,8 @@ def may_resend(error: BotMessageError | None) -> bool:
         return error.transient
     if isinstance(error, AuthenticationError | RateLimitedError | ClientClosedError):
         return True
+    if isinstance(error, CoordinationError):
+        return True  # raised before any attempt: the shared store failed, not the message
     if isinstance(error, WrongEventLoopError):
         return True
     if isinstance(error, CertificateError):
@@ -182,6 +186,18 @@ def may_resend(error: BotMessageError | None) -> bool:
     if isinstance(error, APIStatusError):
         return error.retryable
     return False
+
+
+def releases_claim(error: BotMessageError) -> bool:
+    """Whether a send guard frees an idempotency key after its send ended with ``error``.
+
+    Freed (a later send of the same key, e.g. a job queue's redelivery, may try
+    again) only when the message certainly was not delivered and the same
+    request may get through later: ``may_resend``. Anything else is recorded
+    under the key: a final failure is raised again to the next sender, and an
+    unknown delivery stays unknown (never sent twice).
+    """
+    return may_resend(error)
 
 
 def settles_doubt(outcome: Outcome, error: BotMessageError | None) -> bool:

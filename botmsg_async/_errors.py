@@ -4,6 +4,7 @@
 
     BotMessageError
     ├── InvalidRequestError ........ bad input, raised before any I/O (also a ValueError)
+    │   └── IdempotencyConflictError  an idempotency key reused for a different message
     ├── ClientClosedError .......... the client was closed (also a RuntimeError)
     ├── WrongEventLoopError ........ the client was used from a second event loop
     │                                (also a RuntimeError)
@@ -16,6 +17,8 @@
     │   └── UnexpectedStatusError .. 303, other 3xx but 301/302/307/308, a 1xx as
     │                                final status, anything outside 100-599:
     │                                also a DeliveryUnknownError
+    ├── CoordinationError .......... a shared limiter or send guard (Redis) failed:
+    │                                nothing was sent
     ├── TransportError ............. no answer: refused, DNS, timeouts, disconnects
     │   ├── CertificateError ....... TLS verification failed; not retried
     │   └── ResponseLostError ...... the request went out, the answer never came back:
@@ -56,7 +59,9 @@ __all__ = [
     "BotMessageError",
     "CertificateError",
     "ClientClosedError",
+    "CoordinationError",
     "DeliveryUnknownError",
+    "IdempotencyConflictError",
     "InvalidRequestError",
     "InvalidResponseError",
     "RateLimitedError",
@@ -147,6 +152,25 @@ class InvalidRequestError(BotMessageError, ValueError):
         self.field = field
         self.value = value
         self.problem = problem
+
+
+class IdempotencyConflictError(InvalidRequestError):
+    """An idempotency key already used for a different message: nothing was sent.
+
+    A send guard (``BotMessageClient(send_guard=...)``) remembers which message
+    (department, user, text) each key was first used for; the same key with
+    another message is a bug in the caller's key scheme, and sending would
+    either be deduplicated away by the service or deliver the wrong message.
+    """
+
+
+class CoordinationError(BotMessageError):
+    """A limiter or send guard shared across processes (e.g. on Redis) failed.
+
+    Raised before any attempt: the message was **not sent**, so the item is
+    FAILED and may be sent again once the shared store is back (the limiter's
+    ``fail_open=True`` trades this for a per-process limit instead).
+    """
 
 
 class ClientClosedError(BotMessageError, RuntimeError):

@@ -57,7 +57,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"botmsg_async\._\w+\..*"),
     (r"py:class", r"(Items|Observer|URL|_\w+)"),
     # Outside projects and the standard library: no intersphinx offline (see above).
-    (r"py:.*", r"(aiohttp|yarl|multidict|jsonschema|pytest|attrs?|opentelemetry)(\..*)?"),
+    (r"py:.*", r"(aiohttp|yarl|multidict|jsonschema|pytest|attrs?|opentelemetry|redis)(\..*)?"),
     (r"py:.*", r"(collections\.abc|typing|types|asyncio|enum|uuid|os|ssl)\..*"),
     (r"py:class", r"(Callable|Awaitable|Iterator|Iterable|AsyncIterator|AsyncIterable)"),
     (r"py:class", r"(Mapping|Sequence|Literal|Any|Self|Protocol|Final)"),

@@ -15,7 +15,9 @@ from botmsg_async import (
     BotMessageError,
     CertificateError,
     ClientClosedError,
+    CoordinationError,
     DeliveryUnknownError,
+    IdempotencyConflictError,
     InvalidRequestError,
     InvalidResponseError,
     Outcome,
@@ -35,6 +37,7 @@ from botmsg_async._delivery import (
     is_retryable,
     may_resend,
     outcome_of,
+    releases_claim,
     settles_doubt,
     status_rule,
     stops_batch,
@@ -166,6 +169,17 @@ CASES: list[tuple[str, BotMessageError, bool, bool, Outcome, bool, bool]] = [
     ("certificate", CertificateError("x"), False, False, Outcome.FAILED, True, False),
     ("invalid", InvalidRequestError("f", 1, "bad"), False, False, Outcome.FAILED, False, False),
     ("second loop", WrongEventLoopError("x"), False, False, Outcome.FAILED, True, True),
+    # A shared limiter or guard (Redis) failed before any attempt: not sent.
+    ("shared store down", CoordinationError("x"), False, False, Outcome.FAILED, True, False),
+    (
+        "key reused",
+        IdempotencyConflictError("idempotency_key", "k", "reused"),
+        False,
+        False,
+        Outcome.FAILED,
+        False,
+        False,
+    ),
     (
         "unknown then 401",
         _unknown_after(AuthenticationError("x", status=401)),
@@ -209,6 +223,8 @@ def test_delivery_rules(
     # Whatever may have been delivered is never resent under a new key.
     if outcome is Outcome.UNKNOWN:
         assert not may_resend(error)
+    # A send guard frees a key exactly when the message may go again.
+    assert releases_claim(error) is resend
 
 
 def test_closed_client_outcome_depends_on_attempts() -> None:
@@ -257,6 +273,8 @@ def _every_public_error() -> list[BotMessageError]:
         InvalidRequestError("user_uuid", "a/b", "bad", department_uuid="d", user_uuid="a/b"),
         ClientClosedError("closed"),
         WrongEventLoopError("second loop"),
+        CoordinationError("redis down", department_uuid="d", user_uuid="u"),
+        IdempotencyConflictError("idempotency_key", "k", "reused", department_uuid="d"),
         SendFailedError(result, transient=True, department_uuid="d", user_uuid="u", attempts=3),
         APIStatusError(
             "x",

@@ -1,0 +1,209 @@
+"""RedisSendGuard against a real redis-server: each idempotency key is sent at most once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from botmsg_async import (
+    BotMessageClient,
+    CoordinationError,
+    DeliveryUnknownError,
+    IdempotencyConflictError,
+    MessageDefaults,
+    Outcome,
+    RetryPolicy,
+    SendFailedError,
+    SendRequest,
+    Status,
+)
+from botmsg_async._guard import claim_record, fingerprint
+from botmsg_async._wire import encode_request
+from botmsg_async.shared import RedisSendGuard
+from botmsg_async.testing import FakeBotMessageServer, Fault
+
+from .conftest import RedisServer
+
+DEPT = "7f0c6a52-1c7e-4c3e-9a53-6c1f8f0f2a10"
+USER = "b3d1e0a4-55aa-4b7e-8c0e-2f0f7e9d1c22"
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def _client(server: FakeBotMessageServer, guard: RedisSendGuard) -> BotMessageClient:
+    return BotMessageClient(server.base_url, "bot", "pw", send_guard=guard, retry=NO_RETRY)
+
+
+async def test_second_send_of_a_key_returns_the_recorded_result_without_sending(
+    redis_server: RedisServer,
+) -> None:
+    """The first send records its SendResult; a second send of the key gets it back, unsent."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        RedisSendGuard(redis_server.url, name="t") as other_worker,
+        _client(server, guard) as first,
+        _client(server, other_worker) as second,
+    ):
+        sent = await first.send(DEPT, USER, "hello", idempotency_key="job-1")
+        again = await second.send(DEPT, USER, "hello", idempotency_key="job-1")
+        assert again == sent
+        assert again.status is Status.SUCCESS
+        assert server.requests == 1
+        # Records are JSON (never pickle) and expire after the guard's ttl.
+        async with aioredis.Redis.from_url(redis_server.url) as r:
+            raw = await r.get(guard.key_of("job-1"))
+            assert raw is not None
+            assert json.loads(raw)["state"] == "sent"
+            assert 0 < await r.ttl(guard.key_of("job-1")) <= guard.ttl
+
+
+async def test_a_recorded_final_failure_is_raised_again(redis_server: RedisServer) -> None:
+    """A final FAILURE is recorded; a second send raises it, rebuilt, without sending."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        server.inject(Fault.PERMANENT_FAILURE, times=1)
+        with pytest.raises(SendFailedError) as first:
+            await client.send(DEPT, USER, "hello", idempotency_key="job-2")
+        with pytest.raises(SendFailedError) as second:
+            await client.send(DEPT, USER, "hello", idempotency_key="job-2")
+        assert second.value.result.errors == first.value.result.errors
+        assert not second.value.transient
+        assert (second.value.department_uuid, second.value.user_uuid) == (DEPT, USER)
+        assert server.requests == 1
+
+
+async def test_a_key_is_freed_when_the_message_was_certainly_not_delivered(
+    redis_server: RedisServer,
+) -> None:
+    """A transient FAILURE (not delivered, may go again) frees the key: a redelivery sends."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        server.inject(Fault.TRANSIENT_FAILURE, times=1)
+        with pytest.raises(SendFailedError):
+            await client.send(DEPT, USER, "hello", idempotency_key="job-3")
+        result = await client.send(DEPT, USER, "hello", idempotency_key="job-3")
+        assert result.status is Status.SUCCESS
+        assert len(server.messages) == 1
+
+
+async def test_an_unknown_delivery_stays_unknown(redis_server: RedisServer) -> None:
+    """A send that may have been delivered is recorded unknown: never sent again."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        server.inject(Fault.DROP_AFTER, times=1)
+        with pytest.raises(DeliveryUnknownError):
+            await client.send(DEPT, USER, "hello", idempotency_key="job-4")
+        with pytest.raises(DeliveryUnknownError) as again:
+            await client.send(DEPT, USER, "hello", idempotency_key="job-4")
+        assert again.value.idempotency_key == "job-4"
+        assert server.requests == 1
+
+
+async def test_a_claim_without_outcome_is_unknown_and_never_sent(
+    redis_server: RedisServer,
+) -> None:
+    """A worker that died between claim and outcome leaves a claim: DeliveryUnknownError."""
+    body = encode_request(MessageDefaults().message("hi"))
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        await r.set(guard.key_of("job-5"), claim_record(fingerprint(DEPT, USER, body)))
+        with pytest.raises(DeliveryUnknownError, match="claimed"):
+            await client.send(DEPT, USER, "hi", idempotency_key="job-5")
+        assert server.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("department", "user", "text"),
+    [(str(uuid.uuid4()), USER, "hello"), (DEPT, str(uuid.uuid4()), "hello"), (DEPT, USER, "bye")],
+    ids=["department", "user", "text"],
+)
+async def test_a_key_reused_for_another_message_is_refused(
+    redis_server: RedisServer, department: str, user: str, text: str
+) -> None:
+    """The same key with another department, user or text is refused; nothing is sent."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        await client.send(DEPT, USER, "hello", idempotency_key="job-6")
+        with pytest.raises(IdempotencyConflictError, match="different message"):
+            await client.send(department, user, text, idempotency_key="job-6")
+        assert server.requests == 1
+
+
+async def test_sends_without_a_key_of_the_caller_are_not_guarded(
+    redis_server: RedisServer,
+) -> None:
+    """A send with a generated key has nothing to dedupe: it writes no record."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        await client.send(DEPT, USER, "hello")
+        assert await r.dbsize() == 0
+
+
+async def test_concurrent_sends_of_one_key_reach_the_service_once(
+    redis_server: RedisServer,
+) -> None:
+    """Ten clients racing on one key: one sends, the others get the result or 'unknown'."""
+    async with FakeBotMessageServer(username="bot", password="pw", latency=0.05) as server:
+        guards = [RedisSendGuard(redis_server.url, name="t") for _ in range(10)]
+        clients = [_client(server, guard) for guard in guards]
+        try:
+            outcomes = await asyncio.gather(
+                *(c.send(DEPT, USER, "race", idempotency_key="job-7") for c in clients),
+                return_exceptions=True,
+            )
+        finally:
+            for c, g in zip(clients, guards, strict=True):
+                await c.aclose()
+                await g.aclose()
+        assert server.requests == 1
+        assert sum(not isinstance(o, BaseException) for o in outcomes) >= 1
+        assert all(
+            isinstance(o, DeliveryUnknownError) for o in outcomes if isinstance(o, BaseException)
+        )
+
+
+async def test_redis_down_fails_closed_and_recovers(own_redis_server: RedisServer) -> None:
+    """Redis killed: the send fails with a 'not sent' CoordinationError; back: it sends."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(own_redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        await client.send(DEPT, USER, "one", idempotency_key="job-8")
+        own_redis_server.kill()
+        with pytest.raises(CoordinationError, match="not sent"):
+            await client.send(DEPT, USER, "two", idempotency_key="job-9")
+        report = await client.send_many(
+            [SendRequest(DEPT, USER, "three", idempotency_key="job-10")]
+        )
+        assert report.results[0].outcome is Outcome.FAILED
+        assert isinstance(report.results[0].error, CoordinationError)
+        assert server.requests == 1
+        own_redis_server.start()
+        result = await client.send(DEPT, USER, "two", idempotency_key="job-9")
+        assert result.status is Status.SUCCESS
+        assert server.requests == 2
