@@ -54,17 +54,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 from attrs import define, field
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._batch import BatchOptions, BatchStream
 from ._client import BotMessageClient
@@ -107,6 +110,7 @@ DEFAULT_TTL: Final = 7 * 24 * 3600
 #: The options a run may choose on its own: the rest must match the job's.
 PER_RUN_OPTIONS: Final = frozenset({"workers", "concurrency"})
 
+_T = TypeVar("_T")
 _GROUP: Final = "workers"
 _LAYOUT: Final = "1"
 #: Why an item found started with no outcome is unknown.
@@ -271,6 +275,26 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2])
 return 1
 """
+
+
+#: Seconds a run waits for Redis to come back (a restart) before it gives up.
+REDIS_WAIT: Final = 60.0
+
+
+async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call()``, tried again while Redis is unreachable or loading (a restart), up to
+    ``REDIS_WAIT`` seconds; then its error."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REDIS_WAIT
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError):
+            if loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 class _Keys:
@@ -605,13 +629,17 @@ class _Run:
         """A dead run's chunk, else a new one; None when the job has none left for us."""
         idle_ms = int(self.claim_timeout * 1000)
         while not self.stopping:
-            claimed: Any = await self.redis.xautoclaim(
-                self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+            claimed: Any = await _patiently(
+                lambda: self.redis.xautoclaim(
+                    self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+                )
             )
             entries: Any = claimed[1] if claimed else []
             if not entries:
-                read: Any = await self.redis.xreadgroup(
-                    _GROUP, self.consumer, {self.keys.stream: ">"}, count=1
+                read: Any = await _patiently(
+                    lambda: self.redis.xreadgroup(
+                        _GROUP, self.consumer, {self.keys.stream: ">"}, count=1
+                    )
                 )
                 entries = read[0][1] if read else []
             for entry_id, fields in entries:
@@ -620,7 +648,9 @@ class _Run:
                 first = _int(fields.get(b"a"))
                 end = _int(fields.get(b"b"))
                 return _Chunk(_text(entry_id) or "", first, end)
-            meta = await self.redis.hmget(self.keys.meta, "done", "chunks", "state")
+            meta = await _patiently(
+                lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")
+            )
             if _text(meta[2]) != "running":
                 self.stop(None)
                 return None
@@ -638,7 +668,9 @@ class _Run:
             chunk = await self.next_chunk()
             if chunk is None:
                 return
-            started, settled = await self._chunk_bits(chunk.first, chunk.end)
+            started, settled = await _patiently(
+                functools.partial(self._chunk_bits, chunk.first, chunk.end)
+            )
             base = (chunk.first // 8) * 8
             for index in range(chunk.first, chunk.end):
                 item = self.items[index] if index < len(self.items) else None
@@ -673,8 +705,11 @@ class _Run:
     async def _maybe_ack(self, chunk: _Chunk) -> None:
         if chunk.produced and not chunk.open and not chunk.abandoned:
             chunk.abandoned = True  # acknowledged once
-            await self._ack(
-                keys=[self.keys.stream, self.keys.meta], args=[_GROUP, chunk.entry, self.consumer]
+            await _patiently(
+                lambda: self._ack(
+                    keys=[self.keys.stream, self.keys.meta],
+                    args=[_GROUP, chunk.entry, self.consumer],
+                )
             )
             self.wake.set()
 
@@ -693,10 +728,12 @@ class _Run:
             while self.start_queue:
                 await asyncio.sleep(0)  # the sends ready in this loop turn join the group
                 group, self.start_queue = self.start_queue, []
+                args = [self.gen, *(m.index for m, _ in group)]
                 try:
-                    reply = await self._start(
-                        keys=[self.keys.meta, self.keys.started],
-                        args=[self.gen, *(m.index for m, _ in group)],
+                    reply: Any = await _patiently(
+                        functools.partial(
+                            self._start, keys=[self.keys.meta, self.keys.started], args=args
+                        )
                     )
                 except (RedisError, OSError) as exc:
                     # Not recorded: not sent (certainly not delivered).
@@ -723,10 +760,9 @@ class _Run:
 
     async def _went_backwards(self, gen: int) -> None:
         self.rewound = True
-        await self.redis.hset(self.keys.meta, "rewound", "1")
-        await self._in_doubt(
-            keys=[self.keys.stream, self.keys.started, self.keys.settled], args=[_GROUP]
-        )
+        await _patiently(lambda: self.redis.hset(self.keys.meta, "rewound", "1"))
+        keys = [self.keys.stream, self.keys.started, self.keys.settled]
+        await _patiently(lambda: self._in_doubt(keys=keys, args=[_GROUP]))
         self.gen = gen
 
     # -- outcomes -------------------------------------------------------------------
@@ -773,22 +809,11 @@ class _Run:
                 args: list[Any] = [self.chunk_size]
                 for r in batch:
                     args += [r.index, r.code, r.packed, r.detail]
-                for attempt in range(10):
-                    try:
-                        await self._outcome(
-                            keys=[
-                                self.keys.meta,
-                                self.keys.settled,
-                                self.keys.details,
-                                self.keys.m,
-                            ],
-                            args=args,
-                        )
-                        break
-                    except (RedisError, OSError):
-                        # Unrecorded, the items stay in doubt: keep trying a while.
-                        await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
-                else:
+                keys = [self.keys.meta, self.keys.settled, self.keys.details, self.keys.m]
+                try:
+                    # Unrecorded, the items would stay in doubt: wait for Redis a while.
+                    await _patiently(functools.partial(self._outcome, keys=keys, args=args))
+                except (RedisError, OSError):
                     continue
                 chunks = {}
                 for meta in metas:

@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
+
 from botmsg_async import SendRequest
 from botmsg_async.jobs import JobError, JobItemResult, job_results, job_status, run_job_async
 from botmsg_async.testing import FakeBotMessageServer
