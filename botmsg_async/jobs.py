@@ -74,7 +74,6 @@ from ._client import BotMessageClient
 from ._errors import (
     APIStatusError,
     BotMessageError,
-    ClientClosedError,
     InvalidRequestError,
     InvalidResponseError,
 )
@@ -500,8 +499,12 @@ class JobReport:
 # -- one run -----------------------------------------------------------------------
 
 
-class _NotStartedError(ClientClosedError):
-    """Raised, before any attempt, for an item this run will not start."""
+class _NotStartedError(JobError):
+    """Raised, before any attempt, for an item this run will not start.
+
+    Not a ``ClientClosedError``: that would stop this run's whole batch, when
+    only this item is not to be sent here (another run started it, the job is
+    stopping, or its start may have been lost)."""
 
 
 @define(slots=True)
@@ -753,8 +756,10 @@ class _Run:
                     continue
                 self.gen = max(self.gen, gen)
                 refused = {int(i) for i in reply[2:]}
+                # After a rewind, an item found started may be one marked in doubt here.
+                taken = "rewound" if self.rewound else "taken"
                 for meta, future in group:
-                    future.set_result("taken" if meta.index in refused else "ok")
+                    future.set_result(taken if meta.index in refused else "ok")
         finally:
             self.start_task = None
 

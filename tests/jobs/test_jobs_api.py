@@ -102,3 +102,30 @@ async def test_other_input_is_refused(job_redis: JobRedis) -> None:
                 rate_limit=5.0,
             )
         assert not server.messages[10:]
+
+
+async def test_records_that_went_backwards_are_in_doubt(job_redis: JobRedis) -> None:
+    """A generation lower than one a run saw (Redis lost writes): pending items unknown."""
+    from redis.asyncio import Redis
+
+    items = _items(600)
+    async with FakeBotMessageServer(latency=0.01) as server:
+        run = asyncio.ensure_future(
+            run_job_async(
+                job_redis.url, "j", items, base_url=server.base_url, username="user",
+                password="secret", concurrency=8, chunk_size=50,
+            )
+        )  # fmt: skip
+        while len(server.messages) < 100:  # noqa: ASYNC110 - the fake has no arrival event
+            await asyncio.sleep(0.01)
+        async with Redis.from_url(job_redis.url) as client:
+            await client.hset("botmsg:job:{j}:meta", "gen", 0)  # as if the tail was lost
+        report = await run
+        results = await job_results(job_redis.url, "j", items)
+    assert report.job.rewound
+    assert report.job.complete
+    _check_against_server(items, results, server)
+    unknown = [r for r in results if r.outcome == "unknown"]
+    assert unknown
+    users = collections.Counter(m.user_uuid for m in server.messages)
+    assert max(users.values()) == 1
