@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,9 +38,20 @@ from attrs import asdict, define, evolve
 from benchmarks.servers import REPO_ROOT, Server, child_env, nginx_version, start_server
 from benchmarks.variants import RunSpec
 
-__all__ = ["SCENARIOS", "Config", "main", "render_markdown", "run_benchmarks"]
+__all__ = [
+    "ALL_SCENARIOS",
+    "FAIR_SCENARIOS",
+    "SCENARIOS",
+    "Config",
+    "main",
+    "render_markdown",
+    "run_benchmarks",
+]
 
 SCENARIOS = ("throughput", "latency", "memory", "faults")
+#: Issue #17's same-run comparisons, run by default from the command line too.
+FAIR_SCENARIOS = ("fair", "malloc")
+ALL_SCENARIOS = SCENARIOS + FAIR_SCENARIOS
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "latest.json"
 # The metrics of a run that get a median across repetitions.
 _METRICS = (
@@ -55,6 +67,7 @@ _METRICS = (
     "p99_ms",
     "baseline_rss_mb",
     "peak_rss_mb",
+    "gc_us_per_msg",
 )
 _LABELS = {
     "sdk": "(a) SDK send_many",
@@ -62,6 +75,16 @@ _LABELS = {
     "httpx": "(c) raw httpx",
     "sdk_zero_backoff": "SDK send_many, zero backoff",
     "sdk_stream": "SDK stream_many",
+    "sdk_keep_none": "SDK send_many keep=none",
+    "aiohttp_keep": "raw aiohttp, answers kept",
+}
+#: The fair comparison (issue #17): what runs, and as which variant.
+_FAIR = {
+    "raw_discard": "aiohttp",
+    "raw_keep": "aiohttp_keep",
+    "sdk_all": "sdk",
+    "sdk_none": "sdk_keep_none",
+    "sdk_stream": "sdk_stream",
 }
 
 
@@ -88,6 +111,9 @@ class Config:
         uvloop: Run the clients on uvloop.
         httpx: Include the httpx variant.
         scenarios: Which scenarios to run, in order.
+        fair_reps: Runs per variant in the fair and malloc scenarios (>= 5).
+        pin: In those scenarios, pin the client to CPU 0 and the server to CPU 1
+            (when there are two CPUs).
     """
 
     throughput_n: int = 20_000
@@ -106,6 +132,8 @@ class Config:
     uvloop: bool = False
     httpx: bool = True
     scenarios: tuple[str, ...] = SCENARIOS
+    fair_reps: int = 5
+    pin: bool = True
 
     def quick(self) -> Config:
         """The same run with every N ten times smaller."""
@@ -119,14 +147,17 @@ class Config:
         )
 
 
-def _run_child(spec: RunSpec) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter and return its ``RunResult`` dict."""
+def _run_child(spec: RunSpec, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter and return its ``RunResult`` dict.
+
+    ``env`` adds to the environment (e.g. ``GLIBC_TUNABLES``, read at exec).
+    """
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.variants", json.dumps(asdict(spec))],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
-        env=child_env(),
+        env=child_env() | (env or {}),
         check=False,
     )
     if done.returncode != 0:
@@ -144,7 +175,10 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _alternate(
-    specs: dict[str, RunSpec], reps: int, log: Callable[[str], None]
+    specs: dict[str, RunSpec],
+    reps: int,
+    log: Callable[[str], None],
+    envs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run each spec ``reps`` times, round-robin, and summarise each by medians.
 
@@ -152,6 +186,7 @@ def _alternate(
         specs: Variant label to the run it stands for.
         reps: Rounds.
         log: Progress lines.
+        envs: Extra environment per label.
 
     Returns:
         Per label: ``{"runs": [...], "median": {...}}``.
@@ -159,7 +194,7 @@ def _alternate(
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
     for rep in range(reps):
         for label, spec in specs.items():
-            result = _run_child(spec)
+            result = _run_child(spec, (envs or {}).get(label))
             runs[label].append(result)
             log(
                 f"  {label:<18} rep {rep + 1}/{reps}: {result['msgs_per_s']:8.0f} msg/s  "
@@ -286,11 +321,128 @@ def _scenario_faults(config: Config, log: Callable[[str], None]) -> dict[str, An
     }
 
 
+def _pins(config: Config) -> tuple[int | None, int | None]:
+    """CPUs for the client and the server: 0 and 1 when pinning on two or more CPUs."""
+    if config.pin and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        first, second = sorted(os.sched_getaffinity(0))[:2]
+        return first, second
+    return None, None
+
+
+def _loops() -> tuple[str, ...]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return ("asyncio",)
+    return ("asyncio", "uvloop")
+
+
+def _scenario_fair(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """Issue #17's comparison: the SDK's ways to send against raw loops, per event loop.
+
+    Every variant alternates with every other in one run, pinned, ``fair_reps``
+    times; the ratios compare medians of the same run.
+    """
+    client_cpu, server_cpu = _pins(config)
+    loops = _loops()
+    with start_server(config.server, processes=config.server_processes, cpu=server_cpu) as server:
+        specs = {
+            f"{name}@{loop}": RunSpec(
+                variant,
+                server.base_url,
+                config.throughput_n,
+                config.throughput_concurrency,
+                # No latency recording: for the SDK it needs on_result, which builds an
+                # ItemResult per item that neither raw loop pays for.
+                latency=False,
+                uvloop=loop == "uvloop",
+                cpu=client_cpu,
+            )
+            for loop in loops
+            for name, variant in _FAIR.items()
+        }
+        variants = _alternate(specs, config.fair_reps, log)
+    ratios: dict[str, float | None] = {}
+    for loop in loops:
+
+        def median(name: str, metric: str, loop: str = loop) -> float | None:
+            value: float | None = variants[f"{name}@{loop}"]["median"][metric]
+            return value
+
+        ratios[f"{loop}: throughput sdk_all / raw_keep"] = _ratio(
+            median("sdk_all", "msgs_per_s"), median("raw_keep", "msgs_per_s")
+        )
+        ratios[f"{loop}: CPU sdk_all / raw_keep"] = _ratio(
+            median("sdk_all", "cpu_us_per_msg"), median("raw_keep", "cpu_us_per_msg")
+        )
+        ratios[f"{loop}: CPU sdk_none / raw_discard"] = _ratio(
+            median("sdk_none", "cpu_us_per_msg"), median("raw_discard", "cpu_us_per_msg")
+        )
+        ratios[f"{loop}: CPU sdk_stream / raw_discard"] = _ratio(
+            median("sdk_stream", "cpu_us_per_msg"), median("raw_discard", "cpu_us_per_msg")
+        )
+    if "uvloop" in loops:
+        ratios["throughput sdk_all uvloop / asyncio"] = _ratio(
+            variants["sdk_all@uvloop"]["median"]["msgs_per_s"],
+            variants["sdk_all@asyncio"]["median"]["msgs_per_s"],
+        )
+    return {
+        "server": server.description,
+        "n": config.throughput_n,
+        "concurrency": config.throughput_concurrency,
+        "pinned": {"client_cpu": client_cpu, "server_cpu": server_cpu},
+        "variants": variants,
+        "ratios": ratios,
+    }
+
+
+def _scenario_malloc(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """The 256 KiB receive buffer: the same runs with and without glibc's malloc tunables.
+
+    asyncio's selector transport reads with ``sock.recv(256 KiB)``; below glibc's
+    mmap threshold that buffer comes from the heap, not a fresh mmap/munmap per read.
+    """
+    from botmsg_async.cli.tunables import MALLOC_TUNABLES
+
+    client_cpu, server_cpu = _pins(config)
+    with start_server(config.server, processes=config.server_processes, cpu=server_cpu) as server:
+        specs: dict[str, RunSpec] = {}
+        envs: dict[str, dict[str, str]] = {}
+        for name, variant in (("sdk_all", "sdk"), ("raw_keep", "aiohttp_keep")):
+            for tuned in (False, True):
+                label = f"{name}{'+tunables' if tuned else ''}"
+                specs[label] = RunSpec(
+                    variant,
+                    server.base_url,
+                    config.throughput_n,
+                    config.throughput_concurrency,
+                    latency=False,
+                    cpu=client_cpu,
+                )
+                # The untuned runs must not inherit a tunable from the harness's shell.
+                envs[label] = {"GLIBC_TUNABLES": MALLOC_TUNABLES if tuned else ""}
+        variants = _alternate(specs, config.fair_reps, log, envs)
+    return {
+        "server": server.description,
+        "tunables": MALLOC_TUNABLES,
+        "variants": variants,
+        "ratios": {
+            f"CPU {name}+tunables / {name}": _ratio(
+                variants[f"{name}+tunables"]["median"]["cpu_us_per_msg"],
+                variants[name]["median"]["cpu_us_per_msg"],
+            )
+            for name in ("sdk_all", "raw_keep")
+        },
+    }
+
+
 _RUNNERS: dict[str, Callable[[Config, Callable[[str], None]], dict[str, Any]]] = {
     "throughput": _scenario_throughput,
     "latency": _scenario_latency,
     "memory": _scenario_memory,
     "faults": _scenario_faults,
+    "fair": _scenario_fair,
+    "malloc": _scenario_malloc,
 }
 
 
@@ -321,6 +473,14 @@ def _git_revision() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` shows them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine() -> dict[str, Any]:
@@ -366,6 +526,28 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
         if "throughput_sdk_over_httpx" in ratios:
             check("throughput SDK / httpx", ratios["throughput_sdk_over_httpx"], ">=", 5.0)
+    if "fair" in scenarios:
+        fair = scenarios["fair"]["ratios"]
+        for loop in ("asyncio", "uvloop"):
+            if f"{loop}: CPU sdk_all / raw_keep" in fair:
+                check(
+                    f"{loop}: throughput send_many keep=all / raw keeping answers",
+                    fair[f"{loop}: throughput sdk_all / raw_keep"],
+                    ">=",
+                    0.95,
+                )
+                check(
+                    f"{loop}: CPU send_many keep=all / raw keeping answers",
+                    fair[f"{loop}: CPU sdk_all / raw_keep"],
+                    "<=",
+                    1.05,
+                )
+                check(
+                    f"{loop}: CPU send_many keep=none / raw dropping answers",
+                    fair[f"{loop}: CPU sdk_none / raw_discard"],
+                    "<=",
+                    1.00,
+                )
     if "memory" in scenarios:
         memory = scenarios["memory"]
         check("peak RSS, large stream (MB)", memory["runs"]["large"]["peak_rss_mb"], "<=", 100.0)
@@ -386,7 +568,7 @@ def run_benchmarks(
     Returns:
         The report: ``meta`` (date, machine, config), ``scenarios`` and ``targets``.
     """
-    unknown = set(config.scenarios) - set(SCENARIOS)
+    unknown = set(config.scenarios) - set(ALL_SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios: {sorted(unknown)}")
     report: dict[str, Any] = {
@@ -398,12 +580,15 @@ def run_benchmarks(
             "loop": "uvloop" if config.uvloop else "asyncio",
             # The SDK is re-imported by every run: edit it mid-run and runs differ.
             "revision": _git_revision(),
+            # A shared machine: how busy it was when the run began (and, below, ended).
+            "load_average_start": _load_average(),
         },
         "scenarios": {},
     }
     for name in config.scenarios:
         log(f"scenario {name}")
         report["scenarios"][name] = _RUNNERS[name](config, log)
+    report["meta"]["load_average_end"] = _load_average()
     report["targets"] = _targets(report)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -462,6 +647,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| faults: throughput with faults / clean | "
             f"{_fmt(scenarios['faults']['throughput_faults_over_clean'], 2)} |"
         )
+    if "fair" in scenarios:
+        lines += _fair_table(scenarios["fair"])
+    if "malloc" in scenarios:
+        lines += _malloc_table(scenarios["malloc"])
     if report.get("targets"):
         lines += ["", "| target | value | limit | pass |", "|---|---:|---:|---|"]
         for target in report["targets"]:
@@ -471,6 +660,44 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {target['op']} {target['limit']:g} | {verdict} |"
             )
     return "\n".join(lines)
+
+
+def _fair_table(fair: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"fair comparison (C={fair['concurrency']}, N={fair['n']:,}, pinned {fair['pinned']}):",
+        "",
+        "| variant | loop | msg/s | CPU µs/msg | GC µs/msg | runs |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, data in fair["variants"].items():
+        name, _, loop = label.partition("@")
+        m = data["median"]
+        lines.append(
+            f"| {name} | {loop} | {_fmt(m['msgs_per_s'])} | {_fmt(m['cpu_us_per_msg'], 1)} "
+            f"| {_fmt(m['gc_us_per_msg'], 2)} | {len(data['runs'])} |"
+        )
+    lines += ["", "| ratio (medians, same run) | value |", "|---|---:|"]
+    lines += [f"| {key} | {_fmt(value, 3)} |" for key, value in fair["ratios"].items()]
+    return lines
+
+
+def _malloc_table(malloc: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"malloc tunables ({malloc['tunables']}), default loop:",
+        "",
+        "| variant | msg/s | CPU µs/msg | runs |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, data in malloc["variants"].items():
+        m = data["median"]
+        lines.append(
+            f"| {label} | {_fmt(m['msgs_per_s'])} | {_fmt(m['cpu_us_per_msg'], 1)} "
+            f"| {len(data['runs'])} |"
+        )
+    lines += [f"| {key} | {_fmt(value, 3)} | | |" for key, value in malloc["ratios"].items()]
+    return lines
 
 
 def _parse_args(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
@@ -488,9 +715,15 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
     parser.add_argument("--uvloop", action="store_true", help="run the clients on uvloop")
     parser.add_argument("--no-httpx", action="store_true", help="leave the httpx variant out")
     parser.add_argument(
+        "--fair-reps", type=int, default=5, help="runs per variant in fair and malloc (default 5)"
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin client and server to separate CPUs"
+    )
+    parser.add_argument(
         "--scenario",
         action="append",
-        choices=SCENARIOS,
+        choices=ALL_SCENARIOS,
         help="run only this scenario (repeatable); default: all",
     )
     parser.add_argument(
@@ -502,13 +735,21 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
         server=args.server,
         uvloop=args.uvloop,
         httpx=not args.no_httpx,
-        scenarios=tuple(args.scenario or SCENARIOS),
+        scenarios=tuple(args.scenario or ALL_SCENARIOS),
+        fair_reps=args.fair_reps,
+        pin=not args.no_pin,
     )
     return (config.quick() if args.quick else config), args.out
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
+    # SIGTERM unwinds like Ctrl-C: the servers and the running child are stopped.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     config, out = _parse_args(argv)
     if config.uvloop:
         import uvloop  # noqa: F401 - fail now, not in the first child, when it is missing

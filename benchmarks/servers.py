@@ -84,7 +84,7 @@ def _nginx_string(body: bytes) -> str:
     return f"'{text}'"
 
 
-def _nginx_config(workdir: Path, port: int, fail_percent: int) -> str:
+def _nginx_config(workdir: Path, port: int, fail_percent: int, cpu: int | None = None) -> str:
     if fail_percent:
         # split_clients hashes the per-request random id: about fail_percent of
         # the answers are FAILURE, in no fixed pattern (nginx cannot count).
@@ -98,11 +98,14 @@ def _nginx_config(workdir: Path, port: int, fail_percent: int) -> str:
     else:
         answers = ""
         answer = _nginx_string(SUCCESS_BODY)
+    # A bit mask, highest CPU first: "10" is CPU 1.
+    affinity = "" if cpu is None else f"worker_cpu_affinity 1{'0' * cpu};"
     return f"""\
 daemon off;
 master_process on;
 # One worker: the client gets the other CPU of a 2-CPU machine to itself.
 worker_processes 1;
+{affinity}
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
 events {{
@@ -179,13 +182,13 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 @contextlib.contextmanager
-def _nginx(fail_percent: int) -> Iterator[Server]:
+def _nginx(fail_percent: int, cpu: int | None) -> Iterator[Server]:
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     with tempfile.TemporaryDirectory(prefix="botmsg-bench-nginx-") as tmp:
         workdir = Path(tmp)
         port = free_port()
         conf = workdir / "nginx.conf"
-        conf.write_text(_nginx_config(workdir, port, fail_percent))
+        conf.write_text(_nginx_config(workdir, port, fail_percent, cpu))
         # -e: nginx opens its default error log before reading the config;
         # point that at the temp dir too, so nothing outside it is touched.
         cmd = [binary, "-e", str(workdir / "error.log"), "-p", str(workdir), "-c", str(conf)]
@@ -200,7 +203,7 @@ def _nginx(fail_percent: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def _aiohttp(processes: int, delay: float, fail_every: int) -> Iterator[Server]:
+def _aiohttp(processes: int, delay: float, fail_every: int, cpu: int | None) -> Iterator[Server]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -226,6 +229,8 @@ def _aiohttp(processes: int, delay: float, fail_every: int) -> Iterator[Server]:
                 env=child_env(),
             )
             procs.append(proc)
+            if cpu is not None:
+                os.sched_setaffinity(proc.pid, {cpu})
             # Each process says "ready" once it listens, so none is left out of
             # the SO_REUSEPORT group when the clients connect.
             assert proc.stdout is not None
@@ -246,6 +251,7 @@ def start_server(
     processes: int = 2,
     delay: float = 0.0,
     fail_every: int = 0,
+    cpu: int | None = None,
 ) -> contextlib.AbstractContextManager[Server]:
     """Start a server for one scenario; leaving the ``with`` block stops it.
 
@@ -255,6 +261,7 @@ def start_server(
         processes: aiohttp server processes sharing the port.
         delay: Seconds each answer waits.
         fail_every: Make 1 in ``fail_every`` answers a transient FAILURE (0: none).
+        cpu: Pin the server's processes to this CPU, or None.
 
     Returns:
         A context manager yielding the running ``Server``.
@@ -265,5 +272,5 @@ def start_server(
         prefer == "nginx" or (prefer == "auto" and nginx_version() is not None)
     )
     if use_nginx:
-        return _nginx(round(100 / fail_every) if fail_every else 0)
-    return _aiohttp(processes, delay, fail_every)
+        return _nginx(round(100 / fail_every) if fail_every else 0, cpu)
+    return _aiohttp(processes, delay, fail_every, cpu)

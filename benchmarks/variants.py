@@ -24,11 +24,12 @@ import asyncio
 import base64
 import gc
 import json
+import os
 import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from attrs import asdict, define
@@ -60,6 +61,7 @@ class RunSpec:
         latency: Record per-item latency (costs 16 bytes per item, so the memory
             scenario turns it off).
         uvloop: Run on uvloop instead of asyncio's default loop.
+        cpu: Pin the run to this CPU (``sched_setaffinity``), or None.
     """
 
     variant: str
@@ -68,6 +70,7 @@ class RunSpec:
     concurrency: int
     latency: bool = True
     uvloop: bool = False
+    cpu: int | None = None
 
 
 @define(frozen=True)
@@ -98,6 +101,9 @@ class RunResult:
         baseline_rss_mb: Peak RSS before the send phase (interpreter and imports).
         peak_rss_mb: Peak RSS of the process at the end.
         loop: ``"uvloop"`` or ``"asyncio"``.
+        gc_collections: Garbage collections in the send phase, per generation.
+        gc_us_per_msg: Time spent in them, µs per message.
+        malloc_tunables: ``GLIBC_TUNABLES`` of the run, if any.
     """
 
     variant: str
@@ -114,6 +120,9 @@ class RunResult:
     baseline_rss_mb: float
     peak_rss_mb: float
     loop: str
+    gc_collections: list[int]
+    gc_us_per_msg: float
+    malloc_tunables: str | None
 
 
 def make_items(n: int) -> Iterator[Item]:
@@ -167,20 +176,41 @@ class Recorder:
 
 
 class Meter:
-    """Wall and CPU time of a ``with`` block: the send phase of one run."""
+    """Wall and CPU time of a ``with`` block (the send phase of one run), and its GC time."""
 
     wall = 0.0
     cpu = 0.0
 
+    def __init__(self) -> None:
+        self.gc_seconds = 0.0
+        self.gc_collections = [0, 0, 0]
+        self._gc_started = 0.0
+        self._on = False
+
+    def _gc_callback(self, phase: str, info: dict[str, int]) -> None:
+        # gc calls this around every automatic collection: the time between the
+        # two calls is what keeping objects alive costs the run.
+        if not self._on:
+            return
+        if phase == "start":
+            self._gc_started = time.process_time()
+        else:
+            self.gc_seconds += time.process_time() - self._gc_started
+            self.gc_collections[info["generation"]] += 1
+
     def __enter__(self) -> None:
         # A collection left over from set-up should not land in the measurement.
         gc.collect()
+        gc.callbacks.append(self._gc_callback)
+        self._on = True
         self._cpu0 = time.process_time()
         self._wall0 = time.perf_counter()
 
     def __exit__(self, *exc_info: object) -> None:
         self.wall = time.perf_counter() - self._wall0
         self.cpu = time.process_time() - self._cpu0
+        self._on = False
+        gc.callbacks.remove(self._gc_callback)
 
 
 async def run_pool(
@@ -244,7 +274,19 @@ def _raw_request(base_url: str, item: Item) -> tuple[str, dict[str, Any]]:
 
 
 async def raw_aiohttp(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
-    """A plain aiohttp loop: post JSON, read JSON, no retries, no models."""
+    """A plain aiohttp loop: post JSON, read JSON, no retries, no models; answers dropped."""
+    return await _raw_aiohttp(spec, recorder, meter, None)
+
+
+async def raw_aiohttp_keep(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
+    """The same loop keeping every answer in a list, as ``send_many(keep="all")`` does."""
+    kept: list[Any] = []
+    return await _raw_aiohttp(spec, recorder, meter, kept)
+
+
+async def _raw_aiohttp(
+    spec: RunSpec, recorder: Recorder, meter: Meter, kept: list[Any] | None
+) -> Counts:
     # The default connector allows 100 connections: size it to the concurrency.
     connector = aiohttp.TCPConnector(limit=spec.concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -253,6 +295,8 @@ async def raw_aiohttp(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts
             url, body = _raw_request(spec.base_url, item)
             async with session.post(url, json=body, headers=_AUTH) as response:
                 data = await response.json()
+            if kept is not None:
+                kept.append(data)
             return response.status == 200 and data.get("status") == "SUCCESS"
 
         with meter:
@@ -289,7 +333,11 @@ def _sdk_client(spec: RunSpec, **options: Any) -> botmsg_async.BotMessageClient:
 
 
 async def _send_many(
-    spec: RunSpec, recorder: Recorder, meter: Meter, client: botmsg_async.BotMessageClient
+    spec: RunSpec,
+    recorder: Recorder,
+    meter: Meter,
+    client: botmsg_async.BotMessageClient,
+    keep: Literal["all", "failures", "none"] = "all",
 ) -> Counts:
     async with client:
         on_result = _finisher(recorder)
@@ -298,6 +346,7 @@ async def _send_many(
                 recorder.timed(make_items(spec.n)),
                 concurrency=spec.concurrency,
                 on_result=on_result,
+                keep=keep,
             )
     return Counts(report.sent, report.total - report.sent, report.retries)
 
@@ -305,6 +354,11 @@ async def _send_many(
 async def sdk_send_many(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
     """``client.send_many(items, concurrency=C)`` with default settings (retries on)."""
     return await _send_many(spec, recorder, meter, _sdk_client(spec))
+
+
+async def sdk_keep_none(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
+    """``send_many(..., keep="none")``: only the counts are kept."""
+    return await _send_many(spec, recorder, meter, _sdk_client(spec), keep="none")
 
 
 async def sdk_zero_backoff(spec: RunSpec, recorder: Recorder, meter: Meter) -> Counts:
@@ -352,9 +406,11 @@ def _finisher(recorder: Recorder) -> Callable[[botmsg_async.ItemResult], None] |
 
 VARIANTS: dict[str, Callable[[RunSpec, Recorder, Meter], Coroutine[Any, Any, Counts]]] = {
     "sdk": sdk_send_many,
+    "sdk_keep_none": sdk_keep_none,
     "sdk_zero_backoff": sdk_zero_backoff,
     "sdk_stream": sdk_stream,
     "aiohttp": raw_aiohttp,
+    "aiohttp_keep": raw_aiohttp_keep,
     "httpx": raw_httpx,
 }
 
@@ -375,6 +431,8 @@ def peak_rss_kb() -> int:
 
 def run(spec: RunSpec) -> RunResult:
     """Run one variant in this process and measure it."""
+    if spec.cpu is not None:
+        os.sched_setaffinity(0, {spec.cpu})
     recorder = Recorder(spec.n, spec.latency)
     meter = Meter()
     loop_factory = None
@@ -402,6 +460,9 @@ def run(spec: RunSpec) -> RunResult:
         baseline_rss_mb=baseline_kb / 1024,
         peak_rss_mb=peak_kb / 1024,
         loop="uvloop" if spec.uvloop else "asyncio",
+        gc_collections=meter.gc_collections,
+        gc_us_per_msg=meter.gc_seconds / spec.n * 1e6 if spec.n else 0.0,
+        malloc_tunables=os.environ.get("GLIBC_TUNABLES"),
     )
 
 

@@ -357,7 +357,12 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | No
         # inflate to gigabytes, so only a plain one is read in one go.
         if "Content-Encoding" not in response.headers:
             return await response.read()
-    chunks = bytearray()
+    first = await response.content.read(65536)
+    if len(first) > limit:
+        return None
+    if response.content.at_eof():
+        return first  # the whole body in one read (the usual case): no copy into a buffer
+    chunks = bytearray(first)
     while chunk := await response.content.read(65536):
         chunks += chunk
         if len(chunks) > limit:
@@ -436,7 +441,16 @@ async def read_answer(
     status = response.status
     if 200 <= status < 300:
         try:
-            body = await _read_body(response, rules.max_response_bytes)
+            length = response.content_length
+            if (
+                length is not None
+                and length <= rules.max_response_bytes
+                and "Content-Encoding" not in response.headers
+            ):
+                # The usual answer, read as _read_body would, without its coroutine.
+                body: bytes | None = await response.read()
+            else:
+                body = await _read_body(response, rules.max_response_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
             _scrub(exc)
             raise ResponseLostError(

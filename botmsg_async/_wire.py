@@ -22,9 +22,16 @@ from attrs import define
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
 
-from ._models import ApiError, ApiWarning, SendResult, Status, TextMessage
+from ._models import ApiError, ApiWarning, MessageDefaults, SendResult, Status, TextMessage
 
-__all__ = ["WireFormatError", "converter", "decode_request", "decode_response", "encode_request"]
+__all__ = [
+    "PlainTextEncoder",
+    "WireFormatError",
+    "converter",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+]
 
 
 def _json_dumps(obj: Any) -> bytes:
@@ -267,6 +274,41 @@ def encode_request(message: TextMessage) -> bytes:
     return _dumps(_unstructure_request(wire))
 
 
+class PlainTextEncoder:
+    """``encode_request`` of a plain-string message under fixed defaults, without the converter.
+
+    Only the body differs between two such requests, and it is the first field
+    of the JSON, so the bytes around it are worked out once: a request is the
+    prefix, the body as a JSON string, and the suffix. That skips building a
+    ``TextMessage``, the wire shapes and their unstructuring (about 5 µs a
+    message); the output is byte for byte the converter's (a property test
+    holds it to that), and a body the encoder refuses (a lone surrogate) is
+    refused the same way.
+
+    Raises:
+        ValueError: the defaults cannot be encoded, or the converter's output
+            does not start with the body (then there is no fast path to take).
+    """
+
+    __slots__ = ("_prefix", "_suffix")
+
+    _HEAD = b'{"messageAttributes":{"body":'
+
+    def __init__(self, defaults: MessageDefaults) -> None:
+        try:
+            whole = encode_request(defaults.message(""))
+        except (TypeError, ValueError, UnicodeError) as exc:  # a default UTF-8 cannot carry
+            raise ValueError(f"defaults cannot be encoded: {exc}") from None
+        if not whole.startswith(self._HEAD + b'""'):
+            raise ValueError("the body is not the request's first field")
+        self._prefix = self._HEAD
+        self._suffix = whole[len(self._HEAD) + 2 :]
+
+    def __call__(self, body: str) -> bytes:
+        """The request body for the text ``body``."""
+        return b"".join((self._prefix, _dumps(body), self._suffix))
+
+
 class WireFormatError(ValueError):
     """A body that does not match the contract; ``problems`` says where."""
 
@@ -341,7 +383,8 @@ def _check_duplicate_keys(body: bytes, data: dict[str, Any]) -> None:
         raise WireFormatError((f"not JSON: {exc}",)) from exc
 
 
-def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
+def _load_object(body: bytes) -> dict[str, Any]:
+    """The JSON object in ``body``; anything else (or an ambiguous one) is refused."""
     try:
         data = _loads(body)
     except _DECODE_ERRORS as exc:
@@ -349,10 +392,41 @@ def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
     if not isinstance(data, dict):
         raise WireFormatError((f"expected a JSON object, got {type(data).__name__}",))
     _check_duplicate_keys(body, data)
+    return data
+
+
+def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
+    data = _load_object(body)
     try:
         return hook(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise WireFormatError(_problems(exc, cls)) from exc
+
+
+def _plain_success(data: dict[str, Any]) -> SendResult | None:
+    """The ``SendResult`` of a plain SUCCESS answer, as the converter reads it; else None.
+
+    Plain: ``status`` SUCCESS, each id a string, null or absent, and no errors
+    or warnings (absent, null or ``[]``); other keys are ignored, as the
+    converter ignores them. Anything else returns None and takes the full path,
+    which also words the errors. Most answers are plain, and this reads them in
+    a fraction of the converter's time (a property test holds the two to the
+    same results).
+    """
+    if data.get("status") != "SUCCESS":
+        return None
+    request_uuid = data.get("requestUuid")
+    message_uuid = data.get("messageUuid")
+    errors = data.get("errors")
+    warnings = data.get("warnings")
+    if (
+        (request_uuid is None or type(request_uuid) is str)
+        and (message_uuid is None or type(message_uuid) is str)
+        and (errors is None or errors == [])
+        and (warnings is None or warnings == [])
+    ):
+        return SendResult(Status.SUCCESS, request_uuid=request_uuid, message_uuid=message_uuid)
+    return None
 
 
 def decode_response(body: bytes) -> SendResult:
@@ -361,7 +435,14 @@ def decode_response(body: bytes) -> SendResult:
     Raises:
         WireFormatError: the body is not the documented JSON object.
     """
-    result: SendResult = _parse(body, _structure_result, SendResult)
+    data = _load_object(body)
+    plain = _plain_success(data)
+    if plain is not None:
+        return plain
+    try:
+        result: SendResult = _structure_result(data, SendResult)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise WireFormatError(_problems(exc, SendResult)) from exc
     return result
 
 

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from botmsg_async.bulk import ProcessRateLimiter, send_parallel
-from botmsg_async.cli.workers import WORKER_GLIBC_TUNABLES
+from botmsg_async.cli.tunables import MALLOC_TUNABLES
 from tests.conftest import serving_send
 from tests.test_cli import read_jsonl, write_csv
 
@@ -225,7 +225,7 @@ async def test_a_fast_worker_takes_more(tmp_path: Path) -> None:
         pids = await worker_pids(process, 2)
         environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")  # noqa: ASYNC240
         # glibc rewrites the variable in place as it parses it: its first tunable stays.
-        first = WORKER_GLIBC_TUNABLES.split(":")[0]
+        first = MALLOC_TUNABLES.split(":")[0]
         assert any(e.startswith(f"GLIBC_TUNABLES={first}".encode()) for e in environ)
         await svc.when_received(1).wait()
         os.kill(pids[0], signal.SIGSTOP)

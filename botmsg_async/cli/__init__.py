@@ -43,6 +43,7 @@ from .common import (
     UsageError,
 )
 from .console import Console
+from .loops import loop_factory
 from .parser import build_parser, check_no_password_argument
 
 __all__ = [
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup_logging(args.log_level)
     handler: Callable[[argparse.Namespace, Console], int] = args.handler
     try:
+        loop_factory(args.loop)  # a missing uvloop is a usage error before anything else
         return handler(args, console)
     except UsageError as exc:
         console.err(f"error: {exc}")

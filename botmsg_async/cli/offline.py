@@ -71,7 +71,7 @@ def cmd_fake_server(args: argparse.Namespace, console: Console) -> int:
     if args.port:
         options["port"] = args.port
     server = FakeBotMessageServer(**options)
-    return run(_serve(console, server, args.port), on_signal=EXIT_OK)
+    return run(_serve(console, server, args.port), on_signal=EXIT_OK, loop=args.loop)
 
 
 async def _serve(console: Console, server: FakeBotMessageServer, port: int) -> int:
@@ -136,7 +136,7 @@ def _demo_items(
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     """Run ``botmsg demo``; return the exit code."""
-    return run(_demo(args, console))
+    return run(_demo(args, console), loop=args.loop)
 
 
 async def _demo(args: argparse.Namespace, console: Console) -> int:

@@ -10,6 +10,7 @@ from botmsg_async import __version__
 
 from .common import ENV_BASE_URL, ENV_PASSWORD, ENV_USERNAME, UsageError
 from .jobs import cmd_job
+from .loops import LOOPS
 from .offline import cmd_demo, cmd_fake_server
 from .send import cmd_send
 from .send_many import cmd_send_many
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     # SUPPRESS: a subcommand's default must not overwrite a value given before it.
     common.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
+    common.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop: uvloop when installed (the speed extra), else asyncio (default: auto)",
+    )
     client = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = client.add_argument_group("service")
     group.add_argument("--base-url", help=f"the URL before /communications (or {ENV_BASE_URL})")

@@ -70,7 +70,7 @@ def cmd_send(args: argparse.Namespace, console: Console) -> int:
     )
     _check_request(args.department, args.user, message)
     creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=False)
-    return run(_send_one(args, console, creds, message))
+    return run(_send_one(args, console, creds, message), loop=args.loop)
 
 
 def _check_request(department_uuid: str, user_uuid: str, message: TextMessage) -> None:

@@ -313,7 +313,7 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         results = Results(console, out)
         stack.callback(results.close)
         job = SendMany(args, console, source, fmt, defaults, scan, state, journal, results)
-        return run(job.run(creds), first_signal=job.request_stop)
+        return run(job.run(creds), first_signal=job.request_stop, loop=args.loop)
 
 
 class SendMany:

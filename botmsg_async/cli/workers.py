@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from types import FrameType
-from typing import Any, Final, TextIO
+from typing import Any, TextIO
 
 from botmsg_async import Outcome, new_idempotency_key
 from botmsg_async.bulk import (
@@ -42,16 +42,9 @@ from .console import Bar, Console
 from .credentials import Credentials
 from .input import BadRow, RowDefaults, Scan, Source, parse
 from .results import Results, RunEnd, error_json, print_summary, progress_line
+from .tunables import MALLOC_TUNABLES
 
-__all__ = ["WORKER_GLIBC_TUNABLES", "parse_workers", "run_with_workers", "uses_workers"]
-
-#: Set for the worker processes the CLI starts (issue #17, item 6): asyncio's
-#: selector transport reads with ``sock.recv(256 KiB)``, and glibc maps and unmaps
-#: a buffer that size for every read unless its mmap threshold is above it. The
-#: library never changes process-wide settings; the CLI owns its workers.
-WORKER_GLIBC_TUNABLES: Final = (
-    "glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=8388608"
-)
+__all__ = ["parse_workers", "run_with_workers", "uses_workers"]
 
 
 def parse_workers(text: str) -> int:
@@ -80,11 +73,7 @@ def _worker_env() -> dict[str, str]:
         return {}
     tunables = os.environ.get("GLIBC_TUNABLES")
     # A user's own tunables win; ours are added after them.
-    return {
-        "GLIBC_TUNABLES": f"{tunables}:{WORKER_GLIBC_TUNABLES}"
-        if tunables
-        else WORKER_GLIBC_TUNABLES
-    }
+    return {"GLIBC_TUNABLES": f"{tunables}:{MALLOC_TUNABLES}" if tunables else MALLOC_TUNABLES}
 
 
 class _Signals:
@@ -305,6 +294,8 @@ def run_with_workers(
         items=scan.items,
         durable=args.durable,
         grant_log=args.grant_log,
+        # --loop: "auto" takes uvloop when installed; a missing one was refused already.
+        use_uvloop=args.loop != "asyncio",
     )
     bar = Bar(console, run.to_send(), "sending")
 
