@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 
 import botmsg_async
@@ -52,3 +54,15 @@ def test_error_args_carry_no_fields_beyond_the_message() -> None:
     error = APIStatusError("boom", status=500, body_excerpt="x", department_uuid="d")
     assert error.args == ("boom",)
     assert str(error) == "boom (department=d, user=None)"
+
+
+def test_the_library_and_cli_load_without_redis() -> None:
+    """Importing the package, its CLI and every default-path module loads no redis module."""
+    code = (
+        "import sys\n"
+        "import botmsg_async, botmsg_async.cli, botmsg_async.cli.parser, botmsg_async.bulk\n"
+        "import botmsg_async.journal, botmsg_async.testing\n"
+        "loaded = [m for m in sys.modules if m == 'redis' or m.startswith('redis.')]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # noqa: S603 - our code

@@ -9,6 +9,7 @@ from typing import Final
 from botmsg_async import __version__
 
 from .common import ENV_BASE_URL, ENV_PASSWORD, ENV_USERNAME, UsageError
+from .jobs import cmd_job
 from .loops import LOOPS
 from .offline import cmd_demo, cmd_fake_server
 from .send import cmd_send
@@ -173,7 +174,69 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="when stderr is no terminal, a progress line this often (default: 10)",
     )
+    group = many.add_argument_group("one job on many machines (Redis, extra 'redis')")
+    group.add_argument("--redis", metavar="URL", help="the Redis that holds the job (--job)")
+    group.add_argument("--job", metavar="NAME", help="the job to create or join")
+    group.add_argument(
+        "--claim-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a run silent this long has its chunks taken over (default: 30)",
+    )
+    group.add_argument(
+        "--chunk-size", type=_positive_int, default=256, help="items per chunk (default: 256)"
+    )
+    group.add_argument(
+        "--job-ttl",
+        type=_positive_float,
+        default=7 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="the job's records expire this long after its last activity (default: 7 days)",
+    )
+    group.add_argument(
+        "--accept-redis-loss",
+        action="store_true",
+        help="run on a Redis without 'appendonly yes' and 'appendfsync always': a crash of "
+        "Redis could then make messages sent twice",
+    )
     many.set_defaults(handler=cmd_send_many)
+
+    job = sub.add_parser(
+        "job",
+        parents=[common],
+        help="status, report or cancel of a job shared through Redis",
+        description="Look at or cancel a job of 'send-many --redis URL --job NAME'.",
+        allow_abbrev=False,
+    )
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    where = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    where.add_argument("--redis", metavar="URL", required=True, help="the Redis of the job")
+    where.add_argument("--job", metavar="NAME", required=True, help="the job's name")
+    status = job_sub.add_parser(
+        "status", parents=[common, where], help="counts, rate, workers alive, ETA"
+    )
+    status.add_argument("--watch", action="store_true", help="again every --interval seconds")
+    status.add_argument("--interval", type=_positive_float, default=2.0, help="default: 2")
+    status.add_argument("--json", action="store_true", help="one JSON object per line")
+    status.add_argument(
+        "--claim-timeout", type=_positive_float, default=30.0, help=argparse.SUPPRESS
+    )
+    report = job_sub.add_parser(
+        "report",
+        parents=[common, where, message],
+        help="one line per item, as send-many --out writes them",
+    )
+    report.add_argument("--out", "-o", metavar="FILE", default="-", help="default: stdout")
+    report.add_argument(
+        "--input", metavar="FILE", help="the job's INPUT: fills department_uuid and user_uuid"
+    )
+    report.add_argument("--format", choices=["csv", "jsonl"], help="default: by extension")
+    report.add_argument("--text", "-t", help="as given to send-many")
+    job_sub.add_parser(
+        "cancel", parents=[common, where], help="nothing new starts anywhere; in-flight finish"
+    )
+    job.set_defaults(handler=cmd_job)
 
     fake = sub.add_parser(
         "fake-server",

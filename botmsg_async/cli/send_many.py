@@ -57,6 +57,7 @@ from .input import (
     parse,
     scan_input,
 )
+from .jobs import run_redis_job, validate_redis_flags
 from .results import Results, RunEnd, error_json, print_summary, progress_line
 from .signals import run
 from .workers import run_with_workers, uses_workers
@@ -246,6 +247,8 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         UsageError: a bad flag or input, or a journal that cannot be used: nothing sent.
     """
     check_flags_text(args, ("text", "subject", "sender_name"))
+    if args.redis or args.job:
+        validate_redis_flags(args)
     _validate_send_many_flags(args)
     if args.resume:
         _take_journal_options(args)
@@ -274,6 +277,9 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"no valid row in {source.display}; nothing was sent")
         if scan.invalid:
             console.err(f"skipping {scan.invalid} invalid row(s)")
+        if args.redis:
+            options = _job_options(args, fmt, defaults)
+            return run_redis_job(args, console, source, fmt, defaults, scan, creds, stack, options)
         if uses_workers(args):
             options = _job_options(args, fmt, defaults)
             return run_with_workers(

@@ -1,0 +1,289 @@
+"""``botmsg send-many --redis URL --job NAME`` and ``botmsg job status|report|cancel``.
+
+One job shared by many machines through Redis (``botmsg_async.jobs``): the same
+command, with the same INPUT, on every machine. This module only reads the
+input and reports; the job's logic is the library's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TextIO
+
+from botmsg_async import BotMessageError, SendRequest
+
+from .common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from .console import Console
+from .credentials import Credentials
+from .input import BadRow, RowDefaults, Scan, Source, parse
+from .results import Results, error_json
+from .signals import run
+
+if TYPE_CHECKING:
+    from botmsg_async.jobs import JobItemResult, JobStatus
+
+__all__ = ["cmd_job", "run_redis_job", "validate_redis_flags"]
+
+
+def _jobs() -> ModuleType:
+    """``botmsg_async.jobs``, imported when used: the CLI loads without the redis extra."""
+    try:
+        import botmsg_async.jobs
+    except ImportError:
+        raise UsageError(
+            "--redis needs the redis extra: pip install 'botmsg-async[redis]'"
+        ) from None
+    return botmsg_async.jobs
+
+
+def validate_redis_flags(args: argparse.Namespace) -> None:
+    """Refuse the file journal's flags with ``--redis`` (the job's records are in Redis).
+
+    Raises:
+        UsageError: a flag that does not go with ``--redis``, or one missing.
+    """
+    if bool(args.redis) != bool(args.job):
+        raise UsageError("--redis and --job go together")
+    for flag, value in (
+        ("--journal", args.journal),
+        ("--resume", args.resume),
+        ("--durable", args.durable),
+    ):
+        if value:
+            raise UsageError(
+                f"{flag} does not go with --redis: the job's records are in Redis "
+                "(a run joins the job and goes on with it by itself)"
+            )
+    if args.workers != 1:
+        raise UsageError("--workers with --redis is not supported yet: start one run per core")
+
+
+def _items(source: Source, fmt: str, defaults: RowDefaults) -> list[SendRequest | None]:
+    items: list[SendRequest | None] = []
+    with source.open() as f:
+        for row in parse(f, fmt, defaults):
+            if isinstance(row, BadRow):
+                items.append(None)
+            else:
+                items.append(
+                    SendRequest(
+                        row.department_uuid,
+                        row.user_uuid,
+                        row.message,
+                        idempotency_key=row.idempotency_key,
+                    )
+                )
+    return items
+
+
+def _describe(status: JobStatus) -> str:
+    c = status.counts
+    eta = f", ETA {status.eta:.0f} s" if status.eta is not None and not status.complete else ""
+    state = "complete" if status.complete else status.state
+    line = (
+        f"job {status.name}: {state}; {c.total}/{status.items} items done: sent {c.sent}, "
+        f"failed {c.failed}, unknown {c.unknown}, skipped {c.skipped}; in flight "
+        f"{status.in_flight}; chunks {status.done}/{status.chunks}; workers alive "
+        f"{status.workers_alive}; {status.rate:.1f} msg/s{eta}"
+    )
+    if status.stopped_by:
+        line += f"; stopped by: {status.stopped_by}"
+    if status.rewound:
+        line += "; Redis lost records of this job once: pending items were held as unknown"
+    return line
+
+
+def _write_report(
+    console: Console,
+    out: TextIO | None,
+    results: list[JobItemResult],
+    items: list[SendRequest | None] | None,
+) -> int:
+    """Every item to ``out`` as ``send-many --out`` writes it; the exit code of the tally."""
+    sink = Results(console, out)
+    by_index = {r.index: r for r in results}
+    total = len(items) if items is not None else len(results)
+    for index in range(total):
+        item = items[index] if items is not None else None
+        dept = str(item.department_uuid) if item is not None else ""
+        user = str(item.user_uuid) if item is not None else ""
+        result = by_index.get(index)
+        if result is None:
+            sink.emit(
+                index,
+                dept,
+                user,
+                "skipped",
+                error=error_json("invalid input row", default_type="InvalidRequestError"),
+                invalid=True,
+            )
+            continue
+        sink.emit(
+            index,
+            dept,
+            user,
+            result.outcome,
+            message_uuid=result.message_uuid,
+            error=result.error,
+            key=result.key,
+        )
+    sink.close()
+    return sink.tally.exit_code()
+
+
+def _open_out(path: str | None, stack: contextlib.ExitStack) -> TextIO | None:
+    if path == "-":
+        return sys.stdout
+    if not path:
+        return None
+    try:
+        return stack.enter_context(open(path, "w", encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def run_redis_job(
+    args: argparse.Namespace,
+    console: Console,
+    source: Source,
+    fmt: str,
+    defaults: RowDefaults,
+    scan: Scan,
+    creds: Credentials,
+    stack: contextlib.ExitStack,
+    options: Mapping[str, Any],
+) -> int:
+    """Join (or create) the job ``--job`` in ``--redis`` and send until it has no work left.
+
+    ``--out`` gets the whole job's report (every item, whichever run sent it)
+    when this run ends. Exit codes as ``send-many``'s, over the whole job.
+
+    Raises:
+        UsageError: the job exists with another input or options, Redis refuses
+            (not durable without --accept-redis-loss, unreachable): nothing sent.
+    """
+    jobs = _jobs()
+    out = _open_out(args.out, stack)
+    items = _items(source, fmt, defaults)
+    stop = asyncio.Event()
+    recorded = {
+        **options,
+        "chunk_size": args.chunk_size,
+        "skip_invalid": bool(args.skip_invalid),
+    }
+
+    async def go() -> int:
+        try:
+            report = await jobs.run_job_async(
+                args.redis,
+                args.job,
+                items,
+                base_url=creds.base_url,
+                username=creds.username,
+                password=creds.password,
+                fingerprint=scan.fingerprint,
+                options=recorded,
+                concurrency=args.concurrency,
+                rate_limit=args.rate,
+                per_department_rate_limit=args.per_department_rate,
+                resend_unknown=args.resend_unknown,
+                accept_redis_loss=args.accept_redis_loss,
+                claim_timeout=args.claim_timeout,
+                chunk_size=args.chunk_size,
+                ttl=int(args.job_ttl),
+                allow_insecure_http=creds.allow_insecure_http,
+                stop=stop,
+            )
+        except BotMessageError as exc:
+            if not isinstance(exc, jobs.JobError) or stop.is_set():
+                raise
+            raise UsageError(console.redact(exc.message)) from None
+        c = report.counts
+        console.err(
+            f"this run: sent {c.sent}, failed {c.failed}, unknown {c.unknown}"
+            + (" (created the job)" if report.created else "")
+        )
+        console.err(_describe(report.job))
+        if stop.is_set():
+            return EXIT_INTERRUPTED
+        if not report.job.complete and report.job.state == "running":
+            console.err("other runs hold the job's last chunks: see botmsg job status")
+        results = await jobs.job_results(args.redis, args.job, items)
+        return _write_report(console, out, results, items)
+
+    return run(go(), first_signal=stop.set)
+
+
+def cmd_job(args: argparse.Namespace, console: Console) -> int:
+    """Run ``botmsg job status|report|cancel``; return the exit code.
+
+    Raises:
+        UsageError: a bad flag, or Redis cannot be read.
+    """
+    jobs = _jobs()
+    try:
+        return run(_job(args, console, jobs))
+    except jobs.JobError as exc:
+        raise UsageError(exc.message) from None
+
+
+async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> int:
+    if args.job_command == "status":
+        while True:
+            status = await jobs.job_status(args.redis, args.job, claim_timeout=args.claim_timeout)
+            if status.state == "missing":
+                console.err(f"no job {args.job!r} in Redis (never created, or expired)")
+                return EXIT_USAGE
+            console.out(console.dumps(_status_json(status)) if args.json else _describe(status))
+            if not args.watch or status.complete or status.state != "running":
+                return EXIT_OK
+            await asyncio.sleep(args.interval)
+    if args.job_command == "cancel":
+        cancelled = await jobs.cancel_job(args.redis, args.job)
+        console.err(
+            "cancelled: no run starts anything new; sends in flight finish"
+            if cancelled
+            else "the job was not running (missing, stopped or cancelled already)"
+        )
+        return EXIT_OK
+    items: list[SendRequest | None] | None = None
+    with contextlib.ExitStack() as stack:
+        if args.input:
+            source = Source(args.input, stack)
+            fmt = args.format or source.guess_format()
+            defaults = RowDefaults(args.text, args.subject, args.sender_name)
+            items = _items(source, fmt, defaults)
+        out = _open_out(args.out, stack)
+        results = await jobs.job_results(args.redis, args.job, items)
+        started = time.perf_counter()
+        code = _write_report(console, out, results, items)
+        console.err(f"{len(results)} item(s) reported in {time.perf_counter() - started:.1f} s")
+        return code
+
+
+def _status_json(status: JobStatus) -> dict[str, Any]:
+    c = status.counts
+    return {
+        "job": status.name,
+        "state": status.state,
+        "complete": status.complete,
+        "items": status.items,
+        "sent": c.sent,
+        "failed": c.failed,
+        "unknown": c.unknown,
+        "skipped": c.skipped,
+        "in_flight": status.in_flight,
+        "chunks": status.chunks,
+        "chunks_done": status.done,
+        "workers_alive": status.workers_alive,
+        "rate": round(status.rate, 3),
+        "eta": status.eta,
+        "stopped_by": status.stopped_by,
+        "rewound": status.rewound,
+    }

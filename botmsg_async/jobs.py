@@ -1,0 +1,1396 @@
+"""One bulk job shared by many machines through Redis (extra ``redis``): ``send-many --redis``.
+
+Every run of a job (``botmsg send-many INPUT --redis URL --job NAME`` on each
+machine, or ``run_job`` from Python) is given the same items. The first run
+creates the job: its fingerprint (the input's sha256 with the options that
+shape the messages), its options and its chunks (index ranges, ``chunk_size``
+items each) in a Redis stream with one consumer group; every run then takes
+chunks from the group (``XREADGROUP``) and sends their items. The stream
+carries ranges, never message data.
+
+Crash safety, as the file journal defines it:
+
+* an item's start is recorded (a bit in the ``started`` bitmap) right before
+  its first attempt, in small groups (the items ready at once share one round
+  trip, and with ``appendfsync always`` one fsync); its outcome as soon as it
+  is known (a bit in ``settled``, details only when not SENT, the message UUID
+  packed per chunk);
+* the idempotency key of an item is derived from the job's nonce and the
+  item's index (a UUID5; or the row's own key): one key per item for the
+  whole job, so nothing in doubt is ever resent under a new key, and no key
+  needs to be stored;
+* a run that dies leaves its chunks pending in the group; after
+  ``claim_timeout`` seconds without a refresh another run takes them over
+  (``XAUTOCLAIM``); live runs refresh their chunks (``XCLAIM ... JUSTID``) a few
+  times per timeout. Items started with no outcome are in doubt: reported
+  unknown, never resent, unless ``resend_unknown`` (same key);
+* finished chunks are acknowledged and deleted (``XACK``, ``XDEL``);
+* a stop (refused credentials) or a cancel is a job-level state every run
+  watches: nothing new starts anywhere, sends in flight finish.
+
+Durability: a start record must survive a Redis crash, or a later run would
+take the item for a fresh one. ``run_job`` refuses a Redis without
+``appendonly yes`` and ``appendfsync always`` unless ``accept_redis_loss``.
+Every start group also bumps a generation counter in the job's meta; a run
+that finds it lower than the last value it saw knows Redis went backwards
+(lost writes: a restart without fsync, a failover) and marks every item not
+settled of every pending chunk as in doubt.
+
+Keys (``J`` is the job name; the braces keep every key of a job in one
+cluster slot); each expires ``ttl`` seconds after the job's last activity::
+
+    botmsg:job:{J}:meta      hash    fingerprint, options, items, chunk, chunks, done,
+                                     nonce, gen, state, stopped_by, counts, t0, ttl
+    botmsg:job:{J}:chunks    stream  one entry per chunk {a: first index, b: end}
+                                     (group "workers"); acknowledged entries are deleted
+    botmsg:job:{J}:started   string  bitmap, one bit per item: start recorded
+    botmsg:job:{J}:settled   string  bitmap, one bit per item: outcome recorded
+    botmsg:job:{J}:details   hash    index -> outcome code + JSON, only for items not SENT
+    botmsg:job:{J}:m         hash    chunk number -> message UUIDs, 16 bytes per item
+    botmsg:job:{J}:workers   hash    consumer -> last heartbeat (ms, Redis clock)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
+
+from attrs import define, field
+from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._batch import BatchOptions, BatchStream
+from ._client import BotMessageClient
+from ._errors import (
+    APIStatusError,
+    BotMessageError,
+    InvalidRequestError,
+    InvalidResponseError,
+)
+from ._limits import LocalRateLimiter
+from ._models import Outcome, SendRequest, SendResult, TextMessage
+from ._report import Counts, ItemResult
+from ._retry import RetryPolicy
+from .journal import settle
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CLAIM_TIMEOUT",
+    "DEFAULT_TTL",
+    "JobError",
+    "JobItemResult",
+    "JobReport",
+    "JobStatus",
+    "cancel_job",
+    "check_durability",
+    "job_fingerprint",
+    "job_results",
+    "job_status",
+    "run_job",
+    "run_job_async",
+]
+
+#: Items per chunk (one stream entry, one round trip to take it).
+DEFAULT_CHUNK_SIZE: Final = 256
+#: Seconds a chunk may go without its run's refresh before another run takes it over.
+DEFAULT_CLAIM_TIMEOUT: Final = 30.0
+#: Seconds a job's keys live after its last activity (7 days).
+DEFAULT_TTL: Final = 7 * 24 * 3600
+#: The options a run may choose on its own: the rest must match the job's.
+PER_RUN_OPTIONS: Final = frozenset({"workers", "concurrency"})
+
+_T = TypeVar("_T")
+_GROUP: Final = "workers"
+_LAYOUT: Final = "1"
+#: Why an item found started with no outcome is unknown.
+DIED_NOTE: Final = (
+    "in flight when the run sending it stopped or died: it may or may not have been "
+    "delivered (--resend-unknown sends it again with the same idempotency key)"
+)
+#: Why an item is unknown after Redis lost records.
+REWOUND_NOTE: Final = (
+    "Redis lost recent records of the job (restarted without fsync, or failed over): this "
+    "item may have been started: it may or may not have been delivered"
+)
+
+_CODES: Final = {"sent": "s", "failed": "f", "unknown": "u", "skipped": "k"}
+_OUTCOMES: Final = {v: k for k, v in _CODES.items()}
+
+
+class JobError(BotMessageError):
+    """The job cannot be run: another input or options under its name, Redis unusable..."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+# -- Lua ----------------------------------------------------------------------------
+
+# KEYS: meta, stream, started, settled, details, m, workers. ARGV: fingerprint,
+# options JSON, items, chunk size, nonce, ttl (s), group. Creates the job and its
+# chunks at once (one script: no run sees half a job), or returns the existing one's.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HMGET', KEYS[1], 'fingerprint', 'options', 'items', 'chunk', 'nonce',
+    'state', 'v')}
+end
+local items, chunk, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+local n = 0
+for a = 0, items - 1, chunk do
+  redis.call('XADD', KEYS[2], '*', 'a', a, 'b', math.min(a + chunk, items))
+  n = n + 1
+end
+if n == 0 then redis.call('XADD', KEYS[2], '*', 'a', 0, 'b', 0); n = 1 end
+redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[7], '0')
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'v', '1', 'fingerprint', ARGV[1], 'options', ARGV[2],
+  'items', items, 'chunk', chunk, 'chunks', n, 'done', 0, 'nonce', ARGV[5], 'gen', 0,
+  'state', 'running', 'created', t[1], 'ttl', ttl, 'ns', 0, 'nf', 0, 'nu', 0, 'nk', 0)
+redis.call('SETBIT', KEYS[3], math.max(items - 1, 0), 0)
+redis.call('SETBIT', KEYS[4], math.max(items - 1, 0), 0)
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+return {1}
+"""
+
+# KEYS: meta, started. ARGV: the generation this run last saw, indices...
+# Reply {status, gen, refused...}: status 1 started (refused: already started by
+# another run, not to be sent here); -1 the job is not running (nothing started);
+# -2 the generation went backwards (nothing started).
+_START = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'running' then return {-1, 0} end
+local gen = tonumber(redis.call('HGET', KEYS[1], 'gen'))
+if gen < tonumber(ARGV[1]) then return {-2, gen} end
+local reply = {1, 0}
+for i = 2, #ARGV do
+  if redis.call('SETBIT', KEYS[2], ARGV[i], 1) == 1 then reply[#reply + 1] = tonumber(ARGV[i]) end
+end
+reply[2] = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+if redis.call('HEXISTS', KEYS[1], 't0') == 0 then
+  redis.call('HSET', KEYS[1], 't0', redis.call('TIME')[1])
+end
+return reply
+"""
+
+# KEYS: meta, settled, details, m. ARGV: chunk size, then per item: index, code,
+# packed message UUID (16 bytes or ''), detail ('' when SENT with a packed UUID).
+# An outcome never replaces a recorded one, except that a known one replaces an
+# unknown (a run taken for dead that finished its send after all).
+_OUTCOME = """
+local chunk = tonumber(ARGV[1])
+for i = 2, #ARGV, 4 do
+  local ix, code, mu, detail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local write = true
+  if redis.call('SETBIT', KEYS[2], ix, 1) == 1 then
+    local old = redis.call('HGET', KEYS[3], ix)
+    if code ~= 'u' and old and string.sub(old, 1, 1) == 'u' then
+      redis.call('HINCRBY', KEYS[1], 'nu', -1)
+    else
+      write = false
+    end
+  end
+  if write then
+    redis.call('HINCRBY', KEYS[1], 'n' .. code, 1)
+    if detail == '' then redis.call('HDEL', KEYS[3], ix)
+    else redis.call('HSET', KEYS[3], ix, detail) end
+    if mu ~= '' then
+      local n = tonumber(ix)
+      local c = math.floor(n / chunk)
+      local off = (n % chunk) * 16
+      local v = redis.call('HGET', KEYS[4], c) or ''
+      if #v < off then v = v .. string.rep('\\0', off - #v) end
+      redis.call('HSET', KEYS[4], c, string.sub(v, 1, off) .. mu .. string.sub(v, off + 17))
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[3], tonumber(redis.call('HGET', KEYS[1], 'ttl')))
+redis.call('EXPIRE', KEYS[4], tonumber(redis.call('HGET', KEYS[1], 'ttl')))
+return 1
+"""
+
+# KEYS: stream, meta. ARGV: group, entry id, consumer. Acknowledges and deletes a
+# finished chunk, if this run still owns it (a run taken for dead does not).
+_ACK = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'done', 1)
+return 1
+"""
+
+# KEYS: stream, meta, workers, started, settled, details, m. ARGV: group, consumer,
+# now-ish label. Refreshes the idle time of this run's own chunks (never another's),
+# records the heartbeat, keeps the job's keys alive. Reply: {state, stopped_by, ids...}.
+_REFRESH = """
+local ttl = tonumber(redis.call('HGET', KEYS[2], 'ttl') or '0')
+if ttl == 0 then return {false, false} end
+local mine = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
+local reply = redis.call('HMGET', KEYS[2], 'state', 'stopped_by')
+for _, e in ipairs(mine) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1], 'JUSTID')
+  reply[#reply + 1] = e[1]
+end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[3], ARGV[2], t[1] * 1000 + math.floor(t[2] / 1000))
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+return reply
+"""
+
+# KEYS: stream, started, settled. ARGV: group. After Redis went backwards: every
+# item not settled of every pending chunk is marked started (in doubt).
+_IN_DOUBT = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 100000)
+local marked = 0
+for _, e in ipairs(pending) do
+  local entry = redis.call('XRANGE', KEYS[1], e[1], e[1])
+  if #entry == 1 then
+    local f = entry[1][2]
+    local a, b = tonumber(f[2]), tonumber(f[4])
+    for ix = a, b - 1 do
+      if redis.call('GETBIT', KEYS[3], ix) == 0 then
+        redis.call('SETBIT', KEYS[2], ix, 1)
+        marked = marked + 1
+      end
+    end
+  end
+end
+return marked
+"""
+
+# KEYS: meta. ARGV: new state, why. running -> stopped/cancelled, once.
+_STOP = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2])
+return 1
+"""
+
+
+#: Seconds a run waits for Redis to come back (a restart) before it gives up.
+REDIS_WAIT: Final = 60.0
+
+
+async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call()``, tried again while Redis is unreachable or loading (a restart), up to
+    ``REDIS_WAIT`` seconds; then its error."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REDIS_WAIT
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError):
+            if loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+class _Keys:
+    """The names of one job's keys."""
+
+    def __init__(self, job: str) -> None:
+        prefix = f"botmsg:job:{{{job}}}:"
+        self.meta = prefix + "meta"
+        self.stream = prefix + "chunks"
+        self.started = prefix + "started"
+        self.settled = prefix + "settled"
+        self.details = prefix + "details"
+        self.m = prefix + "m"
+        self.workers = prefix + "workers"
+
+    def all(self) -> list[str]:
+        return [
+            self.stream,
+            self.meta,
+            self.workers,
+            self.started,
+            self.settled,
+            self.details,
+            self.m,
+        ]
+
+
+def _check_name(job: object) -> str:
+    if not isinstance(job, str) or not job or len(job) > 200 or any(c in job for c in "{}\n"):
+        raise InvalidRequestError("job", job, "must be 1-200 characters without braces or newlines")
+    return job
+
+
+def _connect(redis: str | Redis) -> tuple[Redis, bool]:
+    if isinstance(redis, Redis):
+        return redis, False
+    if not isinstance(redis, str):
+        raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")
+    try:
+        return Redis.from_url(redis), True
+    except ValueError as exc:
+        raise InvalidRequestError("redis", "<url>", f"is not a Redis URL: {exc}") from None
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object, default: int = 0) -> int:
+    text = _text(value)
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _redis_failed(what: str, exc: BaseException) -> JobError:
+    return JobError(f"Redis: cannot {what}: {type(exc).__name__}: {exc}")
+
+
+async def check_durability(redis: Redis) -> str | None:
+    """Why Redis could lose a start record it acknowledged; None when it cannot.
+
+    Asks ``CONFIG GET appendonly`` and ``appendfsync``: only an AOF fsynced on
+    every write keeps what it acknowledged through a crash of the server or
+    the machine.
+    """
+    try:
+        config = await redis.config_get("append*")
+    except ResponseError as exc:  # CONFIG renamed or forbidden (managed Redis)
+        return f"its configuration cannot be read ({exc}), so its durability is not known"
+    values = {_text(k): _text(v) for k, v in config.items()}
+    if values.get("appendonly") != "yes":
+        return "appendonly is not 'yes': a restart loses every record since the last snapshot"
+    if values.get("appendfsync") != "always":
+        return (
+            f"appendfsync is {values.get('appendfsync')!r}, not 'always': a crash of Redis's "
+            "machine can lose the last second of records"
+        )
+    return None
+
+
+# -- items --------------------------------------------------------------------------
+
+
+def _message_json(message: str | TextMessage) -> Any:
+    if isinstance(message, str):
+        return message
+    return [
+        message.body,
+        message.subject,
+        message.sender_name,
+        message.recipient_communication_value,
+        message.type,
+        message.purpose,
+        message.is_manual,
+    ]
+
+
+def job_fingerprint(items: Sequence[SendRequest | None]) -> str:
+    """The sha256 of a job's items (departments, users, messages, own keys), as hex.
+
+    ``None`` stands for an item that is not sent (an invalid input row).
+    """
+    digest = hashlib.sha256()
+    for item in items:
+        if item is None:
+            digest.update(b"null\n")
+            continue
+        record = [
+            str(item.department_uuid),
+            str(item.user_uuid),
+            _message_json(item.message),
+            item.idempotency_key,
+        ]
+        digest.update(json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _key_of(nonce: uuid.UUID, index: int, item: SendRequest) -> str:
+    """The item's idempotency key for the whole job: its own, else derived from its index."""
+    return item.idempotency_key or str(uuid.uuid5(nonce, str(index)))
+
+
+@define(frozen=True, slots=True)
+class JobItemResult:
+    """One item of a job's report (``job_results``), as ``send-many --out`` writes it.
+
+    Attributes:
+        index: The item's index in the input.
+        outcome: ``"sent"``, ``"failed"``, ``"unknown"`` or ``"skipped"``.
+        message_uuid: The service's id of the message, when sent.
+        error: ``{"type", "message", "status"}`` when not sent, else None.
+        key: The item's idempotency key (None for an item never attempted).
+    """
+
+    index: int
+    outcome: str
+    message_uuid: str | None
+    error: dict[str, Any] | None
+    key: str | None
+
+
+@define(frozen=True, slots=True)
+class JobStatus:
+    """A job's progress, read from Redis (``job_status``).
+
+    Attributes:
+        name: The job.
+        state: ``"running"``, ``"cancelled"``, ``"stopped"`` or ``"missing"``.
+        items: Items in the job.
+        counts: Items with a recorded outcome, by outcome.
+        in_flight: Items started with no outcome yet (in doubt if their run died).
+        chunks: Chunks in all; ``done``: of them, finished.
+        workers_alive: Runs seen within the claim timeout.
+        elapsed: Seconds since the job's first start (0 before).
+        rate: Outcomes per second since the first start.
+        eta: Seconds left at that rate (None when unknown).
+        stopped_by: Why the job stopped or was cancelled.
+        rewound: Whether a run found that Redis lost records of the job.
+    """
+
+    name: str
+    state: str
+    items: int
+    counts: Counts
+    in_flight: int
+    chunks: int
+    done: int
+    workers_alive: int
+    elapsed: float
+    rate: float
+    eta: float | None
+    stopped_by: str | None
+    rewound: bool
+
+    @property
+    def complete(self) -> bool:
+        """Every chunk finished."""
+        return self.state != "missing" and self.done >= self.chunks
+
+
+@define(slots=True)
+class JobReport:
+    """What ``run_job`` came to.
+
+    Attributes:
+        job: The job's status when this run ended (counts over the whole job).
+        counts: This run's own items, by outcome.
+        created: Whether this run created the job.
+        stopped_by: Why the job stopped (refused credentials...), if it did.
+    """
+
+    job: JobStatus
+    counts: Counts
+    created: bool
+    stopped_by: str | None
+
+
+# -- one run -----------------------------------------------------------------------
+
+
+class _NotStartedError(JobError):
+    """Raised, before any attempt, for an item this run will not start.
+
+    Not a ``ClientClosedError``: that would stop this run's whole batch, when
+    only this item is not to be sent here (another run started it, the job is
+    stopping, or its start may have been lost)."""
+
+
+@define(slots=True)
+class _Chunk:
+    entry: str
+    first: int
+    end: int
+    open: set[int] = field(factory=set)
+    produced: bool = False
+    abandoned: bool = False
+
+
+@define(slots=True)
+class _Pending:
+    index: int
+    key: str
+    chunk: _Chunk
+    in_doubt: bool
+    started: bool = False
+    dropped: bool = False
+
+
+@define(slots=True)
+class _Record:
+    index: int
+    code: str
+    packed: bytes
+    detail: str
+
+
+class _Run:
+    """One run of a job: takes chunks, records starts and outcomes, sends."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        job: str,
+        items: Sequence[SendRequest | None],
+        *,
+        client: BotMessageClient,
+        limiter: LocalRateLimiter | None,
+        concurrency: int,
+        retry: RetryPolicy | None,
+        resend_unknown: bool,
+        claim_timeout: float,
+        on_result: Callable[[JobItemResult], object] | None,
+    ) -> None:
+        self.redis = redis
+        self.job = job
+        self.keys = _Keys(job)
+        self.items = items
+        self.client = client
+        self.limiter = limiter
+        self.concurrency = concurrency
+        self.retry = retry
+        self.resend_unknown = resend_unknown
+        self.claim_timeout = claim_timeout
+        self.on_result = on_result
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.nonce = uuid.UUID(int=0)
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.gen = 0
+        self.stopping = False
+        self.stopped_by: str | None = None
+        self.rewound = False
+        self.stop_event = asyncio.Event()
+        self.wake = asyncio.Event()  # a chunk acknowledged, or a stop
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.pending: dict[int, _Pending] = {}  # stream index -> item
+        self.by_key: dict[str, _Pending] = {}
+        self.pulled = 0
+        self.outbox: list[_Record] = []
+        self.waiting_outcomes: list[_Pending] = []
+        self.flushing: asyncio.Task[None] | None = None
+        self.start_queue: list[tuple[_Pending, asyncio.Future[str]]] = []
+        self.start_task: asyncio.Task[None] | None = None
+        self.counts = dict.fromkeys(_CODES.values(), 0)
+        self.stream: BatchStream | None = None
+        self._start = redis.register_script(_START)
+        self._outcome = redis.register_script(_OUTCOME)
+        self._ack = redis.register_script(_ACK)
+        self._refresh = redis.register_script(_REFRESH)
+        self._in_doubt = redis.register_script(_IN_DOUBT)
+        self._stop = redis.register_script(_STOP)
+
+    # -- the job's state ------------------------------------------------------------
+
+    def stop(self, why: str | None = None) -> None:
+        """Start nothing new in this run (sends in flight finish)."""
+        self.stopping = True
+        if why is not None and self.stopped_by is None:
+            self.stopped_by = why
+        self.stop_event.set()
+        self.wake.set()
+
+    async def stop_job(self, state: str, why: str) -> None:
+        """Stop the whole job: every run sees it at its next start group or refresh."""
+        await self._stop(keys=[self.keys.meta], args=[state, why])
+        self.stop(why)
+
+    async def heartbeat(self) -> None:
+        """Refresh this run's chunks and the job's TTL; watch the job's state."""
+        while True:
+            try:
+                reply = await self._refresh(keys=self.keys.all(), args=[_GROUP, self.consumer, ""])
+                state = _text(reply[0]) if reply else None
+                if state != "running":
+                    why = _text(reply[1]) if reply and len(reply) > 1 else None
+                    self.stop(why or f"the job is {state or 'gone from Redis'}")
+            except (RedisError, OSError):
+                pass  # the next beat tries again; the chunk stays ours until the timeout
+            await asyncio.sleep(self.claim_timeout / 4)
+
+    # -- chunks -----------------------------------------------------------------------
+
+    async def _chunk_bits(self, first: int, end: int) -> tuple[bytes, bytes]:
+        lo, hi = first // 8, max(first, end - 1) // 8
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.getrange(self.keys.started, lo, hi)
+            pipe.getrange(self.keys.settled, lo, hi)
+            started, settled = await pipe.execute()
+        return bytes(started), bytes(settled)
+
+    async def next_chunk(self) -> _Chunk | None:
+        """A dead run's chunk, else a new one; None when the job has none left for us."""
+        idle_ms = int(self.claim_timeout * 1000)
+        while not self.stopping:
+            claimed: Any = await _patiently(
+                lambda: self.redis.xautoclaim(
+                    self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+                )
+            )
+            entries: Any = claimed[1] if claimed else []
+            if not entries:
+                read: Any = await _patiently(
+                    lambda: self.redis.xreadgroup(
+                        _GROUP, self.consumer, {self.keys.stream: ">"}, count=1
+                    )
+                )
+                entries = read[0][1] if read else []
+            for entry_id, fields in entries:
+                if fields is None:
+                    continue
+                first = _int(fields.get(b"a"))
+                end = _int(fields.get(b"b"))
+                return _Chunk(_text(entry_id) or "", first, end)
+            meta = await _patiently(
+                lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")
+            )
+            if _text(meta[2]) != "running":
+                self.stop(None)
+                return None
+            if _int(meta[0]) >= _int(meta[1]):
+                return None
+            # Other runs hold the rest: wait for them to finish or to be taken for dead.
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), min(1.0, self.claim_timeout / 4))
+        return None
+
+    async def requests(self) -> AsyncIterator[SendRequest]:
+        """The batch's items: each chunk's, those with no outcome yet."""
+        while not self.stopping:
+            chunk = await self.next_chunk()
+            if chunk is None:
+                return
+            started, settled = await _patiently(
+                functools.partial(self._chunk_bits, chunk.first, chunk.end)
+            )
+            base = (chunk.first // 8) * 8
+            for index in range(chunk.first, chunk.end):
+                item = self.items[index] if index < len(self.items) else None
+                if item is None:
+                    continue
+                bit = index - base
+                byte, mask = bit // 8, 0x80 >> (bit % 8)
+                if byte < len(settled) and settled[byte] & mask:
+                    continue
+                in_doubt = byte < len(started) and bool(started[byte] & mask)
+                key = _key_of(self.nonce, index, item)
+                # An item in doubt is resent (--resend-unknown) under its only key, with
+                # no new start record: its start is on record already.
+                meta = _Pending(index, key, chunk, in_doubt, started=in_doubt)
+                chunk.open.add(index)
+                if in_doubt and not self.resend_unknown:
+                    self._record(meta, "unknown", None, DIED_NOTE, "DeliveryUnknownError", None)
+                    continue
+                if self.stopping:
+                    chunk.abandoned = True
+                    chunk.open.discard(index)
+                    continue
+                self.pending[self.pulled] = meta
+                self.by_key[key] = meta
+                self.pulled += 1
+                yield SendRequest(
+                    item.department_uuid, item.user_uuid, item.message, idempotency_key=key
+                )
+            chunk.produced = True
+            await self._maybe_ack(chunk)
+
+    async def _maybe_ack(self, chunk: _Chunk) -> None:
+        if chunk.produced and not chunk.open and not chunk.abandoned:
+            chunk.abandoned = True  # acknowledged once
+            await _patiently(
+                lambda: self._ack(
+                    keys=[self.keys.stream, self.keys.meta],
+                    args=[_GROUP, chunk.entry, self.consumer],
+                )
+            )
+            self.wake.set()
+
+    # -- starts ---------------------------------------------------------------------
+
+    async def start(self, meta: _Pending) -> str:
+        """Record ``meta``'s start (grouped with the others ready now); ``"ok"`` or why not."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.start_queue.append((meta, future))
+        if self.start_task is None:
+            self.start_task = asyncio.ensure_future(self._start_groups())
+        return await future
+
+    async def _start_groups(self) -> None:
+        try:
+            while self.start_queue:
+                await asyncio.sleep(0)  # the sends ready in this loop turn join the group
+                group, self.start_queue = self.start_queue, []
+                args = [self.gen, *(m.index for m, _ in group)]
+                try:
+                    reply: Any = await _patiently(
+                        functools.partial(
+                            self._start, keys=[self.keys.meta, self.keys.started], args=args
+                        )
+                    )
+                except (RedisError, OSError) as exc:
+                    # Not recorded: not sent (certainly not delivered).
+                    for _, future in group:
+                        future.set_exception(_redis_failed("record a start", exc))
+                    continue
+                status, gen = int(reply[0]), int(reply[1])
+                if status == -1:
+                    self.stop(None)
+                    for _, future in group:
+                        future.set_result("stopped")
+                    continue
+                if status == -2:
+                    await self._went_backwards(gen)
+                    for _, future in group:
+                        future.set_result("rewound")
+                    continue
+                self.gen = max(self.gen, gen)
+                refused = {int(i) for i in reply[2:]}
+                # After a rewind, an item found started may be one marked in doubt here.
+                taken = "rewound" if self.rewound else "taken"
+                for meta, future in group:
+                    future.set_result(taken if meta.index in refused else "ok")
+        finally:
+            self.start_task = None
+
+    async def _went_backwards(self, gen: int) -> None:
+        self.rewound = True
+        await _patiently(lambda: self.redis.hset(self.keys.meta, "rewound", "1"))
+        keys = [self.keys.stream, self.keys.started, self.keys.settled]
+        await _patiently(lambda: self._in_doubt(keys=keys, args=[_GROUP]))
+        self.gen = gen
+
+    # -- outcomes -------------------------------------------------------------------
+
+    def _record(
+        self,
+        meta: _Pending,
+        outcome: str,
+        message_uuid: str | None,
+        error_text: str | None,
+        error_type: str | None,
+        status: int | None,
+    ) -> None:
+        code = _CODES[outcome]
+        packed = b""
+        detail: dict[str, Any] = {}
+        if outcome == "sent" and message_uuid is not None:
+            try:
+                packed = uuid.UUID(message_uuid).bytes
+            except ValueError:
+                detail["m"] = message_uuid  # not a UUID: kept whole
+        if outcome != "sent":
+            detail = {"t": error_type, "e": error_text, "st": status}
+        text = code + json.dumps(detail, ensure_ascii=False) if detail else ""
+        self.outbox.append(_Record(meta.index, code, packed, text))
+        self.waiting_outcomes.append(meta)
+        self.counts[code] += 1
+        if self.on_result is not None:
+            error = (
+                None
+                if outcome == "sent"
+                else {"type": error_type, "message": error_text, "status": status}
+            )
+            self.on_result(JobItemResult(meta.index, outcome, message_uuid, error, meta.key))
+        if self.flushing is None:
+            self.flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self.outbox:
+                await asyncio.sleep(0.002)  # outcomes of a few ms share one round trip
+                batch, self.outbox = self.outbox, []
+                metas, self.waiting_outcomes = self.waiting_outcomes, []
+                args: list[Any] = [self.chunk_size]
+                for r in batch:
+                    args += [r.index, r.code, r.packed, r.detail]
+                keys = [self.keys.meta, self.keys.settled, self.keys.details, self.keys.m]
+                try:
+                    # Unrecorded, the items would stay in doubt: wait for Redis a while.
+                    await _patiently(functools.partial(self._outcome, keys=keys, args=args))
+                except (RedisError, OSError):
+                    continue
+                chunks = {}
+                for meta in metas:
+                    meta.chunk.open.discard(meta.index)
+                    chunks[id(meta.chunk)] = meta.chunk
+                for chunk in chunks.values():
+                    await self._maybe_ack(chunk)
+        finally:
+            self.flushing = None
+
+    def on_item(self, result: ItemResult) -> None:
+        """A batch result: record its outcome (unless it never started)."""
+        meta = self.pending.pop(result.index)
+        self.by_key.pop(meta.key, None)
+        stream = self.stream
+        assert stream is not None
+        stopped = stream.stopped_by
+        if (
+            stopped is not None
+            and not isinstance(stopped, _NotStartedError)
+            and self.stopped_by is None
+        ):
+            why = f"{type(stopped).__name__}: {stopped.message}"
+            self.stop(why)
+            task = asyncio.ensure_future(self.stop_job("stopped", why))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if not meta.started:
+            # Never attempted here: no record; its chunk is not finished by this run.
+            meta.chunk.open.discard(meta.index)
+            if not meta.dropped:
+                meta.chunk.abandoned = True
+            return
+        if result.outcome is Outcome.SKIPPED:
+            text: str | None = f"not attempted: the job stopped after: {self.stopped_by}"
+        else:
+            text = None if result.error is None else result.error.message
+        outcome, note = settle(result.outcome, result.error, in_doubt=meta.in_doubt)
+        error = result.error
+        error_type = type(error).__name__ if error is not None else "BatchStoppedError"
+        if note is not None:
+            text = f"{note}; this run's resend: {text}"
+            error_type = "DeliveryUnknownError"
+        status = error.status if isinstance(error, APIStatusError | InvalidResponseError) else None
+        message_uuid = result.result.message_uuid if result.result is not None else None
+        self._record(meta, outcome.value, message_uuid, text, error_type, status)
+
+    async def drain(self) -> None:
+        """Wait until every outcome and start of this run is in Redis."""
+        while self.flushing is not None or self.start_task is not None or self.tasks:
+            for task in (self.flushing, self.start_task, *self.tasks):
+                if task is not None:
+                    await asyncio.shield(task)
+
+
+class _JobSender:
+    """The batch's ``Sender``: a slot of the limiter, the start record, then the client."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._client = run.client
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: str | TextMessage,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        run = self._run
+        meta = run.by_key.get(idempotency_key) if idempotency_key is not None else None
+        if meta is not None and not meta.started:
+            if run.stopping:
+                raise _NotStartedError("not attempted: the job is stopping")
+            if run.limiter is not None:
+                # The slot before the start record: waiting is never in doubt.
+                await run.limiter.acquire(department_uuid)
+            verdict = await run.start(meta)
+            if verdict == "taken":
+                meta.dropped = True  # another run started it and reports it
+                raise _NotStartedError("started by another run")
+            if verdict == "rewound":
+                meta.started = True
+                meta.in_doubt = True
+                raise _NotStartedError(REWOUND_NOTE)
+            if verdict != "ok":
+                raise _NotStartedError("not attempted: the job is stopping")
+            meta.started = True
+        return await self._client.send(
+            department_uuid, user_uuid, message, retry=retry, idempotency_key=idempotency_key
+        )
+
+    def ensure_open(self) -> None:
+        self._client.ensure_open()
+
+    def pause_remaining(self) -> float:
+        return 0.0 if self._run.stopping else self._client.pause_remaining()
+
+    async def wait_out_pause(self) -> None:
+        wait = self.pause_remaining()
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._run.stop_event.wait(), wait)
+
+
+# -- public entry points ------------------------------------------------------------
+
+
+def _normalize(
+    items: Sequence[SendRequest | tuple[str, str, str | TextMessage] | None],
+) -> list[SendRequest | None]:
+    out: list[SendRequest | None] = []
+    for raw in items:
+        if raw is None or isinstance(raw, SendRequest):
+            out.append(raw)
+        elif isinstance(raw, tuple) and len(raw) == 3:
+            out.append(SendRequest(raw[0], raw[1], raw[2]))
+        else:
+            raise InvalidRequestError(
+                "item", raw, "must be a SendRequest, a (department, user, message) tuple or None"
+            )
+    return out
+
+
+async def _create_or_join(
+    redis: Redis,
+    keys: _Keys,
+    *,
+    fingerprint: str,
+    options: Mapping[str, Any],
+    items: int,
+    chunk_size: int,
+    ttl: int,
+) -> tuple[bool, uuid.UUID]:
+    options_json = json.dumps(
+        {k: v for k, v in sorted(options.items()) if k not in PER_RUN_OPTIONS},
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+    script = redis.register_script(_CREATE)
+    reply = await script(
+        keys=[
+            keys.meta,
+            keys.stream,
+            keys.started,
+            keys.settled,
+            keys.details,
+            keys.m,
+            keys.workers,
+        ],
+        args=[fingerprint, options_json, items, chunk_size, uuid.uuid4().hex, ttl, _GROUP],
+    )
+    created = int(reply[0]) == 1
+    fields = await redis.hmget(keys.meta, "fingerprint", "options", "items", "chunk", "nonce", "v")
+    if _text(fields[5]) != _LAYOUT:
+        raise JobError(f"the job's records in Redis are not of layout {_LAYOUT}: corrupt or newer")
+    if _text(fields[0]) != fingerprint:
+        raise JobError(
+            "the job exists with another input (its sha256 differs): give the same input "
+            "on every machine, or another --job name"
+        )
+    if _text(fields[1]) != options_json:
+        try:
+            recorded = json.loads(_text(fields[1]) or "{}")
+        except ValueError:
+            recorded = {}
+        mine = json.loads(options_json)
+        differ = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k)) or [
+            "options"
+        ]
+        raise JobError(
+            f"the job exists with other options ({', '.join(differ)} differ): only --workers "
+            "and --concurrency may differ between runs of one job"
+        )
+    if _int(fields[2], -1) != items or _int(fields[3], -1) != chunk_size:
+        raise JobError("the job exists with another number of items or chunk size")
+    try:
+        nonce = uuid.UUID(hex=_text(fields[4]) or "")
+    except ValueError:
+        raise JobError("the job's nonce in Redis is corrupt") from None
+    return created, nonce
+
+
+async def job_status(
+    redis: str | Redis, job: str, *, claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
+) -> JobStatus:
+    """Read a job's progress from Redis.
+
+    Args:
+        redis: A Redis URL, or a ``redis.asyncio.Redis`` (you close it).
+        job: The job's name.
+        claim_timeout: A run not heard from for this long is not counted alive.
+
+    Raises:
+        JobError: Redis cannot be read.
+    """
+    name = _check_name(job)
+    client, owned = _connect(redis)
+    keys = _Keys(name)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.meta)
+            pipe.bitcount(keys.started)
+            pipe.bitcount(keys.settled)
+            pipe.hvals(keys.workers)
+            pipe.time()
+            meta_raw, started, settled, beats, now = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise _redis_failed("read the job", exc) from None
+    finally:
+        if owned:
+            await client.aclose()
+    meta = {_text(k): v for k, v in meta_raw.items()}
+    now_s = float(now[0]) + float(now[1]) / 1e6
+    if not meta:
+        return JobStatus(
+            name, "missing", 0, Counts(0, 0, 0, 0), 0, 0, 0, 0, 0.0, 0.0, None, None, False
+        )
+    counts = Counts(
+        _int(meta.get("ns")), _int(meta.get("nf")), _int(meta.get("nu")), _int(meta.get("nk"))
+    )
+    items = _int(meta.get("items"))
+    alive = sum(1 for b in beats if now_s * 1000 - _int(b) <= claim_timeout * 1000)
+    t0 = _int(meta.get("t0"))
+    elapsed = max(0.0, now_s - t0) if t0 else 0.0
+    rate = counts.total / elapsed if elapsed > 0 else 0.0
+    left = items - counts.total
+    return JobStatus(
+        name=name,
+        state=_text(meta.get("state")) or "missing",
+        items=items,
+        counts=counts,
+        in_flight=max(0, int(started) - int(settled)),
+        chunks=_int(meta.get("chunks")),
+        done=_int(meta.get("done")),
+        workers_alive=alive,
+        elapsed=elapsed,
+        rate=rate,
+        eta=left / rate if rate > 0 else None,
+        stopped_by=_text(meta.get("stopped_by")),
+        rewound=_text(meta.get("rewound")) == "1",
+    )
+
+
+async def cancel_job(redis: str | Redis, job: str) -> bool:
+    """Cancel a job: no run starts anything new; sends in flight finish.
+
+    Returns:
+        Whether the job was running (False: missing, stopped or cancelled already).
+
+    Raises:
+        JobError: Redis cannot be written.
+    """
+    keys = _Keys(_check_name(job))
+    client, owned = _connect(redis)
+    try:
+        script = client.register_script(_STOP)
+        return bool(await script(keys=[keys.meta], args=["cancelled", "cancelled by request"]))
+    except (RedisError, OSError) as exc:
+        raise _redis_failed("cancel the job", exc) from None
+    finally:
+        if owned:
+            await client.aclose()
+
+
+async def job_results(
+    redis: str | Redis,
+    job: str,
+    items: Sequence[SendRequest | None] | None = None,
+) -> list[JobItemResult]:
+    """Every item's outcome as Redis records it (``botmsg job report``).
+
+    An item started with no outcome is unknown; one never started is skipped
+    (the job stopped, was cancelled, or is still running: the error says which).
+
+    Args:
+        redis: A Redis URL or client.
+        job: The job's name.
+        items: The job's items, to name the idempotency keys of items no
+            outcome was recorded for (row keys); None: keys derived from the job.
+
+    Raises:
+        JobError: the job is missing or Redis cannot be read.
+    """
+    keys = _Keys(_check_name(job))
+    client, owned = _connect(redis)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.meta)
+            pipe.get(keys.started)
+            pipe.get(keys.settled)
+            pipe.hgetall(keys.details)
+            pipe.hgetall(keys.m)
+            meta_raw, started, settled, details_raw, packed_raw = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise _redis_failed("read the job", exc) from None
+    finally:
+        if owned:
+            await client.aclose()
+    meta = {_text(k): v for k, v in meta_raw.items()}
+    if not meta:
+        raise JobError(f"no job {job!r} in Redis (never created, or expired)")
+    total = _int(meta.get("items"))
+    chunk = max(1, _int(meta.get("chunk"), DEFAULT_CHUNK_SIZE))
+    try:
+        nonce = uuid.UUID(hex=_text(meta.get("nonce")) or "")
+    except ValueError:
+        raise JobError("the job's nonce in Redis is corrupt") from None
+    state = _text(meta.get("state")) or "running"
+    why = _text(meta.get("stopped_by"))
+    started_b, settled_b = bytes(started or b""), bytes(settled or b"")
+    details = {_int(k, -1): _text(v) or "" for k, v in details_raw.items()}
+    packed = {_int(k, -1): bytes(v) for k, v in packed_raw.items()}
+    never = (
+        f"not attempted: the job stopped after: {why}"
+        if state == "stopped"
+        else "not attempted: the job was cancelled"
+        if state == "cancelled"
+        else "not attempted (yet): the job is still running"
+    )
+    out: list[JobItemResult] = []
+    for index in range(total):
+        item = items[index] if items is not None and index < len(items) else None
+        if items is not None and item is None:
+            continue  # not part of the job (an invalid row): the caller reports it
+        key = (
+            _key_of(nonce, index, item) if item is not None else str(uuid.uuid5(nonce, str(index)))
+        )
+        byte, mask = index // 8, 0x80 >> (index % 8)
+        is_settled = byte < len(settled_b) and settled_b[byte] & mask
+        is_started = byte < len(started_b) and started_b[byte] & mask
+        if is_settled:
+            detail = details.get(index)
+            if detail is None:
+                raw = packed.get(index // chunk, b"")
+                off = (index % chunk) * 16
+                piece = raw[off : off + 16]
+                muuid = str(uuid.UUID(bytes=piece)) if len(piece) == 16 and any(piece) else None
+                out.append(JobItemResult(index, "sent", muuid, None, key))
+                continue
+            outcome = _OUTCOMES.get(detail[:1], "unknown")
+            try:
+                body = json.loads(detail[1:]) if detail[1:] else {}
+            except ValueError:
+                body = {}
+            if not isinstance(body, dict):
+                body = {}
+            if outcome == "sent":
+                m = body.get("m")
+                out.append(
+                    JobItemResult(index, "sent", m if isinstance(m, str) else None, None, key)
+                )
+                continue
+            status = body.get("st")
+            error = {
+                "type": body.get("t") if isinstance(body.get("t"), str) else "BotMessageError",
+                "message": body.get("e") if isinstance(body.get("e"), str) else "",
+                "status": status if isinstance(status, int) else None,
+            }
+            out.append(JobItemResult(index, outcome, None, error, key))
+        elif is_started:
+            error = {"type": "DeliveryUnknownError", "message": DIED_NOTE, "status": None}
+            out.append(JobItemResult(index, "unknown", None, error, key))
+        else:
+            error = {"type": "BatchStoppedError", "message": never, "status": None}
+            out.append(JobItemResult(index, "skipped", None, error, None))
+    return out
+
+
+async def run_job_async(
+    redis: str | Redis,
+    job: str,
+    items: Sequence[SendRequest | tuple[str, str, str | TextMessage] | None],
+    *,
+    base_url: str,
+    username: str,
+    password: str,
+    fingerprint: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    concurrency: int = 32,
+    rate_limit: float | None = None,
+    per_department_rate_limit: float | None = None,
+    retry: RetryPolicy | None = None,
+    resend_unknown: bool = False,
+    accept_redis_loss: bool = False,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ttl: int = DEFAULT_TTL,
+    allow_insecure_http: bool = False,
+    on_result: Callable[[JobItemResult], object] | None = None,
+    stop: asyncio.Event | None = None,
+) -> JobReport:
+    """Join (or create) the job ``job`` in Redis and send its items until none is left.
+
+    Run it on every machine with the same ``items``: the first run creates the
+    job; each takes chunks of items, records each start before its first
+    attempt and each outcome when known, and takes over the chunks of runs
+    that died. Returns when the job has no chunk left for this run (finished,
+    or held by live runs that will finish it), or it was stopped or cancelled.
+
+    Args:
+        redis: A Redis URL (``redis://``, ``rediss://``, ``unix://``) or a client (you close it).
+        job: The job's name (shared by its runs).
+        items: The items, in input order; ``None`` for an input row not sent.
+        base_url: The URL before ``/communications``.
+        username: Basic-auth user name.
+        password: Basic-auth password.
+        fingerprint: Identifies the input (default: ``job_fingerprint(items)``).
+        options: The options that shape the job, recorded; every run must give
+            the same, except ``workers`` and ``concurrency``.
+        concurrency: Sends in flight in this run.
+        rate_limit: Most messages per second (recorded with the job).
+        per_department_rate_limit: Most messages per second to one department.
+        retry: The retry policy (default: the client's).
+        resend_unknown: Send items in doubt again, with their (only) key.
+        accept_redis_loss: Run on a Redis that could lose acknowledged records
+            (no AOF, or not fsynced always): a crash of Redis can then make an
+            item sent twice.
+        claim_timeout: Seconds without a refresh after which a run's chunks are
+            taken over by another.
+        chunk_size: Items per chunk (recorded with the job).
+        ttl: Seconds the job's keys live after its last activity.
+        allow_insecure_http: Permit ``http://`` to a host that is not loopback.
+        on_result: Called with each item this run settles, when it is known.
+        stop: Set it to stop this run (nothing new starts; sends in flight finish).
+
+    Returns:
+        A ``JobReport``.
+
+    Raises:
+        InvalidRequestError: a bad argument, before anything is sent.
+        JobError: Redis not durable (without ``accept_redis_loss``), unreachable,
+            or the job exists with another input or options.
+    """
+    name = _check_name(job)
+    work = _normalize(items)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise InvalidRequestError("chunk_size", chunk_size, "must be an int >= 1")
+    if not claim_timeout > 0:
+        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds")
+    BatchOptions(
+        concurrency=concurrency,
+        rate_limit=rate_limit,
+        per_department_rate_limit=per_department_rate_limit,
+    )
+    limiter = (
+        LocalRateLimiter(rate_limit, per_department_rate_limit)
+        if rate_limit or per_department_rate_limit
+        else None
+    )
+    recorded = {
+        **(options or {}),
+        "rate": rate_limit,
+        "per_department_rate": per_department_rate_limit,
+    }
+    client_redis, owned = _connect(redis)
+    keys = _Keys(name)
+    try:
+        if not accept_redis_loss:
+            try:
+                risk = await check_durability(client_redis)
+            except (RedisError, OSError) as exc:
+                raise _redis_failed("connect", exc) from None
+            if risk is not None:
+                raise JobError(
+                    f"Redis could lose the job's start records: {risk}. Configure "
+                    "'appendonly yes' and 'appendfsync always', or accept the risk "
+                    "(--accept-redis-loss): an item could then be sent twice"
+                )
+        try:
+            created, nonce = await _create_or_join(
+                client_redis,
+                keys,
+                fingerprint=fingerprint or job_fingerprint(work),
+                options=recorded,
+                items=len(work),
+                chunk_size=chunk_size,
+                ttl=ttl,
+            )
+        except (RedisError, OSError) as exc:
+            raise _redis_failed("create or join the job", exc) from None
+        client = BotMessageClient(
+            base_url, username, password, allow_insecure_http=allow_insecure_http
+        )
+        run = _Run(
+            client_redis,
+            name,
+            work,
+            client=client,
+            limiter=limiter,
+            concurrency=concurrency,
+            retry=retry,
+            resend_unknown=resend_unknown,
+            claim_timeout=claim_timeout,
+            on_result=on_result,
+        )
+        run.nonce = nonce
+        run.chunk_size = chunk_size
+        beat = asyncio.ensure_future(run.heartbeat())
+        watcher = asyncio.ensure_future(_watch(stop, run)) if stop is not None else None
+        try:
+            async with client:
+                stream = BatchStream(
+                    _JobSender(run),
+                    run.requests(),
+                    BatchOptions(concurrency=concurrency, retry=retry, on_result=run.on_item),
+                )
+                run.stream = stream
+                async with stream:
+                    async for _ in stream:
+                        pass
+            await run.drain()
+        except (RedisError, OSError) as exc:
+            raise _redis_failed("go on with the job", exc) from None
+        finally:
+            for task in (beat, watcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        status = await job_status(client_redis, name, claim_timeout=claim_timeout)
+        c = run.counts
+        return JobReport(
+            job=status,
+            counts=Counts(c["s"], c["f"], c["u"], c["k"]),
+            created=created,
+            stopped_by=status.stopped_by if status.state != "running" else run.stopped_by,
+        )
+    finally:
+        if owned:
+            await client_redis.aclose()
+
+
+async def _watch(stop: asyncio.Event, run: _Run) -> None:
+    await stop.wait()
+    run.stop("stopped on request")
+
+
+def run_job(
+    redis: str,
+    job: str,
+    items: Sequence[SendRequest | tuple[str, str, str | TextMessage] | None],
+    *,
+    base_url: str,
+    username: str,
+    password: str,
+    concurrency: int = 32,
+    rate_limit: float | None = None,
+    resend_unknown: bool = False,
+    accept_redis_loss: bool = False,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    allow_insecure_http: bool = False,
+) -> JobReport:
+    """``run_job_async`` for a script's main code (blocks; not inside a running loop).
+
+    See ``run_job_async`` for the arguments and what it guarantees.
+    """
+    return asyncio.run(
+        run_job_async(
+            redis,
+            job,
+            items,
+            base_url=base_url,
+            username=username,
+            password=password,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            resend_unknown=resend_unknown,
+            accept_redis_loss=accept_redis_loss,
+            claim_timeout=claim_timeout,
+            allow_insecure_http=allow_insecure_http,
+        )
+    )

@@ -1,0 +1,131 @@
+"""botmsg_async.jobs against a real redis-server and the fake service, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+
+import pytest
+
+pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
+
+from botmsg_async import SendRequest
+from botmsg_async.jobs import JobError, JobItemResult, job_results, job_status, run_job_async
+from botmsg_async.testing import FakeBotMessageServer
+
+from .conftest import JobRedis
+
+
+def _items(n: int, seed: str = "a") -> list[SendRequest | None]:
+    dept = str(uuid.uuid5(uuid.NAMESPACE_DNS, "dept"))
+    return [
+        SendRequest(dept, str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{seed}{i}")), f"hello {i}")
+        for i in range(n)
+    ]
+
+
+def _check_against_server(
+    items: list[SendRequest | None], results: list[JobItemResult], server: FakeBotMessageServer
+) -> None:
+    """The report equals the server's records: sent ones received with their UUID, failed
+    ones not received, and whatever was received is reported sent or unknown."""
+    by_user = {m.user_uuid: m for m in server.messages}
+    for r in results:
+        item = items[r.index]
+        assert item is not None
+        got = by_user.get(str(item.user_uuid))
+        if r.outcome == "sent":
+            assert got is not None
+            assert got.message_uuid == r.message_uuid
+            assert got.idempotency_key == r.key
+        elif r.outcome in ("failed", "skipped"):
+            assert got is None
+    assert len(results) == len({r.index for r in results})
+
+
+async def test_three_runs_share_one_job(job_redis: JobRedis) -> None:
+    """Three runs on one job: every item one outcome, none received twice, report = server."""
+    items = _items(2000)
+    async with FakeBotMessageServer(fault_rate=0.1, seed=7) as server:
+        runs = [
+            run_job_async(
+                job_redis.url,
+                "j1",
+                items,
+                base_url=server.base_url,
+                username=server.username,
+                password=server.password,
+                concurrency=16,
+                chunk_size=64,
+            )
+            for _ in range(3)
+        ]
+        reports = await asyncio.gather(*runs)
+        assert sum(r.created for r in reports) == 1
+        assert all(r.counts.total > 0 for r in reports)
+        results = await job_results(job_redis.url, "j1", items)
+        status = await job_status(job_redis.url, "j1")
+    assert status.complete
+    assert len(results) == 2000
+    assert sorted(r.index for r in results) == list(range(2000))
+    users = collections.Counter(m.user_uuid for m in server.messages)
+    assert max(users.values()) == 1
+    _check_against_server(items, results, server)
+    assert status.counts.total == 2000
+
+
+async def test_other_input_is_refused(job_redis: JobRedis) -> None:
+    """The same job name with another input is refused before anything is sent."""
+    async with FakeBotMessageServer() as server:
+        url = server.base_url
+        await run_job_async(
+            job_redis.url, "j", _items(10), base_url=url, username="user", password="secret"
+        )
+        with pytest.raises(JobError, match="another input"):
+            await run_job_async(
+                job_redis.url,
+                "j",
+                _items(10, "b"),
+                base_url=url,
+                username="user",
+                password="secret",
+            )
+        with pytest.raises(JobError, match="rate differ"):
+            await run_job_async(
+                job_redis.url,
+                "j",
+                _items(10),
+                base_url=url,
+                username="user",
+                password="secret",
+                rate_limit=5.0,
+            )
+        assert not server.messages[10:]
+
+
+async def test_records_that_went_backwards_are_in_doubt(job_redis: JobRedis) -> None:
+    """A generation lower than one a run saw (Redis lost writes): pending items unknown."""
+    from redis.asyncio import Redis
+
+    items = _items(600)
+    async with FakeBotMessageServer(latency=0.01) as server:
+        run = asyncio.ensure_future(
+            run_job_async(
+                job_redis.url, "j", items, base_url=server.base_url, username="user",
+                password="secret", concurrency=8, chunk_size=50,
+            )
+        )  # fmt: skip
+        while len(server.messages) < 100:  # noqa: ASYNC110 - the fake has no arrival event
+            await asyncio.sleep(0.01)
+        async with Redis.from_url(job_redis.url) as client:
+            await client.hset("botmsg:job:{j}:meta", "gen", 0)  # as if the tail was lost
+        report = await run
+        results = await job_results(job_redis.url, "j", items)
+    assert report.job.rewound
+    assert report.job.complete
+    _check_against_server(items, results, server)
+    unknown = [r for r in results if r.outcome == "unknown"]
+    assert unknown
+    users = collections.Counter(m.user_uuid for m in server.messages)
+    assert max(users.values()) == 1

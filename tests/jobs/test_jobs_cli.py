@@ -1,0 +1,286 @@
+"""``botmsg send-many --redis --job``: runs as processes on loopback standing in for machines.
+
+Each run is the real ``botmsg`` entry point in a subprocess; the service is the
+fake server (with faults) in the test's loop; Redis is a real redis-server with
+AOF and ``appendfsync always``. "Received twice" means two accepted messages
+for one user (the fake server deduplicates by idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
+
+from botmsg_async.testing import FakeBotMessageServer
+from tests.test_cli import read_jsonl, write_csv
+from tests.test_cli_workers import no_process_left
+
+from .conftest import JobRedis
+
+__all__ = ["no_process_left"]  # the autouse fixture: no run outlives its test
+
+PASSWORD = "pw-jobs-5521"
+TIMEOUT = 60.0
+
+
+def write_items(tmp_path: Path, n: int) -> Path:
+    return write_csv(
+        tmp_path / "in.csv",
+        [
+            {"department_uuid": f"dep-{i % 3}", "user_uuid": f"user-{i}", "text": f"#{i}"}
+            for i in range(n)
+        ],
+    )
+
+
+async def botmsg_start(
+    server: FakeBotMessageServer, *args: str, stdout: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    env.update(BOTMSG_BASE_URL=server.base_url, BOTMSG_USERNAME="user", BOTMSG_PASSWORD=PASSWORD)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "botmsg_async",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+
+async def finish(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    assert process.stderr is not None
+    try:
+        err = await asyncio.wait_for(process.stderr.read(), TIMEOUT)
+        code = await asyncio.wait_for(process.wait(), TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+        raise
+    assert PASSWORD.encode() not in err
+    return code, err.decode()
+
+
+def run_args(redis: JobRedis, path: Path, *extra: str) -> list[str]:
+    return [
+        "send-many",
+        str(path),
+        "--redis",
+        redis.url,
+        "--job",
+        "the-job",
+        "--chunk-size",
+        "50",
+        "--concurrency",
+        "8",
+        "--claim-timeout",
+        "1",
+        *extra,
+    ]
+
+
+async def when_received(server: FakeBotMessageServer, count: int) -> None:
+    # The fake server has no arrival event: poll its records (no timing is asserted).
+    while len(server.messages) < count:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
+async def report(server: FakeBotMessageServer, redis: JobRedis, path: Path, out: Path) -> int:
+    process = await botmsg_start(
+        server,
+        "job", "report", "--redis", redis.url, "--job", "the-job",
+        "--input", str(path), "--out", str(out),
+    )  # fmt: skip
+    code, err = await finish(process)
+    assert "Traceback" not in err
+    return code
+
+
+def check(server: FakeBotMessageServer, out: Path, n: int) -> collections.Counter[str]:
+    """Every item once in the report, none received twice, the report equals the server."""
+    lines = read_jsonl(out)
+    assert sorted(line["index"] for line in lines) == list(range(n))
+    users = collections.Counter(m.user_uuid for m in server.messages)
+    assert [u for u, c in users.items() if c > 1] == []
+    by_user = {m.user_uuid: m for m in server.messages}
+    for line in lines:
+        got = by_user.get(line["user_uuid"])
+        if line["outcome"] == "sent":
+            assert got is not None
+            assert got.message_uuid == line["message_uuid"]
+            assert got.idempotency_key == line["idempotency_key"]
+        elif line["outcome"] in ("failed", "skipped"):
+            assert got is None
+    return collections.Counter(line["outcome"] for line in lines)
+
+
+async def test_three_processes_one_job(tmp_path: Path, job_redis: JobRedis) -> None:
+    """Three runs (as on three machines) against a faulty service: one outcome per item."""
+    n = 1500
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, fault_rate=0.1, seed=3) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(3)]
+        results = [await finish(p) for p in runs]
+        for code, err in results:
+            assert code in (0, 1, 3), err
+        out = tmp_path / "report.jsonl"
+        await report(server, job_redis, path, out)
+    outcomes = check(server, out, n)
+    assert outcomes["sent"] > n * 0.8
+
+
+async def test_one_killed_the_others_finish(tmp_path: Path, job_redis: JobRedis) -> None:
+    """SIGKILL of one run mid-job: the others take its chunks; its in-flight items unknown."""
+    n = 1500
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.01) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(3)]
+        await asyncio.wait_for(when_received(server, n // 2), TIMEOUT)
+        runs[0].kill()
+        await runs[0].wait()
+        for process in runs[1:]:
+            code, err = await finish(process)
+            assert code in (0, 3), err
+        out = tmp_path / "report.jsonl"
+        await report(server, job_redis, path, out)
+    outcomes = check(server, out, n)
+    assert outcomes["failed"] == outcomes["skipped"] == 0
+    # At most the killed run's sends in flight (8) and its outcomes not yet written (8).
+    assert outcomes["unknown"] <= 16
+    assert outcomes["sent"] + outcomes["unknown"] == n
+
+
+async def test_all_killed_then_one_completes(tmp_path: Path, job_redis: JobRedis) -> None:
+    """SIGKILL of every run, then one restarted: it completes the job."""
+    n = 1200
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.01) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(3)]
+        await asyncio.wait_for(when_received(server, n // 3), TIMEOUT)
+        for process in runs:
+            process.kill()
+            await process.wait()
+        out = tmp_path / "out.jsonl"
+        again = await botmsg_start(server, *run_args(job_redis, path, "--out", str(out)))
+        code, err = await finish(again)
+        assert code in (0, 3), err
+    outcomes = check(server, out, n)
+    assert outcomes["unknown"] <= 3 * 16
+    assert outcomes["sent"] + outcomes["unknown"] == n
+
+
+async def test_redis_restarted_mid_job(tmp_path: Path, job_redis: JobRedis) -> None:
+    """Redis SIGKILLed and restarted (AOF, fsync always) mid-job: the job completes."""
+    n = 1200
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.01) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(2)]
+        await asyncio.wait_for(when_received(server, n // 2), TIMEOUT)
+        job_redis.kill()
+        await asyncio.sleep(0.3)
+        job_redis.start()
+        for process in runs:
+            code, err = await finish(process)
+            assert code in (0, 3), err
+        out = tmp_path / "report.jsonl"
+        await report(server, job_redis, path, out)
+    outcomes = check(server, out, n)
+    assert outcomes["sent"] + outcomes["unknown"] == n
+
+
+async def test_complete_job_exits_at_once_and_other_input_is_refused(
+    tmp_path: Path, job_redis: JobRedis
+) -> None:
+    """A run of a finished job sends nothing; another input under the name exits 2."""
+    path = write_items(tmp_path, 120)
+    async with FakeBotMessageServer(password=PASSWORD) as server:
+        code, err = await finish(await botmsg_start(server, *run_args(job_redis, path)))
+        assert code == 0, err
+        before = server.requests
+        code, err = await finish(await botmsg_start(server, *run_args(job_redis, path)))
+        assert code == 0, err
+        assert "complete" in err
+        assert server.requests == before
+        other = write_csv(
+            tmp_path / "other.csv", [{"department_uuid": "d", "user_uuid": "u", "text": "x"}]
+        )
+        code, err = await finish(await botmsg_start(server, *run_args(job_redis, other)))
+        assert code == 2
+        assert "another input" in err
+        code, err = await finish(
+            await botmsg_start(server, *run_args(job_redis, path, "--rate", "5"))
+        )
+        assert code == 2
+        assert "rate" in err
+        assert server.requests == before
+
+
+async def test_non_durable_redis_is_refused(tmp_path: Path, job_redis: JobRedis) -> None:
+    """Without appendfsync always the run refuses (exit 2) unless --accept-redis-loss."""
+    import redis
+
+    with redis.Redis(unix_socket_path=str(job_redis.socket)) as client:
+        client.config_set("appendfsync", "everysec")
+    path = write_items(tmp_path, 20)
+    async with FakeBotMessageServer(password=PASSWORD) as server:
+        code, err = await finish(await botmsg_start(server, *run_args(job_redis, path)))
+        assert code == 2
+        assert "appendfsync" in err
+        assert server.requests == 0
+        code, err = await finish(
+            await botmsg_start(server, *run_args(job_redis, path, "--accept-redis-loss"))
+        )
+        assert code == 0, err
+
+
+async def test_status_and_cancel(tmp_path: Path, job_redis: JobRedis) -> None:
+    """job cancel stops every run (nothing new starts); status says so; report: skipped."""
+    n = 1000
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.02) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(2)]
+        await asyncio.wait_for(when_received(server, 100), TIMEOUT)
+        cancel = await botmsg_start(
+            server, "job", "cancel", "--redis", job_redis.url, "--job", "the-job"
+        )
+        code, _ = await finish(cancel)
+        assert code == 0
+        for process in runs:
+            code, _ = await finish(process)
+        received = len(server.messages)
+        status = await botmsg_start(
+            server, "job", "status", "--redis", job_redis.url, "--job", "the-job", "--json",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert status.stdout is not None
+        text = (await status.stdout.read()).decode()
+        await finish(status)
+        out = tmp_path / "report.jsonl"
+        code = await report(server, job_redis, path, out)
+    assert '"state": "cancelled"' in text or '"state":"cancelled"' in text
+    assert received < n
+    outcomes = check(server, out, n)
+    assert outcomes["skipped"] > 0
+    assert code == 1
+
+
+@pytest.mark.parametrize("flag", ["--journal=j", "--resume", "--durable"])
+def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
+    """The file journal's flags do not go with --redis (usage error, nothing sent)."""
+    from botmsg_async.cli import main
+
+    path = write_items(tmp_path, 3)
+    code = main(["send-many", str(path), "--redis", "redis://127.0.0.1:1", "--job", "x", flag])
+    assert code == 2
