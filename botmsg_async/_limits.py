@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ._errors import InvalidRequestError
 
-__all__ = ["LocalRateLimiter", "RateLimiter"]
+__all__ = ["LocalRateLimiter", "PauseOnly", "RateLimiter"]
 
 
 class RateLimiter(Protocol):
@@ -81,6 +81,33 @@ class _PerKeyBuckets:
                 break
             del self._buckets[oldest_key]
         await bucket.acquire()
+
+
+class PauseOnly:
+    """A limiter as a client sees it when its caller takes the slots: its pause only.
+
+    A bulk sender that records each item's start takes the item's slot before
+    that record (an item waiting for a slot is never in doubt), so the client
+    must take none; a 429 it sees must still pause every holder of the limiter.
+
+    Args:
+        limiter: The limiter whose pause is shared.
+    """
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    async def acquire(self, department_uuid: str) -> None:
+        """No slot: the caller took it already."""
+        return
+
+    async def pause(self, seconds: float) -> None:
+        """Pause every holder of the limiter."""
+        await self._limiter.pause(seconds)
+
+    async def paused_for(self) -> float:
+        """Seconds left of the limiter's pause."""
+        return await self._limiter.paused_for()
 
 
 class LocalRateLimiter:

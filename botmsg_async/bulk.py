@@ -67,6 +67,7 @@ from attrs import define, field
 from ._batch import BatchOptions, BatchStream
 from ._client import BotMessageClient
 from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
+from ._limits import PauseOnly
 from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
@@ -273,23 +274,6 @@ class ProcessRateLimiter:
         # An aligned 8-byte read: no lock needed to see either the old or the new end.
         paused_until: float = _STATE.unpack_from(self._map)[1]
         return max(0.0, paused_until - time.monotonic()) if paused_until else 0.0
-
-
-class _PauseOnly:
-    """The shared limiter as the client sees it: its pause; slots are taken before
-    the start record (``_WorkerSender``), so the client takes none."""
-
-    def __init__(self, limiter: ProcessRateLimiter) -> None:
-        self._limiter = limiter
-
-    async def acquire(self, department_uuid: str) -> None:
-        return None
-
-    async def pause(self, seconds: float) -> None:
-        await self._limiter.pause(seconds)
-
-    async def paused_for(self) -> float:
-        return await self._limiter.paused_for()
 
 
 # -- what travels between the processes --------------------------------------------
@@ -681,7 +665,7 @@ class _Worker:
             config.username,
             config.password,
             allow_insecure_http=config.allow_insecure_http,
-            rate_limiter=_PauseOnly(limiter),
+            rate_limiter=PauseOnly(limiter),
         )
         retries = 0
         try:

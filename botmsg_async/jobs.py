@@ -77,11 +77,12 @@ from ._errors import (
     InvalidRequestError,
     InvalidResponseError,
 )
-from ._limits import LocalRateLimiter
+from ._limits import PauseOnly, RateLimiter
 from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
+from .shared import RedisRateLimiter
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -545,7 +546,7 @@ class _Run:
         items: Sequence[SendRequest | None],
         *,
         client: BotMessageClient,
-        limiter: LocalRateLimiter | None,
+        limiter: RateLimiter | None,
         concurrency: int,
         retry: RetryPolicy | None,
         resend_unknown: bool,
@@ -1266,11 +1267,6 @@ async def run_job_async(
         rate_limit=rate_limit,
         per_department_rate_limit=per_department_rate_limit,
     )
-    limiter = (
-        LocalRateLimiter(rate_limit, per_department_rate_limit)
-        if rate_limit or per_department_rate_limit
-        else None
-    )
     recorded = {
         **(options or {}),
         "rate": rate_limit,
@@ -1302,8 +1298,24 @@ async def run_job_async(
             )
         except (RedisError, OSError) as exc:
             raise _redis_failed("create or join the job", exc) from None
+        # One quota for the job's runs on every machine, and for any other client of
+        # this vendor account (the limiter's default name: base URL and user name): one
+        # global and per-department rate, and one pause a 429 seen by any run imposes.
+        limiter = RedisRateLimiter(
+            client_redis,
+            rate=rate_limit,
+            per_department_rate=per_department_rate_limit,
+            base_url=base_url,
+            username=username,
+        )
         client = BotMessageClient(
-            base_url, username, password, allow_insecure_http=allow_insecure_http
+            base_url,
+            username,
+            password,
+            allow_insecure_http=allow_insecure_http,
+            # The run takes each slot before the item's start record; the client
+            # only shares the pause.
+            rate_limiter=PauseOnly(limiter),
         )
         run = _Run(
             client_redis,
@@ -1341,6 +1353,7 @@ async def run_job_async(
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            await limiter.aclose()  # its pause listener; the Redis client is ours
         status = await job_status(client_redis, name, claim_timeout=claim_timeout)
         c = run.counts
         return JobReport(
