@@ -1,108 +1,19 @@
-"""A real redis-server for these tests, started by the suite itself (no setup by hand).
-
-The server listens on a unix socket in a temporary directory (no TCP port to
-collide with), without persistence unless a test asks for AOF. Without a
-``redis-server`` binary on PATH the tests skip with a reason that says how to
-get one; with ``BOTMSG_REQUIRE_REDIS=1`` (set by ``.ci/run``) they fail instead,
-so a CI machine cannot hide a missing install step.
-"""
+"""The Redis tests' server fixtures (see tests/redis_server.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = (
-    "redis-server not found on PATH: install Redis to run the shared-limiter tests "
-    "(Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)"
-)
-
-
-def _require_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("BOTMSG_REQUIRE_REDIS") == "1":
-            pytest.fail(f"BOTMSG_REQUIRE_REDIS=1 but {INSTALL_HINT}")
-        pytest.skip(INSTALL_HINT)
-    return binary
-
-
-class RedisServer:
-    """One redis-server process on a unix socket; can be killed and started again."""
-
-    def __init__(self, binary: str, directory: Path, *, aof: bool = False) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.socket = directory / "redis.sock"
-        self.aof = aof
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """The URL clients connect with."""
-        return f"unix://{self.socket}"
-
-    def start(self) -> None:
-        """Start the server and wait (at most 10 s) until it answers PING."""
-        args = [
-            self.binary,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(self.socket),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.directory),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.aof else "no",
-        ]
-        if self.aof:
-            args += ["--appendfsync", "always"]
-        self.process = subprocess.Popen(  # noqa: S603 - our own argument list
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis(unix_socket_path=str(self.socket)) as client:
-                    client.ping()
-            except (redis.ConnectionError, FileNotFoundError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-            else:
-                return
-
-    def kill(self) -> None:
-        """SIGKILL the server (as a crash would) and wait for it to be gone."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.socket.unlink(missing_ok=True)
-
-    def flush(self) -> None:
-        """Forget every key (between tests sharing the session's server)."""
-        import redis
-
-        with redis.Redis(unix_socket_path=str(self.socket)) as client:
-            client.flushall()
+from tests.redis_server import RedisServer, require_binary
 
 
 @pytest.fixture(scope="session")
 def redis_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the whole session."""
-    binary = _require_binary()
+    binary = require_binary()
     pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
     server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
     server.start()
@@ -120,7 +31,7 @@ def redis_server(redis_session_server: RedisServer) -> RedisServer:
 @pytest.fixture
 def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may kill and restart."""
-    binary = _require_binary()
+    binary = require_binary()
     pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
     directory = tmp_path / "redis"
     directory.mkdir()

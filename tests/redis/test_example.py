@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import RedisServer
+from tests.redis_server import RedisServer
 
 pytest.importorskip("taskiq_redis", reason="pip install -e '.[test]' (taskiq-redis)")
 

@@ -25,8 +25,7 @@ from botmsg_async._guard import claim_record, fingerprint
 from botmsg_async._wire import encode_request
 from botmsg_async.shared import RedisSendGuard
 from botmsg_async.testing import FakeBotMessageServer, Fault
-
-from .conftest import RedisServer
+from tests.redis_server import RedisServer
 
 DEPT = "7f0c6a52-1c7e-4c3e-9a53-6c1f8f0f2a10"
 USER = "b3d1e0a4-55aa-4b7e-8c0e-2f0f7e9d1c22"

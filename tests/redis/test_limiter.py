@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 from botmsg_async import BotMessageClient, CoordinationError, InvalidRequestError
 from botmsg_async.shared import RedisRateLimiter, account_name
 from botmsg_async.testing import FakeBotMessageServer
+from tests.redis_server import RedisServer
 
 from ._procs import grant_worker
-from .conftest import RedisServer
 
 Grants = list[tuple[str, float]]
 
