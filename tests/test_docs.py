@@ -12,6 +12,8 @@ commas); without one, the block is a whole program, run as ``__main__``:
 - ``needs-client``: the same, and ``client`` is an open ``BotMessageClient`` bound to it
   (no waits between retries); ``department_uuid`` and ``user_uuid`` are two ids. Every
   block of a chain runs in the one event loop the client belongs to.
+- ``needs-redis``: a redis-server of the test's own runs (``tests/redis_server.py``), and
+  ``BOTMSG_REDIS_URL`` points at it.
 - ``continue``: the block runs after the page's previous block, in its namespace (and
   with its server and client): a page may build an example in steps.
 - ``name=NAME``: the block defines things that a dedicated test below drives (a web app,
@@ -48,6 +50,7 @@ from aiohttp import web
 import botmsg_async
 from botmsg_async import BotMessageClient, RetryPolicy
 from botmsg_async.testing import FakeBotMessageServer, Fault
+from tests.redis_server import RedisServer, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -59,7 +62,7 @@ EXPECTED_SKIPS = 0
 NOT_PYTHON = {"bash", "console", "text", "json", "csv", "toml", "ini", "none"}
 #: MyST directives used as fences; ``{eval-rst}`` holds autodoc directives, not code.
 DIRECTIVES = {"{toctree}", "{eval-rst}", "{note}", "{warning}", "{important}", "{tip}"}
-WORDS = {"needs-server", "needs-client", "continue", "pytest"}
+WORDS = {"needs-server", "needs-client", "needs-redis", "continue", "pytest"}
 MARKER = re.compile(r"^<!--\s*docs-test:\s*(?P<spec>.*?)\s*-->$")
 DEPT = "7f0c6a52-1c7e-4c3e-9a53-6c1f8f0f2a10"
 USER = "b3d1e0a4-55aa-4b7e-8c0e-2f0f7e9d1c22"
@@ -270,6 +273,18 @@ def test_example_runs(
         return
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
     namespace: dict[str, Any] = {"__name__": module_name(chain)}
+    with contextlib.ExitStack() as stack:
+        if "needs-redis" in chain[0].words:
+            redis = RedisServer(require_binary(), tmp_path)
+            redis.start()
+            stack.callback(redis.kill)
+            monkeypatch.setenv("BOTMSG_REDIS_URL", redis.url)
+        _run_example(chain, namespace, monkeypatch)
+
+
+def _run_example(
+    chain: list[Example], namespace: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     if chain[0].words & {"needs-server", "needs-client"}:
         with served(monkeypatch) as server:
             namespace["server"] = server
