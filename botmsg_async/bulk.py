@@ -641,10 +641,23 @@ class _Worker:
                 )
             )
 
+    def listen(self) -> None:
+        """Read the parent's messages as they come, from the running loop.
+
+        uvloop (libuv) makes a watched descriptor non-blocking; the socket is made
+        blocking again, because ``Connection.send`` writes a message in several
+        system calls: non-blocking, a parent slow to read (a loaded machine) fails
+        a send of results half-way (``BlockingIOError``), which the worker took
+        for its parent's death, leaving the rest of its items unknown.
+        """
+        fd = self.conn.fileno()
+        asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        os.set_blocking(fd, True)
+
     async def run(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.conn.fileno(), self._on_readable)
+        self.listen()
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGTERM, self._drain)
         if self.journal is not None:
