@@ -41,7 +41,8 @@ from attrs import asdict
 from benchmarks.servers import REPO_ROOT, child_env, start_server
 from benchmarks.variants import RunSpec, make_items
 
-_SUMMARY = re.compile(r"(\d+) sends in ([0-9.]+) s")
+# The summary line: "N of M items: ...; ... in T s, R messages/s".
+_SUMMARY = re.compile(r"(\d+) of \d+ items: .* in ([0-9.]+) s,")
 
 
 def _children_cpu() -> float:

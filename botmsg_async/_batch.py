@@ -177,7 +177,10 @@ class BatchStream:
         self._stop_after = options.stop_after_consecutive_failures
         self._max_pause = options.max_pause
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=options.concurrency)
-        self._pull_lock = asyncio.Lock()
+        # An async source is read by one worker at a time: ``_pulling`` while one
+        # is inside it; ``_pulled`` (made only when another waits) says it left.
+        self._pulling = False
+        self._pulled: asyncio.Future[None] | None = None
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
@@ -398,12 +401,26 @@ class BatchStream:
                 return None
         else:
             assert self._aiter is not None
-            # An async generator refuses concurrent __anext__ calls.
-            async with self._pull_lock:
-                try:
-                    raw = await anext(self._aiter)
-                except StopAsyncIteration:
-                    return None
+            # An async generator refuses concurrent __anext__ calls. Not an
+            # asyncio.Lock: a fair lock, once its waiters queue (the source waited
+            # once), hands every later item over through a task wake-up, a convoy
+            # that lasts the whole batch. Here a free source is taken at once, and
+            # waiters all wake when it is free and try again.
+            while self._pulling:
+                if self._pulled is None:
+                    self._pulled = asyncio.get_running_loop().create_future()
+                # Shielded: a waiter's cancellation must not cancel the others' wait.
+                await asyncio.shield(self._pulled)
+            self._pulling = True
+            try:
+                raw = await anext(self._aiter)
+            except StopAsyncIteration:
+                return None
+            finally:
+                self._pulling = False
+                pulled, self._pulled = self._pulled, None
+                if pulled is not None:
+                    pulled.set_result(None)
         index = self._next_index
         self._next_index += 1
         return index, raw

@@ -64,7 +64,7 @@ from typing import Any, Final
 
 from attrs import define, field
 
-from ._batch import BatchOptions, BatchStream
+from ._batch import BatchOptions, BatchStream, collect
 from ._client import BotMessageClient
 from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
 from ._limits import PauseOnly
@@ -370,23 +370,24 @@ def _to_wire(item: WorkItem) -> _Wire:
     return (item.index, item.department_uuid, item.user_uuid, packed, item.key, item.in_doubt)
 
 
+def _message_of(packed: str | tuple[Any, ...]) -> str | TextMessage:
+    if isinstance(packed, str):
+        return packed
+    body, subject, sender_name, value, kind, purpose, manual = packed
+    return TextMessage(
+        body,
+        subject=subject,
+        sender_name=sender_name,
+        recipient_communication_value=value,
+        type=kind,
+        purpose=purpose,
+        is_manual=manual,
+    )
+
+
 def _from_wire(wire: _Wire) -> WorkItem:
     index, department_uuid, user_uuid, packed, key, in_doubt = wire
-    message: str | TextMessage
-    if isinstance(packed, str):
-        message = packed
-    else:
-        body, subject, sender_name, value, kind, purpose, manual = packed
-        message = TextMessage(
-            body,
-            subject=subject,
-            sender_name=sender_name,
-            recipient_communication_value=value,
-            type=kind,
-            purpose=purpose,
-            is_manual=manual,
-        )
-    return WorkItem(index, department_uuid, user_uuid, message, key, in_doubt)
+    return WorkItem(index, department_uuid, user_uuid, _message_of(packed), key, in_doubt)
 
 
 def _describe(error: BotMessageError | None) -> str | None:
@@ -430,7 +431,12 @@ class _JobStoppingError(ClientClosedError):
 
 @define(slots=True)
 class _Meta:
-    item: WorkItem
+    """A worker's item in flight: as it came over the wire (``_Wire``), no ``WorkItem``."""
+
+    index: int
+    key: str
+    in_doubt: bool
+    wire: _Wire
     started: bool = False
 
 
@@ -465,7 +471,9 @@ class _Worker:
     def __init__(self, conn: Connection, config: WorkerConfig) -> None:
         self.conn = conn
         self.config = config
-        self.buffer: collections.deque[WorkItem] = collections.deque()
+        # Items as they came over the wire: a worker builds no object per item
+        # beyond the SendRequest its batch reads.
+        self.buffer: collections.deque[_Wire] = collections.deque()
         self.requested = False
         self.ended = False
         self.stopping = False
@@ -475,7 +483,7 @@ class _Worker:
         self.pending: dict[int, _Meta] = {}  # stream index -> item
         self.by_key: dict[str, _Meta] = {}
         self.pulled = 0
-        self.outbox: list[ParallelItem] = []
+        self.outbox: list[tuple[Any, ...]] = []  # ParallelItem fields, to send
         self.flush_scheduled = False
         self.stream: BatchStream | None = None
         self.reported_stop = False
@@ -523,7 +531,7 @@ class _Worker:
                 message = self.conn.recv()
                 kind = message[0]
                 if kind == "items":
-                    self.buffer.extend(map(_from_wire, message[1]))
+                    self.buffer.extend(message[1])
                     self.requested = False
                 elif kind == "end":
                     self.ended = True
@@ -554,19 +562,17 @@ class _Worker:
                 continue
             if len(self.buffer) <= self.low_water:
                 self._request()
-            item = self.buffer.popleft()
-            meta = _Meta(item)
+            wire = self.buffer.popleft()
+            index, department_uuid, user_uuid, packed, key, in_doubt = wire
+            meta = _Meta(index, key, in_doubt, wire)
             self.pending[self.pulled] = meta
-            self.by_key[item.key] = meta
+            self.by_key[key] = meta
             self.pulled += 1
-            yield SendRequest(
-                item.department_uuid, item.user_uuid, item.message, idempotency_key=item.key
-            )
+            yield SendRequest(department_uuid, user_uuid, _message_of(packed), idempotency_key=key)
 
     def _on_result(self, result: ItemResult) -> None:
         meta = self.pending.pop(result.index)
-        self.by_key.pop(meta.item.key, None)
-        item = meta.item
+        self.by_key.pop(meta.key, None)
         error_text: str | None
         stream = self.stream
         assert stream is not None
@@ -574,7 +580,7 @@ class _Worker:
             error_text = f"not attempted: the batch stopped after: {stream.stopped_by}"
         else:
             error_text = _describe(result.error)
-        outcome, note = settle(result.outcome, result.error, in_doubt=item.in_doubt)
+        outcome, note = settle(result.outcome, result.error, in_doubt=meta.in_doubt)
         if note is not None:
             error_text = f"{note}; this run's resend: {error_text}"
         message_uuid = result.result.message_uuid if result.result is not None else None
@@ -582,9 +588,9 @@ class _Worker:
             # Never-started items get no record: a resumed run sends them, and an
             # item in doubt from an earlier run stays so.
             self.journal.outcome(
-                item.index,
+                meta.index,
                 outcome.value,
-                key=item.key,
+                key=meta.key,
                 department_uuid=result.department_uuid,
                 user_uuid=result.user_uuid,
                 message_uuid=message_uuid,
@@ -596,17 +602,18 @@ class _Worker:
             self.reported_stop = True
             if not isinstance(stopped, _JobStoppingError):
                 self._send(("stopped", f"{type(stopped).__name__}: {stopped.message}"))
+        # ParallelItem's fields, as the parent builds it: no object here per item.
         self.outbox.append(
-            ParallelItem(
-                item.index,
+            (
+                meta.index,
                 result.department_uuid,
                 result.user_uuid,
                 outcome.value,
                 message_uuid,
                 _error_object(result.error, error_text, result.outcome, outcome.value),
-                item.key,
+                meta.key,
                 result.attempts,
-                journal_error=error_text,
+                error_text,
             )
         )
         # A message per few milliseconds, not per result: each costs both sides
@@ -621,30 +628,25 @@ class _Worker:
         self.flush_scheduled = False
         if self.outbox:
             outbox, self.outbox = self.outbox, []
-            self._send(
-                (
-                    "results",
-                    [
-                        (
-                            r.index,
-                            r.department_uuid,
-                            r.user_uuid,
-                            r.outcome,
-                            r.message_uuid,
-                            r.error,
-                            r.key,
-                            r.attempts,
-                            r.journal_error,
-                        )
-                        for r in outbox
-                    ],
-                )
-            )
+            self._send(("results", outbox))
+
+    def listen(self) -> None:
+        """Read the parent's messages as they come, from the running loop.
+
+        uvloop (libuv) makes a watched descriptor non-blocking; the socket is made
+        blocking again, because ``Connection.send`` writes a message in several
+        system calls: non-blocking, a parent slow to read (a loaded machine) fails
+        a send of results half-way (``BlockingIOError``), which the worker took
+        for its parent's death, leaving the rest of its items unknown.
+        """
+        fd = self.conn.fileno()
+        asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        os.set_blocking(fd, True)
 
     async def run(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.conn.fileno(), self._on_readable)
+        self.listen()
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGTERM, self._drain)
         if self.journal is not None:
@@ -684,14 +686,12 @@ class _Worker:
                 )
                 self.stream = stream
                 self.main = asyncio.current_task()
-                try:
-                    async with stream:
-                        async for _ in stream:
-                            pass
-                except asyncio.CancelledError:
-                    # The parent abandoned the job: sends in flight were cancelled;
-                    # their start records without outcomes say "unknown".
-                    pass
+                # Cancelled: the parent abandoned the job; sends in flight were cancelled,
+                # and their start records without outcomes say "unknown".
+                with contextlib.suppress(asyncio.CancelledError):
+                    # The results go to the parent from on_result: no queue, no consumer
+                    # task (a task switch per item), no report kept.
+                    await collect(stream, keep="none")
                 retries = stream.retries
         finally:
             limiter.close()
@@ -700,8 +700,8 @@ class _Worker:
             if self.started is not None:
                 self.started.close()
             self._flush()
-            left = [*self.buffer, *(m.item for m in self.pending.values())]
-            self._send(("done", retries, [_to_wire(item) for item in left]))
+            left = [*self.buffer, *(m.wire for m in self.pending.values())]
+            self._send(("done", retries, left))
 
     def _drain(self) -> None:
         self.stop()
@@ -759,10 +759,10 @@ class _WorkerSender:
             if worker.stopping:
                 raise _JobStoppingError("not attempted: the job is stopping")
             if worker.journal is not None:
-                worker.journal.start(meta.item.index, meta.item.key)
+                worker.journal.start(meta.index, meta.key)
             else:
                 assert worker.started is not None
-                worker.started[meta.item.index] = 1
+                worker.started[meta.index] = 1
             meta.started = True
             if worker.sync is not None and worker.config.durable:
                 worker.sync.written += 1

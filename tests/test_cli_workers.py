@@ -12,17 +12,21 @@ import asyncio
 import contextlib
 import itertools
 import os
+import select
 import signal
+import socket
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from botmsg_async.bulk import ProcessRateLimiter, send_parallel
+from botmsg_async.bulk import ProcessRateLimiter, WorkerConfig, _Worker, send_parallel
 from botmsg_async.cli.tunables import MALLOC_TUNABLES
 from tests.conftest import serving_send
 from tests.test_cli import read_jsonl, write_csv
@@ -705,3 +709,60 @@ async def test_workers_record_options_and_use_row_keys(tmp_path: Path) -> None:
         assert "--text" in err
     assert {key for keys in svc.keys.values() for key in keys} == {f"k-{i}" for i in range(40)}
     assert {line["idempotency_key"] for line in read_jsonl(out)} == {f"k-{i}" for i in range(40)}
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return asyncio.new_event_loop
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_worker_writes_whole_messages_to_a_slow_parent(tmp_path: Path, loop: str) -> None:
+    """A worker's message larger than the socket buffer waits for a slow parent, whole."""
+    ours, theirs = socket.socketpair()
+    parent = Connection(ours.detach())
+    started = tmp_path / "started"
+    started.write_bytes(b"\0")
+    started_fd = os.open(started, os.O_RDWR)
+    config = WorkerConfig(
+        base_url="http://127.0.0.1:9",
+        username=USERNAME,
+        password=PASSWORD,
+        items=1,
+        started_fd=started_fd,
+    )
+    big = ("results", "x" * (4 << 20))
+    received: list[object] = []
+
+    def slow_parent(worker_fd: int) -> None:
+        # Read only once the worker's side is full: a parent that lags behind.
+        deadline = time.monotonic() + TIMEOUT
+        while select.select([], [worker_fd], [], 0)[1] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with contextlib.suppress(EOFError, OSError):
+            received.append(parent.recv())
+
+    async def scenario() -> bool:
+        worker = _Worker(Connection(theirs.detach()), config)
+        reader = threading.Thread(target=slow_parent, args=(worker.conn.fileno(),))
+        try:
+            worker.listen()
+            reader.start()
+            worker._send(big)
+            return worker.parent_gone
+        finally:
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            worker.conn.close()  # a half-sent message's reader sees EOF, not a hang
+            reader.join(TIMEOUT)
+            assert worker.started is not None
+            worker.started.close()
+
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        parent_gone = runner.run(scenario())
+    os.close(started_fd)
+    parent.close()
+    assert not parent_gone
+    assert received == [big]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import threading
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ from botmsg_async import (
     _validate,
     _wire,
 )
-from botmsg_async._batch import BatchStream
+from botmsg_async._batch import BatchOptions, BatchStream, collect
 from botmsg_async._report import ItemResults
 from botmsg_async._validate import check_message, message_encoder, new_idempotency_key
 
@@ -336,6 +337,53 @@ async def test_a_plain_iterator_is_read_without_a_coroutine_per_item(
         report = await client.send_many(iter(_items(100)), concurrency=8)
     assert report.sent == 100
     assert [r.user_uuid for r in report.results] == [f"user-{i}" for i in range(100)]
+
+
+class _InstantSender:
+    """A Sender whose every send succeeds at once, without yielding to the loop."""
+
+    result = SendResult(Status.SUCCESS, message_uuid="m", attempts=1)
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: object,
+        *,
+        retry: object = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        return self.result
+
+    def ensure_open(self) -> None:
+        pass
+
+    def pause_remaining(self) -> float:
+        return 0.0
+
+    async def wait_out_pause(self) -> None:
+        pass
+
+
+async def test_an_async_source_that_waited_once_costs_no_wake_up_per_item() -> None:
+    """After an async source waits once, items are not handed over through a task wake-up each."""
+    n = 1000
+
+    async def source() -> AsyncIterator[tuple[str, str, str]]:
+        await asyncio.sleep(0)  # every worker now waits for the source
+        for item in _items(n):
+            yield item
+
+    turns = 0
+    stream = BatchStream(_InstantSender(), source(), BatchOptions(concurrency=8))
+    batch = asyncio.ensure_future(collect(stream, keep="none"))
+    while not batch.done():
+        turns += 1
+        await asyncio.sleep(0)
+    report = await batch
+    assert report.counts.sent == n
+    # A fair lock made each item wait for a loop turn (about n turns).
+    assert turns < n // 10
 
 
 async def test_a_department_id_is_checked_once_while_it_repeats(
