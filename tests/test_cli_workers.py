@@ -371,6 +371,8 @@ async def test_refused_credentials_stop_every_worker(tmp_path: Path) -> None:
     assert outcomes["failed"] == refused[0] <= 8
     assert outcomes["skipped"] == 500 - refused[0]
     assert "AuthenticationError" in err
+    # The summary's rate is over what was attempted, with the requests really made.
+    assert f"{refused[0]} attempted with {refused[0]} requests" in err
 
 
 KILL_POINTS = [

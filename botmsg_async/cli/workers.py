@@ -129,6 +129,8 @@ class _Run:
         self.state = state
         self.results = results
         self.finished = 0
+        self.attempted = 0  # of them, items attempted (not skipped)
+        self.requests = 0  # HTTP requests made for them
 
     def to_send(self) -> int:
         count = self.scan.valid
@@ -192,6 +194,9 @@ class _Run:
 
     def on_result(self, item: ParallelItem) -> None:
         self.finished += 1
+        self.requests += item.attempts
+        if item.outcome != Outcome.SKIPPED.value:
+            self.attempted += 1
         self.results.emit(
             item.index,
             item.department_uuid,
@@ -353,6 +358,8 @@ def run_with_workers(
         interrupted=signals.received > 1,
         journal=args.journal,
         out=args.out,
+        attempted=run.attempted,
+        requests=run.requests,
     )
     print_summary(console, results.tally, end)
     if report is not None and report.stopped_by is not None:
