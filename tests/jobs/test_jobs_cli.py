@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from .conftest import JobRedis
 __all__ = ["no_process_left"]  # the autouse fixture: no run outlives its test
 
 PASSWORD = "pw-jobs-5521"
+WRONG_PASSWORD = "pw-jobs-refused-8830"
 TIMEOUT = 60.0
 
 
@@ -43,10 +45,13 @@ def write_items(tmp_path: Path, n: int) -> Path:
 
 
 async def botmsg_start(
-    server: FakeBotMessageServer, *args: str, stdout: int = asyncio.subprocess.DEVNULL
+    server: FakeBotMessageServer,
+    *args: str,
+    stdout: int = asyncio.subprocess.DEVNULL,
+    password: str = PASSWORD,
 ) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
-    env.update(BOTMSG_BASE_URL=server.base_url, BOTMSG_USERNAME="user", BOTMSG_PASSWORD=PASSWORD)
+    env.update(BOTMSG_BASE_URL=server.base_url, BOTMSG_USERNAME="user", BOTMSG_PASSWORD=password)
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -70,6 +75,7 @@ async def finish(process: asyncio.subprocess.Process) -> tuple[int, str]:
         await process.wait()
         raise
     assert PASSWORD.encode() not in err
+    assert WRONG_PASSWORD.encode() not in err
     return code, err.decode()
 
 
@@ -273,6 +279,45 @@ async def test_status_and_cancel(tmp_path: Path, job_redis: JobRedis) -> None:
     assert received < n
     outcomes = check(server, out, n)
     assert outcomes["skipped"] > 0
+    assert code == 1
+
+
+async def test_refused_credentials_stop_every_run(tmp_path: Path, job_redis: JobRedis) -> None:
+    """A 401 seen by one run stops the job: the others start nothing new; the rest skipped."""
+    n = 1000
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.02) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(2)]
+        await asyncio.wait_for(when_received(server, 100), TIMEOUT)
+        refused = await botmsg_start(server, *run_args(job_redis, path), password=WRONG_PASSWORD)
+        # Each run exits with the job's code as it ends: 3 while another run's sends
+        # were still in flight (unknown until they end), else 1 (skipped, failed).
+        code, err = await finish(refused)
+        assert code in (1, 3), err
+        assert "this run: sent 0" in err
+        for process in runs:
+            code, err = await finish(process)
+            assert code in (1, 3), err
+            assert "stopped by: AuthenticationError" in err
+        received = len(server.messages)
+        status = await botmsg_start(
+            server, "job", "status", "--redis", job_redis.url, "--job", "the-job", "--json",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert status.stdout is not None
+        text = (await status.stdout.read()).decode()
+        await finish(status)
+        out = tmp_path / "report.jsonl"
+        code = await report(server, job_redis, path, out)
+    state = json.loads(text)
+    assert state["state"] == "stopped"
+    assert "AuthenticationError" in state["stopped_by"]
+    assert received < n
+    outcomes = check(server, out, n)
+    assert outcomes["skipped"] > 0
+    # Only the refused run's first sends failed (one 401 each, at most its concurrency).
+    assert outcomes["failed"] <= 8
+    assert outcomes["sent"] + outcomes["unknown"] <= received + 16
     assert code == 1
 
 
