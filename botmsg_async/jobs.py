@@ -76,6 +76,7 @@ from ._errors import (
     BotMessageError,
     InvalidRequestError,
     InvalidResponseError,
+    NotAttemptedError,
 )
 from ._limits import PauseOnly, RateLimiter
 from ._models import Outcome, SendRequest, SendResult, TextMessage
@@ -524,12 +525,15 @@ class JobReport:
 # -- one run -----------------------------------------------------------------------
 
 
-class _NotStartedError(JobError):
+class _NotStartedError(JobError, NotAttemptedError):
     """Raised, before any attempt, for an item this run will not start.
 
     Not a ``ClientClosedError``: that would stop this run's whole batch, when
     only this item is not to be sent here (another run started it, the job is
-    stopping, or its start may have been lost)."""
+    stopping, or its start may have been lost). A ``NotAttemptedError``: it does
+    not count toward the batch's consecutive-failure breaker (after a rewind, or a
+    chunk another run also holds, a whole chunk of them could otherwise trip it and
+    stop the job)."""
 
 
 @define(slots=True)
