@@ -335,3 +335,17 @@ def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
     path = write_items(tmp_path, 3)
     code = main(["send-many", str(path), "--redis", "redis://127.0.0.1:1", "--job", "x", flag])
     assert code == 2
+
+
+def test_send_many_help_explains_redis_jobs(capsys: pytest.CaptureFixture[str]) -> None:
+    """send-many --help says what --redis/--job do and guarantee."""
+    from botmsg_async.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["send-many", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--redis URL --job NAME makes the run one of a job shared through Redis" in text
+    assert "no item is sent twice" in text
+    assert "one quota across all runs" in text
+    assert "--accept-redis-loss" in text
