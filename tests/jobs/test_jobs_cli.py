@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.testing import FakeBotMessageServer, Fault
 from tests.test_cli import read_jsonl, write_csv
 from tests.test_cli_workers import no_process_left
 
@@ -290,9 +290,11 @@ async def test_status_and_cancel(tmp_path: Path, job_redis: JobRedis) -> None:
 
 async def test_refused_credentials_stop_every_run(tmp_path: Path, job_redis: JobRedis) -> None:
     """A 401 seen by one run stops the job: the others start nothing new; the rest skipped."""
-    n = 1000
+    # Slow enough (2 runs x 8 in flight / 50 ms: ~10 s of work) that the refused run,
+    # started after 100 are received, joins long before the job could be complete.
+    n = 3000
     path = write_items(tmp_path, n)
-    async with FakeBotMessageServer(password=PASSWORD, latency=0.02) as server:
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.05) as server:
         runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(2)]
         await asyncio.wait_for(when_received(server, 100), TIMEOUT)
         refused = await botmsg_start(server, *run_args(job_redis, path), password=WRONG_PASSWORD)
@@ -325,6 +327,36 @@ async def test_refused_credentials_stop_every_run(tmp_path: Path, job_redis: Job
     assert outcomes["failed"] <= 8
     assert outcomes["sent"] + outcomes["unknown"] <= received + 16
     assert code == 1
+
+
+async def test_resend_unknown_on_a_complete_job(tmp_path: Path, job_redis: JobRedis) -> None:
+    """send-many --redis --resend-unknown on a complete job resends its unknown items."""
+    n = 200
+    path = write_items(tmp_path, n)
+    doubtful = {f"user-{i}" for i in range(3, n, 17)}
+    async with FakeBotMessageServer(password=PASSWORD) as server:
+        server.inject(Fault.HTTP_500, when=lambda r: r.user_uuid in doubtful)
+        first = tmp_path / "first.jsonl"
+        code, err = await finish(
+            await botmsg_start(server, *run_args(job_redis, path, "--out", str(first)))
+        )
+        assert code == 3, err
+        server.clear_faults()
+        out = tmp_path / "again.jsonl"
+        code, err = await finish(
+            await botmsg_start(
+                server, *run_args(job_redis, path, "--resend-unknown", "--out", str(out))
+            )
+        )
+        assert code == 0, err
+    before = {line["index"]: line for line in read_jsonl(first)}
+    unknown = {i for i, line in before.items() if line["outcome"] == "unknown"}
+    assert {before[i]["user_uuid"] for i in unknown} == doubtful
+    assert {m.idempotency_key for m in server.messages if m.user_uuid in doubtful} == {
+        before[i]["idempotency_key"] for i in unknown
+    }
+    outcomes = check(server, out, n)
+    assert outcomes == {"sent": n}
 
 
 @pytest.mark.parametrize("flag", ["--journal=j", "--resume", "--durable"])
