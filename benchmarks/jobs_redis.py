@@ -4,22 +4,43 @@ Usage: ``python -m benchmarks.jobs_redis [ITEMS]`` (default 30,000). Starts its 
 redis-server (AOF, appendfsync always) in a temporary directory and a fake
 service in process; runs one job with one run, then prints MEMORY USAGE of
 every key of the job, in bytes per item, and the run's throughput.
+
+``python -m benchmarks.jobs_redis throughput [--items 6000] [--runs 3]
+[--concurrency 16] [--delay 0.05] [--chunk-size 64]``: the issue's throughput bar.
+Against a latency-bound server (``benchmarks.fake_server`` in its own process,
+every answer ``--delay`` late, so that one run is bound by latency x concurrency,
+not by CPU), one job sent by ``--runs`` run processes at once, and another by one
+run process, each run ``--concurrency`` sends in flight; then a plain
+``send_many`` (one process, same concurrency, no Redis) for the CPU baseline.
+Every process imports, builds its items and connects first, then all start on
+one "go": msg/s is items over the time from "go" to the last process's end.
+Printed: msg/s of each, their ratio, and the coordination cost per item in µs
+(the runs' CPU per item minus the plain ``send_many``'s CPU per item; CPU is each
+process's own user + system time from "go" to its end). The load average is
+printed before and after: on a shared 2-core machine other work moves every figure.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
-from botmsg_async import SendRequest
+from benchmarks.servers import REPO_ROOT, child_env, start_server
+from botmsg_async import BotMessageClient, SendRequest
 from botmsg_async.jobs import run_job_async
 from botmsg_async.testing import FakeBotMessageServer
 
@@ -45,8 +66,96 @@ async def measure(items: int, sock: Path, client: redis.Redis) -> None:
     print(f"{report.counts} in {elapsed:.1f} s: {items / elapsed:.0f} msg/s (one run)")
 
 
-def main() -> None:
-    items = int(sys.argv[1]) if len(sys.argv) > 1 else 30_000
+# -- throughput: runs in processes of their own ------------------------------------
+
+
+def _work(items: int) -> list[SendRequest]:
+    """The same items in every process (so that every run joins the same job)."""
+    return [
+        SendRequest(
+            str(uuid.uuid5(uuid.NAMESPACE_URL, f"d{i % 10}")),
+            str(uuid.uuid5(uuid.NAMESPACE_URL, f"u{i}")),
+            f"message {i}",
+        )
+        for i in range(items)
+    ]
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _child(args: argparse.Namespace) -> None:
+    """One process: ready, wait for "go" on stdin, send, print its CPU and counts as JSON."""
+    work = _work(args.items)
+    loop = asyncio.get_running_loop()
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    cpu = _cpu()
+    last = [time.monotonic()]  # CLOCK_MONOTONIC: one clock for every process here
+
+    def settled(_: object) -> None:
+        last[0] = time.monotonic()
+
+    if args.job:
+        report = await run_job_async(
+            args.redis, args.job, work, base_url=args.base_url, username="u",
+            password="p",  # noqa: S106 - the benchmark server checks no credentials
+            concurrency=args.concurrency, chunk_size=args.chunk_size, on_result=settled,
+        )  # fmt: skip
+        sent = report.counts.sent
+    else:
+        async with BotMessageClient(args.base_url, "u", "p") as client:
+            plain = await client.send_many(
+                work, concurrency=args.concurrency, keep="none", on_result=settled
+            )
+        sent = plain.sent
+    print(json.dumps({"cpu": _cpu() - cpu, "sent": sent, "last": last[0]}), flush=True)
+
+
+def _together(commands: list[list[str]]) -> tuple[float, float, float, int]:
+    """Start ``commands``, let them all go at once.
+
+    Returns:
+        Seconds from "go" to the last item settled, seconds to the last process's
+        end, CPU seconds of all, items sent.
+    """
+    procs = [
+        subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=child_env(),
+            text=True,
+        )
+        for command in commands
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a run exited with {proc.wait()} before it was ready")
+        started = time.monotonic()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outputs = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
+        wall = time.monotonic() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    done = max(o["last"] for o in outputs) - started
+    return done, wall, sum(o["cpu"] for o in outputs), sum(o["sent"] for o in outputs)
+
+
+@contextmanager
+def _redis_server() -> Iterator[tuple[Path, redis.Redis]]:
+    """A durable redis-server of its own (AOF, appendfsync always) on a unix socket."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server not found on PATH")
@@ -65,10 +174,69 @@ def main() -> None:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.02)
-            asyncio.run(measure(items, sock, client))
+            yield sock, client
         finally:
             server.kill()
             server.wait()
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """N run processes vs one on a job against a latency-bound server; coordination cost."""
+    print(f"load before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    print(
+        f"{args.items} items, concurrency {args.concurrency} per process, chunk "
+        f"{args.chunk_size}, answers {args.delay * 1000:g} ms late"
+    )
+    child = [sys.executable, "-m", "benchmarks.jobs_redis", "_child", "--items", str(args.items)]
+    child += ["--concurrency", str(args.concurrency), "--chunk-size", str(args.chunk_size)]
+    with _redis_server() as (sock, _), start_server("aiohttp", processes=1, delay=args.delay) as s:
+        child += ["--base-url", s.base_url, "--redis", f"unix://{sock}"]
+        rows = []
+        for name, count, extra in (
+            (f"{args.runs} runs, one job", args.runs, ["--job", "many"]),
+            ("1 run, one job", 1, ["--job", "one"]),
+            ("plain send_many", 1, []),
+        ):
+            done, wall, cpu, sent = _together([child + extra for _ in range(count)])
+            rows.append((args.items / done, args.items / wall, cpu / args.items * 1e6))
+            print(
+                f"{name:22} {args.items / done:6.0f} msg/s to the last item settled "
+                f"({done:5.2f} s), {args.items / wall:6.0f} msg/s to the last exit "
+                f"({wall:5.2f} s), CPU {cpu / args.items * 1e6:4.0f} µs/item, sent {sent}"
+            )
+    (many, many_exit, many_cpu), (one, one_exit, one_cpu), (_, _, plain_cpu) = rows
+    print(
+        f"ratio {args.runs} runs / 1 run: {many / one:.2f}x to the last item settled, "
+        f"{many_exit / one_exit:.2f}x to the last exit"
+    )
+    print(
+        f"coordination cost per item: {many_cpu - plain_cpu:.0f} µs ({args.runs} runs), "
+        f"{one_cpu - plain_cpu:.0f} µs (1 run)"
+    )
+    print(f"load after: {os.getloadavg()}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("throughput", "_child"):
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis " + argv[0])
+        parser.add_argument("--items", type=int, default=6000)
+        parser.add_argument("--runs", type=int, default=3)
+        parser.add_argument("--concurrency", type=int, default=16)
+        parser.add_argument("--delay", type=float, default=0.05)
+        parser.add_argument("--chunk-size", type=int, default=64)
+        parser.add_argument("--base-url", help=argparse.SUPPRESS)
+        parser.add_argument("--redis", help=argparse.SUPPRESS)
+        parser.add_argument("--job", help=argparse.SUPPRESS)
+        args = parser.parse_args(argv[1:])
+        if argv[0] == "_child":
+            asyncio.run(_child(args))
+        else:
+            throughput(args)
+        return
+    items = int(argv[0]) if argv else 30_000
+    with _redis_server() as (sock, client):
+        asyncio.run(measure(items, sock, client))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from ._errors import (
     CoordinationError,
     DeliveryUnknownError,
     InvalidRequestError,
+    NotAttemptedError,
     RateLimitedError,
     SendFailedError,
     TransportError,
@@ -175,8 +176,8 @@ def may_resend(error: BotMessageError | None) -> bool:
         return error.transient
     if isinstance(error, AuthenticationError | RateLimitedError | ClientClosedError):
         return True
-    if isinstance(error, CoordinationError):
-        return True  # raised before any attempt: the shared store failed, not the message
+    if isinstance(error, CoordinationError | NotAttemptedError):
+        return True  # raised before any attempt: nothing was sent
     if isinstance(error, WrongEventLoopError):
         return True
     if isinstance(error, CertificateError):
@@ -213,16 +214,22 @@ def settles_doubt(outcome: Outcome, error: BotMessageError | None) -> bool:
     return isinstance(error, SendFailedError) and not error.transient
 
 
+#: Errors raised before any I/O that say nothing about the service or the
+#: configuration: bad input, and an item its sender chose not to attempt.
+_NOT_EVIDENCE: Final = (InvalidRequestError, NotAttemptedError)
+
+
 def trips_breaker(outcome: Outcome, error: BotMessageError | None) -> bool:
     """Whether an item counts toward a batch's "N failures in a row" circuit breaker.
 
     FAILED and UNKNOWN items do, as signs that the service or the configuration
-    is broken; an item refused before any I/O (``InvalidRequestError``) says
-    nothing about either and does not count.
+    is broken; an item refused before any I/O (``InvalidRequestError``) or not
+    attempted by its sender's choice (``NotAttemptedError``) says nothing about
+    either and does not count.
     """
     if outcome is not Outcome.FAILED and outcome is not Outcome.UNKNOWN:
         return False
-    return not isinstance(error, InvalidRequestError)
+    return not isinstance(error, _NOT_EVIDENCE)
 
 
 def stops_batch(error: BotMessageError) -> bool:

@@ -64,6 +64,7 @@ __all__ = [
     "IdempotencyConflictError",
     "InvalidRequestError",
     "InvalidResponseError",
+    "NotAttemptedError",
     "RateLimitedError",
     "ResponseLostError",
     "SendFailedError",
@@ -170,6 +171,17 @@ class CoordinationError(BotMessageError):
     Raised before any attempt: the message was **not sent**, so the item is
     FAILED and may be sent again once the shared store is back (the limiter's
     ``fail_open=True`` trades this for a per-process limit instead).
+    """
+
+
+class NotAttemptedError(BotMessageError):
+    """A ``Sender`` chose not to attempt this item: nothing was sent.
+
+    Raised before any I/O by a sender that decides per item (e.g. a job's run,
+    for an item another run started, or once the job is stopping). The item is
+    FAILED (certainly not delivered) but, like bad input, it says nothing about
+    the service or the configuration: it does not count toward a batch's
+    consecutive-failure circuit breaker, and does not stop the batch.
     """
 
 

@@ -76,6 +76,7 @@ from ._errors import (
     BotMessageError,
     InvalidRequestError,
     InvalidResponseError,
+    NotAttemptedError,
 )
 from ._limits import PauseOnly, RateLimiter
 from ._models import Outcome, SendRequest, SendResult, TextMessage
@@ -267,6 +268,30 @@ for _, e in ipairs(pending) do
   end
 end
 return marked
+"""
+
+# KEYS: meta, stream, details. For --resend-unknown on a complete job: puts the
+# chunks that hold items recorded unknown back in the stream (once per completion:
+# the job is then not complete, so a second run's call adds nothing). Reply: how many.
+_REOPEN = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'done', 'chunks', 'items', 'chunk')
+local done, chunks, items, chunk = tonumber(f[1]), tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
+if done < chunks then return 0 end
+local found, list = {}, {}
+local details = redis.call('HGETALL', KEYS[3])
+for i = 1, #details, 2 do
+  if string.sub(details[i + 1], 1, 1) == 'u' then
+    local c = math.floor(tonumber(details[i]) / chunk)
+    if not found[c] then found[c] = true; list[#list + 1] = c end
+  end
+end
+table.sort(list)
+for _, c in ipairs(list) do
+  redis.call('XADD', KEYS[2], '*', 'a', c * chunk, 'b', math.min((c + 1) * chunk, items))
+end
+if #list > 0 then redis.call('HINCRBY', KEYS[1], 'chunks', #list) end
+return #list
 """
 
 # KEYS: meta. ARGV: new state, why. running -> stopped/cancelled, once.
@@ -500,12 +525,15 @@ class JobReport:
 # -- one run -----------------------------------------------------------------------
 
 
-class _NotStartedError(JobError):
+class _NotStartedError(JobError, NotAttemptedError):
     """Raised, before any attempt, for an item this run will not start.
 
     Not a ``ClientClosedError``: that would stop this run's whole batch, when
     only this item is not to be sent here (another run started it, the job is
-    stopping, or its start may have been lost)."""
+    stopping, or its start may have been lost). A ``NotAttemptedError``: it does
+    not count toward the batch's consecutive-failure breaker (after a rewind, or a
+    chunk another run also holds, a whole chunk of them could otherwise trip it and
+    stop the job)."""
 
 
 @define(slots=True)
@@ -571,6 +599,7 @@ class _Run:
         self.stopping = False
         self.stopped_by: str | None = None
         self.rewound = False
+        self.reopened = False  # --resend-unknown: this run put unknown items back once
         self.stop_event = asyncio.Event()
         self.wake = asyncio.Event()  # a chunk acknowledged, or a stop
         self.tasks: set[asyncio.Future[Any]] = set()
@@ -590,6 +619,7 @@ class _Run:
         self._refresh = redis.register_script(_REFRESH)
         self._in_doubt = redis.register_script(_IN_DOUBT)
         self._stop = redis.register_script(_STOP)
+        self._reopen = redis.register_script(_REOPEN)
 
     # -- the job's state ------------------------------------------------------------
 
@@ -659,7 +689,17 @@ class _Run:
                 self.stop(None)
                 return None
             if _int(meta[0]) >= _int(meta[1]):
-                return None
+                if not self.resend_unknown or self.reopened:
+                    return None
+                # Complete, with items perhaps left unknown: their chunks go back in
+                # the stream, where this run (and any other) takes them as above.
+                self.reopened = True
+                await _patiently(
+                    functools.partial(
+                        self._reopen, keys=[self.keys.meta, self.keys.stream, self.keys.details]
+                    )
+                )
+                continue
             # Other runs hold the rest: wait for them to finish or to be taken for dead.
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -676,6 +716,7 @@ class _Run:
                 functools.partial(self._chunk_bits, chunk.first, chunk.end)
             )
             base = (chunk.first // 8) * 8
+            recorded_unknown = await self._recorded_unknown(chunk, settled, base)
             for index in range(chunk.first, chunk.end):
                 item = self.items[index] if index < len(self.items) else None
                 if item is None:
@@ -683,8 +724,11 @@ class _Run:
                 bit = index - base
                 byte, mask = bit // 8, 0x80 >> (bit % 8)
                 if byte < len(settled) and settled[byte] & mask:
-                    continue
-                in_doubt = byte < len(started) and bool(started[byte] & mask)
+                    if index not in recorded_unknown:
+                        continue
+                    in_doubt = True  # recorded unknown: resent (--resend-unknown), same key
+                else:
+                    in_doubt = byte < len(started) and bool(started[byte] & mask)
                 key = _key_of(self.nonce, index, item)
                 # An item in doubt is resent (--resend-unknown) under its only key, with
                 # no new start record: its start is on record already.
@@ -705,6 +749,27 @@ class _Run:
                 )
             chunk.produced = True
             await self._maybe_ack(chunk)
+
+    async def _recorded_unknown(self, chunk: _Chunk, settled: bytes, base: int) -> set[int]:
+        """With --resend-unknown: the chunk's items whose recorded outcome is unknown."""
+        if not self.resend_unknown:
+            return set()
+        done = [
+            index
+            for index in range(chunk.first, chunk.end)
+            if (index - base) // 8 < len(settled)
+            and settled[(index - base) // 8] & (0x80 >> ((index - base) % 8))
+        ]
+        if not done:
+            return set()
+        details: list[Any] = await _patiently(
+            functools.partial(self.redis.hmget, self.keys.details, done)
+        )
+        return {
+            index
+            for index, detail in zip(done, details, strict=True)
+            if (_text(detail) or "")[:1] == _CODES["unknown"]
+        }
 
     async def _maybe_ack(self, chunk: _Chunk) -> None:
         if chunk.produced and not chunk.open and not chunk.abandoned:

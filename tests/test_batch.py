@@ -14,9 +14,12 @@ from aioresponses import CallbackResult, aioresponses
 from botmsg_async import (
     AuthenticationError,
     BatchFailedError,
+    BatchOptions,
+    BatchStream,
     BotMessageClient,
     InvalidRequestError,
     ItemResult,
+    NotAttemptedError,
     Outcome,
     Progress,
     RetryPolicy,
@@ -285,6 +288,53 @@ async def test_bad_items_fail_alone(server: ScriptedServer, make_client: MakeCli
     assert [r.outcome for r in report.results] == [Outcome.SENT] + [Outcome.FAILED] * 3
     assert all(isinstance(r.error, InvalidRequestError) for r in report.results[1:])
     assert len(server.seen) == 1
+
+
+class _DeclinesFirst:
+    """A ``Sender`` that chooses not to attempt the first ``n`` users (as a job's run
+    does for items another run started), and sends the rest with ``client``."""
+
+    def __init__(self, client: BotMessageClient, n: int) -> None:
+        self._client = client
+        self._n = n
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: str | TextMessage,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        if int(user_uuid.removeprefix("user-")) < self._n:
+            raise NotAttemptedError("not attempted: another run has it")
+        return await self._client.send(
+            department_uuid, user_uuid, message, retry=retry, idempotency_key=idempotency_key
+        )
+
+    def ensure_open(self) -> None:
+        self._client.ensure_open()
+
+    def pause_remaining(self) -> float:
+        return self._client.pause_remaining()
+
+    async def wait_out_pause(self) -> None:
+        await self._client.wait_out_pause()
+
+
+async def test_not_attempted_items_do_not_trip_the_breaker(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """Items a sender chose not to attempt (NotAttemptedError) fail alone: no breaker."""
+    async with make_client(server.base_url) as client:
+        options = BatchOptions(concurrency=1, stop_after_consecutive_failures=5)
+        async with BatchStream(_DeclinesFirst(client, 30), items(40), options) as stream:
+            results = [r async for r in stream]
+    assert stream.stopped_by is None
+    outcomes = {r.index: r.outcome for r in results}
+    assert [outcomes[i] for i in range(40)] == [Outcome.FAILED] * 30 + [Outcome.SENT] * 10
+    assert len(server.seen) == 10
 
 
 async def test_keep_options(server: ScriptedServer, make_client: MakeClient) -> None:

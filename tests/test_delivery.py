@@ -20,6 +20,7 @@ from botmsg_async import (
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidResponseError,
+    NotAttemptedError,
     Outcome,
     RateLimitedError,
     ResponseLostError,
@@ -156,6 +157,7 @@ CASES: list[tuple[str, BotMessageError, bool, bool, Outcome, bool, bool]] = [
         False,
     ),
     ("lost", ResponseLostError("x"), False, True, Outcome.UNKNOWN, False, False),
+    ("not attempted", NotAttemptedError("x"), False, False, Outcome.FAILED, True, False),
     (
         "bad body",
         InvalidResponseError("x", status=200, body_excerpt=""),
@@ -252,6 +254,7 @@ def test_breaker_counts_service_failures_only() -> None:
     assert trips_breaker(Outcome.FAILED, TransportError("x"))
     assert trips_breaker(Outcome.UNKNOWN, ServerError("x", status=502))
     assert not trips_breaker(Outcome.FAILED, InvalidRequestError("f", 1, "bad"))
+    assert not trips_breaker(Outcome.FAILED, NotAttemptedError("another run has it"))
     assert not trips_breaker(Outcome.SENT, None)
     assert not trips_breaker(Outcome.SKIPPED, None)
 
@@ -274,6 +277,7 @@ def _every_public_error() -> list[BotMessageError]:
         ClientClosedError("closed"),
         WrongEventLoopError("second loop"),
         CoordinationError("redis down", department_uuid="d", user_uuid="u"),
+        NotAttemptedError("another run has it", department_uuid="d", user_uuid="u"),
         IdempotencyConflictError("idempotency_key", "k", "reused", department_uuid="d"),
         SendFailedError(result, transient=True, department_uuid="d", user_uuid="u", attempts=3),
         APIStatusError(

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument(
         "--resend-unknown",
         action="store_true",
-        help="with --resume: send in-doubt items again, with their idempotency key",
+        help="with --resume or --redis: send in-doubt items again, with their idempotency key",
     )
     many.add_argument(
         "--skip-invalid",
@@ -317,6 +317,21 @@ of them; with --per-department-rate each department is sent by one worker; a
 segment per worker (FILE.part-RUN-WORKER); --resume works with any --workers.
 A worker that dies leaves its items in flight unknown; the others take the rest.
 --out lines come in the order results become known; "index" is the input row.
+
+--redis URL --job NAME makes the run one of a job shared through Redis: run the
+same command, with the same INPUT, on every machine (or several times on one).
+The first run creates the job (the input's sha256 and options recorded; another
+input or other options under NAME: exit 2, nothing sent); each run takes chunks
+of --chunk-size items. As with --journal, each item's start is recorded in Redis
+before its first attempt, so no item is sent twice: a run that dies leaves its
+items in flight unknown (never resent under a new key; --resend-unknown resends
+the job's unknown items under their same key, even once the job is complete)
+and another run takes its chunks over after --claim-timeout. --rate and
+--per-department-rate are one quota across all runs; a 429's pause, refused
+credentials and 'botmsg job cancel' reach every run. Redis must be durable
+('appendonly yes', 'appendfsync always'), else the run refuses unless
+--accept-redis-loss. --out and the exit code cover the whole job; see 'botmsg
+job status|report|cancel'.
 """
 
 

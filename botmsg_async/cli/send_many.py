@@ -112,8 +112,8 @@ def _same_file(a: str, b: str) -> bool:
 def _validate_send_many_flags(args: argparse.Namespace) -> None:
     if args.resume and not args.journal:
         raise UsageError("--resume needs --journal FILE")
-    if args.resend_unknown and not args.resume:
-        raise UsageError("--resend-unknown needs --resume")
+    if args.resend_unknown and not (args.resume or args.redis):
+        raise UsageError("--resend-unknown needs --resume (or --redis)")
     if args.durable and not args.journal:
         raise UsageError("--durable needs --journal FILE")
     if args.concurrency < 1:

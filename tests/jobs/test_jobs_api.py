@@ -13,8 +13,15 @@ from aiohttp import web
 pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 
 from botmsg_async import SendRequest
-from botmsg_async.jobs import JobError, JobItemResult, job_results, job_status, run_job_async
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.jobs import (
+    JobError,
+    JobItemResult,
+    JobReport,
+    job_results,
+    job_status,
+    run_job_async,
+)
+from botmsg_async.testing import FakeBotMessageServer, Fault
 from tests.conftest import serving_send
 
 from .conftest import JobRedis
@@ -166,3 +173,50 @@ async def test_runs_share_one_rate(job_redis: JobRedis) -> None:
     # Slots at 20/s with a burst of 2: the 50th is granted >= 2.4 s after the first. A
     # slow machine only spreads arrivals further; two separate limits would take ~1.2 s.
     assert arrivals[-1] - arrivals[0] >= 2.3
+
+
+async def test_resend_unknown_on_a_complete_job(job_redis: JobRedis) -> None:
+    """--resend-unknown on a complete job resends exactly its unknown items, same keys."""
+    items = _items(300)
+    doubtful = {str(item.user_uuid) for item in items[5::13] if item is not None}
+    async with FakeBotMessageServer() as server:
+        # A 500 proves nothing either way: the default policy reports the item unknown.
+        server.inject(Fault.HTTP_500, when=lambda r: r.user_uuid in doubtful)
+
+        async def run(resend_unknown: bool) -> JobReport:
+            return await run_job_async(
+                job_redis.url,
+                "j-unknown",
+                items,
+                base_url=server.base_url,
+                username=server.username,
+                password=server.password,
+                concurrency=8,
+                chunk_size=64,
+                resend_unknown=resend_unknown,
+            )
+
+        first = await run(False)
+        assert first.job.complete
+        before = {r.index: r for r in await job_results(job_redis.url, "j-unknown", items)}
+        unknown = {i for i, r in before.items() if r.outcome == "unknown"}
+        assert len(unknown) == len(doubtful)
+        server.clear_faults()
+        requests = server.requests
+        plain = await run(False)
+        assert plain.counts.total == 0
+        assert server.requests == requests
+        again = await run(True)
+        after = {r.index: r for r in await job_results(job_redis.url, "j-unknown", items)}
+        status = await job_status(job_redis.url, "j-unknown")
+    assert again.counts.sent == len(unknown)
+    assert server.requests == requests + len(unknown)
+    resent = {m.idempotency_key for m in server.messages[-len(unknown) :]}
+    assert resent == {before[i].key for i in unknown}
+    assert all(after[i].outcome == "sent" and after[i].key == before[i].key for i in unknown)
+    assert {i: r for i, r in after.items() if i not in unknown} == {
+        i: r for i, r in before.items() if i not in unknown
+    }
+    assert status.complete
+    assert status.counts.unknown == 0
+    assert status.counts.sent == len(items)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ import pytest
 
 pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.testing import FakeBotMessageServer, Fault
 from tests.test_cli import read_jsonl, write_csv
 from tests.test_cli_workers import no_process_left
 
@@ -29,6 +30,7 @@ from .conftest import JobRedis
 __all__ = ["no_process_left"]  # the autouse fixture: no run outlives its test
 
 PASSWORD = "pw-jobs-5521"
+WRONG_PASSWORD = "pw-jobs-refused-8830"
 TIMEOUT = 60.0
 
 
@@ -43,10 +45,13 @@ def write_items(tmp_path: Path, n: int) -> Path:
 
 
 async def botmsg_start(
-    server: FakeBotMessageServer, *args: str, stdout: int = asyncio.subprocess.DEVNULL
+    server: FakeBotMessageServer,
+    *args: str,
+    stdout: int = asyncio.subprocess.DEVNULL,
+    password: str = PASSWORD,
 ) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
-    env.update(BOTMSG_BASE_URL=server.base_url, BOTMSG_USERNAME="user", BOTMSG_PASSWORD=PASSWORD)
+    env.update(BOTMSG_BASE_URL=server.base_url, BOTMSG_USERNAME="user", BOTMSG_PASSWORD=password)
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -70,6 +75,7 @@ async def finish(process: asyncio.subprocess.Process) -> tuple[int, str]:
         await process.wait()
         raise
     assert PASSWORD.encode() not in err
+    assert WRONG_PASSWORD.encode() not in err
     return code, err.decode()
 
 
@@ -141,13 +147,19 @@ async def test_three_processes_one_job(tmp_path: Path, job_redis: JobRedis) -> N
     assert outcomes["sent"] > n * 0.8
 
 
-async def test_one_killed_the_others_finish(tmp_path: Path, job_redis: JobRedis) -> None:
-    """SIGKILL of one run mid-job: the others take its chunks; its in-flight items unknown."""
+@pytest.mark.parametrize(
+    "share",
+    [0.1, 0.5, pytest.param(0.9, marks=pytest.mark.slow)],  # 0.9: ~5 s on 2 loaded cores
+)
+async def test_one_killed_the_others_finish(
+    tmp_path: Path, job_redis: JobRedis, share: float
+) -> None:
+    """SIGKILL of one run at 10/50/90 %: the others take its chunks; its in-flight unknown."""
     n = 1500
     path = write_items(tmp_path, n)
     async with FakeBotMessageServer(password=PASSWORD, latency=0.01) as server:
         runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(3)]
-        await asyncio.wait_for(when_received(server, n // 2), TIMEOUT)
+        await asyncio.wait_for(when_received(server, int(n * share)), TIMEOUT)
         runs[0].kill()
         await runs[0].wait()
         for process in runs[1:]:
@@ -276,6 +288,77 @@ async def test_status_and_cancel(tmp_path: Path, job_redis: JobRedis) -> None:
     assert code == 1
 
 
+async def test_refused_credentials_stop_every_run(tmp_path: Path, job_redis: JobRedis) -> None:
+    """A 401 seen by one run stops the job: the others start nothing new; the rest skipped."""
+    # Slow enough (2 runs x 8 in flight / 50 ms: ~10 s of work) that the refused run,
+    # started after 100 are received, joins long before the job could be complete.
+    n = 3000
+    path = write_items(tmp_path, n)
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.05) as server:
+        runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(2)]
+        await asyncio.wait_for(when_received(server, 100), TIMEOUT)
+        refused = await botmsg_start(server, *run_args(job_redis, path), password=WRONG_PASSWORD)
+        # Each run exits with the job's code as it ends: 3 while another run's sends
+        # were still in flight (unknown until they end), else 1 (skipped, failed).
+        code, err = await finish(refused)
+        assert code in (1, 3), err
+        assert "this run: sent 0" in err
+        for process in runs:
+            code, err = await finish(process)
+            assert code in (1, 3), err
+            assert "stopped by: AuthenticationError" in err
+        received = len(server.messages)
+        status = await botmsg_start(
+            server, "job", "status", "--redis", job_redis.url, "--job", "the-job", "--json",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert status.stdout is not None
+        text = (await status.stdout.read()).decode()
+        await finish(status)
+        out = tmp_path / "report.jsonl"
+        code = await report(server, job_redis, path, out)
+    state = json.loads(text)
+    assert state["state"] == "stopped"
+    assert "AuthenticationError" in state["stopped_by"]
+    assert received < n
+    outcomes = check(server, out, n)
+    assert outcomes["skipped"] > 0
+    # Only the refused run's first sends failed (one 401 each, at most its concurrency).
+    assert outcomes["failed"] <= 8
+    assert outcomes["sent"] + outcomes["unknown"] <= received + 16
+    assert code == 1
+
+
+async def test_resend_unknown_on_a_complete_job(tmp_path: Path, job_redis: JobRedis) -> None:
+    """send-many --redis --resend-unknown on a complete job resends its unknown items."""
+    n = 200
+    path = write_items(tmp_path, n)
+    doubtful = {f"user-{i}" for i in range(3, n, 17)}
+    async with FakeBotMessageServer(password=PASSWORD) as server:
+        server.inject(Fault.HTTP_500, when=lambda r: r.user_uuid in doubtful)
+        first = tmp_path / "first.jsonl"
+        code, err = await finish(
+            await botmsg_start(server, *run_args(job_redis, path, "--out", str(first)))
+        )
+        assert code == 3, err
+        server.clear_faults()
+        out = tmp_path / "again.jsonl"
+        code, err = await finish(
+            await botmsg_start(
+                server, *run_args(job_redis, path, "--resend-unknown", "--out", str(out))
+            )
+        )
+        assert code == 0, err
+    before = {line["index"]: line for line in read_jsonl(first)}
+    unknown = {i for i, line in before.items() if line["outcome"] == "unknown"}
+    assert {before[i]["user_uuid"] for i in unknown} == doubtful
+    assert {m.idempotency_key for m in server.messages if m.user_uuid in doubtful} == {
+        before[i]["idempotency_key"] for i in unknown
+    }
+    outcomes = check(server, out, n)
+    assert outcomes == {"sent": n}
+
+
 @pytest.mark.parametrize("flag", ["--journal=j", "--resume", "--durable"])
 def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
     """The file journal's flags do not go with --redis (usage error, nothing sent)."""
@@ -284,3 +367,17 @@ def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
     path = write_items(tmp_path, 3)
     code = main(["send-many", str(path), "--redis", "redis://127.0.0.1:1", "--job", "x", flag])
     assert code == 2
+
+
+def test_send_many_help_explains_redis_jobs(capsys: pytest.CaptureFixture[str]) -> None:
+    """send-many --help says what --redis/--job do and guarantee."""
+    from botmsg_async.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["send-many", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--redis URL --job NAME makes the run one of a job shared through Redis" in text
+    assert "no item is sent twice" in text
+    assert "one quota across all runs" in text
+    assert "--accept-redis-loss" in text
