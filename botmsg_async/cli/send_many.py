@@ -29,12 +29,8 @@ from botmsg_async import (
     Outcome,
     Progress,
     SendRequest,
-    new_idempotency_key,
 )
 from botmsg_async.journal import (
-    FINAL_STATES,
-    IN_DOUBT_NOTE,
-    IN_DOUBT_STATES,
     FileJournal,
     JournalError,
     JournalState,
@@ -48,17 +44,16 @@ from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials, make_client, resolve_credentials
 from .input import (
-    BadRow,
     RowDefaults,
     Scan,
     Source,
     check_flags_text,
     ignored_columns,
-    parse,
     scan_input,
 )
 from .jobs import run_redis_job, validate_redis_flags
 from .results import Results, RunEnd, error_json, print_summary, progress_line
+from .rows import count_to_send, rows_to_send
 from .signals import run
 from .workers import run_with_workers, uses_workers
 
@@ -382,13 +377,7 @@ class SendMany:
 
     def _to_send(self) -> int:
         """How many items this run will attempt (for the progress bar)."""
-        count = self.scan.valid
-        if self.state is not None:
-            finished = sum(self.state.count(s) for s in FINAL_STATES)
-            count -= finished
-            if not self.args.resend_unknown:
-                count -= len(self.state.in_doubt)
-        return max(count, 0)
+        return count_to_send(self.scan, self.state, resend_unknown=self.args.resend_unknown)
 
     def _items(self) -> Generator[SendRequest, None, None]:
         """The items to send, read lazily, each with its idempotency key.
@@ -397,59 +386,21 @@ class SendMany:
         ``stream_many`` calls right before the first attempt (after any rate-limit
         wait), so an item waiting for the limiter is never taken for one in flight.
         """
-        state = self.state
-        with self.source.open() as f:
-            for parsed in parse(f, self.fmt, self.defaults):
-                if self.stop_requested:
-                    return
-                if isinstance(parsed, BadRow):
-                    if not self.args.skip_invalid:
-                        # Valid in the first pass: the file changed underneath us.
-                        raise UsageError(
-                            f"{self.source.display}:{parsed.line} changed while sending: "
-                            f"{parsed.problem}"
-                        )
-                    self.results.emit(
-                        parsed.index,
-                        parsed.department_uuid,
-                        parsed.user_uuid,
-                        Outcome.SKIPPED.value,
-                        error=error_json(
-                            f"invalid input at line {parsed.line}: {parsed.problem}",
-                            default_type="InvalidRequestError",
-                        ),
-                        invalid=True,
-                    )
-                    continue
-                index = parsed.index
-                key: str | None = None
-                if state is not None:
-                    st = state.states[index]
-                    if st in FINAL_STATES:
-                        continue  # written to --out from the journal already
-                    if st in IN_DOUBT_STATES:
-                        key, error = state.in_doubt[index]
-                        # Without a key (held back after a torn journal) it is never resent.
-                        if not self.args.resend_unknown or key is None:
-                            self.results.emit(
-                                index,
-                                parsed.department_uuid,
-                                parsed.user_uuid,
-                                Outcome.UNKNOWN.value,
-                                error=_journal_error(error or IN_DOUBT_NOTE, Outcome.UNKNOWN.value),
-                                key=key,
-                            )
-                            continue
-                # Items never tried, or certainly not delivered, get a fresh key; a
-                # deduplicating service could answer an old key with its old failure.
-                # A row's own key is the caller's choice: it is kept in every run.
-                in_doubt = key is not None
-                key = key or parsed.idempotency_key or new_idempotency_key()
-                self.pending[self.pulled] = _Pending(index, key, in_doubt=in_doubt)
-                self.pulled += 1
-                yield SendRequest(
-                    parsed.department_uuid, parsed.user_uuid, parsed.message, idempotency_key=key
-                )
+        for parsed, key, in_doubt in rows_to_send(
+            self.source,
+            self.fmt,
+            self.defaults,
+            self.state,
+            self.results,
+            skip_invalid=self.args.skip_invalid,
+            resend_unknown=self.args.resend_unknown,
+            stopped=lambda: self.stop_requested,
+        ):
+            self.pending[self.pulled] = _Pending(parsed.index, key, in_doubt=in_doubt)
+            self.pulled += 1
+            yield SendRequest(
+                parsed.department_uuid, parsed.user_uuid, parsed.message, idempotency_key=key
+            )
 
     async def _durable_items(self) -> AsyncIterator[SendRequest]:
         """``_items`` for ``--durable``: no send before its start record is on disk.

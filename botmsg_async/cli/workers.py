@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from types import FrameType
 from typing import Any, TextIO
 
-from botmsg_async import Outcome, new_idempotency_key
+from botmsg_async import Outcome
 from botmsg_async.bulk import (
     JournalSet,
     ParallelItem,
@@ -30,9 +30,6 @@ from botmsg_async.bulk import (
     usable_cores,
 )
 from botmsg_async.journal import (
-    FINAL_STATES,
-    IN_DOUBT_NOTE,
-    IN_DOUBT_STATES,
     JournalError,
     JournalState,
 )
@@ -40,8 +37,9 @@ from botmsg_async.journal import (
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials
-from .input import BadRow, RowDefaults, Scan, Source, parse
+from .input import RowDefaults, Scan, Source
 from .results import Results, RunEnd, error_json, print_summary, progress_line
+from .rows import count_to_send, rows_to_send
 from .tunables import MALLOC_TUNABLES
 
 __all__ = ["parse_workers", "run_with_workers", "uses_workers"]
@@ -133,64 +131,28 @@ class _Run:
         self.requests = 0  # HTTP requests made for them
 
     def to_send(self) -> int:
-        count = self.scan.valid
-        if self.state is not None:
-            count -= sum(self.state.count(s) for s in FINAL_STATES)
-            if not self.args.resend_unknown:
-                count -= len(self.state.in_doubt)
-        return max(count, 0)
+        """How many items this run will attempt (for the progress bar and the ETA)."""
+        return count_to_send(self.scan, self.state, resend_unknown=self.args.resend_unknown)
 
     def items(self) -> Iterator[WorkItem]:
         """The items to send, read lazily; the others accounted for on the way."""
-        state = self.state
-        with self.source.open() as f:
-            for parsed in parse(f, self.fmt, self.defaults):
-                if isinstance(parsed, BadRow):
-                    if not self.args.skip_invalid:
-                        raise UsageError(
-                            f"{self.source.display}:{parsed.line} changed while sending: "
-                            f"{parsed.problem}"
-                        )
-                    self.results.emit(
-                        parsed.index,
-                        parsed.department_uuid,
-                        parsed.user_uuid,
-                        Outcome.SKIPPED.value,
-                        error=error_json(
-                            f"invalid input at line {parsed.line}: {parsed.problem}",
-                            default_type="InvalidRequestError",
-                        ),
-                        invalid=True,
-                    )
-                    continue
-                index = parsed.index
-                key: str | None = None
-                if state is not None:
-                    st = state.states[index]
-                    if st in FINAL_STATES:
-                        continue  # written to --out from the journal already
-                    if st in IN_DOUBT_STATES:
-                        key, error = state.in_doubt[index]
-                        if not self.args.resend_unknown or key is None:
-                            self.results.emit(
-                                index,
-                                parsed.department_uuid,
-                                parsed.user_uuid,
-                                Outcome.UNKNOWN.value,
-                                error=error_json(
-                                    error or IN_DOUBT_NOTE, default_type="DeliveryUnknownError"
-                                ),
-                                key=key,
-                            )
-                            continue
-                yield WorkItem(
-                    index,
-                    parsed.department_uuid,
-                    parsed.user_uuid,
-                    parsed.message,
-                    key or parsed.idempotency_key or new_idempotency_key(),
-                    in_doubt=key is not None,
-                )
+        for parsed, key, in_doubt in rows_to_send(
+            self.source,
+            self.fmt,
+            self.defaults,
+            self.state,
+            self.results,
+            skip_invalid=self.args.skip_invalid,
+            resend_unknown=self.args.resend_unknown,
+        ):
+            yield WorkItem(
+                parsed.index,
+                parsed.department_uuid,
+                parsed.user_uuid,
+                parsed.message,
+                key,
+                in_doubt=in_doubt,
+            )
 
     def on_result(self, item: ParallelItem) -> None:
         self.finished += 1
