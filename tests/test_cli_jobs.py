@@ -159,15 +159,19 @@ async def held_server() -> AsyncIterator[tuple[str, asyncio.Event]]:
             release.set()
 
 
-async def test_without_a_terminal_progress_lines_come_every_interval(
-    held_server: tuple[str, asyncio.Event], tmp_path: Path
-) -> None:
-    """stderr a pipe: a line with done/total, outcomes, rate and ETA while the job runs."""
-    base_url, release = held_server
+ETA = r"ETA (\d+ s|\d+ min \d+ s|\d+ h \d+ min)\n"
+
+
+async def progress_run(
+    server: tuple[str, asyncio.Event], tmp_path: Path, *flags: str
+) -> tuple[str, list[str], str]:
+    """Run send-many on 4 rows (2 answered, 2 held): the "2/4 items done" progress line,
+    the stderr lines up to it, and the rest of stderr once the held ones are answered."""
+    base_url, release = server
     source = write_csv(tmp_path / "in.csv", recipients(4))
     env = cli_env(None, BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")
     process = await start_cli(
-        "send-many", str(source), "--text", "hi", "--progress-interval", "0.2", env=env
+        "send-many", str(source), "--text", "hi", "--progress-interval", "0.2", *flags, env=env
     )
     assert process.stderr is not None
     try:
@@ -183,51 +187,6 @@ async def test_without_a_terminal_progress_lines_come_every_interval(
 
         # Two answered, two held: whatever the timing, this line must come.
         line = await asyncio.wait_for(progress_line(), WAIT)
-        assert re.fullmatch(
-            r"botmsg: progress: 2/4 items done \(50%\): 2 sent, 0 failed, 0 unknown; "
-            r"2 in flight, 0 retries; \d+ messages/s; ETA (\d+ s|\d+ min \d+ s|\d+ h \d+ min)\n",
-            line,
-        ), line
-        assert "\r" not in "".join(seen)  # no bar drawn in a log
-        release.set()
-        _, err = await asyncio.wait_for(process.communicate(), WAIT)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0
-    assert "4 of 4 items: 4 sent" in err.decode()
-
-
-async def test_with_workers_progress_lines_come_from_the_parent(
-    held_server: tuple[str, asyncio.Event], tmp_path: Path
-) -> None:
-    """--workers 2, stderr a pipe: the parent prints the same line while workers hold items."""
-    base_url, release = held_server
-    source = write_csv(tmp_path / "in.csv", recipients(4))
-    env = cli_env(None, BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")
-    process = await start_cli(
-        "send-many", str(source), "--text", "hi", "--workers", "2",
-        "--progress-interval", "0.2", env=env,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        seen: list[str] = []
-
-        async def progress_line() -> str:
-            while True:
-                line = (await process.stderr.readline()).decode()  # type: ignore[union-attr]
-                assert line, f"stderr ended without the line: {seen}"
-                seen.append(line)
-                if "2/4 items done" in line:
-                    return line
-
-        line = await asyncio.wait_for(progress_line(), WAIT)
-        assert re.fullmatch(
-            r"botmsg: progress: 2/4 items done \(50%\): 2 sent, 0 failed, 0 unknown; "
-            r"[0-2] in flight; \d+ messages/s; ETA (\d+ s|\d+ min \d+ s|\d+ h \d+ min)\n",
-            line,
-        ), line
         release.set()
         _, err = await asyncio.wait_for(process.communicate(), WAIT)
     finally:
@@ -235,7 +194,34 @@ async def test_with_workers_progress_lines_come_from_the_parent(
             process.kill()
             await process.wait()
     assert process.returncode == 0, err
-    assert "4 of 4 items: 4 sent" in err.decode()
+    return line, seen, err.decode()
+
+
+async def test_without_a_terminal_progress_lines_come_every_interval(
+    held_server: tuple[str, asyncio.Event], tmp_path: Path
+) -> None:
+    """stderr a pipe: a line with done/total, outcomes, rate and ETA while the job runs."""
+    line, seen, err = await progress_run(held_server, tmp_path)
+    assert re.fullmatch(
+        r"botmsg: progress: 2/4 items done \(50%\): 2 sent, 0 failed, 0 unknown; "
+        r"2 in flight, 0 retries; \d+ messages/s; " + ETA,
+        line,
+    ), line
+    assert "\r" not in "".join(seen)  # no bar drawn in a log
+    assert "4 of 4 items: 4 sent" in err
+
+
+async def test_with_workers_progress_lines_come_from_the_parent(
+    held_server: tuple[str, asyncio.Event], tmp_path: Path
+) -> None:
+    """--workers 2, stderr a pipe: the parent prints the same line while workers hold items."""
+    line, _, err = await progress_run(held_server, tmp_path, "--workers", "2")
+    assert re.fullmatch(
+        r"botmsg: progress: 2/4 items done \(50%\): 2 sent, 0 failed, 0 unknown; "
+        r"[0-2] in flight; \d+ messages/s; " + ETA,
+        line,
+    ), line
+    assert "4 of 4 items: 4 sent" in err
 
 
 async def test_on_a_terminal_of_no_width_the_bar_is_still_drawn(
