@@ -411,24 +411,6 @@ def _kept(lower: str) -> bool:
     )
 
 
-def _answered(
-    result: SendResult, status: int, elapsed: float, headers: ResponseHeaders
-) -> SendResult:
-    """``result`` with what the client knows of its exchange (one constructor call:
-    ``attrs.evolve`` costs twice as much on every send)."""
-    return SendResult(
-        result.status,
-        request_uuid=result.request_uuid,
-        message_uuid=result.message_uuid,
-        errors=result.errors,
-        warnings=result.warnings,
-        attempts=result.attempts,
-        http_status=status,
-        elapsed=elapsed,
-        headers=headers,
-    )
-
-
 async def read_answer(
     response: aiohttp.ClientResponse, rules: AnswerRules, started: float
 ) -> SendResult:
@@ -470,7 +452,7 @@ async def read_answer(
                 elapsed=elapsed,
             )
         try:
-            result = _wire.decode_response(body)
+            result = _wire.decode_response(body, _wire.Exchange(status, elapsed, headers))
         except _wire.WireFormatError as exc:
             raise InvalidResponseError(
                 f"HTTP {status} but the body is not the documented JSON "
@@ -481,7 +463,6 @@ async def read_answer(
                 headers=headers,
                 elapsed=elapsed,
             ) from exc
-        result = _answered(result, status, elapsed, headers)
         if result.status is Status.SUCCESS:
             return result
         raise SendFailedError(result, transient=rules.classify(result))

@@ -14,17 +14,27 @@ import json
 import re
 from collections.abc import Callable
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Final, Union, get_args, get_origin
 
 import attrs
 import cattrs
-from attrs import define
+from attrs import define, evolve
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
 
-from ._models import ApiError, ApiWarning, MessageDefaults, SendResult, Status, TextMessage
+from ._models import (
+    NO_HEADERS,
+    ApiError,
+    ApiWarning,
+    MessageDefaults,
+    ResponseHeaders,
+    SendResult,
+    Status,
+    TextMessage,
+)
 
 __all__ = [
+    "Exchange",
     "PlainTextEncoder",
     "WireFormatError",
     "converter",
@@ -403,7 +413,23 @@ def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
         raise WireFormatError(_problems(exc, cls)) from exc
 
 
-def _plain_success(data: dict[str, Any]) -> SendResult | None:
+@define(frozen=True)
+class Exchange:
+    """What the client knows of the exchange an answer came in, for its ``SendResult``.
+
+    Not from the body: a body cannot set these.
+    """
+
+    http_status: int | None = None
+    elapsed: float | None = None
+    headers: ResponseHeaders = NO_HEADERS
+
+
+#: No exchange: a result as the body alone says.
+_NO_EXCHANGE: Final = Exchange()
+
+
+def _plain_success(data: dict[str, Any], exchange: Exchange = _NO_EXCHANGE) -> SendResult | None:
     """The ``SendResult`` of a plain SUCCESS answer, as the converter reads it; else None.
 
     Plain: ``status`` SUCCESS, each id a string, null or absent, and no errors
@@ -425,25 +451,40 @@ def _plain_success(data: dict[str, Any]) -> SendResult | None:
         and (errors is None or errors == [])
         and (warnings is None or warnings == [])
     ):
-        return SendResult(Status.SUCCESS, request_uuid=request_uuid, message_uuid=message_uuid)
+        return SendResult(
+            Status.SUCCESS,
+            request_uuid=request_uuid,
+            message_uuid=message_uuid,
+            http_status=exchange.http_status,
+            elapsed=exchange.elapsed,
+            headers=exchange.headers,
+        )
     return None
 
 
-def decode_response(body: bytes) -> SendResult:
-    """Parse a send answer.
+def decode_response(body: bytes, exchange: Exchange = _NO_EXCHANGE) -> SendResult:
+    """Parse a send answer into a ``SendResult`` that carries ``exchange``.
 
     Raises:
         WireFormatError: the body is not the documented JSON object.
     """
     data = _load_object(body)
-    plain = _plain_success(data)
+    # The usual answer is built once, with its exchange (no copy per message).
+    plain = _plain_success(data, exchange)
     if plain is not None:
         return plain
     try:
         result: SendResult = _structure_result(data, SendResult)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise WireFormatError(_problems(exc, SendResult)) from exc
-    return result
+    if exchange == _NO_EXCHANGE:
+        return result
+    return evolve(
+        result,
+        http_status=exchange.http_status,
+        elapsed=exchange.elapsed,
+        headers=exchange.headers,
+    )
 
 
 def decode_request(body: bytes) -> TextMessage:
