@@ -481,7 +481,10 @@ class BatchStream:
         else:
             return (index, "", "", Outcome.FAILED, None, _not_an_item(raw))
         # uuid.UUID ids (send() takes them too) are reported as text.
-        department_uuid, user_uuid = id_text(department), id_text(user)
+        if type(department) is str and type(user) is str:
+            department_uuid, user_uuid = department, user
+        else:
+            department_uuid, user_uuid = id_text(department), id_text(user)
         sender = self._sender
         if self.stopped_by is not None:
             return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)

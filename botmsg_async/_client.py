@@ -661,7 +661,8 @@ class BotMessageClient:
             WrongEventLoopError: the client is used from another event loop than
                 the one that first used it; nothing was sent.
         """
-        department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
+        if type(department_uuid) is not str or type(user_uuid) is not str:
+            department_uuid, user_uuid = id_text(department_uuid), id_text(user_uuid)
         checked = self._checked_department
         if type(department_uuid) is str and department_uuid == checked[0]:
             dept = checked[1]  # a batch sends to few departments: checked once, not per message

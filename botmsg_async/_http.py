@@ -8,7 +8,9 @@ names, and every aiohttp exception into a ``BotMessageError``.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import functools
 import math
 import select
 import time
@@ -18,6 +20,7 @@ from datetime import UTC, datetime
 from ssl import SSLContext
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from attrs import define, evolve
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -272,49 +275,75 @@ def _closed_before_written(exc: BaseException) -> bool:
     return False
 
 
-def _peer_spoke(connection: aiohttp.connector.Connection) -> bool:
-    """Whether an idle connection has bytes or an end of stream the loop has not read yet.
+class _LiveHandler(ResponseHandler):
+    """aiohttp's response protocol, which also calls a connection the server spoke on dead.
 
-    An idle keep-alive connection has nothing to read unless the server closed it
-    (FIN or RST) or sent something unasked (a 408, a TLS close_notify): either
-    way it must not carry a request. The check is one ``select`` with no wait.
+    aiohttp reuses a pooled connection when its protocol ``is_connected()``: the
+    event loop has not seen it close. A server's FIN that is in the kernel but not
+    yet read by the loop (it answered and closed at once, or its idle timeout just
+    ran out) would carry the next request to a dead socket, and the send would end
+    "unknown". An idle keep-alive connection has nothing to read unless the server
+    closed it (FIN or RST) or sent something unasked (a 408, a TLS close_notify):
+    either way it must not carry a request. The check is one ``select`` with no
+    wait, made where aiohttp takes a connection from its pool (and in its periodic
+    sweep of the pool), so it costs no coroutine of its own; aiohttp then closes
+    the connection and takes another one.
     """
-    transport = connection.transport
-    if transport is None or transport.is_closing():
-        return False  # aiohttp already knows; it refuses to write and we report it
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select((sock,), (), (), 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+
+    #: The socket's descriptor, kept from ``connection_made`` (-1: none to check).
+    _fd = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        try:
+            self._fd = sock.fileno() if sock is not None else -1
+        except (OSError, ValueError):
+            self._fd = -1
+
+    def is_connected(self) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        # The descriptor is the connection's own while its transport is not closing:
+        # asyncio closes the socket only after that.
+        fd = self._fd
+        if fd < 0:
+            return True
+        try:
+            readable, _, _ = select.select((fd,), (), (), 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
 
 class _LiveConnector(aiohttp.TCPConnector):
     """A ``TCPConnector`` that never lends a pooled connection the server already closed.
 
-    aiohttp reuses a pooled connection unless the event loop has already seen it
-    close; a server's FIN that is in the kernel but not yet read by the loop (it
-    answered and closed at once, or its idle timeout just ran out) would carry
-    the next request to a dead socket, and the send would end "unknown". Such a
-    connection is closed and another one taken, before anything is written.
+    Its connections use ``_LiveHandler``, whose ``is_connected()`` is what aiohttp's
+    pool asks before it reuses one.
     """
 
-    async def connect(
+    def __init__(
         self,
-        req: aiohttp.ClientRequest,
-        traces: list[aiohttp.tracing.Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
-    ) -> aiohttp.connector.Connection:
-        connection = await super().connect(req, traces, timeout)
-        for _ in range(8):  # bounded: each one dropped leaves the pool smaller
-            if not _peer_spoke(connection):
-                break
-            connection.close()
-            connection = await super().connect(req, traces, timeout)
-        return connection
+        *,
+        limit: int,
+        limit_per_host: int,
+        ttl_dns_cache: int,
+        keepalive_timeout: float,
+        ssl: SSLContext | bool,
+    ) -> None:
+        super().__init__(
+            limit=limit,
+            limit_per_host=limit_per_host,
+            ttl_dns_cache=ttl_dns_cache,
+            keepalive_timeout=keepalive_timeout,
+            ssl=ssl,
+        )
+        # aiohttp makes every connection's protocol with this factory (3.9 to 3.14);
+        # tests/reliability/test_stale_connections.py fails if a later aiohttp stops
+        # calling it (attempts are then spent on closed connections again).
+        self._factory = functools.partial(_LiveHandler, loop=self._loop)  # type: ignore[assignment]
 
 
 def _tls_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
@@ -389,15 +418,15 @@ def kept_headers(headers: Mapping[str, str]) -> ResponseHeaders:
     # Most answers have none of them: a pass over the names alone settles that
     # (about a third cheaper than reading every value as well).
     for name in headers.keys():  # noqa: SIM118 - the names only, not a copy of each value
-        if _kept(name.lower()):
+        if _kept(name):
             break
     else:
         return NO_HEADERS
     kept: dict[str, str] = {}
     for name, value in headers.items():
-        lower = name.lower()
-        if not _kept(lower):
+        if not _kept(name):
             continue
+        lower = name.lower()
         if lower in kept:
             kept[lower] = f"{kept[lower]}, {value}"
         elif len(kept) < _MAX_KEPT:
@@ -405,7 +434,11 @@ def kept_headers(headers: Mapping[str, str]) -> ResponseHeaders:
     return ResponseHeaders(kept)
 
 
-def _kept(lower: str) -> bool:
+# A server sends the same few header names in every answer: deciding each name once
+# (a bounded cache, as the names are the server's text) halves kept_headers' time.
+@functools.lru_cache(maxsize=256)
+def _kept(name: str) -> bool:
+    lower = name.lower()
     return (
         lower.startswith(_KEPT_PREFIXES) or lower.endswith(_KEPT_SUFFIXES) or lower in _KEPT_NAMES
     )

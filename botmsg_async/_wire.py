@@ -329,8 +329,14 @@ class WireFormatError(ValueError):
 
 def _string_count(data: dict[str, Any]) -> int:
     """How many JSON strings ``data`` holds: every key, and every string value."""
-    count = 0
-    pending: list[Any] = [data]
+    # The top level by itself: an answer is usually flat (strings, nulls, empty lists).
+    count = len(data)
+    pending: list[Any] = []
+    for item in data.values():
+        if type(item) is str:
+            count += 1
+        elif (type(item) is dict or type(item) is list) and item:
+            pending.append(item)
     while pending:
         value = pending.pop()
         if type(value) is dict:
