@@ -275,6 +275,10 @@ def _closed_before_written(exc: BaseException) -> bool:
     return False
 
 
+#: Bytes asked for per read of an answer (asyncio's transport; see ``_LiveHandler``).
+_READ_SIZE = 64 * 1024
+
+
 class _LiveHandler(ResponseHandler):
     """aiohttp's response protocol, which also calls a connection the server spoke on dead.
 
@@ -295,6 +299,13 @@ class _LiveHandler(ResponseHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if isinstance(getattr(transport, "max_size", None), int):
+            # asyncio's own transport reads with recv(max_size), 256 KiB: a buffer
+            # that large is above glibc's mmap threshold, so every read of a
+            # 300-byte answer maps and unmaps it (seen with strace). 64 KiB (what
+            # aiohttp reads a body by) comes from the heap. This connection only;
+            # uvloop has no such attribute and reads into a buffer of its own.
+            transport.max_size = _READ_SIZE  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         try:
             self._fd = sock.fileno() if sock is not None else -1

@@ -16,6 +16,7 @@ from collections import Counter
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from botmsg_async import (
     BotMessageClient,
@@ -25,6 +26,7 @@ from botmsg_async import (
     RetryBudget,
     RetryEvent,
     TransportError,
+    _http,
 )
 
 from .hostile import Closing, HostileServer
@@ -197,3 +199,35 @@ def test_keepalive_timeout_must_be_positive(value: float) -> None:
     """keepalive_timeout <= 0 or NaN is refused up front."""
     with pytest.raises(InvalidRequestError, match="keepalive_timeout"):
         BotMessageClient("http://127.0.0.1:1", "bot", "pw", keepalive_timeout=value)
+
+
+async def test_answers_are_read_in_pieces_the_heap_serves() -> None:
+    """The pool's asyncio connections read 64 KiB at a time: 256 KiB is mmapped per read."""
+    release = asyncio.Event()
+
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse()
+        await answer.prepare(request)
+        await release.wait()  # the body comes once the test has looked at the connection
+        await answer.write(b"{}")
+        return answer
+
+    app = web.Application()
+    app.router.add_post("/", slow_body)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    session = _http.new_session(_http.SessionOptions(), aiohttp.ClientTimeout(total=10))
+    try:
+        async with session, session.post(f"http://127.0.0.1:{port}/", data=b"{}") as response:
+            assert response.connection is not None
+            transport = response.connection.transport
+            assert transport is not None
+            assert transport.max_size == 64 * 1024  # type: ignore[attr-defined]
+            release.set()
+            assert await response.read() == b"{}"
+    finally:
+        release.set()
+        await runner.cleanup()
