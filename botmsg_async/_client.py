@@ -693,42 +693,22 @@ class BotMessageClient:
             if telemetry is not None and self._rate_limiter is not None
             else None
         )
-        if self._send_guard is not None and idempotency_key is not None:
-            return await self._send_guarded(self._send_guard, state, waited)
-        return await self._deliver(state, waited)
-
-    async def _send_guarded(
-        self, guard: SendGuard, state: _Send, waited: float | None
-    ) -> SendResult:
-        """Send at most once per key across every holder of ``guard``."""
-        key = state.idempotency_key
-        digest = _guard.fingerprint(state.department_uuid, state.user_uuid, state.body)
-        earlier = await guard.claim(key, digest, state.department_uuid, state.user_uuid)
-        if earlier is not None:
-            return earlier
-        try:
-            result = await self._deliver(state, waited)
-        except BotMessageError as exc:
-            await _guard.settle(guard, key, digest, None, exc)
-            raise
-        await _guard.settle(guard, key, digest, result, None)
-        return result
-
-    async def _deliver(self, state: _Send, waited: float | None) -> SendResult:
-        """Make the attempts of one logical send; raise its settled error.
-
-        ``waited``: the seconds the rate limiter held it, for the telemetry.
-        """
+        # At most once per key across every holder of the guard: a key already
+        # claimed returns (or raises) what its first send got, without sending.
+        guard = self._send_guard if idempotency_key is not None else None
+        digest = ""
+        if guard is not None:
+            digest = _guard.fingerprint(department_uuid, user_uuid, body)
+            earlier = await guard.claim(state.idempotency_key, digest, department_uuid, user_uuid)
+            if earlier is not None:
+                return earlier
+        # The attempts, in this coroutine: a batch item's every wake-up passes
+        # through each frame between the task and aiohttp, so there is no other.
         if self._budget is not None:
             self._budget.deposit()
-        telemetry = self._telemetry
         if telemetry is not None:
             state.watch = telemetry.send_started(
-                state.department_uuid,
-                state.user_uuid,
-                state.idempotency_key,
-                self._base_url,
-                waited,
+                department_uuid, user_uuid, state.idempotency_key, self._base_url, waited
             )
         try:
             try:
@@ -738,6 +718,8 @@ class BotMessageClient:
         except BotMessageError as exc:
             settled = self._settled(exc, state)
             self._ended(state, settled)
+            if guard is not None:
+                await _guard.settle(guard, state.idempotency_key, digest, None, settled)
             if settled is exc:
                 raise
             raise settled from exc
@@ -747,6 +729,8 @@ class BotMessageClient:
             raise
         if state.watch is not None:
             state.watch.send_finished(Outcome.SENT, state.attempt, None)
+        if guard is not None:
+            await _guard.settle(guard, state.idempotency_key, digest, result, None)
         return result
 
     def _ended(self, state: _Send, error: BotMessageError) -> None:

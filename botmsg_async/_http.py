@@ -61,7 +61,6 @@ __all__ = [
     "transport_error",
 ]
 
-_PATH = "/communications/department/{}/user/{}/botmessage/send"
 #: Largest answer body read, in bytes (after inflating a compressed one).
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 
@@ -81,7 +80,8 @@ def send_url(base_url: URL, base_path: str, dept: str, user: str) -> URL:
     ``base_path`` is ``base_url``'s raw path without a trailing slash (worked out
     once per client); ``dept`` and ``user`` are already percent-encoded.
     """
-    return base_url.with_path(base_path + _PATH.format(dept, user), encoded=True)
+    path = f"{base_path}/communications/department/{dept}/user/{user}/botmessage/send"
+    return base_url.with_path(path, encoded=True)
 
 
 def attempt_timeout(
