@@ -341,6 +341,9 @@ MAX_START_GROUP: Final = 32
 #: With a rate, a start group is at most this many seconds of it (its items wait for
 #: their slots after their start record; a smaller group keeps that wait short).
 START_GROUP_TIME: Final = 0.05
+#: Most seconds a run with no chunk left waits between looks for chunks idle too long
+#: (the job's end, a stop or chunks put back wake it at once, by pub/sub).
+IDLE_POLL: Final = 1.0
 
 
 def _start_group_size(
@@ -770,7 +773,7 @@ class _Run:
             # (the timeout: to look for chunks idle too long).
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), min(1.0, self.claim_timeout / 4))
+                await asyncio.wait_for(self.wake.wait(), min(IDLE_POLL, self.claim_timeout / 4))
         return None
 
     async def _listen(self, subscribed: asyncio.Event) -> None:
@@ -831,13 +834,18 @@ class _Run:
                 todo.append((meta, item))
             for at in range(0, len(todo), self.group_size):
                 group = todo[at : at + self.group_size]
-                verdicts = await self._start_group(
-                    [meta.index for meta, _ in group if not meta.started]
-                )
+                if self.stopping:
+                    verdicts = dict.fromkeys((meta.index for meta, _ in group), "stopped")
+                else:
+                    verdicts = await self._start_group(
+                        [meta.index for meta, _ in group if not meta.started]
+                    )
                 for meta, item in group:
                     verdict = verdicts.get(meta.index, "ok")
-                    if verdict == "ok" and self.stopping:
-                        verdict = "stopped"
+                    if verdict == "ok":
+                        meta.started = True  # on record: from here, a stop takes it back
+                        if self.stopping:
+                            verdict = "stopped"
                     if verdict == "taken":
                         chunk.open.discard(meta.index)  # another run started it and reports it
                         continue
@@ -849,7 +857,6 @@ class _Run:
                     if verdict != "ok":
                         self._not_attempted(meta)
                         continue
-                    meta.started = True
                     self.pending[self.pulled] = meta
                     self.by_key[meta.key] = meta
                     self.pulled += 1
