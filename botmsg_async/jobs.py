@@ -61,7 +61,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from attrs import define, field
 from redis.asyncio import Redis
@@ -1139,7 +1139,10 @@ class _JobSender:
 
 def _normalize(
     items: Sequence[SendRequest | tuple[str, str, str | TextMessage] | None],
-) -> list[SendRequest | None]:
+) -> Sequence[SendRequest | None]:
+    if all(raw is None or isinstance(raw, SendRequest) for raw in items):
+        # Used as given, not copied: it may read its items on demand (a large file).
+        return cast("Sequence[SendRequest | None]", items)
     out: list[SendRequest | None] = []
     for raw in items:
         if raw is None or isinstance(raw, SendRequest):
