@@ -29,6 +29,14 @@ with 20 ms answers, and redis-server killed (SIGKILL) and started again on its
 AOF (``appendfsync always``) once about half of the job is settled: the job
 completes; printed: items received twice, and the loss window (items the
 server received whose start Redis no longer had, or sends Redis forgot).
+
+``python -m benchmarks.jobs_redis rss [--rows 1000000] [--seconds 15]
+[--package-dir DIR]``: peak RSS of one ``botmsg send-many INPUT --redis --job``
+process on a ``--rows`` CSV, stopped (SIGINT) ``--seconds`` after its first send,
+against a fast server (aiohttp, own process) and a Redis without AOF
+(``--accept-redis-loss``). ``--package-dir``: a directory holding another
+``botmsg_async`` to measure instead (e.g. ``git archive <commit> botmsg_async | tar
+-x -C DIR``: the "before").
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -341,8 +350,68 @@ async def _shared_job(args: argparse.Namespace, *, restart: bool) -> None:
     print(f"load after: {os.getloadavg()}")
 
 
+def rss(args: argparse.Namespace) -> None:
+    """Peak RSS of one ``send-many --redis`` run process on a large input."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found on PATH")
+    print(f"load before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    with tempfile.TemporaryDirectory() as directory, start_server("aiohttp", processes=1) as s:
+        path = Path(directory) / "in.csv"
+        with path.open("w", encoding="utf-8") as f:
+            f.write("department_uuid,user_uuid,text\n")
+            for i in range(args.rows):
+                dept = uuid.uuid5(uuid.NAMESPACE_URL, f"d{i % 10}")
+                f.write(f"{dept},{uuid.uuid5(uuid.NAMESPACE_URL, f'u{i}')},message number {i}\n")
+        sock = Path(directory) / "redis.sock"
+        server = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(sock), "--dir", directory, "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(unix_socket_path=str(sock))
+            for _ in range(500):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            env = child_env()
+            # The benchmark server checks no credentials.
+            env.update(BOTMSG_BASE_URL=s.base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")  # noqa: S106
+            if args.package_dir:
+                env["PYTHONPATH"] = args.package_dir
+            command = [sys.executable, "-m", "botmsg_async", "send-many", str(path)]
+            command += ["--redis", f"unix://{sock}", "--job", "rss", "--accept-redis-loss"]
+            started = time.monotonic()
+            proc = subprocess.Popen(command, env=env, cwd=directory, stderr=subprocess.DEVNULL)
+            while not client.hget("botmsg:job:{rss}:meta", "t0") and proc.poll() is None:
+                time.sleep(0.1)
+            began = time.monotonic() - started
+            time.sleep(args.seconds)
+            settled = client.bitcount("botmsg:job:{rss}:settled")
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        finally:
+            server.kill()
+            server.wait()
+    print(
+        f"{args.rows} rows: first send after {began:.1f} s (input checked), {settled} items "
+        f"settled in {args.seconds:g} s; peak RSS of the run process {peak:.0f} MiB"
+    )
+    print(f"load after: {os.getloadavg()}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "rss":
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis rss")
+        parser.add_argument("--rows", type=int, default=1_000_000)
+        parser.add_argument("--seconds", type=float, default=15.0)
+        parser.add_argument("--package-dir")
+        rss(parser.parse_args(argv[1:]))
+        return
     if argv and argv[0] in ("faults", "restart"):
         parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis " + argv[0])
         parser.add_argument("--items", type=int, default=30_000)

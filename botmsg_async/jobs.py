@@ -10,11 +10,15 @@ carries ranges, never message data.
 
 Crash safety, as the file journal defines it:
 
-* an item's start is recorded (a bit in the ``started`` bitmap) right before
-  its first attempt, in small groups (the items ready at once share one round
-  trip, and with ``appendfsync always`` one fsync); its outcome as soon as it
-  is known (a bit in ``settled``, details only when not SENT, the message UUID
-  packed per chunk);
+* an item's start is recorded (a bit in the ``started`` bitmap) before its
+  first attempt, a group at a time (up to the run's concurrency, at most 32 and
+  50 ms of the rate: one round trip, and with ``appendfsync always`` one fsync,
+  right before the group's first item is handed out); its outcome when known
+  (a bit in ``settled``, details only when not SENT, the message UUID packed
+  per chunk), written within ``OUTCOME_WINDOW`` together with the other
+  outcomes, take-backs and chunk acknowledgements of that moment (one Lua call);
+  an item of a started group that a stop keeps from its send has its start
+  taken back (it certainly was not sent);
 * the idempotency key of an item is derived from the job's nonce and the
   item's index (a UUID5; or the row's own key): one key per item for the
   whole job, so nothing in doubt is ever resent under a new key, and no key
@@ -48,6 +52,7 @@ cluster slot); each expires ``ttl`` seconds after the job's last activity::
     botmsg:job:{J}:details   hash    index -> outcome code + JSON, only for items not SENT
     botmsg:job:{J}:m         hash    chunk number -> message UUIDs, 16 bytes per item
     botmsg:job:{J}:workers   hash    consumer -> last heartbeat (ms, Redis clock)
+    botmsg:job:{J}:events    channel "end" (last chunk done), "stop", "chunks" (put back)
 """
 
 from __future__ import annotations
