@@ -66,7 +66,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast, overload
 
 from attrs import define, field
 from redis.asyncio import Redis
@@ -1142,23 +1142,46 @@ class _JobSender:
 # -- public entry points ------------------------------------------------------------
 
 
+def _item(raw: object) -> SendRequest | None:
+    if raw is None or isinstance(raw, SendRequest):
+        return raw
+    if isinstance(raw, tuple) and len(raw) == 3:
+        return SendRequest(raw[0], raw[1], raw[2])
+    raise InvalidRequestError(
+        "item", raw, "must be a SendRequest, a (department, user, message) tuple or None"
+    )
+
+
+class _OnDemand(Sequence[SendRequest | None]):
+    """The items of a sequence that is not a list or tuple (one that reads them on demand,
+    from a large file, say), each checked when read: never copied whole."""
+
+    def __init__(self, items: Sequence[object]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> SendRequest | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SendRequest | None]: ...
+
+    def __getitem__(self, index: int | slice) -> SendRequest | Sequence[SendRequest | None] | None:
+        if isinstance(index, slice):
+            return [_item(raw) for raw in self._items[index]]
+        return _item(self._items[index])
+
+
 def _normalize(
     items: Sequence[SendRequest | tuple[str, str, str | TextMessage] | None],
 ) -> Sequence[SendRequest | None]:
+    if not isinstance(items, list | tuple):
+        return _OnDemand(items)
     if all(raw is None or isinstance(raw, SendRequest) for raw in items):
-        # Used as given, not copied: it may read its items on demand (a large file).
-        return cast("Sequence[SendRequest | None]", items)
-    out: list[SendRequest | None] = []
-    for raw in items:
-        if raw is None or isinstance(raw, SendRequest):
-            out.append(raw)
-        elif isinstance(raw, tuple) and len(raw) == 3:
-            out.append(SendRequest(raw[0], raw[1], raw[2]))
-        else:
-            raise InvalidRequestError(
-                "item", raw, "must be a SendRequest, a (department, user, message) tuple or None"
-            )
-    return out
+        return cast("Sequence[SendRequest | None]", items)  # used as given, not copied
+    return [_item(raw) for raw in items]
 
 
 async def _create_or_join(
@@ -1442,7 +1465,10 @@ async def run_job_async(
     Args:
         redis: A Redis URL (``redis://``, ``rediss://``, ``unix://``) or a client (you close it).
         job: The job's name (shared by its runs).
-        items: The items, in input order; ``None`` for an input row not sent.
+        items: The items, in input order; ``None`` for an input row not sent. A list or
+            tuple is checked before anything is sent; another sequence (one that reads
+            its items on demand, from a large file, say) is read a chunk at a time, in
+            order, each item checked when read.
         base_url: The URL before ``/communications``.
         username: Basic-auth user name.
         password: Basic-auth password.

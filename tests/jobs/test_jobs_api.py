@@ -6,7 +6,8 @@ import asyncio
 import collections
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import overload
 
 import pytest
 from aiohttp import web
@@ -332,3 +333,49 @@ async def test_a_stop_takes_back_starts_never_attempted(job_redis: JobRedis) -> 
     assert report.counts.sent == 3
     assert started == [1, 1, 1, 0, 0, 0, 0, 0]
     assert [r.outcome for r in results] == ["sent"] * 3 + ["skipped"] * 5
+
+
+class _Counting(Sequence[SendRequest | None]):
+    """Items made when read, counting the reads (a stand-in for a large file)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reads = collections.Counter[int]()
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, index: int) -> SendRequest | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SendRequest | None]: ...
+
+    def __getitem__(self, index: int | slice) -> SendRequest | Sequence[SendRequest | None] | None:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        self.reads[index] += 1
+        return _items(1, seed=f"lazy{index}")[0]
+
+
+async def test_a_sequence_read_on_demand_is_not_copied(job_redis: JobRedis) -> None:
+    """Items from a sequence that is not a list are read when their chunk is taken (once
+    each, given a fingerprint), not copied whole before the job starts."""
+    items = _Counting(300)
+    read_at_first_result: list[int] = []
+
+    def first(_: JobItemResult) -> None:
+        if not read_at_first_result:
+            read_at_first_result.append(len(items.reads))
+
+    async with FakeBotMessageServer() as server:
+        report = await run_job_async(
+            job_redis.url, "lazy", items, base_url=server.base_url, username=server.username,
+            password=server.password, chunk_size=64, fingerprint="f" * 64, on_result=first,
+        )  # fmt: skip
+    assert report.counts.sent == 300
+    assert read_at_first_result[0] < 300  # the first chunks only
+    assert set(items.reads) == set(range(300))
+    assert max(items.reads.values()) == 1
