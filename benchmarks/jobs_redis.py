@@ -63,7 +63,7 @@ import redis
 from benchmarks.servers import REPO_ROOT, child_env, start_server
 from botmsg_async import BotMessageClient, SendRequest
 from botmsg_async.jobs import job_results, job_status, run_job_async
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 
 async def measure(items: int, sock: Path, client: redis.Redis) -> None:
@@ -274,6 +274,15 @@ async def _shared_job(args: argparse.Namespace, *, restart: bool) -> None:
                 seed=16,
                 latency=0.02 if restart else 0.0,
             ) as fake:  # fmt: skip
+                # Every request's key and retry number (the fake deduplicates by key, so a
+                # run that sent an item again under its key would not show as received twice).
+                attempts: list[tuple[str | None, int]] = []
+
+                def seen(info: RequestInfo) -> bool:
+                    attempts.append((info.idempotency_key, info.retry_count))
+                    return False
+
+                fake.inject(Fault.HTTP_500, times=None, when=seen)
                 child = [sys.executable, "-m", "benchmarks.jobs_redis", "_child"]
                 child += ["--items", str(args.items), "--concurrency", str(args.concurrency)]
                 child += ["--chunk-size", str(args.chunk_size), "--job", "shared"]
@@ -338,6 +347,10 @@ async def _shared_job(args: argparse.Namespace, *, restart: bool) -> None:
         elif r.outcome in ("failed", "skipped") and m is not None:
             lost += 1  # received, but Redis's records say it was never delivered
     counts = collections.Counter(r.outcome for r in results)
+    # A first attempt (retry 0) of one key twice: a second run sent the item afresh, as
+    # a lost start record would make it (a retry within one send has retry >= 1).
+    firsts = collections.Counter(key for key, retry in attempts if retry == 0)
+    again = sum(1 for n in firsts.values() if n > 1)
     print(
         f"{args.runs} run processes, {args.items} items, 10% faults: {wall:.1f} s, exit codes "
         f"{codes}, runs' own counts {[json.loads(o.splitlines()[-1])['sent'] for o in outs]}"
@@ -345,7 +358,8 @@ async def _shared_job(args: argparse.Namespace, *, restart: bool) -> None:
     print(
         f"job complete: {status.complete}; outcomes {dict(counts)}; items with one outcome: "
         f"{len(by_index)}/{args.items}; received twice: {twice}; report != server: "
-        f"{mismatches}; received but recorded not sent (loss window): {lost}"
+        f"{mismatches}; received but recorded not sent (loss window): {lost}; sent afresh "
+        f"twice under one key: {again}"
     )
     print(f"load after: {os.getloadavg()}")
 

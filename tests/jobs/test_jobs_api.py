@@ -379,3 +379,37 @@ async def test_a_sequence_read_on_demand_is_not_copied(job_redis: JobRedis) -> N
     assert read_at_first_result[0] < 300  # the first chunks only
     assert set(items.reads) == set(range(300))
     assert max(items.reads.values()) == 1
+
+
+async def test_resent_unknown_items_keep_to_the_rate(job_redis: JobRedis) -> None:
+    """--resend-unknown sends take their slots from the shared limiter too: 12 resends
+    at 10/s span >= 1 s (they used to skip the limiter and go at once)."""
+    arrivals: list[float] = []
+    fail = [True]
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        if fail[0]:
+            return web.json_response({"detail": "boom"}, status=500)  # unknown: in doubt
+        arrivals.append(time.monotonic())
+        key = request.headers["Idempotency-Key"]
+        return web.json_response({"requestUuid": key, "status": "SUCCESS", "messageUuid": key})
+
+    items = _items(12, seed="rate-resend")
+    async with serving_send(handle) as base_url:
+
+        async def run(resend_unknown: bool) -> JobReport:
+            return await run_job_async(
+                job_redis.url, "rate-resend", items, base_url=base_url, username="u",
+                password="p", rate_limit=10, resend_unknown=resend_unknown,
+            )  # fmt: skip
+
+        first = await run(False)
+        assert first.job.counts.unknown == 12
+        fail[0] = False
+        begun = time.monotonic()
+        again = await run(True)
+    assert again.counts.sent == 12
+    # Slots at 10/s with a burst of 1: the 12th is granted >= 1.1 s after the first, which
+    # comes after ``begun``; a slow machine only delays the last arrival further.
+    assert arrivals[-1] - begun >= 1.0
