@@ -18,16 +18,37 @@ Printed: msg/s of each, their ratio, and the coordination cost per item in µs
 (the runs' CPU per item minus the plain ``send_many``'s CPU per item; CPU is each
 process's own user + system time from "go" to its end). The load average is
 printed before and after: on a shared 2-core machine other work moves every figure.
+
+``python -m benchmarks.jobs_redis faults [--items 30000] [--runs 3]``: the issue's
+correctness bar: ``--runs`` run processes on one job against the fake service
+(in this process) with 10% faults: every item exactly one outcome, none received
+twice, the report equal to the server's records.
+
+``python -m benchmarks.jobs_redis restart [--items 30000] [--runs 3]``: the same
+with 20 ms answers, and redis-server killed (SIGKILL) and started again on its
+AOF (``appendfsync always``) once about half of the job is settled: the job
+completes; printed: items received twice, and the loss window (items the
+server received whose start Redis no longer had, or sends Redis forgot).
+
+``python -m benchmarks.jobs_redis rss [--rows 1000000] [--seconds 15]
+[--package-dir DIR]``: peak RSS of one ``botmsg send-many INPUT --redis --job``
+process on a ``--rows`` CSV, stopped (SIGINT) ``--seconds`` after its first send,
+against a fast server (aiohttp, own process) and a Redis without AOF
+(``--accept-redis-loss``). ``--package-dir``: a directory holding another
+``botmsg_async`` to measure instead (e.g. ``git archive <commit> botmsg_async | tar
+-x -C DIR``: the "before").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,8 +62,8 @@ import redis
 
 from benchmarks.servers import REPO_ROOT, child_env, start_server
 from botmsg_async import BotMessageClient, SendRequest
-from botmsg_async.jobs import run_job_async
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.jobs import job_results, job_status, run_job_async
+from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 
 async def measure(items: int, sock: Path, client: redis.Redis) -> None:
@@ -101,7 +122,7 @@ async def _child(args: argparse.Namespace) -> None:
     if args.job:
         report = await run_job_async(
             args.redis, args.job, work, base_url=args.base_url, username="u",
-            password="p",  # noqa: S106 - the benchmark server checks no credentials
+            password="p",  # noqa: S106 - a fake server's credentials
             concurrency=args.concurrency, chunk_size=args.chunk_size, on_result=settled,
         )  # fmt: skip
         sent = report.counts.sent
@@ -216,8 +237,204 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"load after: {os.getloadavg()}")
 
 
+def _start_redis(binary: str, directory: str, sock: Path) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--dir", directory,
+         "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(unix_socket_path=str(sock))
+    for _ in range(1000):
+        try:
+            client.ping()
+            break
+        except (redis.ConnectionError, redis.BusyLoadingError):
+            time.sleep(0.02)
+    client.close()
+    return server
+
+
+async def _shared_job(args: argparse.Namespace, *, restart: bool) -> None:
+    """``args.runs`` run processes on one job against the fake service with 10% faults
+    (and, with ``restart``, Redis killed and started again mid-job); checks the bars."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found on PATH")
+    print(f"load before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    work = _work(args.items)
+    with tempfile.TemporaryDirectory() as directory:
+        sock = Path(directory) / "redis.sock"
+        server = _start_redis(binary, directory, sock)
+        url = f"unix://{sock}"
+        try:
+            async with FakeBotMessageServer(
+                username="u",
+                password="p",  # noqa: S106 - a fake server's credentials
+                fault_rate=0.1,
+                seed=16,
+                latency=0.02 if restart else 0.0,
+            ) as fake:  # fmt: skip
+                # Every request's key and retry number (the fake deduplicates by key, so a
+                # run that sent an item again under its key would not show as received twice).
+                attempts: list[tuple[str | None, int]] = []
+
+                def seen(info: RequestInfo) -> bool:
+                    attempts.append((info.idempotency_key, info.retry_count))
+                    return False
+
+                fake.inject(Fault.HTTP_500, times=None, when=seen)
+                child = [sys.executable, "-m", "benchmarks.jobs_redis", "_child"]
+                child += ["--items", str(args.items), "--concurrency", str(args.concurrency)]
+                child += ["--chunk-size", str(args.chunk_size), "--job", "shared"]
+                child += ["--base-url", fake.base_url, "--redis", url]
+                procs = [
+                    await asyncio.create_subprocess_exec(
+                        *child,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        cwd=REPO_ROOT,
+                        env=child_env(),
+                    )
+                    for _ in range(args.runs)
+                ]
+                for proc in procs:
+                    assert proc.stdout is not None
+                    await proc.stdout.readline()
+                started = time.monotonic()
+                for proc in procs:
+                    assert proc.stdin is not None
+                    proc.stdin.write(b"go\n")
+                    await proc.stdin.drain()
+                killed_at = None
+                if restart:
+                    half = args.items // 2
+                    while (await job_status(url, "shared")).counts.total < half:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)  # polling Redis: no event to wait on
+                    killed_at = (await job_status(url, "shared")).counts.total
+                    server.kill()  # a crash: no shutdown, no final fsync
+                    server.wait()
+                    down = time.monotonic()
+                    server = _start_redis(binary, directory, sock)
+                    print(
+                        f"Redis killed at {killed_at} items settled, back (AOF replayed) "
+                        f"after {time.monotonic() - down:.2f} s"
+                    )
+                outs = [(await proc.communicate())[0].decode() for proc in procs]
+                wall = time.monotonic() - started
+                codes = [proc.returncode for proc in procs]
+                results = await job_results(url, "shared", work)
+                status = await job_status(url, "shared")
+                messages = list(fake.messages)
+        finally:
+            server.kill()
+            server.wait()
+    by_index = {r.index: r for r in results}
+    user_index = {str(w.user_uuid): i for i, w in enumerate(work)}
+    received = collections.Counter(user_index[m.user_uuid] for m in messages)
+    twice = sum(1 for n in received.values() if n > 1)
+    mismatches = 0
+    lost = 0
+    got_by_index = {user_index[m.user_uuid]: m for m in messages}
+    for index in range(args.items):
+        r = by_index.get(index)
+        m = got_by_index.get(index)
+        if r is None:
+            mismatches += 1
+        elif r.outcome == "sent":
+            mismatches += (
+                m is None or m.message_uuid != r.message_uuid or m.idempotency_key != r.key
+            )
+        elif r.outcome in ("failed", "skipped") and m is not None:
+            lost += 1  # received, but Redis's records say it was never delivered
+    counts = collections.Counter(r.outcome for r in results)
+    # A first attempt (retry 0) of one key twice: a second run sent the item afresh, as
+    # a lost start record would make it (a retry within one send has retry >= 1).
+    firsts = collections.Counter(key for key, retry in attempts if retry == 0)
+    again = sum(1 for n in firsts.values() if n > 1)
+    print(
+        f"{args.runs} run processes, {args.items} items, 10% faults: {wall:.1f} s, exit codes "
+        f"{codes}, runs' own counts {[json.loads(o.splitlines()[-1])['sent'] for o in outs]}"
+    )
+    print(
+        f"job complete: {status.complete}; outcomes {dict(counts)}; items with one outcome: "
+        f"{len(by_index)}/{args.items}; received twice: {twice}; report != server: "
+        f"{mismatches}; received but recorded not sent (loss window): {lost}; sent afresh "
+        f"twice under one key: {again}"
+    )
+    print(f"load after: {os.getloadavg()}")
+
+
+def rss(args: argparse.Namespace) -> None:
+    """Peak RSS of one ``send-many --redis`` run process on a large input."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found on PATH")
+    print(f"load before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    with tempfile.TemporaryDirectory() as directory, start_server("aiohttp", processes=1) as s:
+        path = Path(directory) / "in.csv"
+        with path.open("w", encoding="utf-8") as f:
+            f.write("department_uuid,user_uuid,text\n")
+            for i in range(args.rows):
+                dept = uuid.uuid5(uuid.NAMESPACE_URL, f"d{i % 10}")
+                f.write(f"{dept},{uuid.uuid5(uuid.NAMESPACE_URL, f'u{i}')},message number {i}\n")
+        sock = Path(directory) / "redis.sock"
+        server = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(sock), "--dir", directory, "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(unix_socket_path=str(sock))
+            for _ in range(500):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            env = child_env()
+            # The benchmark server checks no credentials.
+            env.update(BOTMSG_BASE_URL=s.base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")  # noqa: S106
+            if args.package_dir:
+                env["PYTHONPATH"] = args.package_dir
+            command = [sys.executable, "-m", "botmsg_async", "send-many", str(path)]
+            command += ["--redis", f"unix://{sock}", "--job", "rss", "--accept-redis-loss"]
+            started = time.monotonic()
+            proc = subprocess.Popen(command, env=env, cwd=directory, stderr=subprocess.DEVNULL)
+            while not client.hget("botmsg:job:{rss}:meta", "t0") and proc.poll() is None:
+                time.sleep(0.1)
+            began = time.monotonic() - started
+            time.sleep(args.seconds)
+            settled = client.bitcount("botmsg:job:{rss}:settled")
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        finally:
+            server.kill()
+            server.wait()
+    print(
+        f"{args.rows} rows: first send after {began:.1f} s (input checked), {settled} items "
+        f"settled in {args.seconds:g} s; peak RSS of the run process {peak:.0f} MiB"
+    )
+    print(f"load after: {os.getloadavg()}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "rss":
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis rss")
+        parser.add_argument("--rows", type=int, default=1_000_000)
+        parser.add_argument("--seconds", type=float, default=15.0)
+        parser.add_argument("--package-dir")
+        rss(parser.parse_args(argv[1:]))
+        return
+    if argv and argv[0] in ("faults", "restart"):
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis " + argv[0])
+        parser.add_argument("--items", type=int, default=30_000)
+        parser.add_argument("--runs", type=int, default=3)
+        parser.add_argument("--concurrency", type=int, default=16)
+        parser.add_argument("--chunk-size", type=int, default=256)
+        args = parser.parse_args(argv[1:])
+        asyncio.run(_shared_job(args, restart=argv[0] == "restart"))
+        return
     if argv and argv[0] in ("throughput", "_child"):
         parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis " + argv[0])
         parser.add_argument("--items", type=int, default=6000)

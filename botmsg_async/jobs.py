@@ -10,11 +10,15 @@ carries ranges, never message data.
 
 Crash safety, as the file journal defines it:
 
-* an item's start is recorded (a bit in the ``started`` bitmap) right before
-  its first attempt, in small groups (the items ready at once share one round
-  trip, and with ``appendfsync always`` one fsync); its outcome as soon as it
-  is known (a bit in ``settled``, details only when not SENT, the message UUID
-  packed per chunk);
+* an item's start is recorded (a bit in the ``started`` bitmap) before its
+  first attempt, a group at a time (up to the run's concurrency, at most 32 and
+  50 ms of the rate: one round trip, and with ``appendfsync always`` one fsync,
+  right before the group's first item is handed out); its outcome when known
+  (a bit in ``settled``, details only when not SENT, the message UUID packed
+  per chunk), written within ``OUTCOME_WINDOW`` together with the other
+  outcomes, take-backs and chunk acknowledgements of that moment (one Lua call);
+  an item of a started group that a stop keeps from its send has its start
+  taken back (it certainly was not sent);
 * the idempotency key of an item is derived from the job's nonce and the
   item's index (a UUID5; or the row's own key): one key per item for the
   whole job, so nothing in doubt is ever resent under a new key, and no key
@@ -48,6 +52,7 @@ cluster slot); each expires ``ttl`` seconds after the job's last activity::
     botmsg:job:{J}:details   hash    index -> outcome code + JSON, only for items not SENT
     botmsg:job:{J}:m         hash    chunk number -> message UUIDs, 16 bytes per item
     botmsg:job:{J}:workers   hash    consumer -> last heartbeat (ms, Redis clock)
+    botmsg:job:{J}:events    channel "end" (last chunk done), "stop", "chunks" (put back)
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast, overload
 
 from attrs import define, field
 from redis.asyncio import Redis
@@ -164,17 +169,86 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 return {1}
 """
 
-# KEYS: meta, started. ARGV: the generation this run last saw, indices...
-# Reply {status, gen, refused...}: status 1 started (refused: already started by
-# another run, not to be sent here); -1 the job is not running (nothing started);
-# -2 the generation went backwards (nothing started).
-_START = """
+# KEYS: meta, started, settled, details, m, stream. ARGV: the generation this run
+# last saw, chunk size, group, consumer, channel, then four lists, each its length
+# first: outcomes (index, code, packed message UUID or '', detail or '': 4 values
+# each), releases (indices this run started and certainly never attempted: their
+# start is taken back), acknowledgements (stream entries of chunks finished by these
+# outcomes), starts (indices). Everything one run has to write at a moment, in one
+# round trip (and one fsync): outcomes first, so a refused start loses none.
+# An outcome never replaces a recorded one, except that a known one replaces an
+# unknown (a run taken for dead that finished its send after all). A chunk is
+# acknowledged (XACK, XDEL) only if this run still owns it. When the last chunk is
+# done, the job's channel hears "end". Reply {status, gen, refused...}: status 1
+# started (refused: already started by another run, not to be sent here); 0 no
+# start asked; -1 the job is not running (nothing started); -2 the generation went
+# backwards (nothing started).
+_WRITE = """
+local chunk = tonumber(ARGV[2])
+local p = 6
+local no = tonumber(ARGV[p]); local o0 = p + 1; p = o0 + no * 4
+local nr = tonumber(ARGV[p]); local r0 = p + 1; p = r0 + nr
+local na = tonumber(ARGV[p]); local a0 = p + 1; p = a0 + na
+local ns = tonumber(ARGV[p]); local s0 = p + 1
+if no > 0 then
+  local counts, blobs = {}, {}
+  for i = o0, o0 + no * 4 - 1, 4 do
+    local ix, code, mu, detail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local write, replace = true, false
+    if redis.call('SETBIT', KEYS[3], ix, 1) == 1 then
+      local old = redis.call('HGET', KEYS[4], ix)
+      if code ~= 'u' and old and string.sub(old, 1, 1) == 'u' then
+        counts['u'] = (counts['u'] or 0) - 1
+        replace = true
+      else
+        write = false
+      end
+    end
+    if write then
+      counts[code] = (counts[code] or 0) + 1
+      if detail ~= '' then redis.call('HSET', KEYS[4], ix, detail)
+      elseif replace then redis.call('HDEL', KEYS[4], ix) end
+      if mu ~= '' then
+        local n = tonumber(ix)
+        local c = math.floor(n / chunk)
+        local off = (n % chunk) * 16
+        local v = blobs[c] or redis.call('HGET', KEYS[5], c) or ''
+        if #v < off then v = v .. string.rep('\\0', off - #v) end
+        blobs[c] = string.sub(v, 1, off) .. mu .. string.sub(v, off + 17)
+      end
+    end
+  end
+  for code, n in pairs(counts) do redis.call('HINCRBY', KEYS[1], 'n' .. code, n) end
+  for c, v in pairs(blobs) do redis.call('HSET', KEYS[5], c, v) end
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl'))
+  redis.call('EXPIRE', KEYS[4], ttl)
+  redis.call('EXPIRE', KEYS[5], ttl)
+end
+for i = r0, r0 + nr - 1 do
+  if redis.call('GETBIT', KEYS[3], ARGV[i]) == 0 then redis.call('SETBIT', KEYS[2], ARGV[i], 0) end
+end
+local acked = 0
+for i = a0, a0 + na - 1 do
+  local pe = redis.call('XPENDING', KEYS[6], ARGV[3], ARGV[i], ARGV[i], 1)
+  if #pe == 1 and pe[1][2] == ARGV[4] then
+    redis.call('XACK', KEYS[6], ARGV[3], ARGV[i])
+    redis.call('XDEL', KEYS[6], ARGV[i])
+    acked = acked + 1
+  end
+end
+if acked > 0 then
+  local done = redis.call('HINCRBY', KEYS[1], 'done', acked)
+  if done >= tonumber(redis.call('HGET', KEYS[1], 'chunks')) then
+    redis.call('PUBLISH', ARGV[5], 'end')
+  end
+end
+if ns == 0 then return {0, 0} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st ~= 'running' then return {-1, 0} end
 local gen = tonumber(redis.call('HGET', KEYS[1], 'gen'))
 if gen < tonumber(ARGV[1]) then return {-2, gen} end
 local reply = {1, 0}
-for i = 2, #ARGV do
+for i = s0, s0 + ns - 1 do
   if redis.call('SETBIT', KEYS[2], ARGV[i], 1) == 1 then reply[#reply + 1] = tonumber(ARGV[i]) end
 end
 reply[2] = redis.call('HINCRBY', KEYS[1], 'gen', 1)
@@ -182,53 +256,6 @@ if redis.call('HEXISTS', KEYS[1], 't0') == 0 then
   redis.call('HSET', KEYS[1], 't0', redis.call('TIME')[1])
 end
 return reply
-"""
-
-# KEYS: meta, settled, details, m. ARGV: chunk size, then per item: index, code,
-# packed message UUID (16 bytes or ''), detail ('' when SENT with a packed UUID).
-# An outcome never replaces a recorded one, except that a known one replaces an
-# unknown (a run taken for dead that finished its send after all).
-_OUTCOME = """
-local chunk = tonumber(ARGV[1])
-for i = 2, #ARGV, 4 do
-  local ix, code, mu, detail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local write = true
-  if redis.call('SETBIT', KEYS[2], ix, 1) == 1 then
-    local old = redis.call('HGET', KEYS[3], ix)
-    if code ~= 'u' and old and string.sub(old, 1, 1) == 'u' then
-      redis.call('HINCRBY', KEYS[1], 'nu', -1)
-    else
-      write = false
-    end
-  end
-  if write then
-    redis.call('HINCRBY', KEYS[1], 'n' .. code, 1)
-    if detail == '' then redis.call('HDEL', KEYS[3], ix)
-    else redis.call('HSET', KEYS[3], ix, detail) end
-    if mu ~= '' then
-      local n = tonumber(ix)
-      local c = math.floor(n / chunk)
-      local off = (n % chunk) * 16
-      local v = redis.call('HGET', KEYS[4], c) or ''
-      if #v < off then v = v .. string.rep('\\0', off - #v) end
-      redis.call('HSET', KEYS[4], c, string.sub(v, 1, off) .. mu .. string.sub(v, off + 17))
-    end
-  end
-end
-redis.call('EXPIRE', KEYS[3], tonumber(redis.call('HGET', KEYS[1], 'ttl')))
-redis.call('EXPIRE', KEYS[4], tonumber(redis.call('HGET', KEYS[1], 'ttl')))
-return 1
-"""
-
-# KEYS: stream, meta. ARGV: group, entry id, consumer. Acknowledges and deletes a
-# finished chunk, if this run still owns it (a run taken for dead does not).
-_ACK = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'done', 1)
-return 1
 """
 
 # KEYS: stream, meta, workers, started, settled, details, m. ARGV: group, consumer,
@@ -270,9 +297,10 @@ end
 return marked
 """
 
-# KEYS: meta, stream, details. For --resend-unknown on a complete job: puts the
-# chunks that hold items recorded unknown back in the stream (once per completion:
-# the job is then not complete, so a second run's call adds nothing). Reply: how many.
+# KEYS: meta, stream, details. ARGV: the job's channel. For --resend-unknown on a
+# complete job: puts the chunks that hold items recorded unknown back in the stream
+# (once per completion: the job is then not complete, so a second run's call adds
+# nothing); runs waiting for others hear of them. Reply: how many.
 _REOPEN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 local f = redis.call('HMGET', KEYS[1], 'done', 'chunks', 'items', 'chunk')
@@ -290,20 +318,49 @@ table.sort(list)
 for _, c in ipairs(list) do
   redis.call('XADD', KEYS[2], '*', 'a', c * chunk, 'b', math.min((c + 1) * chunk, items))
 end
-if #list > 0 then redis.call('HINCRBY', KEYS[1], 'chunks', #list) end
+if #list > 0 then
+  redis.call('HINCRBY', KEYS[1], 'chunks', #list)
+  redis.call('PUBLISH', ARGV[1], 'chunks')
+end
 return #list
 """
 
-# KEYS: meta. ARGV: new state, why. running -> stopped/cancelled, once.
+# KEYS: meta. ARGV: new state, why, the job's channel. running -> stopped/cancelled,
+# once; the runs waiting for others hear it at once.
 _STOP = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'stop')
 return 1
 """
 
 
 #: Seconds a run waits for Redis to come back (a restart) before it gives up.
 REDIS_WAIT: Final = 60.0
+#: Most seconds an outcome waits to share its round trip (and fsync) with others, unless
+#: a start group goes first: what a run that dies loses of its known outcomes at most.
+OUTCOME_WINDOW: Final = 0.02
+#: Most items one start record covers (one round trip): a run that dies leaves at most
+#: this many started and not yet attempted, besides its sends in flight, unknown.
+MAX_START_GROUP: Final = 32
+#: With a rate, a start group is at most this many seconds of it (its items wait for
+#: their slots after their start record; a smaller group keeps that wait short).
+START_GROUP_TIME: Final = 0.05
+#: Most seconds a run with no chunk left waits between looks for chunks idle too long
+#: (the job's end, a stop or chunks put back wake it at once, by pub/sub).
+IDLE_POLL: Final = 1.0
+
+
+def _start_group_size(
+    concurrency: int, rate: float | None, per_department_rate: float | None
+) -> int:
+    """Items per start group: the sends a run keeps in flight, bounded by
+    ``MAX_START_GROUP`` and by ``START_GROUP_TIME`` seconds of each rate."""
+    size = min(concurrency, MAX_START_GROUP)
+    for r in (rate, per_department_rate):
+        if r is not None:
+            size = min(size, int(r * START_GROUP_TIME))
+    return max(1, size)
 
 
 async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:
@@ -334,6 +391,8 @@ class _Keys:
         self.details = prefix + "details"
         self.m = prefix + "m"
         self.workers = prefix + "workers"
+        #: Pub/sub channel: "end" (last chunk done), "stop", "chunks" (chunks put back).
+        self.events = prefix + "events"
 
     def all(self) -> list[str]:
         return [
@@ -543,7 +602,7 @@ class _Chunk:
     end: int
     open: set[int] = field(factory=set)
     produced: bool = False
-    abandoned: bool = False
+    abandoned: bool = False  # or acknowledged: either way, not to be acknowledged (again)
 
 
 @define(slots=True)
@@ -552,8 +611,8 @@ class _Pending:
     key: str
     chunk: _Chunk
     in_doubt: bool
-    started: bool = False
-    dropped: bool = False
+    started: bool = False  # its start is on record (by this run's group, or earlier)
+    attempted: bool = False  # handed to the client: from here on it may be delivered
 
 
 @define(slots=True)
@@ -606,16 +665,21 @@ class _Run:
         self.pending: dict[int, _Pending] = {}  # stream index -> item
         self.by_key: dict[str, _Pending] = {}
         self.pulled = 0
+        #: Items started per round trip (see ``start_group_size``).
+        self.group_size = 16
+        # What the writer (one round trip for all of it) has to put in Redis.
         self.outbox: list[_Record] = []
         self.waiting_outcomes: list[_Pending] = []
-        self.flushing: asyncio.Task[None] | None = None
-        self.start_queue: list[tuple[_Pending, asyncio.Future[str]]] = []
-        self.start_task: asyncio.Task[None] | None = None
+        self.releases: list[int] = []
+        self.to_ack: list[_Chunk] = []
+        self.start_request: tuple[list[int], asyncio.Future[tuple[int, int, set[int]]]] | None
+        self.start_request = None
+        self.hurry = asyncio.Event()  # write now: a start waits, or the run drains
+        self.writer: asyncio.Task[None] | None = None
+        self.listener: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(_CODES.values(), 0)
         self.stream: BatchStream | None = None
-        self._start = redis.register_script(_START)
-        self._outcome = redis.register_script(_OUTCOME)
-        self._ack = redis.register_script(_ACK)
+        self._write = redis.register_script(_WRITE)
         self._refresh = redis.register_script(_REFRESH)
         self._in_doubt = redis.register_script(_IN_DOUBT)
         self._stop = redis.register_script(_STOP)
@@ -633,7 +697,7 @@ class _Run:
 
     async def stop_job(self, state: str, why: str) -> None:
         """Stop the whole job: every run sees it at its next start group or refresh."""
-        await self._stop(keys=[self.keys.meta], args=[state, why])
+        await self._stop(keys=[self.keys.meta], args=[state, why, self.keys.events])
         self.stop(why)
 
     async def heartbeat(self) -> None:
@@ -696,18 +760,52 @@ class _Run:
                 self.reopened = True
                 await _patiently(
                     functools.partial(
-                        self._reopen, keys=[self.keys.meta, self.keys.stream, self.keys.details]
+                        self._reopen,
+                        keys=[self.keys.meta, self.keys.stream, self.keys.details],
+                        args=[self.keys.events],
                     )
                 )
                 continue
-            # Other runs hold the rest: wait for them to finish or to be taken for dead.
+            if self.listener is None:
+                # Hear the job's end (or stop, or chunks put back) the moment it happens;
+                # subscribed before looking again, so an end in between is not missed.
+                subscribed = asyncio.Event()
+                self.listener = asyncio.ensure_future(self._listen(subscribed))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(subscribed.wait(), 1.0)
+                continue
+            # Other runs hold the rest: wait for them to finish or to be taken for dead
+            # (the timeout: to look for chunks idle too long).
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), min(1.0, self.claim_timeout / 4))
+                await asyncio.wait_for(self.wake.wait(), min(IDLE_POLL, self.claim_timeout / 4))
         return None
 
+    async def _listen(self, subscribed: asyncio.Event) -> None:
+        """Wake the run on each message of the job's channel (end, stop, chunks put back)."""
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.events)
+                subscribed.set()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None:
+                        self.wake.set()
+            except (RedisError, OSError):
+                subscribed.set()  # Redis away: the poll goes on; listen again in a moment
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(0.5)
+
     async def requests(self) -> AsyncIterator[SendRequest]:
-        """The batch's items: each chunk's, those with no outcome yet."""
+        """The batch's items: each chunk's, those with no outcome yet.
+
+        Starts are recorded a group at a time (``group_size`` items, one round
+        trip) right before the group's first item is handed to the batch; an
+        item of the group that this run then never attempts (a stop) has its
+        start taken back, as it certainly was not sent.
+        """
         while not self.stopping:
             chunk = await self.next_chunk()
             if chunk is None:
@@ -717,6 +815,7 @@ class _Run:
             )
             base = (chunk.first // 8) * 8
             recorded_unknown = await self._recorded_unknown(chunk, settled, base)
+            todo: list[tuple[_Pending, SendRequest]] = []
             for index in range(chunk.first, chunk.end):
                 item = self.items[index] if index < len(self.items) else None
                 if item is None:
@@ -737,18 +836,49 @@ class _Run:
                 if in_doubt and not self.resend_unknown:
                     self._record(meta, "unknown", None, DIED_NOTE, "DeliveryUnknownError", None)
                     continue
+                todo.append((meta, item))
+            for at in range(0, len(todo), self.group_size):
+                group = todo[at : at + self.group_size]
                 if self.stopping:
-                    chunk.abandoned = True
-                    chunk.open.discard(index)
-                    continue
-                self.pending[self.pulled] = meta
-                self.by_key[key] = meta
-                self.pulled += 1
-                yield SendRequest(
-                    item.department_uuid, item.user_uuid, item.message, idempotency_key=key
-                )
+                    verdicts = dict.fromkeys((meta.index for meta, _ in group), "stopped")
+                else:
+                    verdicts = await self._start_group(
+                        [meta.index for meta, _ in group if not meta.started]
+                    )
+                for meta, item in group:
+                    verdict = verdicts.get(meta.index, "ok")
+                    if verdict == "ok":
+                        meta.started = True  # on record: from here, a stop takes it back
+                        if self.stopping:
+                            verdict = "stopped"
+                    if verdict == "taken":
+                        chunk.open.discard(meta.index)  # another run started it and reports it
+                        continue
+                    if verdict == "rewound":
+                        self._record(
+                            meta, "unknown", None, REWOUND_NOTE, "DeliveryUnknownError", None
+                        )
+                        continue
+                    if verdict != "ok":
+                        self._not_attempted(meta)
+                        continue
+                    self.pending[self.pulled] = meta
+                    self.by_key[meta.key] = meta
+                    self.pulled += 1
+                    yield SendRequest(
+                        item.department_uuid, item.user_uuid, item.message, idempotency_key=meta.key
+                    )
             chunk.produced = True
-            await self._maybe_ack(chunk)
+            self._maybe_ack(chunk)
+
+    def _not_attempted(self, meta: _Pending) -> None:
+        """``meta`` will not be attempted by this run: take its start back if it was this
+        run's; its chunk is not finished here (another run takes it over)."""
+        if meta.started and not meta.in_doubt:
+            self.releases.append(meta.index)
+            self._kick()
+        meta.chunk.open.discard(meta.index)
+        meta.chunk.abandoned = True
 
     async def _recorded_unknown(self, chunk: _Chunk, settled: bytes, base: int) -> set[int]:
         """With --resend-unknown: the chunk's items whose recorded outcome is unknown."""
@@ -771,63 +901,36 @@ class _Run:
             if (_text(detail) or "")[:1] == _CODES["unknown"]
         }
 
-    async def _maybe_ack(self, chunk: _Chunk) -> None:
+    def _maybe_ack(self, chunk: _Chunk) -> None:
+        """Acknowledge ``chunk`` (with the writer's next round trip) if it is finished."""
         if chunk.produced and not chunk.open and not chunk.abandoned:
             chunk.abandoned = True  # acknowledged once
-            await _patiently(
-                lambda: self._ack(
-                    keys=[self.keys.stream, self.keys.meta],
-                    args=[_GROUP, chunk.entry, self.consumer],
-                )
-            )
-            self.wake.set()
+            self.to_ack.append(chunk)
+            self._kick()
 
     # -- starts ---------------------------------------------------------------------
 
-    async def start(self, meta: _Pending) -> str:
-        """Record ``meta``'s start (grouped with the others ready now); ``"ok"`` or why not."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.start_queue.append((meta, future))
-        if self.start_task is None:
-            self.start_task = asyncio.ensure_future(self._start_groups())
-        return await future
-
-    async def _start_groups(self) -> None:
-        try:
-            while self.start_queue:
-                await asyncio.sleep(0)  # the sends ready in this loop turn join the group
-                group, self.start_queue = self.start_queue, []
-                args = [self.gen, *(m.index for m, _ in group)]
-                try:
-                    reply: Any = await _patiently(
-                        functools.partial(
-                            self._start, keys=[self.keys.meta, self.keys.started], args=args
-                        )
-                    )
-                except (RedisError, OSError) as exc:
-                    # Not recorded: not sent (certainly not delivered).
-                    for _, future in group:
-                        future.set_exception(_redis_failed("record a start", exc))
-                    continue
-                status, gen = int(reply[0]), int(reply[1])
-                if status == -1:
-                    self.stop(None)
-                    for _, future in group:
-                        future.set_result("stopped")
-                    continue
-                if status == -2:
-                    await self._went_backwards(gen)
-                    for _, future in group:
-                        future.set_result("rewound")
-                    continue
-                self.gen = max(self.gen, gen)
-                refused = {int(i) for i in reply[2:]}
-                # After a rewind, an item found started may be one marked in doubt here.
-                taken = "rewound" if self.rewound else "taken"
-                for meta, future in group:
-                    future.set_result(taken if meta.index in refused else "ok")
-        finally:
-            self.start_task = None
+    async def _start_group(self, indices: list[int]) -> dict[int, str]:
+        """Record the starts of ``indices`` (one round trip); each one's verdict if not
+        ``"ok"``: ``"taken"`` (another run started it), ``"rewound"``, ``"stopped"``."""
+        if not indices:
+            return {}
+        future: asyncio.Future[tuple[int, int, set[int]]]
+        future = asyncio.get_running_loop().create_future()
+        self.start_request = (indices, future)
+        self._kick()
+        self.hurry.set()
+        status, gen, refused = await future
+        if status == -1:
+            self.stop(None)
+            return dict.fromkeys(indices, "stopped")
+        if status == -2:
+            await self._went_backwards(gen)
+            return dict.fromkeys(indices, "rewound")
+        self.gen = max(self.gen, gen)
+        # After a rewind, an item found started may be one marked in doubt here.
+        taken = "rewound" if self.rewound else "taken"
+        return dict.fromkeys(refused, taken)
 
     async def _went_backwards(self, gen: int) -> None:
         self.rewound = True
@@ -868,32 +971,83 @@ class _Run:
                 else {"type": error_type, "message": error_text, "status": status}
             )
             self.on_result(JobItemResult(meta.index, outcome, message_uuid, error, meta.key))
-        if self.flushing is None:
-            self.flushing = asyncio.ensure_future(self._flush())
+        self._kick()
 
-    async def _flush(self) -> None:
+    def _kick(self) -> None:
+        if self.writer is None:
+            self.writer = asyncio.ensure_future(self._write_all())
+
+    async def _write_all(self) -> None:
+        """Write what waits (outcomes, releases, acknowledgements, a start group) in one
+        round trip per turn; outcomes wait up to ``OUTCOME_WINDOW`` for company, unless a
+        start group is asked for (or the run drains) first."""
         try:
-            while self.outbox:
-                await asyncio.sleep(0.002)  # outcomes of a few ms share one round trip
-                batch, self.outbox = self.outbox, []
-                metas, self.waiting_outcomes = self.waiting_outcomes, []
-                args: list[Any] = [self.chunk_size]
-                for r in batch:
-                    args += [r.index, r.code, r.packed, r.detail]
-                keys = [self.keys.meta, self.keys.settled, self.keys.details, self.keys.m]
-                try:
-                    # Unrecorded, the items would stay in doubt: wait for Redis a while.
-                    await _patiently(functools.partial(self._outcome, keys=keys, args=args))
-                except (RedisError, OSError):
-                    continue
-                chunks = {}
-                for meta in metas:
-                    meta.chunk.open.discard(meta.index)
-                    chunks[id(meta.chunk)] = meta.chunk
-                for chunk in chunks.values():
-                    await self._maybe_ack(chunk)
+            while self.outbox or self.releases or self.to_ack or self.start_request:
+                if self.start_request is None and not self.hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.hurry.wait(), OUTCOME_WINDOW)
+                else:
+                    await asyncio.sleep(0)  # what else is ready in this loop turn joins
+                if self.start_request is None:
+                    self.hurry.clear()
+                await self._write_once()
         finally:
-            self.flushing = None
+            self.writer = None
+
+    async def _write_once(self) -> None:
+        batch, self.outbox = self.outbox, []
+        metas, self.waiting_outcomes = self.waiting_outcomes, []
+        releases, self.releases = self.releases, []
+        request, self.start_request = self.start_request, None
+        self.hurry.clear()
+        # Chunks these outcomes finish are acknowledged in the same script, after them.
+        settling: dict[int, set[int]] = {}
+        for meta in metas:
+            settling.setdefault(id(meta.chunk), set()).add(meta.index)
+        for meta in metas:
+            chunk = meta.chunk
+            if (
+                chunk.produced
+                and not chunk.abandoned
+                and chunk.open <= settling.get(id(chunk), set())
+            ):
+                chunk.abandoned = True
+                self.to_ack.append(chunk)
+        acks, self.to_ack = self.to_ack, []
+        starts = request[0] if request is not None else []
+        args: list[Any] = [self.gen, self.chunk_size, _GROUP, self.consumer, self.keys.events]
+        args.append(len(batch))
+        for r in batch:
+            args += [r.index, r.code, r.packed, r.detail]
+        args.append(len(releases))
+        args += releases
+        args.append(len(acks))
+        args += [chunk.entry for chunk in acks]
+        args.append(len(starts))
+        args += starts
+        keys = [
+            self.keys.meta,
+            self.keys.started,
+            self.keys.settled,
+            self.keys.details,
+            self.keys.m,
+            self.keys.stream,
+        ]
+        try:
+            # Unrecorded, outcomes would leave their items in doubt: wait for Redis a while.
+            reply: Any = await _patiently(functools.partial(self._write, keys=keys, args=args))
+        except (RedisError, OSError) as exc:
+            if request is not None:
+                # Not recorded: not sent (certainly not delivered).
+                request[1].set_exception(_redis_failed("record a start", exc))
+            return
+        for meta in metas:
+            meta.chunk.open.discard(meta.index)
+        if acks:
+            self.wake.set()
+        if request is not None:
+            refused = {int(i) for i in reply[2:]}
+            request[1].set_result((int(reply[0]), int(reply[1]), refused))
 
     def on_item(self, result: ItemResult) -> None:
         """A batch result: record its outcome (unless it never started)."""
@@ -912,11 +1066,10 @@ class _Run:
             task = asyncio.ensure_future(self.stop_job("stopped", why))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        if not meta.started:
-            # Never attempted here: no record; its chunk is not finished by this run.
-            meta.chunk.open.discard(meta.index)
-            if not meta.dropped:
-                meta.chunk.abandoned = True
+        if not meta.attempted:
+            # Never attempted here: no outcome; its start taken back (certainly not
+            # sent); its chunk is not finished by this run.
+            self._not_attempted(meta)
             return
         if result.outcome is Outcome.SKIPPED:
             text: str | None = f"not attempted: the job stopped after: {self.stopped_by}"
@@ -934,8 +1087,9 @@ class _Run:
 
     async def drain(self) -> None:
         """Wait until every outcome and start of this run is in Redis."""
-        while self.flushing is not None or self.start_task is not None or self.tasks:
-            for task in (self.flushing, self.start_task, *self.tasks):
+        while self.writer is not None or self.tasks:
+            self.hurry.set()
+            for task in (self.writer, *self.tasks):
                 if task is not None:
                     await asyncio.shield(task)
 
@@ -958,23 +1112,16 @@ class _JobSender:
     ) -> SendResult:
         run = self._run
         meta = run.by_key.get(idempotency_key) if idempotency_key is not None else None
-        if meta is not None and not meta.started:
+        if meta is not None:
+            # Its start is on record (its group's); not attempted yet, so a stop now
+            # takes the start back (``_Run.on_item``).
             if run.stopping:
                 raise _NotStartedError("not attempted: the job is stopping")
             if run.limiter is not None:
-                # The slot before the start record: waiting is never in doubt.
                 await run.limiter.acquire(department_uuid)
-            verdict = await run.start(meta)
-            if verdict == "taken":
-                meta.dropped = True  # another run started it and reports it
-                raise _NotStartedError("started by another run")
-            if verdict == "rewound":
-                meta.started = True
-                meta.in_doubt = True
-                raise _NotStartedError(REWOUND_NOTE)
-            if verdict != "ok":
-                raise _NotStartedError("not attempted: the job is stopping")
-            meta.started = True
+                if run.stopping:
+                    raise _NotStartedError("not attempted: the job is stopping")
+            meta.attempted = True
         return await self._client.send(
             department_uuid, user_uuid, message, retry=retry, idempotency_key=idempotency_key
         )
@@ -995,20 +1142,46 @@ class _JobSender:
 # -- public entry points ------------------------------------------------------------
 
 
+def _item(raw: object) -> SendRequest | None:
+    if raw is None or isinstance(raw, SendRequest):
+        return raw
+    if isinstance(raw, tuple) and len(raw) == 3:
+        return SendRequest(raw[0], raw[1], raw[2])
+    raise InvalidRequestError(
+        "item", raw, "must be a SendRequest, a (department, user, message) tuple or None"
+    )
+
+
+class _OnDemand(Sequence[SendRequest | None]):
+    """The items of a sequence that is not a list or tuple (one that reads them on demand,
+    from a large file, say), each checked when read: never copied whole."""
+
+    def __init__(self, items: Sequence[object]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> SendRequest | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SendRequest | None]: ...
+
+    def __getitem__(self, index: int | slice) -> SendRequest | Sequence[SendRequest | None] | None:
+        if isinstance(index, slice):
+            return [_item(raw) for raw in self._items[index]]
+        return _item(self._items[index])
+
+
 def _normalize(
     items: Sequence[SendRequest | tuple[str, str, str | TextMessage] | None],
-) -> list[SendRequest | None]:
-    out: list[SendRequest | None] = []
-    for raw in items:
-        if raw is None or isinstance(raw, SendRequest):
-            out.append(raw)
-        elif isinstance(raw, tuple) and len(raw) == 3:
-            out.append(SendRequest(raw[0], raw[1], raw[2]))
-        else:
-            raise InvalidRequestError(
-                "item", raw, "must be a SendRequest, a (department, user, message) tuple or None"
-            )
-    return out
+) -> Sequence[SendRequest | None]:
+    if not isinstance(items, list | tuple):
+        return _OnDemand(items)
+    if all(raw is None or isinstance(raw, SendRequest) for raw in items):
+        return cast("Sequence[SendRequest | None]", items)  # used as given, not copied
+    return [_item(raw) for raw in items]
 
 
 async def _create_or_join(
@@ -1144,7 +1317,9 @@ async def cancel_job(redis: str | Redis, job: str) -> bool:
     client, owned = _connect(redis)
     try:
         script = client.register_script(_STOP)
-        return bool(await script(keys=[keys.meta], args=["cancelled", "cancelled by request"]))
+        return bool(
+            await script(keys=[keys.meta], args=["cancelled", "cancelled by request", keys.events])
+        )
     except (RedisError, OSError) as exc:
         raise _redis_failed("cancel the job", exc) from None
     finally:
@@ -1290,7 +1465,10 @@ async def run_job_async(
     Args:
         redis: A Redis URL (``redis://``, ``rediss://``, ``unix://``) or a client (you close it).
         job: The job's name (shared by its runs).
-        items: The items, in input order; ``None`` for an input row not sent.
+        items: The items, in input order; ``None`` for an input row not sent. A list or
+            tuple is checked before anything is sent; another sequence (one that reads
+            its items on demand, from a large file, say) is read a chunk at a time, in
+            order, each item checked when read.
         base_url: The URL before ``/communications``.
         username: Basic-auth user name.
         password: Basic-auth password.
@@ -1396,6 +1574,7 @@ async def run_job_async(
         )
         run.nonce = nonce
         run.chunk_size = chunk_size
+        run.group_size = _start_group_size(concurrency, rate_limit, per_department_rate_limit)
         beat = asyncio.ensure_future(run.heartbeat())
         watcher = asyncio.ensure_future(_watch(stop, run)) if stop is not None else None
         try:
@@ -1413,7 +1592,7 @@ async def run_job_async(
         except (RedisError, OSError) as exc:
             raise _redis_failed("go on with the job", exc) from None
         finally:
-            for task in (beat, watcher):
+            for task in (beat, watcher, run.listener):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

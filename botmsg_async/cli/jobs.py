@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
+import io
+import itertools
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast, overload
 
 from botmsg_async import BotMessageError, SendRequest
 
@@ -64,14 +67,123 @@ def validate_redis_flags(args: argparse.Namespace) -> None:
         raise UsageError("--workers with --redis is not supported yet: start one run per core")
 
 
-def _items(source: Source, fmt: str, defaults: RowDefaults) -> list[SendRequest | None]:
-    items: list[SendRequest | None] = []
-    with source.open() as f:
-        for row in parse(f, fmt, defaults):
-            if isinstance(row, BadRow):
-                items.append(None)
+class _Counted:
+    """The raw lines of a binary file, counting the bytes handed out (``pos``)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.pos = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._f:
+            self.pos += len(line)
+            yield line
+
+
+class FileItems(Sequence[SendRequest | None]):
+    """A job's items read from the input file on demand, one chunk of rows at a time.
+
+    Built by one pass over the input that keeps, per chunk of ``chunk`` rows, the
+    byte offset of its first row (and the indices of invalid rows): a row is read
+    again from the file when its chunk is asked for, so a run holds one chunk of
+    rows, not the whole input (a CSV's header is read once and put before each
+    chunk's rows). Rows are mostly asked for in order (a job's chunks, the report).
+    An invalid row is ``None``, as is a row that became invalid since the check.
+
+    Raises:
+        UsageError: the input cannot be read as ``fmt`` (as ``scan_input``).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        fmt: str,
+        defaults: RowDefaults,
+        chunk: int,
+        stack: contextlib.ExitStack,
+    ) -> None:
+        self._fmt = fmt
+        self._defaults = defaults
+        self._chunk = max(1, chunk)
+        self._offsets: list[int] = []
+        self._invalid: set[int] = set()
+        self._prefix = b""
+        start = 0
+        if fmt == "csv":
+            start = self._header_end(source)
+            with source.open() as f:
+                self._prefix = f.read(start)
+        count = 0
+        with source.open() as f:
+            counted = _Counted(f)
+            end = start  # where the next row starts (blank lines before it are skipped)
+            for row in parse(cast(BinaryIO, counted), fmt, defaults):
+                if row.index % self._chunk == 0:
+                    self._offsets.append(end)
+                if isinstance(row, BadRow):
+                    self._invalid.add(row.index)
+                end = counted.pos
+                count += 1
+        self._len = count
+        self._f = stack.enter_context(source.open())
+        self._loaded = -1
+        self._rows: list[SendRequest | None] = []
+
+    @staticmethod
+    def _header_end(source: Source) -> int:
+        """Bytes up to the end of a CSV's header record (a BOM and blank lines before it)."""
+        with source.open() as f:
+            counted = _Counted(f)
+            lines = (
+                (raw.removeprefix(b"\xef\xbb\xbf") if n == 0 else raw).decode("utf-8", "replace")
+                for n, raw in enumerate(counted)
+            )
+            for record in csv.reader(lines, strict=True):
+                if record:
+                    break
+            return counted.pos
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> SendRequest | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SendRequest | None]: ...
+
+    def __getitem__(self, index: int | slice) -> SendRequest | Sequence[SendRequest | None] | None:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("item index out of range")
+        number = index // self._chunk
+        if number != self._loaded:
+            self._load(number)
+        return self._rows[index - number * self._chunk]
+
+    def _load(self, number: int) -> None:
+        first = number * self._chunk
+        count = min(self._chunk, self._len - first)
+        self._f.seek(self._offsets[number])
+        prefix = self._prefix
+        skip = 0
+        if self._fmt != "csv" and number > 0:
+            # A JSON-lines parse takes a first line starting with "[" for a JSON array:
+            # an empty object first (an invalid row, dropped) keeps a later row a row.
+            prefix, skip = b"{}\n", 1
+        lines = itertools.chain(io.BytesIO(prefix), self._f)  # lines as the file splits them
+        rows = itertools.islice(
+            parse(cast(BinaryIO, lines), self._fmt, self._defaults), skip, skip + count
+        )
+        self._rows = []
+        for k, row in enumerate(rows):
+            if isinstance(row, BadRow) or first + k in self._invalid:
+                self._rows.append(None)
             else:
-                items.append(
+                self._rows.append(
                     SendRequest(
                         row.department_uuid,
                         row.user_uuid,
@@ -79,7 +191,8 @@ def _items(source: Source, fmt: str, defaults: RowDefaults) -> list[SendRequest 
                         idempotency_key=row.idempotency_key,
                     )
                 )
-    return items
+        self._rows += [None] * (count - len(self._rows))  # the file got shorter: not sent
+        self._loaded = number
 
 
 def _describe(status: JobStatus) -> str:
@@ -103,7 +216,7 @@ def _write_report(
     console: Console,
     out: TextIO | None,
     results: list[JobItemResult],
-    items: list[SendRequest | None] | None,
+    items: Sequence[SendRequest | None] | None,
 ) -> int:
     """Every item to ``out`` as ``send-many --out`` writes it; the exit code of the tally."""
     sink = Results(console, out)
@@ -170,7 +283,7 @@ def run_redis_job(
     """
     jobs = _jobs()
     out = _open_out(args.out, stack)
-    items = _items(source, fmt, defaults)
+    items = FileItems(source, fmt, defaults, args.chunk_size, stack)
     stop = asyncio.Event()
     recorded = {
         **options,
@@ -252,13 +365,13 @@ async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> 
             else "the job was not running (missing, stopped or cancelled already)"
         )
         return EXIT_OK
-    items: list[SendRequest | None] | None = None
+    items: Sequence[SendRequest | None] | None = None
     with contextlib.ExitStack() as stack:
         if args.input:
             source = Source(args.input, stack)
             fmt = args.format or source.guess_format()
             defaults = RowDefaults(args.text, args.subject, args.sender_name)
-            items = _items(source, fmt, defaults)
+            items = FileItems(source, fmt, defaults, 256, stack)
         out = _open_out(args.out, stack)
         results = await jobs.job_results(args.redis, args.job, items)
         started = time.perf_counter()

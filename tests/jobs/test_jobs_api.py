@@ -6,6 +6,8 @@ import asyncio
 import collections
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import overload
 
 import pytest
 from aiohttp import web
@@ -223,3 +225,191 @@ async def test_resend_unknown_on_a_complete_job(job_redis: JobRedis) -> None:
     assert status.complete
     assert status.counts.unknown == 0
     assert status.counts.sent == len(items)
+
+
+def _gated(
+    items: list[SendRequest | None], answer_at_once: set[int]
+) -> tuple[Callable[[web.Request], Awaitable[web.Response]], asyncio.Event, list[int]]:
+    """A send handler that holds every request but those of ``answer_at_once`` until the
+    gate is set; the indices of the requests it has seen, in order."""
+    index_of = {str(item.user_uuid): i for i, item in enumerate(items) if item is not None}
+    gate = asyncio.Event()
+    seen: list[int] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        index = index_of[request.match_info["user"]]
+        seen.append(index)
+        if index not in answer_at_once:
+            await gate.wait()
+        key = request.headers["Idempotency-Key"]
+        return web.json_response({"requestUuid": key, "status": "SUCCESS", "messageUuid": key})
+
+    return handle, gate, seen
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait (up to 60 s, however loaded the machine) until ``condition()`` holds."""
+    for _ in range(6000):
+        if await condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_a_waiting_run_hears_the_end(
+    job_redis: JobRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with no chunk left ends when another run finishes the last chunk, told by
+    pub/sub: its poll (patched to an hour here) is not what ends it."""
+    from redis.asyncio import Redis
+
+    from botmsg_async import jobs
+
+    monkeypatch.setattr(jobs, "IDLE_POLL", 3600.0)
+    items = _items(4, seed="end")
+    handle, gate, seen = _gated(items, answer_at_once={2, 3})
+
+    def run(base_url: str) -> asyncio.Future[JobReport]:
+        # Concurrency 2: a run whose two sends are held pulls no further chunk.
+        return asyncio.ensure_future(
+            run_job_async(
+                job_redis.url, "end", items, base_url=base_url, username="u", password="p",
+                chunk_size=2, concurrency=2, claim_timeout=3600,
+            )
+        )  # fmt: skip
+
+    async with serving_send(handle) as base_url, Redis.from_url(job_redis.url) as client:
+        first = run(base_url)  # takes chunk 0: its sends are held at the gate
+
+        async def held() -> bool:
+            return len(seen) == 2
+
+        await _until(held, "the first run's two sends held")
+        second = run(base_url)  # takes chunk 1, sends it, then waits for the first
+
+        async def second_waits() -> bool:
+            subs = await client.pubsub_numsub("botmsg:job:{end}:events")
+            return bool(subs and subs[0][1] == 1)
+
+        await _until(second_waits, "the second run waiting on the job's channel")
+        assert not second.done()
+        gate.set()
+        reports = await asyncio.wait_for(asyncio.gather(first, second), 60)
+    assert [r.counts.sent for r in reports] == [2, 2]
+    assert all(r.job.complete for r in reports)
+
+
+async def test_a_stop_takes_back_starts_never_attempted(job_redis: JobRedis) -> None:
+    """An item whose group start is on record but that a stop kept from being sent has
+    its start taken back: reported not attempted, never unknown; the rest sent."""
+    from redis.asyncio import Redis
+
+    items = _items(8, seed="back")
+    # Concurrency 2: starts go two at a time. Item 0 is answered at once, so its worker
+    # takes the next group (items 2 and 3) and sends 2; item 3 waits for a free worker.
+    handle, gate, seen = _gated(items, answer_at_once={0})
+    stop = asyncio.Event()
+    async with serving_send(handle) as base_url:
+        run = asyncio.ensure_future(
+            run_job_async(
+                job_redis.url, "back", items, base_url=base_url, username="u", password="p",
+                chunk_size=8, concurrency=2, stop=stop,
+            )
+        )  # fmt: skip
+
+        async def two_held() -> bool:
+            return sorted(seen) == [0, 1, 2]
+
+        await _until(two_held, "items 1 and 2 held, item 3 started")
+        async with Redis.from_url(job_redis.url) as client:
+            assert await client.getbit("botmsg:job:{back}:started", 3) == 1
+            stop.set()
+            gate.set()
+            report = await asyncio.wait_for(run, 60)
+            started = [await client.getbit("botmsg:job:{back}:started", i) for i in range(8)]
+        results = await job_results(job_redis.url, "back", items)
+    assert sorted(seen) == [0, 1, 2]
+    assert report.counts.sent == 3
+    assert started == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert [r.outcome for r in results] == ["sent"] * 3 + ["skipped"] * 5
+
+
+class _Counting(Sequence[SendRequest | None]):
+    """Items made when read, counting the reads (a stand-in for a large file)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reads = collections.Counter[int]()
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, index: int) -> SendRequest | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SendRequest | None]: ...
+
+    def __getitem__(self, index: int | slice) -> SendRequest | Sequence[SendRequest | None] | None:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        self.reads[index] += 1
+        return _items(1, seed=f"lazy{index}")[0]
+
+
+async def test_a_sequence_read_on_demand_is_not_copied(job_redis: JobRedis) -> None:
+    """Items from a sequence that is not a list are read when their chunk is taken (once
+    each, given a fingerprint), not copied whole before the job starts."""
+    items = _Counting(300)
+    read_at_first_result: list[int] = []
+
+    def first(_: JobItemResult) -> None:
+        if not read_at_first_result:
+            read_at_first_result.append(len(items.reads))
+
+    async with FakeBotMessageServer() as server:
+        report = await run_job_async(
+            job_redis.url, "lazy", items, base_url=server.base_url, username=server.username,
+            password=server.password, chunk_size=64, fingerprint="f" * 64, on_result=first,
+        )  # fmt: skip
+    assert report.counts.sent == 300
+    assert read_at_first_result[0] < 300  # the first chunks only
+    assert set(items.reads) == set(range(300))
+    assert max(items.reads.values()) == 1
+
+
+async def test_resent_unknown_items_keep_to_the_rate(job_redis: JobRedis) -> None:
+    """--resend-unknown sends take their slots from the shared limiter too: 12 resends
+    at 10/s span >= 1 s (they used to skip the limiter and go at once)."""
+    arrivals: list[float] = []
+    fail = [True]
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        if fail[0]:
+            return web.json_response({"detail": "boom"}, status=500)  # unknown: in doubt
+        arrivals.append(time.monotonic())
+        key = request.headers["Idempotency-Key"]
+        return web.json_response({"requestUuid": key, "status": "SUCCESS", "messageUuid": key})
+
+    items = _items(12, seed="rate-resend")
+    async with serving_send(handle) as base_url:
+
+        async def run(resend_unknown: bool) -> JobReport:
+            return await run_job_async(
+                job_redis.url, "rate-resend", items, base_url=base_url, username="u",
+                password="p", rate_limit=10, resend_unknown=resend_unknown,
+            )  # fmt: skip
+
+        first = await run(False)
+        assert first.job.counts.unknown == 12
+        fail[0] = False
+        begun = time.monotonic()
+        again = await run(True)
+    assert again.counts.sent == 12
+    # Slots at 10/s with a burst of 1: the 12th is granted >= 1.1 s after the first, which
+    # comes after ``begun``; a slow machine only delays the last arrival further.
+    assert arrivals[-1] - begun >= 1.0
