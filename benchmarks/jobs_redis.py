@@ -37,6 +37,13 @@ against a fast server (aiohttp, own process) and a Redis without AOF
 (``--accept-redis-loss``). ``--package-dir``: a directory holding another
 ``botmsg_async`` to measure instead (e.g. ``git archive <commit> botmsg_async | tar
 -x -C DIR``: the "before").
+
+``python -m benchmarks.jobs_redis report [--items 1000000] [--package-dir DIR]``:
+peak RSS and time of one ``botmsg job report --out FILE`` process on a finished job
+of ``--items`` items written straight into a Redis without AOF with the documented
+key layout (docs/jobs.md "Key layout"; no sends): 90% sent (message UUIDs packed
+per chunk), 5% failed (a details field each), 3% unknown (started, no outcome), 2%
+skipped (never started). ``--package-dir`` as for ``rss``.
 """
 
 from __future__ import annotations
@@ -175,8 +182,8 @@ def _together(commands: list[list[str]]) -> tuple[float, float, float, int]:
 
 
 @contextmanager
-def _redis_server() -> Iterator[tuple[Path, redis.Redis]]:
-    """A durable redis-server of its own (AOF, appendfsync always) on a unix socket."""
+def _redis_server(*, durable: bool = True) -> Iterator[tuple[Path, redis.Redis]]:
+    """A redis-server of its own on a unix socket; durable: AOF, appendfsync always."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server not found on PATH")
@@ -184,7 +191,8 @@ def _redis_server() -> Iterator[tuple[Path, redis.Redis]]:
         sock = Path(directory) / "redis.sock"
         server = subprocess.Popen(
             [binary, "--port", "0", "--unixsocket", str(sock), "--dir", directory,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+             "--save", "", "--appendonly", "yes" if durable else "no",
+             "--appendfsync", "always"],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         try:
@@ -417,6 +425,75 @@ def rss(args: argparse.Namespace) -> None:
     print(f"load after: {os.getloadavg()}")
 
 
+def _write_job(client: redis.Redis, job: str, items: int, chunk: int) -> None:
+    """A finished job of ``items`` items, written key by key (docs/jobs.md "Key layout")."""
+    prefix = f"botmsg:job:{{{job}}}:"
+    chunks = (items + chunk - 1) // chunk
+    started, settled = bytearray((items + 7) // 8), bytearray((items + 7) // 8)
+    pipe = client.pipeline(transaction=False)
+    for number in range(chunks):
+        packed = bytearray(16 * chunk)
+        details: dict[str, str] = {}
+        for index in range(number * chunk, min(items, (number + 1) * chunk)):
+            kind = index % 100  # 0-89 sent, 90-94 failed, 95-97 unknown, 98-99 skipped
+            bit = 0x80 >> (index % 8)
+            if kind < 98:
+                started[index // 8] |= bit
+            if kind < 95:
+                settled[index // 8] |= bit
+            if kind < 90:
+                off = (index % chunk) * 16
+                packed[off : off + 16] = uuid.uuid4().bytes
+            elif kind < 95:
+                details[str(index)] = "f" + json.dumps(
+                    {"t": "APIStatusError", "e": "user not found", "st": 404}
+                )
+        pipe.hset(prefix + "m", str(number), bytes(packed))
+        if details:
+            pipe.hset(prefix + "details", mapping=details)
+        if number % 64 == 63:
+            pipe.execute()
+    pipe.set(prefix + "started", bytes(started))
+    pipe.set(prefix + "settled", bytes(settled))
+    pipe.hset(
+        prefix + "meta",
+        mapping={
+            "v": "1", "fingerprint": "0" * 64, "options": "{}", "items": items,
+            "chunk": chunk, "chunks": chunks, "done": chunks, "nonce": uuid.uuid4().hex,
+            "gen": 1, "state": "running", "t0": int(time.time()), "ttl": 3600,
+            "ns": items * 90 // 100, "nf": items * 5 // 100, "nu": items * 3 // 100,
+            "nk": items * 2 // 100,
+        },
+    )  # fmt: skip
+    pipe.execute()
+
+
+def report(args: argparse.Namespace) -> None:
+    """Peak RSS and time of one ``botmsg job report --out`` process on a large finished job."""
+    print(f"load before: {os.getloadavg()}, cpus: {os.cpu_count()}")
+    with _redis_server(durable=False) as (sock, client), tempfile.TemporaryDirectory() as d:
+        made = time.monotonic()
+        _write_job(client, "report", args.items, 256)
+        print(f"job of {args.items} items written in {time.monotonic() - made:.1f} s")
+        env = child_env()
+        if args.package_dir:
+            env["PYTHONPATH"] = args.package_dir
+        out = Path(d) / "report.jsonl"
+        command = [sys.executable, "-m", "botmsg_async", "job", "report"]
+        command += ["--redis", f"unix://{sock}", "--job", "report", "--out", str(out)]
+        started = time.monotonic()
+        done = subprocess.run(command, env=env, cwd=d, capture_output=True, text=True, check=False)
+        took = time.monotonic() - started
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        with out.open("rb") as f:
+            lines = sum(1 for _ in f)
+    print(
+        f"{args.items} items: exit {done.returncode}, {lines} lines in {took:.1f} s; "
+        f"peak RSS of the report process {peak:.0f} MiB ({done.stderr.strip()})"
+    )
+    print(f"load after: {os.getloadavg()}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "rss":
@@ -425,6 +502,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument("--seconds", type=float, default=15.0)
         parser.add_argument("--package-dir")
         rss(parser.parse_args(argv[1:]))
+        return
+    if argv and argv[0] == "report":
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis report")
+        parser.add_argument("--items", type=int, default=1_000_000)
+        parser.add_argument("--package-dir")
+        report(parser.parse_args(argv[1:]))
         return
     if argv and argv[0] in ("faults", "restart"):
         parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs_redis " + argv[0])
