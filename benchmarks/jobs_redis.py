@@ -433,7 +433,7 @@ def _write_job(client: redis.Redis, job: str, items: int, chunk: int) -> None:
     pipe = client.pipeline(transaction=False)
     for number in range(chunks):
         packed = bytearray(16 * chunk)
-        details: dict[str, str] = {}
+        details: list[str] = []  # field, value, field, value...
         for index in range(number * chunk, min(items, (number + 1) * chunk)):
             kind = index % 100  # 0-89 sent, 90-94 failed, 95-97 unknown, 98-99 skipped
             bit = 0x80 >> (index % 8)
@@ -445,12 +445,11 @@ def _write_job(client: redis.Redis, job: str, items: int, chunk: int) -> None:
                 off = (index % chunk) * 16
                 packed[off : off + 16] = uuid.uuid4().bytes
             elif kind < 95:
-                details[str(index)] = "f" + json.dumps(
-                    {"t": "APIStatusError", "e": "user not found", "st": 404}
-                )
+                error = {"t": "APIStatusError", "e": "user not found", "st": 404}
+                details += [str(index), "f" + json.dumps(error)]
         pipe.hset(prefix + "m", str(number), bytes(packed))
         if details:
-            pipe.hset(prefix + "details", mapping=details)
+            pipe.hset(prefix + "details", items=details)
         if number % 64 == 63:
             pipe.execute()
     pipe.set(prefix + "started", bytes(started))

@@ -65,7 +65,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar, cast, overload
 
 from attrs import define, field
@@ -94,12 +94,14 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_CLAIM_TIMEOUT",
     "DEFAULT_TTL",
+    "REPORT_PAGE_SIZE",
     "JobError",
     "JobItemResult",
     "JobReport",
     "JobStatus",
     "cancel_job",
     "check_durability",
+    "iter_job_results",
     "job_fingerprint",
     "job_results",
     "job_status",
@@ -111,6 +113,8 @@ __all__ = [
 DEFAULT_CHUNK_SIZE: Final = 256
 #: Seconds a chunk may go without its run's refresh before another run takes it over.
 DEFAULT_CLAIM_TIMEOUT: Final = 30.0
+#: Items per page of a report (``iter_job_results``): ~256 KiB of packed UUIDs per read.
+REPORT_PAGE_SIZE: Final = 16384
 #: Seconds a job's keys live after its last activity (7 days).
 DEFAULT_TTL: Final = 7 * 24 * 3600
 #: The options a run may choose on its own: the rest must match the job's.
@@ -1332,10 +1336,10 @@ async def job_results(
     job: str,
     items: Sequence[SendRequest | None] | None = None,
 ) -> list[JobItemResult]:
-    """Every item's outcome as Redis records it (``botmsg job report``).
+    """Every item's outcome as Redis records it, as one list: for small jobs.
 
-    An item started with no outcome is unknown; one never started is skipped
-    (the job stopped, was cancelled, or is still running: the error says which).
+    The list holds every item at once (hundreds of bytes each): for a large job,
+    iterate ``iter_job_results`` instead, which reads and yields a page at a time.
 
     Args:
         redis: A Redis URL or client.
@@ -1343,65 +1347,129 @@ async def job_results(
         items: The job's items, to name the idempotency keys of items no
             outcome was recorded for (row keys); None: keys derived from the job.
 
+    Returns:
+        What ``iter_job_results`` yields, in index order.
+
     Raises:
         JobError: the job is missing or Redis cannot be read.
     """
+    return [result async for result in iter_job_results(redis, job, items)]
+
+
+async def iter_job_results(
+    redis: str | Redis,
+    job: str,
+    items: Sequence[SendRequest | None] | None = None,
+    *,
+    page_size: int = REPORT_PAGE_SIZE,
+) -> AsyncGenerator[JobItemResult, None]:
+    """Every item's outcome as Redis records it, in index order, read a page at a time.
+
+    The report of ``botmsg job report`` and of ``send-many --redis --out``. Memory
+    stays flat however large the job: each page of ``page_size`` items is read
+    with a few commands (``GETRANGE`` of both bitmaps and ``HMGET`` of the page's
+    packed message UUIDs, then ``HMGET`` of the details of its settled items), and
+    its results are yielded before the next page is read.
+
+    An item started with no outcome is unknown; one never started is skipped
+    (the job stopped, was cancelled, or is still running: the error says which).
+
+    A report taken while runs still write the job is not a snapshot: each page
+    shows its items as they were when that page was read, so a later page may
+    show a later state than an earlier one (an item counted skipped or unknown
+    on an early page may since have been sent). Each item's own record is
+    consistent (its bits and details are read together); the job's state in the
+    skipped items' error is the one read at the start. Read the report again once
+    the job is complete for final outcomes.
+
+    Args:
+        redis: A Redis URL or client (a URL's connection is closed when the
+            iteration ends or the iterator is closed).
+        job: The job's name.
+        items: The job's items, to name the idempotency keys of items no
+            outcome was recorded for (row keys); None: keys derived from the job.
+            An index whose item is None (an invalid row) is not yielded.
+        page_size: Items read per page (at least 1).
+
+    Yields:
+        One ``JobItemResult`` per item of the job, in index order.
+
+    Raises:
+        JobError: the job is missing or Redis cannot be read (at the start, or
+            on a later page: the results yielded before it stand).
+        InvalidRequestError: ``page_size`` is not a positive integer.
+    """
     keys = _Keys(_check_name(job))
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise InvalidRequestError("page_size", page_size, "must be a positive integer")
     client, owned = _connect(redis)
     try:
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.meta)
-            pipe.get(keys.started)
-            pipe.get(keys.settled)
-            pipe.hgetall(keys.details)
-            pipe.hgetall(keys.m)
-            meta_raw, started, settled, details_raw, packed_raw = await pipe.execute()
-    except (RedisError, OSError) as exc:
-        raise _redis_failed("read the job", exc) from None
+        try:
+            meta_raw = await client.hgetall(keys.meta)
+        except (RedisError, OSError) as exc:
+            raise _redis_failed("read the job", exc) from None
+        meta = {_text(k): v for k, v in meta_raw.items()}
+        if not meta:
+            raise JobError(f"no job {job!r} in Redis (never created, or expired)")
+        total = _int(meta.get("items"))
+        chunk = max(1, _int(meta.get("chunk"), DEFAULT_CHUNK_SIZE))
+        try:
+            nonce = uuid.UUID(hex=_text(meta.get("nonce")) or "")
+        except ValueError:
+            raise JobError("the job's nonce in Redis is corrupt") from None
+        state = _text(meta.get("state")) or "running"
+        why = _text(meta.get("stopped_by"))
+        never = (
+            f"not attempted: the job stopped after: {why}"
+            if state == "stopped"
+            else "not attempted: the job was cancelled"
+            if state == "cancelled"
+            else "not attempted (yet): the job is still running"
+        )
+        for first in range(0, max(0, total), page_size):
+            page = await _read_page(client, keys, first, min(total, first + page_size), chunk)
+            for index in range(first, min(total, first + page_size)):
+                item = items[index] if items is not None and index < len(items) else None
+                if items is not None and item is None:
+                    continue  # not part of the job (an invalid row): the caller reports it
+                key = (
+                    _key_of(nonce, index, item)
+                    if item is not None
+                    else str(uuid.uuid5(nonce, str(index)))
+                )
+                yield page.result(index, key, never)
     finally:
         if owned:
             await client.aclose()
-    meta = {_text(k): v for k, v in meta_raw.items()}
-    if not meta:
-        raise JobError(f"no job {job!r} in Redis (never created, or expired)")
-    total = _int(meta.get("items"))
-    chunk = max(1, _int(meta.get("chunk"), DEFAULT_CHUNK_SIZE))
-    try:
-        nonce = uuid.UUID(hex=_text(meta.get("nonce")) or "")
-    except ValueError:
-        raise JobError("the job's nonce in Redis is corrupt") from None
-    state = _text(meta.get("state")) or "running"
-    why = _text(meta.get("stopped_by"))
-    started_b, settled_b = bytes(started or b""), bytes(settled or b"")
-    details = {_int(k, -1): _text(v) or "" for k, v in details_raw.items()}
-    packed = {_int(k, -1): bytes(v) for k, v in packed_raw.items()}
-    never = (
-        f"not attempted: the job stopped after: {why}"
-        if state == "stopped"
-        else "not attempted: the job was cancelled"
-        if state == "cancelled"
-        else "not attempted (yet): the job is still running"
-    )
-    out: list[JobItemResult] = []
-    for index in range(total):
-        item = items[index] if items is not None and index < len(items) else None
-        if items is not None and item is None:
-            continue  # not part of the job (an invalid row): the caller reports it
-        key = (
-            _key_of(nonce, index, item) if item is not None else str(uuid.uuid5(nonce, str(index)))
-        )
-        byte, mask = index // 8, 0x80 >> (index % 8)
-        is_settled = byte < len(settled_b) and settled_b[byte] & mask
-        is_started = byte < len(started_b) and started_b[byte] & mask
-        if is_settled:
-            detail = details.get(index)
+
+
+@define(slots=True)
+class _Page:
+    """The records of items ``first``..``end - 1``, as one page of a report read them."""
+
+    first: int
+    chunk: int
+    started: bytes
+    settled: bytes
+    packed: dict[int, bytes]
+    details: dict[int, str]
+
+    def bit(self, bitmap: bytes, index: int) -> bool:
+        """Item ``index``'s bit in one of the page's bitmaps."""
+        at = index - self.first + self.first % 8  # the page's bitmaps start at byte first // 8
+        byte = at // 8
+        return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (at % 8)))
+
+    def result(self, index: int, key: str, never: str) -> JobItemResult:
+        """Item ``index``'s outcome; ``key`` its idempotency key; ``never`` why not started."""
+        if self.bit(self.settled, index):
+            detail = self.details.get(index)
             if detail is None:
-                raw = packed.get(index // chunk, b"")
-                off = (index % chunk) * 16
+                raw = self.packed.get(index // self.chunk, b"")
+                off = (index % self.chunk) * 16
                 piece = raw[off : off + 16]
                 muuid = str(uuid.UUID(bytes=piece)) if len(piece) == 16 and any(piece) else None
-                out.append(JobItemResult(index, "sent", muuid, None, key))
-                continue
+                return JobItemResult(index, "sent", muuid, None, key)
             outcome = _OUTCOMES.get(detail[:1], "unknown")
             try:
                 body = json.loads(detail[1:]) if detail[1:] else {}
@@ -1411,24 +1479,52 @@ async def job_results(
                 body = {}
             if outcome == "sent":
                 m = body.get("m")
-                out.append(
-                    JobItemResult(index, "sent", m if isinstance(m, str) else None, None, key)
-                )
-                continue
+                return JobItemResult(index, "sent", m if isinstance(m, str) else None, None, key)
             status = body.get("st")
             error = {
                 "type": body.get("t") if isinstance(body.get("t"), str) else "BotMessageError",
                 "message": body.get("e") if isinstance(body.get("e"), str) else "",
                 "status": status if isinstance(status, int) else None,
             }
-            out.append(JobItemResult(index, outcome, None, error, key))
-        elif is_started:
+            return JobItemResult(index, outcome, None, error, key)
+        if self.bit(self.started, index):
             error = {"type": "DeliveryUnknownError", "message": DIED_NOTE, "status": None}
-            out.append(JobItemResult(index, "unknown", None, error, key))
-        else:
-            error = {"type": "BatchStoppedError", "message": never, "status": None}
-            out.append(JobItemResult(index, "skipped", None, error, None))
-    return out
+            return JobItemResult(index, "unknown", None, error, key)
+        error = {"type": "BatchStoppedError", "message": never, "status": None}
+        return JobItemResult(index, "skipped", None, error, None)
+
+
+async def _read_page(client: Redis, keys: _Keys, first: int, end: int, chunk: int) -> _Page:
+    """Read the records of items ``first``..``end - 1`` (``first < end``) from Redis.
+
+    Two round trips, each one transaction: both bitmaps' bytes, then the details and
+    packed UUIDs of the items found settled. A settled bit is never cleared, and an
+    outcome's bit, details and UUID are written by one script call, so the second
+    read sees each settled item's details and UUID as of one moment.
+
+    Raises:
+        JobError: Redis cannot be read (or holds a key of another type).
+    """
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.getrange(keys.started, first // 8, (end - 1) // 8)
+            pipe.getrange(keys.settled, first // 8, (end - 1) // 8)
+            started, settled = await pipe.execute()
+        page = _Page(first, chunk, bytes(started or b""), bytes(settled or b""), {}, {})
+        wanted = [i for i in range(first, end) if page.bit(page.settled, i)]
+        if wanted:
+            numbers = list(range(wanted[0] // chunk, wanted[-1] // chunk + 1))
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hmget(keys.details, [str(i) for i in wanted])
+                pipe.hmget(keys.m, [str(n) for n in numbers])
+                details, packed = await pipe.execute()
+            page.details = {
+                i: _text(v) or "" for i, v in zip(wanted, details, strict=True) if v is not None
+            }
+            page.packed = {n: bytes(v) for n, v in zip(numbers, packed, strict=True) if v}
+    except (RedisError, OSError) as exc:
+        raise _redis_failed("read the job", exc) from None
+    return page
 
 
 async def run_job_async(

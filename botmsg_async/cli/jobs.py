@@ -15,7 +15,7 @@ import io
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast, overload
 
@@ -212,42 +212,55 @@ def _describe(status: JobStatus) -> str:
     return line
 
 
-def _write_report(
+async def _write_report(
     console: Console,
     out: TextIO | None,
-    results: list[JobItemResult],
+    results: AsyncGenerator[JobItemResult, None],
     items: Sequence[SendRequest | None] | None,
-) -> int:
-    """Every item to ``out`` as ``send-many --out`` writes it; the exit code of the tally."""
+) -> tuple[int, int]:
+    """Every item to ``out`` as ``send-many --out`` writes it, each line as its result comes.
+
+    ``results`` are in index order (``iter_job_results``); an index of ``items``
+    with no result is an invalid input row, reported skipped.
+
+    Returns:
+        The exit code of the tally, and how many results came.
+    """
     sink = Results(console, out)
-    by_index = {r.index: r for r in results}
-    total = len(items) if items is not None else len(results)
-    for index in range(total):
+
+    def invalid(index: int) -> None:
         item = items[index] if items is not None else None
-        dept = str(item.department_uuid) if item is not None else ""
-        user = str(item.user_uuid) if item is not None else ""
-        result = by_index.get(index)
-        if result is None:
-            sink.emit(
-                index,
-                dept,
-                user,
-                "skipped",
-                error=error_json("invalid input row", default_type="InvalidRequestError"),
-                invalid=True,
-            )
-            continue
         sink.emit(
             index,
-            dept,
-            user,
-            result.outcome,
-            message_uuid=result.message_uuid,
-            error=result.error,
-            key=result.key,
+            str(item.department_uuid) if item is not None else "",
+            str(item.user_uuid) if item is not None else "",
+            "skipped",
+            error=error_json("invalid input row", default_type="InvalidRequestError"),
+            invalid=True,
         )
+
+    following = 0  # the next index to report
+    count = 0
+    async with contextlib.aclosing(results):
+        async for result in results:
+            for index in range(following, result.index):
+                invalid(index)
+            item = items[result.index] if items is not None else None
+            sink.emit(
+                result.index,
+                str(item.department_uuid) if item is not None else "",
+                str(item.user_uuid) if item is not None else "",
+                result.outcome,
+                message_uuid=result.message_uuid,
+                error=result.error,
+                key=result.key,
+            )
+            following = result.index + 1
+            count += 1
+    for index in range(following, len(items) if items is not None else 0):
+        invalid(index)
     sink.close()
-    return sink.tally.exit_code()
+    return sink.tally.exit_code(), count
 
 
 def _open_out(path: str | None, stack: contextlib.ExitStack) -> TextIO | None:
@@ -327,8 +340,9 @@ def run_redis_job(
             return EXIT_INTERRUPTED
         if not report.job.complete and report.job.state == "running":
             console.err("other runs hold the job's last chunks: see botmsg job status")
-        results = await jobs.job_results(args.redis, args.job, items)
-        return _write_report(console, out, results, items)
+        results = jobs.iter_job_results(args.redis, args.job, items)
+        code, _ = await _write_report(console, out, results, items)
+        return code
 
     return run(go(), first_signal=stop.set)
 
@@ -373,10 +387,10 @@ async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> 
             defaults = RowDefaults(args.text, args.subject, args.sender_name)
             items = FileItems(source, fmt, defaults, 256, stack)
         out = _open_out(args.out, stack)
-        results = await jobs.job_results(args.redis, args.job, items)
         started = time.perf_counter()
-        code = _write_report(console, out, results, items)
-        console.err(f"{len(results)} item(s) reported in {time.perf_counter() - started:.1f} s")
+        results = jobs.iter_job_results(args.redis, args.job, items)
+        code, count = await _write_report(console, out, results, items)
+        console.err(f"{count} item(s) reported in {time.perf_counter() - started:.1f} s")
         return code
 
 
