@@ -66,8 +66,17 @@ def _write_job(
             blob[off : off + 16] = uuid.UUID(int=index + 1).bytes
     for number, blob in packed.items():
         client.hset(prefix + "m", str(number), bytes(blob))
-    meta = {"v": "1", "items": len(kinds), "chunk": chunk, "nonce": _NONCE.hex}
-    client.hset(prefix + "meta", mapping={**meta, "state": "stopped", "stopped_by": "a 401"})
+    client.hset(
+        prefix + "meta",
+        mapping={"v": "1", "items": len(kinds), "chunk": chunk, "nonce": _NONCE.hex,
+                 "state": "stopped", "stopped_by": "a 401"},
+    )  # fmt: skip
+
+
+def _b(value: object) -> bytes:
+    """A reply of the bytes client, typed (empty for a missing key)."""
+    assert value is None or isinstance(value, bytes)
+    return value or b""
 
 
 def _old_job_results(
@@ -75,11 +84,10 @@ def _old_job_results(
 ) -> list[JobItemResult]:
     """The report as job_results built it before pages (one HGETALL/GET of each key)."""
     prefix = f"botmsg:job:{{{job}}}:"
-    meta = {k.decode(): v.decode() for k, v in client.hgetall(prefix + "meta").items()}
-    started = client.get(prefix + "started") or b""
-    settled = client.get(prefix + "settled") or b""
-    details = {int(k): v.decode() for k, v in client.hgetall(prefix + "details").items()}
-    packed = {int(k): v for k, v in client.hgetall(prefix + "m").items()}
+    meta = {_b(k).decode(): _b(v).decode() for k, v in client.hgetall(prefix + "meta").items()}
+    started, settled = _b(client.get(prefix + "started")), _b(client.get(prefix + "settled"))
+    details = {int(k): _b(v).decode() for k, v in client.hgetall(prefix + "details").items()}
+    packed = {int(k): _b(v) for k, v in client.hgetall(prefix + "m").items()}
     chunk, nonce = int(meta["chunk"]), uuid.UUID(hex=meta["nonce"])
     never = f"not attempted: the job stopped after: {meta['stopped_by']}"
     out = []
