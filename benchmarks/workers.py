@@ -1,28 +1,59 @@
-"""``botmsg send-many --workers N`` against raw aiohttp processes (issue #14).
+"""``botmsg send-many --workers N`` against raw aiohttp processes: the bars of issue #14.
 
-Run: ``python -m benchmarks.workers [--n 40000] [--reps 3] [--workers 2]``.
+Run (speed)::
 
-Same run, alternated, medians of ``--reps``, against nginx on loopback when
-installed (else the aiohttp fallback server):
+    python -m benchmarks.workers [--n 100000] [--reps 3] [--workers 2]
 
-* ``raw x1``: one raw aiohttp process (``benchmarks.variants`` ``raw_aiohttp``).
-* ``raw xW``: W raw aiohttp processes at once, N/W messages each; msg/s is N over
-  the longest one's send phase.
+Run (memory)::
+
+    python -m benchmarks.workers --memory [--memory-n 1000000] [--memory-small 100000]
+
+Against nginx on loopback when installed (else the aiohttp fallback server).
+
+**Speed**: in each of ``--reps`` rounds, alternated, medians reported:
+
+* ``raw x1 asyncio``: one raw aiohttp process on asyncio's default loop (what a
+  user writes by hand).
+* ``raw xW <loop>``: W raw aiohttp processes at once, N/W messages each, on the
+  loop ``--workers`` runs on as shipped (uvloop when the ``speed`` extra is
+  installed); msg/s is N over the longest one's send phase.
 * ``botmsg x1``: ``botmsg send-many`` as shipped, one process.
-* ``botmsg --workers W``: the same with W workers.
+* ``botmsg --workers W``: the same with W workers, as shipped.
 
-The ``botmsg`` runs are timed as the command reports its own sending phase (worker
-start-up included, input checking excluded); CPU per message is the whole process
-tree's (``RUSAGE_CHILDREN``: the parent and its workers), over N. The difference
-between ``--workers W`` and one process is the coordination cost per item. The
-machine's load average is printed before and after: other work on a 2-core
-machine changes every figure.
+The bars: ``--workers W`` >= 0.9x ``raw xW`` on the same loop (scaling, like for
+like) and >= 1.8x ``raw x1 asyncio`` (what a user gains over writing it by hand).
+
+Throughput of a ``botmsg`` run is N over the sending phase the command reports
+(worker start-up included, the validation pass excluded); of a raw run, N over
+its send phase (interpreter start-up and imports excluded). N defaults to
+100,000: a bulk job is large, and a worker's start-up (about 0.3 s of CPU:
+interpreter, aiohttp, uvloop, the SDK) and the parent's validation pass are paid
+once per job; at 100,000 messages they are a few percent of the run, as in a real
+job, where at a few thousand they would be most of it.
+
+CPU per message is the whole process tree's (every process of the run, start to
+end: interpreter start-up, imports and, for ``botmsg``, the validation pass
+included), from ``RUSAGE_CHILDREN``, over N. The ``botmsg`` runs also report the
+parent's own CPU per item. The coordination cost per item is the tree CPU of
+``--workers W`` less that of one process, over N: what running as W processes
+costs (the extra start-ups, handing items out and results back, and the two
+cores shared by more processes).
+
+**Memory**: ``--workers W`` with a ``--journal``, over ``--memory-small`` and
+``--memory-n`` rows: the peak RSS of the parent (its own ``ru_maxrss``) and of
+every worker (``VmHWM``, sampled from ``/proc`` while it runs; the largest
+exactly, from the parent's ``RUSAGE_CHILDREN``). The bar: every process <= 100 MB,
+the same (within noise) at both sizes.
+
+The machine's load average is printed before and after: on a shared 2-core
+machine other work changes every figure; ratios are from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -31,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +75,23 @@ from benchmarks.variants import RunSpec, make_items
 
 # The summary line: "N of M items: ...; ... in T s, R messages/s".
 _SUMMARY = re.compile(r"(\d+) of \d+ items: .* in ([0-9.]+) s,")
+# What the botmsg runs print at exit, on stderr, after this marker.
+_MARKER = "BENCH-RUSAGE "
+# ``botmsg`` in a process that reports its own CPU and peak RSS, and its workers'.
+_WRAPPER = (
+    "import atexit, json, resource, sys\n"
+    "def _report():\n"
+    "    s = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "    c = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "    sys.stderr.write('" + _MARKER + "' + json.dumps({\n"
+    "        'self_cpu': s.ru_utime + s.ru_stime, 'self_maxrss_kb': s.ru_maxrss,\n"
+    "        'children_cpu': c.ru_utime + c.ru_stime, 'children_maxrss_kb': c.ru_maxrss,\n"
+    "    }) + '\\n')\n"
+    "atexit.register(_report)\n"
+    "from botmsg_async.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+MEMORY_BAR_MB = 100.0
 
 
 def _children_cpu() -> float:
@@ -50,12 +99,19 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _raw(base_url: str, n: int, processes: int, concurrency: int) -> dict[str, float]:
+def _shipped_loop() -> bool:
+    """Whether ``botmsg`` as shipped runs on uvloop here (``--loop auto``)."""
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def _raw(base_url: str, n: int, processes: int, concurrency: int, uvloop: bool) -> dict[str, float]:
     """``processes`` raw aiohttp processes at once, ``n`` messages in all."""
     cpu = _children_cpu()
     share = n // processes
     spec = [
-        json.dumps(asdict(RunSpec("aiohttp", base_url, share, concurrency, latency=False)))
+        json.dumps(
+            asdict(RunSpec("aiohttp", base_url, share, concurrency, latency=False, uvloop=uvloop))
+        )
         for _ in range(processes)
     ]
     running = [
@@ -77,99 +133,225 @@ def _raw(base_url: str, n: int, processes: int, concurrency: int) -> dict[str, f
     sent = share * processes
     return {
         "msgs_per_s": sent / wall,
-        "cpu_us_per_msg": sum(r["cpu_s"] for r in results) / sent * 1e6,
+        "send_cpu_us_per_msg": sum(r["cpu_s"] for r in results) / sent * 1e6,
         "cpu_tree_us_per_msg": (_children_cpu() - cpu) / sent * 1e6,
     }
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        found.extend(children)
+        todo.extend(children)
+    return found
+
+
+def _hwm_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _RssSampler:
+    """The peak RSS (``VmHWM``) of every process under a pid, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peaks_kb: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.2):
+            for pid in _descendants(self.pid):
+                hwm = _hwm_kb(pid)
+                if hwm is not None:
+                    self.peaks_kb[pid] = max(self.peaks_kb.get(pid, 0), hwm)
+
+    def stop(self) -> dict[int, int]:
+        self._done.set()
+        self._thread.join()
+        return self.peaks_kb
+
+
 def _botmsg(
-    base_url: str, source: Path, n: int, workers: int, concurrency: int
-) -> dict[str, float]:
+    base_url: str,
+    source: Path,
+    n: int,
+    workers: int,
+    concurrency: int,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One ``botmsg send-many`` run as shipped; its speed, CPU and peak RSS."""
     env = child_env()
     # The fake servers' default credentials (nginx accepts any).
     env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="user", BOTMSG_PASSWORD="secret")  # noqa: S106
     cpu = _children_cpu()
-    done = subprocess.run(
+    started = time.perf_counter()
+    process = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "botmsg_async",
+            "-c",
+            _WRAPPER,
             "send-many",
             str(source),
             "--workers",
             str(workers),
             "-c",
             str(concurrency),
+            *extra,
         ],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         cwd=REPO_ROOT,
-        check=False,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"botmsg failed ({done.returncode}): {done.stderr}")
-    match = _SUMMARY.search(done.stderr)
+    sampler = _RssSampler(process.pid)
+    _, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    sampled = sampler.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"botmsg failed ({process.returncode}): {stderr[-2000:]}")
+    match = _SUMMARY.search(stderr)
     if match is None or int(match[1]) != n:
-        raise RuntimeError(f"unexpected summary: {done.stderr}")
+        raise RuntimeError(f"unexpected summary: {stderr[-2000:]}")
+    usage = json.loads(stderr.rpartition(_MARKER)[2].splitlines()[0])
+    tree = _children_cpu() - cpu
     return {
         "msgs_per_s": n / float(match[2]),
-        "cpu_tree_us_per_msg": (_children_cpu() - cpu) / n * 1e6,
+        "command_wall_s": wall,
+        "cpu_tree_us_per_msg": tree / n * 1e6,
+        "parent_cpu_us_per_msg": usage["self_cpu"] / n * 1e6,
+        "parent_peak_rss_mb": usage["self_maxrss_kb"] / 1024,
+        "workers_peak_rss_mb": usage["children_maxrss_kb"] / 1024,
+        "sampled_peak_rss_mb": sorted(
+            (round(kb / 1024, 1) for pid, kb in sampled.items() if pid != process.pid),
+            reverse=True,
+        ),
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the comparison; print a JSON report and a small table."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.workers")
-    parser.add_argument("--n", type=int, default=40_000, help="messages per run")
-    parser.add_argument("--reps", type=int, default=3, help="runs per variant (alternated)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--server", choices=["auto", "nginx", "aiohttp"], default="auto")
-    args = parser.parse_args(argv)
+def _write_input(path: Path, n: int) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["department_uuid", "user_uuid", "text"])
+        writer.writerows(make_items(n))
+
+
+def _speed(args: argparse.Namespace) -> dict[str, Any]:
     n, w, c = args.n, args.workers, args.concurrency
-    load_before = os.getloadavg()
-    runs: dict[str, list[dict[str, float]]] = {}
+    uvloop = _shipped_loop()
+    loop = "uvloop" if uvloop else "asyncio"
+    runs: dict[str, list[dict[str, Any]]] = {}
+    names = ("raw x1 asyncio", f"raw x{w} {loop}", "botmsg x1", f"botmsg --workers {w}")
     with tempfile.TemporaryDirectory() as tmp, start_server(args.server) as server:
         source = Path(tmp) / "in.csv"
-        with source.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["department_uuid", "user_uuid", "text"])
-            writer.writerows(make_items(n))
+        _write_input(source, n)
         url = server.base_url
         for _ in range(args.reps):
-            runs.setdefault("raw x1", []).append(_raw(url, n, 1, c))
-            runs.setdefault(f"raw x{w}", []).append(_raw(url, n, w, c))
-            runs.setdefault("botmsg x1", []).append(_botmsg(url, source, n, 1, c))
-            runs.setdefault(f"botmsg --workers {w}", []).append(_botmsg(url, source, n, w, c))
+            runs.setdefault(names[0], []).append(_raw(url, n, 1, c, uvloop=False))
+            runs.setdefault(names[1], []).append(_raw(url, n, w, c, uvloop=uvloop))
+            runs.setdefault(names[2], []).append(_botmsg(url, source, n, 1, c))
+            runs.setdefault(names[3], []).append(_botmsg(url, source, n, w, c))
         description = server.description
     medians = {
-        name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        name: {
+            key: statistics.median(r[key] for r in results)
+            for key, value in results[0].items()
+            if isinstance(value, float)
+        }
         for name, results in runs.items()
     }
-    raw1 = medians["raw x1"]["msgs_per_s"]
-    raww = medians[f"raw x{w}"]["msgs_per_s"]
-    workers = medians[f"botmsg --workers {w}"]
-    single = medians["botmsg x1"]
-    report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    workers = medians[names[3]]
+    single = medians[names[2]]
+    return {
         "server": description,
         "n": n,
         "reps": args.reps,
         "workers": w,
         "concurrency": c,
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loop_as_shipped": loop,
         "medians": medians,
-        "workers_vs_raw_same_processes": workers["msgs_per_s"] / raww,
-        "workers_vs_one_raw": workers["msgs_per_s"] / raw1,
+        "workers_vs_raw_same_processes_same_loop": workers["msgs_per_s"]
+        / medians[names[1]]["msgs_per_s"],
+        "workers_vs_one_raw_default_loop": workers["msgs_per_s"] / medians[names[0]]["msgs_per_s"],
         "workers_vs_one_botmsg": workers["msgs_per_s"] / single["msgs_per_s"],
         "coordination_us_per_item": workers["cpu_tree_us_per_msg"] - single["cpu_tree_us_per_msg"],
+        "bars": {"same_processes_same_loop": 0.9, "one_raw_default_loop": 1.8},
     }
+
+
+def _memory(args: argparse.Namespace) -> dict[str, Any]:
+    w, c = args.workers, args.concurrency
+    sizes = (args.memory_small, args.memory_n)
+    found: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp, start_server(args.server) as server:
+        for n in sizes:
+            source = Path(tmp) / f"in-{n}.csv"
+            _write_input(source, n)
+            journal = Path(tmp) / f"journal-{n}"
+            run = _botmsg(server.base_url, source, n, w, c, ("--journal", str(journal)))
+            source.unlink()
+            found[str(n)] = {
+                key: run[key]
+                for key in (
+                    "msgs_per_s",
+                    "parent_peak_rss_mb",
+                    "workers_peak_rss_mb",
+                    "sampled_peak_rss_mb",
+                )
+            }
+        found["server"] = server.description
+    peaks = [
+        max(found[str(n)]["parent_peak_rss_mb"], found[str(n)]["workers_peak_rss_mb"])
+        for n in sizes
+    ]
+    found["every_process_within_bar"] = max(peaks) <= MEMORY_BAR_MB
+    found["growth_mb_small_to_large"] = peaks[1] - peaks[0]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison (or the memory run); print a JSON report and a small table."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.workers")
+    parser.add_argument("--n", type=int, default=100_000, help="messages per speed run")
+    parser.add_argument("--reps", type=int, default=3, help="runs per variant (alternated)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--server", choices=["auto", "nginx", "aiohttp"], default="auto")
+    parser.add_argument("--memory", action="store_true", help="the memory run instead")
+    parser.add_argument("--memory-n", type=int, default=1_000_000)
+    parser.add_argument("--memory-small", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_before": os.getloadavg(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+    report.update(_memory(args) if args.memory else _speed(args))
+    report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
-    for name, m in medians.items():
-        print(f"{name:24} {m['msgs_per_s']:8.0f} msg/s  {m['cpu_tree_us_per_msg']:6.1f} µs CPU/msg")
+    if not args.memory:
+        for name, m in report["medians"].items():
+            print(
+                f"{name:24} {m['msgs_per_s']:8.0f} msg/s  "
+                f"{m['cpu_tree_us_per_msg']:6.1f} µs CPU/msg (process tree)"
+            )
     return 0
 
 

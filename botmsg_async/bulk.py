@@ -68,7 +68,7 @@ from ._batch import BatchOptions, BatchStream, collect
 from ._client import BotMessageClient
 from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
 from ._limits import PauseOnly
-from ._models import Outcome, SendRequest, SendResult, TextMessage
+from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from ._validate import new_idempotency_key
@@ -352,22 +352,54 @@ class WorkerConfig:
 _Wire = tuple[int, str, str, "str | tuple[Any, ...]", str, bool]
 
 
-def _to_wire(item: WorkItem) -> _Wire:
-    message = item.message
-    packed: str | tuple[Any, ...] = (
-        message
-        if isinstance(message, str)
-        else (
-            message.body,
-            message.subject,
-            message.sender_name,
-            message.recipient_communication_value,
-            message.type,
-            message.purpose,
-            message.is_manual,
-        )
+# What a worker's client makes of a plain-string message (it has no message_defaults).
+_PLAIN: Final = MessageDefaults()
+
+
+def _pack(message: str | TextMessage) -> str | tuple[Any, ...]:
+    """``message`` for the wire: as its body alone when that is what the client sends.
+
+    A ``TextMessage`` with nothing but a body and the defaults (every row of a
+    ``send-many`` file without subject or sender) is, for a client without
+    ``message_defaults``, the same request as its body as a ``str``, which the
+    client encodes without building the wire shapes (``message_encoder``'s fast
+    path: about 4 µs less CPU per message) and which pickles smaller. Exact types
+    only: anything else travels whole and is encoded the long way.
+    """
+    if isinstance(message, str):
+        return message
+    if (
+        type(message.body) is str
+        and message.subject is None
+        and message.sender_name is None
+        and message.recipient_communication_value is None
+        and type(message.type) is str
+        and message.type == _PLAIN.type
+        and type(message.purpose) is str
+        and message.purpose == _PLAIN.purpose
+        and message.is_manual is _PLAIN.is_manual
+    ):
+        return message.body
+    return (
+        message.body,
+        message.subject,
+        message.sender_name,
+        message.recipient_communication_value,
+        message.type,
+        message.purpose,
+        message.is_manual,
     )
-    return (item.index, item.department_uuid, item.user_uuid, packed, item.key, item.in_doubt)
+
+
+def _to_wire(item: WorkItem) -> _Wire:
+    return (
+        item.index,
+        item.department_uuid,
+        item.user_uuid,
+        _pack(item.message),
+        item.key,
+        item.in_doubt,
+    )
 
 
 def _message_of(packed: str | tuple[Any, ...]) -> str | TextMessage:
