@@ -13,25 +13,36 @@ import contextlib
 import csv
 import io
 import itertools
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast, overload
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, TextIO, cast, overload
 
 from botmsg_async import BotMessageError, SendRequest
 
-from .common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from .common import (
+    ENV_BASE_URL,
+    ENV_PASSWORD,
+    ENV_USERNAME,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+)
 from .console import Console
 from .credentials import Credentials
 from .input import BadRow, RowDefaults, Scan, Source, parse
+from .loops import loop_factory
 from .results import Results, error_json
 from .signals import run
 
 if TYPE_CHECKING:
     from botmsg_async.jobs import JobItemResult, JobStatus
 
-__all__ = ["cmd_job", "run_redis_job", "validate_redis_flags"]
+__all__ = ["NOT_FORWARDED", "cmd_job", "run_redis_job", "validate_redis_flags", "worker_argv"]
 
 
 def _jobs() -> ModuleType:
@@ -63,8 +74,12 @@ def validate_redis_flags(args: argparse.Namespace) -> None:
                 f"{flag} does not go with --redis: the job's records are in Redis "
                 "(a run joins the job and goes on with it by itself)"
             )
-    if args.workers != 1:
-        raise UsageError("--workers with --redis is not supported yet: start one run per core")
+    if args.worker_of is not None and args.workers != 1:
+        raise UsageError("--worker-of is for the runs that --workers starts")
+    if args.workers > 1 and args.input == "-":
+        raise UsageError(
+            "--workers with --redis starts runs that each read INPUT: give a file, not stdin"
+        )
 
 
 class _Counted:
@@ -297,7 +312,10 @@ def run_redis_job(
     jobs = _jobs()
     out = _open_out(args.out, stack)
     items = FileItems(source, fmt, defaults, args.chunk_size, stack)
+    if args.workers > 1:
+        return _run_workers(args, console, jobs, fmt, creds, out, items)
     stop = asyncio.Event()
+    worker_of: int | None = args.worker_of
     recorded = {
         **options,
         "chunk_size": args.chunk_size,
@@ -305,6 +323,7 @@ def run_redis_job(
     }
 
     async def go() -> int:
+        orphaned = asyncio.ensure_future(_watch_parent(worker_of, stop))
         try:
             report = await jobs.run_job_async(
                 args.redis,
@@ -330,11 +349,16 @@ def run_redis_job(
             if not isinstance(exc, jobs.JobError) or stop.is_set():
                 raise
             raise UsageError(console.redact(exc.message)) from None
+        finally:
+            orphaned.cancel()
         c = report.counts
         console.err(
             f"this run: sent {c.sent}, failed {c.failed}, unknown {c.unknown}"
             + (" (created the job)" if report.created else "")
         )
+        if worker_of is not None:
+            # One of a --workers parent's runs: the parent sums up and writes the report.
+            return EXIT_INTERRUPTED if stop.is_set() else EXIT_OK
         console.err(_describe(report.job))
         if stop.is_set():
             return EXIT_INTERRUPTED
@@ -414,3 +438,247 @@ def _status_json(status: JobStatus) -> dict[str, Any]:
         "stopped_by": status.stopped_by,
         "rewound": status.rewound,
     }
+
+
+# -- send-many --redis --workers N: N runs of the job on this machine ------------------
+
+#: ``send-many`` options a ``--workers`` parent does not hand to its runs: credentials
+#: (they go through the environment, never a command line), what only the parent does
+#: (``--out``, progress, ``--workers``), the file journal's (refused with ``--redis``),
+#: and argparse's own.
+NOT_FORWARDED: Final = frozenset(
+    {
+        "base_url",
+        "username",
+        "password_stdin",
+        "out",
+        "workers",
+        "progress_interval",
+        "grant_log",
+        "journal",
+        "resume",
+        "durable",
+        "worker_of",
+        "input",
+        "command",
+        "handler",
+        "log_level",
+    }
+)
+
+#: Options handed to each run as ``--flag=value`` (a value may start with "-").
+_VALUED: Final = (
+    ("loop", "--loop"),
+    ("format", "--format"),
+    ("text", "--text"),
+    ("subject", "--subject"),
+    ("sender_name", "--sender-name"),
+    ("ignore_columns", "--ignore-columns"),
+    ("concurrency", "--concurrency"),
+    ("rate", "--rate"),
+    ("per_department_rate", "--per-department-rate"),
+    ("redis", "--redis"),
+    ("job", "--job"),
+    ("claim_timeout", "--claim-timeout"),
+    ("chunk_size", "--chunk-size"),
+    ("job_ttl", "--job-ttl"),
+)
+#: Switches handed to each run when set.
+_SWITCHES: Final = (
+    ("allow_insecure_http", "--allow-insecure-http"),
+    ("resend_unknown", "--resend-unknown"),
+    ("skip_invalid", "--skip-invalid"),
+    ("accept_redis_loss", "--accept-redis-loss"),
+)
+
+
+def worker_argv(args: argparse.Namespace, fmt: str, parent: int) -> list[str]:
+    """The ``botmsg`` arguments of one run a ``--workers N --redis`` parent starts.
+
+    The parent's own arguments minus ``NOT_FORWARDED`` (and with ``--format``
+    resolved to ``fmt``), plus ``--worker-of parent``.
+    """
+    argv = [f"--log-level={args.log_level}"] if getattr(args, "log_level", None) else []
+    argv.append("send-many")
+    for dest, flag in _VALUED:
+        value = fmt if dest == "format" else getattr(args, dest)
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    argv += [flag for dest, flag in _SWITCHES if getattr(args, dest)]
+    argv += [f"--worker-of={parent}", "--", args.input]
+    return argv
+
+
+async def _watch_parent(parent: int | None, stop: asyncio.Event) -> None:
+    """Stop this run (it drains) once the ``--workers`` parent ``parent`` is gone."""
+    if parent is None:
+        return
+    # The parent's death reparents this process: no pipe or signal needed to see it.
+    while os.getppid() == parent:  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
+    stop.set()
+
+
+def _ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"ended with exit code {code}"
+
+
+def _run_workers(
+    args: argparse.Namespace,
+    console: Console,
+    jobs: ModuleType,
+    fmt: str,
+    creds: Credentials,
+    out: TextIO | None,
+    items: FileItems,
+) -> int:
+    """Run ``args.workers`` runs of the job as child processes; report the job once.
+
+    Each child is ``botmsg send-many`` with this run's arguments (``worker_argv``)
+    and the credentials in its environment: it joins the job as a run started
+    by hand would. The first SIGINT/SIGTERM goes to every child (they drain), a
+    second too (they abandon). A child that dies is a run that died: the others
+    take over its chunks after ``--claim-timeout``. When all have ended, the
+    summary and ``--out`` are the job's, as a single run writes them.
+
+    Returns:
+        130 after a signal; 2 when every run refused (usage error: nothing sent);
+        else the exit code of the job's report (0, 1 or 3), as a single run's.
+
+    Raises:
+        UsageError: a run could not be started, or Redis cannot be read at the end.
+    """
+    argv = worker_argv(args, fmt, os.getpid())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    env.update(
+        {ENV_BASE_URL: creds.base_url, ENV_USERNAME: creds.username, ENV_PASSWORD: creds.password}
+    )
+    received: list[int] = []
+    procs: list[asyncio.subprocess.Process] = []
+
+    def forward(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            console.err(
+                "stopping: every run finishes its sends in flight and starts no new one; "
+                "signal again to abandon them (their outcome would be unknown)"
+            )
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+    async def relay(number: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while True:
+            try:
+                raw = await proc.stderr.readline()
+            except ValueError:  # a line over the stream's limit: its start is dropped
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n").removeprefix("botmsg: ")
+            console.err(f"run {number}: {line}")
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(args.progress_interval)
+            try:
+                status = await jobs.job_status(
+                    args.redis, args.job, claim_timeout=args.claim_timeout
+                )
+            except jobs.JobError:
+                continue  # Redis away for a moment: the runs wait for it too
+            if status.state != "missing":
+                console.err(f"progress: {_describe(status)}")
+
+    async def start() -> list[int]:
+        relays = []
+        for number in range(1, args.workers + 1):
+            if received:
+                break  # stopped while starting: no new run
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "botmsg_async",
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                # Its own process group: a terminal's Ctrl-C reaches the parent only,
+                # which forwards it once (twice would abandon the sends in flight).
+                start_new_session=True,
+            )
+            procs.append(proc)
+            relays.append(asyncio.ensure_future(relay(number, proc)))
+        codes = [await proc.wait() for proc in procs]
+        await asyncio.gather(*relays)
+        return codes
+
+    async def go() -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, forward, signum)
+        ticker = asyncio.ensure_future(progress())
+        try:
+            codes = await start()
+        except OSError as exc:
+            raise UsageError(f"cannot start a run: {exc.strerror}") from None
+        finally:
+            ticker.cancel()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await _end_all(procs)
+        return await sum_up(codes)
+
+    async def sum_up(codes: list[int]) -> int:
+        for number, code in enumerate(codes, 1):
+            if code not in (EXIT_OK, EXIT_USAGE) and not (received and code == EXIT_INTERRUPTED):
+                console.err(f"run {number} {_ended(code)}: its items in flight are unknown")
+        if codes and all(code == EXIT_USAGE for code in codes):
+            return EXIT_USAGE
+        try:
+            status = await jobs.job_status(args.redis, args.job, claim_timeout=args.claim_timeout)
+        except jobs.JobError as exc:
+            raise UsageError(console.redact(exc.message)) from None
+        if status.state == "missing":
+            console.err(f"no run joined the job {args.job!r}: nothing was sent")
+            return EXIT_USAGE
+        console.err(f"{len(codes)} run(s) on this machine: {_describe(status)}")
+        if received:
+            return EXIT_INTERRUPTED
+        if not status.complete and status.state == "running":
+            console.err(
+                "the job is not complete: runs elsewhere, or one that died, hold its last "
+                "chunks (taken over after --claim-timeout); see botmsg job status"
+            )
+        results = jobs.iter_job_results(args.redis, args.job, items)
+        code, _ = await _write_report(console, out, results, items)
+        return code
+
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        return runner.run(go())
+
+
+async def _end_all(procs: Sequence[asyncio.subprocess.Process]) -> None:
+    """Leave no run behind: SIGTERM (drain), then SIGKILL those still alive after 10 s.
+
+    Normally every run has ended already; this is for a parent leaving on an error.
+    """
+    alive = [proc for proc in procs if proc.returncode is None]
+    for proc in alive:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    for proc in alive:
+        try:
+            await asyncio.wait_for(proc.wait(), 10.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on a Redis without 'appendonly yes' and 'appendfsync always': a crash of "
         "Redis could then make messages sent twice",
     )
+    # A run started by a `--workers N --redis` parent: quiet, no report, drains when that
+    # parent (this pid) is gone, so that no run outlives it.
+    group.add_argument("--worker-of", type=int, metavar="PID", help=argparse.SUPPRESS)
     many.set_defaults(handler=cmd_send_many)
 
     job = sub.add_parser(
@@ -331,7 +334,8 @@ and another run takes its chunks over after --claim-timeout. --rate and
 credentials and 'botmsg job cancel' reach every run. Redis must be durable
 ('appendonly yes', 'appendfsync always'), else the run refuses unless
 --accept-redis-loss. --out and the exit code cover the whole job; see 'botmsg
-job status|report|cancel'.
+job status|report|cancel'. With --workers N, N runs of the job start on this
+machine (each with --concurrency sends in flight); a signal reaches them all.
 """
 
 
