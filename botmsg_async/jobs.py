@@ -1690,9 +1690,7 @@ async def run_job_async(
         finally:
             for task in (beat, watcher, run.listener):
                 if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await _end_task(task)
             await limiter.aclose()  # its pause listener; the Redis client is ours
         status = await job_status(client_redis, name, claim_timeout=claim_timeout)
         c = run.counts
@@ -1705,6 +1703,21 @@ async def run_job_async(
     finally:
         if owned:
             await client_redis.aclose()
+
+
+async def _end_task(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for its end, cancelling it again while it goes on.
+
+    A cancel that lands inside a Redis command can come out of redis-py as a
+    ``TimeoutError`` (Python 3.11's ``asyncio.timeout`` racing the cancel), which
+    the heartbeat's and the listener's loops take for a Redis failure and go on:
+    one cancel and an ``await`` would then wait forever, and the run never end.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _watch(stop: asyncio.Event, run: _Run) -> None:

@@ -102,7 +102,7 @@ async def test_killed_parent_leaves_no_run_behind(tmp_path: Path, job_redis: Job
         pids = await runs_of(parent, 2)
         await asyncio.wait_for(when_received(server, 100), TIMEOUT)
         parent.kill()
-        await parent.wait()
+        await finish(parent)  # its stderr read to the end: the pipe's transport closes
         try:
             assert await gone(pids)
         finally:  # reparented: the autouse fixture would not find them
@@ -180,3 +180,26 @@ def test_worker_argv_hands_every_option_on() -> None:
         # Set here (so a new option, neither handed on nor listed, fails), and handed on.
         assert getattr(parent, dest) != getattr(defaults, dest), f"set {dest} in this test"
         assert getattr(child, dest) == getattr(parent, dest), dest
+
+
+async def test_a_task_that_swallows_a_cancel_still_ends() -> None:
+    """A run's background task that takes a cancel for a Redis failure is cancelled again."""
+    from botmsg_async.jobs import _end_task
+
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1  # as a heartbeat catching redis-py's TimeoutError goes on
+
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(_end_task(task), 5.0)
+    assert task.cancelled()
+    assert swallowed == 1
