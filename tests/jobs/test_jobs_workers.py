@@ -200,6 +200,13 @@ async def test_a_task_that_swallows_a_cancel_still_ends() -> None:
 
     task = asyncio.ensure_future(stubborn())
     await asyncio.sleep(0)
-    await asyncio.wait_for(_end_task(task), 5.0)
+    ending = asyncio.ensure_future(_end_task(task))
+    # asyncio.wait, not wait_for: a timeout must not cancel (and so rescue) the await.
+    await asyncio.wait({ending}, timeout=5.0)
+    ended = ending.done()
+    ending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ending
+    assert ended
     assert task.cancelled()
     assert swallowed == 1
