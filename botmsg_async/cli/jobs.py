@@ -588,13 +588,15 @@ def _run_workers(
     async def progress() -> None:
         while True:
             await asyncio.sleep(args.progress_interval)
+            if procs and all(proc.returncode is not None for proc in procs):
+                return  # the summary follows
             try:
                 status = await jobs.job_status(
                     args.redis, args.job, claim_timeout=args.claim_timeout
                 )
             except jobs.JobError:
                 continue  # Redis away for a moment: the runs wait for it too
-            if status.state != "missing":
+            if status.state != "missing" and not status.complete:  # complete: the summary
                 console.err(f"progress: {_describe(status)}")
 
     async def start() -> list[int]:
