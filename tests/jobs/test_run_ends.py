@@ -1,0 +1,109 @@
+"""A run's background loops end when cancelled, even when redis-py turns the cancel into an error.
+
+The hang this guards against: ``run_job_async`` cancels its heartbeat and awaits it; a
+cancel that lands inside the heartbeat's Redis call can come out of redis-py as a
+``ConnectionError`` (it drops the connection on the way out), which the loop took for an
+outage: it beat on forever, with the job cancelled, and the run never ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from botmsg_async import BotMessageClient
+from botmsg_async.jobs import _Run
+
+
+class _Call:
+    """A Redis call that waits until cancelled, then raises ``ConnectionError`` instead
+    (as redis-py can); any later call ends the task (the bug: the loop went on)."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise asyncio.CancelledError  # the loop went on after its cancel: end the test
+        self.entered.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by server.") from None
+
+
+class _PubSub:
+    """A pub/sub whose ``subscribe`` is the call above."""
+
+    def __init__(self, call: _Call) -> None:
+        self.subscribe = call
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+
+def _run(redis: Redis) -> _Run:
+    client = BotMessageClient("http://127.0.0.1:9", "user", "pw")
+    # A tiny claim timeout: the old heartbeat's next beat (its wrong going on) comes at once.
+    return _Run(
+        redis,
+        "j",
+        [],
+        client=client,
+        limiter=None,
+        concurrency=1,
+        retry=None,
+        resend_unknown=False,
+        claim_timeout=0.004,
+        on_result=None,
+    )
+
+
+async def test_the_heartbeat_ends_on_a_cancel_turned_into_a_redis_error() -> None:
+    """A cancel that comes out of the refresh call as ConnectionError ends the heartbeat."""
+    redis = Redis.from_url("redis://127.0.0.1:9")  # never connected: the call is replaced
+    run = _run(redis)
+    call = _Call()
+    run._refresh = call  # type: ignore[assignment]
+    beat = asyncio.ensure_future(run.heartbeat())
+    await call.entered.wait()
+    beat.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await beat
+    assert call.calls == 1
+    await redis.aclose()
+
+
+async def test_the_listener_ends_on_a_cancel_turned_into_a_redis_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel that comes out of the subscribe call as ConnectionError ends the listener."""
+    redis = Redis.from_url("redis://127.0.0.1:9")
+    run = _run(redis)
+    call = _Call()
+    monkeypatch.setattr(redis, "pubsub", lambda: _PubSub(call))
+    # The listener waits half a second before listening again: not in this test.
+    monkeypatch.setattr(asyncio, "sleep", _no_sleep)
+    listener = asyncio.ensure_future(run._listen(asyncio.Event()))
+    await call.entered.wait()
+    listener.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await listener
+    assert call.calls == 1
+    await redis.aclose()
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _no_sleep(delay: float, result: Any = None) -> Any:
+    return await _real_sleep(0, result)
