@@ -530,7 +530,10 @@ class RedisRateLimiter:
             await asyncio.wait_for(self._subscribed.wait(), 0.5)
 
     async def _listen_forever(self) -> None:
-        while True:
+        # Until closed, not only until cancelled: redis-py can turn a cancel that lands
+        # in a Redis call into its own error (or lose it), which this loop outlives, and
+        # ``aclose`` awaits this task's end.
+        while not self._closed:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
@@ -549,7 +552,8 @@ class RedisRateLimiter:
                 pass  # Redis away: listen again in a moment
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(0.5)
+            if not self._closed:
+                await asyncio.sleep(0.5)
 
 
 class RedisSendGuard:

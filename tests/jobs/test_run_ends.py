@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from botmsg_async import BotMessageClient
 from botmsg_async.jobs import _Run
+from botmsg_async.shared import RedisRateLimiter
 
 
 class _Call:
@@ -107,3 +108,20 @@ _real_sleep = asyncio.sleep
 
 async def _no_sleep(delay: float, result: Any = None) -> Any:
     return await _real_sleep(0, result)
+
+
+async def test_the_limiter_listener_ends_on_a_cancel_turned_into_a_redis_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run's shared limiter closes though its pause listener's cancel came out as an error."""
+    redis = Redis.from_url("redis://127.0.0.1:9")
+    call = _Call()
+    monkeypatch.setattr(redis, "pubsub", lambda: _PubSub(call))
+    monkeypatch.setattr(asyncio, "sleep", _no_sleep)
+    limiter = RedisRateLimiter(redis, name="t")
+    # Starts the listener; its subscribe never answers, so this gives up waiting for it.
+    assert await limiter.paused_for() == 0.0
+    await call.entered.wait()
+    await limiter.aclose()  # the old listener went on listening: this never returned
+    assert call.calls == 1
+    await redis.aclose()
