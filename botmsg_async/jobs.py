@@ -387,11 +387,12 @@ def _honour_cancel() -> None:
     """Raise ``CancelledError`` if this task was asked to stop.
 
     For the run's background loops (heartbeat, listener), which outlive Redis
-    errors: redis-py can turn a cancellation that lands inside a command into a
-    ``RedisError`` or ``OSError`` (a connection it drops on the way out), or
-    lose it. Such a loop would take the cancel for an outage and go on forever,
-    and the run that awaits its end after cancelling it would never end. A
-    requested cancel stays counted (``Task.cancelling``) until it is delivered.
+    errors: a cancel that lands inside a Redis command can be lost (redis-py
+    writes each command under ``asyncio.wait_for``, which on Python 3.11 returns
+    the result and drops the cancel when both come at once) or come out as a
+    ``RedisError``/``OSError``. Such a loop would go on forever, and the run,
+    which awaits its end after cancelling it, would never end. A requested
+    cancel stays counted (``Task.cancelling``) however it was lost.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -811,6 +812,7 @@ class _Run:
                 await pubsub.subscribe(self.keys.events)
                 subscribed.set()
                 while True:
+                    _honour_cancel()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if message is not None:
                         self.wake.set()

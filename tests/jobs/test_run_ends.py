@@ -1,9 +1,10 @@
-"""A run's background loops end when cancelled, even when redis-py turns the cancel into an error.
+"""A run's background loops end when cancelled, even when the cancel is lost in a Redis call.
 
-The hang this guards against: ``run_job_async`` cancels its heartbeat and awaits it; a
-cancel that lands inside the heartbeat's Redis call can come out of redis-py as a
-``ConnectionError`` (it drops the connection on the way out), which the loop took for an
-outage: it beat on forever, with the job cancelled, and the run never ended.
+The hang this guards against: ``run_job_async`` cancels its heartbeat and awaits it. A
+cancel that lands inside the heartbeat's refresh call can be lost (redis-py writes each
+command under ``asyncio.wait_for``, which on Python 3.11 returns the result and drops the
+cancel when both come at once) or come out as a ``ConnectionError``; the loop went on
+beating, with the job cancelled, and the run never ended.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from botmsg_async.shared import RedisRateLimiter
 
 
 class _Call:
-    """A Redis call that waits until cancelled, then raises ``ConnectionError`` instead
-    (as redis-py can); any later call ends the task (the bug: the loop went on)."""
+    """A Redis call that waits until cancelled, then loses the cancel (returns ``reply``)
+    or raises ``ConnectionError`` instead; any later call ends the task (the bug: the
+    loop went on after its cancel)."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str, reply: Any = None) -> None:
+        self.how = how
+        self.reply = reply
         self.entered = asyncio.Event()
         self.calls = 0
 
@@ -39,14 +43,18 @@ class _Call:
         try:
             await asyncio.get_running_loop().create_future()
         except asyncio.CancelledError:
+            if self.how == "lost":
+                return self.reply
             raise RedisConnectionError("Connection closed by server.") from None
+        raise AssertionError("never answered but by a cancel")
 
 
 class _PubSub:
-    """A pub/sub whose ``subscribe`` is the call above."""
+    """A pub/sub whose ``subscribe`` and ``get_message`` are the call above."""
 
     def __init__(self, call: _Call) -> None:
         self.subscribe = call
+        self.get_message = call
 
     async def aclose(self) -> None:
         """Nothing to close."""
@@ -69,11 +77,15 @@ def _run(redis: Redis) -> _Run:
     )
 
 
-async def test_the_heartbeat_ends_on_a_cancel_turned_into_a_redis_error() -> None:
-    """A cancel that comes out of the refresh call as ConnectionError ends the heartbeat."""
+HOW = pytest.mark.parametrize("how", ["lost", "error"])
+
+
+@HOW
+async def test_the_heartbeat_ends_on_a_cancel_lost_in_its_redis_call(how: str) -> None:
+    """A cancel lost in the refresh call (or come out as ConnectionError) ends the heartbeat."""
     redis = Redis.from_url("redis://127.0.0.1:9")  # never connected: the call is replaced
     run = _run(redis)
-    call = _Call()
+    call = _Call(how, [b"cancelled", b"cancelled by request"])
     run._refresh = call  # type: ignore[assignment]
     beat = asyncio.ensure_future(run.heartbeat())
     await call.entered.wait()
@@ -84,13 +96,14 @@ async def test_the_heartbeat_ends_on_a_cancel_turned_into_a_redis_error() -> Non
     await redis.aclose()
 
 
-async def test_the_listener_ends_on_a_cancel_turned_into_a_redis_error(
-    monkeypatch: pytest.MonkeyPatch,
+@HOW
+async def test_the_listener_ends_on_a_cancel_lost_in_its_redis_call(
+    monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """A cancel that comes out of the subscribe call as ConnectionError ends the listener."""
+    """A cancel lost in the subscribe call (or come out as ConnectionError) ends the listener."""
     redis = Redis.from_url("redis://127.0.0.1:9")
     run = _run(redis)
-    call = _Call()
+    call = _Call(how)
     monkeypatch.setattr(redis, "pubsub", lambda: _PubSub(call))
     # The listener waits half a second before listening again: not in this test.
     monkeypatch.setattr(asyncio, "sleep", _no_sleep)
@@ -110,12 +123,13 @@ async def _no_sleep(delay: float, result: Any = None) -> Any:
     return await _real_sleep(0, result)
 
 
-async def test_the_limiter_listener_ends_on_a_cancel_turned_into_a_redis_error(
-    monkeypatch: pytest.MonkeyPatch,
+@HOW
+async def test_the_limiter_listener_ends_on_a_cancel_lost_in_its_redis_call(
+    monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """The run's shared limiter closes though its pause listener's cancel came out as an error."""
+    """The run's shared limiter closes though its pause listener's cancel was lost."""
     redis = Redis.from_url("redis://127.0.0.1:9")
-    call = _Call()
+    call = _Call(how)
     monkeypatch.setattr(redis, "pubsub", lambda: _PubSub(call))
     monkeypatch.setattr(asyncio, "sleep", _no_sleep)
     limiter = RedisRateLimiter(redis, name="t")
