@@ -383,6 +383,22 @@ async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:
             delay = min(1.0, delay * 2)
 
 
+def _honour_cancel() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop.
+
+    For the run's background loops (heartbeat, listener), which outlive Redis
+    errors: a cancel that lands inside a Redis command can be lost (redis-py
+    writes each command under ``asyncio.wait_for``, which on Python 3.11 returns
+    the result and drops the cancel when both come at once) or come out as a
+    ``RedisError``/``OSError``. Such a loop would go on forever, and the run,
+    which awaits its end after cancelling it, would never end. A requested
+    cancel stays counted (``Task.cancelling``) however it was lost.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Keys:
     """The names of one job's keys."""
 
@@ -707,6 +723,7 @@ class _Run:
     async def heartbeat(self) -> None:
         """Refresh this run's chunks and the job's TTL; watch the job's state."""
         while True:
+            _honour_cancel()
             try:
                 reply = await self._refresh(keys=self.keys.all(), args=[_GROUP, self.consumer, ""])
                 state = _text(reply[0]) if reply else None
@@ -714,7 +731,8 @@ class _Run:
                     why = _text(reply[1]) if reply and len(reply) > 1 else None
                     self.stop(why or f"the job is {state or 'gone from Redis'}")
             except (RedisError, OSError):
-                pass  # the next beat tries again; the chunk stays ours until the timeout
+                _honour_cancel()  # a cancel redis-py turned into its error is no outage
+                # Otherwise the next beat tries again; the chunk stays ours until the timeout.
             await asyncio.sleep(self.claim_timeout / 4)
 
     # -- chunks -----------------------------------------------------------------------
@@ -788,15 +806,18 @@ class _Run:
     async def _listen(self, subscribed: asyncio.Event) -> None:
         """Wake the run on each message of the job's channel (end, stop, chunks put back)."""
         while True:
+            _honour_cancel()
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.events)
                 subscribed.set()
                 while True:
+                    _honour_cancel()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if message is not None:
                         self.wake.set()
             except (RedisError, OSError):
+                _honour_cancel()  # a cancel redis-py turned into its error is no outage
                 subscribed.set()  # Redis away: the poll goes on; listen again in a moment
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -530,13 +530,16 @@ class RedisRateLimiter:
             await asyncio.wait_for(self._subscribed.wait(), 0.5)
 
     async def _listen_forever(self) -> None:
-        while True:
+        # Until closed, not only until cancelled: a cancel that lands in a Redis call can
+        # be lost (redis-py's asyncio.wait_for on Python 3.11) or come out as a Redis
+        # error, which this loop outlives; and ``aclose`` awaits this task's end.
+        while not self._closed:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
                 if self._subscribed is not None:
                     self._subscribed.set()
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if message is not None and message.get("type") == "message":
                         try:
@@ -549,7 +552,8 @@ class RedisRateLimiter:
                 pass  # Redis away: listen again in a moment
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(0.5)
+            if not self._closed:
+                await asyncio.sleep(0.5)
 
 
 class RedisSendGuard:
