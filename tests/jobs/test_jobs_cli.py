@@ -261,7 +261,9 @@ async def test_status_and_cancel(tmp_path: Path, job_redis: JobRedis) -> None:
     """job cancel stops every run (nothing new starts); status says so; report: skipped."""
     n = 1000
     path = write_items(tmp_path, n)
-    async with FakeBotMessageServer(password=PASSWORD, latency=0.02) as server:
+    # 2 runs x 8 in flight / 50 ms: ~3 s of work, so the cancel (a process of its own,
+    # ~1 s to start on a busy CPU) lands long before the job could be complete.
+    async with FakeBotMessageServer(password=PASSWORD, latency=0.05) as server:
         runs = [await botmsg_start(server, *run_args(job_redis, path)) for _ in range(2)]
         await asyncio.wait_for(when_received(server, 100), TIMEOUT)
         cancel = await botmsg_start(
