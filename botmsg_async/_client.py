@@ -702,8 +702,8 @@ class BotMessageClient:
             earlier = await guard.claim(state.idempotency_key, digest, department_uuid, user_uuid)
             if earlier is not None:
                 return earlier
-        # The attempts, in this coroutine: a batch item's every wake-up passes
-        # through each frame between the task and aiohttp, so there is no other.
+        # The attempts, in this coroutine: every wake-up of a send passes through
+        # each frame between its task and aiohttp (about 0.1 us per frame).
         if self._budget is not None:
             self._budget.deposit()
         if telemetry is not None:
