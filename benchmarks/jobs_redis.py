@@ -374,50 +374,35 @@ async def _shared_job(args: argparse.Namespace, *, restart: bool) -> None:
 
 def rss(args: argparse.Namespace) -> None:
     """Peak RSS of one ``send-many --redis`` run process on a large input."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server not found on PATH")
     print(f"load before: {os.getloadavg()}, cpus: {os.cpu_count()}")
-    with tempfile.TemporaryDirectory() as directory, start_server("aiohttp", processes=1) as s:
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        start_server("aiohttp", processes=1) as s,
+        _redis_server(durable=False) as (sock, client),
+    ):
         path = Path(directory) / "in.csv"
         with path.open("w", encoding="utf-8") as f:
             f.write("department_uuid,user_uuid,text\n")
             for i in range(args.rows):
                 dept = uuid.uuid5(uuid.NAMESPACE_URL, f"d{i % 10}")
                 f.write(f"{dept},{uuid.uuid5(uuid.NAMESPACE_URL, f'u{i}')},message number {i}\n")
-        sock = Path(directory) / "redis.sock"
-        server = subprocess.Popen(
-            [binary, "--port", "0", "--unixsocket", str(sock), "--dir", directory, "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            client = redis.Redis(unix_socket_path=str(sock))
-            for _ in range(500):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.02)
-            env = child_env()
-            # The benchmark server checks no credentials.
-            env.update(BOTMSG_BASE_URL=s.base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")  # noqa: S106
-            if args.package_dir:
-                env["PYTHONPATH"] = args.package_dir
-            command = [sys.executable, "-m", "botmsg_async", "send-many", str(path)]
-            command += ["--redis", f"unix://{sock}", "--job", "rss", "--accept-redis-loss"]
-            started = time.monotonic()
-            proc = subprocess.Popen(command, env=env, cwd=directory, stderr=subprocess.DEVNULL)
-            while not client.hget("botmsg:job:{rss}:meta", "t0") and proc.poll() is None:
-                time.sleep(0.1)
-            began = time.monotonic() - started
-            time.sleep(args.seconds)
-            settled = client.bitcount("botmsg:job:{rss}:settled")
-            proc.send_signal(signal.SIGINT)
-            proc.wait()
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        finally:
-            server.kill()
-            server.wait()
+        env = child_env()
+        # The benchmark server checks no credentials.
+        env.update(BOTMSG_BASE_URL=s.base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="p")  # noqa: S106
+        if args.package_dir:
+            env["PYTHONPATH"] = args.package_dir
+        command = [sys.executable, "-m", "botmsg_async", "send-many", str(path)]
+        command += ["--redis", f"unix://{sock}", "--job", "rss", "--accept-redis-loss"]
+        started = time.monotonic()
+        proc = subprocess.Popen(command, env=env, cwd=directory, stderr=subprocess.DEVNULL)
+        while not client.hget("botmsg:job:{rss}:meta", "t0") and proc.poll() is None:
+            time.sleep(0.1)
+        began = time.monotonic() - started
+        time.sleep(args.seconds)
+        settled = client.bitcount("botmsg:job:{rss}:settled")
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(
         f"{args.rows} rows: first send after {began:.1f} s (input checked), {settled} items "
         f"settled in {args.seconds:g} s; peak RSS of the run process {peak:.0f} MiB"
