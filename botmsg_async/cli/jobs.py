@@ -36,7 +36,7 @@ from .console import Console
 from .credentials import Credentials
 from .input import BadRow, RowDefaults, Scan, Source, parse
 from .loops import loop_factory
-from .results import Results, error_json
+from .results import Results, error_json, open_out
 from .signals import run
 
 if TYPE_CHECKING:
@@ -278,17 +278,6 @@ async def _write_report(
     return sink.tally.exit_code(), count
 
 
-def _open_out(path: str | None, stack: contextlib.ExitStack) -> TextIO | None:
-    if path == "-":
-        return sys.stdout
-    if not path:
-        return None
-    try:
-        return stack.enter_context(open(path, "w", encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
-
-
 def run_redis_job(
     args: argparse.Namespace,
     console: Console,
@@ -310,7 +299,7 @@ def run_redis_job(
             (not durable without --accept-redis-loss, unreachable): nothing sent.
     """
     jobs = _jobs()
-    out = _open_out(args.out, stack)
+    out = open_out(args.out, stack)
     items = FileItems(source, fmt, defaults, args.chunk_size, stack)
     if args.workers > 1:
         return _run_workers(args, console, jobs, fmt, creds, out, items)
@@ -410,7 +399,7 @@ async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> 
             fmt = args.format or source.guess_format()
             defaults = RowDefaults(args.text, args.subject, args.sender_name)
             items = FileItems(source, fmt, defaults, 256, stack)
-        out = _open_out(args.out, stack)
+        out = open_out(args.out, stack)
         started = time.perf_counter()
         results = jobs.iter_job_results(args.redis, args.job, items)
         code, count = await _write_report(console, out, results, items)

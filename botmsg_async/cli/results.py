@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from botmsg_async import BotMessageError, Counts, Outcome
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, MAX_LISTED_FAILURES
+from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, MAX_LISTED_FAILURES, UsageError
 from .console import Console
 
-__all__ = ["Results", "RunEnd", "Tally", "error_json", "print_summary"]
+__all__ = ["Results", "RunEnd", "Tally", "error_json", "open_out", "print_summary"]
 
 #: How ``send-many`` describes an item's error in its journal: ``"<Type>: <message>"``.
 _DESCRIBED = re.compile(r"([A-Z][A-Za-z0-9]*Error): (.*)", re.DOTALL)
@@ -92,6 +95,34 @@ class Tally:
         if self.failed or self.skipped:
             return EXIT_FAILED
         return EXIT_OK
+
+
+def open_out(
+    path: str | None,
+    stack: contextlib.ExitStack,
+    not_written: Callable[[], None] | None = None,
+) -> TextIO | None:
+    """The ``--out`` stream: standard output for ``-``, else ``path`` opened with ``stack``.
+
+    Args:
+        path: ``--out`` (None or empty: no file).
+        stack: Closes the file when the run ends.
+        not_written: Called before the error when ``path`` cannot be opened
+            (nothing was sent: e.g. drop a journal just created).
+
+    Raises:
+        UsageError: ``path`` cannot be written.
+    """
+    if path == "-":
+        return sys.stdout
+    if not path:
+        return None
+    try:
+        return stack.enter_context(open(path, "w", encoding="utf-8"))
+    except OSError as exc:
+        if not_written is not None:
+            not_written()
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
 
 
 class Results:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from attrs import define
+
 from botmsg_async import Outcome, new_idempotency_key
 from botmsg_async.journal import FINAL_STATES, IN_DOUBT_NOTE, IN_DOUBT_STATES, JournalState
 
@@ -17,7 +19,50 @@ from .common import UsageError
 from .input import BadRow, Row, RowDefaults, Scan, Source, parse
 from .results import Results, error_json
 
-__all__ = ["count_to_send", "rows_to_send"]
+__all__ = ["RunInput", "count_to_send", "rows_to_send"]
+
+
+@define(frozen=True)
+class RunInput:
+    """What a ``send-many`` run sends from, read once before any send.
+
+    Attributes:
+        source: The input file (or standard input, spooled).
+        fmt: ``"csv"`` or ``"jsonl"``.
+        defaults: The row options given as flags.
+        scan: The first pass over the input.
+        state: The journal's state when resuming it, else None.
+    """
+
+    source: Source
+    fmt: str
+    defaults: RowDefaults
+    scan: Scan
+    state: JournalState | None
+
+    def to_send(self, *, resend_unknown: bool) -> int:
+        """How many items this run will attempt (for the progress bar and the ETA)."""
+        return count_to_send(self.scan, self.state, resend_unknown=resend_unknown)
+
+    def rows(
+        self,
+        results: Results,
+        *,
+        skip_invalid: bool,
+        resend_unknown: bool,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> Iterator[tuple[Row, str, bool]]:
+        """``rows_to_send`` over this input."""
+        return rows_to_send(
+            self.source,
+            self.fmt,
+            self.defaults,
+            self.state,
+            results,
+            skip_invalid=skip_invalid,
+            resend_unknown=resend_unknown,
+            stopped=stopped,
+        )
 
 
 def count_to_send(scan: Scan, state: JournalState | None, *, resend_unknown: bool) -> int:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from botmsg_async import (
     APIStatusError,
@@ -54,8 +54,8 @@ from .input import (
     scan_input,
 )
 from .jobs import run_redis_job, validate_redis_flags
-from .results import Results, RunEnd, error_json, print_summary, progress_line
-from .rows import count_to_send, rows_to_send
+from .results import Results, RunEnd, error_json, open_out, print_summary, progress_line
+from .rows import RunInput
 from .signals import run
 from .workers import run_with_workers, uses_workers
 
@@ -300,20 +300,13 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
                     f"{args.journal}: cannot use the journal: {exc.strerror}"
                 ) from None
 
-        out: TextIO | None = None
-        if args.out == "-":
-            out = sys.stdout
-        elif args.out:
-            try:
-                out = stack.enter_context(open(args.out, "w", encoding="utf-8"))
-            except OSError as exc:
-                if journal is not None and state is None:
-                    # Nothing was sent: leave no new journal that would demand --resume.
-                    journal.discard()
-                raise UsageError(f"{args.out}: cannot write: {exc.strerror}") from None
+        # Nothing sent if --out cannot be written: leave no new journal demanding --resume.
+        new_journal = journal if journal is not None and state is None else None
+        out = open_out(args.out, stack, new_journal.discard if new_journal else None)
         results = Results(console, out)
         stack.callback(results.close)
-        job = SendMany(args, console, source, fmt, defaults, scan, state, journal, results)
+        run_input = RunInput(source, fmt, defaults, scan, state)
+        job = SendMany(args, console, run_input, journal, results)
         return run(job.run(creds), first_signal=job.request_stop, loop=args.loop)
 
 
@@ -324,21 +317,15 @@ class SendMany:
         self,
         args: argparse.Namespace,
         console: Console,
-        source: Source,
-        fmt: str,
-        defaults: RowDefaults,
-        scan: Scan,
-        state: JournalState | None,
+        run_input: RunInput,
         journal: JournalStore | None,
         results: Results,
     ) -> None:
         self.args = args
         self.console = console
-        self.source = source
-        self.fmt = fmt
-        self.defaults = defaults
-        self.scan = scan
-        self.state = state
+        self.input = run_input
+        self.state = run_input.state
+        self.scan = run_input.scan
         self.journal = journal
         self.results = results
         # Stream index (order of pulling) -> the input item; only items in flight.
@@ -383,7 +370,7 @@ class SendMany:
 
     def _to_send(self) -> int:
         """How many items this run will attempt (for the progress bar)."""
-        return count_to_send(self.scan, self.state, resend_unknown=self.args.resend_unknown)
+        return self.input.to_send(resend_unknown=self.args.resend_unknown)
 
     def _items(self) -> Generator[SendRequest, None, None]:
         """The items to send, read lazily, each with its idempotency key.
@@ -392,11 +379,7 @@ class SendMany:
         ``stream_many`` calls right before the first attempt (after any rate-limit
         wait), so an item waiting for the limiter is never taken for one in flight.
         """
-        for parsed, key, in_doubt in rows_to_send(
-            self.source,
-            self.fmt,
-            self.defaults,
-            self.state,
+        for parsed, key, in_doubt in self.input.rows(
             self.results,
             skip_invalid=self.args.skip_invalid,
             resend_unknown=self.args.resend_unknown,

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any
 
 from botmsg_async import Outcome
 from botmsg_async.bulk import (
@@ -38,8 +38,8 @@ from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials
 from .input import RowDefaults, Scan, Source
-from .results import Results, RunEnd, error_json, print_summary, progress_line
-from .rows import count_to_send, rows_to_send
+from .results import Results, RunEnd, error_json, open_out, print_summary, progress_line
+from .rows import RunInput
 from .tunables import MALLOC_TUNABLES
 
 __all__ = ["parse_workers", "run_with_workers", "uses_workers"]
@@ -111,20 +111,12 @@ class _Run:
         self,
         args: argparse.Namespace,
         console: Console,
-        source: Source,
-        fmt: str,
-        defaults: RowDefaults,
-        scan: Scan,
-        state: JournalState | None,
+        run_input: RunInput,
         results: Results,
     ) -> None:
         self.args = args
         self.console = console
-        self.source = source
-        self.fmt = fmt
-        self.defaults = defaults
-        self.scan = scan
-        self.state = state
+        self.input = run_input
         self.results = results
         self.finished = 0
         self.attempted = 0  # of them, items attempted (not skipped)
@@ -132,15 +124,11 @@ class _Run:
 
     def to_send(self) -> int:
         """How many items this run will attempt (for the progress bar and the ETA)."""
-        return count_to_send(self.scan, self.state, resend_unknown=self.args.resend_unknown)
+        return self.input.to_send(resend_unknown=self.args.resend_unknown)
 
     def items(self) -> Iterator[WorkItem]:
         """The items to send, read lazily; the others accounted for on the way."""
-        for parsed, key, in_doubt in rows_to_send(
-            self.source,
-            self.fmt,
-            self.defaults,
-            self.state,
+        for parsed, key, in_doubt in self.input.rows(
             self.results,
             skip_invalid=self.args.skip_invalid,
             resend_unknown=self.args.resend_unknown,
@@ -222,19 +210,12 @@ def run_with_workers(
             raise UsageError(str(exc)) from None
         except OSError as exc:
             raise UsageError(f"{args.journal}: cannot use the journal: {exc.strerror}") from None
-    out: TextIO | None = None
-    if args.out == "-":
-        out = sys.stdout
-    elif args.out:
-        try:
-            out = stack.enter_context(open(args.out, "w", encoding="utf-8"))  # noqa: SIM115
-        except OSError as exc:
-            if journal is not None and state is None:
-                journal.discard()
-            raise UsageError(f"{args.out}: cannot write: {exc.strerror}") from None
+    # Nothing sent if --out cannot be written: leave no new journal demanding --resume.
+    new_journal = journal if journal is not None and state is None else None
+    out = open_out(args.out, stack, new_journal.discard if new_journal else None)
     results = Results(console, out)
     stack.callback(results.close)
-    run = _Run(args, console, source, fmt, defaults, scan, state, results)
+    run = _Run(args, console, RunInput(source, fmt, defaults, scan, state), results)
     if journal is not None and state is not None:
         for record in journal.finished_records():
             results.emit(
