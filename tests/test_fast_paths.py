@@ -259,6 +259,67 @@ def test_a_plain_success_skips_the_converter(monkeypatch: pytest.MonkeyPatch) ->
     assert (result.request_uuid, result.message_uuid, result.errors) == ("r", "m", ())
 
 
+_OPTIONAL_TEXT = st.none() | st.text(max_size=40)
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    request_uuid=_OPTIONAL_TEXT,
+    message_uuid=_OPTIONAL_TEXT,
+    http_status=st.none() | st.integers(100, 599),
+    elapsed=st.none() | st.floats(allow_nan=False),
+    headers=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
+)
+def test_success_result_is_the_attrs_built_result_field_by_field(
+    request_uuid: str | None,
+    message_uuid: str | None,
+    http_status: int | None,
+    elapsed: float | None,
+    headers: dict[str, str],
+) -> None:
+    """success_result sets every field (those outside == too) as SendResult(...) does."""
+    import attrs
+
+    from botmsg_async._models import ResponseHeaders, success_result
+
+    kept = ResponseHeaders(headers)
+    fast = success_result(request_uuid, message_uuid, http_status, elapsed, kept)
+    built = SendResult(
+        Status.SUCCESS,
+        request_uuid=request_uuid,
+        message_uuid=message_uuid,
+        http_status=http_status,
+        elapsed=elapsed,
+        headers=kept,
+    )
+    assert type(fast) is SendResult
+    for field in attrs.fields(SendResult):
+        assert getattr(fast, field.name) == getattr(built, field.name), field.name
+    assert fast == built and hash(fast) == hash(built)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.attempts = 2  # type: ignore[misc]
+
+
+@settings(deadline=None, max_examples=300)
+@given(answer=ANSWERS, http_status=st.integers(200, 299), elapsed=st.floats(0, 10))
+def test_an_answer_carries_its_exchange_on_either_path(
+    answer: dict[str, Any], http_status: int, elapsed: float
+) -> None:
+    """decode_answer's result holds the status, time and headers given, plain answer or not."""
+    import json
+
+    from botmsg_async._models import ResponseHeaders
+
+    headers = ResponseHeaders({"x-request-id": "abc"})
+    body = json.dumps(answer).encode()
+    try:
+        result = _wire.decode_answer(body, http_status, elapsed, headers)
+    except _wire.WireFormatError:
+        return
+    assert (result.http_status, result.elapsed, result.headers) == (http_status, elapsed, headers)
+    assert result == _full_path(body)
+
+
 # -- batch bookkeeping and compact reports ----------------------------------------------
 
 
