@@ -80,6 +80,41 @@ def test_the_pre_scan_passes_exactly_what_the_client_accepts(
     assert isinstance(parsed, Row) is accepted
 
 
+_ID_PARTS = st.sampled_from(["a", "Z", "0", "-", ".", "_", " ", "/", "%", "é", "\ud800", ""])
+
+
+@settings(deadline=None, max_examples=500)
+@given(
+    st.lists(_ID_PARTS, max_size=4).map("".join),
+    st.lists(_ID_PARTS, max_size=4).map("".join),
+    st.text(st.characters(codec="utf-8"), max_size=6) | st.sampled_from([" ", "\t\n", "x" * 5]),
+)
+def test_the_usual_row_is_built_as_the_checks_build_it(
+    department: str, user: str, text: str
+) -> None:
+    """Whenever the usual-row path takes a row, it builds what every check would."""
+    from botmsg_async.cli import input as input_
+
+    values = {"department_uuid": department, "user_uuid": user, "text": text}
+    fast = input_._plain_row(3, 5, values)
+    if fast is not None:
+        assert fast == input_._checked_row(3, 5, values, RowDefaults())
+
+
+def test_the_usual_row_path_takes_a_uuid_row() -> None:
+    """A row of two UUIDs and an ASCII text takes the short path (the benchmark's rows)."""
+    from botmsg_async.cli import input as input_
+
+    values = {
+        "department_uuid": " 5b0e8a4c-2f6d-4c1a-9e3b-7d8f0a1b2c3d",
+        "user_uuid": "00000000-0000-4000-8000-000000000001",
+        "text": "Your parcel has arrived.",
+    }
+    fast = input_._plain_row(0, 2, values)
+    assert fast is not None
+    assert fast == input_._checked_row(0, 2, values, RowDefaults())
+
+
 def test_consoles_share_no_secrets() -> None:
     """Each run's Console redacts its own credentials: no state lives in the module."""
     first, second = Console(), Console()

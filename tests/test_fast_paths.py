@@ -295,7 +295,8 @@ def test_success_result_is_the_attrs_built_result_field_by_field(
     assert type(fast) is SendResult
     for field in attrs.fields(SendResult):
         assert getattr(fast, field.name) == getattr(built, field.name), field.name
-    assert fast == built and hash(fast) == hash(built)
+    assert fast == built
+    assert hash(fast) == hash(built)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         fast.attempts = 2  # type: ignore[misc]
 

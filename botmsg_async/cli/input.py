@@ -140,6 +140,11 @@ class RowDefaults:
     sender_name: str | None = None
     ignore_columns: frozenset[str] = frozenset()
 
+    @property
+    def plain(self) -> bool:
+        """Whether no flag changes a row's message (each row's own text is sent)."""
+        return self.text is None and self.subject is None and self.sender_name is None
+
 
 def ignored_columns(flag: str | None) -> frozenset[str]:
     """The names of ``--ignore-columns a,b`` (blanks around names dropped).
@@ -237,10 +242,57 @@ def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str]:
             raise UsageError(f"line {lineno}: not UTF-8 text") from None
 
 
+#: The fields of the usual row: two ids and a text, nothing else.
+_PLAIN_FIELDS: Final = frozenset(("department_uuid", "user_uuid", "text"))
+
+
+def _plain_id(value: str) -> bool:
+    """Whether ``value`` is an id every check passes: ASCII letters, digits and dashes."""
+    return value.isascii() and value.replace("-", "").isalnum()
+
+
+def _plain_row(index: int, line: int, values: Mapping[str, object]) -> Row | None:
+    """The usual row as ``_make_row`` builds it, or None: then ``_make_row`` decides.
+
+    Usual: two ids of ASCII letters, digits and dashes (a UUID) and a non-blank
+    ASCII text within the limit, no other field. Nothing ``_make_row`` or the
+    client checks can refuse such a row, so they need not run (two thirds of a
+    row's time); a property test holds this to ``_make_row``'s own result.
+    """
+    if values.keys() != _PLAIN_FIELDS:
+        return None
+    department_uuid = values["department_uuid"]
+    user_uuid = values["user_uuid"]
+    text = values["text"]
+    if type(department_uuid) is not str or type(user_uuid) is not str or type(text) is not str:
+        return None
+    department_uuid = department_uuid.strip()
+    user_uuid = user_uuid.strip()
+    if (
+        _plain_id(department_uuid)
+        and _plain_id(user_uuid)
+        and text.isascii()
+        and text
+        and not text.isspace()
+        and len(text) <= MAX_TEXT_BYTES
+    ):
+        return Row(index, line, department_uuid, user_uuid, TextMessage(text), None)
+    return None
+
+
 def _make_row(
     index: int, line: int, values: Mapping[str, object], defaults: RowDefaults
 ) -> Row | BadRow:
     """Check one row's fields the way the client would, and build its message."""
+    if defaults.plain and (row := _plain_row(index, line, values)) is not None:
+        return row
+    return _checked_row(index, line, values, defaults)
+
+
+def _checked_row(
+    index: int, line: int, values: Mapping[str, object], defaults: RowDefaults
+) -> Row | BadRow:
+    """``_make_row`` the long way: every check, each problem worded."""
     ids: list[str] = []
     problems: list[str] = []
     for name in REQUIRED_FIELDS:
