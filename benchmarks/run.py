@@ -10,6 +10,11 @@ Scenarios (``benchmarks/README.md`` has the why and the latest numbers):
    items; the peak RSS of the two should be about equal.
 4. ``faults``: 1 answer in 5 a transient FAILURE; the SDK retrying at once,
    compared with the same SDK set-up against a server that never fails.
+5. ``fair`` and ``malloc`` (issue #17): raw loops dropping and keeping answers,
+   ``send_many`` keeping all and none, ``stream_many``, on each installed loop,
+   pinned; the same runs with and without glibc's malloc tunables.
+6. ``workers`` (issue #14): ``botmsg send-many --workers 2`` against two raw
+   aiohttp processes on the same loop and one on asyncio's (``benchmarks.workers``).
 
 Each run is a fresh process (so peak RSS is that run's), runs of a scenario
 alternate between variants (a, b, c, a, b, c, ...) so that a noisy machine
@@ -42,6 +47,7 @@ __all__ = [
     "ALL_SCENARIOS",
     "FAIR_SCENARIOS",
     "SCENARIOS",
+    "WORKER_SCENARIOS",
     "Config",
     "main",
     "render_markdown",
@@ -51,7 +57,9 @@ __all__ = [
 SCENARIOS = ("throughput", "latency", "memory", "faults")
 #: Issue #17's same-run comparisons, run by default from the command line too.
 FAIR_SCENARIOS = ("fair", "malloc")
-ALL_SCENARIOS = SCENARIOS + FAIR_SCENARIOS
+#: Issue #14's: ``botmsg send-many --workers`` against raw aiohttp processes.
+WORKER_SCENARIOS = ("workers",)
+ALL_SCENARIOS = SCENARIOS + FAIR_SCENARIOS + WORKER_SCENARIOS
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "latest.json"
 # The metrics of a run that get a median across repetitions.
 _METRICS = (
@@ -114,6 +122,9 @@ class Config:
         fair_reps: Runs per variant in the fair and malloc scenarios (>= 5).
         pin: In those scenarios, pin the client to CPU 0 and the server to CPU 1
             (when there are two CPUs).
+        workers_n: Messages per run in the workers scenario (a bulk job: start-up
+            and the validation pass are paid once per job).
+        workers: Worker processes there (and raw processes in its like-for-like run).
     """
 
     throughput_n: int = 20_000
@@ -134,6 +145,8 @@ class Config:
     scenarios: tuple[str, ...] = SCENARIOS
     fair_reps: int = 5
     pin: bool = True
+    workers_n: int = 100_000
+    workers: int = 2
 
     def quick(self) -> Config:
         """The same run with every N ten times smaller."""
@@ -144,6 +157,7 @@ class Config:
             latency_n=self.latency_n // 10,
             memory_large_n=self.memory_large_n // 10,
             memory_small_n=self.memory_small_n // 10,
+            workers_n=self.workers_n // 10,
         )
 
 
@@ -436,6 +450,20 @@ def _scenario_malloc(config: Config, log: Callable[[str], None]) -> dict[str, An
     }
 
 
+def _scenario_workers(config: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """``send-many --workers`` vs raw aiohttp processes (``benchmarks.workers``), same run."""
+    from benchmarks.workers import speed
+
+    log(f"  workers: {config.reps} rounds of 4 runs, {config.workers_n:,} messages each")
+    return speed(
+        config.workers_n,
+        config.workers,
+        config.throughput_concurrency,
+        config.reps,
+        config.server,
+    )
+
+
 _RUNNERS: dict[str, Callable[[Config, Callable[[str], None]], dict[str, Any]]] = {
     "throughput": _scenario_throughput,
     "latency": _scenario_latency,
@@ -443,6 +471,7 @@ _RUNNERS: dict[str, Callable[[Config, Callable[[str], None]], dict[str, Any]]] =
     "faults": _scenario_faults,
     "fair": _scenario_fair,
     "malloc": _scenario_malloc,
+    "workers": _scenario_workers,
 }
 
 
@@ -548,6 +577,21 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "<=",
                     1.00,
                 )
+    if "workers" in scenarios:
+        workers = scenarios["workers"]
+        w = workers["workers"]
+        check(
+            f"--workers {w} / {w} raw aiohttp processes, same loop (throughput)",
+            workers["workers_vs_raw_same_processes_same_loop"],
+            ">=",
+            workers["bars"]["same_processes_same_loop"],
+        )
+        check(
+            f"--workers {w} / 1 raw aiohttp process, asyncio (throughput)",
+            workers["workers_vs_one_raw_default_loop"],
+            ">=",
+            workers["bars"]["one_raw_default_loop"],
+        )
     if "memory" in scenarios:
         memory = scenarios["memory"]
         check("peak RSS, large stream (MB)", memory["runs"]["large"]["peak_rss_mb"], "<=", 100.0)
@@ -651,6 +695,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += _fair_table(scenarios["fair"])
     if "malloc" in scenarios:
         lines += _malloc_table(scenarios["malloc"])
+    if "workers" in scenarios:
+        lines += _workers_table(scenarios["workers"])
     if report.get("targets"):
         lines += ["", "| target | value | limit | pass |", "|---|---:|---:|---|"]
         for target in report["targets"]:
@@ -679,6 +725,24 @@ def _fair_table(fair: dict[str, Any]) -> list[str]:
         )
     lines += ["", "| ratio (medians, same run) | value |", "|---|---:|"]
     lines += [f"| {key} | {_fmt(value, 3)} |" for key, value in fair["ratios"].items()]
+    return lines
+
+
+def _workers_table(workers: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"several processes (N={workers['n']:,}, C={workers['concurrency']}, "
+        f"{workers['reps']} rounds, {workers['server']}):",
+        "",
+        "| run | msg/s | CPU µs/msg (process tree) |",
+        "|---|---:|---:|",
+    ]
+    for name, m in workers["medians"].items():
+        lines.append(f"| {name} | {_fmt(m['msgs_per_s'])} | {_fmt(m['cpu_tree_us_per_msg'], 1)} |")
+    lines.append(
+        f"| coordination CPU per item (--workers less one process) "
+        f"| | {_fmt(workers['coordination_us_per_item'], 1)} |"
+    )
     return lines
 
 

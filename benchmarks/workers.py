@@ -74,7 +74,7 @@ from benchmarks.servers import REPO_ROOT, child_env, start_server
 from benchmarks.variants import RunSpec, make_items
 
 # The summary line: "N of M items: ...; ... in T s, R messages/s".
-_SUMMARY = re.compile(r"(\d+) of \d+ items: .* in ([0-9.]+) s,")
+_SUMMARY = re.compile(r"(\d+) of \d+ items: .* in ([0-9.]+) s, ([0-9,]+) messages/s")
 # What the botmsg runs print at exit, on stderr, after this marker.
 _MARKER = "BENCH-RUSAGE "
 # ``botmsg`` in a process that reports its own CPU and peak RSS, and its workers'.
@@ -233,7 +233,8 @@ def _botmsg(
     usage = json.loads(stderr.rpartition(_MARKER)[2].splitlines()[0])
     tree = _children_cpu() - cpu
     return {
-        "msgs_per_s": n / float(match[2]),
+        # The command's own rate: from its unrounded time (a tiny run prints "in 0.0 s").
+        "msgs_per_s": float(match[3].replace(",", "")),
         "command_wall_s": wall,
         "cpu_tree_us_per_msg": tree / n * 1e6,
         "parent_cpu_us_per_msg": usage["self_cpu"] / n * 1e6,
@@ -254,16 +255,31 @@ def _write_input(path: Path, n: int) -> None:
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    n, w, c = args.n, args.workers, args.concurrency
+    return speed(args.n, args.workers, args.concurrency, args.reps, args.server)
+
+
+def speed(n: int, w: int, c: int, reps: int, server_kind: str) -> dict[str, Any]:
+    """The speed comparison: ``reps`` alternated rounds of the four runs, their medians.
+
+    Args:
+        n: Messages per run.
+        w: Worker processes (and raw processes in the like-for-like run).
+        c: Concurrency of every process.
+        reps: Rounds.
+        server_kind: ``"auto"``, ``"nginx"`` or ``"aiohttp"``.
+
+    Returns:
+        The medians of each run and the ratios the bars are about (JSON-friendly).
+    """
     uvloop = _shipped_loop()
     loop = "uvloop" if uvloop else "asyncio"
     runs: dict[str, list[dict[str, Any]]] = {}
     names = ("raw x1 asyncio", f"raw x{w} {loop}", "botmsg x1", f"botmsg --workers {w}")
-    with tempfile.TemporaryDirectory() as tmp, start_server(args.server) as server:
+    with tempfile.TemporaryDirectory() as tmp, start_server(server_kind) as server:
         source = Path(tmp) / "in.csv"
         _write_input(source, n)
         url = server.base_url
-        for _ in range(args.reps):
+        for _ in range(reps):
             runs.setdefault(names[0], []).append(_raw(url, n, 1, c, uvloop=False))
             runs.setdefault(names[1], []).append(_raw(url, n, w, c, uvloop=uvloop))
             runs.setdefault(names[2], []).append(_botmsg(url, source, n, 1, c))
@@ -282,7 +298,7 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "server": description,
         "n": n,
-        "reps": args.reps,
+        "reps": reps,
         "workers": w,
         "concurrency": c,
         "loop_as_shipped": loop,
