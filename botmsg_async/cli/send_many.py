@@ -26,11 +26,9 @@ from botmsg_async import (
     InvalidRequestError,
     InvalidResponseError,
     ItemResult,
-    MessageDefaults,
     Outcome,
     Progress,
     SendRequest,
-    TextMessage,
 )
 from botmsg_async.journal import (
     FileJournal,
@@ -139,10 +137,6 @@ def _validate_send_many_flags(args: argparse.Namespace) -> None:
 
 #: The options that shape the messages, which a journal records (format version 2)
 #: and --resume takes from it when they are not given: (attribute of args, flag).
-#: A row's message without subject or sender is the client's plain-text message:
-#: the two defaults agree (so a row may be handed to the client as its text).
-_TEXT_IS_PLAIN: Final = TextMessage("x") == MessageDefaults().message("x")
-
 _RECORDED_OPTIONS: Final = (
     ("format", "--format"),
     ("text", "--text"),
@@ -387,16 +381,10 @@ class SendMany:
         ):
             self.pending[self.pulled] = _Pending(parsed.index, key, in_doubt=in_doubt)
             self.pulled += 1
-            message = parsed.message
+            # A row with only a text is that text (a str): the client (default
+            # message settings) sends it on its fast path (~4 us less).
             yield SendRequest(
-                parsed.department_uuid,
-                parsed.user_uuid,
-                # A row with only a text is that text: the client (default message
-                # settings) sends the same bytes, encoded on its fast path (~4 us less).
-                message.body
-                if _TEXT_IS_PLAIN and message.subject is None and message.sender_name is None
-                else message,
-                idempotency_key=key,
+                parsed.department_uuid, parsed.user_uuid, parsed.message, idempotency_key=key
             )
 
     async def _durable_items(self) -> AsyncIterator[SendRequest]:
