@@ -321,7 +321,11 @@ class _LiveHandler(ResponseHandler):
             self._fd = -1
         if self._fd >= 0 and _HAS_POLL:
             poller = select.poll()
-            poller.register(self._fd, select.POLLIN | select.POLLPRI)
+            # POLLIN alone: poll adds POLLHUP, POLLERR and POLLNVAL by itself, which
+            # is what select calls readable (or refuses, for a closed descriptor).
+            # Not POLLPRI: TCP urgent data is no part of the HTTP stream, and select
+            # never counted it. Unlike select, any descriptor number (>= 1024 too).
+            poller.register(self._fd, select.POLLIN)
             self._poller = poller
 
     def is_connected(self) -> bool:

@@ -10,9 +10,15 @@ so an UNKNOWN for a request that never arrived is counted as a false UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
+import select
+import socket
+import struct
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -231,3 +237,101 @@ async def test_answers_are_read_in_pieces_the_heap_serves() -> None:
     finally:
         release.set()
         await runner.cleanup()
+
+
+# -- the pool's look at a connection: what the server did on it, and the verdict ------------
+
+
+def _urgent_byte(peer: socket.socket) -> None:
+    peer.send(b"!", socket.MSG_OOB)
+
+
+def _data(peer: socket.socket) -> None:
+    peer.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+
+
+def _fin(peer: socket.socket) -> None:
+    peer.shutdown(socket.SHUT_WR)
+
+
+def _rst(peer: socket.socket) -> None:
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+
+
+#: What a server may do to an idle keep-alive connection, and whether the pool may
+#: lend it afterwards: exactly when ``select`` finds nothing to read (the check's
+#: meaning since it was written). TCP urgent data is not readable to ``select``
+#: (it is an exceptional condition) and is not in the HTTP byte stream.
+SERVER_DOES = {
+    "nothing": (None, True),
+    "urgent byte": (_urgent_byte, True),
+    "data": (_data, False),
+    "FIN": (_fin, False),
+    "RST": (_rst, False),
+}
+
+
+@contextlib.asynccontextmanager
+async def live_connection() -> AsyncIterator[tuple[_http._LiveHandler, socket.socket, int]]:
+    """A loopback connection under the pool's protocol: (its handler, the server's socket, fd)."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        transport, handler = await loop.create_connection(
+            lambda: _http._LiveHandler(loop=loop), "127.0.0.1", port
+        )
+        peer, _ = listener.accept()  # the handshake is done: accept does not block
+        try:
+            fd = transport.get_extra_info("socket").fileno()
+            yield handler, peer, fd
+        finally:
+            transport.close()
+            peer.close()
+            await asyncio.sleep(0)  # the transport's close runs
+
+
+def _arrived(fd: int) -> None:
+    """Block until what the server did is in the client's socket (an event, not a delay)."""
+    watch = select.poll()
+    watch.register(fd, select.POLLIN | select.POLLPRI)
+    assert watch.poll(10_000), "the server's action never reached the client"
+
+
+@pytest.mark.parametrize("action", list(SERVER_DOES), ids=list(SERVER_DOES))
+async def test_a_pooled_connection_is_lent_as_select_would_lend_it(action: str) -> None:
+    """is_connected() is "nothing readable", as select says, for each thing a server may do."""
+    do, lendable = SERVER_DOES[action]
+    async with live_connection() as (handler, peer, fd):
+        if do is not None:
+            do(peer)
+            _arrived(fd)
+        # Asked before the loop reads anything: the look itself decides, not the transport.
+        readable, _, _ = select.select((fd,), (), (), 0)
+        assert handler.is_connected() is lendable
+        assert lendable is not bool(readable)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="descriptors are not numbered there")
+async def test_a_connection_above_descriptor_1023_is_lent_again() -> None:
+    """A socket numbered past select's FD_SETSIZE (1024) is looked at, not taken as dead."""
+    import resource  # POSIX only
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 1100
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the descriptor limit ({hard}) is below {needed}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
+    filler: list[int] = []
+    try:
+        filler.append(os.open(os.devnull, os.O_RDONLY))
+        # New descriptors take the lowest free number: fill every one below 1024.
+        while filler[-1] < 1024:
+            filler.append(os.dup(filler[0]))
+        async with live_connection() as (handler, _peer, fd):
+            assert fd >= 1024
+            assert handler.is_connected()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
