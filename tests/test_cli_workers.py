@@ -26,7 +26,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from botmsg_async.bulk import ProcessRateLimiter, WorkerConfig, _Worker, send_parallel
+from botmsg_async.bulk import (
+    ProcessRateLimiter,
+    WorkerConfig,
+    WorkerPool,
+    _Worker,
+    send_parallel,
+)
 from botmsg_async.cli.tunables import MALLOC_TUNABLES
 from tests.conftest import serving_send
 from tests.test_cli import read_jsonl, write_csv
@@ -168,6 +174,17 @@ async def gone(pids: list[int], within: float = 30.0) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def holds_open(pid: int, path: Path) -> None:
+    """Return once process ``pid`` has ``path`` open (Linux /proc)."""
+    while True:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                        return
+        await asyncio.sleep(0.01)
 
 
 async def worker_pids(process: asyncio.subprocess.Process, workers: int) -> list[int]:
@@ -514,6 +531,42 @@ async def test_sigterm_drains_and_leaves_no_process(tmp_path: Path) -> None:
     outcomes = check_accounting(svc, out, n)
     assert set(outcomes.values()) == {"sent"}
     assert svc.received == n
+
+
+async def test_workers_start_while_the_input_is_checked_and_end_with_bad_input(
+    tmp_path: Path,
+) -> None:
+    """The workers start before the validation pass; a bad input ends them: exit 2, none left."""
+    fifo = tmp_path / "in.csv"
+    os.mkfifo(fifo)
+    async with service() as (svc, base_url):
+        process = await start(base_url, str(fifo), "--workers", "2")
+        # Held open from the command's first look at its input (which it closes at
+        # once) to the end: the validation pass then opens the input and waits in its
+        # read, with the workers started, until the rows below are written.
+        writer = await asyncio.wait_for(asyncio.to_thread(open, fifo, "wb"), TIMEOUT)
+        with writer:
+            pids = await asyncio.wait_for(worker_pids(process, 2), TIMEOUT)
+            # Written once the validation pass holds the input open (with no reader
+            # the write would fail): the workers were started before it.
+            await asyncio.wait_for(holds_open(process.pid, fifo), TIMEOUT)
+            writer.write(b"department_uuid,user_uuid,text\ndep-1,user-1,hi\ndep-1,user/2,hi\n")
+        code, err = await finish(process)
+        assert code == 2, err
+        assert "invalid row" in err
+        assert await gone(pids, within=10)
+    assert svc.requests == 0
+
+
+def test_a_pool_closed_without_a_job_ends_its_workers() -> None:
+    """Workers started ahead and never given a job exit when the pool closes."""
+    before = set(children(os.getpid()))
+    pool = WorkerPool(2)
+    started = [pid for pid in children(os.getpid()) if pid not in before]
+    assert len(started) == pool.size == 2
+    pool.close()
+    pool.close()  # a second close does nothing
+    assert not any(alive(pid) for pid in started)
 
 
 async def test_send_parallel_from_python() -> None:

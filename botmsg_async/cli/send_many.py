@@ -55,7 +55,7 @@ from .jobs import run_redis_job, validate_redis_flags
 from .results import Results, RunEnd, error_json, open_out, print_summary, progress_line
 from .rows import RunInput
 from .signals import run
-from .workers import run_with_workers, uses_workers
+from .workers import run_with_workers, start_workers, uses_workers
 
 __all__ = ["SendMany", "cmd_send_many"]
 
@@ -255,6 +255,9 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         source = Source(args.input, stack)
         creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=args.input == "-")
         fmt: str = args.format or source.guess_format()
+        # The workers start now, so that their start-up overlaps the validation pass;
+        # they wait for the job, and end with this block if there is none.
+        pool = start_workers(args, stack) if not args.redis else None
         try:
             scan = scan_input(source, fmt, defaults)
         except UsageError as exc:
@@ -278,7 +281,7 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         if uses_workers(args):
             options = _job_options(args, fmt, defaults)
             return run_with_workers(
-                args, console, source, fmt, defaults, scan, creds, stack, options
+                args, console, source, fmt, defaults, scan, creds, stack, options, pool
             )
 
         state: JournalState | None = None
