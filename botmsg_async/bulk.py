@@ -113,8 +113,13 @@ WORKER_DIED_NOTE: Final = (
 )
 _FRESH: Final = frozenset({NEW, RETRY, SKIPPED})
 # A worker's program: imports this module by name (not as __main__), so that what it
-# sends back unpickles in the parent as the same classes.
+# sends back unpickles in the parent as the same classes. It starts with SIGINT blocked
+# (``WorkerPool._spawn``): it ignores it first, so that a Ctrl-C that came during its
+# start-up (the terminal's, sent to the whole process group) is dropped, not raised as
+# a KeyboardInterrupt with a traceback; only then does it let SIGINT through.
 _WORKER_CODE: Final = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
     "import sys; from botmsg_async.bulk import _worker_main; "
     "sys.exit(_worker_main(int(sys.argv[1])))"
 )
@@ -1052,8 +1057,16 @@ class WorkerPool:
             self.started_fd = os.dup(f.fileno())
         self._closed = False
         try:
-            for _ in range(count):
-                self._spawned.append(self._spawn())
+            # SIGINT is held while the workers start: each inherits the blocked mask
+            # and drops a Ctrl-C of its start-up (``_WORKER_CODE``); here, one that
+            # comes meanwhile is raised once every started worker is recorded, so
+            # that the ``except`` below ends them all.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                for _ in range(count):
+                    self._spawned.append(self._spawn())
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except BaseException:
             self.close()
             raise

@@ -558,6 +558,78 @@ async def test_workers_start_while_the_input_is_checked_and_end_with_bad_input(
     assert svc.requests == 0
 
 
+def has_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has ended or holds a SIGINT it blocks (Linux /proc)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return True
+    if not alive(pid):
+        return True
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(pending & int(fields["SigBlk"], 16) & bit)
+
+
+async def sigint_reached(pids: list[int]) -> None:
+    """Return once each of ``pids`` has ended or holds a SIGINT it blocks."""
+    while True:
+        if all(has_sigint(pid) for pid in pids):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_ctrl_c_while_the_workers_start_and_the_input_is_checked(tmp_path: Path) -> None:
+    """Ctrl-C to the process group while the workers still start up: exit 130, no traceback."""
+    # A worker (``python -c``) is held in its start-up, before its program runs,
+    # until the gate below is opened: it is there when the terminal's SIGINT comes.
+    site = tmp_path / "site"
+    site.mkdir()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nif sys.argv[:1] == ['-c']:\n    open({str(gate)!r}, 'rb').read()\n"
+    )
+    fifo = tmp_path / "in.csv"
+    os.mkfifo(fifo)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    async with service() as (svc, base_url):
+        env.update(
+            BOTMSG_BASE_URL=base_url,
+            BOTMSG_USERNAME=USERNAME,
+            BOTMSG_PASSWORD=PASSWORD,
+            PYTHONPATH=os.pathsep.join(paths),
+        )
+        # A session of its own: the signal goes to its group, as a terminal's Ctrl-C does.
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "botmsg_async", "send-many", str(fifo), "--workers", "2"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        writer = await asyncio.wait_for(asyncio.to_thread(open, fifo, "wb"), TIMEOUT)
+        with writer:
+            opened = await asyncio.wait_for(asyncio.to_thread(open, gate, "wb"), TIMEOUT)
+            with opened:
+                pids = await asyncio.wait_for(worker_pids(process, 2), TIMEOUT)
+                for pid in pids:
+                    await asyncio.wait_for(holds_open(pid, gate), TIMEOUT)
+                await asyncio.wait_for(holds_open(process.pid, fifo), TIMEOUT)
+                os.killpg(process.pid, signal.SIGINT)
+                # Not let through before each worker has it (or has ended by it).
+                await asyncio.wait_for(sigint_reached(pids), TIMEOUT)
+        code, err = await finish(process)
+        assert code == 130, err
+        assert "Traceback" not in err
+        assert "KeyboardInterrupt" not in err
+        assert await gone(pids, within=10)
+    assert svc.requests == 0
+
+
 def test_a_pool_closed_without_a_job_ends_its_workers() -> None:
     """Workers started ahead and never given a job exit when the pool closes."""
     before = set(children(os.getpid()))
