@@ -630,6 +630,45 @@ async def test_ctrl_c_while_the_workers_start_and_the_input_is_checked(tmp_path:
     assert svc.requests == 0
 
 
+async def test_workers_that_cannot_start_are_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """A worker that cannot be started (no process left to fork) ends the run with an error."""
+    # The command's own interpreter refuses to start any worker (``python -c``).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import errno, subprocess, sys\n"
+        "class Refused(subprocess.Popen):\n"
+        "    def __init__(self, args, *rest, **options):\n"
+        "        if '-c' in args:\n"
+        "            raise BlockingIOError(errno.EAGAIN, 'no process can be started')\n"
+        "        super().__init__(args, *rest, **options)\n"
+        "if sys.argv[:1] != ['-c']:\n"
+        "    subprocess.Popen = Refused\n"
+    )
+    source = items(tmp_path, 4)
+    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+    async with service() as (svc, base_url):
+        env.update(
+            BOTMSG_BASE_URL=base_url,
+            BOTMSG_USERNAME=USERNAME,
+            BOTMSG_PASSWORD=PASSWORD,
+            PYTHONPATH=os.pathsep.join(paths),
+        )
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "botmsg_async", "send-many", str(source), "--workers", "2"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        code, err = await finish(process)
+        assert code == 1, err
+        assert "Traceback" not in err
+        assert "no process can be started" in err
+    assert svc.requests == 0
+
+
 def test_a_pool_closed_without_a_job_ends_its_workers() -> None:
     """Workers started ahead and never given a job exit when the pool closes."""
     before = set(children(os.getpid()))

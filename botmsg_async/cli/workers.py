@@ -72,10 +72,16 @@ def start_workers(args: argparse.Namespace, stack: contextlib.ExitStack) -> Work
 
     A worker's start-up (about 0.3 s of CPU) then overlaps the validation pass; the
     workers wait for the job, and ``stack`` ends them if there is none (bad input).
+    None also when they cannot be started: the job tries again, and reports it.
     """
     if not uses_workers(args):
         return None
-    pool = WorkerPool(args.workers, _worker_env())
+    try:
+        pool = WorkerPool(args.workers, _worker_env())
+    except OSError:
+        # Not an error before the input is checked: the job starts its workers
+        # itself then, and reports a failure like any other end of the run.
+        return None
     stack.callback(pool.close)
     return pool
 
