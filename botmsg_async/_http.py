@@ -516,7 +516,7 @@ async def read_answer(
                 elapsed=elapsed,
             )
         try:
-            result = _wire.decode_answer(body, status, elapsed, headers)
+            result = _wire.decode_response(body, status, elapsed, headers)
         except _wire.WireFormatError as exc:
             raise InvalidResponseError(
                 f"HTTP {status} but the body is not the documented JSON "

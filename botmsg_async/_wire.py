@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from types import UnionType
-from typing import Any, Final, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 import attrs
 import cattrs
@@ -27,7 +27,6 @@ from ._models import (
     ApiError,
     ApiWarning,
     MessageDefaults,
-    ResponseHeaders,
     SendResult,
     Status,
     TextMessage,
@@ -35,11 +34,9 @@ from ._models import (
 )
 
 __all__ = [
-    "Exchange",
     "PlainTextEncoder",
     "WireFormatError",
     "converter",
-    "decode_answer",
     "decode_request",
     "decode_response",
     "encode_request",
@@ -421,22 +418,6 @@ def _parse(body: bytes, hook: Callable[[Any, Any], Any], cls: type[Any]) -> Any:
         raise WireFormatError(_problems(exc, cls)) from exc
 
 
-@define(frozen=True)
-class Exchange:
-    """What the client knows of the exchange an answer came in, for its ``SendResult``.
-
-    Not from the body: a body cannot set these.
-    """
-
-    http_status: int | None = None
-    elapsed: float | None = None
-    headers: ResponseHeaders = NO_HEADERS
-
-
-#: No exchange: a result as the body alone says.
-_NO_EXCHANGE: Final = Exchange()
-
-
 def _plain_success(
     data: dict[str, Any],
     http_status: int | None,
@@ -468,22 +449,17 @@ def _plain_success(
     return None
 
 
-def decode_response(body: bytes, exchange: Exchange = _NO_EXCHANGE) -> SendResult:
-    """Parse a send answer into a ``SendResult`` that carries ``exchange``.
-
-    Raises:
-        WireFormatError: the body is not the documented JSON object.
-    """
-    return decode_answer(body, exchange.http_status, exchange.elapsed, exchange.headers)
-
-
-def decode_answer(
+def decode_response(
     body: bytes,
     http_status: int | None = None,
     elapsed: float | None = None,
     headers: Mapping[str, str] = NO_HEADERS,
 ) -> SendResult:
-    """``decode_response`` with the exchange's parts as arguments (no ``Exchange`` per answer).
+    """Parse a send answer into a ``SendResult`` that carries its exchange.
+
+    ``http_status``, ``elapsed`` and ``headers`` are what the client knows of the
+    exchange the answer came in (a body cannot set them); left out, the result is
+    as the body alone says.
 
     Raises:
         WireFormatError: the body is not the documented JSON object.

@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from attrs import define, field
+from attrs import astuple, define, evolve, field, fields
 
 from ._batch import BatchOptions, BatchStream, collect
 from ._client import BotMessageClient
@@ -390,15 +390,7 @@ def _pack(message: str | TextMessage) -> str | tuple[Any, ...]:
         and message.is_manual is _PLAIN.is_manual
     ):
         return message.body
-    return (
-        message.body,
-        message.subject,
-        message.sender_name,
-        message.recipient_communication_value,
-        message.type,
-        message.purpose,
-        message.is_manual,
-    )
+    return astuple(message)
 
 
 def _to_wire(item: WorkItem) -> _Wire:
@@ -412,19 +404,14 @@ def _to_wire(item: WorkItem) -> _Wire:
     )
 
 
+#: ``TextMessage``'s fields in order: a packed message is its values (``astuple``).
+_MESSAGE_FIELDS: Final = tuple(f.name for f in fields(TextMessage))
+
+
 def _message_of(packed: str | tuple[Any, ...]) -> str | TextMessage:
     if isinstance(packed, str):
         return packed
-    body, subject, sender_name, value, kind, purpose, manual = packed
-    return TextMessage(
-        body,
-        subject=subject,
-        sender_name=sender_name,
-        recipient_communication_value=value,
-        type=kind,
-        purpose=purpose,
-        is_manual=manual,
-    )
+    return TextMessage(**dict(zip(_MESSAGE_FIELDS, packed, strict=True)))
 
 
 def _from_wire(wire: _Wire) -> WorkItem:
@@ -1470,29 +1457,14 @@ class ParallelSend:
         limiter_fd: int,
     ) -> _Process:
         """Give a started worker its configuration: from then on it works on this job."""
-        config = self._config
         # It died before it was given the job: its end is handled when its socket says so.
         with contextlib.suppress(OSError):
             conn.send(
-                WorkerConfig(
-                    base_url=config.base_url,
-                    username=config.username,
-                    password=config.password,
-                    allow_insecure_http=config.allow_insecure_http,
-                    concurrency=config.concurrency,
-                    rate_limit=config.rate_limit,
-                    per_department_rate_limit=config.per_department_rate_limit,
-                    retry=config.retry,
-                    stop_after_consecutive_failures=config.stop_after_consecutive_failures,
-                    max_pause=config.max_pause,
+                evolve(
+                    self._config,
                     segment=segment,
-                    fingerprint=config.fingerprint,
-                    items=config.items,
-                    durable=config.durable,
                     started_fd=self._started_fd,
                     limiter_fd=limiter_fd,
-                    grant_log=config.grant_log,
-                    use_uvloop=config.use_uvloop,
                 )
             )
         return _Process(number, popen, conn, segment)

@@ -68,7 +68,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar, cast, overload
 
-from attrs import define, field
+from attrs import astuple, define, field
 from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -487,17 +487,8 @@ async def check_durability(redis: Redis) -> str | None:
 
 
 def _message_json(message: str | TextMessage) -> Any:
-    if isinstance(message, str):
-        return message
-    return [
-        message.body,
-        message.subject,
-        message.sender_name,
-        message.recipient_communication_value,
-        message.type,
-        message.purpose,
-        message.is_manual,
-    ]
+    # Its fields' values in order (a JSON array).
+    return message if isinstance(message, str) else astuple(message)
 
 
 def job_fingerprint(items: Sequence[SendRequest | None]) -> str:

@@ -100,9 +100,15 @@ def items(tmp_path: Path, n: int, departments: int = 3) -> Path:
     )
 
 
-async def start(base_url: str, *args: str) -> asyncio.subprocess.Process:
+async def start(
+    base_url: str, *args: str, site: Path | None = None, new_session: bool = False
+) -> asyncio.subprocess.Process:
+    """``botmsg send-many *args`` against ``base_url``; ``site`` goes first on its
+    PYTHONPATH (a ``sitecustomize``), ``new_session`` gives it a process group of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
     env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME=USERNAME, BOTMSG_PASSWORD=PASSWORD)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -113,6 +119,7 @@ async def start(base_url: str, *args: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=env,
+        start_new_session=new_session,
     )
 
 
@@ -593,24 +600,9 @@ async def test_ctrl_c_while_the_workers_start_and_the_input_is_checked(tmp_path:
     )
     fifo = tmp_path / "in.csv"
     os.mkfifo(fifo)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
-    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
     async with service() as (svc, base_url):
-        env.update(
-            BOTMSG_BASE_URL=base_url,
-            BOTMSG_USERNAME=USERNAME,
-            BOTMSG_PASSWORD=PASSWORD,
-            PYTHONPATH=os.pathsep.join(paths),
-        )
         # A session of its own: the signal goes to its group, as a terminal's Ctrl-C does.
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "botmsg_async", "send-many", str(fifo), "--workers", "2"),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+        process = await start(base_url, str(fifo), "--workers", "2", site=site, new_session=True)
         writer = await asyncio.wait_for(asyncio.to_thread(open, fifo, "wb"), TIMEOUT)
         with writer:
             opened = await asyncio.wait_for(asyncio.to_thread(open, gate, "wb"), TIMEOUT)
@@ -646,22 +638,8 @@ async def test_workers_that_cannot_start_are_an_error_not_a_traceback(tmp_path: 
         "    subprocess.Popen = Refused\n"
     )
     source = items(tmp_path, 4)
-    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
     async with service() as (svc, base_url):
-        env.update(
-            BOTMSG_BASE_URL=base_url,
-            BOTMSG_USERNAME=USERNAME,
-            BOTMSG_PASSWORD=PASSWORD,
-            PYTHONPATH=os.pathsep.join(paths),
-        )
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "botmsg_async", "send-many", str(source), "--workers", "2"),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        process = await start(base_url, str(source), "--workers", "2", site=site)
         code, err = await finish(process)
         assert code == 1, err
         assert "Traceback" not in err

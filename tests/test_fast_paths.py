@@ -306,7 +306,7 @@ def test_success_result_is_the_attrs_built_result_field_by_field(
 def test_an_answer_carries_its_exchange_on_either_path(
     answer: dict[str, Any], http_status: int, elapsed: float
 ) -> None:
-    """decode_answer's result holds the status, time and headers given, plain answer or not."""
+    """decode_response's result holds the status, time and headers given, plain answer or not."""
     import json
 
     from botmsg_async._models import ResponseHeaders
@@ -314,7 +314,7 @@ def test_an_answer_carries_its_exchange_on_either_path(
     headers = ResponseHeaders({"x-request-id": "abc"})
     body = json.dumps(answer).encode()
     try:
-        result = _wire.decode_answer(body, http_status, elapsed, headers)
+        result = _wire.decode_response(body, http_status, elapsed, headers)
     except _wire.WireFormatError:
         return
     assert (result.http_status, result.elapsed, result.headers) == (http_status, elapsed, headers)

@@ -124,7 +124,7 @@ class Row(NamedTuple):
 
 #: A row's text alone is the same message as ``TextMessage(text)`` to a client
 #: without ``message_defaults`` (the CLI's): then a row may carry it as a ``str``.
-TEXT_IS_PLAIN: Final = TextMessage("x") == MessageDefaults().message("x")
+_TEXT_IS_PLAIN: Final = TextMessage("x") == MessageDefaults().message("x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +286,7 @@ def _plain_row(index: int, line: int, values: Mapping[str, object]) -> Row | Non
         and len(text) <= MAX_TEXT_BYTES
     ):
         return Row(
-            index, line, department_uuid, user_uuid, text if TEXT_IS_PLAIN else TextMessage(text)
+            index, line, department_uuid, user_uuid, text if _TEXT_IS_PLAIN else TextMessage(text)
         )
     return None
 
@@ -361,7 +361,7 @@ def _checked_row(
         check_request(SendRequest(department_uuid, user_uuid, message, idempotency_key=key))
     except InvalidRequestError as exc:
         return BadRow(index, line, _request_problem(exc, message), department_uuid, user_uuid)
-    if TEXT_IS_PLAIN and message.subject is None and message.sender_name is None:
+    if _TEXT_IS_PLAIN and message.subject is None and message.sender_name is None:
         return Row(index, line, department_uuid, user_uuid, message.body, key)
     return Row(index, line, department_uuid, user_uuid, message, key)
 

@@ -192,7 +192,7 @@ async def test_a_task_that_swallows_a_cancel_still_ends() -> None:
         nonlocal swallowed
         while True:
             try:
-                await asyncio.sleep(3600)
+                await asyncio.Event().wait()  # until cancelled
             except asyncio.CancelledError:
                 if swallowed:
                     raise
