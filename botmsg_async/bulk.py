@@ -286,6 +286,23 @@ class ProcessRateLimiter:
         return max(0.0, paused_until - time.monotonic()) if paused_until else 0.0
 
 
+class _SharedPause(PauseOnly):
+    """``PauseOnly`` over the machine's shared limiter: its pause read in one coroutine.
+
+    A worker's client asks before every attempt; ``PauseOnly`` awaits the
+    limiter's own ``paused_for``, a second coroutine per message for a read of
+    shared memory.
+    """
+
+    def __init__(self, limiter: ProcessRateLimiter) -> None:
+        super().__init__(limiter)
+        self._shared = limiter
+
+    async def paused_for(self) -> float:
+        """Seconds left of the shared pause."""
+        return self._shared.pause_left()
+
+
 # -- what travels between the processes --------------------------------------------
 
 
@@ -360,6 +377,11 @@ class WorkerConfig:
 # Plain tuples on the wire: pickling an attrs class with slots builds a dict per
 # object, several microseconds per item each way.
 _Wire = tuple[int, str, str, "str | tuple[Any, ...]", str, bool]
+
+
+# A worker's report of one item: (index, outcome, message_uuid, error object, attempts,
+# journal error). The parent adds the ids and the key from the item it handed out.
+_Result = tuple[int, str, "str | None", "dict[str, Any] | None", int, "str | None"]
 
 
 # What a worker's client makes of a plain-string message (it has no message_defaults).
@@ -512,7 +534,7 @@ class _Worker:
         self.pending: dict[int, _Meta] = {}  # stream index -> item
         self.by_key: dict[str, _Meta] = {}
         self.pulled = 0
-        self.outbox: list[tuple[Any, ...]] = []  # ParallelItem fields, to send
+        self.outbox: list[_Result] = []  # to send
         self.flush_scheduled = False
         self.stream: BatchStream | None = None
         self.reported_stop = False
@@ -631,16 +653,14 @@ class _Worker:
             self.reported_stop = True
             if not isinstance(stopped, _JobStoppingError):
                 self._send(("stopped", f"{type(stopped).__name__}: {stopped.message}"))
-        # ParallelItem's fields, as the parent builds it: no object here per item.
+        # No object here per item, and not the ids and key: the parent holds the
+        # item it handed out, and fills them in (less to pickle on both sides).
         self.outbox.append(
             (
                 meta.index,
-                result.department_uuid,
-                result.user_uuid,
                 outcome.value,
                 message_uuid,
                 _error_object(result.error, error_text, result.outcome, outcome.value),
-                meta.key,
                 result.attempts,
                 error_text,
             )
@@ -696,7 +716,7 @@ class _Worker:
             config.username,
             config.password,
             allow_insecure_http=config.allow_insecure_http,
-            rate_limiter=PauseOnly(limiter),
+            rate_limiter=_SharedPause(limiter),
         )
         retries = 0
         try:
@@ -1319,10 +1339,24 @@ class ParallelSend:
         if kind == "more":
             process.wants = True
         elif kind == "results":
-            for wire in message[1]:
-                result = ParallelItem(*wire)
-                process.outstanding.pop(result.index, None)
-                self._emit(result)
+            outstanding = process.outstanding
+            for index, outcome, message_uuid, error, attempts, journal_error in message[1]:
+                item = outstanding.pop(index, None)
+                if item is None:
+                    continue  # not an item it holds (cannot happen): nothing to report
+                self._emit(
+                    ParallelItem(
+                        index,
+                        item.department_uuid,
+                        item.user_uuid,
+                        outcome,
+                        message_uuid,
+                        error,
+                        item.key,
+                        attempts,
+                        journal_error,
+                    )
+                )
         elif kind == "stopped":
             if self.stopped_by is None:
                 self.stopped_by = message[1]

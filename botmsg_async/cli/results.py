@@ -18,6 +18,8 @@ __all__ = ["Results", "RunEnd", "Tally", "error_json", "open_out", "print_summar
 
 #: How ``send-many`` describes an item's error in its journal: ``"<Type>: <message>"``.
 _DESCRIBED = re.compile(r"([A-Z][A-Za-z0-9]*Error): (.*)", re.DOTALL)
+#: Each outcome by its text: a dict lookup per item instead of ``Outcome(text)`` (0.03 vs 0.3 us).
+_OUTCOMES: dict[str, Outcome] = {outcome.value: outcome for outcome in Outcome}
 
 
 def error_json(text: str, *, default_type: str, status: int | None = None) -> dict[str, Any]:
@@ -154,7 +156,8 @@ class Results:
         if invalid:
             self.tally.invalid += 1
         else:
-            self.tally.add(Outcome(outcome))
+            # Outcome(outcome) for an unknown text: the error it always raised.
+            self.tally.add(_OUTCOMES.get(outcome) or Outcome(outcome))
         if self.out is not None:
             record = {
                 "index": index,
