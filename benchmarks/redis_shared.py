@@ -35,8 +35,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
+from benchmarks.stamps import Recorder, most_in_window, steady_rate
 from botmsg_async import BotMessageClient, LocalRateLimiter, RateLimiter, RetryPolicy
 from botmsg_async.shared import RedisRateLimiter
 
@@ -66,25 +65,6 @@ def redis_server() -> Iterator[str]:
         finally:
             process.kill()
             process.wait()
-
-
-def _most_in_window(stamps: list[float], width: float = 1.0) -> int:
-    stamps = sorted(stamps)
-    most = start = 0
-    for end, t in enumerate(stamps):
-        while t - stamps[start] >= width:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
-
-
-def _steady_rate(stamps: list[float], skip: float = 1.0) -> float:
-    """Messages per second after the first ``skip`` seconds (the burst) to the last."""
-    stamps = sorted(stamps)
-    steady = [t for t in stamps if t >= stamps[0] + skip]
-    if len(steady) < 2:
-        return 0.0
-    return (len(steady) - 1) / (steady[-1] - steady[0])
 
 
 # -- compare ---------------------------------------------------------------------
@@ -191,8 +171,8 @@ async def _compare_one(url: str, make: Any) -> dict[str, Any]:
         **cost,
         "shared_100_per_s": {
             "grants": len(every),
-            "steady_rate": round(_steady_rate(every), 1),
-            "most_in_1s": _most_in_window(every),
+            "steady_rate": round(steady_rate(every), 1),
+            "most_in_1s": most_in_window(every),
             "worker_shares": [round(s, 2) for s in shares],
             "redis_commands_per_grant": round(commands / max(1, len(every)), 2),
         },
@@ -251,23 +231,6 @@ def _sender(
     asyncio.run(main())
 
 
-class _Recorder:
-    """A loopback service that records when each message arrived (and may answer 429)."""
-
-    def __init__(self) -> None:
-        self.stamps: list[tuple[str, float]] = []
-        self.throttle_at: float | None = None
-        self.throttled_at: float | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        now = time.monotonic()
-        if self.throttle_at is not None and now >= self.throttle_at and not self.throttled_at:
-            self.throttled_at = now
-            return web.Response(status=429, headers={"Retry-After": "2"})
-        self.stamps.append((request.match_info["d"], now))
-        return web.json_response({"status": "SUCCESS", "requestUuid": "r", "messageUuid": "m"})
-
-
 async def _run_senders(
     url: str,
     rate: float | None,
@@ -275,15 +238,9 @@ async def _run_senders(
     departments: list[str],
     seconds: float,
     throttle_after: float | None = None,
-) -> _Recorder:
-    recorder = _Recorder()
-    app = web.Application()
-    app.router.add_post("/communications/department/{d}/user/{u}/botmessage/send", recorder.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+) -> Recorder:
+    recorder = Recorder()
+    runner, port = await recorder.serve()
     context = multiprocessing.get_context("spawn")
     go = context.Event()
     processes = [
@@ -322,8 +279,8 @@ async def accuracy(url: str, seconds: float = 10.0) -> dict[str, Any]:
     stamps = [t for _, t in recorder.stamps]
     result["global_100_per_s"] = {
         "received": len(stamps),
-        "steady_rate_pct": round(_steady_rate(stamps) / 100 * 100, 1),
-        "most_in_1s": _most_in_window(stamps),
+        "steady_rate_pct": round(steady_rate(stamps) / 100 * 100, 1),
+        "most_in_1s": most_in_window(stamps),
         "limit_plus_burst": 110,
     }
     async with Redis.from_url(url) as r:
@@ -335,8 +292,8 @@ async def accuracy(url: str, seconds: float = 10.0) -> dict[str, Any]:
         d_stamps = [t for d, t in recorder.stamps if d == department]
         per[department] = {
             "received": len(d_stamps),
-            "steady_rate_pct": round(_steady_rate(d_stamps) / 5 * 100, 1),
-            "most_in_1s": _most_in_window(d_stamps),
+            "steady_rate_pct": round(steady_rate(d_stamps) / 5 * 100, 1),
+            "most_in_1s": most_in_window(d_stamps),
         }
     result["per_department_5_per_s"] = per
     async with Redis.from_url(url) as r:

@@ -39,6 +39,13 @@ parent's own CPU per item. The coordination cost per item is the tree CPU of
 costs (the extra start-ups, handing items out and results back, and the two
 cores shared by more processes).
 
+**Rate accuracy** (``--rate-accuracy [--rate 500] [--per-department-rate 5] [--seconds 10]``):
+``--workers W --rate R`` and then ``--per-department-rate`` over four departments, each
+for ``--seconds`` at the limit, against a loopback service that stamps each arrival on
+its own clock: the steady rate received (from the end of the first second, which holds
+the burst) in percent of the limit, and the most received in any one second. The bar:
+within 5% over 10 s.
+
 **Memory**: ``--workers W`` with a ``--journal``, over ``--memory-small`` and
 ``--memory-n`` rows: the peak RSS of the parent (its own ``ru_maxrss``) and of
 every worker (``VmHWM``, sampled from ``/proc`` while it runs; the largest
@@ -71,6 +78,7 @@ from typing import Any
 from attrs import asdict
 
 from benchmarks.servers import REPO_ROOT, child_env, start_server
+from benchmarks.stamps import most_in_window, recording_server, steady_rate
 from benchmarks.variants import RunSpec, make_items
 
 # The summary line: "N of M items: ...; ... in T s, R messages/s".
@@ -342,6 +350,79 @@ def _memory(args: argparse.Namespace) -> dict[str, Any]:
     return found
 
 
+#: Departments of the per-department rate run: each one's rate is measured apart.
+RATE_DEPARTMENTS = tuple(f"00000000-0000-4000-9000-{i:012d}" for i in range(4))
+#: Issue #14's accuracy bar: the rate received over the run within 5% of the limit.
+RATE_TOLERANCE_PCT = 5.0
+
+
+def _rate_input(path: Path, n: int, departments: Sequence[str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["department_uuid", "user_uuid", "text"])
+        for i, (_, user, text) in enumerate(make_items(n)):
+            writer.writerow([departments[i % len(departments)], user, text])
+
+
+def _received(stamps: list[float], limit: float) -> dict[str, Any]:
+    burst = max(1, int(limit / 10))  # ProcessRateLimiter's burst: a tenth of a second
+    rate = steady_rate(stamps)
+    return {
+        "received": len(stamps),
+        "seconds": round(max(stamps) - min(stamps), 2) if stamps else 0.0,
+        "steady_rate_pct": round(rate / limit * 100, 1),
+        "most_in_1s": most_in_window(stamps),
+        "limit_plus_burst": round(limit) + burst,
+    }
+
+
+def rate_accuracy(
+    rate: float, per_department_rate: float, seconds: float, workers: int, concurrency: int
+) -> dict[str, Any]:
+    """``--workers`` under ``--rate`` and under ``--per-department-rate``, on the server's clock.
+
+    Each run sends ``seconds + 1`` seconds' worth at the limit (the first second
+    holds the burst) to a loopback service that stamps each arrival; the steady
+    rate is measured from the end of the first second to the last arrival.
+
+    Args:
+        rate: The global limit (messages per second, all workers together).
+        per_department_rate: The per-department limit, over four departments.
+        seconds: The steady part of each run.
+        workers: Worker processes.
+        concurrency: Sends in flight per worker.
+
+    Returns:
+        Per run: messages received, the steady rate in percent of the limit, the
+        most received in any one second, and whether the 5% bar holds.
+    """
+    found: dict[str, Any] = {"workers": workers, "concurrency": concurrency}
+    runs = (
+        ("global", "--rate", rate, RATE_DEPARTMENTS[:1]),
+        ("per_department", "--per-department-rate", per_department_rate, RATE_DEPARTMENTS),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flag, limit, departments in runs:
+            n = round(limit * len(departments) * (seconds + 1))
+            source = Path(tmp) / f"{name}.csv"
+            _rate_input(source, n, departments)
+            with recording_server() as (recorder, url):
+                _botmsg(url, source, n, workers, concurrency, (flag, str(limit)))
+                stamps = list(recorder.stamps)
+            per = {
+                department: _received([t for d, t in stamps if d == department], limit)
+                for department in departments
+            }
+            found[name] = {
+                "limit": limit,
+                "by_department": per,
+                "within_bar": all(
+                    abs(r["steady_rate_pct"] - 100.0) <= RATE_TOLERANCE_PCT for r in per.values()
+                ),
+            }
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison (or the memory run); print a JSON report and a small table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.workers")
@@ -353,16 +434,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="the memory run instead")
     parser.add_argument("--memory-n", type=int, default=1_000_000)
     parser.add_argument("--memory-small", type=int, default=100_000)
+    parser.add_argument(
+        "--rate-accuracy", action="store_true", help="the --rate accuracy runs instead"
+    )
+    parser.add_argument("--rate", type=float, default=500.0, help="global limit, msg/s")
+    parser.add_argument("--per-department-rate", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="steady part of a rate run")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_before": os.getloadavg(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
-    report.update(_memory(args) if args.memory else _speed(args))
+    if args.rate_accuracy:
+        report.update(
+            rate_accuracy(
+                args.rate, args.per_department_rate, args.seconds, args.workers, args.concurrency
+            )
+        )
+    else:
+        report.update(_memory(args) if args.memory else _speed(args))
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
-    if not args.memory:
+    if not args.memory and not args.rate_accuracy:
         for name, m in report["medians"].items():
             print(
                 f"{name:24} {m['msgs_per_s']:8.0f} msg/s  "

@@ -2,7 +2,7 @@
 
 Tiny N, one round, the aiohttp fallback server: it checks what the report holds
 (the four runs, every message sent, the bars checked, no process left) and never
-asserts a timing.
+asserts a timing. The same for the ``--rate`` accuracy runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.run import Config, render_markdown, run_benchmarks
+from benchmarks.workers import RATE_DEPARTMENTS, rate_accuracy
 
 from .test_benchmarks_smoke import _children
 
@@ -55,3 +56,25 @@ def test_the_workers_scenario_reports_its_four_runs_and_the_bars() -> None:
     one = bars["--workers 2 / 1 raw aiohttp process, asyncio (throughput)"]
     assert (one["op"], one["limit"]) == (">=", 1.8)
     assert "several processes" in render_markdown(report)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the process check reads /proc")
+def test_the_rate_accuracy_run_counts_every_arrival_by_department() -> None:
+    """python -m benchmarks.workers --rate-accuracy: both runs measured on the server's clock."""
+    before = set(_children())
+
+    report = rate_accuracy(100.0, 20.0, 0.2, workers=2, concurrency=8)
+
+    assert set(_children()) <= before, "the run left processes behind"
+    glob = report["global"]
+    assert glob["limit"] == 100.0
+    assert [r["received"] for r in glob["by_department"].values()] == [120]
+    per = report["per_department"]
+    assert set(per["by_department"]) == set(RATE_DEPARTMENTS)
+    assert [r["received"] for r in per["by_department"].values()] == [24] * 4
+    for run in (glob, per):
+        assert isinstance(run["within_bar"], bool)
+        for received in run["by_department"].values():
+            assert received["steady_rate_pct"] > 0
+            assert received["most_in_1s"] >= 1
