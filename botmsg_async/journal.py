@@ -128,6 +128,9 @@ IN_DOUBT_STATES: Final = frozenset({STARTED, UNKNOWN})
 _FRESH_STATES: Final = frozenset({NEW, RETRY, SKIPPED})
 
 _OUTCOME_STATES: Final = {"sent": SENT, "unknown": UNKNOWN, "skipped": SKIPPED}
+# json's C scanner recurses per nesting level: a garbled line of ``[[[[...`` raises
+# RecursionError, which is a line that is not a record like any other.
+_NOT_JSON: Final = (ValueError, RecursionError)
 
 
 class JournalError(Exception):
@@ -324,7 +327,7 @@ class JournalState:
 def _parse_line(raw: bytes, lineno: int, path: str) -> dict[str, Any]:
     try:
         record = json.loads(raw)
-    except ValueError:
+    except _NOT_JSON:
         raise JournalError(f"{path}:{lineno}: not a JSON record; the journal is corrupt") from None
     if not isinstance(record, dict):
         raise JournalError(f"{path}:{lineno}: not a JSON object; the journal is corrupt")
@@ -482,7 +485,7 @@ def read_options(path: str) -> dict[str, Any] | None:
         return None  # empty, or torn while its first record was written: nothing recorded
     try:
         record = json.loads(first)
-    except ValueError:
+    except _NOT_JSON:
         return None  # load says what is wrong
     if not isinstance(record, dict) or record.get("botmsg_journal") != FORMAT_VERSION:
         return None

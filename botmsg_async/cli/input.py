@@ -67,6 +67,9 @@ _CSV_FIELD_LIMIT: Final = 16 * MAX_TEXT_BYTES
 MAX_LISTED_ROWS: Final = 50
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# json's C scanner recurses per nesting level: a row of ``[[[[...`` raises
+# RecursionError, which is a row that is not JSON like any other.
+_NOT_JSON: Final = (ValueError, RecursionError)
 
 
 def text_problem(name: str, value: str) -> str | None:
@@ -432,7 +435,7 @@ def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iter
             )
         try:
             values = json.loads(text)
-        except ValueError as exc:
+        except _NOT_JSON as exc:
             yield BadRow(index, line, f"not valid JSON: {exc}")
         else:
             if not isinstance(values, dict):

@@ -1,0 +1,123 @@
+"""Hostile input files and journals for ``send-many``: a per-row failure or exit 2, never a crash.
+
+Each case runs the real ``botmsg`` entry point in a subprocess against the fake
+service on 127.0.0.1 (the helpers of ``test_cli``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from botmsg_async import journal
+from botmsg_async.testing import FakeBotMessageServer
+
+from .test_cli import botmsg, read_jsonl, rows, write_csv
+from .test_cli import server as server  # the fixture, used by name
+
+#: A JSON text nested deeper than json's C scanner can recurse (RecursionError, not ValueError).
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+async def test_a_deeply_nested_jsonl_row_is_an_invalid_row(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """A row nested past the JSON decoder's recursion is a bad row: listed, skipped, no crash."""
+    good = rows(3)
+    source = tmp_path / "in.jsonl"
+    lines = [json.dumps(good[0]), '{"department_uuid": "d", "user_uuid": "u", "text": ' + DEEP]
+    source.write_text("\n".join([*lines, *map(json.dumps, good[1:])]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run = await botmsg("send-many", str(source), server=server)
+    assert run.rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"{source}:2: not valid JSON" in run.stderr
+    assert server.messages == []
+
+    run = await botmsg("send-many", str(source), "--skip-invalid", "--out", str(out), server=server)
+    assert run.rc == 0, run.stderr
+    outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
+    assert outcomes == {0: "sent", 1: "skipped", 2: "sent", 3: "sent"}
+    assert len(server.messages) == 3
+
+
+@pytest.mark.parametrize("where", ["first record", "a middle record"])
+async def test_a_deeply_nested_journal_record_is_a_corrupt_journal(
+    server: FakeBotMessageServer, tmp_path: Path, where: str
+) -> None:
+    """A journal record nested past the JSON decoder's recursion: exit 2, nothing sent."""
+    source = write_csv(tmp_path / "in.csv", rows(3))
+    journal_path = tmp_path / "journal"
+    assert (await botmsg("send-many", str(source), "--journal", str(journal_path), "-c", "1",
+                         server=server)).rc == 0  # fmt: skip
+    lines = journal_path.read_bytes().splitlines(keepends=True)
+    deep = DEEP.encode() + b"\n"
+    if where == "first record":
+        lines[0] = b'{"botmsg_journal": 2, "options": ' + deep
+    else:
+        lines.insert(2, deep)
+    journal_path.write_bytes(b"".join(lines))
+    server.reset()
+    run = await botmsg(
+        "send-many", str(source), "--journal", str(journal_path), "--resume", server=server
+    )
+    assert run.rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "the journal is corrupt" in run.stderr
+    assert server.messages == []
+
+
+# -- the journal's reader is total -----------------------------------------------------------
+
+_HEADER = {"botmsg_journal": 2, "input": "fp", "items": 5, "window": 2, "options": {}}
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=5,
+)
+_RECORDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "i": st.integers(-1, 6) | _ANY_JSON,
+        "s": st.just("start") | _ANY_JSON,
+        "key": st.text(max_size=3) | _ANY_JSON,
+        "o": st.sampled_from(["sent", "failed", "unknown", "skipped"]) | _ANY_JSON,
+        "retry": _ANY_JSON,
+        "attempted": _ANY_JSON,
+        "k": _ANY_JSON,
+        "e": _ANY_JSON,
+        "m": _ANY_JSON,
+        "resume": _ANY_JSON,
+        "window": st.integers(-1, 5) | _ANY_JSON,
+    },
+)
+_LINES = (
+    _RECORDS.map(lambda record: json.dumps(record).encode() + b"\n")
+    | st.binary(max_size=12)
+    | st.sampled_from([b"\n", b"\r\n", b"\xef\xbb\xbf{}\n", b"\0\0\0", DEEP.encode() + b"\n"])
+)
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.lists(_LINES, max_size=8))
+def test_reading_any_journal_gives_a_state_or_a_journal_error(
+    with_header: bool, lines: list[bytes]
+) -> None:
+    """Whatever bytes a journal holds, its readers return or raise JournalError, nothing else."""
+    head = json.dumps(_HEADER).encode() + b"\n" if with_header else b""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "journal")
+        with open(path, "wb") as f:
+            f.write(head + b"".join(lines))
+        try:
+            journal.read_options(path)
+            state = journal.load(path, fingerprint="fp", items=5)
+            list(journal.finished_records(path, state))
+        except journal.JournalError:
+            pass
