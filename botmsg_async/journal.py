@@ -351,7 +351,13 @@ def _lines(path: str) -> Iterator[tuple[int, int, bytes, bool]]:
             yield lineno, offset, previous, True
 
 
-def load(path: str, *, fingerprint: str, items: int) -> JournalState:
+def load(
+    path: str,
+    *,
+    fingerprint: str,
+    items: int,
+    never_sent: Callable[[int], bool] | None = None,
+) -> JournalState:
     """Read the journal at ``path`` for an input with ``fingerprint`` and ``items`` items.
 
     A torn last line (cut by a power cut or a crash while it was written) is
@@ -364,6 +370,8 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
         path: The journal file.
         fingerprint: The input's identity, as written in the journal's first record.
         items: The input's number of items.
+        never_sent: Whether item ``index`` is one no run sends (an invalid row
+            skipped): after a torn tail it takes no place in the window held back.
 
     Returns:
         What the journal says about every item.
@@ -403,22 +411,26 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
     except OSError as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc.strerror}") from None
     if state.torn and state.has_header:
-        _hold_back(state)
+        _hold_back(state, never_sent)
     return state
 
 
-def _hold_back(state: JournalState) -> None:
+def _hold_back(state: JournalState, never_sent: Callable[[int], bool] | None) -> None:
     """Mark unknown, without a key, each item the last run may have started unrecorded.
 
     The last run pulled items in input order, skipping those it did not send
     with a new key, and at most ``window`` of them had a start record not yet
     on disk. So: the items below its highest started one that it would have
     pulled yet has no record of, and the next ``window`` it would have pulled.
+    An item that no run sends (``never_sent``) was never pulled: it is skipped,
+    not counted in the window.
     """
     high, seen = state._run_high, state._run_seen
     left = state._window
     for index in range(state.items):
         if state.states[index] not in _FRESH_STATES or seen[index]:
+            continue
+        if never_sent is not None and never_sent(index):
             continue
         if index > high:
             if left == 0:
@@ -619,13 +631,15 @@ class FileJournal:
         window: int,
         resume: bool,
         options: Mapping[str, object] | None = None,
+        never_sent: Callable[[int], bool] | None = None,
     ) -> JournalState | None:
         """Start this run's part of the journal (see ``JournalStore.begin``).
 
         With ``resume``, read the journal (``load``) and cut off a torn tail; the
         items held back because of it (``JournalState.torn_in_doubt``) are
         recorded as unknown. Locked first, then read: what is read stays true
-        while this run goes on.
+        while this run goes on. ``never_sent`` is ``load``'s: the items no run
+        sends (invalid rows), which a torn tail's window does not count.
 
         Raises:
             JournalError: corrupt, for another input, or (without ``resume``)
@@ -634,7 +648,7 @@ class FileJournal:
         """
         state: JournalState | None = None
         if resume:
-            state = load(self.path, fingerprint=fingerprint, items=items)
+            state = load(self.path, fingerprint=fingerprint, items=items, never_sent=never_sent)
             self.truncate(state.valid_bytes)
         elif self.size():
             raise JournalError(f"{self.path} was just written by another run; pass --resume")

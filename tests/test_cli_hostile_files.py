@@ -121,3 +121,61 @@ def test_reading_any_journal_gives_a_state_or_a_journal_error(
             list(journal.finished_records(path, state))
         except journal.JournalError:
             pass
+
+
+# -- a torn journal and --skip-invalid -------------------------------------------------------
+
+
+async def test_invalid_rows_take_no_place_in_a_torn_journals_window(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """After a torn tail, the window held back is of rows the run would send, not invalid ones.
+
+    With -c 1 the stopped run may have started one more item than its journal
+    shows. Rows 2 and 3 are invalid (never sent): the next item it would have
+    started is row 4, which must be held back, never resent under a new key.
+    """
+    items = rows(7)
+    items[2]["user_uuid"] = items[3]["user_uuid"] = "a/b"
+    source = write_csv(tmp_path / "in.csv", items)
+    journal_path = tmp_path / "journal"
+    first = ["send-many", str(source), "--journal", str(journal_path), "-c", "1", "--skip-invalid"]
+    assert (await botmsg(*first, server=server)).rc == 0
+    # One at a time: header, start 0, outcome 0, start 1, outcome 1, start 4, ...
+    lines = journal_path.read_bytes().splitlines(keepends=True)
+    assert b'"i":1,"s":"start"' in lines[3]
+    assert b'"i":1,"o":"sent"' in lines[4]
+    journal_path.write_bytes(b"".join(lines[:4]) + lines[4][:15])  # torn in item 1's outcome
+    server.reset()
+    out = tmp_path / "out.jsonl"
+    run = await botmsg(*first, "--resume", "--out", str(out), server=server)
+    assert run.rc == 3, run.stderr
+    assert "1 item(s) the stopped run may have started" in run.stderr
+    outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
+    assert outcomes == {
+        0: "sent",
+        1: "unknown",
+        2: "skipped",
+        3: "skipped",
+        4: "unknown",
+        5: "sent",
+        6: "sent",
+    }
+    assert sorted(m.user_uuid for m in server.messages) == ["user-5", "user-6"]
+
+
+@pytest.mark.parametrize(
+    ("never_sent", "held"),
+    [(set(), [1, 2]), ({1}, [2, 3]), ({1, 2, 5}, [3, 4]), ({3}, [1, 2]), (set(range(1, 10)), [])],
+)
+def test_a_torn_tails_window_skips_the_items_no_run_sends(
+    tmp_path: Path, never_sent: set[int], held: list[int]
+) -> None:
+    """load holds back the next `window` items a run would send after its highest start."""
+    path = tmp_path / "journal"
+    header = {"botmsg_journal": 2, "input": "fp", "items": 10, "window": 2}
+    start = {"i": 0, "s": "start", "key": "k0"}
+    path.write_bytes(json.dumps(header).encode() + b"\n" + json.dumps(start).encode() + b"\n{")
+    state = journal.load(str(path), fingerprint="fp", items=10, never_sent=never_sent.__contains__)
+    assert state.torn_in_doubt == held
+    assert not never_sent & set(state.in_doubt)

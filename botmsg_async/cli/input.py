@@ -512,11 +512,24 @@ class Scan:
     invalid: int = 0
     listed: list[BadRow] = field(default_factory=list)
     fingerprint: str = ""
+    # One byte per row up to the last invalid one (nothing while all are valid).
+    _invalid_rows: bytearray = field(default_factory=bytearray, repr=False)
 
     @property
     def valid(self) -> int:
         """Rows that can be sent."""
         return self.items - self.invalid
+
+    def add_invalid(self, index: int) -> None:
+        """Count row ``index`` as invalid."""
+        self.invalid += 1
+        if index >= len(self._invalid_rows):
+            self._invalid_rows.extend(bytes(index + 1 - len(self._invalid_rows)))
+        self._invalid_rows[index] = 1
+
+    def is_invalid(self, index: int) -> bool:
+        """Whether row ``index`` is invalid: no run sends it."""
+        return index < len(self._invalid_rows) and self._invalid_rows[index] == 1
 
 
 def scan_input(source: Source, fmt: str, defaults: RowDefaults) -> Scan:
@@ -532,7 +545,7 @@ def scan_input(source: Source, fmt: str, defaults: RowDefaults) -> Scan:
         for parsed in parse(f, fmt, defaults, digest):
             found.items += 1
             if isinstance(parsed, BadRow):
-                found.invalid += 1
+                found.add_invalid(parsed.index)
                 if len(found.listed) < MAX_LISTED_ROWS:
                     found.listed.append(parsed)
     # The same rows sent with another --text are other messages: part of the identity.
