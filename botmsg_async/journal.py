@@ -509,6 +509,15 @@ def read_options(path: str) -> dict[str, Any] | None:
     return options
 
 
+def _key_of(value: object) -> str | None:
+    """``value`` if it is a key a send uses as given, else None.
+
+    An empty key means "make a new one" to the client, and one that is not
+    printable it refuses: neither names the key an item was sent with.
+    """
+    return value if isinstance(value, str) and value and value.isprintable() else None
+
+
 def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) -> None:
     index = record.get("i")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < state.items:
@@ -516,8 +525,8 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
     state._run_seen[index] = 1
     if record.get("s") == "start":
         state._run_high = max(state._run_high, index)
-        key = record.get("key")
-        if not isinstance(key, str):
+        key = _key_of(record.get("key"))
+        if key is None:
             raise JournalError(f"{path}:{lineno}: start record without a key")
         previous = state.in_doubt.get(index)
         if previous is not None:
@@ -545,7 +554,7 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
     state.states[index] = new
     if new == UNKNOWN:
         previous = state.in_doubt.get(index)
-        key = record.get("k") if isinstance(record.get("k"), str) else None
+        key = _key_of(record.get("k"))
         # No key at all: an item held back after a torn tail; it is never resent.
         key = key or (previous[0] if previous else None)
         error = record.get("e")

@@ -179,3 +179,25 @@ def test_a_torn_tails_window_skips_the_items_no_run_sends(
     state = journal.load(str(path), fingerprint="fp", items=10, never_sent=never_sent.__contains__)
     assert state.torn_in_doubt == held
     assert not never_sent & set(state.in_doubt)
+
+
+# -- keys in the journal ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "\x07", "a\nb", 7, None])
+async def test_a_start_record_without_a_usable_key_is_a_corrupt_journal(
+    server: FakeBotMessageServer, tmp_path: Path, key: object
+) -> None:
+    """An in-doubt item whose start names no usable key is never resent under another: exit 2."""
+    source = write_csv(tmp_path / "in.csv", rows(3))
+    journal_path = tmp_path / "journal"
+    args = ["send-many", str(source), "--journal", str(journal_path), "-c", "1"]
+    assert (await botmsg(*args, server=server)).rc == 0
+    lines = journal_path.read_bytes().splitlines(keepends=True)
+    start = {"i": 1, "s": "start", "key": key}
+    journal_path.write_bytes(b"".join(lines[:3]) + json.dumps(start).encode() + b"\n")
+    server.reset()
+    run = await botmsg(*args, "--resume", "--resend-unknown", server=server)
+    assert run.rc == 2, run.stderr
+    assert "start record without a key" in run.stderr
+    assert server.messages == []
