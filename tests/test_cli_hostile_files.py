@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from botmsg_async import journal
 from botmsg_async.testing import FakeBotMessageServer
 
-from .test_cli import botmsg, read_jsonl, rows, write_csv
+from .test_cli import botmsg, cli_env, read_jsonl, rows, write_csv
 from .test_cli import server as server  # the fixture, used by name
 
 #: A JSON text nested deeper than json's C scanner can recurse (RecursionError, not ValueError).
@@ -201,3 +201,19 @@ async def test_a_start_record_without_a_usable_key_is_a_corrupt_journal(
     assert run.rc == 2, run.stderr
     assert "start record without a key" in run.stderr
     assert server.messages == []
+
+
+async def test_credentials_the_client_refuses_leave_no_new_journal(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """A user name the client refuses (a ':'): exit 2, and no journal left demanding --resume."""
+    source = write_csv(tmp_path / "in.csv", rows(2))
+    journal_path = tmp_path / "journal"
+    args = ["send-many", str(source), "--journal", str(journal_path)]
+    run = await botmsg(*args, server=server, env=cli_env(server, BOTMSG_USERNAME="cli:user"))
+    assert run.rc == 2, run.stderr
+    assert "must not contain ':'" in run.stderr
+    assert not journal_path.exists()
+    run = await botmsg(*args, server=server)
+    assert run.rc == 0, run.stderr
+    assert len(server.messages) == 2

@@ -305,7 +305,14 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         stack.callback(results.close)
         run_input = RunInput(source, fmt, defaults, scan, state)
         job = SendMany(args, console, run_input, journal, results)
-        return run(job.run(creds), first_signal=job.request_stop, loop=args.loop)
+        try:
+            return run(job.run(creds), first_signal=job.request_stop, loop=args.loop)
+        except UsageError:
+            # Refused before the first send (the client refused the credentials...):
+            # nothing was sent, so leave no new journal demanding --resume.
+            if new_journal is not None:
+                new_journal.discard()
+            raise
 
 
 class SendMany:
