@@ -217,3 +217,26 @@ async def test_credentials_the_client_refuses_leave_no_new_journal(
     run = await botmsg(*args, server=server)
     assert run.rc == 0, run.stderr
     assert len(server.messages) == 2
+
+
+@pytest.mark.parametrize("given", ["email,phone,fax", "phone"])
+async def test_resume_with_other_ignored_columns_exits_2_naming_the_flag(
+    server: FakeBotMessageServer, tmp_path: Path, given: str
+) -> None:
+    """--ignore-columns given on --resume with another value than the journal's: exit 2."""
+    items = [{**row, "email": "e", "phone": "p"} for row in rows(3)]
+    source = write_csv(tmp_path / "in.csv", items)
+    journal_path = tmp_path / "journal"
+    args = ["send-many", str(source), "--journal", str(journal_path)]
+    run = await botmsg(*args, "--ignore-columns", "email,phone", "-c", "1", server=server)
+    assert run.rc == 0, run.stderr
+    lines = journal_path.read_bytes().splitlines(keepends=True)
+    journal_path.write_bytes(b"".join(lines[:3]))  # item 0 sent, the rest never started
+    server.reset()
+    run = await botmsg(*args, "--resume", "--ignore-columns", given, server=server)
+    assert run.rc == 2, run.stderr
+    assert "--ignore-columns differs from the journal's" in run.stderr
+    assert server.messages == []
+    run = await botmsg(*args, "--resume", "--ignore-columns", "phone, email", server=server)
+    assert run.rc == 0, run.stderr
+    assert len(server.messages) == 2

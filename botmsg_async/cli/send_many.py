@@ -193,9 +193,17 @@ def _take_journal_options(args: argparse.Namespace) -> None:
         raise UsageError(
             f"{path}: bad ignore_columns {ignore!r} in its options; the journal is corrupt"
         )
-    if args.ignore_columns is None and ignore:
-        # Ignored columns never change a message (a field botmsg reads cannot be one).
-        args.ignore_columns = ",".join(ignore)
+    if args.ignore_columns is None:
+        if ignore:
+            # Ignored columns never change a message (a field botmsg reads cannot be one).
+            args.ignore_columns = ",".join(ignore)
+    elif ignored_columns(args.ignore_columns) != frozenset(ignore):
+        # The fingerprint does not cover them: checked here, as the docs promise.
+        had = f"was given --ignore-columns {','.join(ignore)}" if ignore else "had none"
+        raise UsageError(
+            f"--ignore-columns differs from the journal's: the run of {path} {had}; "
+            "drop --ignore-columns to use the journal's, or start a new journal"
+        )
 
 
 def _open_journal(
