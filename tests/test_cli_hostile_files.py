@@ -6,6 +6,7 @@ service on 127.0.0.1 (the helpers of ``test_cli``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -16,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from botmsg_async import journal
+from botmsg_async.cli.input import BadRow, RowDefaults, parse
 from botmsg_async.testing import FakeBotMessageServer
 
-from .test_cli import botmsg, cli_env, read_jsonl, rows, write_csv
+from .test_cli import botmsg, cli_env, read_jsonl, rows, write_csv, write_jsonl
 from .test_cli import server as server  # the fixture, used by name
 
 #: A JSON text nested deeper than json's C scanner can recurse (RecursionError, not ValueError).
@@ -240,3 +242,46 @@ async def test_resume_with_other_ignored_columns_exits_2_naming_the_flag(
     run = await botmsg(*args, "--resume", "--ignore-columns", "phone, email", server=server)
     assert run.rc == 0, run.stderr
     assert len(server.messages) == 2
+
+
+# -- a JSON line with a key twice -------------------------------------------------------------
+
+
+async def test_a_jsonl_row_with_a_key_twice_is_refused_like_a_csv_column_twice(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """{"user_uuid": "a", ..., "user_uuid": "b"}: an invalid row (json would keep "b" silently)."""
+    source = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    with source.open("a", encoding="utf-8") as f:
+        f.write('{"department_uuid": "d", "user_uuid": "u-a", "text": "t", "user_uuid": "u-b"}\n')
+    run = await botmsg("send-many", str(source), server=server)
+    assert run.rc == 2, run.stderr
+    assert f"{source}:3: key 'user_uuid' appears twice" in run.stderr
+    assert server.messages == []
+
+
+def _json_string(text: str, escaped: bool) -> str:
+    """``text`` as a JSON string: plainly, or with every character escaped (``\\u0074``...)."""
+    if escaped:
+        return '"' + "".join(f"\\u{ord(c):04x}" for c in text) + '"'
+    return json.dumps(text, ensure_ascii=False)
+
+
+_KEYS = st.sampled_from(["department_uuid", "user_uuid", "text", "subject", 'a"b', "é", ""])
+_VALUES = st.text(max_size=3) | st.integers() | st.lists(st.text(max_size=2), max_size=2)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(st.tuples(_KEYS, st.booleans(), _VALUES), max_size=6))
+def test_a_jsonl_row_is_refused_exactly_when_a_key_repeats(
+    pairs: list[tuple[str, bool, object]],
+) -> None:
+    """However keys are written (escaped or not), a row is refused iff one repeats."""
+    members = [f"{_json_string(k, e)}: {json.dumps(v)}" for k, e, v in pairs]
+    data = ("{" + ", ".join(members) + "}\n").encode()
+    (parsed,) = parse(
+        io.BytesIO(data), "jsonl", RowDefaults(ignore_columns=frozenset(['a"b', "é", ""]))
+    )
+    keys = [k for k, _, _ in pairs]
+    repeated = isinstance(parsed, BadRow) and "appears twice" in parsed.problem
+    assert repeated is (len(set(keys)) != len(keys))
