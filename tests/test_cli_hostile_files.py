@@ -285,3 +285,18 @@ def test_a_jsonl_row_is_refused_exactly_when_a_key_repeats(
     keys = [k for k, _, _ in pairs]
     repeated = isinstance(parsed, BadRow) and "appears twice" in parsed.problem
     assert repeated is (len(set(keys)) != len(keys))
+
+
+async def test_credentials_the_client_refuses_are_a_usage_error_with_workers(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """--workers with a user name the client refuses: exit 2, no traceback, no journal."""
+    source = write_csv(tmp_path / "in.csv", rows(2))
+    journal_path = tmp_path / "journal"
+    args = ["send-many", str(source), "--journal", str(journal_path), "--workers", "2"]
+    run = await botmsg(*args, server=server, env=cli_env(server, BOTMSG_USERNAME="cli:user"))
+    assert run.rc == 2, run.stderr
+    assert "must not contain ':'" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("journal")]
+    assert server.messages == []
