@@ -128,6 +128,9 @@ IN_DOUBT_STATES: Final = frozenset({STARTED, UNKNOWN})
 _FRESH_STATES: Final = frozenset({NEW, RETRY, SKIPPED})
 
 _OUTCOME_STATES: Final = {"sent": SENT, "unknown": UNKNOWN, "skipped": SKIPPED}
+# json's C scanner recurses per nesting level: a garbled line of ``[[[[...`` raises
+# RecursionError, which is a line that is not a record like any other.
+_NOT_JSON: Final = (ValueError, RecursionError)
 
 
 class JournalError(Exception):
@@ -324,7 +327,7 @@ class JournalState:
 def _parse_line(raw: bytes, lineno: int, path: str) -> dict[str, Any]:
     try:
         record = json.loads(raw)
-    except ValueError:
+    except _NOT_JSON:
         raise JournalError(f"{path}:{lineno}: not a JSON record; the journal is corrupt") from None
     if not isinstance(record, dict):
         raise JournalError(f"{path}:{lineno}: not a JSON object; the journal is corrupt")
@@ -348,7 +351,13 @@ def _lines(path: str) -> Iterator[tuple[int, int, bytes, bool]]:
             yield lineno, offset, previous, True
 
 
-def load(path: str, *, fingerprint: str, items: int) -> JournalState:
+def load(
+    path: str,
+    *,
+    fingerprint: str,
+    items: int,
+    never_sent: Callable[[int], bool] | None = None,
+) -> JournalState:
     """Read the journal at ``path`` for an input with ``fingerprint`` and ``items`` items.
 
     A torn last line (cut by a power cut or a crash while it was written) is
@@ -361,6 +370,8 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
         path: The journal file.
         fingerprint: The input's identity, as written in the journal's first record.
         items: The input's number of items.
+        never_sent: Whether item ``index`` is one no run sends (an invalid row
+            skipped): after a torn tail it takes no place in the window held back.
 
     Returns:
         What the journal says about every item.
@@ -400,22 +411,26 @@ def load(path: str, *, fingerprint: str, items: int) -> JournalState:
     except OSError as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc.strerror}") from None
     if state.torn and state.has_header:
-        _hold_back(state)
+        _hold_back(state, never_sent)
     return state
 
 
-def _hold_back(state: JournalState) -> None:
+def _hold_back(state: JournalState, never_sent: Callable[[int], bool] | None) -> None:
     """Mark unknown, without a key, each item the last run may have started unrecorded.
 
     The last run pulled items in input order, skipping those it did not send
     with a new key, and at most ``window`` of them had a start record not yet
     on disk. So: the items below its highest started one that it would have
     pulled yet has no record of, and the next ``window`` it would have pulled.
+    An item that no run sends (``never_sent``) was never pulled: it is skipped,
+    not counted in the window.
     """
     high, seen = state._run_high, state._run_seen
     left = state._window
     for index in range(state.items):
         if state.states[index] not in _FRESH_STATES or seen[index]:
+            continue
+        if never_sent is not None and never_sent(index):
             continue
         if index > high:
             if left == 0:
@@ -482,7 +497,7 @@ def read_options(path: str) -> dict[str, Any] | None:
         return None  # empty, or torn while its first record was written: nothing recorded
     try:
         record = json.loads(first)
-    except ValueError:
+    except _NOT_JSON:
         return None  # load says what is wrong
     if not isinstance(record, dict) or record.get("botmsg_journal") != FORMAT_VERSION:
         return None
@@ -494,6 +509,15 @@ def read_options(path: str) -> dict[str, Any] | None:
     return options
 
 
+def _key_of(value: object) -> str | None:
+    """``value`` if it is a key a send uses as given, else None.
+
+    An empty key means "make a new one" to the client, and one that is not
+    printable it refuses: neither names the key an item was sent with.
+    """
+    return value if isinstance(value, str) and value and value.isprintable() else None
+
+
 def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) -> None:
     index = record.get("i")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < state.items:
@@ -501,8 +525,8 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
     state._run_seen[index] = 1
     if record.get("s") == "start":
         state._run_high = max(state._run_high, index)
-        key = record.get("key")
-        if not isinstance(key, str):
+        key = _key_of(record.get("key"))
+        if key is None:
             raise JournalError(f"{path}:{lineno}: start record without a key")
         previous = state.in_doubt.get(index)
         if previous is not None:
@@ -530,7 +554,7 @@ def _apply(state: JournalState, record: dict[str, Any], lineno: int, path: str) 
     state.states[index] = new
     if new == UNKNOWN:
         previous = state.in_doubt.get(index)
-        key = record.get("k") if isinstance(record.get("k"), str) else None
+        key = _key_of(record.get("k"))
         # No key at all: an item held back after a torn tail; it is never resent.
         key = key or (previous[0] if previous else None)
         error = record.get("e")
@@ -616,13 +640,15 @@ class FileJournal:
         window: int,
         resume: bool,
         options: Mapping[str, object] | None = None,
+        never_sent: Callable[[int], bool] | None = None,
     ) -> JournalState | None:
         """Start this run's part of the journal (see ``JournalStore.begin``).
 
         With ``resume``, read the journal (``load``) and cut off a torn tail; the
         items held back because of it (``JournalState.torn_in_doubt``) are
         recorded as unknown. Locked first, then read: what is read stays true
-        while this run goes on.
+        while this run goes on. ``never_sent`` is ``load``'s: the items no run
+        sends (invalid rows), which a torn tail's window does not count.
 
         Raises:
             JournalError: corrupt, for another input, or (without ``resume``)
@@ -631,7 +657,7 @@ class FileJournal:
         """
         state: JournalState | None = None
         if resume:
-            state = load(self.path, fingerprint=fingerprint, items=items)
+            state = load(self.path, fingerprint=fingerprint, items=items, never_sent=never_sent)
             self.truncate(state.valid_bytes)
         elif self.size():
             raise JournalError(f"{self.path} was just written by another run; pass --resume")

@@ -93,7 +93,11 @@ def resolve_credentials(
             "or run on a terminal to be asked for it"
         )
     redact.add_credentials(username, password)
-    return Credentials(base_url, username, password, args.allow_insecure_http)
+    creds = Credentials(base_url, username, password, args.allow_insecure_http)
+    # The client's own checks of them (a ':' in the user name...), now: before a
+    # journal is begun or a worker started, not when the first client is made.
+    make_client(creds)  # no session yet: nothing to close
+    return creds
 
 
 def _only_insecure(base_url: str) -> bool:

@@ -193,9 +193,17 @@ def _take_journal_options(args: argparse.Namespace) -> None:
         raise UsageError(
             f"{path}: bad ignore_columns {ignore!r} in its options; the journal is corrupt"
         )
-    if args.ignore_columns is None and ignore:
-        # Ignored columns never change a message (a field botmsg reads cannot be one).
-        args.ignore_columns = ",".join(ignore)
+    if args.ignore_columns is None:
+        if ignore:
+            # Ignored columns never change a message (a field botmsg reads cannot be one).
+            args.ignore_columns = ",".join(ignore)
+    elif ignored_columns(args.ignore_columns) != frozenset(ignore):
+        # The fingerprint does not cover them: checked here, as the docs promise.
+        had = f"was given --ignore-columns {','.join(ignore)}" if ignore else "had none"
+        raise UsageError(
+            f"--ignore-columns differs from the journal's: the run of {path} {had}; "
+            "drop --ignore-columns to use the journal's, or start a new journal"
+        )
 
 
 def _open_journal(
@@ -225,6 +233,7 @@ def _open_journal(
         window=window,
         resume=args.resume,
         options=options,
+        never_sent=scan.is_invalid,  # a torn tail's window counts only rows a run sends
     )
     if state is not None and state.torn:
         console.err(
@@ -304,7 +313,14 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         stack.callback(results.close)
         run_input = RunInput(source, fmt, defaults, scan, state)
         job = SendMany(args, console, run_input, journal, results)
-        return run(job.run(creds), first_signal=job.request_stop, loop=args.loop)
+        try:
+            return run(job.run(creds), first_signal=job.request_stop, loop=args.loop)
+        except UsageError:
+            # Refused before the first send (the client refused the credentials...):
+            # nothing was sent, so leave no new journal demanding --resume.
+            if new_journal is not None:
+                new_journal.discard()
+            raise
 
 
 class SendMany:
