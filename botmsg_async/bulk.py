@@ -1467,12 +1467,17 @@ class ParallelSend:
 
     def _skip(self, item: WorkItem) -> None:
         text = f"not attempted: the batch stopped after: {self.stopped_by}"
+        # The journal's rule, as a worker applies it to an item it skips: an item an
+        # earlier run may have delivered stays unknown (its key kept), never "skipped".
+        outcome, note = settle(Outcome.SKIPPED, None, in_doubt=item.in_doubt)
+        if note is not None:
+            text = f"{note}; this run's resend: {text}"
         self._emit(
             ParallelItem(
                 item.index,
                 item.department_uuid,
                 item.user_uuid,
-                "skipped",
+                outcome.value,
                 None,
                 {"type": "BatchStoppedError", "message": text, "status": None},
                 item.key,

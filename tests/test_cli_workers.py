@@ -912,3 +912,32 @@ def test_a_worker_writes_whole_messages_to_a_slow_parent(tmp_path: Path, loop: s
     parent.close()
     assert not parent_gone
     assert received == [big]
+
+
+async def test_items_in_doubt_left_by_a_stop_stay_unknown(tmp_path: Path) -> None:
+    """Items in doubt that a stop leaves unsent (in the parent) stay unknown, never skipped."""
+    n = 40
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    answers = [500]
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({}, status=answers[0])
+
+    async with serving_send(answer) as base_url:
+        # Run 1: every send may have been delivered (a 500), so every item is in doubt.
+        code, err = await botmsg(base_url, str(source), "--journal", str(journal))
+        assert code == 3, err
+        # Run 2 resends them under their keys; the first answer (a 401) stops the job
+        # with most of them still in the parent.
+        answers[0] = 401
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "-c", "1", "--journal", str(journal),
+            "--resume", "--resend-unknown", "--out", str(out),
+        )  # fmt: skip
+    assert code == 3, err
+    lines = read_jsonl(out)
+    assert sorted(line["index"] for line in lines) == list(range(n))
+    assert {line["outcome"] for line in lines} == {"unknown"}
