@@ -1572,9 +1572,11 @@ class ParallelSend:
         for queue in self._routed.values():
             yield from queue
             queue.clear()
-        if self.stopped_by is not None and not self._input_done:
+        if not self._input_done and (self.stopped_by is not None or not self.stop_requested):
             # Refused credentials and the like: the rest of the input is SKIPPED, as
-            # in a single-process batch (a stop on request leaves it unread).
+            # in a single-process batch (a stop on request leaves it unread). With no
+            # worker left (every one died), the rest is not started: it is counted
+            # too, so that each item is reported or counted, none lost.
             self._input_done = True
             yield from self._items
 

@@ -941,3 +941,32 @@ async def test_items_in_doubt_left_by_a_stop_stay_unknown(tmp_path: Path) -> Non
     lines = read_jsonl(out)
     assert sorted(line["index"] for line in lines) == list(range(n))
     assert {line["outcome"] for line in lines} == {"unknown"}
+
+
+async def test_every_worker_dead_counts_the_unread_rest_not_started(tmp_path: Path) -> None:
+    """With every worker dead, each item is in --out or among those 'not started', none lost."""
+    n = 400
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    hold = asyncio.Event()
+    stalled = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        stalled.set()
+        await hold.wait()
+        return web.json_response({}, status=503)
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)  # the first request never answers before the kills
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "2", "--out", str(out)
+        )
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        code, err = await finish(process)
+        hold.set()
+    assert code == 3, err
+    reported = len(read_jsonl(out))
+    assert f"{n - reported} item(s) not started" in err
