@@ -53,6 +53,7 @@ import contextlib
 import glob
 import mmap
 import os
+import pickle
 import re
 import selectors
 import signal
@@ -1135,6 +1136,17 @@ class _Process:
     exited: bool = False
     retries: int = 0
     returned: list[WorkItem] = field(factory=list)
+    #: Framed messages not yet taken by its socket (``ParallelSend._post``).
+    out: bytearray = field(factory=bytearray)
+    #: The socket again (a duplicate), for writes that never block.
+    sock: socket.socket | None = None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self.sock is not None:
+            self.sock.close()
+        self.out.clear()
 
 
 @define(slots=True)
@@ -1216,6 +1228,7 @@ class ParallelSend:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._selector: selectors.BaseSelector | None = None
 
     def _chunk(self) -> int:
         # Chunks of up to a few hundred items keep the pipes quiet; near the end
@@ -1324,9 +1337,48 @@ class ParallelSend:
         return self._input_done and not self._backlog and not routed and not held
 
     def _post(self, process: _Process, message: tuple[Any, ...]) -> None:
-        # It died: its end is handled when its socket reports EOF.
-        with contextlib.suppress(OSError):
-            process.conn.send(message)
+        """Queue ``message`` for ``process`` and write what its socket takes now.
+
+        Never blocks: a worker writes its results with blocking sends, so a parent
+        blocked writing it a chunk (larger than the socket holds) while the worker
+        is blocked writing results (larger than that too) would wait for each other
+        forever. What the socket does not take is written as it drains (``_loop``).
+        """
+        if process.exited:
+            return
+        if process.sock is None:  # no descriptor left for the duplicate: a blocking send
+            with contextlib.suppress(OSError):
+                process.conn.send(message)
+            return
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        # ``Connection``'s framing, which the worker's ``recv`` reads.
+        size = len(data)
+        if size > 0x7FFFFFFF:
+            process.out += struct.pack("!i", -1) + struct.pack("!Q", size)
+        else:
+            process.out += struct.pack("!i", size)
+        process.out += data
+        self._write(process)
+
+    def _write(self, process: _Process) -> None:
+        """Write as much of ``process``'s queued output as its socket takes, unblocked."""
+        out = process.out
+        sock = process.sock
+        assert sock is not None
+        try:
+            while out:
+                del out[: sock.send(out, socket.MSG_DONTWAIT)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            # It died: its end is handled when its socket reports EOF.
+            out.clear()
+        if self._selector is not None and self._selector.get_map() is not None:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
+            with contextlib.suppress(KeyError, ValueError):
+                key = self._selector.get_key(process.conn.fileno())
+                if key.events != events:
+                    self._selector.modify(process.conn.fileno(), events, process)
 
     # -- results ------------------------------------------------------------------
 
@@ -1467,12 +1519,17 @@ class ParallelSend:
 
     def _skip(self, item: WorkItem) -> None:
         text = f"not attempted: the batch stopped after: {self.stopped_by}"
+        # The journal's rule, as a worker applies it to an item it skips: an item an
+        # earlier run may have delivered stays unknown (its key kept), never "skipped".
+        outcome, note = settle(Outcome.SKIPPED, None, in_doubt=item.in_doubt)
+        if note is not None:
+            text = f"{note}; this run's resend: {text}"
         self._emit(
             ParallelItem(
                 item.index,
                 item.department_uuid,
                 item.user_uuid,
-                "skipped",
+                outcome.value,
                 None,
                 {"type": "BatchStoppedError", "message": text, "status": None},
                 item.key,
@@ -1501,14 +1558,16 @@ class ParallelSend:
                     limiter_fd=limiter_fd,
                 )
             )
-        return _Process(number, popen, conn, segment)
+        process = _Process(number, popen, conn, segment)
+        with contextlib.suppress(OSError):
+            process.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        return process
 
     def _ended(self, process: _Process) -> None:
         process.exited = True
         # Items routed to it and not yet handed over go to their departments' new owners.
         self._backlog.extendleft(reversed(self._routed.pop(process.number, ())))
-        with contextlib.suppress(OSError):
-            process.conn.close()
+        process.close()
         code = process.popen.wait()
         if not process.done:
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -1567,9 +1626,11 @@ class ParallelSend:
         for queue in self._routed.values():
             yield from queue
             queue.clear()
-        if self.stopped_by is not None and not self._input_done:
+        if not self._input_done and (self.stopped_by is not None or not self.stop_requested):
             # Refused credentials and the like: the rest of the input is SKIPPED, as
-            # in a single-process batch (a stop on request leaves it unread).
+            # in a single-process batch (a stop on request leaves it unread). With no
+            # worker left (every one died), the rest is not started: it is counted
+            # too, so that each item is reported or counted, none lost.
             self._input_done = True
             yield from self._items
 
@@ -1583,6 +1644,8 @@ class ParallelSend:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             for process in self._processes:
                 selector.register(process.conn.fileno(), selectors.EVENT_READ, process)
+            # For _post's writes that wait for the socket; closed with the loop.
+            self._selector = selector
             while any(not p.exited for p in self._processes):
                 if self.stop_requested and not stop_sent:
                     stop_sent = True
@@ -1598,11 +1661,15 @@ class ParallelSend:
                         next_tick = now + self._tick_interval
                         self._on_tick()
                     timeout = max(0.0, next_tick - now)
-                for key, _ in selector.select(timeout):
+                for key, events in selector.select(timeout):
                     process = key.data
                     if process is None:
                         with contextlib.suppress(BlockingIOError):
                             self._wake_r.recv(64)
+                        continue
+                    if events & selectors.EVENT_WRITE:
+                        self._write(process)
+                    if not events & selectors.EVENT_READ:
                         continue
                     try:
                         # One message per wake-up: the selector reports the rest.
@@ -1626,8 +1693,7 @@ class ParallelSend:
                 process.popen.wait()
             if not process.exited:
                 process.exited = True
-                with contextlib.suppress(OSError):
-                    process.conn.close()
+                process.close()
 
 
 def send_parallel(

@@ -912,3 +912,100 @@ def test_a_worker_writes_whole_messages_to_a_slow_parent(tmp_path: Path, loop: s
     parent.close()
     assert not parent_gone
     assert received == [big]
+
+
+async def test_items_in_doubt_left_by_a_stop_stay_unknown(tmp_path: Path) -> None:
+    """Items in doubt that a stop leaves unsent (in the parent) stay unknown, never skipped."""
+    n = 40
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    answers = [500]
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({}, status=answers[0])
+
+    async with serving_send(answer) as base_url:
+        # Run 1: every send may have been delivered (a 500), so every item is in doubt.
+        code, err = await botmsg(base_url, str(source), "--journal", str(journal))
+        assert code == 3, err
+        # Run 2 resends them under their keys; the first answer (a 401) stops the job
+        # with most of them still in the parent.
+        answers[0] = 401
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "-c", "1", "--journal", str(journal),
+            "--resume", "--resend-unknown", "--out", str(out),
+        )  # fmt: skip
+    assert code == 3, err
+    lines = read_jsonl(out)
+    assert sorted(line["index"] for line in lines) == list(range(n))
+    assert {line["outcome"] for line in lines} == {"unknown"}
+
+
+async def test_every_worker_dead_counts_the_unread_rest_not_started(tmp_path: Path) -> None:
+    """With every worker dead, each item is in --out or among those 'not started', none lost."""
+    n = 400
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    hold = asyncio.Event()
+    stalled = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        stalled.set()
+        await hold.wait()
+        return web.json_response({}, status=503)
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)  # the first request never answers before the kills
+        process = await start(base_url, str(source), "--workers", "2", "-c", "2", "--out", str(out))
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        code, err = await finish(process)
+        hold.set()
+    assert code == 3, err
+    reported = len(read_jsonl(out))
+    assert f"{n - reported} item(s) not started" in err
+
+
+# A bulk script: send_parallel from its own process (a hung one can be killed).
+_BULK_SCRIPT = """
+import sys
+from botmsg_async.bulk import send_parallel
+n, size = int(sys.argv[2]), int(sys.argv[3])
+work = [("dep-0", f"user-{i}", f"{i:06d}" + "b" * size) for i in range(n)]
+report = send_parallel(
+    work, base_url=sys.argv[1], username=sys.argv[4], password=sys.argv[5],
+    workers=1, concurrency=256, keep="none",
+)
+print(f"counts {report.counts.sent} {report.counts.failed}", file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+async def test_big_results_and_big_chunks_do_not_deadlock() -> None:
+    """A worker writing more results than its socket holds while the parent writes it
+    a chunk larger than that: both go through, no hang."""
+    n = 2048
+    description = "d" * 20_000  # a service's error text, echoing what it refused
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if int(request.match_info["user"].split("-")[1]) % 2:
+            # Every other item: no run of failures long enough to stop the job.
+            error = {"errorCode": "BAD", "errorDescription": description, "errorUID": "e"}
+            return web.json_response({"requestUuid": "r", "status": "FAILURE", "errors": [error]})
+        return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": "m"})
+
+    async with serving_send(answer) as base_url:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _BULK_SCRIPT, base_url, str(n), "4000", USERNAME, PASSWORD,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        code, err = await finish(process)
+    assert code == 0, err
+    assert f"counts {n // 2} {n // 2}" in err
