@@ -180,6 +180,9 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
     was closed before the request was written) is a ``TransportError``; anything
     after the request may have been written is a ``ResponseLostError`` (unknown).
     """
+    # First: the caller chains ``exc``, and a refused proxy tunnel
+    # (``ClientHttpProxyError``) carries the CONNECT's Proxy-Authorization too.
+    _scrub(exc)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return CertificateError(
             f"TLS verification of {url.host} failed: {_tls_reason(exc)}; "
@@ -201,7 +204,6 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
             f"could not connect to {url.host}: {exc.__class__.__name__}; "
             "nothing was sent, check the host and the network",
         )
-    _scrub(exc)
     if _closed_before_written(exc):
         # A stale pooled connection: safe to retry, on another connection
         # (aiohttp drops this one).
