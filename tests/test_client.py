@@ -338,3 +338,34 @@ async def test_timeout_without_total_still_ends_at_deadline(
         async with asyncio.timeout(15):
             with pytest.raises(ResponseLostError):
                 await client.send(DEPT, USER, "hi")
+
+
+async def test_closing_the_client_while_a_send_waits_for_the_pool(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """aclose() while a send waits for a pool slot: ClientClosedError, nothing sent."""
+    held, queued = asyncio.Event(), asyncio.Event()
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        held.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def on_queued(*_: object) -> None:
+        queued.set()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_queued_start.append(on_queued)
+    server.default = hold
+    client = make_client(
+        server.base_url, max_connections=1, trace_configs=[trace], retry=RetryPolicy.none()
+    )
+    first = asyncio.create_task(client.send(DEPT, USER, "holds the only connection"))
+    await held.wait()
+    second = asyncio.create_task(client.send(DEPT, USER, "waits for it"))
+    await queued.wait()
+    await client.aclose()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(results[0], ResponseLostError)  # it reached the server
+    assert isinstance(results[1], ClientClosedError)  # it never left the pool's queue
+    assert len(server.seen) == 1
