@@ -162,6 +162,10 @@ def open_post(
     caller's own coroutine awaits aiohttp directly, one frame less on every wake-up of
     every send than a wrapping coroutine would cost. ``proxy_headers`` go to the
     session's proxy only (on its ``CONNECT``).
+
+    A session lent by the caller may be set to raise for an error status or to
+    leave bodies compressed: ``read_answer`` must see every status and the JSON
+    itself (a raised 429 would read as a lost answer), so each request says so.
     """
     return session.post(
         url,
@@ -170,6 +174,8 @@ def open_post(
         timeout=timeout,
         allow_redirects=False,
         proxy_headers=proxy_headers,
+        raise_for_status=False,
+        auto_decompress=True,
     )
 
 

@@ -14,11 +14,14 @@ from aiohttp import web
 
 from botmsg_async import (
     APIStatusError,
+    AuthenticationError,
     BotMessageClient,
     ClientClosedError,
+    DeliveryUnknownError,
     InvalidRequestError,
     InvalidResponseError,
     MessageDefaults,
+    RateLimitedError,
     ResponseLostError,
     RetryPolicy,
     TextMessage,
@@ -369,3 +372,39 @@ async def test_closing_the_client_while_a_send_waits_for_the_pool(
     assert isinstance(results[0], ResponseLostError)  # it reached the server
     assert isinstance(results[1], ClientClosedError)  # it never left the pool's queue
     assert len(server.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(401, AuthenticationError), (429, RateLimitedError), (400, APIStatusError)],
+)
+async def test_a_lent_session_that_raises_for_status_is_read_as_ours(
+    server: ScriptedServer, make_client: MakeClient, status: int, expected: type[Exception]
+) -> None:
+    """A lent session's raise_for_status=True does not turn a refusal into 'unknown'."""
+    server.default = answer(status, {"error": "no"})
+    async with aiohttp.ClientSession(raise_for_status=True) as session:
+        client = make_client(server.base_url, session=session, retry=RetryPolicy.none())
+        async with client:
+            with pytest.raises(expected) as info:
+                await client.send(DEPT, USER, "hello")
+    assert not isinstance(info.value, DeliveryUnknownError)
+    assert info.value.status == status  # type: ignore[attr-defined]
+
+
+async def test_a_lent_session_without_auto_decompress_still_reads_a_gzip_answer(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A lent session's auto_decompress=False does not make a gzip SUCCESS unreadable."""
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        response = web.json_response({"status": "SUCCESS", "messageUuid": "gz"})
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    server.default = gzipped
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        client = make_client(server.base_url, session=session)
+        async with client:
+            result = await client.send(DEPT, USER, "hello")
+    assert result.message_uuid == "gz"
