@@ -194,6 +194,12 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
             f"TLS verification of {url.host} failed: {_tls_reason(exc)}; "
             "the server's certificate is not trusted. Nothing was sent; not retried",
         )
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        # Checked right after the TLS handshake, before the request is written.
+        return CertificateError(
+            f"the certificate of {url.host} does not match the fingerprint the session "
+            "pins. Nothing was sent; not retried",
+        )
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
         return TransportError(
             f"could not connect to the proxy {exc.host}:{exc.port}: "

@@ -473,3 +473,19 @@ async def test_a_refused_tunnel_keeps_no_encoded_proxy_credentials_in_its_chain(
                 await client.send(DEPT, USER, "hello")
     assert encoded in proxy.heads[0]  # it was sent to the proxy
     assert encoded not in chain_text(info.value)
+
+
+async def test_a_pinned_fingerprint_that_does_not_match_is_a_certificate_error(
+    ca: Any, make_client: MakeClient
+) -> None:
+    """A lent session pinning another certificate: CertificateError, not 'unknown'; nothing sent."""
+    pinned = aiohttp.Fingerprint(b"\x00" * 32)
+    async with tls_server(ca) as tls:
+        connector = aiohttp.TCPConnector(ssl=pinned)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = make_client(tls.base_url, session=session, retry=RetryPolicy.none())
+            async with client:
+                with pytest.raises(CertificateError) as info:
+                    await client.send(DEPT, USER, "hello")
+    assert not isinstance(info.value, DeliveryUnknownError)
+    assert tls.seen == []
