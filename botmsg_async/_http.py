@@ -222,6 +222,10 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
         return TransportError(
             "the pooled connection was closed before the request was written; nothing was sent",
         )
+    if _raised_while_connecting(exc):
+        return TransportError(
+            f"no connection to {url.host} was made ({exc.__class__.__name__}); nothing was sent",
+        )
     return ResponseLostError(
         f"the request was sent but no answer came back ({exc.__class__.__name__}); "
         "the message may or may not have been delivered",
@@ -287,6 +291,25 @@ def _closed_before_written(exc: BaseException) -> bool:
                 if code.co_name in _FIRST_WRITES and code.co_filename.endswith("http_writer.py"):
                     return True
                 tb = tb.tb_next
+    return False
+
+
+def _raised_while_connecting(exc: BaseException) -> bool:
+    """Whether aiohttp raised ``exc`` inside its connector's ``connect``.
+
+    The request is written only once ``connect`` has returned a connection, so
+    any failure raised within it (the session closed under a connection being
+    made, a check of a new connection) proves that nothing reached the service.
+    Like ``_closed_before_written``, this reads the traceback; on an aiohttp
+    whose frames differ nothing matches, and the failure stays ambiguous.
+    """
+    for error in (exc, exc.__cause__):
+        tb = error.__traceback__ if error is not None else None
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "connect" and code.co_filename.endswith("connector.py"):
+                return True
+            tb = tb.tb_next
     return False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -408,3 +409,56 @@ async def test_a_lent_session_without_auto_decompress_still_reads_a_gzip_answer(
         async with client:
             result = await client.send(DEPT, USER, "hello")
     assert result.message_uuid == "gz"
+
+
+class GateResolver(aiohttp.abc.AbstractResolver):
+    """A resolver that answers 127.0.0.1 once ``release`` is set; ``entered`` when asked."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: int = 0
+    ) -> list[aiohttp.abc.ResolveResult]:
+        self.entered.set()
+        await self.release.wait()
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("use_dns_cache", [True, False])
+async def test_a_session_closed_while_a_connection_is_made_sends_nothing_and_says_so(
+    server: ScriptedServer, make_client: MakeClient, use_dns_cache: bool
+) -> None:
+    """The lent session closes while a send's connection is being made: not 'unknown'."""
+    resolver = GateResolver()
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=use_dns_cache)
+    port = server.base_url.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = make_client(
+            f"http://gate.test:{port}",
+            session=session,
+            allow_insecure_http=True,
+            retry=RetryPolicy.none(),
+        )
+        async with client:
+            send = asyncio.create_task(client.send(DEPT, USER, "hello"))
+            await resolver.entered.wait()
+            await session.close()
+            resolver.release.set()
+            (error,) = await asyncio.gather(send, return_exceptions=True)
+    assert isinstance(error, TransportError | ClientClosedError)
+    assert not isinstance(error, DeliveryUnknownError)
+    assert server.seen == []
