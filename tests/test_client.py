@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -17,6 +18,7 @@ from botmsg_async import (
     APIStatusError,
     AuthenticationError,
     BotMessageClient,
+    BotMessageError,
     ClientClosedError,
     DeliveryUnknownError,
     InvalidRequestError,
@@ -461,4 +463,48 @@ async def test_a_session_closed_while_a_connection_is_made_sends_nothing_and_say
             (error,) = await asyncio.gather(send, return_exceptions=True)
     assert isinstance(error, TransportError | ClientClosedError)
     assert not isinstance(error, DeliveryUnknownError)
+    assert server.seen == []
+
+
+async def test_a_total_timeout_that_cuts_the_connect_phase_says_nothing_was_sent(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """The attempt's total timer fires before its connect timer, mid-connect: not 'unknown'.
+
+    The loop's clock is moved on by half the total once aiohttp has started the
+    total timer and before it starts the connect timer (a loop held up between
+    the two), so that the total fires first while the host is still resolving.
+    """
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    offset = 0.0
+    resolver = GateResolver()
+
+    async def on_request_start(*_: object) -> None:
+        nonlocal offset
+        offset += 0.1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    connector = aiohttp.TCPConnector(resolver=resolver)
+    port = server.base_url.rsplit(":", 1)[1]
+
+    def shifted_time() -> float:
+        return real_time() + offset
+
+    with mock.patch.object(loop, "time", shifted_time):
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
+            client = make_client(
+                f"http://gate.test:{port}",
+                session=session,
+                timeout=0.2,
+                allow_insecure_http=True,
+                retry=RetryPolicy.none(),
+            )
+            async with client:
+                with pytest.raises(BotMessageError) as info:
+                    await client.send(DEPT, USER, "hello")
+    assert resolver.entered.is_set()
+    assert isinstance(info.value, TransportError)
+    assert not isinstance(info.value, DeliveryUnknownError)
     assert server.seen == []
