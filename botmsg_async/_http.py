@@ -306,8 +306,11 @@ def _raised_while_connecting(exc: BaseException) -> bool:
     for error in (exc, exc.__cause__):
         tb = error.__traceback__ if error is not None else None
         while tb is not None:
-            code = tb.tb_frame.f_code
-            if code.co_name == "connect" and code.co_filename.endswith("connector.py"):
+            frame = tb.tb_frame
+            if (
+                frame.f_code.co_name == "connect"
+                and frame.f_globals.get("__name__") == "aiohttp.connector"
+            ):
                 return True
             tb = tb.tb_next
     return False
