@@ -33,6 +33,7 @@ from ._errors import (
     AuthenticationError,
     BotMessageError,
     CertificateError,
+    InvalidRequestError,
     InvalidResponseError,
     RateLimitedError,
     ResponseLostError,
@@ -88,9 +89,25 @@ def send_url(base_url: URL, base_path: str, dept: str, user: str) -> URL:
 def attempt_timeout(
     option: float | aiohttp.ClientTimeout | None, total: float, connect: float
 ) -> aiohttp.ClientTimeout:
-    """The per-attempt timeout: the client's ``timeout=`` option, or the policy's figures."""
+    """The per-attempt timeout: the client's ``timeout=`` option, or the policy's figures.
+
+    aiohttp runs no timer for a timeout of 0 or less (or NaN): a ``ClientTimeout``
+    total like that counts as none (each attempt is then bounded by the deadline),
+    and a number like that is refused.
+
+    Raises:
+        InvalidRequestError: ``option`` is a number that is not > 0, or not a number.
+    """
     if isinstance(option, aiohttp.ClientTimeout):
+        if option.total is not None and not option.total > 0:
+            option = evolve(option, total=None)
         return option if option.total is None else bounded_timeout(option, option.total)
+    if option is not None and (
+        isinstance(option, bool) or not isinstance(option, int | float) or not option > 0
+    ):
+        raise InvalidRequestError(
+            "timeout", option, "must be seconds > 0, an aiohttp.ClientTimeout, or None"
+        )
     total = total if option is None else option
     return bounded_timeout(aiohttp.ClientTimeout(total=total, connect=connect), total)
 
@@ -245,7 +262,9 @@ def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.Cli
     the connect timer fire after the total: the threshold is raised above the
     total, so that neither is rounded.
     """
-    connect = min(timeout.connect or total, total * 0.9)
+    # A connect timeout of 0 or less (or NaN) is none to aiohttp: the total's then.
+    given = timeout.connect
+    connect = min(given if given is not None and given > 0 else total, total * 0.9)
     ceil_threshold = max(timeout.ceil_threshold, total + 1.0)
     if (
         timeout.total == total

@@ -508,3 +508,40 @@ async def test_a_total_timeout_that_cuts_the_connect_phase_says_nothing_was_sent
     assert isinstance(info.value, TransportError)
     assert not isinstance(info.value, DeliveryUnknownError)
     assert server.seen == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), True, "10"])
+def test_a_timeout_that_is_no_positive_number_is_refused(timeout: Any) -> None:
+    """timeout= 0, negative, NaN or not a number: aiohttp would run no timer at all."""
+    with pytest.raises(InvalidRequestError) as info:
+        BotMessageClient("https://api.example.com", USERNAME, PASSWORD, timeout=timeout)
+    assert info.value.field == "timeout"
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        aiohttp.ClientTimeout(total=0),
+        aiohttp.ClientTimeout(total=-1),
+        aiohttp.ClientTimeout(total=float("nan")),
+        aiohttp.ClientTimeout(total=None, connect=-1, sock_read=0),
+    ],
+    ids=["zero", "negative", "nan", "no-total-negative-connect"],
+)
+async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
+    server: ScriptedServer, make_client: MakeClient, timeout: aiohttp.ClientTimeout
+) -> None:
+    """A ClientTimeout whose total aiohttp ignores (0, negative, NaN) is cut at the deadline."""
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    server.default = never
+    async with make_client(
+        server.base_url, timeout=timeout, retry=RetryPolicy(deadline=0.3)
+    ) as client:
+        # Only an outer bound far past the 0.3 s deadline: uncut, the send never ends.
+        async with asyncio.timeout(15):
+            with pytest.raises(ResponseLostError):
+                await client.send(DEPT, USER, "hi")
