@@ -262,6 +262,15 @@ def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.Cli
     the connect timer fire after the total: the threshold is raised above the
     total, so that neither is rounded.
     """
+    if not math.isfinite(total):
+        # No bound at all (deadline=inf): aiohttp's None, since it rounds a timer's
+        # instant with math.ceil, which cannot take an infinite one.
+        connect = timeout.connect
+        if connect is not None and not math.isfinite(connect):
+            connect = None
+        if timeout.total is None and timeout.connect == connect:
+            return timeout
+        return evolve(timeout, total=None, connect=connect)
     # A connect timeout of 0 or less (or NaN) is none to aiohttp: the total's then.
     given = timeout.connect
     connect = min(given if given is not None and given > 0 else total, total * 0.9)

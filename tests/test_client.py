@@ -545,3 +545,24 @@ async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
         async with asyncio.timeout(15):
             with pytest.raises(ResponseLostError):
                 await client.send(DEPT, USER, "hi")
+
+
+@pytest.mark.parametrize(
+    ("timeout", "policy"),
+    [
+        (None, RetryPolicy(deadline=float("inf"), attempt_timeout=float("inf"))),
+        (aiohttp.ClientTimeout(total=None), RetryPolicy(deadline=float("inf"))),
+        (float("inf"), RetryPolicy(deadline=float("inf"), connect_timeout=float("inf"))),
+    ],
+    ids=["policy", "client-timeout", "seconds"],
+)
+async def test_an_infinite_deadline_sends(
+    server: ScriptedServer,
+    make_client: MakeClient,
+    timeout: float | aiohttp.ClientTimeout | None,
+    policy: RetryPolicy,
+) -> None:
+    """deadline=inf ("never give up") with no finite attempt timeout still sends."""
+    async with make_client(server.base_url, timeout=timeout, retry=policy) as client:
+        result = await client.send(DEPT, USER, "hi")
+    assert result.message_uuid == "msg-1"
