@@ -519,7 +519,7 @@ def test_a_timeout_that_is_no_positive_number_is_refused(timeout: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "timeout",
+    "attempt_timeout",
     [
         aiohttp.ClientTimeout(total=0),
         aiohttp.ClientTimeout(total=-1),
@@ -529,7 +529,7 @@ def test_a_timeout_that_is_no_positive_number_is_refused(timeout: Any) -> None:
     ids=["zero", "negative", "nan", "no-total-negative-connect"],
 )
 async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
-    server: ScriptedServer, make_client: MakeClient, timeout: aiohttp.ClientTimeout
+    server: ScriptedServer, make_client: MakeClient, attempt_timeout: aiohttp.ClientTimeout
 ) -> None:
     """A ClientTimeout whose total aiohttp ignores (0, negative, NaN) is cut at the deadline."""
 
@@ -539,7 +539,7 @@ async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
 
     server.default = never
     async with make_client(
-        server.base_url, timeout=timeout, retry=RetryPolicy(deadline=0.3)
+        server.base_url, timeout=attempt_timeout, retry=RetryPolicy(deadline=0.3)
     ) as client:
         # Only an outer bound far past the 0.3 s deadline: uncut, the send never ends.
         async with asyncio.timeout(15):
@@ -548,7 +548,7 @@ async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
 
 
 @pytest.mark.parametrize(
-    ("timeout", "policy"),
+    ("attempt_timeout", "policy"),
     [
         (None, RetryPolicy(deadline=float("inf"), attempt_timeout=float("inf"))),
         (aiohttp.ClientTimeout(total=None), RetryPolicy(deadline=float("inf"))),
@@ -559,10 +559,10 @@ async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
 async def test_an_infinite_deadline_sends(
     server: ScriptedServer,
     make_client: MakeClient,
-    timeout: float | aiohttp.ClientTimeout | None,
+    attempt_timeout: float | aiohttp.ClientTimeout | None,
     policy: RetryPolicy,
 ) -> None:
     """deadline=inf ("never give up") with no finite attempt timeout still sends."""
-    async with make_client(server.base_url, timeout=timeout, retry=policy) as client:
+    async with make_client(server.base_url, timeout=attempt_timeout, retry=policy) as client:
         result = await client.send(DEPT, USER, "hi")
     assert result.message_uuid == "msg-1"
