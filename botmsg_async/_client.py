@@ -82,8 +82,30 @@ _OWN_HEADERS = frozenset(
 )
 
 
+def _check_policy_headers(policy: RetryPolicy) -> None:
+    """Refuse a policy whose header names cannot carry what the client puts in them.
+
+    Each must be an RFC 9110 token and none of the client's own headers (the
+    key would replace the credentials), and the retry count must not share the
+    key's name (every retry would then carry the count as its key).
+
+    Raises:
+        InvalidRequestError: naming the header, as ``retry``.
+    """
+    key_name, count_name = policy.idempotency_header, policy.retry_count_header
+    own = _OWN_HEADERS - {"idempotency-key"}
+    check_headers("retry", {key_name: ""}, own)
+    if count_name:
+        check_headers("retry", {count_name: ""}, own)
+        if count_name.lower() == key_name.lower():
+            raise InvalidRequestError(
+                "retry", count_name, "is both the idempotency and the retry-count header"
+            )
+
+
 def _protected(policy: RetryPolicy) -> frozenset[str]:
     """The header names extra headers may not use with ``policy``, lower-case."""
+    _check_policy_headers(policy)
     names = {policy.idempotency_header.lower()}
     if policy.retry_count_header:
         names.add(policy.retry_count_header.lower())
@@ -379,6 +401,8 @@ class BotMessageClient:
             raise InvalidRequestError(
                 "default_headers", "User-Agent", "is also given as user_agent=; pass one of them"
             )
+        if user_agent is not None:
+            check_headers("user_agent", {"User-Agent": user_agent}, frozenset())
         #: The caller's own headers, kept to check them again in ``with_options``.
         self._extra_headers = extra
         own = {
@@ -575,6 +599,7 @@ class BotMessageClient:
     def _plan_for(self, policy: RetryPolicy) -> _Plan:
         plan = self._plans.get(policy)
         if plan is None:
+            _check_policy_headers(policy)
             if len(self._plans) >= 32:  # a caller building a policy per call
                 self._plans.clear()
             plan = _Plan(
@@ -673,6 +698,7 @@ class BotMessageClient:
         body = self._encode_message(message)
         check_idempotency_key(idempotency_key)
         self._ensure_session()
+        plan = self._default_plan if retry is None else self._plan_for(retry)
         telemetry = self._telemetry
         queued = time.perf_counter() if telemetry is not None else 0.0
         if self._rate_limiter is not None:
@@ -684,7 +710,7 @@ class BotMessageClient:
             url=_http.send_url(self._base_url, self._base_path, dept, user),
             body=body,
             idempotency_key=idempotency_key or new_idempotency_key(),
-            plan=self._default_plan if retry is None else self._plan_for(retry),
+            plan=plan,
             started=self._clock(),
         )
         # The rate limiter's wait, for the telemetry (None: no limiter, or no telemetry).
@@ -855,6 +881,17 @@ class BotMessageClient:
                     result = await _http.read_answer(response, state.plan.rules, begun)
             except _http.TRANSPORT_ERRORS as exc:
                 raise _http.transport_error(exc, state.url) from exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if status is not None or not session.closed or task is None or task.cancelling():
+                    raise
+                # Not a cancellation of this send: closing a session cancels the
+                # futures of the requests still waiting for a connection (a pool
+                # slot, a DNS lookup), before any of them had one to write to.
+                raise ClientClosedError(
+                    "this BotMessageClient (or its session) was closed while this send "
+                    "waited for a connection; the message was not sent"
+                ) from None
         except RateLimitedError as exc:
             error = exc
             state.retry_after = exc.retry_after
@@ -915,6 +952,8 @@ class BotMessageClient:
             ...     async for item in results:
             ...         journal.write(item)
         """
+        if retry is not None:
+            self._plan_for(retry)  # a policy that cannot be sent fails here, not per item
         options = BatchOptions(
             concurrency=concurrency,
             rate_limit=rate_limit,

@@ -33,6 +33,7 @@ from ._errors import (
     AuthenticationError,
     BotMessageError,
     CertificateError,
+    InvalidRequestError,
     InvalidResponseError,
     RateLimitedError,
     ResponseLostError,
@@ -88,9 +89,25 @@ def send_url(base_url: URL, base_path: str, dept: str, user: str) -> URL:
 def attempt_timeout(
     option: float | aiohttp.ClientTimeout | None, total: float, connect: float
 ) -> aiohttp.ClientTimeout:
-    """The per-attempt timeout: the client's ``timeout=`` option, or the policy's figures."""
+    """The per-attempt timeout: the client's ``timeout=`` option, or the policy's figures.
+
+    aiohttp runs no timer for a timeout of 0 or less (or NaN): a ``ClientTimeout``
+    total like that counts as none (each attempt is then bounded by the deadline),
+    and a number like that is refused.
+
+    Raises:
+        InvalidRequestError: ``option`` is a number that is not > 0, or not a number.
+    """
     if isinstance(option, aiohttp.ClientTimeout):
+        if option.total is not None and not option.total > 0:
+            option = evolve(option, total=None)
         return option if option.total is None else bounded_timeout(option, option.total)
+    if option is not None and (
+        isinstance(option, bool) or not isinstance(option, int | float) or not option > 0
+    ):
+        raise InvalidRequestError(
+            "timeout", option, "must be seconds > 0, an aiohttp.ClientTimeout, or None"
+        )
     total = total if option is None else option
     return bounded_timeout(aiohttp.ClientTimeout(total=total, connect=connect), total)
 
@@ -162,6 +179,10 @@ def open_post(
     caller's own coroutine awaits aiohttp directly, one frame less on every wake-up of
     every send than a wrapping coroutine would cost. ``proxy_headers`` go to the
     session's proxy only (on its ``CONNECT``).
+
+    A session lent by the caller may be set to raise for an error status or to
+    leave bodies compressed: ``read_answer`` must see every status and the JSON
+    itself (a raised 429 would read as a lost answer), so each request says so.
     """
     return session.post(
         url,
@@ -170,6 +191,8 @@ def open_post(
         timeout=timeout,
         allow_redirects=False,
         proxy_headers=proxy_headers,
+        raise_for_status=False,
+        auto_decompress=True,
     )
 
 
@@ -180,10 +203,19 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
     was closed before the request was written) is a ``TransportError``; anything
     after the request may have been written is a ``ResponseLostError`` (unknown).
     """
+    # First: the caller chains ``exc``, and a refused proxy tunnel
+    # (``ClientHttpProxyError``) carries the CONNECT's Proxy-Authorization too.
+    _scrub(exc)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return CertificateError(
             f"TLS verification of {url.host} failed: {_tls_reason(exc)}; "
             "the server's certificate is not trusted. Nothing was sent; not retried",
+        )
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        # Checked right after the TLS handshake, before the request is written.
+        return CertificateError(
+            f"the certificate of {url.host} does not match the fingerprint the session "
+            "pins. Nothing was sent; not retried",
         )
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
         return TransportError(
@@ -201,12 +233,15 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
             f"could not connect to {url.host}: {exc.__class__.__name__}; "
             "nothing was sent, check the host and the network",
         )
-    _scrub(exc)
     if _closed_before_written(exc):
         # A stale pooled connection: safe to retry, on another connection
         # (aiohttp drops this one).
         return TransportError(
             "the pooled connection was closed before the request was written; nothing was sent",
+        )
+    if _raised_while_connecting(exc):
+        return TransportError(
+            f"no connection to {url.host} was made ({exc.__class__.__name__}); nothing was sent",
         )
     return ResponseLostError(
         f"the request was sent but no answer came back ({exc.__class__.__name__}); "
@@ -227,7 +262,18 @@ def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.Cli
     the connect timer fire after the total: the threshold is raised above the
     total, so that neither is rounded.
     """
-    connect = min(timeout.connect or total, total * 0.9)
+    if not math.isfinite(total):
+        # No bound at all (deadline=inf): aiohttp's None, since it rounds a timer's
+        # instant with math.ceil, which cannot take an infinite one.
+        connect = timeout.connect
+        if connect is not None and not math.isfinite(connect):
+            connect = None
+        if timeout.total is None and timeout.connect == connect:
+            return timeout
+        return evolve(timeout, total=None, connect=connect)
+    # A connect timeout of 0 or less (or NaN) is none to aiohttp: the total's then.
+    given = timeout.connect
+    connect = min(given if given is not None and given > 0 else total, total * 0.9)
     ceil_threshold = max(timeout.ceil_threshold, total + 1.0)
     if (
         timeout.total == total
@@ -273,6 +319,28 @@ def _closed_before_written(exc: BaseException) -> bool:
                 if code.co_name in _FIRST_WRITES and code.co_filename.endswith("http_writer.py"):
                     return True
                 tb = tb.tb_next
+    return False
+
+
+def _raised_while_connecting(exc: BaseException) -> bool:
+    """Whether aiohttp raised ``exc`` inside its connector's ``connect``.
+
+    The request is written only once ``connect`` has returned a connection, so
+    any failure raised within it (the session closed under a connection being
+    made, a check of a new connection) proves that nothing reached the service.
+    Like ``_closed_before_written``, this reads the traceback; on an aiohttp
+    whose frames differ nothing matches, and the failure stays ambiguous.
+    """
+    for error in (exc, exc.__cause__):
+        tb = error.__traceback__ if error is not None else None
+        while tb is not None:
+            frame = tb.tb_frame
+            if (
+                frame.f_code.co_name == "connect"
+                and frame.f_globals.get("__name__") == "aiohttp.connector"
+            ):
+                return True
+            tb = tb.tb_next
     return False
 
 

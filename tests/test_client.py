@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -14,11 +16,15 @@ from aiohttp import web
 
 from botmsg_async import (
     APIStatusError,
+    AuthenticationError,
     BotMessageClient,
+    BotMessageError,
     ClientClosedError,
+    DeliveryUnknownError,
     InvalidRequestError,
     InvalidResponseError,
     MessageDefaults,
+    RateLimitedError,
     ResponseLostError,
     RetryPolicy,
     TextMessage,
@@ -338,3 +344,225 @@ async def test_timeout_without_total_still_ends_at_deadline(
         async with asyncio.timeout(15):
             with pytest.raises(ResponseLostError):
                 await client.send(DEPT, USER, "hi")
+
+
+async def test_closing_the_client_while_a_send_waits_for_the_pool(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """aclose() while a send waits for a pool slot: ClientClosedError, nothing sent."""
+    held, queued = asyncio.Event(), asyncio.Event()
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        held.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def on_queued(*_: object) -> None:
+        queued.set()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_queued_start.append(on_queued)
+    server.default = hold
+    client = make_client(
+        server.base_url, max_connections=1, trace_configs=[trace], retry=RetryPolicy.none()
+    )
+    first = asyncio.create_task(client.send(DEPT, USER, "holds the only connection"))
+    await held.wait()
+    second = asyncio.create_task(client.send(DEPT, USER, "waits for it"))
+    await queued.wait()
+    await client.aclose()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(results[0], ResponseLostError)  # it reached the server
+    assert isinstance(results[1], ClientClosedError)  # it never left the pool's queue
+    assert len(server.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(401, AuthenticationError), (429, RateLimitedError), (400, APIStatusError)],
+)
+async def test_a_lent_session_that_raises_for_status_is_read_as_ours(
+    server: ScriptedServer, make_client: MakeClient, status: int, expected: type[Exception]
+) -> None:
+    """A lent session's raise_for_status=True does not turn a refusal into 'unknown'."""
+    server.default = answer(status, {"error": "no"})
+    async with aiohttp.ClientSession(raise_for_status=True) as session:
+        client = make_client(server.base_url, session=session, retry=RetryPolicy.none())
+        async with client:
+            with pytest.raises(expected) as info:
+                await client.send(DEPT, USER, "hello")
+    assert not isinstance(info.value, DeliveryUnknownError)
+    assert info.value.status == status  # type: ignore[attr-defined]
+
+
+async def test_a_lent_session_without_auto_decompress_still_reads_a_gzip_answer(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A lent session's auto_decompress=False does not make a gzip SUCCESS unreadable."""
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        response = web.json_response({"status": "SUCCESS", "messageUuid": "gz"})
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    server.default = gzipped
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        client = make_client(server.base_url, session=session)
+        async with client:
+            result = await client.send(DEPT, USER, "hello")
+    assert result.message_uuid == "gz"
+
+
+class GateResolver(aiohttp.abc.AbstractResolver):
+    """A resolver that answers 127.0.0.1 once ``release`` is set; ``entered`` when asked."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: int = 0
+    ) -> list[aiohttp.abc.ResolveResult]:
+        self.entered.set()
+        await self.release.wait()
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("use_dns_cache", [True, False])
+async def test_a_session_closed_while_a_connection_is_made_sends_nothing_and_says_so(
+    server: ScriptedServer, make_client: MakeClient, use_dns_cache: bool
+) -> None:
+    """The lent session closes while a send's connection is being made: not 'unknown'."""
+    resolver = GateResolver()
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=use_dns_cache)
+    port = server.base_url.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = make_client(
+            f"http://gate.test:{port}",
+            session=session,
+            allow_insecure_http=True,
+            retry=RetryPolicy.none(),
+        )
+        async with client:
+            send = asyncio.create_task(client.send(DEPT, USER, "hello"))
+            await resolver.entered.wait()
+            await session.close()
+            resolver.release.set()
+            (error,) = await asyncio.gather(send, return_exceptions=True)
+    assert isinstance(error, TransportError | ClientClosedError)
+    assert not isinstance(error, DeliveryUnknownError)
+    assert server.seen == []
+
+
+async def test_a_total_timeout_that_cuts_the_connect_phase_says_nothing_was_sent(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """The attempt's total timer fires before its connect timer, mid-connect: not 'unknown'.
+
+    The loop's clock is moved on by half the total once aiohttp has started the
+    total timer and before it starts the connect timer (a loop held up between
+    the two), so that the total fires first while the host is still resolving.
+    """
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    offset = 0.0
+    resolver = GateResolver()
+
+    async def on_request_start(*_: object) -> None:
+        nonlocal offset
+        offset += 0.1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    connector = aiohttp.TCPConnector(resolver=resolver)
+    port = server.base_url.rsplit(":", 1)[1]
+
+    def shifted_time() -> float:
+        return real_time() + offset
+
+    with mock.patch.object(loop, "time", shifted_time):
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
+            client = make_client(
+                f"http://gate.test:{port}",
+                session=session,
+                timeout=0.2,
+                allow_insecure_http=True,
+                retry=RetryPolicy.none(),
+            )
+            async with client:
+                with pytest.raises(BotMessageError) as info:
+                    await client.send(DEPT, USER, "hello")
+    assert resolver.entered.is_set()
+    assert isinstance(info.value, TransportError)
+    assert not isinstance(info.value, DeliveryUnknownError)
+    assert server.seen == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), True, "10"])
+def test_a_timeout_that_is_no_positive_number_is_refused(timeout: Any) -> None:
+    """timeout= 0, negative, NaN or not a number: aiohttp would run no timer at all."""
+    with pytest.raises(InvalidRequestError) as info:
+        BotMessageClient("https://api.example.com", USERNAME, PASSWORD, timeout=timeout)
+    assert info.value.field == "timeout"
+
+
+@pytest.mark.parametrize(
+    "attempt_timeout",
+    [
+        aiohttp.ClientTimeout(total=0),
+        aiohttp.ClientTimeout(total=-1),
+        aiohttp.ClientTimeout(total=float("nan")),
+        aiohttp.ClientTimeout(total=None, connect=-1, sock_read=0),
+    ],
+    ids=["zero", "negative", "nan", "no-total-negative-connect"],
+)
+async def test_a_client_timeout_without_a_timer_still_ends_at_deadline(
+    server: ScriptedServer, make_client: MakeClient, attempt_timeout: aiohttp.ClientTimeout
+) -> None:
+    """A ClientTimeout whose total aiohttp ignores (0, negative, NaN) is cut at the deadline."""
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    server.default = never
+    async with make_client(
+        server.base_url, timeout=attempt_timeout, retry=RetryPolicy(deadline=0.3)
+    ) as client:
+        # Only an outer bound far past the 0.3 s deadline: uncut, the send never ends.
+        async with asyncio.timeout(15):
+            with pytest.raises(ResponseLostError):
+                await client.send(DEPT, USER, "hi")
+
+
+@pytest.mark.parametrize(
+    ("attempt_timeout", "policy"),
+    [
+        (None, RetryPolicy(deadline=float("inf"), attempt_timeout=float("inf"))),
+        (aiohttp.ClientTimeout(total=None), RetryPolicy(deadline=float("inf"))),
+        (float("inf"), RetryPolicy(deadline=float("inf"), connect_timeout=float("inf"))),
+    ],
+    ids=["policy", "client-timeout", "seconds"],
+)
+async def test_an_infinite_deadline_sends(
+    server: ScriptedServer,
+    make_client: MakeClient,
+    attempt_timeout: float | aiohttp.ClientTimeout | None,
+    policy: RetryPolicy,
+) -> None:
+    """deadline=inf ("never give up") with no finite attempt timeout still sends."""
+    async with make_client(server.base_url, timeout=attempt_timeout, retry=policy) as client:
+        result = await client.send(DEPT, USER, "hi")
+    assert result.message_uuid == "msg-1"

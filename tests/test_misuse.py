@@ -368,3 +368,41 @@ async def test_the_cli_out_error_is_an_object_like_send_prints(tmp_path: Path) -
     # The journal itself still records the error as text.
     recorded = [json.loads(line).get("e") for line in journal.read_text().splitlines()]
     assert any(isinstance(e, str) and e.startswith("ServerError: HTTP 500") for e in recorded)
+
+
+@pytest.mark.parametrize("user_agent", ["bot\r\nX-Evil: 1", "bot\nx", "bot\x00"])
+def test_a_user_agent_that_cannot_be_a_header_value_is_refused_up_front(user_agent: str) -> None:
+    """user_agent= with CR, LF or NUL: InvalidRequestError at construction, not at send."""
+    with pytest.raises(InvalidRequestError) as info:
+        BotMessageClient("https://api.example.com", USERNAME, PASSWORD, user_agent=user_agent)
+    assert info.value.field == "user_agent"
+
+
+_BAD_POLICIES = [
+    RetryPolicy(idempotency_header="Idem\r\nX-Evil: 1"),
+    RetryPolicy(idempotency_header="Idem key"),
+    RetryPolicy(idempotency_header=""),
+    RetryPolicy(idempotency_header="Authorization"),
+    RetryPolicy(retry_count_header="X-Retry\n"),
+    RetryPolicy(idempotency_header="X-Key", retry_count_header="X-Key"),
+    RetryPolicy(idempotency_header="X-Key", retry_count_header="x-key"),
+]
+
+
+@pytest.mark.parametrize("policy", _BAD_POLICIES)
+async def test_a_policy_whose_headers_cannot_be_sent_is_refused_before_io(
+    server: ScriptedServer, policy: RetryPolicy
+) -> None:
+    """A policy's header names that are no tokens, the client's own, or one name twice
+    (the retry count would replace the key): InvalidRequestError, whichever way the
+    policy is given, and nothing reaches the server."""
+    with pytest.raises(InvalidRequestError):
+        BotMessageClient(server.base_url, USERNAME, PASSWORD, retry=policy)
+    async with BotMessageClient(server.base_url, USERNAME, PASSWORD) as client:
+        with pytest.raises(InvalidRequestError):
+            await client.send(DEPT, USER, "hi", retry=policy)
+        with pytest.raises(InvalidRequestError):
+            client.with_options(retry=policy)
+        with pytest.raises(InvalidRequestError):
+            await client.send_many([(DEPT, USER, "hi")], retry=policy)
+    assert server.seen == []

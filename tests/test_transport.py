@@ -450,3 +450,42 @@ async def test_per_request_options_with_a_lent_session_are_kept(
         async with client:
             await client.send(DEPT, USER, "hello")
     assert server.seen[0][1]["X-Tenant"] == "t1"
+
+
+async def test_a_refused_tunnel_keeps_no_encoded_proxy_credentials_in_its_chain(
+    ca: Any, proxy: LoopbackProxy, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 407 to CONNECT via HTTPS_PROXY (trust_env): no error in the chain shows the credential."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv(
+        "HTTPS_PROXY", proxy.url.replace("://", f"://{PROXY_USER}:{PROXY_PASSWORD}@")
+    )
+    proxy.refuse = 407
+    encoded = aiohttp.encode_basic_auth(PROXY_USER, PROXY_PASSWORD).removeprefix("Basic ")
+    async with tls_server(ca) as tls:
+        client = make_client(
+            tls.base_url, trust_env=True, ssl=trusting(ca), retry=RetryPolicy.none()
+        )
+        async with client:
+            with pytest.raises(TransportError) as info:
+                await client.send(DEPT, USER, "hello")
+    assert encoded in proxy.heads[0]  # it was sent to the proxy
+    assert encoded not in chain_text(info.value)
+
+
+async def test_a_pinned_fingerprint_that_does_not_match_is_a_certificate_error(
+    ca: Any, make_client: MakeClient
+) -> None:
+    """A lent session pinning another certificate: CertificateError, not 'unknown'; nothing sent."""
+    pinned = aiohttp.Fingerprint(b"\x00" * 32)
+    async with tls_server(ca) as tls:
+        connector = aiohttp.TCPConnector(ssl=pinned)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = make_client(tls.base_url, session=session, retry=RetryPolicy.none())
+            async with client:
+                with pytest.raises(CertificateError) as info:
+                    await client.send(DEPT, USER, "hello")
+    assert not isinstance(info.value, DeliveryUnknownError)
+    assert tls.seen == []
