@@ -881,13 +881,20 @@ class BotMessageClient:
                     result = await _http.read_answer(response, state.plan.rules, begun)
             except _http.TRANSPORT_ERRORS as exc:
                 raise _http.transport_error(exc, state.url) from exc
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
-                if status is not None or not session.closed or task is None or task.cancelling():
+                if (
+                    status is not None
+                    or not session.closed
+                    or task is None
+                    or task.cancelling()
+                    or not _http.raised_while_connecting(exc)
+                ):
                     raise
                 # Not a cancellation of this send: closing a session cancels the
                 # futures of the requests still waiting for a connection (a pool
-                # slot, a DNS lookup), before any of them had one to write to.
+                # slot, a DNS lookup), before any of them had one to write to (the
+                # cancellation came out of the connector's connect()).
                 raise ClientClosedError(
                     "this BotMessageClient (or its session) was closed while this send "
                     "waited for a connection; the message was not sent"

@@ -58,6 +58,7 @@ __all__ = [
     "new_session",
     "open_post",
     "parse_retry_after",
+    "raised_while_connecting",
     "read_answer",
     "send_url",
     "transport_error",
@@ -239,7 +240,7 @@ def transport_error(exc: BaseException, url: URL) -> BotMessageError:
         return TransportError(
             "the pooled connection was closed before the request was written; nothing was sent",
         )
-    if _raised_while_connecting(exc):
+    if raised_while_connecting(exc):
         return TransportError(
             f"no connection to {url.host} was made ({exc.__class__.__name__}); nothing was sent",
         )
@@ -322,7 +323,7 @@ def _closed_before_written(exc: BaseException) -> bool:
     return False
 
 
-def _raised_while_connecting(exc: BaseException) -> bool:
+def raised_while_connecting(exc: BaseException) -> bool:
     """Whether aiohttp raised ``exc`` inside its connector's ``connect``.
 
     The request is written only once ``connect`` has returned a connection, so
