@@ -800,7 +800,9 @@ class _WorkerSender:
         idempotency_key: str | None = None,
     ) -> SendResult:
         worker = self._worker
-        meta = worker.by_key[idempotency_key] if idempotency_key is not None else None
+        # None: not an item of this worker's in flight (a resend after a 429 of an item
+        # whose key another item shared and freed): sent again, under a new slot.
+        meta = worker.by_key.get(idempotency_key) if idempotency_key is not None else None
         if meta is not None and not meta.started:
             if worker.stopping:
                 raise _JobStoppingError("not attempted: the job is stopping")
@@ -1178,7 +1180,8 @@ class ParallelSend:
     Args:
         config: What every worker needs (its ``segment`` and ``limiter_fd`` are
             filled in here).
-        items: The items to send, read lazily.
+        items: The items to send, read lazily; their keys must differ (a worker
+            tells its items apart by their keys).
         workers: How many worker processes.
         on_result: Called with each item's outcome as it becomes known.
         journal: The job's journal, or None (segments then go to a temporary
@@ -1733,7 +1736,8 @@ def send_parallel(
         A ``ParallelReport`` (counts as ``BatchReport``'s; results in input order).
 
     Raises:
-        InvalidRequestError: a bad option or item, before anything is sent.
+        InvalidRequestError: a bad option or item (two items with one idempotency
+            key among them), before anything is sent.
     """
     from ._errors import InvalidRequestError
 
@@ -1752,6 +1756,9 @@ def send_parallel(
     # Held in memory (the CLI streams its file instead): a worker's segment is
     # sized by the number of items, to tell after its death what it had started.
     work: list[WorkItem] = []
+    # A worker tells its items apart by their keys: a key given twice would mix up
+    # two messages' start records (one key names one message; the CLI refuses it too).
+    keys: dict[str, int] = {}
     for index, raw in enumerate(items):
         if isinstance(raw, SendRequest):
             request = raw
@@ -1763,13 +1770,23 @@ def send_parallel(
                 raw,
                 "must be a SendRequest or a (department_uuid, user_uuid, message) tuple",
             )
+        key = request.idempotency_key
+        if key:
+            first = keys.setdefault(key, index)
+            if first != index:
+                raise InvalidRequestError(
+                    "idempotency_key",
+                    key,
+                    f"item {index} repeats the key of item {first}; one key names one "
+                    "message (nothing was sent)",
+                )
         work.append(
             WorkItem(
                 index,
                 str(request.department_uuid),
                 str(request.user_uuid),
                 request.message,
-                request.idempotency_key or new_idempotency_key(),
+                key or new_idempotency_key(),
             )
         )
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from botmsg_async import InvalidRequestError, SendRequest
 from botmsg_async.bulk import (
     ProcessRateLimiter,
     WorkerConfig,
@@ -674,6 +675,29 @@ async def test_send_parallel_from_python() -> None:
     assert report.counts.sent == 100
     assert [item.index for item in report.results] == list(range(100))
     assert svc.received == 100
+
+
+async def test_send_parallel_refuses_one_key_for_two_items() -> None:
+    """Two items with one idempotency key: InvalidRequestError naming both, nothing sent."""
+    key = "5e1d-one-key"
+    work: list[SendRequest | tuple[str, str, str]] = [
+        SendRequest("dep-0", "user-0", "first", idempotency_key=key),
+        ("dep-0", "user-1", "no key: one is made"),
+        SendRequest("dep-1", "user-2", "another message", idempotency_key=key),
+    ]
+    async with service() as (svc, base_url):
+        with pytest.raises(InvalidRequestError) as caught:
+            await asyncio.to_thread(
+                send_parallel,
+                work,
+                base_url=base_url,
+                username=USERNAME,
+                password=PASSWORD,
+                workers=2,
+            )
+        assert svc.received == 0
+    assert caught.value.field == "idempotency_key"
+    assert "item 2 repeats the key of item 0" in str(caught.value)
 
 
 @pytest.mark.slow
