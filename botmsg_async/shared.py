@@ -58,6 +58,8 @@ log = logging.getLogger("botmsg_async")
 
 #: Errors of a Redis that is down, slow or refusing us.
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+#: Longest shared pause heard from the channel (µs): a day, far above any Retry-After.
+_MAX_PAUSE = 86400 * 10**6
 
 # One reservation. KEYS: global schedule, department schedule, pause.
 # ARGV: global interval and burst tolerance (µs; interval 0: no global limit),
@@ -546,7 +548,9 @@ class RedisRateLimiter:
                             micros = int(message["data"])
                         except (TypeError, ValueError):
                             continue
-                        if micros > 0:
+                        # Anything else on the channel is not a pause of ours (a huge
+                        # number would overflow the float clock and end this listener).
+                        if 0 < micros <= _MAX_PAUSE:
                             self._note_pause(micros / 1e6)
             except _REDIS_ERRORS:
                 pass  # Redis away: listen again in a moment
