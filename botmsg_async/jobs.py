@@ -120,6 +120,8 @@ DEFAULT_TTL: Final = 7 * 24 * 3600
 #: The options a run may choose on its own: the rest must match the job's.
 PER_RUN_OPTIONS: Final = frozenset({"workers", "concurrency"})
 
+#: Most items a job can have: a Redis bitmap (``started``, ``settled``) holds 2**32 bits.
+_MAX_ITEMS: Final = 2**32
 _T = TypeVar("_T")
 _GROUP: Final = "workers"
 _LAYOUT: Final = "1"
@@ -450,11 +452,17 @@ def _text(value: object) -> str | None:
 
 
 def _int(value: object, default: int = 0) -> int:
+    """A Redis integer field, or ``default`` when it holds anything else.
+
+    Redis integers are 64-bit: a longer number is not one a run wrote, and would
+    overflow the float arithmetic of a status (rates, ages).
+    """
     text = _text(value)
     try:
-        return int(text) if text is not None else default
+        number = int(text) if text is not None else default
     except ValueError:
         return default
+    return number if -(2**63) <= number < 2**63 else default
 
 
 def _redis_failed(what: str, exc: BaseException) -> JobError:
@@ -1240,8 +1248,10 @@ async def _create_or_join(
     if _text(fields[1]) != options_json:
         try:
             recorded = json.loads(_text(fields[1]) or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             recorded = {}
+        if not isinstance(recorded, dict):
+            recorded = {}  # not what a run writes: every option differs
         mine = json.loads(options_json)
         differ = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k)) or [
             "options"
@@ -1424,6 +1434,10 @@ async def iter_job_results(
         if not meta:
             raise JobError(f"no job {job!r} in Redis (never created, or expired)")
         total = _int(meta.get("items"))
+        if not 0 <= total <= _MAX_ITEMS:
+            # Not a count a job can have (its bitmaps hold 2**32 bits): a report of it
+            # would read pages for ever.
+            raise JobError(f"the job's item count in Redis is corrupt ({total})")
         chunk = max(1, _int(meta.get("chunk"), DEFAULT_CHUNK_SIZE))
         try:
             nonce = uuid.UUID(hex=_text(meta.get("nonce")) or "")
@@ -1485,7 +1499,7 @@ class _Page:
             outcome = _OUTCOMES.get(detail[:1], "unknown")
             try:
                 body = json.loads(detail[1:]) if detail[1:] else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep (corrupt)
                 body = {}
             if not isinstance(body, dict):
                 body = {}
