@@ -698,6 +698,8 @@ class _Run:
         self.listener: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(_CODES.values(), 0)
         self.stream: BatchStream | None = None
+        #: Why this run could not record what it must (outcomes...): it stops and raises it.
+        self.failure: JobError | None = None
         self._write = redis.register_script(_WRITE)
         self._refresh = redis.register_script(_REFRESH)
         self._in_doubt = redis.register_script(_IN_DOUBT)
@@ -713,6 +715,12 @@ class _Run:
             self.stopped_by = why
         self.stop_event.set()
         self.wake.set()
+
+    def fail(self, error: JobError) -> None:
+        """Stop this run: it cannot record what it must; ``run_job_async`` raises ``error``."""
+        if self.failure is None:
+            self.failure = error
+        self.stop(error.message)
 
     async def stop_job(self, state: str, why: str) -> None:
         """Stop the whole job: every run sees it at its next start group or refresh."""
@@ -1064,6 +1072,11 @@ class _Run:
             if request is not None:
                 # Not recorded: not sent (certainly not delivered).
                 request[1].set_exception(_redis_failed("record a start", exc))
+            if batch or releases or acks:
+                # Lost: their items stay started with no outcome (unknown, as a dead run's)
+                # and their chunks unfinished, which this run would wait for in vain: it
+                # stops, and its caller learns the outcomes are not on record.
+                self.fail(_redis_failed("record the outcomes of sends", exc))
             return
         for meta in metas:
             meta.chunk.open.discard(meta.index)
@@ -1619,7 +1632,9 @@ async def run_job_async(
     Raises:
         InvalidRequestError: a bad argument, before anything is sent.
         JobError: Redis not durable (without ``accept_redis_loss``), unreachable,
-            or the job exists with another input or options.
+            or the job exists with another input or options; or Redis refused to
+            record outcomes of this run's sends (the run stopped: those items stay
+            in doubt, reported unknown, never resent under another key).
     """
     name = _check_name(job)
     work = _normalize(items)
@@ -1711,6 +1726,8 @@ async def run_job_async(
                     async for _ in stream:
                         pass
             await run.drain()
+            if run.failure is not None:
+                raise run.failure
         except (RedisError, OSError) as exc:
             raise _redis_failed("go on with the job", exc) from None
         finally:
