@@ -265,16 +265,22 @@ return reply
 """
 
 # KEYS: stream, meta, workers, started, settled, details, m. ARGV: group, consumer,
-# now-ish label. Refreshes the idle time of this run's own chunks (never another's),
-# records the heartbeat, keeps the job's keys alive. Reply: {state, stopped_by, ids...}.
+# then the chunks this run left to others (their entries). Refreshes the idle time of
+# this run's own chunks (never another's, nor one it left: that one goes idle, to be
+# taken over), records the heartbeat, keeps the job's keys alive. Reply: {state,
+# stopped_by, ids...}.
 _REFRESH = """
 local ttl = tonumber(redis.call('HGET', KEYS[2], 'ttl') or '0')
 if ttl == 0 then return {false, false} end
+local left = {}
+for i = 3, #ARGV do left[ARGV[i]] = true end
 local mine = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
 local reply = redis.call('HMGET', KEYS[2], 'state', 'stopped_by')
 for _, e in ipairs(mine) do
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1], 'JUSTID')
-  reply[#reply + 1] = e[1]
+  if not left[e[1]] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1], 'JUSTID')
+    reply[#reply + 1] = e[1]
+  end
 end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[3], ARGV[2], t[1] * 1000 + math.floor(t[2] / 1000))
@@ -682,6 +688,9 @@ class _Run:
         self.wake = asyncio.Event()  # a chunk acknowledged, or a stop
         self.tasks: set[asyncio.Future[Any]] = set()
         self.pending: dict[int, _Pending] = {}  # stream index -> item
+        #: Entries of the chunks this run left unfinished (``_not_attempted``): no longer
+        #: refreshed, so that after ``claim_timeout`` a run (this one too) takes them over.
+        self.left: set[str] = set()
         self.by_key: dict[str, _Pending] = {}
         self.pulled = 0
         #: Items started per round trip (see ``start_group_size``).
@@ -732,7 +741,9 @@ class _Run:
         while True:
             _honour_cancel()
             try:
-                reply = await self._refresh(keys=self.keys.all(), args=[_GROUP, self.consumer, ""])
+                reply = await self._refresh(
+                    keys=self.keys.all(), args=[_GROUP, self.consumer, *self.left]
+                )
                 state = _text(reply[0]) if reply else None
                 if state != "running":
                     why = _text(reply[1]) if reply and len(reply) > 1 else None
@@ -774,7 +785,9 @@ class _Run:
                     continue
                 first = _int(fields.get(b"a"))
                 end = _int(fields.get(b"b"))
-                return _Chunk(_text(entry_id) or "", first, end)
+                entry = _text(entry_id) or ""
+                self.left.discard(entry)  # taken (back): ours to refresh again
+                return _Chunk(entry, first, end)
             meta = await _patiently(
                 lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")
             )
@@ -911,6 +924,7 @@ class _Run:
             self._kick()
         meta.chunk.open.discard(meta.index)
         meta.chunk.abandoned = True
+        self.left.add(meta.chunk.entry)
 
     async def _recorded_unknown(self, chunk: _Chunk, settled: bytes, base: int) -> set[int]:
         """With --resend-unknown: the chunk's items whose recorded outcome is unknown."""

@@ -1,4 +1,4 @@
-"""A run whose records Redis refuses to write: it ends, and nothing is reported but the truth."""
+"""A run that Redis fails (a write refused, the shared limiter unusable) ends, truthfully."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 
 import redis
+import redis.asyncio as aioredis
 
 from botmsg_async import SendRequest
-from botmsg_async.jobs import JobError, job_results, run_job_async
+from botmsg_async.jobs import JobError, job_results, job_status, run_job_async
+from botmsg_async.shared import account_name
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 from .conftest import JobRedis
@@ -67,3 +69,51 @@ async def test_outcomes_redis_refuses_end_the_run_with_a_job_error(job_redis: Jo
     outcomes = collections.Counter(r.outcome for r in results)
     assert set(outcomes) <= {"sent", "unknown"}  # received: never failed nor skipped
     assert outcomes["unknown"] >= 1  # the last item's outcome is not on record
+
+
+async def test_items_the_limiter_failed_closed_on_are_sent_once_it_is_back(
+    job_redis: JobRedis,
+) -> None:
+    """The shared limiter failing closed for a while: its items go later, the run ends."""
+    items = _items(20)
+    async with (
+        FakeBotMessageServer() as server,
+        aioredis.Redis.from_url(job_redis.url) as r,
+    ):
+        # The limiter's schedule key of another type: every slot fails closed (nothing sent).
+        rate_key = f"botmsg:{{{account_name(server.base_url, server.username)}}}:rate"
+        await r.hset(rate_key, "junk", "1")
+        run = asyncio.ensure_future(
+            run_job_async(
+                job_redis.url,
+                "limited",
+                items,
+                base_url=server.base_url,
+                username=server.username,
+                password=server.password,
+                chunk_size=10,
+                concurrency=4,
+                rate_limit=1000,
+                claim_timeout=1.0,
+            )
+        )
+
+        async def a_group_was_taken_back() -> None:
+            meta = "botmsg:job:{limited}:meta"
+            while True:
+                async with r.pipeline(transaction=True) as pipe:
+                    pipe.hget(meta, "gen").bitcount("botmsg:job:{limited}:started")
+                    gen, started = await pipe.execute()
+                if int(gen or 0) >= 1 and started == 0:
+                    return  # started, failed closed before any attempt, start taken back
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(a_group_was_taken_back(), 30)
+        await r.delete(rate_key)  # the limiter works again
+        report = await asyncio.wait_for(run, 60)  # the old code waited for ever
+        status = await job_status(job_redis.url, "limited")
+    assert status.complete
+    assert report.counts.sent == 20
+    received = collections.Counter(m.user_uuid for m in server.messages)
+    assert len(received) == 20
+    assert max(received.values()) == 1
