@@ -783,10 +783,15 @@ class _Run:
             for entry_id, fields in entries:
                 if fields is None:
                     continue
-                first = _int(fields.get(b"a"))
-                end = _int(fields.get(b"b"))
+                first = _int(fields.get(b"a"), -1)  # -1: not a number (corrupt)
+                end = _int(fields.get(b"b"), -1)
                 entry = _text(entry_id) or ""
                 self.left.discard(entry)  # taken (back): ours to refresh again
+                if not 0 <= first <= end <= len(self.items):
+                    # Not a range a run wrote (corrupt): which items it meant is unknown,
+                    # and walking it could take for ever. This run stops; the entry stays.
+                    self.fail(JobError(f"the job's chunk {entry} in Redis is corrupt"))
+                    return None
                 return _Chunk(entry, first, end)
             meta = await _patiently(
                 lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Sequence
+from typing import overload
 
 import pytest
 
@@ -70,4 +72,55 @@ async def test_junk_in_the_meta_is_a_job_error_or_read_as_absent(job_redis: JobR
                     with pytest.raises(JobError):
                         await join()
             await r.hset(meta, field, kept)
+    assert len(server.messages) == 20
+
+
+class _Counted(Sequence[SendRequest | None]):
+    """A job's items that fail the test once asked their length far more often than a run
+    of them may (a walk over a range no run wrote)."""
+
+    def __init__(self, items: list[SendRequest | None]) -> None:
+        self._items = items
+        self.asked = 0
+
+    def __len__(self) -> int:
+        self.asked += 1
+        if self.asked > 100_000:
+            raise AssertionError("the run walks a range far beyond the job's items")
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> SendRequest | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SendRequest | None]: ...
+
+    def __getitem__(self, index: int | slice) -> SendRequest | Sequence[SendRequest | None] | None:
+        return self._items[index]
+
+
+@pytest.mark.parametrize(("first", "end"), [(0, 10**15), (-3, 0), (15, 5), (10, 21), (b"x", 5)])
+async def test_a_corrupt_chunk_entry_stops_the_run_with_a_job_error(
+    job_redis: JobRedis, first: int | bytes, end: int
+) -> None:
+    """A chunk entry whose range no run wrote: JobError, nothing sent again, no endless walk."""
+    items = _items(20)
+    async with FakeBotMessageServer() as server, Redis.from_url(job_redis.url) as r:
+
+        async def join() -> None:
+            await run_job_async(
+                job_redis.url,
+                "c",
+                _Counted(items),
+                base_url=server.base_url,
+                username=server.username,
+                password=server.password,
+                chunk_size=10,
+            )
+
+        await join()
+        await r.xadd("botmsg:job:{c}:chunks", {"a": first, "b": end})
+        await r.hincrby("botmsg:job:{c}:meta", "chunks", 1)
+        with pytest.raises(JobError, match="corrupt"):
+            await join()
     assert len(server.messages) == 20
