@@ -442,6 +442,15 @@ def _check_name(job: object) -> str:
 
 def _connect(redis: str | Redis) -> tuple[Redis, bool]:
     if isinstance(redis, Redis):
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            # The job's records are binary (bitmaps, packed UUIDs) and read as bytes: such
+            # a client turns them into text or fails to (a chunk misread, a report broken).
+            raise InvalidRequestError(
+                "redis",
+                "Redis(decode_responses=True)",
+                "must return bytes: pass a client "
+                "made with decode_responses=False (the default), or a URL",
+            )
         return redis, False
     if not isinstance(redis, str):
         raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")

@@ -13,7 +13,7 @@ pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 
 from redis.asyncio import Redis
 
-from botmsg_async import SendRequest
+from botmsg_async import InvalidRequestError, SendRequest
 from botmsg_async.jobs import JobError, job_results, job_status, run_job_async
 from botmsg_async.testing import FakeBotMessageServer
 
@@ -124,3 +124,24 @@ async def test_a_corrupt_chunk_entry_stops_the_run_with_a_job_error(
         with pytest.raises(JobError, match="corrupt"):
             await join()
     assert len(server.messages) == 20
+
+
+async def test_a_client_that_decodes_replies_is_refused(job_redis: JobRedis) -> None:
+    """A Redis client that decodes replies to text is refused before anything is sent."""
+    items = _items(4)
+    async with (
+        FakeBotMessageServer() as server,
+        Redis.from_url(job_redis.url, decode_responses=True) as text_client,
+    ):
+        with pytest.raises(InvalidRequestError, match="bytes"):
+            await run_job_async(
+                text_client,
+                "d",
+                items,
+                base_url=server.base_url,
+                username=server.username,
+                password=server.password,
+            )
+        with pytest.raises(InvalidRequestError, match="bytes"):
+            await job_results(text_client, "d")
+    assert server.messages == []
