@@ -88,7 +88,7 @@ from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
-from .shared import RedisRateLimiter
+from .shared import URL_HINT, RedisRateLimiter
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -456,8 +456,9 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
         raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")
     try:
         return Redis.from_url(redis), True
-    except ValueError as exc:
-        raise InvalidRequestError("redis", "<url>", f"is not a Redis URL: {exc}") from None
+    except ValueError:
+        # Not redis-py's words: they may quote a piece of the URL's password.
+        raise InvalidRequestError("redis", "<url>", URL_HINT) from None
 
 
 def _text(value: object) -> str | None:

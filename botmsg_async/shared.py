@@ -40,7 +40,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
@@ -56,6 +56,11 @@ __all__ = ["RedisRateLimiter", "RedisSendGuard", "account_name"]
 
 log = logging.getLogger("botmsg_async")
 
+#: Why a Redis URL was refused (never the URL itself, which may carry a password).
+URL_HINT: Final = (
+    "is not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or "
+    "unix://path, with '/', '@', ':' and '%' percent-encoded in a password"
+)
 #: Errors of a Redis that is down, slow or refusing us.
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 #: Longest shared pause heard from the channel (µs): a day, far above any Retry-After.
@@ -194,9 +199,10 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
             socket_connect_timeout=1.0,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
         )
-    except ValueError as exc:
-        # Never echo the URL: it may carry a password.
-        raise InvalidRequestError("redis", "<url>", f"is not a Redis URL ({exc})") from None
+    except ValueError:
+        # Never echo the URL, nor redis-py's words on it: they may quote a piece of its
+        # password ("Port could not be cast to integer value as 's3cr'" for ':s3cr/et@').
+        raise InvalidRequestError("redis", "<url>", URL_HINT) from None
     return client, True
 
 

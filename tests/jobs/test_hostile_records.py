@@ -145,3 +145,37 @@ async def test_a_client_that_decodes_replies_is_refused(job_redis: JobRedis) -> 
         with pytest.raises(InvalidRequestError, match="bytes"):
             await job_results(text_client, "d")
     assert server.messages == []
+
+
+#: Redis URLs redis-py refuses, with words that quoted a piece of the password.
+_BAD_URLS = [
+    "redis://:s3cr/et@host:6379/0",  # an unencoded '/': the password's head taken for a port
+    "redis://user:s3cret@host:99999999/0",
+    "redis://:s3cret@host/0?socket_timeout=s3cret",
+    "http://:s3cret@host/0",
+]
+
+
+@pytest.mark.parametrize("url", _BAD_URLS)
+async def test_a_bad_redis_url_is_refused_without_quoting_it(url: str) -> None:
+    """A Redis URL redis-py refuses: InvalidRequestError, and no piece of its password."""
+    from botmsg_async.jobs import cancel_job
+    from botmsg_async.shared import RedisRateLimiter, RedisSendGuard
+
+    async def guard() -> None:
+        RedisSendGuard(url, name="t")
+
+    async def limiter() -> None:
+        RedisRateLimiter(url, name="t", rate=1)
+
+    async def status() -> None:
+        await job_status(url, "j")
+
+    async def cancel() -> None:
+        await cancel_job(url, "j")
+
+    for use in (guard, limiter, status, cancel):
+        with pytest.raises(InvalidRequestError) as caught:
+            await use()
+        assert "s3cr" not in str(caught.value)
+        assert "s3cr" not in repr(caught.value)
