@@ -102,7 +102,8 @@ async def test_items_the_limiter_failed_closed_on_are_sent_once_it_is_back(
             meta = "botmsg:job:{limited}:meta"
             while True:
                 async with r.pipeline(transaction=True) as pipe:
-                    pipe.hget(meta, "gen").bitcount("botmsg:job:{limited}:started")
+                    pipe.hget(meta, "gen")
+                    pipe.bitcount("botmsg:job:{limited}:started")
                     gen, started = await pipe.execute()
                 if int(gen or 0) >= 1 and started == 0:
                     return  # started, failed closed before any attempt, start taken back
