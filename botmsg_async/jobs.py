@@ -490,10 +490,13 @@ async def check_durability(redis: Redis) -> str | None:
 
     Asks ``CONFIG GET appendonly`` and ``appendfsync``: only an AOF fsynced on
     every write keeps what it acknowledged through a crash of the server or
-    the machine.
+    the machine; and ``maxmemory-policy``: a Redis that evicts keys at its
+    memory limit may drop a job's keys (they all have a TTL, so the
+    ``volatile-*`` policies too) as if they were never written.
     """
     try:
         config = await redis.config_get("append*")
+        config.update(await redis.config_get("maxmemory*"))
     except ResponseError as exc:  # CONFIG renamed or forbidden (managed Redis)
         return f"its configuration cannot be read ({exc}), so its durability is not known"
     values = {_text(k): _text(v) for k, v in config.items()}
@@ -503,6 +506,12 @@ async def check_durability(redis: Redis) -> str | None:
         return (
             f"appendfsync is {values.get('appendfsync')!r}, not 'always': a crash of Redis's "
             "machine can lose the last second of records"
+        )
+    if values.get("maxmemory") != "0" and values.get("maxmemory-policy") != "noeviction":
+        return (
+            f"maxmemory-policy is {values.get('maxmemory-policy')!r} with a maxmemory: at its "
+            "memory limit Redis evicts keys, a job's start records among them "
+            "(set maxmemory-policy noeviction)"
         )
     return None
 

@@ -118,3 +118,37 @@ async def test_items_the_limiter_failed_closed_on_are_sent_once_it_is_back(
     received = collections.Counter(m.user_uuid for m in server.messages)
     assert len(received) == 20
     assert max(received.values()) == 1
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "volatile-ttl"])
+async def test_a_redis_that_evicts_keys_is_refused(job_redis: JobRedis, policy: str) -> None:
+    """A Redis that may evict keys at its memory limit (a job's among them): refused, unless
+    the loss is accepted; with noeviction, or no limit, it runs."""
+    items = _items(4)
+    async with (
+        FakeBotMessageServer() as server,
+        aioredis.Redis.from_url(job_redis.url) as r,
+    ):
+
+        async def run(job: str, accept_redis_loss: bool = False) -> None:
+            await run_job_async(
+                job_redis.url,
+                job,
+                items,
+                base_url=server.base_url,
+                username=server.username,
+                password=server.password,
+                accept_redis_loss=accept_redis_loss,
+            )
+
+        await r.config_set("maxmemory", 100 * 2**20)
+        await r.config_set("maxmemory-policy", policy)
+        with pytest.raises(JobError, match="evicts keys"):
+            await run("evicting")
+        assert server.messages == []
+        await run("accepted", accept_redis_loss=True)
+        await r.config_set("maxmemory-policy", "noeviction")
+        await run("noeviction")
+        await r.config_set("maxmemory-policy", policy)
+        await r.config_set("maxmemory", 0)
+        await run("unlimited")
