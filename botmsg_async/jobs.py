@@ -62,6 +62,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
 import uuid
@@ -1678,8 +1679,11 @@ async def run_job_async(
     work = _normalize(items)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise InvalidRequestError("chunk_size", chunk_size, "must be an int >= 1")
-    if not claim_timeout > 0:
-        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds")
+    if not (claim_timeout > 0 and math.isfinite(claim_timeout)):  # inf: int() overflows
+        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds, finite")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+        # Redis's EXPIRE takes whole seconds; 0 or less deletes the job's keys at once.
+        raise InvalidRequestError("ttl", ttl, "must be an int >= 1 (seconds)")
     BatchOptions(
         concurrency=concurrency,
         rate_limit=rate_limit,

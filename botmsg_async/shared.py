@@ -63,6 +63,8 @@ URL_HINT: Final = (
 )
 #: Errors of a Redis that is down, slow or refusing us.
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+#: Longest ``RedisSendGuard`` ttl (seconds): a century.
+_MAX_TTL = 100 * 365 * 86400
 #: Longest shared pause heard from the channel (µs): a day, far above any Retry-After.
 _MAX_PAUSE = 86400 * 10**6
 
@@ -214,7 +216,10 @@ def _unavailable(what: str, exc: BaseException) -> CoordinationError:
 
 
 def _check_rate(field: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, int | float) and value > 0):
+    # Finite: an infinite rate or burst reaches round() (ValueError, OverflowError).
+    if value is not None and not (
+        isinstance(value, int | float) and value > 0 and math.isfinite(value)
+    ):
         raise InvalidRequestError(field, value, "must be > 0 messages per second, or None")
 
 
@@ -272,7 +277,9 @@ class RedisRateLimiter:
         _check_rate("rate", rate)
         _check_rate("per_department_rate", per_department_rate)
         for field, value in (("burst", burst), ("per_department_burst", per_department_burst)):
-            if value is not None and not (isinstance(value, int | float) and value >= 1):
+            if value is not None and not (
+                isinstance(value, int | float) and value >= 1 and math.isfinite(value)
+            ):
                 raise InvalidRequestError(field, value, "must be >= 1, or None")
         if not (isinstance(lease_time, int | float) and 0 <= lease_time <= 1):
             raise InvalidRequestError("lease_time", lease_time, "must be within 0-1 seconds")
@@ -600,8 +607,10 @@ class RedisSendGuard:
         username: str | None = None,
         ttl: float = 7 * 86400,
     ) -> None:
-        if not (isinstance(ttl, int | float) and ttl >= 1):
-            raise InvalidRequestError("ttl", ttl, "must be >= 1 second")
+        # At most a century: an infinite one reached round() in every claim (OverflowError),
+        # a huge one Redis's PX (refused: no send could claim its key).
+        if not (isinstance(ttl, int | float) and 1 <= ttl <= _MAX_TTL):
+            raise InvalidRequestError("ttl", ttl, "must be 1 second to 100 years")
         self.name = _name(name, base_url, username)
         self.ttl = ttl
         self._redis, self._owned = _connect(redis)

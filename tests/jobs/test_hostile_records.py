@@ -179,3 +179,42 @@ async def test_a_bad_redis_url_is_refused_without_quoting_it(url: str) -> None:
             await use()
         assert "s3cr" not in str(caught.value)
         assert "s3cr" not in repr(caught.value)
+
+
+async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedis) -> None:
+    """Infinite rates, bursts, TTLs and timeouts, a TTL that deletes the job: refused up front."""
+    from botmsg_async.shared import RedisRateLimiter, RedisSendGuard
+
+    inf = float("inf")
+    # rate, per_department_rate, burst, per_department_burst
+    for rate, per_department, burst, per_department_burst in (
+        (inf, None, None, None),
+        (None, inf, None, None),
+        (5.0, None, inf, None),
+        (None, 5.0, None, inf),
+    ):
+        with pytest.raises(InvalidRequestError):
+            RedisRateLimiter(
+                job_redis.url,
+                name="t",
+                rate=rate,
+                per_department_rate=per_department,
+                burst=burst,
+                per_department_burst=per_department_burst,
+            )
+    for ttl in (inf, 1e300):
+        with pytest.raises(InvalidRequestError):
+            RedisSendGuard(job_redis.url, name="t", ttl=ttl)
+    async with FakeBotMessageServer() as server:
+        for job_options in ({"claim_timeout": inf}, {"ttl": 0}, {"ttl": -5}, {"ttl": 1.5}):
+            with pytest.raises(InvalidRequestError):
+                await run_job_async(
+                    job_redis.url,
+                    "a",
+                    _items(2),
+                    base_url=server.base_url,
+                    username=server.username,
+                    password=server.password,
+                    **job_options,
+                )
+    assert server.messages == []
