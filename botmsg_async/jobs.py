@@ -62,6 +62,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
 import uuid
@@ -88,7 +89,7 @@ from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
-from .shared import RedisRateLimiter
+from .shared import URL_HINT, RedisRateLimiter
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -120,6 +121,8 @@ DEFAULT_TTL: Final = 7 * 24 * 3600
 #: The options a run may choose on its own: the rest must match the job's.
 PER_RUN_OPTIONS: Final = frozenset({"workers", "concurrency"})
 
+#: Most items a job can have: a Redis bitmap (``started``, ``settled``) holds 2**32 bits.
+_MAX_ITEMS: Final = 2**32
 _T = TypeVar("_T")
 _GROUP: Final = "workers"
 _LAYOUT: Final = "1"
@@ -263,16 +266,22 @@ return reply
 """
 
 # KEYS: stream, meta, workers, started, settled, details, m. ARGV: group, consumer,
-# now-ish label. Refreshes the idle time of this run's own chunks (never another's),
-# records the heartbeat, keeps the job's keys alive. Reply: {state, stopped_by, ids...}.
+# then the chunks this run left to others (their entries). Refreshes the idle time of
+# this run's own chunks (never another's, nor one it left: that one goes idle, to be
+# taken over), records the heartbeat, keeps the job's keys alive. Reply: {state,
+# stopped_by, ids...}.
 _REFRESH = """
 local ttl = tonumber(redis.call('HGET', KEYS[2], 'ttl') or '0')
 if ttl == 0 then return {false, false} end
+local left = {}
+for i = 3, #ARGV do left[ARGV[i]] = true end
 local mine = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
 local reply = redis.call('HMGET', KEYS[2], 'state', 'stopped_by')
 for _, e in ipairs(mine) do
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1], 'JUSTID')
-  reply[#reply + 1] = e[1]
+  if not left[e[1]] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1], 'JUSTID')
+    reply[#reply + 1] = e[1]
+  end
 end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[3], ARGV[2], t[1] * 1000 + math.floor(t[2] / 1000))
@@ -434,13 +443,23 @@ def _check_name(job: object) -> str:
 
 def _connect(redis: str | Redis) -> tuple[Redis, bool]:
     if isinstance(redis, Redis):
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            # The job's records are binary (bitmaps, packed UUIDs) and read as bytes: such
+            # a client turns them into text or fails to (a chunk misread, a report broken).
+            raise InvalidRequestError(
+                "redis",
+                "Redis(decode_responses=True)",
+                "must return bytes: pass a client "
+                "made with decode_responses=False (the default), or a URL",
+            )
         return redis, False
     if not isinstance(redis, str):
         raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")
     try:
         return Redis.from_url(redis), True
-    except ValueError as exc:
-        raise InvalidRequestError("redis", "<url>", f"is not a Redis URL: {exc}") from None
+    except ValueError:
+        # Not redis-py's words: they may quote a piece of the URL's password.
+        raise InvalidRequestError("redis", "<url>", URL_HINT) from None
 
 
 def _text(value: object) -> str | None:
@@ -450,11 +469,17 @@ def _text(value: object) -> str | None:
 
 
 def _int(value: object, default: int = 0) -> int:
+    """A Redis integer field, or ``default`` when it holds anything else.
+
+    Redis integers are 64-bit: a longer number is not one a run wrote, and would
+    overflow the float arithmetic of a status (rates, ages).
+    """
     text = _text(value)
     try:
-        return int(text) if text is not None else default
+        number = int(text) if text is not None else default
     except ValueError:
         return default
+    return number if -(2**63) <= number < 2**63 else default
 
 
 def _redis_failed(what: str, exc: BaseException) -> JobError:
@@ -466,10 +491,13 @@ async def check_durability(redis: Redis) -> str | None:
 
     Asks ``CONFIG GET appendonly`` and ``appendfsync``: only an AOF fsynced on
     every write keeps what it acknowledged through a crash of the server or
-    the machine.
+    the machine; and ``maxmemory-policy``: a Redis that evicts keys at its
+    memory limit may drop a job's keys (they all have a TTL, so the
+    ``volatile-*`` policies too) as if they were never written.
     """
     try:
         config = await redis.config_get("append*")
+        config.update(await redis.config_get("maxmemory*"))
     except ResponseError as exc:  # CONFIG renamed or forbidden (managed Redis)
         return f"its configuration cannot be read ({exc}), so its durability is not known"
     values = {_text(k): _text(v) for k, v in config.items()}
@@ -479,6 +507,12 @@ async def check_durability(redis: Redis) -> str | None:
         return (
             f"appendfsync is {values.get('appendfsync')!r}, not 'always': a crash of Redis's "
             "machine can lose the last second of records"
+        )
+    if values.get("maxmemory") != "0" and values.get("maxmemory-policy") != "noeviction":
+        return (
+            f"maxmemory-policy is {values.get('maxmemory-policy')!r} with a maxmemory: at its "
+            "memory limit Redis evicts keys, a job's start records among them "
+            "(set maxmemory-policy noeviction)"
         )
     return None
 
@@ -674,6 +708,9 @@ class _Run:
         self.wake = asyncio.Event()  # a chunk acknowledged, or a stop
         self.tasks: set[asyncio.Future[Any]] = set()
         self.pending: dict[int, _Pending] = {}  # stream index -> item
+        #: Entries of the chunks this run left unfinished (``_not_attempted``): no longer
+        #: refreshed, so that after ``claim_timeout`` a run (this one too) takes them over.
+        self.left: set[str] = set()
         self.by_key: dict[str, _Pending] = {}
         self.pulled = 0
         #: Items started per round trip (see ``start_group_size``).
@@ -690,6 +727,8 @@ class _Run:
         self.listener: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys(_CODES.values(), 0)
         self.stream: BatchStream | None = None
+        #: Why this run could not record what it must (outcomes...): it stops and raises it.
+        self.failure: JobError | None = None
         self._write = redis.register_script(_WRITE)
         self._refresh = redis.register_script(_REFRESH)
         self._in_doubt = redis.register_script(_IN_DOUBT)
@@ -706,6 +745,12 @@ class _Run:
         self.stop_event.set()
         self.wake.set()
 
+    def fail(self, error: JobError) -> None:
+        """Stop this run: it cannot record what it must; ``run_job_async`` raises ``error``."""
+        if self.failure is None:
+            self.failure = error
+        self.stop(error.message)
+
     async def stop_job(self, state: str, why: str) -> None:
         """Stop the whole job: every run sees it at its next start group or refresh."""
         await self._stop(keys=[self.keys.meta], args=[state, why, self.keys.events])
@@ -716,7 +761,9 @@ class _Run:
         while True:
             _honour_cancel()
             try:
-                reply = await self._refresh(keys=self.keys.all(), args=[_GROUP, self.consumer, ""])
+                reply = await self._refresh(
+                    keys=self.keys.all(), args=[_GROUP, self.consumer, *self.left]
+                )
                 state = _text(reply[0]) if reply else None
                 if state != "running":
                     why = _text(reply[1]) if reply and len(reply) > 1 else None
@@ -756,9 +803,16 @@ class _Run:
             for entry_id, fields in entries:
                 if fields is None:
                     continue
-                first = _int(fields.get(b"a"))
-                end = _int(fields.get(b"b"))
-                return _Chunk(_text(entry_id) or "", first, end)
+                first = _int(fields.get(b"a"), -1)  # -1: not a number (corrupt)
+                end = _int(fields.get(b"b"), -1)
+                entry = _text(entry_id) or ""
+                self.left.discard(entry)  # taken (back): ours to refresh again
+                if not 0 <= first <= end <= len(self.items):
+                    # Not a range a run wrote (corrupt): which items it meant is unknown,
+                    # and walking it could take for ever. This run stops; the entry stays.
+                    self.fail(JobError(f"the job's chunk {entry} in Redis is corrupt"))
+                    return None
+                return _Chunk(entry, first, end)
             meta = await _patiently(
                 lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")
             )
@@ -895,6 +949,7 @@ class _Run:
             self._kick()
         meta.chunk.open.discard(meta.index)
         meta.chunk.abandoned = True
+        self.left.add(meta.chunk.entry)
 
     async def _recorded_unknown(self, chunk: _Chunk, settled: bytes, base: int) -> set[int]:
         """With --resend-unknown: the chunk's items whose recorded outcome is unknown."""
@@ -1056,6 +1111,11 @@ class _Run:
             if request is not None:
                 # Not recorded: not sent (certainly not delivered).
                 request[1].set_exception(_redis_failed("record a start", exc))
+            if batch or releases or acks:
+                # Lost: their items stay started with no outcome (unknown, as a dead run's)
+                # and their chunks unfinished, which this run would wait for in vain: it
+                # stops, and its caller learns the outcomes are not on record.
+                self.fail(_redis_failed("record the outcomes of sends", exc))
             return
         for meta in metas:
             meta.chunk.open.discard(meta.index)
@@ -1240,8 +1300,10 @@ async def _create_or_join(
     if _text(fields[1]) != options_json:
         try:
             recorded = json.loads(_text(fields[1]) or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             recorded = {}
+        if not isinstance(recorded, dict):
+            recorded = {}  # not what a run writes: every option differs
         mine = json.loads(options_json)
         differ = sorted(k for k in set(recorded) | set(mine) if recorded.get(k) != mine.get(k)) or [
             "options"
@@ -1424,6 +1486,10 @@ async def iter_job_results(
         if not meta:
             raise JobError(f"no job {job!r} in Redis (never created, or expired)")
         total = _int(meta.get("items"))
+        if not 0 <= total <= _MAX_ITEMS:
+            # Not a count a job can have (its bitmaps hold 2**32 bits): a report of it
+            # would read pages for ever.
+            raise JobError(f"the job's item count in Redis is corrupt ({total})")
         chunk = max(1, _int(meta.get("chunk"), DEFAULT_CHUNK_SIZE))
         try:
             nonce = uuid.UUID(hex=_text(meta.get("nonce")) or "")
@@ -1485,7 +1551,7 @@ class _Page:
             outcome = _OUTCOMES.get(detail[:1], "unknown")
             try:
                 body = json.loads(detail[1:]) if detail[1:] else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep (corrupt)
                 body = {}
             if not isinstance(body, dict):
                 body = {}
@@ -1605,14 +1671,19 @@ async def run_job_async(
     Raises:
         InvalidRequestError: a bad argument, before anything is sent.
         JobError: Redis not durable (without ``accept_redis_loss``), unreachable,
-            or the job exists with another input or options.
+            or the job exists with another input or options; or Redis refused to
+            record outcomes of this run's sends (the run stopped: those items stay
+            in doubt, reported unknown, never resent under another key).
     """
     name = _check_name(job)
     work = _normalize(items)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise InvalidRequestError("chunk_size", chunk_size, "must be an int >= 1")
-    if not claim_timeout > 0:
-        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds")
+    if not (claim_timeout > 0 and math.isfinite(claim_timeout)):  # inf: int() overflows
+        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds, finite")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+        # Redis's EXPIRE takes whole seconds; 0 or less deletes the job's keys at once.
+        raise InvalidRequestError("ttl", ttl, "must be an int >= 1 (seconds)")
     BatchOptions(
         concurrency=concurrency,
         rate_limit=rate_limit,
@@ -1697,6 +1768,8 @@ async def run_job_async(
                     async for _ in stream:
                         pass
             await run.drain()
+            if run.failure is not None:
+                raise run.failure
         except (RedisError, OSError) as exc:
             raise _redis_failed("go on with the job", exc) from None
         finally:

@@ -40,7 +40,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
@@ -56,8 +56,17 @@ __all__ = ["RedisRateLimiter", "RedisSendGuard", "account_name"]
 
 log = logging.getLogger("botmsg_async")
 
+#: Why a Redis URL was refused (never the URL itself, which may carry a password).
+URL_HINT: Final = (
+    "is not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or "
+    "unix://path, with '/', '@', ':' and '%' percent-encoded in a password"
+)
 #: Errors of a Redis that is down, slow or refusing us.
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+#: Longest ``RedisSendGuard`` ttl (seconds): a century.
+_MAX_TTL = 100 * 365 * 86400
+#: Longest shared pause heard from the channel (µs): a day, far above any Retry-After.
+_MAX_PAUSE = 86400 * 10**6
 
 # One reservation. KEYS: global schedule, department schedule, pause.
 # ARGV: global interval and burst tolerance (µs; interval 0: no global limit),
@@ -192,9 +201,10 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
             socket_connect_timeout=1.0,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
         )
-    except ValueError as exc:
-        # Never echo the URL: it may carry a password.
-        raise InvalidRequestError("redis", "<url>", f"is not a Redis URL ({exc})") from None
+    except ValueError:
+        # Never echo the URL, nor redis-py's words on it: they may quote a piece of its
+        # password ("Port could not be cast to integer value as 's3cr'" for ':s3cr/et@').
+        raise InvalidRequestError("redis", "<url>", URL_HINT) from None
     return client, True
 
 
@@ -206,7 +216,10 @@ def _unavailable(what: str, exc: BaseException) -> CoordinationError:
 
 
 def _check_rate(field: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, int | float) and value > 0):
+    # Finite: an infinite rate or burst reaches round() (ValueError, OverflowError).
+    if value is not None and not (
+        isinstance(value, int | float) and value > 0 and math.isfinite(value)
+    ):
         raise InvalidRequestError(field, value, "must be > 0 messages per second, or None")
 
 
@@ -264,7 +277,9 @@ class RedisRateLimiter:
         _check_rate("rate", rate)
         _check_rate("per_department_rate", per_department_rate)
         for field, value in (("burst", burst), ("per_department_burst", per_department_burst)):
-            if value is not None and not (isinstance(value, int | float) and value >= 1):
+            if value is not None and not (
+                isinstance(value, int | float) and value >= 1 and math.isfinite(value)
+            ):
                 raise InvalidRequestError(field, value, "must be >= 1, or None")
         if not (isinstance(lease_time, int | float) and 0 <= lease_time <= 1):
             raise InvalidRequestError("lease_time", lease_time, "must be within 0-1 seconds")
@@ -546,7 +561,9 @@ class RedisRateLimiter:
                             micros = int(message["data"])
                         except (TypeError, ValueError):
                             continue
-                        if micros > 0:
+                        # Anything else on the channel is not a pause of ours (a huge
+                        # number would overflow the float clock and end this listener).
+                        if 0 < micros <= _MAX_PAUSE:
                             self._note_pause(micros / 1e6)
             except _REDIS_ERRORS:
                 pass  # Redis away: listen again in a moment
@@ -590,8 +607,10 @@ class RedisSendGuard:
         username: str | None = None,
         ttl: float = 7 * 86400,
     ) -> None:
-        if not (isinstance(ttl, int | float) and ttl >= 1):
-            raise InvalidRequestError("ttl", ttl, "must be >= 1 second")
+        # At most a century: an infinite one reached round() in every claim (OverflowError),
+        # a huge one Redis's PX (refused: no send could claim its key).
+        if not (isinstance(ttl, int | float) and 1 <= ttl <= _MAX_TTL):
+            raise InvalidRequestError("ttl", ttl, "must be 1 second to 100 years")
         self.name = _name(name, base_url, username)
         self.ttl = ttl
         self._redis, self._owned = _connect(redis)

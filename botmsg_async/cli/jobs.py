@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, TextIO, cast, overload
 
-from botmsg_async import BotMessageError, SendRequest
+from botmsg_async import BotMessageError, InvalidRequestError, SendRequest
 
 from .common import (
     ENV_BASE_URL,
@@ -335,7 +335,8 @@ def run_redis_job(
                 stop=stop,
             )
         except BotMessageError as exc:
-            if not isinstance(exc, jobs.JobError) or stop.is_set():
+            # InvalidRequestError: an argument refused before anything was sent (a bad URL).
+            if not isinstance(exc, jobs.JobError | InvalidRequestError) or stop.is_set():
                 raise
             raise UsageError(console.redact(exc.message)) from None
         finally:
@@ -369,8 +370,8 @@ def cmd_job(args: argparse.Namespace, console: Console) -> int:
     jobs = _jobs()
     try:
         return run(_job(args, console, jobs))
-    except jobs.JobError as exc:
-        raise UsageError(exc.message) from None
+    except (jobs.JobError, InvalidRequestError) as exc:  # Redis unusable, a bad URL
+        raise UsageError(console.redact(exc.message)) from None
 
 
 async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> int:
@@ -583,8 +584,8 @@ def _run_workers(
                 status = await jobs.job_status(
                     args.redis, args.job, claim_timeout=args.claim_timeout
                 )
-            except jobs.JobError:
-                continue  # Redis away for a moment: the runs wait for it too
+            except BotMessageError:
+                continue  # Redis away for a moment (the runs wait for it too), a bad URL
             if status.state != "missing" and not status.complete:  # complete: the summary
                 console.err(f"progress: {_describe(status)}")
 

@@ -361,6 +361,26 @@ async def test_resend_unknown_on_a_complete_job(tmp_path: Path, job_redis: JobRe
     assert outcomes == {"sent": n}
 
 
+@pytest.mark.parametrize("command", ["send-many", "job"])
+async def test_a_bad_redis_url_is_a_usage_error_that_does_not_quote_it(
+    tmp_path: Path, command: str
+) -> None:
+    """A --redis URL redis-py refuses: exit 2, one line, no traceback, no piece of its password."""
+    url = "redis://:s3cr/et@127.0.0.1:6379/0"  # an unencoded '/': its head taken for a port
+    args = (
+        ["send-many", "--redis", url, "--job", "j", str(write_items(tmp_path, 3))]
+        if command == "send-many"
+        else ["job", "status", "--redis", url, "--job", "j"]
+    )
+    async with FakeBotMessageServer() as server:
+        code, err = await finish(await botmsg_start(server, *args))
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert "s3cr" not in err
+    assert "not a Redis URL" in err
+    assert server.messages == []
+
+
 @pytest.mark.parametrize("flag", ["--journal=j", "--resume", "--durable"])
 def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
     """The file journal's flags do not go with --redis (usage error, nothing sent)."""

@@ -257,3 +257,24 @@ async def test_one_slot_per_round_trip_and_cancellation(redis_server: RedisServe
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+
+
+@pytest.mark.parametrize("junk", [b"1" + b"0" * 400, b"-5", b"1e999", b"\xff", b""])
+async def test_junk_on_the_pause_channel_is_ignored(redis_server: RedisServer, junk: bytes) -> None:
+    """A message on the pause channel that is no pause of ours is ignored; the listener lives."""
+    async with aioredis.Redis.from_url(redis_server.url) as r:
+        limiter = RedisRateLimiter(redis_server.url, name="t", rate=1000)
+        try:
+            await limiter.acquire("d")  # subscribed from here on
+            channel = f"botmsg:{{{limiter.name}}}:pause"
+            await r.publish(channel, junk)
+            await r.publish(channel, str(30 * 10**6))  # a real pause after it: still heard
+
+            async def heard() -> None:
+                while not await limiter.paused_for():  # noqa: ASYNC110 - no event for a pause heard
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(heard(), 10)
+            assert 20 < await limiter.paused_for() <= 30
+        finally:
+            await limiter.aclose()  # the listener ends cleanly: no error of the junk
