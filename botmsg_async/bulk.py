@@ -1335,8 +1335,9 @@ class ParallelSend:
             return True
         routed = any(self._routed.values())
         # While a worker holds items, it may die and give some back: the others
-        # wait for them rather than end.
-        held = any(p.outstanding for p in self._live())
+        # wait for them rather than end. A worker that reported its end (a SIGTERM of
+        # its own) holds those it gave back until it exits: they are handed out then.
+        held = any(p.outstanding or p.returned for p in self._processes if not p.exited)
         return self._input_done and not self._backlog and not routed and not held
 
     def _post(self, process: _Process, message: tuple[Any, ...]) -> None:

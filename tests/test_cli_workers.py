@@ -541,6 +541,56 @@ async def test_sigterm_drains_and_leaves_no_process(tmp_path: Path) -> None:
     assert svc.received == n
 
 
+def owner_of_port(port: int, pids: list[int]) -> int:
+    """Which of ``pids`` holds the loopback TCP socket whose local port is ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return pid
+    raise AssertionError(f"no process of {pids} holds port {port}")
+
+
+async def test_a_worker_stopped_alone_hands_its_items_to_another(tmp_path: Path) -> None:
+    """A worker drained by its own SIGTERM gives back its queued items; an idle one sends them."""
+    source = items(tmp_path, 4)
+    out = tmp_path / "out.jsonl"
+    stalled, release = asyncio.Event(), asyncio.Event()
+    ports: list[int] = []
+
+    async def stall(request: web.Request) -> web.Response:
+        ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        stalled.set()
+        await release.wait()
+        return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": "m"})
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)  # the first send stays in flight until released
+        # -c 1: chunks of two items; each worker holds one in flight and one queued.
+        process = await start(base_url, str(source), "--workers", "2", "-c", "1", "--out", str(out))
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        # The other worker sends its two and waits for more, which only the stalled
+        # worker's queued item can give it.
+        await asyncio.wait_for(svc.when_received(2).wait(), TIMEOUT)
+        os.kill(owner_of_port(ports[0], pids), signal.SIGTERM)  # it alone drains
+        release.set()
+        code, err = await finish(process)
+    assert code == 0, err
+    assert "not started" not in err
+    lines = read_jsonl(out)
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3]
+    assert {line["outcome"] for line in lines} == {"sent"}
+    assert svc.received == 3  # the stalled one was answered by the script
+
+
 async def test_workers_start_while_the_input_is_checked_and_end_with_bad_input(
     tmp_path: Path,
 ) -> None:
