@@ -263,6 +263,11 @@ def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.Cli
     the connect timer fire after the total: the threshold is raised above the
     total, so that neither is rounded.
     """
+    # An int too large for a float is no bound, as inf is (float arithmetic, and
+    # math.isfinite, would raise OverflowError on it).
+    total = _seconds(total)
+    if timeout.connect is not None and _seconds(timeout.connect) != timeout.connect:
+        timeout = evolve(timeout, connect=_seconds(timeout.connect))
     if not math.isfinite(total):
         # No bound at all (deadline=inf): aiohttp's None, since it rounds a timer's
         # instant with math.ceil, which cannot take an infinite one.
@@ -283,6 +288,14 @@ def bounded_timeout(timeout: aiohttp.ClientTimeout, total: float) -> aiohttp.Cli
     ):
         return timeout
     return evolve(timeout, total=total, connect=connect, ceil_threshold=ceil_threshold)
+
+
+def _seconds(value: float) -> float:
+    """``value`` as a float; an int too large for one is infinite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _scrub(exc: BaseException) -> None:

@@ -922,11 +922,14 @@ class JournalSet:
         window: int,
         resume: bool,
         options: Mapping[str, Any] | None = None,
+        never_sent: Callable[[int], bool] | None = None,
     ) -> JournalState | None:
         """Start this run: read (with ``resume``) what every earlier run left.
 
         ``options`` go in the main journal's first record, as ``FileJournal.begin``
         writes them (the job's message options, for a later ``--resume``).
+        ``never_sent`` is ``load``'s (the items no run sends: invalid rows), for
+        the main journal and every segment: a torn tail's window does not count them.
 
         Returns:
             With ``resume``, the combined state (None when nothing was recorded).
@@ -943,7 +946,12 @@ class JournalSet:
                 "pass --resume to continue it, or remove them"
             )
         main_state = self.main.begin(
-            fingerprint=fingerprint, items=items, window=window, resume=resume, options=options
+            fingerprint=fingerprint,
+            items=items,
+            window=window,
+            resume=resume,
+            options=options,
+            never_sent=never_sent,
         )
         if not resume:
             return None
@@ -954,7 +962,8 @@ class JournalSet:
         if main_state is not None and main_state.has_header:
             parts.append((0, self.path, main_state))
         for run, _, name in segments:
-            parts.append((run, name, load(name, fingerprint=fingerprint, items=items)))
+            part = load(name, fingerprint=fingerprint, items=items, never_sent=never_sent)
+            parts.append((run, name, part))
             self.run = max(self.run, run + 1)
         held: list[tuple[int, JournalState]] = []
         position = 0

@@ -142,10 +142,18 @@ _OUTCOMES: Final = {v: k for k, v in _CODES.items()}
 
 
 class JobError(BotMessageError):
-    """The job cannot be run: another input or options under its name, Redis unusable..."""
+    """The job cannot be run: another input or options under its name, Redis unusable...
+
+    Attributes:
+        may_have_sent: True when it came after this run handed messages to the
+            service (Redis failed mid-run, or refused to record outcomes): some may
+            have been delivered, their outcomes not all on record. False when this
+            run sent nothing.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+        self.may_have_sent = False
 
 
 # -- Lua ----------------------------------------------------------------------------
@@ -1673,7 +1681,8 @@ async def run_job_async(
         JobError: Redis not durable (without ``accept_redis_loss``), unreachable,
             or the job exists with another input or options; or Redis refused to
             record outcomes of this run's sends (the run stopped: those items stay
-            in doubt, reported unknown, never resent under another key).
+            in doubt, reported unknown, never resent under another key). Its
+            ``may_have_sent`` says whether this run had handed items to the service.
     """
     name = _check_name(job)
     work = _normalize(items)
@@ -1771,13 +1780,23 @@ async def run_job_async(
             if run.failure is not None:
                 raise run.failure
         except (RedisError, OSError) as exc:
-            raise _redis_failed("go on with the job", exc) from None
+            error = _redis_failed("go on with the job", exc)
+            error.may_have_sent = run.pulled > 0
+            raise error from None
+        except JobError as exc:
+            # Not "nothing was sent": the items this run handed to the batch may be out.
+            exc.may_have_sent = run.pulled > 0
+            raise
         finally:
             for task in (beat, watcher, run.listener):
                 if task is not None:
                     await _end_task(task)
             await limiter.aclose()  # its pause listener; the Redis client is ours
-        status = await job_status(client_redis, name, claim_timeout=claim_timeout)
+        try:
+            status = await job_status(client_redis, name, claim_timeout=claim_timeout)
+        except JobError as exc:
+            exc.may_have_sent = run.pulled > 0
+            raise
         c = run.counts
         return JobReport(
             job=status,

@@ -566,3 +566,26 @@ async def test_an_infinite_deadline_sends(
     async with make_client(server.base_url, timeout=attempt_timeout, retry=policy) as client:
         result = await client.send(DEPT, USER, "hi")
     assert result.message_uuid == "msg-1"
+
+
+@pytest.mark.parametrize(
+    "attempt_timeout",
+    [10**400, aiohttp.ClientTimeout(total=10**400), aiohttp.ClientTimeout(connect=10**400)],
+    ids=["number", "total", "connect"],
+)
+async def test_a_timeout_too_large_for_a_float_is_none_and_the_deadline_holds(
+    server: ScriptedServer, make_client: MakeClient, attempt_timeout: Any
+) -> None:
+    """An int timeout past a float's range is no bound, as inf is: no OverflowError."""
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    server.default = never
+    async with make_client(
+        server.base_url, timeout=attempt_timeout, retry=RetryPolicy(deadline=0.3)
+    ) as client:
+        async with asyncio.timeout(15):
+            with pytest.raises(ResponseLostError):
+                await client.send(DEPT, USER, "hi")

@@ -29,6 +29,7 @@ from .common import (
     ENV_USERNAME,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_UNKNOWN,
     EXIT_USAGE,
     UsageError,
 )
@@ -338,6 +339,13 @@ def run_redis_job(
             # InvalidRequestError: an argument refused before anything was sent (a bad URL).
             if not isinstance(exc, jobs.JobError | InvalidRequestError) or stop.is_set():
                 raise
+            if isinstance(exc, jobs.JobError) and exc.may_have_sent:
+                # After sends: no usage error ("nothing was sent"), their outcome unknown.
+                console.err(
+                    f"error: {console.redact(exc.message)}; items this run sent without "
+                    "a recorded outcome may have been delivered (see botmsg job report)"
+                )
+                return EXIT_UNKNOWN
             raise UsageError(console.redact(exc.message)) from None
         finally:
             orphaned.cancel()

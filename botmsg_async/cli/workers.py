@@ -197,6 +197,7 @@ def _open_journal(
         window=window,
         resume=args.resume,
         options=options,
+        never_sent=scan.is_invalid,  # a torn tail's window counts only rows a run sends
     )
     if state is not None and state.torn:
         console.err(f"warning: {path} ends in a torn record; items it may hide are held back")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from botmsg_async.shared import account_name
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 from .conftest import JobRedis
+from .test_jobs_cli import PASSWORD, botmsg_start, finish, run_args, write_items
 
 
 def _items(n: int) -> list[SendRequest | None]:
@@ -152,3 +154,31 @@ async def test_a_redis_that_evicts_keys_is_refused(job_redis: JobRedis, policy: 
         await r.config_set("maxmemory-policy", policy)
         await r.config_set("maxmemory", 0)
         await run("unlimited")
+
+
+async def test_send_many_exits_unknown_not_usage_when_outcomes_go_unrecorded(
+    job_redis: JobRedis, tmp_path: Path
+) -> None:
+    """send-many --redis whose outcomes Redis refuses: exit 3 (unknown), never 2 (nothing sent)."""
+    path = write_items(tmp_path, 20)
+    admin = redis.Redis.from_url(job_redis.url)
+
+    def refuse_writes(request: RequestInfo) -> bool:
+        if request.user_uuid == "user-19":
+            admin.config_set("maxmemory", 1)  # Redis full from the last send on
+        return False
+
+    try:
+        async with FakeBotMessageServer(password=PASSWORD) as server:
+            server.inject(Fault.LATENCY, when=refuse_writes, times=None)
+            process = await botmsg_start(
+                server, *run_args(job_redis, path, "--concurrency", "4", "--chunk-size", "10")
+            )
+            code, err = await finish(process)
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert "record the outcomes" in err
+    assert "Traceback" not in err
+    assert len(server.messages) == 20
+    assert code == 3, err
