@@ -139,36 +139,36 @@ class _SendWatch:
     def attempt_finished(
         self, attempt: int, status: int | None, error: BaseException | None, duration: float
     ) -> None:
+        # Metrics and span apart: a failing meter must not cost the trace, nor the reverse.
         self._last_status = status
-        try:
-            self._record_attempt(attempt, status, error, duration)
-        except Exception:  # telemetry must never fail a send
-            self._telemetry._failed("record an attempt")
-        self._next_wait = 0.0
-
-    def _record_attempt(
-        self, attempt: int, status: int | None, error: BaseException | None, duration: float
-    ) -> None:
+        telemetry = self._telemetry
         error_type = _error_type(error) if error is not None else None
-        metric_attributes: dict[str, AttributeValue] = {
-            "botmsg.status_class": _status_class(status)
-        }
-        if error_type is not None:
-            metric_attributes["error.type"] = error_type
-        self._telemetry._attempts.add(1, metric_attributes)
-        if self._span.is_recording():  # a sampled-out span would drop the event anyway
-            attributes: dict[str, AttributeValue] = {
-                "botmsg.attempt": attempt,
-                "botmsg.attempt.wait": self._next_wait,
-                "botmsg.attempt.duration": duration,
+        try:
+            metric_attributes: dict[str, AttributeValue] = {
+                "botmsg.status_class": _status_class(status)
             }
-            if attempt > 1:
-                attributes["http.request.resend_count"] = attempt - 1
-            if status is not None:
-                attributes["http.response.status_code"] = status
             if error_type is not None:
-                attributes["error.type"] = error_type
-            self._span.add_event("botmsg.attempt", attributes)
+                metric_attributes["error.type"] = error_type
+            telemetry._attempts.add(1, metric_attributes)
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("count an attempt")
+        try:
+            if self._span.is_recording():  # a sampled-out span would drop the event anyway
+                attributes: dict[str, AttributeValue] = {
+                    "botmsg.attempt": attempt,
+                    "botmsg.attempt.wait": self._next_wait,
+                    "botmsg.attempt.duration": duration,
+                }
+                if attempt > 1:
+                    attributes["http.request.resend_count"] = attempt - 1
+                if status is not None:
+                    attributes["http.response.status_code"] = status
+                if error_type is not None:
+                    attributes["error.type"] = error_type
+                self._span.add_event("botmsg.attempt", attributes)
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("record an attempt on its span")
+        self._next_wait = 0.0
 
     def retry_scheduled(self, attempt: int, wait: float, error: BaseException) -> None:
         self._next_wait = wait
@@ -180,29 +180,9 @@ class _SendWatch:
     def send_finished(
         self, outcome: Outcome | None, attempts: int, error: BaseException | None
     ) -> None:
-        telemetry = self._telemetry
-        span = self._span
         # Each step runs whatever the one before raised: the gauge must come back
-        # down and the span must end and stop being current, or every later send
+        # down, and the span must end and stop being current, or every later send
         # of this task would nest under it.
-        try:
-            try:
-                self._record_end(outcome, attempts, error)
-            finally:
-                try:
-                    if self._active:
-                        telemetry._active.add(-1)
-                finally:
-                    try:
-                        span.end()
-                    finally:
-                        otel_context.detach(self._token)
-        except Exception:  # telemetry must never fail a send
-            telemetry._failed("record a send's end")
-
-    def _record_end(
-        self, outcome: Outcome | None, attempts: int, error: BaseException | None
-    ) -> None:
         telemetry = self._telemetry
         span = self._span
         if outcome is not None:
@@ -212,20 +192,39 @@ class _SendWatch:
             label, metric_attributes = "cancelled", _CANCELLED_ATTRS
         else:
             label, metric_attributes = "error", _ERROR_ATTRS
-        attributes: dict[str, AttributeValue] = {
-            "botmsg.outcome": label,
-            "botmsg.attempts": attempts,
-        }
-        if self._last_status is not None:
-            attributes["http.response.status_code"] = self._last_status
-        if error is not None:
-            attributes["error.type"] = _error_type(error)
-        span.set_attributes(attributes)
-        if outcome is not Outcome.SENT:
-            # The description is the error's type, not its text (see the module doc).
-            span.set_status(StatusCode.ERROR, _error_type(error) if error is not None else label)
-        telemetry._sends.add(1, metric_attributes)
-        telemetry._duration.record(time.perf_counter() - self._began, metric_attributes)
+        try:
+            attributes: dict[str, AttributeValue] = {
+                "botmsg.outcome": label,
+                "botmsg.attempts": attempts,
+            }
+            if self._last_status is not None:
+                attributes["http.response.status_code"] = self._last_status
+            if error is not None:
+                attributes["error.type"] = _error_type(error)
+            span.set_attributes(attributes)
+            if outcome is not Outcome.SENT:
+                # The description is the error's type, not its text (see the module doc).
+                span.set_status(
+                    StatusCode.ERROR, _error_type(error) if error is not None else label
+                )
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("record a send's outcome on its span")
+        try:
+            telemetry._sends.add(1, metric_attributes)
+            telemetry._duration.record(time.perf_counter() - self._began, metric_attributes)
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("count a send")
+        if self._active:
+            try:
+                telemetry._active.add(-1)
+            except Exception:  # telemetry must never fail a send
+                telemetry._failed("count an active send")
+        try:
+            span.end()
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("end a send's span")
+        finally:
+            otel_context.detach(self._token)
 
 
 class _BatchWatch:

@@ -543,8 +543,12 @@ async def test_a_failing_tracer_or_meter_never_changes_a_send(
         [batch] = [s for s in ended if s.name == "botmsg.send_many"]
         assert batch.parent is None
         assert batch.context is not None
-        parents = [s.parent.span_id if s.parent else None for s in ended if s.name == "botmsg.send"]
+        sends = [s for s in ended if s.name == "botmsg.send"]
+        parents = [s.parent.span_id if s.parent else None for s in sends]
         assert parents == [None, None] + [batch.context.span_id] * 3
+        # A failing meter costs no part of the trace.
+        assert (sends[0].attributes or {})["botmsg.outcome"] == "sent"
+        assert len(sends[0].events) == 2
     if where != "meter":
         assert rec.points("botmsg.client.active_sends") in ({}, {frozenset(): 0})
     # Said once, at WARNING, with the traceback; the rest at DEBUG.
