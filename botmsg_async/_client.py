@@ -637,7 +637,8 @@ class BotMessageClient:
                 state.user_uuid,
                 attempt,
                 wait,
-                exc,
+                # Its type, not its text: a FAILURE's description may quote the message.
+                type(exc).__name__,
                 extra=_log_fields(state, attempt, getattr(exc, "status", None), None),
             )
         if self._on_retry is not None:

@@ -8,7 +8,9 @@ check per hook and nothing more: no clock reads, no objects.
 Every hook is called synchronously on the event loop, in the task of the send
 or batch it concerns, so an observer may keep per-task context (OpenTelemetry's
 "current span") between a ``*_started`` call and its ``*_finished``. Hooks
-never receive the message text or a credential.
+never receive the message text or a credential. A hook must not raise: the
+client does not catch it, and its exception would replace the send's own
+result (``botmsg_async.otel`` catches and logs every failure of OpenTelemetry).
 """
 
 from __future__ import annotations

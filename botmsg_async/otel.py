@@ -31,11 +31,16 @@ What is recorded:
 
 The message text and the credentials are never recorded; errors are recorded
 by their type, not their text (an answer's body could echo the message).
+
+A send never fails because its telemetry did: an exception from the tracer,
+the meter or a span processor is logged (the ``botmsg_async.otel`` logger,
+WARNING once per ``Telemetry``, then DEBUG) and the send goes on unrecorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
@@ -55,6 +60,8 @@ if TYPE_CHECKING:
     from yarl import URL
 
 __all__ = ["Telemetry"]
+
+log = logging.getLogger("botmsg_async.otel")
 
 #: The instrumentation scope: tracer and meter name.
 SCOPE = "botmsg_async"
@@ -102,7 +109,15 @@ class _Endpoint:
 class _SendWatch:
     """One logical send: its span, made current until it ends, and its timings."""
 
-    __slots__ = ("_began", "_last_status", "_next_wait", "_span", "_telemetry", "_token")
+    __slots__ = (
+        "_active",
+        "_began",
+        "_last_status",
+        "_next_wait",
+        "_span",
+        "_telemetry",
+        "_token",
+    )
 
     def __init__(
         self,
@@ -110,57 +125,74 @@ class _SendWatch:
         span: trace.Span,
         token: Token[Context],
         began: float,
+        active: bool,
     ) -> None:
         self._telemetry = telemetry
         self._span = span
         self._token = token
         self._began = began
+        #: Whether this send was added to the active_sends gauge (it then takes itself off).
+        self._active = active
         self._last_status: int | None = None
         self._next_wait = 0.0
 
     def attempt_finished(
         self, attempt: int, status: int | None, error: BaseException | None, duration: float
     ) -> None:
+        # Metrics and span apart: a failing meter must not cost the trace, nor the reverse.
         self._last_status = status
+        telemetry = self._telemetry
         error_type = _error_type(error) if error is not None else None
-        metric_attributes: dict[str, AttributeValue] = {
-            "botmsg.status_class": _status_class(status)
-        }
-        if error_type is not None:
-            metric_attributes["error.type"] = error_type
-        self._telemetry._attempts.add(1, metric_attributes)
-        if self._span.is_recording():  # a sampled-out span would drop the event anyway
-            attributes: dict[str, AttributeValue] = {
-                "botmsg.attempt": attempt,
-                "botmsg.attempt.wait": self._next_wait,
-                "botmsg.attempt.duration": duration,
+        try:
+            metric_attributes: dict[str, AttributeValue] = {
+                "botmsg.status_class": _status_class(status)
             }
-            if attempt > 1:
-                attributes["http.request.resend_count"] = attempt - 1
-            if status is not None:
-                attributes["http.response.status_code"] = status
             if error_type is not None:
-                attributes["error.type"] = error_type
-            self._span.add_event("botmsg.attempt", attributes)
+                metric_attributes["error.type"] = error_type
+            telemetry._attempts.add(1, metric_attributes)
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("count an attempt")
+        try:
+            if self._span.is_recording():  # a sampled-out span would drop the event anyway
+                attributes: dict[str, AttributeValue] = {
+                    "botmsg.attempt": attempt,
+                    "botmsg.attempt.wait": self._next_wait,
+                    "botmsg.attempt.duration": duration,
+                }
+                if attempt > 1:
+                    attributes["http.request.resend_count"] = attempt - 1
+                if status is not None:
+                    attributes["http.response.status_code"] = status
+                if error_type is not None:
+                    attributes["error.type"] = error_type
+                self._span.add_event("botmsg.attempt", attributes)
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("record an attempt on its span")
         self._next_wait = 0.0
 
     def retry_scheduled(self, attempt: int, wait: float, error: BaseException) -> None:
         self._next_wait = wait
-        self._telemetry._retries.add(1, {"error.type": _error_type(error)})
+        try:
+            self._telemetry._retries.add(1, {"error.type": _error_type(error)})
+        except Exception:  # telemetry must never fail a send
+            self._telemetry._failed("count a retry")
 
     def send_finished(
         self, outcome: Outcome | None, attempts: int, error: BaseException | None
     ) -> None:
+        # Each step runs whatever the one before raised: the gauge must come back
+        # down, and the span must end and stop being current, or every later send
+        # of this task would nest under it.
         telemetry = self._telemetry
         span = self._span
+        if outcome is not None:
+            label = outcome.value
+            metric_attributes = _OUTCOME_ATTRS[outcome]
+        elif isinstance(error, asyncio.CancelledError):
+            label, metric_attributes = "cancelled", _CANCELLED_ATTRS
+        else:
+            label, metric_attributes = "error", _ERROR_ATTRS
         try:
-            if outcome is not None:
-                label = outcome.value
-                metric_attributes = _OUTCOME_ATTRS[outcome]
-            elif isinstance(error, asyncio.CancelledError):
-                label, metric_attributes = "cancelled", _CANCELLED_ATTRS
-            else:
-                label, metric_attributes = "error", _ERROR_ATTRS
             attributes: dict[str, AttributeValue] = {
                 "botmsg.outcome": label,
                 "botmsg.attempts": attempts,
@@ -175,20 +207,33 @@ class _SendWatch:
                 span.set_status(
                     StatusCode.ERROR, _error_type(error) if error is not None else label
                 )
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("record a send's outcome on its span")
+        try:
             telemetry._sends.add(1, metric_attributes)
             telemetry._duration.record(time.perf_counter() - self._began, metric_attributes)
-            telemetry._active.add(-1)
-        finally:
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("count a send")
+        if self._active:
+            try:
+                telemetry._active.add(-1)
+            except Exception:  # telemetry must never fail a send
+                telemetry._failed("count an active send")
+        try:
             span.end()
+        except Exception:  # telemetry must never fail a send
+            telemetry._failed("end a send's span")
+        finally:
             otel_context.detach(self._token)
 
 
 class _BatchWatch:
     """One batch: its span, current in the batch's task so that its sends nest under it."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_span", "_telemetry", "_token")
 
-    def __init__(self, span: trace.Span, token: Token[Context]) -> None:
+    def __init__(self, telemetry: Telemetry, span: trace.Span, token: Token[Context]) -> None:
+        self._telemetry = telemetry
         self._span = span
         self._token = token
 
@@ -201,25 +246,40 @@ class _BatchWatch:
     ) -> None:
         span = self._span
         try:
-            if isinstance(error, asyncio.CancelledError):
-                # Left early by its consumer (or cancelled with its caller): no failure.
-                span.set_attribute("botmsg.batch.cancelled", True)
-            elif error is not None:
-                span.set_attribute("error.type", _error_type(error))
-                span.set_status(StatusCode.ERROR, _error_type(error))
-            attributes: dict[str, AttributeValue] = {
-                f"botmsg.batch.{outcome.value}": count for outcome, count in counts.items()
-            }
-            attributes["botmsg.batch.retries"] = retries
-            if stopped_by is not None:
-                reason = getattr(stopped_by, "reason", None)
-                attributes["botmsg.batch.stopped_by"] = (
-                    reason if isinstance(reason, str) else _error_type(stopped_by)
-                )
-            span.set_attributes(attributes)
-        finally:
-            span.end()
-            otel_context.detach(self._token)
+            try:
+                self._record_end(counts, retries, stopped_by, error)
+            finally:
+                try:
+                    span.end()
+                finally:
+                    otel_context.detach(self._token)
+        except Exception:  # telemetry must never fail a batch
+            self._telemetry._failed("record a batch's end")
+
+    def _record_end(
+        self,
+        counts: Mapping[Outcome, int],
+        retries: int,
+        stopped_by: BaseException | None,
+        error: BaseException | None,
+    ) -> None:
+        span = self._span
+        if isinstance(error, asyncio.CancelledError):
+            # Left early by its consumer (or cancelled with its caller): no failure.
+            span.set_attribute("botmsg.batch.cancelled", True)
+        elif error is not None:
+            span.set_attribute("error.type", _error_type(error))
+            span.set_status(StatusCode.ERROR, _error_type(error))
+        attributes: dict[str, AttributeValue] = {
+            f"botmsg.batch.{outcome.value}": count for outcome, count in counts.items()
+        }
+        attributes["botmsg.batch.retries"] = retries
+        if stopped_by is not None:
+            reason = getattr(stopped_by, "reason", None)
+            attributes["botmsg.batch.stopped_by"] = (
+                reason if isinstance(reason, str) else _error_type(stopped_by)
+            )
+        span.set_attributes(attributes)
 
 
 class Telemetry:
@@ -271,9 +331,20 @@ class Telemetry:
             "botmsg.client.active_sends", "{send}", "Logical sends in progress."
         )
         self._endpoint: _Endpoint | None = None
+        #: Whether a failure of OpenTelemetry was logged at WARNING already (later: DEBUG).
+        self._warned = False
 
     def __repr__(self) -> str:
         return "<botmsg_async.otel.Telemetry>"
+
+    def _failed(self, what: str) -> None:
+        """Log the exception being handled: OpenTelemetry failed to ``what``.
+
+        Called in an ``except`` block; the send or batch goes on as if unobserved.
+        """
+        level = logging.DEBUG if self._warned else logging.WARNING
+        self._warned = True
+        log.log(level, "OpenTelemetry failed to %s; not recorded", what, exc_info=True)
 
     def _endpoint_for(self, base_url: URL) -> _Endpoint:
         endpoint = self._endpoint
@@ -298,35 +369,47 @@ class Telemetry:
         start_time = None
         if limiter_wait is not None:
             attributes["botmsg.rate_limiter.wait"] = limiter_wait
-            self._limiter_wait.record(limiter_wait)
             began -= limiter_wait
             start_time = time.time_ns() - int(limiter_wait * 1e9)
-        span = self._tracer.start_span(
-            "botmsg.send",
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
-            start_time=start_time,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+            self.limiter_waited(limiter_wait)
+        span = self._start_span("botmsg.send", attributes, start_time)
         token = otel_context.attach(trace.set_span_in_context(span))
-        self._active.add(1)
-        return _SendWatch(self, span, token, began)
+        try:
+            self._active.add(1)
+            active = True
+        except Exception:  # telemetry must never fail a send
+            self._failed("count an active send")
+            active = False  # then not taken off either: the gauge stays true
+        return _SendWatch(self, span, token, began, active)
+
+    def _start_span(
+        self, name: str, attributes: dict[str, AttributeValue], start_time: int | None = None
+    ) -> trace.Span:
+        """Start span ``name``; a span that records nothing if OpenTelemetry fails to."""
+        try:
+            return self._tracer.start_span(
+                name,
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
+                start_time=start_time,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+        except Exception:  # telemetry must never fail a send
+            self._failed(f"start a {name} span")
+            return trace.INVALID_SPAN
 
     def limiter_waited(self, seconds: float) -> None:
         """Record a batch's rate-limit wait for one item."""
-        self._limiter_wait.record(seconds)
+        try:
+            self._limiter_wait.record(seconds)
+        except Exception:  # telemetry must never fail a send
+            self._failed("record a rate limiter's wait")
 
     def batch_started(
         self, kind: Literal["send_many", "stream_many"], concurrency: int
     ) -> _BatchWatch:
         """Start the batch's span and make it current in the batch's task."""
-        span = self._tracer.start_span(
-            f"botmsg.{kind}",
-            kind=SpanKind.INTERNAL,
-            attributes={"botmsg.batch.concurrency": concurrency},
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+        span = self._start_span(f"botmsg.{kind}", {"botmsg.batch.concurrency": concurrency})
         token = otel_context.attach(trace.set_span_in_context(span))
-        return _BatchWatch(span, token)
+        return _BatchWatch(self, span, token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -182,3 +183,38 @@ def test_the_text_limit_is_one_mib_of_utf8_in_both_formats(
     assert f"{source}:{line}: text is {MAX_TEXT_BYTES + 1} bytes" in result.stderr
     assert f"limit of {MAX_TEXT_BYTES} bytes" in result.stderr
     assert "1 invalid row(s)" in result.stderr
+
+
+def fail(message: str) -> None:
+    """Raise a RuntimeError saying ``message``."""
+    raise RuntimeError(message)
+
+
+def test_a_log_message_cannot_start_a_line_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """A record whose text holds line breaks stays one line; a traceback keeps its lines."""
+    console = Console()
+    console.redact.add_credentials("bot-user", "secret-pw")
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    console.setup_logging("DEBUG")
+    try:
+        forged = "12:00:00 INFO botmsg_async: 3 of 3 items: 3 sent"
+        # Text a server chose (an error description) and text an operator chose (a path).
+        logging.getLogger("botmsg_async").debug("retrying: %s", f"busy\n{forged}\r\x85x")
+        logging.getLogger("botmsg_async").warning("POST /a\u2028b\n%s", forged)
+        try:
+            fail("first line\nsecret-pw")
+        except RuntimeError:
+            logging.getLogger("botmsg_async").exception("failed:\n%s", forged)
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    lines = capsys.readouterr().err.split("\n")
+    assert not any(line.startswith("12:00:00") for line in lines), lines
+    records = [line for line in lines if " botmsg_async: " in line]
+    assert len(records) == 3, lines
+    assert "busy\\x0a12:00:00 INFO" in records[0]
+    assert "Traceback (most recent call last):" in lines  # the traceback is still legible
+    assert "secret-pw" not in "\n".join(lines)

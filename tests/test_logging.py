@@ -10,7 +10,7 @@ import pytest
 
 from botmsg_async import BotMessageClient, RetryPolicy, ServerError
 
-from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer
+from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, failure
 
 TEXT = "the message text, never logged"
 FIELDS = ("department_uuid", "user_uuid", "idempotency_key", "attempt", "status", "outcome")
@@ -108,3 +108,17 @@ async def test_a_json_formatter_gets_the_fields_without_parsing_text(
     assert parsed["status"] == 200
     assert parsed["department_uuid"] == DEPT
     assert result.attempts == parsed["attempt"] == 1
+
+
+async def test_a_retried_failure_that_quotes_the_text_logs_its_type_only(
+    server: ScriptedServer, make_client: Callable[..., BotMessageClient], captured: Capture
+) -> None:
+    """A transient FAILURE whose description echoes the message: no record holds the text."""
+    server.script = [failure("TEMPORARILY_UNAVAILABLE", f"try again later: {TEXT!r}")]
+    async with make_client(server.base_url) as client:
+        result = await client.send(DEPT, USER, TEXT)
+    assert result.attempts == 2
+    retrying = captured.records[1]
+    assert "retrying" in retrying.getMessage()
+    assert retrying.getMessage().endswith(": SendFailedError")
+    assert_clean(captured.records)

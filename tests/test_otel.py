@@ -7,14 +7,15 @@ import logging
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import NoOpMeter, NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -422,3 +423,154 @@ def test_the_overhead_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["--sends", "20", "--rounds", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["off", "noop", "otel"]
+
+
+class FailingProcessor(SpanProcessor):
+    """A span processor that raises where it is told to (a buggy exporter pipeline)."""
+
+    def __init__(self, *, on_start: bool = False, on_end: bool = False) -> None:
+        self.fail_start = on_start
+        self.fail_end = on_end
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.fail_start:
+            raise RuntimeError("span processor failed on start")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.fail_end:
+            raise RuntimeError("span processor failed on end")
+
+
+class FailingInstrument:
+    """A metric instrument that raises on its first ``fails`` measurements (None: on all)."""
+
+    def __init__(self, real: Any, fails: int | None) -> None:
+        self.real = real
+        self.fails = fails
+
+    def _fail(self) -> None:
+        if self.fails is None or self.fails > 0:
+            self.fails = None if self.fails is None else self.fails - 1
+            raise RuntimeError("meter failed")
+
+    def add(self, amount: float, attributes: Any = None, context: Any = None) -> None:
+        self._fail()
+        self.real.add(amount, attributes)
+
+    def record(self, amount: float, attributes: Any = None, context: Any = None) -> None:
+        self._fail()
+        self.real.record(amount, attributes)
+
+
+class FailingMeterProvider(NoOpMeterProvider):
+    """Wraps an SDK meter provider: the instruments named in ``fails`` raise (see above)."""
+
+    def __init__(self, real: MeterProvider, fails: Mapping[str, int | None]) -> None:
+        self.real = real
+        self.fails = fails
+
+    def get_meter(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        real = self.real.get_meter(name, *args, **kwargs)
+        fails = self.fails
+
+        class Meter(NoOpMeter):
+            def _wrap(self, made: Any, *args: Any) -> Any:
+                return FailingInstrument(made, fails[args[0]]) if args[0] in fails else made
+
+            def create_counter(self, *args: Any, **kwargs: Any) -> Any:
+                return self._wrap(real.create_counter(*args, **kwargs), *args)
+
+            def create_up_down_counter(self, *args: Any, **kwargs: Any) -> Any:
+                return self._wrap(real.create_up_down_counter(*args, **kwargs), *args)
+
+            def create_histogram(self, *args: Any, **kwargs: Any) -> Any:
+                return self._wrap(real.create_histogram(*args, **kwargs), *args)
+
+        return Meter(name)
+
+
+ALL_METRICS = (
+    "botmsg.client.sends",
+    "botmsg.client.attempts",
+    "botmsg.client.retries",
+    "botmsg.client.send.duration",
+    "botmsg.client.rate_limiter.wait",
+    "botmsg.client.active_sends",
+)
+
+
+def broken_telemetry(where: str, spans: InMemorySpanExporter) -> tuple[Telemetry, Recorded]:
+    """A Telemetry whose tracer (span start or end) or meter raises; spans still exported."""
+    rec = Recorded()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer_provider.add_span_processor(
+        FailingProcessor(on_start=where == "start", on_end=where == "end")
+    )
+    meters: metrics.MeterProvider = rec.meter_provider
+    if where == "meter":
+        meters = FailingMeterProvider(rec.meter_provider, dict.fromkeys(ALL_METRICS))
+    return Telemetry(tracer_provider=tracer_provider, meter_provider=meters), rec
+
+
+@pytest.mark.parametrize("where", ["start", "end", "meter"])
+async def test_a_failing_tracer_or_meter_never_changes_a_send(
+    server: ScriptedServer,
+    make_client: Callable[..., BotMessageClient],
+    where: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Span start, span end or a metric raising: sends and batches end as without telemetry."""
+    caplog.set_level(logging.WARNING, logger="botmsg_async.otel")
+    spans = InMemorySpanExporter()
+    telemetry, rec = broken_telemetry(where, spans)
+    server.script = [answer(503, {"error": "busy"}), answer(200), answer(500, {"error": "x"})]
+    async with make_client(
+        server.base_url, telemetry=telemetry, retry=RetryPolicy(max_attempts=2)
+    ) as client:
+        first = await client.send(DEPT, USER, TEXT)
+        with pytest.raises(ServerError):  # the span's failure does not replace the send's own
+            await client.send(DEPT, USER, TEXT, retry=RetryPolicy.none())
+        # The failed send's span is not left current: the next one is no child of it.
+        assert trace.get_current_span() is trace.INVALID_SPAN
+        report = await client.send_many([(DEPT, USER, TEXT)] * 3, concurrency=2)
+        assert trace.get_current_span() is trace.INVALID_SPAN
+    assert first.attempts == 2
+    assert report.sent == 3
+    assert len(server.seen) == 6
+    ended = spans.get_finished_spans()
+    if where != "start":  # a span that failed to start is not recorded
+        [batch] = [s for s in ended if s.name == "botmsg.send_many"]
+        assert batch.parent is None
+        assert batch.context is not None
+        sends = [s for s in ended if s.name == "botmsg.send"]
+        parents = [s.parent.span_id if s.parent else None for s in sends]
+        assert parents == [None, None] + [batch.context.span_id] * 3
+        # A failing meter costs no part of the trace.
+        assert (sends[0].attributes or {})["botmsg.outcome"] == "sent"
+        assert len(sends[0].events) == 2
+    if where != "meter":
+        assert rec.points("botmsg.client.active_sends") in ({}, {frozenset(): 0})
+    # Said once, at WARNING, with the traceback; the rest at DEBUG.
+    [warning] = [r for r in caplog.records if r.name == "botmsg_async.otel"]
+    assert warning.levelno == logging.WARNING
+    assert warning.exc_info is not None
+    rec.meter_provider.shutdown()
+
+
+async def test_a_failing_gauge_update_does_not_drift_it(
+    server: ScriptedServer, make_client: Callable[..., BotMessageClient]
+) -> None:
+    """A send whose sends counter (then the gauge itself) raised still leaves the gauge at 0."""
+    for fails in ({"botmsg.client.sends": 1}, {"botmsg.client.active_sends": 1}):
+        rec = Recorded()
+        telemetry = Telemetry(
+            tracer_provider=rec.tracer_provider,
+            meter_provider=FailingMeterProvider(rec.meter_provider, fails),
+        )
+        async with make_client(server.base_url, telemetry=telemetry) as client:
+            await client.send(DEPT, USER, TEXT)
+            await client.send(DEPT, USER, TEXT)
+        assert rec.points("botmsg.client.active_sends") == {frozenset(): 0}, fails
+        rec.meter_provider.shutdown()
+        rec.tracer_provider.shutdown()

@@ -93,8 +93,14 @@ class _RedactingFormatter(logging.Formatter):
         super().__init__(fmt, datefmt)
         self._console = console
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The record's own line: its line breaks (from a server's words in an error,
+        # a URL's decoded path) are escaped, so that no text can forge a record.
+        return self._console.printable(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
-        # Line by line: a traceback keeps its line breaks, a message cannot add any.
+        # Line by line: a traceback keeps its line breaks, a message cannot add any
+        # (formatMessage escaped them).
         printable = self._console.printable
         return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
