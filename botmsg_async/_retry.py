@@ -23,6 +23,7 @@ stormed.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -76,6 +77,17 @@ def _to_frozenset(codes: Iterable[str]) -> frozenset[str]:
     return frozenset(codes)
 
 
+def _seconds(value: float) -> float:
+    """An int too large for a float as ``inf`` (no bound): the policy's arithmetic is
+    in floats, which would raise OverflowError on it at the first send."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    return value
+
+
 def _to_int_frozenset(statuses: Iterable[int]) -> frozenset[int]:
     return frozenset(statuses)
 
@@ -121,18 +133,18 @@ class RetryPolicy:
     """
 
     max_attempts: int = field(default=4, validator=validators.ge(1))
-    backoff_initial: float = field(default=0.5, validator=validators.ge(0))
-    backoff_max: float = field(default=8.0, validator=validators.ge(0))
-    deadline: float = field(default=30.0, validator=validators.gt(0))
-    attempt_timeout: float = field(default=10.0, validator=validators.gt(0))
-    connect_timeout: float = field(default=5.0, validator=validators.gt(0))
+    backoff_initial: float = field(default=0.5, converter=_seconds, validator=validators.ge(0))
+    backoff_max: float = field(default=8.0, converter=_seconds, validator=validators.ge(0))
+    deadline: float = field(default=30.0, converter=_seconds, validator=validators.gt(0))
+    attempt_timeout: float = field(default=10.0, converter=_seconds, validator=validators.gt(0))
+    connect_timeout: float = field(default=5.0, converter=_seconds, validator=validators.gt(0))
     retry_ambiguous: bool = False
     transient_error_codes: frozenset[str] = field(default=frozenset(), converter=_to_frozenset)
     permanent_error_codes: frozenset[str] = field(default=frozenset(), converter=_to_frozenset)
     is_transient: Callable[[SendResult], bool] | None = None
     idempotency_header: str = "Idempotency-Key"
     retry_count_header: str | None = "X-Retry-Count"
-    max_retry_after: float = field(default=60.0, validator=validators.ge(0))
+    max_retry_after: float = field(default=60.0, converter=_seconds, validator=validators.ge(0))
     not_processed_statuses: frozenset[int] = field(
         default=frozenset(), converter=_to_int_frozenset, validator=_check_statuses
     )

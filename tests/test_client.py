@@ -569,6 +569,21 @@ async def test_an_infinite_deadline_sends(
 
 
 @pytest.mark.parametrize(
+    "field", ["deadline", "attempt_timeout", "connect_timeout", "backoff_max", "max_retry_after"]
+)
+async def test_a_policy_figure_too_large_for_a_float_is_no_bound(
+    server: ScriptedServer, make_client: MakeClient, field: str
+) -> None:
+    """A RetryPolicy figure given as an int past a float's range is inf: no OverflowError."""
+    figures: dict[str, Any] = {field: 10**400}
+    policy = RetryPolicy(**figures)
+    assert getattr(policy, field) == float("inf")
+    async with make_client(server.base_url, retry=policy) as client:
+        result = await client.send(DEPT, USER, "hi")
+    assert result.message_uuid == "msg-1"
+
+
+@pytest.mark.parametrize(
     "attempt_timeout",
     [10**400, aiohttp.ClientTimeout(total=10**400), aiohttp.ClientTimeout(connect=10**400)],
     ids=["number", "total", "connect"],
