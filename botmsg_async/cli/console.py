@@ -71,9 +71,12 @@ class Redactor:
 #: Characters that must never reach a terminal raw: C0 and C1 controls and DEL
 #: (an ESC or a CSI, U+009B, can erase lines, move the cursor, fake a summary),
 #: bidi controls (they reorder what is shown: "sent" can be made to read
-#: "failed"), and lone surrogates (they cannot even be encoded).
+#: "failed"), the line and paragraph separators (str.splitlines() and JavaScript
+#: end a line there: one --out record would read as two), and lone surrogates
+#: (they cannot even be encoded).
 _UNSAFE_CHARS: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    "\ud800-\udfff]"
 )
 
 
