@@ -75,8 +75,7 @@ class Redactor:
 #: end a line there: one --out record would read as two), and lone surrogates
 #: (they cannot even be encoded).
 _UNSAFE_CHARS: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-    "\ud800-\udfff]"
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
 
 
