@@ -246,6 +246,21 @@ async def test_send_with_an_unsafe_id_is_a_usage_error(
     assert server.requests == 0
 
 
+@pytest.mark.parametrize("key", ["", "a\tb"])
+async def test_send_with_an_unusable_idempotency_key_is_a_usage_error(
+    inline: Inline, server: FakeBotMessageServer, key: str
+) -> None:
+    """An empty (an unset "$KEY") or unprintable --idempotency-key exits 2, nothing sent."""
+    run = inline(
+        "send", "-d", "dep-1", "-u", "user-1", "-t", "Hello", "--idempotency-key", key,
+        server=server,
+    )  # fmt: skip
+    assert run.rc == 2
+    assert "--idempotency-key" in run.stderr
+    assert run.stdout == ""
+    assert server.requests == 0
+
+
 async def test_password_is_read_from_stdin_and_never_shown_even_at_debug(
     server: FakeBotMessageServer,
 ) -> None:
