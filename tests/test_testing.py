@@ -362,6 +362,16 @@ async def test_garbled_retry_count_header_gets_400(
     assert "X-Retry-Count" in answer.json()["detail"][0]
 
 
+async def test_retry_count_of_any_length_is_read(
+    botmsg_server: FakeBotMessageServer, session: aiohttp.ClientSession
+) -> None:
+    """An X-Retry-Count longer than int() takes (4,300 digits) is a number, not a 500."""
+    answer = await post(session, botmsg_server, headers={"X-Retry-Count": "1" * 5000})
+
+    assert answer.status == 200
+    assert botmsg_server.messages[0].retry_count == int("1" * 4000) * 10**1000 + int("1" * 1000)
+
+
 # -- idempotency --------------------------------------------------------------------
 
 
@@ -753,6 +763,21 @@ def test_uniform_validates_its_arguments() -> None:
         FaultPlan.uniform(0.5, [])
     with pytest.raises(ValueError, match="rate"):
         FaultPlan.uniform(2.0)
+
+
+@pytest.mark.parametrize("option", ["latency", "fault_latency"])
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_delays_that_would_hang_every_request_are_refused(option: str, value: float) -> None:
+    """A negative, NaN or infinite latency is a ValueError: sleep(nan) never returns."""
+    with pytest.raises(ValueError, match="latency"):
+        FakeBotMessageServer(**{option: value})
+
+
+def test_inject_refuses_a_count_that_is_not_an_int() -> None:
+    """inject(times=1.5) would never be used up: it is a TypeError."""
+    server = FakeBotMessageServer()
+    with pytest.raises(TypeError, match="times"):
+        server.inject(Fault.HTTP_500, times=1.5)  # type: ignore[arg-type]
 
 
 def test_faults_and_fault_rate_are_exclusive() -> None:
