@@ -155,8 +155,13 @@ class FaultPlan:
         >>> FaultPlan({Fault.HTTP_503: 0.05, Fault.DROP_AFTER: 0.01}, seed=42)
     """
 
-    rates: Mapping[Fault, float] = field(factory=dict, converter=_rates_converter)
+    # Read-only (a mappingproxy), which neither hashes nor pickles: the hash is the
+    # seed's (equal plans still hash alike) and __reduce__ rebuilds from a dict.
+    rates: Mapping[Fault, float] = field(factory=dict, converter=_rates_converter, hash=False)
     seed: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FaultPlan, (dict(self.rates), self.seed))
 
     @classmethod
     def uniform(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
+import pickle
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -748,6 +750,19 @@ def test_fault_plan_rejects_keys_that_are_not_faults() -> None:
     """A rates key that is not a Fault is refused rather than ignored."""
     with pytest.raises(TypeError, match="Fault"):
         FaultPlan({"HTTP_500": 0.5})  # type: ignore[dict-item]
+
+
+def test_fault_plan_is_a_value_that_hashes_pickles_and_copies() -> None:
+    """A FaultPlan is frozen: it hashes like an equal plan, and survives pickle and deepcopy."""
+    plan = FaultPlan({Fault.HTTP_502: 0.1, Fault.DROP_AFTER: 0.05}, seed=7)
+    same = FaultPlan({Fault.DROP_AFTER: 0.05, Fault.HTTP_502: 0.1}, seed=7)
+    assert plan == same
+    assert hash(plan) == hash(same)
+    for copied in (pickle.loads(pickle.dumps(plan)), copy.deepcopy(plan)):
+        assert copied == plan
+        assert list(copied.rates) == [Fault.HTTP_502, Fault.DROP_AFTER]
+        with pytest.raises(TypeError):
+            copied.rates[Fault.HTTP_500] = 0.5  # type: ignore[index]
 
 
 def test_fault_plan_accepts_rates_adding_up_to_one_with_rounding() -> None:
