@@ -13,7 +13,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ._errors import InvalidRequestError
@@ -59,12 +59,14 @@ def _smooth_bucket(rate: float) -> _Bucket:
 class _Entry:
     """One department's bucket, when it was last used, and how many sends wait on it."""
 
-    __slots__ = ("bucket", "last", "waiting")
+    __slots__ = ("bucket", "last", "turn", "waiting")
 
     def __init__(self, bucket: _Bucket, last: float) -> None:
         self.bucket = bucket
         self.last = last
         self.waiting = 0
+        # One send of the department at a time through its slot and the next gate.
+        self.turn = asyncio.Lock()
 
 
 class _PerKeyBuckets:
@@ -82,7 +84,13 @@ class _PerKeyBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    async def acquire(self, key: str) -> None:
+    async def acquire(self, key: str, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Wait for a slot of ``key``'s bucket, then for ``then()`` (the global slot).
+
+        The department's sends go through both one at a time: were several to wait
+        for ``then`` at once, they would all pass when it frees, faster than the
+        department's rate.
+        """
         # The loop's clock, as aiolimiter's: tests that move one move both.
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -97,7 +105,10 @@ class _PerKeyBuckets:
         # twice the department's rate.
         entry.waiting += 1
         try:
-            await entry.bucket.acquire()
+            async with entry.turn:
+                await entry.bucket.acquire()
+                if then is not None:
+                    await then()
         finally:
             entry.waiting -= 1
             entry.last = loop.time()
@@ -191,11 +202,19 @@ class LocalRateLimiter:
         return f"LocalRateLimiter(rate={self.rate}, per_department_rate={self.per_department_rate})"
 
     async def acquire(self, department_uuid: str) -> None:
-        """Wait for a global slot, then for one for ``department_uuid``."""
-        if self._global is not None:
-            await self._global.acquire()
+        """Wait for a slot for ``department_uuid``, then for a global one.
+
+        The global slot comes last, right before the send: one taken first would be
+        spent while the send still waited for its department, and the sends parked
+        that way would later go beside the others, over the global rate.
+        """
+        glob = self._global
         if self._per_department is not None:
-            await self._per_department.acquire(department_uuid)
+            await self._per_department.acquire(
+                department_uuid, glob.acquire if glob is not None else None
+            )
+        elif glob is not None:
+            await glob.acquire()
 
     async def pause(self, seconds: float) -> None:
         """Pause every holder until ``seconds`` from now (a longer pause already set stays)."""
