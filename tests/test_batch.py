@@ -568,7 +568,9 @@ async def test_workers_are_no_more_than_the_items(
     workers_seen: list[int] = []
 
     def on_start(index: int, request: SendRequest) -> None:
-        workers = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_work"]
+        workers = [
+            t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_work"
+        ]
         workers_seen.append(len(workers))
 
     async with make_client(server.base_url) as client:

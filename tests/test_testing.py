@@ -758,7 +758,7 @@ def test_fault_plan_is_a_value_that_hashes_pickles_and_copies() -> None:
     same = FaultPlan({Fault.DROP_AFTER: 0.05, Fault.HTTP_502: 0.1}, seed=7)
     assert plan == same
     assert hash(plan) == hash(same)
-    for copied in (pickle.loads(pickle.dumps(plan)), copy.deepcopy(plan)):
+    for copied in (pickle.loads(pickle.dumps(plan)), copy.deepcopy(plan)):  # noqa: S301
         assert copied == plan
         assert list(copied.rates) == [Fault.HTTP_502, Fault.DROP_AFTER]
         with pytest.raises(TypeError):
@@ -780,12 +780,13 @@ def test_uniform_validates_its_arguments() -> None:
         FaultPlan.uniform(2.0)
 
 
-@pytest.mark.parametrize("option", ["latency", "fault_latency"])
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
-def test_delays_that_would_hang_every_request_are_refused(option: str, value: float) -> None:
+def test_delays_that_would_hang_every_request_are_refused(value: float) -> None:
     """A negative, NaN or infinite latency is a ValueError: sleep(nan) never returns."""
     with pytest.raises(ValueError, match="latency"):
-        FakeBotMessageServer(**{option: value})
+        FakeBotMessageServer(latency=value)
+    with pytest.raises(ValueError, match="latency"):
+        FakeBotMessageServer(fault_latency=value)
 
 
 def test_inject_refuses_a_count_that_is_not_an_int() -> None:
