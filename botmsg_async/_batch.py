@@ -192,6 +192,8 @@ class BatchStream:
         self._tally = Tally()
         self.in_flight = 0
         self._consecutive_failures = 0
+        self._workers: asyncio.TaskGroup | None = None
+        self._spawned = 0
 
     # -- consumer side ---------------------------------------------------------
 
@@ -371,8 +373,12 @@ class BatchStream:
             async with asyncio.TaskGroup() as group:
                 ticker = group.create_task(self._tick()) if self._on_progress is not None else None
                 async with asyncio.TaskGroup() as workers:
-                    for _ in range(self._concurrency):
-                        workers.create_task(self._work())
+                    # One worker; each starts the next when it takes an item, so a
+                    # batch has no more workers than items (concurrency=10**9 for
+                    # three items must not build a billion tasks).
+                    self._workers = workers
+                    self._spawned = 1
+                    workers.create_task(self._work())
                 if ticker is not None:
                     ticker.cancel()
             if self._on_progress is not None:
@@ -442,6 +448,10 @@ class BatchStream:
                 if pulled is None:
                     return
                 index, raw = pulled
+            if self._spawned < self._concurrency:
+                assert self._workers is not None
+                self._spawned += 1
+                self._workers.create_task(self._work())
             row = await self._handle(index, raw)
             _, _, _, outcome, result, error = row
             attempts = (

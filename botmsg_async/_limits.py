@@ -10,9 +10,10 @@ machines implement the same three methods.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ._errors import InvalidRequestError
@@ -55,13 +56,27 @@ def _smooth_bucket(rate: float) -> _Bucket:
     return AsyncLimiter(capacity, capacity / rate)
 
 
+class _Entry:
+    """One department's bucket, when it was last used, and how many sends wait on it."""
+
+    __slots__ = ("bucket", "last", "turn", "waiting")
+
+    def __init__(self, bucket: _Bucket, last: float) -> None:
+        self.bucket = bucket
+        self.last = last
+        self.waiting = 0
+        # One send of the department at a time through its slot and the next gate.
+        self.turn = asyncio.Lock()
+
+
 class _PerKeyBuckets:
     """One bucket per department, forgotten once idle so memory stays flat."""
 
     def __init__(self, rate: float, make: Callable[[float], _Bucket]) -> None:
         self._rate = rate
         self._make = make
-        self._buckets: OrderedDict[str, tuple[_Bucket, float]] = OrderedDict()
+        # Least recently used first: arrivals and grants both count as use.
+        self._buckets: OrderedDict[str, _Entry] = OrderedDict()
         # An idle bucket has fully drained after a second or two at most;
         # forgetting it then changes nothing but memory.
         self._idle = max(2.0, 2.0 / rate)
@@ -69,18 +84,46 @@ class _PerKeyBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    async def acquire(self, key: str) -> None:
+    async def acquire(self, key: str, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Wait for a slot of ``key``'s bucket, then for ``then()`` (the global slot).
+
+        The department's sends go through both one at a time: were several to wait
+        for ``then`` at once, they would all pass when it frees, faster than the
+        department's rate.
+        """
         # The loop's clock, as aiolimiter's: tests that move one move both.
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         entry = self._buckets.pop(key, None)
-        bucket = entry[0] if entry is not None else self._make(self._rate)
-        self._buckets[key] = (bucket, now)
-        while self._buckets:
-            oldest_key, (_, last) = next(iter(self._buckets.items()))
-            if now - last < self._idle:
+        if entry is None:
+            entry = _Entry(self._make(self._rate), now)
+        entry.last = now
+        self._buckets[key] = entry
+        self._forget_idle(now)
+        # A bucket is idle only when nobody waits on it and its last grant is old:
+        # forgetting one with sends queued would let a new bucket grant beside it,
+        # twice the department's rate.
+        entry.waiting += 1
+        try:
+            async with entry.turn:
+                await entry.bucket.acquire()
+                if then is not None:
+                    await then()
+        finally:
+            entry.waiting -= 1
+            entry.last = loop.time()
+            if self._buckets.get(key) is entry:
+                self._buckets.move_to_end(key)
+
+    def _forget_idle(self, now: float) -> None:
+        for _ in range(len(self._buckets)):
+            oldest_key, oldest = next(iter(self._buckets.items()))
+            if now - oldest.last < self._idle:
                 break
-            del self._buckets[oldest_key]
-        await bucket.acquire()
+            if oldest.waiting:
+                self._buckets.move_to_end(oldest_key)  # in use: kept
+            else:
+                del self._buckets[oldest_key]
 
 
 class PauseOnly:
@@ -119,7 +162,7 @@ class LocalRateLimiter:
         clock: Monotonic clock for the pause (tests may pass a fake).
 
     Raises:
-        InvalidRequestError: a rate that is not > 0, or aiolimiter missing
+        InvalidRequestError: a rate that is not a finite number > 0, or aiolimiter missing
             (``pip install 'botmsg-async[rate]'``).
 
     Example:
@@ -138,8 +181,14 @@ class LocalRateLimiter:
             ("rate_limit", rate),
             ("per_department_rate_limit", per_department_rate),
         ):
-            if value is not None and not value > 0:
-                raise InvalidRequestError(name, value, "must be > 0 messages per second, or None")
+            # Finite both ways: aiolimiter hangs on an infinite rate (its period is NaN)
+            # and divides by zero on one so small that its period is infinite.
+            if value is not None and not (
+                value > 0 and math.isfinite(value) and math.isfinite(1 / value)
+            ):
+                raise InvalidRequestError(
+                    name, value, "must be a finite number > 0 messages per second, or None"
+                )
         self.rate = rate
         self.per_department_rate = per_department_rate
         self._global = _smooth_bucket(rate) if rate else None
@@ -153,11 +202,19 @@ class LocalRateLimiter:
         return f"LocalRateLimiter(rate={self.rate}, per_department_rate={self.per_department_rate})"
 
     async def acquire(self, department_uuid: str) -> None:
-        """Wait for a global slot, then for one for ``department_uuid``."""
-        if self._global is not None:
-            await self._global.acquire()
+        """Wait for a slot for ``department_uuid``, then for a global one.
+
+        The global slot comes last, right before the send: one taken first would be
+        spent while the send still waited for its department, and the sends parked
+        that way would later go beside the others, over the global rate.
+        """
+        glob = self._global
         if self._per_department is not None:
-            await self._per_department.acquire(department_uuid)
+            await self._per_department.acquire(
+                department_uuid, glob.acquire if glob is not None else None
+            )
+        elif glob is not None:
+            await glob.acquire()
 
     async def pause(self, seconds: float) -> None:
         """Pause every holder until ``seconds`` from now (a longer pause already set stays)."""

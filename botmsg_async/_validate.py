@@ -424,9 +424,16 @@ _DEFAULTS = MessageDefaults()
 
 
 def check_idempotency_key(key: object) -> None:
-    """Raise ``InvalidRequestError`` unless ``key`` is None or a printable ``str``."""
-    if key is not None and (not isinstance(key, str) or not key.isprintable()):
-        raise InvalidRequestError("idempotency_key", key, "must be a printable str")
+    """Raise ``InvalidRequestError`` unless ``key`` is None or a non-empty printable ``str``.
+
+    An empty key is refused, not taken for None: a caller resending under an
+    earlier key that came out empty (an unset variable) would otherwise send
+    under a new key, and a deduplicating service would deliver the message twice.
+    """
+    if key is not None and (not isinstance(key, str) or not key or not key.isprintable()):
+        raise InvalidRequestError(
+            "idempotency_key", key, "must be a non-empty printable str (None for a new key)"
+        )
 
 
 def check_request(

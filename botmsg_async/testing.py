@@ -42,6 +42,7 @@ import collections
 import enum
 import importlib.resources
 import json
+import math
 import random
 import secrets
 import socket
@@ -154,8 +155,13 @@ class FaultPlan:
         >>> FaultPlan({Fault.HTTP_503: 0.05, Fault.DROP_AFTER: 0.01}, seed=42)
     """
 
-    rates: Mapping[Fault, float] = field(factory=dict, converter=_rates_converter)
+    # Read-only (a mappingproxy), which neither hashes nor pickles: the hash is the
+    # seed's (equal plans still hash alike) and __reduce__ rebuilds from a dict.
+    rates: Mapping[Fault, float] = field(factory=dict, converter=_rates_converter, hash=False)
     seed: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FaultPlan, (dict(self.rates), self.seed))
 
     @classmethod
     def uniform(
@@ -351,6 +357,15 @@ def _read_request(body: bytes, validator: jsonschema.protocols.Validator) -> Tex
     raise _RefusedError(400, [_problem(e) for e in errors[:_MAX_PROBLEMS]])
 
 
+def _decimal(digits: str) -> int:
+    """The value of ASCII decimal ``digits``, however many (``int()`` refuses over 4,300)."""
+    value = 0
+    for start in range(0, len(digits), 4000):
+        chunk = digits[start : start + 4000]
+        value = value * 10 ** len(chunk) + int(chunk)
+    return value
+
+
 def _detail(status: int, detail: object, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
@@ -384,7 +399,7 @@ class FakeBotMessageServer:
         port: Port to listen on (127.0.0.1 only); 0, the default, picks a free one.
 
     Raises:
-        ValueError: Both ``faults`` and ``fault_rate`` given, a negative delay,
+        ValueError: Both ``faults`` and ``fault_rate`` given, a negative, infinite or NaN delay,
             a ``fault_rate`` outside [0, 1], or a ``:`` in ``username``.
 
     Attributes:
@@ -414,8 +429,10 @@ class FakeBotMessageServer:
             raise ValueError(f"port must be within [0, 65535], got {port}")
         if faults is not None and fault_rate is not None:
             raise ValueError("give faults or fault_rate, not both")
-        if latency < 0 or fault_latency < 0:
-            raise ValueError("latency and fault_latency must not be negative")
+        # Finite and not NaN: asyncio.sleep(nan) or sleep(inf) never returns, so every
+        # request would hang.
+        if not all(d >= 0 and math.isfinite(d) for d in (latency, fault_latency)):
+            raise ValueError("latency and fault_latency must be finite and not negative")
         if fault_rate is not None:
             faults = FaultPlan.uniform(fault_rate)
         self._username = username
@@ -579,6 +596,7 @@ class FakeBotMessageServer:
 
         Raises:
             ValueError: ``times`` is less than 1.
+            TypeError: ``times`` is not an int.
 
         Example:
             >>> server.inject(Fault.HTTP_502, times=3)
@@ -588,6 +606,9 @@ class FakeBotMessageServer:
         """
         if times is _Default.TIMES:
             times = 1 if when is None else None
+        if times is not None and not isinstance(times, int):
+            # A count of 1.5 would never reach 0: the fault would last for ever.
+            raise TypeError(f"times must be an int (or None), got {times!r}")
         if times is not None and times < 1:
             raise ValueError(f"times must be at least 1 (or None), got {times}")
         self._rules.append(_Rule(fault, times, when))
@@ -736,7 +757,7 @@ class FakeBotMessageServer:
             # a garbled header is an SDK bug worth a loud failure in tests.
             if not (raw_retry.isascii() and raw_retry.isdigit()):
                 return _detail(400, [f"{self._retry_count_header}: not a non-negative integer"])
-            retry_count = int(raw_retry)
+            retry_count = _decimal(raw_retry)
         department_uuid = request.match_info["departmentUUID"]
         user_uuid = request.match_info["userUUID"]
 

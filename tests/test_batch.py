@@ -559,3 +559,22 @@ async def test_on_start_precedes_each_send_and_skips_skipped(
         if kind == "request":
             assert events[number - 1][0] == "start"
     assert report.skipped == 34  # indices 7 to 40, after the 401 at index 6
+
+
+async def test_workers_are_no_more_than_the_items(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A huge concurrency for a few items starts a worker per item, not one per slot."""
+    workers_seen: list[int] = []
+
+    def on_start(index: int, request: SendRequest) -> None:
+        workers = [
+            t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_work"
+        ]
+        workers_seen.append(len(workers))
+
+    async with make_client(server.base_url) as client:
+        report = await client.send_many(items(3), concurrency=20_000, on_start=on_start)
+    assert report.sent == 3
+    # One per item, and one more that finds the input used up.
+    assert max(workers_seen) <= 3 + 1

@@ -246,6 +246,21 @@ async def test_send_with_an_unsafe_id_is_a_usage_error(
     assert server.requests == 0
 
 
+@pytest.mark.parametrize("key", ["", "a\tb"])
+async def test_send_with_an_unusable_idempotency_key_is_a_usage_error(
+    inline: Inline, server: FakeBotMessageServer, key: str
+) -> None:
+    """An empty (an unset "$KEY") or unprintable --idempotency-key exits 2, nothing sent."""
+    run = inline(
+        "send", "-d", "dep-1", "-u", "user-1", "-t", "Hello", "--idempotency-key", key,
+        server=server,
+    )  # fmt: skip
+    assert run.rc == 2
+    assert "--idempotency-key" in run.stderr
+    assert run.stdout == ""
+    assert server.requests == 0
+
+
 async def test_password_is_read_from_stdin_and_never_shown_even_at_debug(
     server: FakeBotMessageServer,
 ) -> None:
@@ -822,6 +837,32 @@ async def test_an_unwritable_out_leaves_no_journal_behind(
 
 
 # -- fake-server and demo ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("send-many", "IN", "--rate", "inf"), "--rate"),
+        (("send-many", "IN", "--rate", "nan"), "--rate"),
+        (("send-many", "IN", "--rate", "1e-320"), "--rate"),
+        (("send-many", "IN", "--per-department-rate", "inf"), "--per-department-rate"),
+        (("send-many", "IN", "--per-department-rate", "-1"), "--per-department-rate"),
+        (("fake-server", "--latency", "nan"), "--latency"),
+        (("fake-server", "--latency", "inf"), "--latency"),
+        (("fake-server", "--latency", "-1"), "--latency"),
+    ],
+)
+async def test_numbers_that_would_hang_or_crash_later_are_usage_errors(
+    inline: Inline, tmp_path: Path, args: tuple[str, ...], option: str
+) -> None:
+    """An infinite, NaN or out-of-range rate or delay exits 2 naming the option, before any I/O."""
+    # Async on purpose: a run that went on past the checks would call asyncio.run
+    # inside this test's loop and fail, instead of sending or serving for ever.
+    path = str(write_csv(tmp_path / "in.csv", rows(1)))
+    run = inline(*(path if a == "IN" else a for a in args), server=None)
+    assert run.rc == 2
+    assert option in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_fake_server_refuses_an_impossible_port(inline: Inline) -> None:

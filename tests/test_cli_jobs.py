@@ -397,7 +397,7 @@ async def test_a_rows_own_idempotency_key_is_sent_and_kept_across_runs(
 @pytest.mark.parametrize(
     ("key", "problem"),
     [
-        ("tab\there", r"idempotency_key 'tab\there': must be a printable str"),
+        ("tab\there", r"idempotency_key 'tab\there': must be a non-empty printable str"),
         (7, "idempotency_key must be a string, not int"),
     ],
     ids=["not-printable", "not-a-string"],

@@ -823,7 +823,7 @@ async def test_each_start_is_recorded_before_its_send(tmp_path: Path) -> None:
     [
         (("--workers", "0"), "--workers: must be at least 1"),
         (("--workers", "many"), "--workers: must be a number or 'auto'"),
-        (("--per-department-rate", "0"), "--per-department-rate must be more than 0"),
+        (("--per-department-rate", "0"), "--per-department-rate: must be a finite number"),
     ],
 )
 async def test_bad_worker_flags_send_nothing(

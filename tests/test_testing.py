@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
+import pickle
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -360,6 +362,16 @@ async def test_garbled_retry_count_header_gets_400(
 
     assert answer.status == 400
     assert "X-Retry-Count" in answer.json()["detail"][0]
+
+
+async def test_retry_count_of_any_length_is_read(
+    botmsg_server: FakeBotMessageServer, session: aiohttp.ClientSession
+) -> None:
+    """An X-Retry-Count longer than int() takes (4,300 digits) is a number, not a 500."""
+    answer = await post(session, botmsg_server, headers={"X-Retry-Count": "1" * 5000})
+
+    assert answer.status == 200
+    assert botmsg_server.messages[0].retry_count == int("1" * 4000) * 10**1000 + int("1" * 1000)
 
 
 # -- idempotency --------------------------------------------------------------------
@@ -740,6 +752,19 @@ def test_fault_plan_rejects_keys_that_are_not_faults() -> None:
         FaultPlan({"HTTP_500": 0.5})  # type: ignore[dict-item]
 
 
+def test_fault_plan_is_a_value_that_hashes_pickles_and_copies() -> None:
+    """A FaultPlan is frozen: it hashes like an equal plan, and survives pickle and deepcopy."""
+    plan = FaultPlan({Fault.HTTP_502: 0.1, Fault.DROP_AFTER: 0.05}, seed=7)
+    same = FaultPlan({Fault.DROP_AFTER: 0.05, Fault.HTTP_502: 0.1}, seed=7)
+    assert plan == same
+    assert hash(plan) == hash(same)
+    for copied in (pickle.loads(pickle.dumps(plan)), copy.deepcopy(plan)):  # noqa: S301
+        assert copied == plan
+        assert list(copied.rates) == [Fault.HTTP_502, Fault.DROP_AFTER]
+        with pytest.raises(TypeError):
+            copied.rates[Fault.HTTP_500] = 0.5  # type: ignore[index]
+
+
 def test_fault_plan_accepts_rates_adding_up_to_one_with_rounding() -> None:
     """Ten rates of 0.1 add up to 1 despite floating-point rounding."""
     plan = FaultPlan.uniform(1.0, list(Fault)[:10])
@@ -753,6 +778,22 @@ def test_uniform_validates_its_arguments() -> None:
         FaultPlan.uniform(0.5, [])
     with pytest.raises(ValueError, match="rate"):
         FaultPlan.uniform(2.0)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_delays_that_would_hang_every_request_are_refused(value: float) -> None:
+    """A negative, NaN or infinite latency is a ValueError: sleep(nan) never returns."""
+    with pytest.raises(ValueError, match="latency"):
+        FakeBotMessageServer(latency=value)
+    with pytest.raises(ValueError, match="latency"):
+        FakeBotMessageServer(fault_latency=value)
+
+
+def test_inject_refuses_a_count_that_is_not_an_int() -> None:
+    """inject(times=1.5) would never be used up: it is a TypeError."""
+    server = FakeBotMessageServer()
+    with pytest.raises(TypeError, match="times"):
+        server.inject(Fault.HTTP_500, times=1.5)  # type: ignore[arg-type]
 
 
 def test_faults_and_fault_rate_are_exclusive() -> None:

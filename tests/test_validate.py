@@ -246,6 +246,7 @@ def test_base_url_of_another_type_is_invalid_request() -> None:
         (SendRequest("d", "u", "  "), "message.body"),
         (SendRequest("d", "u", TextMessage("hi", subject="\ud800")), "message.subject"),
         (SendRequest("d", "u", "hi", idempotency_key="a\nb"), "idempotency_key"),
+        (SendRequest("d", "u", "hi", idempotency_key=""), "idempotency_key"),
     ],
 )
 def test_check_request_names_the_field_send_would(request_: SendRequest, field: str) -> None:

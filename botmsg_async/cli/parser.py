@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from typing import Final
 
@@ -42,6 +43,22 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be a number of seconds above 0")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    # Finite both ways: an infinite rate, or one whose period 1/rate is infinite,
+    # would hang or crash the rate limiter mid-run instead of failing here.
+    if not (value > 0 and math.isfinite(value) and math.isfinite(1 / value)):
+        raise argparse.ArgumentTypeError("must be a finite number of messages per second above 0")
+    return value
+
+
+def _delay(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):  # NaN or inf: every request would hang
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
     return value
 
 
@@ -128,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     many.add_argument("--text", "-t", help="one text for every row (instead of a text column)")
     many.add_argument("--concurrency", "-c", type=_positive_int, default=32, help="default: 32")
-    many.add_argument("--rate", type=float, help="most messages per second (default: no limit)")
+    many.add_argument("--rate", type=_rate, help="most messages per second (default: no limit)")
     many.add_argument(
         "--per-department-rate",
-        type=float,
+        type=_rate,
         help="most messages per second to one department (default: no limit)",
     )
     many.add_argument(
@@ -258,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of requests that get a random fault, spread over every fault a retry "
         "can get through (ambiguous ones included: 500, dropped connections...)",
     )
-    fake.add_argument("--latency", type=float, default=0.0, help="seconds every request waits")
+    fake.add_argument("--latency", type=_delay, default=0.0, help="seconds every request waits")
     fake.add_argument("--seed", type=int, help="makes faults and answered UUIDs reproducible")
     fake.add_argument("--username", help="the user name to accept (default: user)")
     fake.add_argument(

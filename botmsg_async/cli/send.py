@@ -68,18 +68,24 @@ def cmd_send(args: argparse.Namespace, console: Console) -> int:
     message = TextMessage(
         args.text, subject=args.subject or None, sender_name=args.sender_name or None
     )
-    _check_request(args.department, args.user, message)
+    _check_request(args.department, args.user, message, args.idempotency_key)
     creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=False)
     return run(_send_one(args, console, creds, message), loop=args.loop)
 
 
-def _check_request(department_uuid: str, user_uuid: str, message: TextMessage) -> None:
+def _check_request(
+    department_uuid: str, user_uuid: str, message: TextMessage, idempotency_key: str | None
+) -> None:
     """Refuse what the client would refuse, worded for the command line (ids first)."""
     try:
-        check_request(SendRequest(department_uuid, user_uuid, message))
+        check_request(
+            SendRequest(department_uuid, user_uuid, message, idempotency_key=idempotency_key)
+        )
     except InvalidRequestError as exc:
         if exc.field in ("department_uuid", "user_uuid"):
             raise UsageError(f"{exc.field} {exc.value!r}: {exc.problem}") from None
+        if exc.field == "idempotency_key":
+            raise UsageError(f"--idempotency-key {exc.value!r}: {exc.problem}") from None
         if exc.field == "message.body" and not message.body.strip():
             raise UsageError("--text must not be empty") from None
         raise UsageError(str(exc)) from None
