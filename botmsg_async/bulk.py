@@ -145,6 +145,17 @@ def usable_cores() -> int:
 _STATE = struct.Struct("=dd")
 
 
+class _DepartmentSlots:
+    """One department's schedule in this process: its next slot, its turn, its waiters."""
+
+    __slots__ = ("tat", "turn", "waiting")
+
+    def __init__(self) -> None:
+        self.tat = 0.0  # theoretical arrival time of its next send (GCRA)
+        self.turn = asyncio.Lock()
+        self.waiting = 0
+
+
 class ProcessRateLimiter:
     """A ``RateLimiter`` shared by the processes of one machine.
 
@@ -165,6 +176,8 @@ class ProcessRateLimiter:
             this process (None: no limit).
         grant_log: Append each grant (the slot's monotonic time, the pid and the
             department) to this file: for audits and tests of the limits.
+        clock: The monotonic clock every holder shares (``time.monotonic``; tests
+            may pass the loop's).
     """
 
     def __init__(
@@ -174,6 +187,7 @@ class ProcessRateLimiter:
         rate: float | None = None,
         per_department_rate: float | None = None,
         grant_log: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Imported here: the module (and the CLI that imports it) loads on Windows,
         # where there are no POSIX record locks and no workers.
@@ -193,7 +207,8 @@ class ProcessRateLimiter:
             if per_department_rate
             else 0.0
         )
-        self._dept_tat: dict[str, float] = {}
+        self._clock = clock
+        self._dept: dict[str, _DepartmentSlots] = {}
         self._log_fd = (
             os.open(grant_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if grant_log
@@ -236,29 +251,55 @@ class ProcessRateLimiter:
             self._lock(False)
         return slot
 
-    def _reserve_department(self, department_uuid: str, now: float) -> float:
-        tat = max(self._dept_tat.get(department_uuid, 0.0), now)
-        slot = max(now, tat - self._dept_tolerance)
-        self._dept_tat[department_uuid] = tat + self._dept_interval
-        if len(self._dept_tat) > 4096:
-            # Forget departments whose schedule is in the past: nothing of them holds.
-            self._dept_tat = {d: t for d, t in self._dept_tat.items() if t > now}
-        return slot
+    def _department(self, department_uuid: str, now: float) -> _DepartmentSlots:
+        found = self._dept.get(department_uuid)
+        if found is None:
+            if len(self._dept) >= 4096:
+                # Forget departments whose schedule is in the past and that nobody
+                # waits on: nothing of them holds.
+                self._dept = {
+                    d: slots for d, slots in self._dept.items() if slots.tat > now or slots.waiting
+                }
+            found = self._dept[department_uuid] = _DepartmentSlots()
+        return found
+
+    async def _wait_until(self, slot: float) -> None:
+        wait = slot - self._clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def acquire(self, department_uuid: str) -> None:
-        """Wait for a global slot, then for one for ``department_uuid``."""
-        if self.rate:
-            slot = self._reserve_global(time.monotonic())
-            self._log(slot, "*")
-            wait = slot - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-        if self.per_department_rate:
-            slot = self._reserve_department(department_uuid, time.monotonic())
-            self._log(slot, department_uuid)
-            wait = slot - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        """Wait for a slot for ``department_uuid``, then for a global one.
+
+        The global slot comes last, right before the send: one taken first would be
+        spent while the send still waited for its department, and the sends parked
+        that way would later go beside the others, over the global rate. A
+        department's sends go through both one at a time: several waiting for
+        global slots at once could get them closer together than its own rate.
+        """
+        if not self.per_department_rate:
+            if self.rate:
+                await self._acquire_global()
+            return
+        slots = self._department(department_uuid, self._clock())
+        slots.waiting += 1
+        try:
+            async with slots.turn:
+                now = self._clock()
+                tat = max(slots.tat, now)
+                slot = max(now, tat - self._dept_tolerance)
+                slots.tat = tat + self._dept_interval
+                self._log(slot, department_uuid)
+                await self._wait_until(slot)
+                if self.rate:
+                    await self._acquire_global()
+        finally:
+            slots.waiting -= 1
+
+    async def _acquire_global(self) -> None:
+        slot = self._reserve_global(self._clock())
+        self._log(slot, "*")
+        await self._wait_until(slot)
 
     def _log(self, slot: float, department: str) -> None:
         if self._log_fd is not None:
@@ -268,7 +309,7 @@ class ProcessRateLimiter:
         """Pause every holder, in every process, until ``seconds`` from now."""
         if not seconds > 0:
             return
-        until = time.monotonic() + seconds
+        until = self._clock() + seconds
         self._lock(True)
         try:
             tat, paused_until = _STATE.unpack_from(self._map)
@@ -284,7 +325,7 @@ class ProcessRateLimiter:
         """``paused_for``, without a coroutine: for a sender's fast path."""
         # An aligned 8-byte read: no lock needed to see either the old or the new end.
         paused_until: float = _STATE.unpack_from(self._map)[1]
-        return max(0.0, paused_until - time.monotonic()) if paused_until else 0.0
+        return max(0.0, paused_until - self._clock()) if paused_until else 0.0
 
 
 class _SharedPause(PauseOnly):

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from benchmarks.stamps import most_in_window
 from botmsg_async import InvalidRequestError, SendRequest
 from botmsg_async.bulk import (
     ProcessRateLimiter,
@@ -35,7 +36,7 @@ from botmsg_async.bulk import (
     send_parallel,
 )
 from botmsg_async.cli.tunables import MALLOC_TUNABLES
-from tests.conftest import serving_send
+from tests.conftest import serving_send, virtual_time
 from tests.test_cli import read_jsonl, write_csv
 
 USERNAME = "workers-user"
@@ -345,6 +346,32 @@ asyncio.run(main())
     slots = [slot for slot, _ in grants(log)["*"]]
     assert len(slots) == 101
     assert_rate(slots, 10)
+
+
+async def test_both_rates_hold_when_a_department_queues_behind_the_global_rate() -> None:
+    """ProcessRateLimiter, rate=10 and 5 per department, a backlog for one: neither is passed."""
+    loop = asyncio.get_running_loop()
+    fd = ProcessRateLimiter.create()
+    try:
+        with virtual_time(loop):
+            limiter = ProcessRateLimiter(fd, rate=10, per_department_rate=5, clock=loop.time)
+            passed: dict[str, list[float]] = defaultdict(list)
+
+            async def send(department: str) -> None:
+                await limiter.acquire(department)
+                passed[department].append(loop.time())
+
+            departments = ["busy"] * 100 + [f"d{i}" for i in range(100)]
+            await asyncio.gather(*(send(department) for department in departments))
+            limiter.close()
+    finally:
+        os.close(fd)
+    every = [t for times in passed.values() for t in times]
+    assert len(every) == 200
+    # A global slot taken before the department's would be spent while the send still
+    # waited, and the sends parked that way would pass later beside the others.
+    assert most_in_window(every, 1.0) <= 10 + 1  # the limit and its burst
+    assert most_in_window(passed["busy"], 1.0) <= 5 + 1
 
 
 @pytest.mark.slow
