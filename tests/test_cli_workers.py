@@ -92,6 +92,25 @@ async def service() -> AsyncIterator[tuple[Service, str]]:
         yield svc, base_url
 
 
+def stall_next(svc: Service, status: int) -> tuple[asyncio.Event, asyncio.Event, list[int]]:
+    """Hold ``svc``'s next request until the second event is set; the first is set when it
+    arrives, and the list gets its sender's port. Then it is answered ``status`` (200: a
+    SUCCESS answer)."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+    ports: list[int] = []
+
+    async def stall(request: web.Request) -> web.Response:
+        ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        arrived.set()
+        await release.wait()
+        if status == 200:
+            return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": "m"})
+        return web.json_response({}, status=status)
+
+    svc.script.append(stall)
+    return arrived, release, ports
+
+
 def items(tmp_path: Path, n: int, departments: int = 3) -> Path:
     return write_csv(
         tmp_path / "in.csv",
@@ -509,16 +528,8 @@ async def test_resume_with_other_workers_and_resend_unknown(tmp_path: Path) -> N
     source = items(tmp_path, n)
     journal = tmp_path / "journal"
     out = tmp_path / "out.jsonl"
-    hold = asyncio.Event()
-    stalled = asyncio.Event()
-
-    async def stall(request: web.Request) -> web.Response:
-        stalled.set()
-        await hold.wait()
-        return web.json_response({}, status=503)
-
     async with service() as (svc, base_url):
-        svc.script.append(stall)  # the first request never answers before the kill
+        stalled, hold, _ = stall_next(svc, 503)  # the first request never answers before the kill
         process = await start(
             base_url, str(source), "--workers", "2", "-c", "4", "--journal", str(journal),
         )  # fmt: skip
@@ -589,17 +600,8 @@ async def test_a_worker_stopped_alone_hands_its_items_to_another(tmp_path: Path)
     """A worker drained by its own SIGTERM gives back its queued items; an idle one sends them."""
     source = items(tmp_path, 4)
     out = tmp_path / "out.jsonl"
-    stalled, release = asyncio.Event(), asyncio.Event()
-    ports: list[int] = []
-
-    async def stall(request: web.Request) -> web.Response:
-        ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
-        stalled.set()
-        await release.wait()
-        return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": "m"})
-
     async with service() as (svc, base_url):
-        svc.script.append(stall)  # the first send stays in flight until released
+        stalled, release, ports = stall_next(svc, 200)  # in flight until released
         # -c 1: chunks of two items; each worker holds one in flight and one queued.
         process = await start(base_url, str(source), "--workers", "2", "-c", "1", "--out", str(out))
         pids = await worker_pids(process, 2)
@@ -783,16 +785,8 @@ async def test_second_signal_abandons_in_flight_sends(tmp_path: Path) -> None:
     n = 200
     source = items(tmp_path, n)
     journal = tmp_path / "journal"
-    hold = asyncio.Event()
-    stalled = asyncio.Event()
-
-    async def stall(request: web.Request) -> web.Response:
-        stalled.set()
-        await hold.wait()
-        return web.json_response({}, status=503)
-
     async with service() as (svc, base_url):
-        svc.script.append(stall)  # one send stays in flight until the end
+        stalled, hold, _ = stall_next(svc, 503)  # one send stays in flight until the end
         process = await start(
             base_url, str(source), "--workers", "2", "-c", "2", "--journal", str(journal),
             "--out", str(tmp_path / "first.jsonl"),
@@ -1049,16 +1043,8 @@ async def test_every_worker_dead_counts_the_unread_rest_not_started(tmp_path: Pa
     n = 400
     source = items(tmp_path, n)
     out = tmp_path / "out.jsonl"
-    hold = asyncio.Event()
-    stalled = asyncio.Event()
-
-    async def stall(request: web.Request) -> web.Response:
-        stalled.set()
-        await hold.wait()
-        return web.json_response({}, status=503)
-
     async with service() as (svc, base_url):
-        svc.script.append(stall)  # the first request never answers before the kills
+        stalled, hold, _ = stall_next(svc, 503)  # the first request never answers before the kills
         process = await start(base_url, str(source), "--workers", "2", "-c", "2", "--out", str(out))
         pids = await worker_pids(process, 2)
         await asyncio.wait_for(stalled.wait(), TIMEOUT)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from benchmarks.stamps import most_in_window
 from botmsg_async import BotMessageClient, InvalidRequestError, LocalRateLimiter
 from botmsg_async._limits import _PerKeyBuckets, _smooth_bucket
 
@@ -29,16 +30,6 @@ async def _grants(limiter: LocalRateLimiter, keys: list[str], workers: int) -> l
     return stamps
 
 
-def _most_in_any_window(stamps: list[float], width: float) -> int:
-    stamps = sorted(stamps)
-    most = start = 0
-    for end, t in enumerate(stamps):
-        while t - stamps[start] >= width:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
-
-
 async def test_global_rate_is_exact_on_a_virtual_clock() -> None:
     """rate=100: 1,010 grants take 10 s after the burst; no 1 s window holds more than 110."""
     loop = asyncio.get_running_loop()
@@ -48,7 +39,7 @@ async def test_global_rate_is_exact_on_a_virtual_clock() -> None:
         stamps = await _grants(limiter, ["d"] * 1_010, workers=64)
     assert len(stamps) == 1_010
     assert max(stamps) - begun == pytest.approx(10.0, rel=0.01)
-    assert _most_in_any_window(stamps, 1.0) <= 100 + 10
+    assert most_in_window(stamps, 1.0) <= 100 + 10
 
 
 async def test_per_department_rate_holds_each_department_alone() -> None:
@@ -60,7 +51,7 @@ async def test_per_department_rate_holds_each_department_alone() -> None:
         slow = await _grants(limiter, ["busy"] * 51, workers=8)
         quick = await _grants(limiter, [f"d{i}" for i in range(200)], workers=8)
     assert max(slow) - begun == pytest.approx(10.0, rel=0.02)
-    assert _most_in_any_window(slow, 1.0) <= 5 + 1
+    assert most_in_window(slow, 1.0) <= 5 + 1
     assert max(quick) - max(slow) < 0.01  # 200 departments at once: no wait
 
 
@@ -176,7 +167,7 @@ async def test_a_department_with_waiters_is_not_forgotten() -> None:
         await asyncio.gather(*(busy() for _ in range(10)), later())
     assert len(stamps) == 11
     assert max(stamps) - begun == pytest.approx(10.0, rel=0.02)
-    assert _most_in_any_window(stamps, 1.0) <= 1 + 1
+    assert most_in_window(stamps, 1.0) <= 1 + 1
 
 
 async def test_both_rates_hold_when_a_busy_department_queues_behind_the_global_rate() -> None:
@@ -197,5 +188,5 @@ async def test_both_rates_hold_when_a_busy_department_queues_behind_the_global_r
     # A slot of the global rate is taken when the send goes, not while it still waits for
     # its department's: else the sends parked behind their department pass later, beside
     # the others' (15 in a second here).
-    assert _most_in_any_window(every, 1.0) <= 10 + 1
-    assert _most_in_any_window(stamps["busy"], 1.0) <= 5 + 1
+    assert most_in_window(every, 1.0) <= 10 + 1
+    assert most_in_window(stamps["busy"], 1.0) <= 5 + 1
