@@ -1021,6 +1021,9 @@ class JournalSet:
                 if combined.states[index] in _FRESH and runs[index] <= run:
                     combined.states[index] = UNKNOWN
                     combined.in_doubt[index] = (None, TORN_NOTE)
+                    combined.torn_in_doubt.append(index)
+        # As load() says of one file: a torn tail was found (the caller warns of it).
+        combined.torn = bool(held)
         self.state = combined
         self._sources = sources
         self._segments = parts

@@ -128,14 +128,16 @@ def test_reading_any_journal_gives_a_state_or_a_journal_error(
 # -- a torn journal and --skip-invalid -------------------------------------------------------
 
 
+@pytest.mark.parametrize("resumed_with", [[], ["--workers", "2"]], ids=["one-process", "workers"])
 async def test_invalid_rows_take_no_place_in_a_torn_journals_window(
-    server: FakeBotMessageServer, tmp_path: Path
+    server: FakeBotMessageServer, tmp_path: Path, resumed_with: list[str]
 ) -> None:
     """After a torn tail, the window held back is of rows the run would send, not invalid ones.
 
     With -c 1 the stopped run may have started one more item than its journal
     shows. Rows 2 and 3 are invalid (never sent): the next item it would have
-    started is row 4, which must be held back, never resent under a new key.
+    started is row 4, which must be held back, never resent under a new key,
+    whether the resume runs in one process or with workers.
     """
     items = rows(7)
     items[2]["user_uuid"] = items[3]["user_uuid"] = "a/b"
@@ -150,7 +152,7 @@ async def test_invalid_rows_take_no_place_in_a_torn_journals_window(
     journal_path.write_bytes(b"".join(lines[:4]) + lines[4][:15])  # torn in item 1's outcome
     server.reset()
     out = tmp_path / "out.jsonl"
-    run = await botmsg(*first, "--resume", "--out", str(out), server=server)
+    run = await botmsg(*first, "--resume", *resumed_with, "--out", str(out), server=server)
     assert run.rc == 3, run.stderr
     assert "1 item(s) the stopped run may have started" in run.stderr
     outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
@@ -300,33 +302,3 @@ async def test_credentials_the_client_refuses_are_a_usage_error_with_workers(
     assert "Traceback" not in run.stderr
     assert not [name for name in os.listdir(tmp_path) if name.startswith("journal")]
     assert server.messages == []
-
-
-async def test_invalid_rows_take_no_place_in_a_torn_journals_window_with_workers(
-    server: FakeBotMessageServer, tmp_path: Path
-) -> None:
-    """Resumed with --workers, a torn journal holds back the same rows: invalid ones skipped."""
-    items = rows(7)
-    items[2]["user_uuid"] = items[3]["user_uuid"] = "a/b"
-    source = write_csv(tmp_path / "in.csv", items)
-    journal_path = tmp_path / "journal"
-    first = ["send-many", str(source), "--journal", str(journal_path), "-c", "1", "--skip-invalid"]
-    assert (await botmsg(*first, server=server)).rc == 0
-    lines = journal_path.read_bytes().splitlines(keepends=True)
-    assert b'"i":1,"o":"sent"' in lines[4]
-    journal_path.write_bytes(b"".join(lines[:4]) + lines[4][:15])  # torn in item 1's outcome
-    server.reset()
-    out = tmp_path / "out.jsonl"
-    run = await botmsg(*first, "--resume", "--workers", "2", "--out", str(out), server=server)
-    assert run.rc == 3, run.stderr
-    outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
-    assert outcomes == {
-        0: "sent",
-        1: "unknown",
-        2: "skipped",
-        3: "skipped",
-        4: "unknown",
-        5: "sent",
-        6: "sent",
-    }
-    assert sorted(m.user_uuid for m in server.messages) == ["user-5", "user-6"]

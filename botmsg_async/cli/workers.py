@@ -200,7 +200,11 @@ def _open_journal(
         never_sent=scan.is_invalid,  # a torn tail's window counts only rows a run sends
     )
     if state is not None and state.torn:
-        console.err(f"warning: {path} ends in a torn record; items it may hide are held back")
+        console.err(
+            f"warning: {path} ends in a torn record (a power cut or crash while writing): "
+            f"{len(state.torn_in_doubt)} item(s) the stopped run may have started without a "
+            "record are held back as unknown, never to be resent"
+        )
     return journal, state
 
 
