@@ -187,6 +187,7 @@ class BatchStream:
         self._sink: Callable[[ResultRow], object] | None = None
         self._managed = False
         self._abandoned = False
+        self._reported = False  # the runner's outcome was (or is being) raised to the caller
         self._started = 0.0
         self.stopped_by: BotMessageError | None = None
         self._tally = Tally()
@@ -198,6 +199,12 @@ class BatchStream:
     # -- consumer side ---------------------------------------------------------
 
     def __aiter__(self) -> AsyncIterator[ItemResult]:
+        if self._managed:
+            # Inside ``async with`` the block's exit stops the workers, so no
+            # generator is needed, and one would end for good at the first
+            # cancelled read (an exception ends a generator): ``async for`` with
+            # a per-read timeout would then stop early, silently, the batch running on.
+            return self
         # An async generator, not ``self``: when a bare ``async for`` is left
         # early (``break``, an exception), the generator is dropped and asyncio's
         # own async-generator finalizer runs its ``finally``, which stops the
@@ -245,7 +252,7 @@ class BatchStream:
                 raise
         if isinstance(item, ItemResult):
             return item
-        self._finished = True
+        self._finished = self._reported = True
         await self._runner  # re-raises what stopped the workers, if anything
         raise StopAsyncIteration
 
@@ -259,21 +266,39 @@ class BatchStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        error = await self._stop()
+        if error is not None and exc is None:
+            # The block ended early (a ``break``) after a callback or the input
+            # failed: the caller hears of it, as at the end of the stream.
+            raise error
 
     async def aclose(self) -> None:
         """Stop: no new item starts, in-flight sends are cancelled."""
+        await self._stop()
+
+    async def _stop(self) -> Exception | None:
+        """Stop the workers; return what failed them (a callback, the input) if not yet raised.
+
+        Its outcome is always fetched: a runner that failed while nobody read on
+        would otherwise be logged as "Task exception was never retrieved".
+        """
         self._finished = True
         runner, self._runner = self._runner, None
-        if runner is not None and not runner.done():
+        if runner is None or self._reported:
+            return None
+        self._reported = True
+        if not runner.done():
             runner.cancel()
-            try:
-                await runner
-            except asyncio.CancelledError:
-                # Our own cancellation of the runner, unless we are being cancelled too.
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        try:
+            await runner
+        except asyncio.CancelledError:
+            # Our own cancellation of the runner, unless we are being cancelled too.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        except Exception as exc:
+            return exc
+        return None
 
     async def _drain(self, sink: Callable[[ResultRow], object]) -> None:
         """Run to the end handing each result to ``sink`` instead of the queue.
@@ -289,6 +314,7 @@ class BatchStream:
         self._started = time.perf_counter()
         self._sink = sink
         self._runner = asyncio.create_task(self._observed_run())
+        self._reported = True  # its outcome is raised here
         await self._runner
         self._finished = True
 

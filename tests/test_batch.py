@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -578,3 +579,84 @@ async def test_workers_are_no_more_than_the_items(
     assert report.sent == 3
     # One per item, and one more that finds the input used up.
     assert max(workers_seen) <= 3 + 1
+
+
+async def test_cancelled_read_of_the_async_for_iterator_inside_async_with_loses_nothing(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """Inside ``async with``, a cancelled read of ``aiter(stream)`` leaves it readable on."""
+    arrived = asyncio.Event()
+    answering = asyncio.Event()
+
+    async def when_allowed(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await answering.wait()
+        return await ok(request)
+
+    server.default = when_allowed
+    async with (
+        make_client(server.base_url) as client,
+        client.stream_many(items(4), concurrency=2) as stream,
+    ):
+        reader = aiter(stream)  # what ``async for`` reads, as a per-read timeout would
+
+        async def read_one() -> ItemResult:
+            return await anext(reader)
+
+        read = asyncio.create_task(read_one())
+        await arrived.wait()  # the read waits on a send the server holds
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        answering.set()
+        got = [item async for item in reader]
+    # On the old code the iterator ended there, silently: [] while the batch ran on.
+    assert sorted(r.index for r in got) == list(range(4))
+
+
+async def _callback_failed(stream_started: asyncio.Event) -> None:
+    """Wait for the failing callback, then for the batch's task to end (loop turns, no clock)."""
+    await stream_started.wait()
+    while any("_observed_run" in repr(t) for t in client_tasks()):  # noqa: ASYNC110
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("managed", [True, False], ids=["async-with", "bare"])
+async def test_callback_error_after_an_early_exit_is_never_left_unretrieved(
+    server: ScriptedServer, make_client: MakeClient, managed: bool
+) -> None:
+    """A stream left early after on_result raised: the block raises it; nothing is logged."""
+    loop = asyncio.get_running_loop()
+    logged: list[str] = []
+    loop.set_exception_handler(lambda _, context: logged.append(context["message"]))
+    failing = asyncio.Event()
+
+    def on_result(item: ItemResult) -> None:
+        if item.index == 1:
+            failing.set()
+            raise ValueError("journal full")
+
+    try:
+        async with make_client(server.base_url) as client:
+            stream = client.stream_many(items(3), concurrency=1, on_result=on_result)
+            if managed:
+
+                async def leave_the_block_early(stream: BatchStream) -> None:
+                    async with stream:
+                        async for _ in stream:
+                            await _callback_failed(failing)
+                            break
+
+                with pytest.raises(ValueError, match="journal full"):
+                    await leave_the_block_early(stream)
+            else:
+                async for _ in stream:
+                    await _callback_failed(failing)
+                    break
+            del stream
+            for _ in range(5):  # let the async-for's finalizer run
+                await asyncio.sleep(0)
+            gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert logged == []  # old code: "Task exception was never retrieved"
