@@ -137,8 +137,9 @@ class BatchStream:
     the end cleans up too. Outside ``async with``, leaving an ``async for``
     early (``break``, an exception) stops the workers as soon as the loop runs
     again, and so does a cancelled read (it may be the consumer's end); a later
-    read raises ``RuntimeError``. Inside ``async with``, a ``break`` leaves the
-    stream running, to be read on.
+    read raises ``RuntimeError``. Inside ``async with``, a ``break`` or a
+    cancelled read leaves the stream running, to be read on; an error of a
+    callback or of the input that the block did not read to is raised by its exit.
 
     ``telemetry`` (the client's) is told when the batch starts and ends, and of
     the time its own rate limits hold items back.
