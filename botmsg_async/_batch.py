@@ -253,8 +253,12 @@ class BatchStream:
                 raise
         if isinstance(item, ItemResult):
             return item
-        self._finished = self._reported = True
-        await self._runner  # re-raises what stopped the workers, if anything
+        self._finished = True
+        runner = self._runner
+        if runner is None:  # aclose() (from another task) took it: its outcome is aclose's
+            raise StopAsyncIteration
+        self._reported = True
+        await runner  # re-raises what stopped the workers, if anything
         raise StopAsyncIteration
 
     async def __aenter__(self) -> Self:

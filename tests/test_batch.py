@@ -660,3 +660,27 @@ async def test_callback_error_after_an_early_exit_is_never_left_unretrieved(
     finally:
         loop.set_exception_handler(None)
     assert logged == []  # old code: "Task exception was never retrieved"
+
+
+async def test_aclose_from_another_task_ends_a_waiting_read(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """``aclose()`` from another task (a stop button) ends a read waiting on the stream cleanly."""
+    arrived = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.Event().wait()  # never answers: the close cancels the send
+        raise AssertionError("unreachable")
+
+    server.default = hold
+    async with make_client(server.base_url) as client:
+        stream = client.stream_many(items(3), concurrency=1)
+
+        async def consume() -> list[ItemResult]:
+            return [item async for item in stream]
+
+        consumer = asyncio.create_task(consume())
+        await arrived.wait()  # the consumer waits on the held send
+        await stream.aclose()
+        assert await consumer == []  # old code: TypeError, awaiting the runner aclose took
