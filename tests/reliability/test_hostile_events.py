@@ -62,6 +62,7 @@ async def run_schedule(
     concurrency: int,
     through_view: bool,
 ) -> None:
+    """Run one schedule against a fresh fake service and check the invariants on its records."""
     server = FakeBotMessageServer(retry_after="1", fault_latency=0.001, seed=1)
     await server.start()
     loop = asyncio.get_running_loop()
