@@ -140,3 +140,23 @@ async def test_a_signal_while_reading_the_input_exits_130(
     assert b"interrupted" in err
     assert b"Traceback" not in err
     assert server.messages == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_an_out_that_cannot_be_written_leaves_no_send_in_doubt(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """--out failing mid-run (ENOSPC) starts nothing new, and settles every send begun."""
+    source = write_jsonl(tmp_path / "in.jsonl", rows(400))
+    journal = tmp_path / "job.journal"
+    run = await botmsg(
+        "send-many", str(source), "--out", "/dev/full", "--journal", str(journal), server=server
+    )
+    assert run.rc == 1, run
+    assert "No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr
+    records = read_jsonl(journal)[1:]
+    started = {r["i"] for r in records if r.get("s") == "start"}
+    settled = {r["i"] for r in records if "o" in r}
+    assert started == settled  # nothing in flight was abandoned
+    assert 0 < len(server.messages) == len(settled) < 400
