@@ -160,3 +160,16 @@ async def test_an_out_that_cannot_be_written_leaves_no_send_in_doubt(
     settled = {r["i"] for r in records if "o" in r}
     assert started == settled  # nothing in flight was abandoned
     assert 0 < len(server.messages) == len(settled) < 400
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+async def test_stdout_is_utf8_json_whatever_the_locale(
+    server: FakeBotMessageServer, tmp_path: Path, encoding: str
+) -> None:
+    """--out - under an ASCII or Latin-1 locale writes UTF-8 JSON, as an --out file does."""
+    items = [{"department_uuid": "d", "user_uuid": "юзер-1", "text": "Привет"}, *rows(2)]
+    source = write_jsonl(tmp_path / "in.jsonl", items)
+    env = cli_env(server, PYTHONIOENCODING=encoding)
+    run = await botmsg("send-many", str(source), "--out", "-", server=server, env=env)
+    assert run.rc == 0, run
+    assert sorted(r["user_uuid"] for r in run.json_lines()) == ["user-0", "user-1", "юзер-1"]

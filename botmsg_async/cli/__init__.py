@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown, 130 interrupted.
     """
     _fill_closed_streams()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # stdout carries JSON (send's result, --out -), UTF-8 as an --out file is,
+        # whatever the locale: a Latin-1 or ASCII one could not encode a non-ASCII id.
+        sys.stdout.reconfigure(encoding="utf-8")
     console = Console()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
