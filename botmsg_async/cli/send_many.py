@@ -261,12 +261,13 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         args.text, args.subject, args.sender_name, ignored_columns(args.ignore_columns)
     )
     with contextlib.ExitStack() as stack:
+        # The workers start now, so that their start-up overlaps reading the input
+        # (a pipe's is copied first) and the validation pass; they wait for the job,
+        # and end with this block if there is none.
+        pool = start_workers(args, stack) if not args.redis else None
         source = Source(args.input, stack)
         creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=args.input == "-")
         fmt: str = args.format or source.guess_format()
-        # The workers start now, so that their start-up overlaps the validation pass;
-        # they wait for the job, and end with this block if there is none.
-        pool = start_workers(args, stack) if not args.redis else None
         try:
             scan = scan_input(source, fmt, defaults)
         except UsageError as exc:
