@@ -6,15 +6,18 @@ Every run goes through the real entry point in a subprocess, against the fake se
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from botmsg_async.testing import FakeBotMessageServer
 
+from .conftest import ok, run_botmsg, serving_send
 from .test_cli import RUN_TIMEOUT, Run, botmsg, cli_env, read_jsonl, rows, write_jsonl
 from .test_cli import server as server  # the fixture, used by name
 
@@ -173,3 +176,41 @@ async def test_stdout_is_utf8_json_whatever_the_locale(
     run = await botmsg("send-many", str(source), "--out", "-", server=server, env=env)
     assert run.rc == 0, run
     assert sorted(r["user_uuid"] for r in run.json_lines()) == ["user-0", "user-1", "юзер-1"]
+
+
+async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path) -> None:
+    """An input that grows during the run stops it: the new rows were never checked."""
+    source = write_jsonl(tmp_path / "in.jsonl", rows(2000))
+    first = asyncio.Event()
+    release = asyncio.Event()
+    users: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        users.append(request.match_info["user"])
+        first.set()
+        await release.wait()  # the first send waits until the file has grown
+        return await ok(request)
+
+    async with serving_send(handle) as base_url:
+        run = asyncio.create_task(
+            run_botmsg(
+                "send-many",
+                str(source),
+                "--concurrency",
+                "1",
+                base_url=base_url,
+                username="u",
+                password="secret-pw",
+            )
+        )
+        await asyncio.wait_for(first.wait(), RUN_TIMEOUT)
+        with source.open("a", encoding="utf-8") as f:
+            f.write(
+                json.dumps({"department_uuid": "d", "user_uuid": "appended", "text": "x"}) + "\n"
+            )
+        release.set()
+        rc, _, err = await run
+    assert rc in (1, 3), err
+    assert "changed while sending" in err
+    assert "Traceback" not in err
+    assert "appended" not in users
