@@ -628,9 +628,9 @@ async def test_workers_start_while_the_input_is_checked_and_end_with_bad_input(
     os.mkfifo(fifo)
     async with service() as (svc, base_url):
         process = await start(base_url, str(fifo), "--workers", "2")
-        # Held open from the command's first look at its input (which it closes at
-        # once) to the end: the validation pass then opens the input and waits in its
-        # read, with the workers started, until the rows below are written.
+        # Held open from the command's first look at its input to the end: it copies
+        # the pipe (then checks the copy) and waits in its read, with the workers
+        # started, until the rows below are written.
         writer = await asyncio.wait_for(asyncio.to_thread(open, fifo, "wb"), TIMEOUT)
         with writer:
             pids = await asyncio.wait_for(worker_pids(process, 2), TIMEOUT)

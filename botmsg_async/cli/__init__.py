@@ -31,8 +31,12 @@ and ``results`` (the bulk run and its accounting), ``signals`` and ``offline``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .common import (
     EXIT_FAILED,
@@ -67,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 all sent, 1 some failed, 2 usage or input error, 3 some outcomes
         unknown, 130 interrupted.
     """
+    _fill_closed_streams()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # stdout carries JSON (send's result, --out -), UTF-8 as an --out file is,
+        # whatever the locale: a Latin-1 or ASCII one could not encode a non-ASCII id.
+        sys.stdout.reconfigure(encoding="utf-8")
     console = Console()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -78,11 +87,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup_logging(args.log_level)
     handler: Callable[[argparse.Namespace, Console], int] = args.handler
     try:
-        loop_factory(args.loop)  # a missing uvloop is a usage error before anything else
-        return handler(args, console)
+        with _sigterm_interrupts():
+            loop_factory(args.loop)  # a missing uvloop is a usage error before anything else
+            return handler(args, console)
     except UsageError as exc:
         console.err(f"error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.err("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _fill_closed_streams() -> None:
+    """Put ``/dev/null`` on a standard stream the caller closed (``2>&-``, ``<&-``).
+
+    Python leaves ``sys.stdin``/``sys.stderr`` None then (every use of them would
+    crash, with a traceback nobody sees), and the first file or socket opened
+    takes the free descriptor: a journal on fd 2 would get whatever is written to
+    stderr. stdout keeps ``sys.stdout`` None, so that ``--out -`` is refused
+    rather than thrown away; its descriptor is taken all the same.
+    """
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # pragma: no cover - the lowest free descriptor is fd
+                os.dup2(null, fd)
+                os.close(null)
+        if name != "stdout":
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as SIGINT does, until the event loop takes both.
+
+    Before the loop runs (reading stdin, checking the input, starting workers),
+    SIGTERM would otherwise kill the process by its default action (exit 143,
+    not the 130 the docs give); during the run, the loop's handlers stop it cleanly.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -197,18 +198,26 @@ class Source:
         self._spool: BinaryIO | None = None
         if name == "-":
             self.display = "stdin"
-            # Two passes need the data twice; stdin gives it once. Disk, not memory.
-            spool = stack.enter_context(tempfile.TemporaryFile(prefix="botmsg-"))  # noqa: SIM115
-            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
-            self._spool = spool
-        else:
-            self.display = name
-            self._path = name
-            try:
-                with open(name, "rb"):
-                    pass
-            except OSError as exc:
-                raise UsageError(f"{name}: cannot read: {exc.strerror}") from None
+            self._spool = self._copy(sys.stdin.buffer, stack)
+            return
+        self.display = name
+        try:
+            with open(name, "rb") as f:
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    self._path = name
+                else:
+                    # A pipe (a FIFO, <(command), /dev/stdin) gives its data once,
+                    # to the first open: read again, it would wait for a writer forever.
+                    self._spool = self._copy(f, stack)
+        except OSError as exc:
+            raise UsageError(f"{name}: cannot read: {exc.strerror}") from None
+
+    @staticmethod
+    def _copy(f: BinaryIO, stack: contextlib.ExitStack) -> BinaryIO:
+        """``f`` copied to a temporary file: two passes need the data twice. Disk, not memory."""
+        spool = stack.enter_context(tempfile.TemporaryFile(prefix="botmsg-"))  # noqa: SIM115
+        shutil.copyfileobj(f, spool, 1 << 20)
+        return spool
 
     @contextlib.contextmanager
     def open(self) -> Iterator[BinaryIO]:
@@ -223,8 +232,8 @@ class Source:
 
     def guess_format(self) -> Literal["csv", "jsonl"]:
         """By extension, else by the first character: ``{`` means JSON lines."""
-        if self._path is not None:
-            ext = os.path.splitext(self._path)[1].lower()
+        if self.name != "-":
+            ext = os.path.splitext(self.name)[1].lower()
             if ext == ".csv":
                 return "csv"
             if ext in (".jsonl", ".json", ".ndjson"):

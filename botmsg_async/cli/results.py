@@ -116,6 +116,10 @@ def open_out(
         UsageError: ``path`` cannot be written.
     """
     if path == "-":
+        if sys.stdout is None:  # started with stdout closed (>&-): results would vanish
+            if not_written is not None:
+                not_written()
+            raise UsageError("--out -: standard output is closed")
         return sys.stdout
     if not path:
         return None

@@ -62,6 +62,7 @@ class RunInput:
             skip_invalid=skip_invalid,
             resend_unknown=resend_unknown,
             stopped=stopped,
+            checked=self.scan.items,
         )
 
 
@@ -85,20 +86,30 @@ def rows_to_send(
     skip_invalid: bool,
     resend_unknown: bool,
     stopped: Callable[[], bool] = lambda: False,
+    checked: int | None = None,
 ) -> Iterator[tuple[Row, str, bool]]:
     """Each row to send with its idempotency key and whether it is in doubt, read lazily.
 
     The rows not sent are written to ``results`` on the way: invalid ones as
     skipped, those left in doubt (without ``resend_unknown``) as unknown.
 
+    ``checked`` is how many rows the first pass checked (and a journal counts).
+
     Raises:
         UsageError: a row valid in the first pass is not any more (without
-            ``skip_invalid``): the file changed underneath the run.
+            ``skip_invalid``), or there are more than ``checked`` rows: the file
+            changed underneath the run.
     """
     with source.open() as f:
         for parsed in parse(f, fmt, defaults):
             if stopped():
                 return
+            if checked is not None and parsed.index >= checked:
+                # Appended since the check: never checked, outside the journal's count.
+                raise UsageError(
+                    f"{source.display} changed while sending: it has more than the "
+                    f"{checked} row(s) checked"
+                )
             if isinstance(parsed, BadRow):
                 if not skip_invalid:
                     raise UsageError(

@@ -261,12 +261,13 @@ def cmd_send_many(args: argparse.Namespace, console: Console) -> int:
         args.text, args.subject, args.sender_name, ignored_columns(args.ignore_columns)
     )
     with contextlib.ExitStack() as stack:
+        # The workers start now, so that their start-up overlaps reading the input
+        # (a pipe's is copied first) and the validation pass; they wait for the job,
+        # and end with this block if there is none.
+        pool = start_workers(args, stack) if not args.redis else None
         source = Source(args.input, stack)
         creds = resolve_credentials(args, os.environ, console.redact, stdin_taken=args.input == "-")
         fmt: str = args.format or source.guess_format()
-        # The workers start now, so that their start-up overlaps the validation pass;
-        # they wait for the job, and end with this block if there is none.
-        pool = start_workers(args, stack) if not args.redis else None
         try:
             scan = scan_input(source, fmt, defaults)
         except UsageError as exc:
@@ -351,6 +352,8 @@ class SendMany:
         self.last_line_at = 0.0  # the batch's elapsed time at the last progress line
         self.stopped_by: BotMessageError | None = None
         self.stop_requested = False
+        #: --out could not be written: start no new item, finish those in flight.
+        self.out_error: OSError | None = None
         # --durable: items handed to the batch and not finished, and stream
         # indices whose start record is written but whose attempt has not begun.
         self.in_workers = 0
@@ -396,7 +399,7 @@ class SendMany:
             self.results,
             skip_invalid=self.args.skip_invalid,
             resend_unknown=self.args.resend_unknown,
-            stopped=lambda: self.stop_requested,
+            stopped=lambda: self.stop_requested or self.out_error is not None,
         ):
             self.pending[self.pulled] = _Pending(parsed.index, key, in_doubt=in_doubt)
             self.pulled += 1
@@ -441,7 +444,7 @@ class SendMany:
                     if not ready:
                         return
                     await journal.sync()
-                if self.stop_requested:
+                if self.stop_requested or self.out_error is not None:
                     return
                 stream_index, request = ready.popleft()
                 self.in_workers += 1
@@ -577,7 +580,13 @@ class SendMany:
                 async with stream:
                     async for item in stream:
                         self.stopped_by = stream.stopped_by
-                        self._emit(item)
+                        try:
+                            self._emit(item)
+                        except OSError as exc:
+                            # --out is full or its reader is gone: the sends in flight
+                            # still finish, journaled, instead of being left in doubt.
+                            self.out_error = self.out_error or exc
+                            self.results.out = None  # the rest are named on stderr
                         tally = self.results.tally
                         bar.update(tally.failed, tally.unknown)
                     self.stopped_by = stream.stopped_by
@@ -591,6 +600,7 @@ class SendMany:
             finally:
                 bar.close()
                 self.results.close()
+                crash = crash or self.out_error
                 end = RunEnd(
                     items=self.scan.items,
                     finished=self.finished,

@@ -1,0 +1,216 @@
+"""The ``botmsg`` command line at its operational edges: closed streams, pipes, signals.
+
+Every run goes through the real entry point in a subprocess, against the fake service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from botmsg_async.testing import FakeBotMessageServer
+
+from .conftest import ok, run_botmsg, serving_send
+from .test_cli import RUN_TIMEOUT, Run, botmsg, cli_env, read_jsonl, rows, write_jsonl
+from .test_cli import server as server  # the fixture, used by name
+
+#: Runs ``python -m botmsg_async ARGS`` with the standard stream given first closed.
+_CLOSED = (
+    'fd=$1; shift; case $fd in 0) exec "$@" <&- ;; 1) exec "$@" >&- ;; 2) exec "$@" 2>&- ;; esac'
+)
+
+
+async def botmsg_closed(fd: int, *args: str, server: FakeBotMessageServer) -> Run:
+    """Run ``botmsg ARGS`` with standard stream ``fd`` closed; the others are pipes."""
+    process = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        _CLOSED,
+        "sh",
+        str(fd),
+        sys.executable,
+        "-m",
+        "botmsg_async",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(server),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+async def test_a_closed_stderr_changes_neither_the_sends_nor_stdout(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """With stderr closed (2>&-) the run sends all, and no human line lands on stdout."""
+    source = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    out = tmp_path / "out.jsonl"
+    run = await botmsg_closed(2, "send-many", str(source), "--out", str(out), server=server)
+    assert run.rc == 0, run
+    assert [r["outcome"] for r in read_jsonl(out)] == ["sent"] * 5
+    assert run.stdout == ""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"department_uuid": "d", "user_uuid": "u u"}])
+    run = await botmsg_closed(2, "send-many", str(bad), server=server)
+    assert (run.rc, run.stdout) == (2, "")  # the refusal was for stderr, which is closed
+
+
+async def test_a_closed_stdin_or_stdout_is_a_usage_error_when_the_run_needs_it(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """`-` from a closed stdin, or `--out -` to a closed stdout: exit 2, said, nothing sent."""
+    run = await botmsg_closed(0, "send-many", "-", server=server)
+    assert run.rc == 2, run
+    assert "stdin: the input is empty" in run.stderr
+    assert "Traceback" not in run.stderr
+    source = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    journal = tmp_path / "job.journal"
+    run = await botmsg_closed(
+        1, "send-many", str(source), "--out", "-", "--journal", str(journal), server=server
+    )
+    assert run.rc == 2, run
+    assert "--out -: standard output is closed" in run.stderr
+    assert server.messages == []
+    assert not journal.exists()  # nothing sent: no journal demanding --resume
+
+
+async def _writer_connected(fifo: Path) -> int:
+    """Open ``fifo`` for writing once a reader has it open; return the descriptor."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            await asyncio.sleep(0.01)
+
+
+async def test_a_named_pipe_input_is_read_once_and_sent(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """A FIFO or <(command) as INPUT gives its data once: it is all sent, no hang."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    run_task = asyncio.create_task(botmsg("send-many", str(fifo), "--out", str(out), server=server))
+    fd = await asyncio.wait_for(_writer_connected(fifo), RUN_TIMEOUT)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(20)).read_bytes()
+    os.set_blocking(fd, True)
+    try:
+        await asyncio.to_thread(os.write, fd, data)
+    except BrokenPipeError:  # the old code closed its first open at once
+        pass
+    finally:
+        os.close(fd)
+    run = await run_task
+    assert run.rc == 0, run
+    assert sorted(r["index"] for r in read_jsonl(out)) == list(range(20))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+async def test_a_signal_while_reading_the_input_exits_130(
+    server: FakeBotMessageServer, tmp_path: Path, signal_name: str
+) -> None:
+    """SIGTERM before the run starts (reading a pipe) exits 130 like SIGINT, not 143."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "botmsg_async",
+        "send-many",
+        str(fifo),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(server),
+    )
+    fd = await asyncio.wait_for(_writer_connected(fifo), RUN_TIMEOUT)
+    try:
+        os.write(fd, b'{"department_uuid": "d", ')  # half a row: the reader waits for more
+        process.send_signal(getattr(signal, signal_name))
+        _, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+    finally:
+        os.close(fd)
+    assert process.returncode == 130, err
+    assert b"interrupted" in err
+    assert b"Traceback" not in err
+    assert server.messages == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_an_out_that_cannot_be_written_leaves_no_send_in_doubt(
+    server: FakeBotMessageServer, tmp_path: Path
+) -> None:
+    """--out failing mid-run (ENOSPC) starts nothing new, and settles every send begun."""
+    source = write_jsonl(tmp_path / "in.jsonl", rows(400))
+    journal = tmp_path / "job.journal"
+    run = await botmsg(
+        "send-many", str(source), "--out", "/dev/full", "--journal", str(journal), server=server
+    )
+    assert run.rc == 1, run
+    assert "No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr
+    records = read_jsonl(journal)[1:]
+    started = {r["i"] for r in records if r.get("s") == "start"}
+    settled = {r["i"] for r in records if "o" in r}
+    assert started == settled  # nothing in flight was abandoned
+    assert 0 < len(server.messages) == len(settled) < 400
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+async def test_stdout_is_utf8_json_whatever_the_locale(
+    server: FakeBotMessageServer, tmp_path: Path, encoding: str
+) -> None:
+    """--out - under an ASCII or Latin-1 locale writes UTF-8 JSON, as an --out file does."""
+    items = [{"department_uuid": "d", "user_uuid": "юзер-1", "text": "Привет"}, *rows(2)]
+    source = write_jsonl(tmp_path / "in.jsonl", items)
+    env = cli_env(server, PYTHONIOENCODING=encoding)
+    run = await botmsg("send-many", str(source), "--out", "-", server=server, env=env)
+    assert run.rc == 0, run
+    assert sorted(r["user_uuid"] for r in run.json_lines()) == ["user-0", "user-1", "юзер-1"]
+
+
+async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path) -> None:
+    """An input that grows during the run stops it: the new rows were never checked."""
+    source = write_jsonl(tmp_path / "in.jsonl", rows(2000))
+    first = asyncio.Event()
+    release = asyncio.Event()
+    users: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        users.append(request.match_info["user"])
+        first.set()
+        await release.wait()  # the first send waits until the file has grown
+        return await ok(request)
+
+    async with serving_send(handle) as base_url:
+        run = asyncio.create_task(
+            run_botmsg(
+                "send-many",
+                str(source),
+                "--concurrency",
+                "1",
+                base_url=base_url,
+                username="u",
+                password="secret-pw",
+            )
+        )
+        await asyncio.wait_for(first.wait(), RUN_TIMEOUT)
+        with source.open("a", encoding="utf-8") as f:
+            f.write(
+                json.dumps({"department_uuid": "d", "user_uuid": "appended", "text": "x"}) + "\n"
+            )
+        release.set()
+        rc, _, err = await run
+    assert rc in (1, 3), err
+    assert "changed while sending" in err
+    assert "Traceback" not in err
+    assert "appended" not in users
