@@ -28,6 +28,8 @@ from botmsg_async import (
 )
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
+from .test_hostile_input import FakeClock  # pauses take no real time
+
 #: Answers after which the client cannot know the message was not processed.
 AMBIGUOUS_UNRECORDED = {Fault.DROP_BEFORE, Fault.HTTP_500, Fault.HTTP_502, Fault.HTTP_504}
 Mode = Literal["send", "all", "failures", "none", "stream"]
@@ -36,20 +38,6 @@ Event = Literal["cancel", "aclose", "view_close", "on_result", "on_start", "on_r
 
 class CallerError(Exception):
     """The caller's own exception, raised from a callback."""
-
-
-class FakeClock:
-    """A monotonic clock that only the client's sleeps move: pauses take no real time."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 async def run_schedule(
