@@ -40,7 +40,19 @@ class CallerError(Exception):
     """The caller's own exception, raised from a callback."""
 
 
-async def run_schedule(
+@settings(deadline=None, max_examples=150)
+@given(
+    script=st.lists(st.none() | st.sampled_from(list(Fault)), max_size=16),
+    mode=st.sampled_from(["send", "all", "failures", "none", "stream"]),
+    retry_ambiguous=st.booleans(),
+    event=st.none()
+    | st.sampled_from(["cancel", "aclose", "view_close", "on_result", "on_start", "on_retry"]),
+    event_at=st.integers(1, 10),
+    items=st.integers(1, 6),
+    concurrency=st.integers(1, 4),
+    through_view=st.booleans(),
+)
+async def test_hostile_events_keep_the_delivery_invariants(
     script: list[Fault | None],
     mode: Mode,
     retry_ambiguous: bool,
@@ -50,7 +62,7 @@ async def run_schedule(
     concurrency: int,
     through_view: bool,
 ) -> None:
-    """Run one schedule against a fresh fake service and check the invariants on its records."""
+    """Under scripted faults and a cancel, close or raising callback, no invariant breaks."""
     server = FakeBotMessageServer(retry_after="1", fault_latency=0.001, seed=1)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -181,31 +193,3 @@ async def run_schedule(
         elif outcome is not Outcome.UNKNOWN:
             assert user not in received, (user, outcome, error)
             assert user not in ambiguous, (user, outcome, error)
-
-
-@settings(deadline=None, max_examples=150)
-@given(
-    script=st.lists(st.none() | st.sampled_from(list(Fault)), max_size=16),
-    mode=st.sampled_from(["send", "all", "failures", "none", "stream"]),
-    retry_ambiguous=st.booleans(),
-    event=st.none()
-    | st.sampled_from(["cancel", "aclose", "view_close", "on_result", "on_start", "on_retry"]),
-    event_at=st.integers(1, 10),
-    items=st.integers(1, 6),
-    concurrency=st.integers(1, 4),
-    through_view=st.booleans(),
-)
-async def test_hostile_events_keep_the_delivery_invariants(
-    script: list[Fault | None],
-    mode: Mode,
-    retry_ambiguous: bool,
-    event: Event | None,
-    event_at: int,
-    items: int,
-    concurrency: int,
-    through_view: bool,
-) -> None:
-    """Under scripted faults and a cancel, close or raising callback, no invariant breaks."""
-    await run_schedule(
-        script, mode, retry_ambiguous, event, event_at, items, concurrency, through_view
-    )
