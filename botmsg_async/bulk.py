@@ -69,12 +69,12 @@ from typing import Any, Final
 
 from attrs import astuple, define, evolve, field, fields
 
-from ._batch import BatchOptions, BatchStream, collect
+from ._batch import BatchOptions, BatchStream, NotYet, drain
 from ._client import BotMessageClient
 from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
 from ._limits import PauseOnly
 from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
-from ._report import Counts, ItemResult
+from ._report import Counts, ResultRow
 from ._retry import RetryPolicy
 from ._validate import new_idempotency_key
 from .journal import (
@@ -642,7 +642,10 @@ class _Worker:
             self.requested = True
             self._send(("more",))
 
-    async def _items(self) -> Any:
+    def _items(self) -> Iterator[SendRequest | NotYet]:
+        # A plain generator: the batch reads it without a coroutine per item, and
+        # waits on ``NotYet`` when the next chunk has not come yet.
+        not_yet = NotYet(self.wakeup)
         while True:
             if self.stopping:
                 return
@@ -651,7 +654,7 @@ class _Worker:
                     return
                 self._request()
                 self.wakeup.clear()
-                await self.wakeup.wait()
+                yield not_yet
                 continue
             if len(self.buffer) <= self.low_water:
                 self._request()
@@ -663,20 +666,23 @@ class _Worker:
             self.pulled += 1
             yield SendRequest(department_uuid, user_uuid, _message_of(packed), idempotency_key=key)
 
-    def _on_result(self, result: ItemResult) -> None:
-        meta = self.pending.pop(result.index)
+    def _on_result(self, row: ResultRow) -> None:
+        # A row, not an ItemResult: no object per item (see ``drain``).
+        index, department_uuid, user_uuid, sent_outcome, result, error = row
+        meta = self.pending.pop(index)
         self.by_key.pop(meta.key, None)
         error_text: str | None
         stream = self.stream
         assert stream is not None
-        if result.outcome is Outcome.SKIPPED:
+        if sent_outcome is Outcome.SKIPPED:
             error_text = f"not attempted: the batch stopped after: {stream.stopped_by}"
         else:
-            error_text = _describe(result.error)
-        outcome, note = settle(result.outcome, result.error, in_doubt=meta.in_doubt)
+            error_text = _describe(error)
+        outcome, note = settle(sent_outcome, error, in_doubt=meta.in_doubt)
         if note is not None:
             error_text = f"{note}; this run's resend: {error_text}"
-        message_uuid = result.result.message_uuid if result.result is not None else None
+        message_uuid = result.message_uuid if result is not None else None
+        attempts = result.attempts if result is not None else 0 if error is None else error.attempts
         if meta.started and self.journal is not None:
             # Never-started items get no record: a resumed run sends them, and an
             # item in doubt from an earlier run stays so.
@@ -684,11 +690,11 @@ class _Worker:
                 meta.index,
                 outcome.value,
                 key=meta.key,
-                department_uuid=result.department_uuid,
-                user_uuid=result.user_uuid,
+                department_uuid=department_uuid,
+                user_uuid=user_uuid,
                 message_uuid=message_uuid,
                 error=None if outcome is Outcome.SKIPPED else error_text,
-                retry=retry_later(outcome, result.error),
+                retry=retry_later(outcome, error),
             )
         stopped = stream.stopped_by
         if stopped is not None and not self.reported_stop:
@@ -702,8 +708,8 @@ class _Worker:
                 meta.index,
                 outcome.value,
                 message_uuid,
-                _error_object(result.error, error_text, result.outcome, outcome.value),
-                result.attempts,
+                _error_object(error, error_text, sent_outcome, outcome.value),
+                attempts,
                 error_text,
             )
         )
@@ -770,7 +776,6 @@ class _Worker:
                     BatchOptions(
                         concurrency=config.concurrency,
                         retry=config.retry,
-                        on_result=self._on_result,
                         stop_after_consecutive_failures=config.stop_after_consecutive_failures,
                         max_pause=config.max_pause,
                     ),
@@ -780,9 +785,9 @@ class _Worker:
                 # Cancelled: the parent abandoned the job; sends in flight were cancelled,
                 # and their start records without outcomes say "unknown".
                 with contextlib.suppress(asyncio.CancelledError):
-                    # The results go to the parent from on_result: no queue, no consumer
+                    # The results go to the parent from _on_result: no queue, no consumer
                     # task (a task switch per item), no report kept.
-                    await collect(stream, keep="none")
+                    await drain(stream, self._on_result)
                 retries = stream.retries
         finally:
             limiter.close()
