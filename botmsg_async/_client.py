@@ -35,7 +35,7 @@ from ._errors import (
     WrongEventLoopError,
 )
 from ._guard import SendGuard
-from ._limits import RateLimiter
+from ._limits import PauseOnly, RateLimiter
 from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
 from ._observe import Observer, SendObservation
 from ._report import BatchReport, ItemResult, Progress
@@ -435,6 +435,9 @@ class BotMessageClient:
         self._on_retry = on_retry
         self._telemetry = telemetry
         self._rate_limiter = rate_limiter
+        # A limiter of pauses only: no slot to take per send, and its pause maybe
+        # readable without a coroutine (a bulk worker's, in shared memory).
+        self._pause_only = rate_limiter if isinstance(rate_limiter, PauseOnly) else None
         self._send_guard = send_guard
         self._shared = _Shared(session)
         #: Set on a ``with_options()`` view only: the client it shares everything with.
@@ -702,7 +705,7 @@ class BotMessageClient:
         plan = self._default_plan if retry is None else self._plan_for(retry)
         telemetry = self._telemetry
         queued = time.perf_counter() if telemetry is not None else 0.0
-        if self._rate_limiter is not None:
+        if self._rate_limiter is not None and self._pause_only is None:
             # Before the deadline starts: a wait for a slot is not time lost to retries.
             await self._rate_limiter.acquire(department_uuid)
         state = _Send(
@@ -842,9 +845,14 @@ class BotMessageClient:
         policy = state.policy
         limiter = self._rate_limiter
         common = self._shared
-        if limiter is not None and (shared := await limiter.paused_for()):
-            # Another holder of the limiter was told to wait: so are we.
-            common.paused_until = max(common.paused_until, self._clock() + shared)
+        if limiter is not None:
+            pause_only = self._pause_only
+            shared = pause_only.pause_left() if pause_only is not None else None
+            if shared is None:
+                shared = await limiter.paused_for()
+            if shared:
+                # Another holder of the limiter was told to wait: so are we.
+                common.paused_until = max(common.paused_until, self._clock() + shared)
         if common.paused_until:
             await self._wait_for_pause(state)
         timeout = state.plan.timeout

@@ -152,6 +152,13 @@ class PauseOnly:
         """Seconds left of the limiter's pause."""
         return await self._limiter.paused_for()
 
+    def pause_left(self) -> float | None:
+        """``paused_for`` without a coroutine, where the pause can be read at once.
+
+        None (here): it cannot; the client then awaits ``paused_for``.
+        """
+        return None
+
 
 class LocalRateLimiter:
     """A ``RateLimiter`` for one process: smooth rates (aiolimiter) and an in-memory pause.

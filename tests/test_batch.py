@@ -684,3 +684,48 @@ async def test_aclose_from_another_task_ends_a_waiting_read(
         await arrived.wait()  # the consumer waits on the held send
         await stream.aclose()
         assert await consumer == []  # old code: TypeError, awaiting the runner aclose took
+
+
+async def test_a_plain_source_that_is_not_ready_makes_the_batch_wait(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A plain iterator yielding NotYet: the batch waits for its event, then reads on, in order."""
+    from collections import deque
+
+    from botmsg_async._batch import NotYet, drain
+
+    ready = asyncio.Event()
+    buffer = deque(items(5))
+    later = list(items(12))[5:]
+    waits = 0
+
+    def refill() -> None:
+        buffer.extend(later)
+        later.clear()
+        ready.set()
+
+    def source() -> Iterator[tuple[str, str, str] | NotYet]:
+        nonlocal waits
+        while True:
+            if buffer:
+                yield buffer.popleft()
+            elif later:
+                waits += 1
+                # A batch that did not wait on the event would spin here for ever.
+                assert waits < 100, "the batch does not wait for NotYet's event"
+                if waits == 1:
+                    asyncio.get_running_loop().call_later(0.01, refill)
+                ready.clear()
+                yield NotYet(ready)
+            else:
+                return
+
+    rows: list[Any] = []
+    async with make_client(server.base_url) as client:
+        stream = BatchStream(client, source(), BatchOptions(concurrency=4))
+        await drain(stream, rows.append)
+    assert [row[0] for row in sorted(rows)] == list(range(12))
+    assert {row[3] for row in rows} == {Outcome.SENT}
+    assert sorted(row[2] for row in rows) == sorted(f"user-{i}" for i in range(12))
+    assert 1 <= waits <= 4  # each idle worker waited once, none spun
+    assert stream.counts.sent == 12

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.stamps import most_in_window
 from botmsg_async import BotMessageClient, InvalidRequestError, LocalRateLimiter
-from botmsg_async._limits import _PerKeyBuckets, _smooth_bucket
+from botmsg_async._limits import PauseOnly, _PerKeyBuckets, _smooth_bucket
 
 from .conftest import DEPT, USER, ScriptedServer, answer, virtual_time
 
@@ -190,3 +190,63 @@ async def test_both_rates_hold_when_a_busy_department_queues_behind_the_global_r
     # the others' (15 in a second here).
     assert most_in_window(every, 1.0) <= 10 + 1
     assert most_in_window(stamps["busy"], 1.0) <= 5 + 1
+
+
+async def test_a_pause_read_at_once_is_honoured_without_a_coroutine_or_a_slot(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A PauseOnly whose pause_left answers: no slot taken, paused_for never awaited, pause kept."""
+    now = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    inner = LocalRateLimiter(clock=lambda: now[0])
+    taken: list[str] = []
+
+    class ReadAtOnce(PauseOnly):
+        until = 0.0
+
+        async def acquire(self, department_uuid: str) -> None:
+            taken.append(department_uuid)  # PauseOnly takes no slot: never asked
+
+        async def paused_for(self) -> float:
+            raise AssertionError("the pause is read with pause_left, not awaited")
+
+        def pause_left(self) -> float | None:
+            return max(0.0, self.until - now[0])
+
+    limiter = ReadAtOnce(inner)
+    async with make_client(
+        server.base_url, rate_limiter=limiter, clock=lambda: now[0], sleep=sleep
+    ) as client:
+        assert (await client.send(DEPT, USER, "hi")).attempts == 1
+        assert waits == []
+        limiter.until = now[0] + 7.0  # another holder's 429
+        assert (await client.send(DEPT, USER, "hi")).attempts == 1
+    assert sum(waits) >= 7.0
+    assert taken == []
+
+
+async def test_a_pause_only_limiter_that_cannot_read_at_once_is_awaited(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """PauseOnly's own pause_left is None: the client awaits paused_for, and keeps the pause."""
+    now = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    inner = LocalRateLimiter(clock=lambda: now[0])
+    async with make_client(
+        server.base_url, rate_limiter=PauseOnly(inner), clock=lambda: now[0], sleep=sleep
+    ) as client:
+        await inner.pause(5.0)
+        assert (await client.send(DEPT, USER, "hi")).attempts == 1
+    assert sum(waits) >= 5.0
