@@ -198,6 +198,9 @@ class BatchStream:
         # is inside it; ``_pulled`` (made only when another waits) says it left.
         self._pulling = False
         self._pulled: asyncio.Future[None] | None = None
+        #: What reading the input raised: no item starts after it, and it is raised
+        #: once the items in flight are done.
+        self._input_error: Exception | None = None
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
@@ -428,6 +431,10 @@ class BatchStream:
                     workers.create_task(self._work())
                 if ticker is not None:
                     ticker.cancel()
+                if self._input_error is not None:
+                    # Raised once the sends in flight when it failed have finished and
+                    # been reported: cancelled, their outcome would be unknown.
+                    raise self._input_error
             if self._on_progress is not None:
                 self._on_progress(self.progress())
         except BaseExceptionGroup as group_error:
@@ -464,6 +471,8 @@ class BatchStream:
                     self._pulled = asyncio.get_running_loop().create_future()
                 # Shielded: a waiter's cancellation must not cancel the others' wait.
                 await asyncio.shield(self._pulled)
+            if self._input_error is not None:
+                return None  # it failed while we waited: read it no more
             self._pulling = True
             try:
                 raw = await anext(self._aiter)
@@ -482,11 +491,16 @@ class BatchStream:
         sink = self._sink
         items = self._iter
         while True:
+            if self._input_error is not None:
+                return  # the input failed: nothing new starts, the sends in flight finish
             if items is not None:
                 # A plain iterator is read here, not through _pull: no coroutine per item.
                 try:
                     raw: object = next(items)
                 except StopIteration:
+                    return
+                except Exception as exc:
+                    self._input_error = exc
                     return
                 if type(raw) is NotYet:
                     await raw.ready.wait()
@@ -494,7 +508,11 @@ class BatchStream:
                 index = self._next_index
                 self._next_index += 1
             else:
-                pulled = await self._pull()
+                try:
+                    pulled = await self._pull()
+                except Exception as exc:
+                    self._input_error = exc
+                    return
                 if pulled is None:
                     return
                 index, raw = pulled

@@ -525,6 +525,45 @@ async def test_input_errors_propagate(server: ScriptedServer, make_client: MakeC
             await client.send_many(broken(), concurrency=2)
 
 
+@pytest.mark.parametrize("source_kind", ["plain", "async"])
+async def test_an_input_error_lets_the_sends_in_flight_finish_first(
+    server: ScriptedServer, make_client: MakeClient, source_kind: str
+) -> None:
+    """The input failing mid-batch: the sends in flight finish and are reported, then it raises."""
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        # Answers only once all three are at the server: none can finish before the
+        # input has failed, and each must still be answered and reported.
+        nonlocal arrived
+        arrived += 1
+        if arrived == 3:
+            all_in.set()
+        await all_in.wait()
+        return await ok(request)
+
+    server.default = held
+
+    def plain() -> Iterator[tuple[str, str, str]]:
+        yield from items(3)
+        raise OSError("disk gone")
+
+    async def in_turn() -> AsyncIterator[tuple[str, str, str]]:
+        for item in items(3):
+            yield item
+        raise OSError("disk gone")
+
+    reported: list[ItemResult] = []
+    source = plain() if source_kind == "plain" else in_turn()
+    async with make_client(server.base_url) as client:
+        with pytest.raises(OSError, match="disk gone"):
+            await client.send_many(source, concurrency=8, on_result=reported.append)
+    assert sorted(r.user_uuid for r in reported) == ["user-0", "user-1", "user-2"]
+    assert {r.outcome for r in reported} == {Outcome.SENT}
+    assert arrived == 3
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("concurrency", 0), ("rate_limit", -1.0), ("stop_after_consecutive_failures", 0)],
