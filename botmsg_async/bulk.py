@@ -1281,6 +1281,8 @@ class ParallelSend:
         self._routed: dict[int, collections.deque[WorkItem]] = {}
         self._owner: dict[str, int] = {}
         self._input_done = False
+        #: What reading ``items`` raised: ``run`` raises it once the workers are done.
+        self.input_error: Exception | None = None
         self._processes: list[_Process] = []
         self.stopped_by: str | None = None
         self.stop_requested = False
@@ -1318,7 +1320,13 @@ class ParallelSend:
     def _next_input(self) -> WorkItem | None:
         if self._input_done or self.stop_requested or self.stopped_by is not None:
             return None
-        item = next(self._items, None)
+        try:
+            item = next(self._items, None)
+        except Exception as exc:
+            # Read no more; what the workers hold is sent and reported, then ``run``
+            # raises it (raised now, it would abandon their sends in flight: unknown).
+            self.input_error = exc
+            item = None
         if item is None:
             self._input_done = True
         return item
@@ -1643,7 +1651,12 @@ class ParallelSend:
         self._reconcile(process)
 
     def run(self) -> ParallelReport:
-        """Run the job to its end; return its report. Every worker has exited on return."""
+        """Run the job to its end; return its report. Every worker has exited on return.
+
+        Raises:
+            Exception: what reading the items raised; no item is handed out after
+                it, and the items the workers held were sent and reported first.
+        """
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             pool = self._pool
@@ -1668,6 +1681,8 @@ class ParallelSend:
                     self._start(number, popen, conn, segment_of(number), pool.limiter_fd)
                 )
             self._loop()
+        if self.input_error is not None:
+            raise self.input_error
         retries = sum(p.retries for p in self._processes)
         # Items never handed out when a stop came: not started.
         if self.stopped_by is not None:

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -178,7 +179,17 @@ async def test_stdout_is_utf8_json_whatever_the_locale(
     assert sorted(r["user_uuid"] for r in run.json_lines()) == ["user-0", "user-1", "юзер-1"]
 
 
-async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path) -> None:
+def _journal_records(directory: Path) -> list[dict[str, Any]]:
+    """Every record of the journal ``directory/journal`` and of its segments."""
+    return [
+        json.loads(line)
+        for part in sorted(directory.glob("journal*"))
+        for line in part.read_text(encoding="utf-8").splitlines()
+    ]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path, workers: str) -> None:
     """An input that grows during the run stops it: the new rows were never checked."""
     source = write_jsonl(tmp_path / "in.jsonl", rows(2000))
     first = asyncio.Event()
@@ -198,6 +209,10 @@ async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path) -> N
                 str(source),
                 "--concurrency",
                 "1",
+                "--workers",
+                workers,
+                "--journal",
+                str(tmp_path / "journal"),
                 base_url=base_url,
                 username="u",
                 password="secret-pw",
@@ -214,3 +229,10 @@ async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path) -> N
     assert "changed while sending" in err
     assert "Traceback" not in err
     assert "appended" not in users
+    # The rows in flight when it was found finished: each checked row sent once, none
+    # left in doubt (abandoned, they would be "unknown").
+    assert sorted(users) == sorted(f"user-{i}" for i in range(2000))
+    records = _journal_records(tmp_path)
+    started = {r["i"] for r in records if r.get("s") == "start"}
+    sent = {r["i"] for r in records if r.get("o") == "sent"}
+    assert started == sent == set(range(2000))

@@ -25,13 +25,17 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from attrs import evolve
 
 from benchmarks.stamps import most_in_window
 from botmsg_async import InvalidRequestError, SendRequest
 from botmsg_async.bulk import (
+    ParallelItem,
+    ParallelSend,
     ProcessRateLimiter,
     WorkerConfig,
     WorkerPool,
+    WorkItem,
     _Worker,
     send_parallel,
 )
@@ -754,6 +758,27 @@ async def test_send_parallel_from_python() -> None:
     assert report.counts.sent == 100
     assert [item.index for item in report.results] == list(range(100))
     assert svc.received == 100
+
+
+async def test_an_input_error_lets_the_workers_finish_what_they_hold() -> None:
+    """Reading the items fails: those handed out are sent and reported, then it is raised."""
+
+    def items() -> Iterator[WorkItem]:
+        for i in range(5):
+            yield WorkItem(i, "dep-0", f"user-{i}", f"#{i}", f"key-{i}")
+        raise OSError("disk gone")
+
+    reported: list[ParallelItem] = []
+    config = WorkerConfig(base_url="", username=USERNAME, password=PASSWORD, concurrency=8, items=5)
+    async with service() as (svc, base_url):
+        job = ParallelSend(
+            evolve(config, base_url=base_url), items(), workers=1, on_result=reported.append
+        )
+        with pytest.raises(OSError, match="disk gone"):
+            await asyncio.to_thread(job.run)
+    assert sorted(item.index for item in reported) == list(range(5))
+    assert {item.outcome for item in reported} == {"sent"}
+    assert svc.received == 5
 
 
 async def test_send_parallel_refuses_one_key_for_two_items() -> None:
