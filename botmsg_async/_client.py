@@ -1050,6 +1050,10 @@ class BotMessageClient:
             ClientClosedError: the client was closed.
             WrongEventLoopError: the client is used from another event loop than
                 the one that first used it; nothing was sent.
+            Exception: whatever reading ``items`` raised (or an ``on_result`` /
+                ``on_start`` callback). After an error of the input no new item
+                starts, and it is raised once the sends in flight have finished
+                and been reported (``on_result``).
         """
         # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(
