@@ -103,6 +103,7 @@ __all__ = [
     "WorkItem",
     "WorkerConfig",
     "WorkerPool",
+    "max_workers",
     "send_parallel",
     "usable_cores",
 ]
@@ -136,6 +137,16 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - no sched_getaffinity (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def max_workers() -> int:
+    """The most worker processes a job may start here: four per usable core (at least 4).
+
+    A bulk send is CPU-bound: processes beyond the cores only share them, and each
+    costs its start-up and tens of MB. A number like 10,000 (a typo, a variable
+    unset) would exhaust the machine's memory or process table before sending.
+    """
+    return max(4, 4 * usable_cores())
 
 
 # -- the shared rate limiter -------------------------------------------------------
@@ -1819,8 +1830,15 @@ def send_parallel(
     """
     from ._errors import InvalidRequestError
 
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise InvalidRequestError("workers", workers, "must be an int >= 1")
+    if workers > max_workers():
+        raise InvalidRequestError(
+            "workers",
+            workers,
+            f"must be at most {max_workers()} here (4 per usable core): more processes "
+            "than cores only share them; raise concurrency instead",
+        )
     if keep not in ("all", "failures", "none"):
         raise InvalidRequestError("keep", keep, "must be 'all', 'failures' or 'none'")
     BatchOptions(

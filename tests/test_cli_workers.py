@@ -37,7 +37,9 @@ from botmsg_async.bulk import (
     WorkerPool,
     WorkItem,
     _Worker,
+    max_workers,
     send_parallel,
+    usable_cores,
 )
 from botmsg_async.cli.tunables import MALLOC_TUNABLES
 from tests.conftest import serving_send, virtual_time
@@ -781,6 +783,24 @@ async def test_an_input_error_lets_the_workers_finish_what_they_hold() -> None:
     assert svc.received == 5
 
 
+@pytest.mark.parametrize("workers", [0, True, 10**5])
+def test_send_parallel_refuses_a_number_of_workers_it_cannot_use(workers: int) -> None:
+    """workers below 1, a bool, or past four per core: InvalidRequestError before any process."""
+    with pytest.raises(InvalidRequestError, match="workers"):
+        send_parallel(
+            [("d", "u", "x")],
+            base_url="http://127.0.0.1:9",
+            username=USERNAME,
+            password=PASSWORD,
+            workers=workers,
+        )
+
+
+def test_the_most_workers_is_four_per_usable_core() -> None:
+    """max_workers() follows the usable cores, never below 4."""
+    assert max_workers() == max(4, 4 * usable_cores())
+
+
 async def test_send_parallel_refuses_one_key_for_two_items() -> None:
     """Two items with one idempotency key: InvalidRequestError naming both, nothing sent."""
     key = "5e1d-one-key"
@@ -869,6 +889,7 @@ async def test_each_start_is_recorded_before_its_send(tmp_path: Path) -> None:
     [
         (("--workers", "0"), "--workers: must be at least 1"),
         (("--workers", "many"), "--workers: must be a number or 'auto'"),
+        (("--workers", "100000"), "--workers: must be at most"),
         (("--per-department-rate", "0"), "--per-department-rate: must be a finite number"),
     ],
 )

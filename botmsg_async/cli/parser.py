@@ -330,9 +330,10 @@ items around it held back as unknown, but a longer loss goes unnoticed.
 --durable fsyncs each start record before its send (one fsync shared by all
 sends ready at the time), so that nothing sent is ever forgotten.
 
---workers N sends from N processes (auto: one per usable core) as one job: a
-worker takes a new chunk of items when it runs low; --rate is one limit for all
-of them; with --per-department-rate each department is sent by one worker; a
+--workers N sends from N processes (auto: one per usable core; at most four per
+core) as one job: a worker takes a new chunk of items when it runs low; --rate is
+one limit for all of them; with --per-department-rate each department is sent by
+one worker; a
 429's pause and refused credentials stop them all. The journal is FILE plus a
 segment per worker (FILE.part-RUN-WORKER); --resume works with any --workers.
 A worker that dies leaves its items in flight unknown; the others take the rest.

@@ -28,6 +28,7 @@ from botmsg_async.bulk import (
     WorkerConfig,
     WorkerPool,
     WorkItem,
+    max_workers,
     usable_cores,
 )
 from botmsg_async.journal import (
@@ -56,6 +57,11 @@ def parse_workers(text: str) -> int:
         raise argparse.ArgumentTypeError("must be a number or 'auto'") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    if value > max_workers():
+        raise argparse.ArgumentTypeError(
+            f"must be at most {max_workers()} here (4 per usable core): more processes than "
+            "cores only share them; raise --concurrency instead"
+        )
     return value
 
 
