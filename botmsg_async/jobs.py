@@ -358,6 +358,17 @@ return 1
 
 #: Seconds a run waits for Redis to come back (a restart) before it gives up.
 REDIS_WAIT: Final = 60.0
+#: Most seconds one command waits for Redis's reply (and a connection for Redis to
+#: accept it), on the clients a URL makes: a Redis that went silent (a network cut,
+#: a frozen host) fails the command, which ``REDIS_WAIT`` then tries again, instead of
+#: hanging the run for ever. Set here, not left to redis-py: before 8.0 it waits for
+#: ever, 8.x gives up after 5 s. Far above any command of a job's (each touches one
+#: chunk or one page).
+REDIS_SOCKET_TIMEOUT: Final = 10.0
+REDIS_CONNECT_TIMEOUT: Final = 5.0
+#: Most seconds the listener waits for a message before it listens again (under
+#: ``REDIS_SOCKET_TIMEOUT``, so that silence on the channel is no error).
+LISTEN_WAIT: Final = 5.0
 #: Most seconds an outcome waits to share its round trip (and fsync) with others, unless
 #: a start group goes first: what a run that dies loses of its known outcomes at most.
 OUTCOME_WINDOW: Final = 0.02
@@ -464,7 +475,14 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
     if not isinstance(redis, str):
         raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")
     try:
-        return Redis.from_url(redis), True
+        return (
+            Redis.from_url(
+                redis,
+                socket_timeout=REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+            ),
+            True,
+        )
     except ValueError:
         # Not redis-py's words: they may quote a piece of the URL's password.
         raise InvalidRequestError("redis", "<url>", URL_HINT) from None
@@ -866,7 +884,9 @@ class _Run:
                 subscribed.set()
                 while True:
                     _honour_cancel()
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_WAIT
+                    )
                     if message is not None:
                         self.wake.set()
             except (RedisError, OSError):

@@ -139,3 +139,56 @@ async def test_the_limiter_listener_ends_on_a_cancel_lost_in_its_redis_call(
     await limiter.aclose()  # the old listener went on listening: this never returned
     assert call.calls == 1
     await redis.aclose()
+
+
+async def test_a_redis_that_goes_silent_fails_the_run_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis that accepts and never answers: each command times out; a JobError, no hang."""
+    from botmsg_async import jobs
+    from botmsg_async.jobs import JobError, job_status, run_job_async
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()  # reads the commands, never replies
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setattr(jobs, "REDIS_SOCKET_TIMEOUT", 0.2)
+    monkeypatch.setattr(jobs, "REDIS_WAIT", 0.5)
+    try:
+        with pytest.raises(JobError, match="Redis"):
+            # Without socket timeouts this awaits a reply for ever (the guard: 30 s).
+            await asyncio.wait_for(
+                run_job_async(
+                    f"redis://127.0.0.1:{port}",
+                    "silent",
+                    [("d", "u", "x")],
+                    base_url="http://127.0.0.1:9",
+                    username="u",
+                    password="p",
+                ),
+                30,
+            )
+        with pytest.raises(JobError, match="Redis"):
+            await asyncio.wait_for(job_status(f"redis://127.0.0.1:{port}", "silent"), 30)
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert connections  # it did connect: the silence, not a refusal, was met
+
+
+def test_a_client_made_from_a_url_has_the_jobs_own_timeouts() -> None:
+    """Not redis-py's defaults (none before 8.0, 5 s in 8.x): the jobs module's own."""
+    from botmsg_async import jobs
+
+    client, owned = jobs._connect("redis://127.0.0.1:9")
+    settings = client.connection_pool.connection_kwargs
+    assert owned
+    assert settings["socket_timeout"] == jobs.REDIS_SOCKET_TIMEOUT
+    assert settings["socket_connect_timeout"] == jobs.REDIS_CONNECT_TIMEOUT
+    assert jobs.LISTEN_WAIT < jobs.REDIS_SOCKET_TIMEOUT  # a quiet channel is no error
