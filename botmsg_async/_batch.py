@@ -45,9 +45,9 @@ class NotYet:
 
     The batch waits for ``ready`` and then asks the iterator again. A source
     that fills up while the batch runs (a bulk worker between two chunks) is
-    then read as a plain iterator, without a coroutine and an ``anext`` per
-    item as an async one costs (about 3 us per message, measured). Not part of
-    the public API: ``send_many`` callers pass async iterables.
+    then read as a plain iterator, without the coroutine and ``anext`` per
+    item an async one costs (2-3 us per message in an in-process A/B). Not part
+    of the public API: ``send_many`` callers pass async iterables.
     """
 
     __slots__ = ("ready",)
