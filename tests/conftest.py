@@ -58,6 +58,22 @@ class Sleeps:
         await asyncio.sleep(0)
 
 
+class FakeClock:
+    """A monotonic clock that moves only when its ``sleep`` waits (or the test sets ``now``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
 @pytest.fixture
 def sleeps() -> Sleeps:
     """Recorded, instant sleeps for clients under test."""

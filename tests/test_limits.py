@@ -11,7 +11,7 @@ from benchmarks.stamps import most_in_window
 from botmsg_async import BotMessageClient, InvalidRequestError, LocalRateLimiter
 from botmsg_async._limits import PauseOnly, _PerKeyBuckets, _smooth_bucket
 
-from .conftest import DEPT, USER, ScriptedServer, answer, virtual_time
+from .conftest import DEPT, USER, FakeClock, ScriptedServer, answer, virtual_time
 
 MakeClient = Callable[..., BotMessageClient]
 
@@ -196,15 +196,8 @@ async def test_a_pause_read_at_once_is_honoured_without_a_coroutine_or_a_slot(
     server: ScriptedServer, make_client: MakeClient
 ) -> None:
     """A PauseOnly whose pause_left answers: no slot taken, paused_for never awaited, pause kept."""
-    now = [1000.0]
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        now[0] += seconds
-        await asyncio.sleep(0)
-
-    inner = LocalRateLimiter(clock=lambda: now[0])
+    clock = FakeClock()
+    inner = LocalRateLimiter(clock=clock)
     taken: list[str] = []
 
     class ReadAtOnce(PauseOnly):
@@ -217,17 +210,17 @@ async def test_a_pause_read_at_once_is_honoured_without_a_coroutine_or_a_slot(
             raise AssertionError("the pause is read with pause_left, not awaited")
 
         def pause_left(self) -> float | None:
-            return max(0.0, self.until - now[0])
+            return max(0.0, self.until - clock.now)
 
     limiter = ReadAtOnce(inner)
     async with make_client(
-        server.base_url, rate_limiter=limiter, clock=lambda: now[0], sleep=sleep
+        server.base_url, rate_limiter=limiter, clock=clock, sleep=clock.sleep
     ) as client:
         assert (await client.send(DEPT, USER, "hi")).attempts == 1
-        assert waits == []
-        limiter.until = now[0] + 7.0  # another holder's 429
+        assert clock.waits == []
+        limiter.until = clock.now + 7.0  # another holder's 429
         assert (await client.send(DEPT, USER, "hi")).attempts == 1
-    assert sum(waits) >= 7.0
+    assert sum(clock.waits) >= 7.0
     assert taken == []
 
 
@@ -235,18 +228,11 @@ async def test_a_pause_only_limiter_that_cannot_read_at_once_is_awaited(
     server: ScriptedServer, make_client: MakeClient
 ) -> None:
     """PauseOnly's own pause_left is None: the client awaits paused_for, and keeps the pause."""
-    now = [1000.0]
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        now[0] += seconds
-        await asyncio.sleep(0)
-
-    inner = LocalRateLimiter(clock=lambda: now[0])
+    clock = FakeClock()
+    inner = LocalRateLimiter(clock=clock)
     async with make_client(
-        server.base_url, rate_limiter=PauseOnly(inner), clock=lambda: now[0], sleep=sleep
+        server.base_url, rate_limiter=PauseOnly(inner), clock=clock, sleep=clock.sleep
     ) as client:
         await inner.pause(5.0)
         assert (await client.send(DEPT, USER, "hi")).attempts == 1
-    assert sum(waits) >= 5.0
+    assert sum(clock.waits) >= 5.0

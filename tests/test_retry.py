@@ -35,7 +35,18 @@ from botmsg_async import (
 from botmsg_async._http import parse_retry_after
 from botmsg_async._retry import TRANSIENT_PATTERN, full_jitter
 
-from .conftest import DEPT, USER, ScriptedServer, Sleeps, answer, client_tasks, drop, failure, slow
+from .conftest import (
+    DEPT,
+    USER,
+    FakeClock,
+    ScriptedServer,
+    Sleeps,
+    answer,
+    client_tasks,
+    drop,
+    failure,
+    slow,
+)
 
 MakeClient = Callable[..., BotMessageClient]
 TRANSIENT = failure("TEMPORARILY_UNAVAILABLE", "Service temporarily unavailable, try again")
@@ -305,22 +316,6 @@ async def test_retry_after_past_deadline_fails_now(
         with pytest.raises(RateLimitedError):
             await client.send(DEPT, USER, "hi")
     assert sleeps.waits == []
-
-
-class FakeClock:
-    """A clock that only moves when the fake sleep says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.waits: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 async def test_deadline_never_exceeded(server: ScriptedServer) -> None:

@@ -16,19 +16,9 @@ from botmsg_async import (
     ServerError,
 )
 
-from .conftest import DEPT, USER, ScriptedServer, Sleeps, answer
+from .conftest import DEPT, USER, FakeClock, ScriptedServer, Sleeps, answer
 
 MakeClient = Callable[..., BotMessageClient]
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingLimiter:

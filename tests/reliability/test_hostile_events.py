@@ -28,7 +28,7 @@ from botmsg_async import (
 )
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
-from .test_hostile_input import FakeClock  # pauses take no real time
+from ..conftest import FakeClock  # pauses take no real time
 
 #: Answers after which the client cannot know the message was not processed.
 AMBIGUOUS_UNRECORDED = {Fault.DROP_BEFORE, Fault.HTTP_500, Fault.HTTP_502, Fault.HTTP_504}

@@ -35,7 +35,16 @@ from botmsg_async import (
 )
 from botmsg_async._http import parse_retry_after
 
-from ..conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, failure
+from ..conftest import (
+    DEPT,
+    PASSWORD,
+    USER,
+    USERNAME,
+    FakeClock,
+    ScriptedServer,
+    answer,
+    failure,
+)
 
 MakeClient = Callable[..., BotMessageClient]
 
@@ -112,20 +121,6 @@ wire_header_values = (
     | http_dates
     | st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"))
 ).map(str.strip)
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the client sleeps or the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 @settings(
