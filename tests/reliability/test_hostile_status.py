@@ -28,7 +28,7 @@ from botmsg_async import (
 )
 from botmsg_async._delivery import may_resend
 
-from ..conftest import DEPT, USER, ScriptedServer, answer
+from ..conftest import DEPT, USER, FakeClock, ScriptedServer, answer
 
 MakeClient = Callable[..., BotMessageClient]
 
@@ -187,26 +187,10 @@ async def test_breaker_can_be_disabled(server: ScriptedServer, make_client: Make
     assert report.stopped_by is None
 
 
-class FakeTime:
-    """A clock that only moves when someone sleeps: waits cost no real time."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
 @pytest.fixture
-def fake_time() -> FakeTime:
-    """A controlled clock and sleep for a client."""
-    return FakeTime()
+def fake_time() -> FakeClock:
+    """A controlled clock and sleep for a client: waits cost no real time."""
+    return FakeClock()
 
 
 def _throttle_once(retry_after: str) -> Callable[[web.Request], Any]:
@@ -225,17 +209,17 @@ def _throttle_once(retry_after: str) -> Callable[[web.Request], Any]:
 
 
 async def test_a_long_429_pauses_the_batch_and_loses_nothing(
-    server: ScriptedServer, make_client: MakeClient, fake_time: FakeTime
+    server: ScriptedServer, make_client: MakeClient, fake_time: FakeClock
 ) -> None:
     """A 429 asking for 40 s (past the send deadline) pauses the batch; every item SENT."""
     server.default = _throttle_once("40")
-    async with make_client(server.base_url, clock=fake_time.clock, sleep=fake_time.sleep) as client:
+    async with make_client(server.base_url, clock=fake_time, sleep=fake_time.sleep) as client:
         report = await client.send_many(
             ((DEPT, f"user-{i}", "hi") for i in range(300)), concurrency=8
         )
     assert report.sent == 300, report.results[:3]
     assert report.stopped_by is None
-    assert sum(fake_time.slept) >= 40
+    assert sum(fake_time.waits) >= 40
     # The throttled item went again under the same key; nothing else twice.
     assert len(server.seen) == 301
     keys = [headers["Idempotency-Key"] for _, headers, _ in server.seen]
@@ -246,11 +230,11 @@ async def test_a_long_429_pauses_the_batch_and_loses_nothing(
 
 
 async def test_a_pause_past_max_pause_stops_the_batch(
-    server: ScriptedServer, make_client: MakeClient, fake_time: FakeTime
+    server: ScriptedServer, make_client: MakeClient, fake_time: FakeClock
 ) -> None:
     """A Retry-After past max_pause stops the batch: throttled item FAILED, the rest SKIPPED."""
     server.default = _throttle_once("4000")
-    async with make_client(server.base_url, clock=fake_time.clock, sleep=fake_time.sleep) as client:
+    async with make_client(server.base_url, clock=fake_time, sleep=fake_time.sleep) as client:
         report = await client.send_many(
             ((DEPT, f"user-{i}", "hi") for i in range(50)), concurrency=1, max_pause=300
         )
