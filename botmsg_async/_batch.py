@@ -164,7 +164,7 @@ class BatchStream:
     def __init__(
         self,
         sender: Sender,
-        items: Items | Iterable[ItemLike | NotYet],
+        items: Items,
         options: BatchOptions,
         *,
         telemetry: Observer | None = None,
@@ -174,6 +174,7 @@ class BatchStream:
             self._iter: Iterator[ItemLike | NotYet] | None = None
         elif isinstance(items, Iterable) and not isinstance(items, str | bytes):
             self._aiter = None
+            # A bulk worker's source may also yield NotYet (see there).
             self._iter = iter(items)
         else:
             raise InvalidRequestError("items", items, "must be an iterable or async iterable")

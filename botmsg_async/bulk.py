@@ -65,11 +65,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from attrs import astuple, define, evolve, field, fields
 
-from ._batch import BatchOptions, BatchStream, NotYet, drain
+from ._batch import BatchOptions, BatchStream, Items, NotYet, drain
 from ._client import BotMessageClient
 from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
 from ._limits import PauseOnly
@@ -787,7 +787,8 @@ class _Worker:
                 sender = _WorkerSender(self, client, limiter)
                 stream = BatchStream(
                     sender,
-                    self._items(),
+                    # A plain source that may yield NotYet, which BatchStream takes.
+                    cast("Items", self._items()),
                     BatchOptions(
                         concurrency=config.concurrency,
                         retry=config.retry,

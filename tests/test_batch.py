@@ -6,7 +6,7 @@ import asyncio
 import gc
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -731,7 +731,7 @@ async def test_a_plain_source_that_is_not_ready_makes_the_batch_wait(
     """A plain iterator yielding NotYet: the batch waits for its event, then reads on, in order."""
     from collections import deque
 
-    from botmsg_async._batch import NotYet, drain
+    from botmsg_async._batch import Items, NotYet, drain
 
     ready = asyncio.Event()
     buffer = deque(items(5))
@@ -761,7 +761,7 @@ async def test_a_plain_source_that_is_not_ready_makes_the_batch_wait(
 
     rows: list[Any] = []
     async with make_client(server.base_url) as client:
-        stream = BatchStream(client, source(), BatchOptions(concurrency=4))
+        stream = BatchStream(client, cast("Items", source()), BatchOptions(concurrency=4))
         await drain(stream, rows.append)
     assert [row[0] for row in sorted(rows)] == list(range(12))
     assert {row[3] for row in rows} == {Outcome.SENT}
