@@ -1408,6 +1408,11 @@ class ParallelSend:
                 self._post(process, ("end",))
 
     @property
+    def retries(self) -> int:
+        """Retries the workers reported as they ended (also when ``run`` raised)."""
+        return sum(p.retries for p in self._processes)
+
+    @property
     def held(self) -> int:
         """How many items live workers hold (handed out, not yet reported), in flight or queued."""
         return sum(len(p.outstanding) for p in self._live())
@@ -1695,7 +1700,7 @@ class ParallelSend:
             self._loop()
         if self.input_error is not None:
             raise self.input_error
-        retries = sum(p.retries for p in self._processes)
+        retries = self.retries
         # Items never handed out when a stop came: not started.
         if self.stopped_by is not None:
             for item in self._leftovers():

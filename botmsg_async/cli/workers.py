@@ -322,7 +322,7 @@ def run_with_workers(
         finally:
             bar.close()
             results.close()
-    retries = report.retries if report is not None else 0
+    retries = report.retries if report is not None else job.retries
     end = RunEnd(
         items=scan.items,
         finished=run.finished,
