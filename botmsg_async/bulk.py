@@ -1693,8 +1693,6 @@ class ParallelSend:
                     self._start(number, popen, conn, segment_of(number), pool.limiter_fd)
                 )
             self._loop()
-        if self.input_error is not None:
-            raise self.input_error
         retries = sum(p.retries for p in self._processes)
         # Items never handed out when a stop came: not started.
         if self.stopped_by is not None:
@@ -1702,6 +1700,10 @@ class ParallelSend:
                 self._skip(item)
         else:
             self.not_started += sum(1 for _ in self._leftovers())
+        if self.input_error is not None:
+            # After the leftovers: items read before it failed (read ahead for a
+            # department's worker) are reported like any others a stop left.
+            raise self.input_error
         c = self.counts
         return ParallelReport(
             counts=Counts(c["sent"], c["failed"], c["unknown"], c["skipped"]),

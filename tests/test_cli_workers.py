@@ -783,6 +783,42 @@ async def test_an_input_error_lets_the_workers_finish_what_they_hold() -> None:
     assert svc.received == 5
 
 
+async def test_an_input_error_after_a_stop_still_reports_the_items_routed_ahead() -> None:
+    """Input error, then a stop: items read ahead for a department's worker end skipped, once."""
+    failed = threading.Event()
+
+    def read() -> Iterator[WorkItem]:
+        # One department: every item goes to its one worker, read ahead of its asking.
+        for i in range(12):
+            yield WorkItem(i, "dep-0", f"user-{i}", f"#{i}", f"key-{i}")
+        failed.set()
+        raise OSError("disk gone")
+
+    reported: list[ParallelItem] = []
+    config = WorkerConfig(
+        base_url="",
+        username=USERNAME,
+        password=PASSWORD,
+        concurrency=1,
+        per_department_rate_limit=1000.0,
+        items=12,
+    )
+    async with service() as (svc, base_url):
+        arrived, release, _ = stall_next(svc, 401)  # refused credentials stop the job
+        job = ParallelSend(
+            evolve(config, base_url=base_url), read(), workers=2, on_result=reported.append
+        )
+        running = asyncio.ensure_future(asyncio.to_thread(job.run))
+        await arrived.wait()
+        await asyncio.to_thread(failed.wait, TIMEOUT)  # all read, the error recorded
+        release.set()
+        with pytest.raises(OSError, match="disk gone"):
+            await asyncio.wait_for(running, TIMEOUT)
+    assert sorted(item.index for item in reported) == list(range(12))
+    assert Counter(item.outcome for item in reported) == {"failed": 1, "skipped": 11}
+    assert svc.requests == 1
+
+
 @pytest.mark.parametrize("workers", [0, True, 10**5])
 def test_send_parallel_refuses_a_number_of_workers_it_cannot_use(workers: int) -> None:
     """workers below 1, a bool, or past four per core: InvalidRequestError before any process."""
