@@ -667,8 +667,11 @@ class _Worker:
             if not self.buffer:
                 if self.ended:
                     return
-                self._request()
+                # Cleared before asking, not after: asking may find the parent gone,
+                # which stops the worker and sets the event; cleared then, the batch
+                # would wait on it for ever (the reader that sets it is removed).
                 self.wakeup.clear()
+                self._request()
                 yield not_yet
                 continue
             if len(self.buffer) <= self.low_water:

@@ -29,6 +29,7 @@ from attrs import evolve
 
 from benchmarks.stamps import most_in_window
 from botmsg_async import InvalidRequestError, SendRequest
+from botmsg_async._batch import NotYet
 from botmsg_async.bulk import (
     ParallelItem,
     ParallelSend,
@@ -817,6 +818,35 @@ async def test_an_input_error_after_a_stop_still_reports_the_items_routed_ahead(
     assert sorted(item.index for item in reported) == list(range(12))
     assert Counter(item.outcome for item in reported) == {"failed": 1, "skipped": 11}
     assert svc.requests == 1
+
+
+async def test_a_worker_that_finds_its_parent_gone_as_it_asks_for_items_waits_for_none(
+    tmp_path: Path,
+) -> None:
+    """Asking for a chunk finds the parent gone: the worker's items end, nothing waits for ever."""
+    ours, theirs = socket.socketpair()
+    ours.close()  # the parent died before the worker's reader saw it
+    started = tmp_path / "started"
+    started.write_bytes(b"\0")
+    started_fd = os.open(started, os.O_RDWR)
+    config = WorkerConfig(
+        base_url="http://127.0.0.1:9",
+        username=USERNAME,
+        password=PASSWORD,
+        items=1,
+        started_fd=started_fd,
+    )
+    worker = _Worker(Connection(theirs.detach()), config)
+    try:
+        first = next(worker._items(), None)  # its buffer is empty: it asks for more
+        assert worker.parent_gone
+        # A NotYet: the batch awaits its event; the reader that would set it is gone.
+        assert first is None or (isinstance(first, NotYet) and first.ready.is_set())
+    finally:
+        worker.conn.close()
+        assert worker.started is not None
+        worker.started.close()
+        os.close(started_fd)
 
 
 @pytest.mark.parametrize("workers", [0, True, 10**5])
