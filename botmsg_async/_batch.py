@@ -323,7 +323,9 @@ class BatchStream:
                 raise
         except Exception as exc:
             return exc
-        return None
+        # Cancelled while the sends in flight after an input error were finishing:
+        # that error still ended the input, and is not to be lost with the runner.
+        return self._input_error
 
     async def _drain(self, sink: Callable[[ResultRow], object]) -> None:
         """Run to the end handing each result to ``sink`` instead of the queue.

@@ -667,8 +667,11 @@ class _Worker:
             if not self.buffer:
                 if self.ended:
                     return
-                self._request()
+                # Cleared before asking, not after: asking may find the parent gone,
+                # which stops the worker and sets the event; cleared then, the batch
+                # would wait on it for ever (the reader that sets it is removed).
                 self.wakeup.clear()
+                self._request()
                 yield not_yet
                 continue
             if len(self.buffer) <= self.low_water:
@@ -1698,8 +1701,6 @@ class ParallelSend:
                     self._start(number, popen, conn, segment_of(number), pool.limiter_fd)
                 )
             self._loop()
-        if self.input_error is not None:
-            raise self.input_error
         retries = self.retries
         # Items never handed out when a stop came: not started.
         if self.stopped_by is not None:
@@ -1707,6 +1708,10 @@ class ParallelSend:
                 self._skip(item)
         else:
             self.not_started += sum(1 for _ in self._leftovers())
+        if self.input_error is not None:
+            # After the leftovers: items read before it failed (read ahead for a
+            # department's worker) are reported like any others a stop left.
+            raise self.input_error
         c = self.counts
         return ParallelReport(
             counts=Counts(c["sent"], c["failed"], c["unknown"], c["skipped"]),

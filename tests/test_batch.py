@@ -768,3 +768,45 @@ async def test_a_plain_source_that_is_not_ready_makes_the_batch_wait(
     assert sorted(row[2] for row in rows) == sorted(f"user-{i}" for i in range(12))
     assert 1 <= waits <= 4  # each idle worker waited once, none spun
     assert stream.counts.sent == 12
+
+
+@pytest.mark.parametrize("source_kind", ["plain", "async"])
+async def test_a_block_left_while_the_sends_after_an_input_error_finish_raises_it(
+    server: ScriptedServer, make_client: MakeClient, source_kind: str
+) -> None:
+    """A `break` out of `async with` after the input failed, a send in flight: exit raises it."""
+    release = asyncio.Event()
+    failing = asyncio.Event()
+
+    async def second_held(request: web.Request) -> web.StreamResponse:
+        if user_of(request) == 1:
+            await release.wait()  # in flight when the block is left
+        return await ok(request)
+
+    server.default = second_held
+
+    def plain() -> Iterator[tuple[str, str, str]]:
+        yield from items(2)
+        failing.set()
+        raise OSError("disk gone")
+
+    async def in_turn() -> AsyncIterator[tuple[str, str, str]]:
+        for item in items(2):
+            yield item
+        failing.set()
+        raise OSError("disk gone")
+
+    async def first_then_leave(client: BotMessageClient) -> None:
+        source = plain() if source_kind == "plain" else in_turn()
+        async with client.stream_many(source, concurrency=4) as stream:
+            async for result in stream:
+                assert result.user_uuid == "user-0"
+                await failing.wait()
+                break  # user-1 still in flight: the exit stops it
+
+    try:
+        async with make_client(server.base_url) as client:
+            with pytest.raises(OSError, match="disk gone"):
+                await first_then_leave(client)
+    finally:
+        release.set()

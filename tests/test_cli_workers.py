@@ -29,6 +29,7 @@ from attrs import evolve
 
 from benchmarks.stamps import most_in_window
 from botmsg_async import InvalidRequestError, SendRequest
+from botmsg_async._batch import NotYet
 from botmsg_async.bulk import (
     ParallelItem,
     ParallelSend,
@@ -781,6 +782,71 @@ async def test_an_input_error_lets_the_workers_finish_what_they_hold() -> None:
     assert sorted(item.index for item in reported) == list(range(5))
     assert {item.outcome for item in reported} == {"sent"}
     assert svc.received == 5
+
+
+async def test_an_input_error_after_a_stop_still_reports_the_items_routed_ahead() -> None:
+    """Input error, then a stop: items read ahead for a department's worker end skipped, once."""
+    failed = threading.Event()
+
+    def read() -> Iterator[WorkItem]:
+        # One department: every item goes to its one worker, read ahead of its asking.
+        for i in range(12):
+            yield WorkItem(i, "dep-0", f"user-{i}", f"#{i}", f"key-{i}")
+        failed.set()
+        raise OSError("disk gone")
+
+    reported: list[ParallelItem] = []
+    config = WorkerConfig(
+        base_url="",
+        username=USERNAME,
+        password=PASSWORD,
+        concurrency=1,
+        per_department_rate_limit=1000.0,
+        items=12,
+    )
+    async with service() as (svc, base_url):
+        arrived, release, _ = stall_next(svc, 401)  # refused credentials stop the job
+        job = ParallelSend(
+            evolve(config, base_url=base_url), read(), workers=2, on_result=reported.append
+        )
+        running = asyncio.ensure_future(asyncio.to_thread(job.run))
+        await arrived.wait()
+        await asyncio.to_thread(failed.wait, TIMEOUT)  # all read, the error recorded
+        release.set()
+        with pytest.raises(OSError, match="disk gone"):
+            await asyncio.wait_for(running, TIMEOUT)
+    assert sorted(item.index for item in reported) == list(range(12))
+    assert Counter(item.outcome for item in reported) == {"failed": 1, "skipped": 11}
+    assert svc.requests == 1
+
+
+async def test_a_worker_that_finds_its_parent_gone_as_it_asks_for_items_waits_for_none(
+    tmp_path: Path,
+) -> None:
+    """Asking for a chunk finds the parent gone: the worker's items end, nothing waits for ever."""
+    ours, theirs = socket.socketpair()
+    ours.close()  # the parent died before the worker's reader saw it
+    started = tmp_path / "started"
+    started.write_bytes(b"\0")
+    started_fd = os.open(started, os.O_RDWR)
+    config = WorkerConfig(
+        base_url="http://127.0.0.1:9",
+        username=USERNAME,
+        password=PASSWORD,
+        items=1,
+        started_fd=started_fd,
+    )
+    worker = _Worker(Connection(theirs.detach()), config)
+    try:
+        first = next(worker._items(), None)  # its buffer is empty: it asks for more
+        assert worker.parent_gone
+        # A NotYet: the batch awaits its event; the reader that would set it is gone.
+        assert first is None or (isinstance(first, NotYet) and first.ready.is_set())
+    finally:
+        worker.conn.close()
+        assert worker.started is not None
+        worker.started.close()
+        os.close(started_fd)
 
 
 @pytest.mark.parametrize("workers", [0, True, 10**5])
