@@ -442,8 +442,10 @@ class BatchStream:
                 self._on_progress(self.progress())
         except BaseExceptionGroup as group_error:
             # Callers should see the error itself (a failing input iterator or
-            # callback), not the TaskGroup's wrapping of it.
-            raise _first_leaf(group_error) from None
+            # callback), not the TaskGroup's wrapping of it; the cause it was raised
+            # from (``raise ... from``) stays its own.
+            leaf = _first_leaf(group_error)
+            raise leaf from leaf.__cause__
         finally:
             # Wake a consumer blocked on an empty queue; a consumer with items
             # still queued finds this task done once it has taken them.

@@ -525,6 +525,22 @@ async def test_input_errors_propagate(server: ScriptedServer, make_client: MakeC
             await client.send_many(broken(), concurrency=2)
 
 
+async def test_an_input_error_keeps_the_cause_it_was_raised_from(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """The input's error reaches the caller as raised, ``raise ... from`` cause and all."""
+    root = KeyError("row 7")
+
+    def broken() -> Iterator[tuple[str, str, str]]:
+        yield ("d", "u", "x")
+        raise OSError("disk gone") from root
+
+    async with make_client(server.base_url) as client:
+        with pytest.raises(OSError, match="disk gone") as info:
+            await client.send_many(broken(), concurrency=2)
+    assert info.value.__cause__ is root
+
+
 @pytest.mark.parametrize("source_kind", ["plain", "async"])
 async def test_an_input_error_lets_the_sends_in_flight_finish_first(
     server: ScriptedServer, make_client: MakeClient, source_kind: str
