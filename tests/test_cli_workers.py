@@ -820,22 +820,28 @@ async def test_an_input_error_after_a_stop_still_reports_the_items_routed_ahead(
     assert svc.requests == 1
 
 
+def _one_item_config(tmp_path: Path) -> WorkerConfig:
+    """A worker's configuration for one item, its start map a file in ``tmp_path``
+    (the caller closes ``started_fd``)."""
+    started = tmp_path / "started"
+    started.write_bytes(b"\0")
+    return WorkerConfig(
+        base_url="http://127.0.0.1:9",
+        username=USERNAME,
+        password=PASSWORD,
+        items=1,
+        started_fd=os.open(started, os.O_RDWR),
+    )
+
+
 async def test_a_worker_that_finds_its_parent_gone_as_it_asks_for_items_waits_for_none(
     tmp_path: Path,
 ) -> None:
     """Asking for a chunk finds the parent gone: the worker's items end, nothing waits for ever."""
     ours, theirs = socket.socketpair()
     ours.close()  # the parent died before the worker's reader saw it
-    started = tmp_path / "started"
-    started.write_bytes(b"\0")
-    started_fd = os.open(started, os.O_RDWR)
-    config = WorkerConfig(
-        base_url="http://127.0.0.1:9",
-        username=USERNAME,
-        password=PASSWORD,
-        items=1,
-        started_fd=started_fd,
-    )
+    config = _one_item_config(tmp_path)
+    started_fd = config.started_fd
     worker = _Worker(Connection(theirs.detach()), config)
     try:
         first = next(worker._items(), None)  # its buffer is empty: it asks for more
@@ -1077,16 +1083,8 @@ def test_a_worker_writes_whole_messages_to_a_slow_parent(tmp_path: Path, loop: s
     loop_factory = _loop_factory(loop)
     ours, theirs = socket.socketpair()
     parent = Connection(ours.detach())
-    started = tmp_path / "started"
-    started.write_bytes(b"\0")
-    started_fd = os.open(started, os.O_RDWR)
-    config = WorkerConfig(
-        base_url="http://127.0.0.1:9",
-        username=USERNAME,
-        password=PASSWORD,
-        items=1,
-        started_fd=started_fd,
-    )
+    config = _one_item_config(tmp_path)
+    started_fd = config.started_fd
     big = ("results", "x" * (4 << 20))
     received: list[object] = []
 
