@@ -528,6 +528,29 @@ async def test_worker_killed_then_resumed(
     assert outcomes == first_outcomes  # nothing in doubt is resent; nothing else was left
 
 
+async def test_a_run_ending_with_an_input_error_still_reports_a_dead_worker(
+    tmp_path: Path,
+) -> None:
+    """A worker killed, then the file grows: the run ends with that error and says who died."""
+    n = 400
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(base_url, str(source), "--workers", "2", "-c", "8", "--out", str(out))
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(svc.when_received(100).wait(), TIMEOUT)
+        os.kill(pids[0], signal.SIGKILL)
+        with source.open("a", encoding="utf-8") as f:  # read by the parent at its end
+            f.write("dep-0,appended,x\n")
+        code, err = await finish(process)
+    assert code in (1, 3), err
+    assert "changed while sending" in err
+    assert "died" in err  # the death is reported though run() raised
+    assert "Traceback" not in err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) <= {"sent", "unknown"}
+
+
 @pytest.mark.slow
 async def test_resume_with_other_workers_and_resend_unknown(tmp_path: Path) -> None:
     """Items left in doubt by a dead worker are resent by --resend-unknown under their key."""

@@ -341,15 +341,16 @@ def run_with_workers(
     print_summary(console, results.tally, end)
     if report is not None and report.stopped_by is not None:
         console.err(f"the batch stopped early: {report.stopped_by}")
-    deaths = report.worker_deaths if report is not None else []
+    # From the job, not its report: there is none when the run ended with an error.
+    deaths = job.worker_deaths
     for death in deaths:
         console.err(f"error: {death}; its items in flight are unknown, the others were resent")
-    if report is not None and report.not_started and not signals.received:
-        console.err(f"{report.not_started} item(s) not started: no worker was left to send them")
+    if job.not_started and not signals.received:
+        console.err(f"{job.not_started} item(s) not started: no worker was left to send them")
     if signals.received:
         return EXIT_INTERRUPTED
     code = results.tally.exit_code()
-    if crash is not None or deaths or (report is not None and report.not_started):
+    if crash is not None or deaths or job.not_started:
         # A worker's death is never "all sent": exit 3 when it left items in doubt.
         return max(code, EXIT_FAILED) if code != EXIT_UNKNOWN else EXIT_UNKNOWN
     return code
