@@ -459,35 +459,33 @@ class BatchStream:
             self._on_progress(self.progress())
 
     async def _pull(self) -> tuple[int, object] | None:
-        if self._iter is not None:
-            try:
-                raw: object = next(self._iter)
-            except StopIteration:
-                return None
-        else:
-            assert self._aiter is not None
-            # An async generator refuses concurrent __anext__ calls. Not an
-            # asyncio.Lock: a fair lock, once its waiters queue (the source waited
-            # once), hands every later item over through a task wake-up, a convoy
-            # that lasts the whole batch. Here a free source is taken at once, and
-            # waiters all wake when it is free and try again.
-            while self._pulling:
-                if self._pulled is None:
-                    self._pulled = asyncio.get_running_loop().create_future()
-                # Shielded: a waiter's cancellation must not cancel the others' wait.
-                await asyncio.shield(self._pulled)
-            if self._input_error is not None:
-                return None  # it failed while we waited: read it no more
-            self._pulling = True
-            try:
-                raw = await anext(self._aiter)
-            except StopAsyncIteration:
-                return None
-            finally:
-                self._pulling = False
-                pulled, self._pulled = self._pulled, None
-                if pulled is not None:
-                    pulled.set_result(None)
+        """The next item of the async source, and its index (None: no more).
+
+        A plain iterator is read in ``_work`` itself, without this coroutine.
+        """
+        assert self._aiter is not None
+        # An async generator refuses concurrent __anext__ calls. Not an
+        # asyncio.Lock: a fair lock, once its waiters queue (the source waited
+        # once), hands every later item over through a task wake-up, a convoy
+        # that lasts the whole batch. Here a free source is taken at once, and
+        # waiters all wake when it is free and try again.
+        while self._pulling:
+            if self._pulled is None:
+                self._pulled = asyncio.get_running_loop().create_future()
+            # Shielded: a waiter's cancellation must not cancel the others' wait.
+            await asyncio.shield(self._pulled)
+        if self._input_error is not None:
+            return None  # it failed while we waited: read it no more
+        self._pulling = True
+        try:
+            raw = await anext(self._aiter)
+        except StopAsyncIteration:
+            return None
+        finally:
+            self._pulling = False
+            pulled, self._pulled = self._pulled, None
+            if pulled is not None:
+                pulled.set_result(None)
         index = self._next_index
         self._next_index += 1
         return index, raw
