@@ -71,7 +71,13 @@ from attrs import astuple, define, evolve, field, fields
 
 from ._batch import BatchOptions, BatchStream, Items, NotYet, drain
 from ._client import BotMessageClient
-from ._errors import APIStatusError, BotMessageError, ClientClosedError, InvalidResponseError
+from ._errors import (
+    APIStatusError,
+    BotMessageError,
+    ClientClosedError,
+    InvalidRequestError,
+    InvalidResponseError,
+)
 from ._limits import PauseOnly
 from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ResultRow
@@ -103,6 +109,7 @@ __all__ = [
     "WorkItem",
     "WorkerConfig",
     "WorkerPool",
+    "check_workers",
     "max_workers",
     "send_parallel",
     "usable_cores",
@@ -147,6 +154,24 @@ def max_workers() -> int:
     unset) would exhaust the machine's memory or process table before sending.
     """
     return max(4, 4 * usable_cores())
+
+
+def check_workers(workers: object) -> int:
+    """``workers`` if a job may start that many worker processes here.
+
+    Raises:
+        InvalidRequestError: not an int >= 1, or more than ``max_workers()``.
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise InvalidRequestError("workers", workers, "must be an int >= 1")
+    if workers > max_workers():
+        raise InvalidRequestError(
+            "workers",
+            workers,
+            f"must be at most {max_workers()} here (4 per usable core): more processes "
+            "than cores only share them; raise the concurrency instead",
+        )
+    return workers
 
 
 # -- the shared rate limiter -------------------------------------------------------
@@ -1839,17 +1864,7 @@ def send_parallel(
         InvalidRequestError: a bad option or item (two items with one idempotency
             key among them), before anything is sent.
     """
-    from ._errors import InvalidRequestError
-
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise InvalidRequestError("workers", workers, "must be an int >= 1")
-    if workers > max_workers():
-        raise InvalidRequestError(
-            "workers",
-            workers,
-            f"must be at most {max_workers()} here (4 per usable core): more processes "
-            "than cores only share them; raise concurrency instead",
-        )
+    check_workers(workers)
     if keep not in ("all", "failures", "none"):
         raise InvalidRequestError("keep", keep, "must be 'all', 'failures' or 'none'")
     BatchOptions(

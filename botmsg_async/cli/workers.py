@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from types import FrameType
 from typing import Any
 
-from botmsg_async import Outcome
+from botmsg_async import InvalidRequestError, Outcome
 from botmsg_async.bulk import (
     JournalSet,
     ParallelItem,
@@ -28,7 +28,7 @@ from botmsg_async.bulk import (
     WorkerConfig,
     WorkerPool,
     WorkItem,
-    max_workers,
+    check_workers,
     usable_cores,
 )
 from botmsg_async.journal import (
@@ -57,12 +57,10 @@ def parse_workers(text: str) -> int:
         raise argparse.ArgumentTypeError("must be a number or 'auto'") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
-    if value > max_workers():
-        raise argparse.ArgumentTypeError(
-            f"must be at most {max_workers()} here (4 per usable core): more processes than "
-            "cores only share them; raise --concurrency instead"
-        )
-    return value
+    try:
+        return check_workers(value)  # the library's bound, in its words
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
 
 
 def uses_workers(args: argparse.Namespace) -> bool:
