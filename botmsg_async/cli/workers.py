@@ -342,7 +342,9 @@ def run_with_workers(
     # From the job, not its report: there is none when the run ended with an error.
     deaths = job.worker_deaths
     for death in deaths:
-        console.err(f"error: {death}; its items in flight are unknown, the others were resent")
+        console.err(f"error: {death}")
+    for late in job.late_exits:
+        console.err(f"warning: {late}")
     if job.not_started and not signals.received:
         console.err(f"{job.not_started} item(s) not started: no worker was left to send them")
     if signals.received:
