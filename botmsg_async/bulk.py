@@ -1836,10 +1836,14 @@ class ParallelSend:
                         continue
                     try:
                         # One message per wake-up: the selector reports the rest.
-                        self._on_message(process, process.conn.recv())
+                        message = process.conn.recv()
                     except (EOFError, OSError):
                         selector.unregister(key.fd)
                         self._ended(process)
+                        continue
+                    # Outside the try: an error of ``on_result`` (an --out that cannot
+                    # be written) is no sign of the worker's end.
+                    self._on_message(process, message)
                 self._serve()
 
     def _reap(self) -> None:

@@ -807,6 +807,21 @@ async def test_an_input_error_lets_the_workers_finish_what_they_hold() -> None:
     assert svc.received == 5
 
 
+async def test_an_error_of_on_result_is_raised_not_taken_for_a_worker_death() -> None:
+    """on_result raising OSError: run() raises it; no worker is called dead for it."""
+
+    def refuse(item: ParallelItem) -> None:
+        raise OSError("out gone")
+
+    work = [WorkItem(i, "dep-0", f"user-{i}", f"#{i}", f"key-{i}") for i in range(5)]
+    config = WorkerConfig(base_url="", username=USERNAME, password=PASSWORD, concurrency=8, items=5)
+    async with service() as (_, base_url):
+        job = ParallelSend(evolve(config, base_url=base_url), work, workers=1, on_result=refuse)
+        with pytest.raises(OSError, match="out gone"):
+            await asyncio.wait_for(asyncio.to_thread(job.run), TIMEOUT)
+    assert job.worker_deaths == []
+
+
 async def test_an_input_error_after_a_stop_still_reports_the_items_routed_ahead() -> None:
     """Input error, then a stop: items read ahead for a department's worker end skipped, once."""
     failed = threading.Event()
