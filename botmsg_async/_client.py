@@ -592,6 +592,17 @@ class BotMessageClient:
                     "sent. A client belongs to the event loop that first used it; create "
                     "one per loop, inside asyncio.run"
                 )
+            lent = shared.lent_session
+            made_on = None if lent is None else _http.session_loop(lent)
+            if made_on is not None and made_on is not loop:
+                # Checked once, here, where the client binds to its loop: aiohttp would
+                # raise a bare RuntimeError mid-request ("Event loop is closed", or
+                # "Timeout context manager should be used inside a task").
+                raise WrongEventLoopError(
+                    "the session passed as session= belongs to another event loop; "
+                    "nothing was sent. A session belongs to the event loop it was made "
+                    "on: make it, and the client, inside the coroutine asyncio.run runs"
+                )
             shared.loop = loop
         session = shared.session
         if session is None:

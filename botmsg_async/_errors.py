@@ -192,6 +192,7 @@ class ClientClosedError(BotMessageError, RuntimeError):
 class WrongEventLoopError(BotMessageError, RuntimeError):
     """The client was used from an event loop other than the one that first used it.
 
+    Or it was lent (``session=``) an ``aiohttp.ClientSession`` made on another loop.
     Its connection pool lives on that first loop (which may be closed by now,
     as at the end of an ``asyncio.run``): nothing was sent. Create one client
     per event loop, inside the coroutine that ``asyncio.run`` runs.

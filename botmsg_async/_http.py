@@ -61,6 +61,7 @@ __all__ = [
     "raised_while_connecting",
     "read_answer",
     "send_url",
+    "session_loop",
     "transport_error",
 ]
 
@@ -159,6 +160,22 @@ def new_session(options: SessionOptions, timeout: aiohttp.ClientTimeout) -> aioh
         trust_env=options.trust_env,
         trace_configs=list(options.trace_configs) or None,
     )
+
+
+def session_loop(session: aiohttp.ClientSession) -> asyncio.AbstractEventLoop | None:
+    """The event loop a session was made on (its connector, timers and pool live there).
+
+    aiohttp's accessors for it (``ClientSession.loop``, ``Connection.loop``) are
+    deprecated and warn on every read, so this reads the attribute behind them, the
+    one aiohttp itself compares (``connector._loop is not loop``) when it builds a
+    session. Read once per client, when it binds to a loop: never per send.
+
+    Returns:
+        The loop, or ``None`` if this aiohttp does not keep one where expected (the
+        check is then skipped; ``tests/test_misuse.py`` pins the attribute).
+    """
+    loop = getattr(session, "_loop", None)
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
 
 
 #: What aiohttp raises for a failed exchange; ``transport_error`` says what each one means.

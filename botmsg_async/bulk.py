@@ -629,6 +629,8 @@ class _Worker:
             {s for s in (pair, config.password, token) if len(s) >= 4}, key=len, reverse=True
         )
         self.journal: FileJournal | None = None
+        #: Why its journal segment may be incomplete on disk (its close failed), if so.
+        self.journal_problem: str | None = None
         self.started: mmap.mmap | None = None
         if config.started_fd >= 0:
             self.started = mmap.mmap(config.started_fd, max(1, config.items))
@@ -836,12 +838,25 @@ class _Worker:
         finally:
             limiter.close()
             if self.journal is not None:
-                self.journal.close()
+                # Closed (fsynced) before the final report, never after: a worker that
+                # fails once it reported cannot have left its segment short.
+                try:
+                    self.journal.close()
+                except OSError as exc:
+                    # Its records were handed to the OS (the parent reads them), but
+                    # fsync failed: a power cut may lose some. Said in the report,
+                    # not as a traceback.
+                    self.journal_problem = (
+                        f"could not flush its journal segment {self.journal.path} to disk "
+                        f"({exc.strerror or exc}): every item it held was reported, but "
+                        "the segment may lack records after a power cut, and a --resume "
+                        "from it could send one of them again"
+                    )
             if self.started is not None:
                 self.started.close()
             self._flush()
             left = [*self.buffer, *(m.wire for m in self.pending.values())]
-            self._send(("done", retries, left))
+            self._send(("done", retries, left, self.journal_problem))
 
     def _drain(self) -> None:
         self.stop()
@@ -955,7 +970,7 @@ def _worker_main(fd: int) -> int:
         worker = _Worker(conn, config)
         runner.run(worker.run())
     conn.close()
-    return 0
+    return 0 if worker.journal_problem is None else 1
 
 
 # -- the journal of a parallel run -------------------------------------------------
@@ -1239,6 +1254,8 @@ class _Process:
     done: bool = False
     exited: bool = False
     retries: int = 0
+    #: What its final report said may be incomplete (its journal segment), if anything.
+    problem: str | None = None
     returned: list[WorkItem] = field(factory=list)
     #: Framed messages not yet taken by its socket (``ParallelSend._post``).
     out: bytearray = field(factory=bytearray)
@@ -1262,9 +1279,13 @@ class ParallelReport:
         retries: HTTP retries made.
         elapsed: Seconds from the first worker's start to the last one's end.
         stopped_by: Why the job stopped early (``"<Type>: <message>"``), if it did.
-        worker_deaths: Workers that died before their end (killed, out of memory).
+        worker_deaths: Workers that died before their end (killed, out of memory), or
+            whose journal segment may be incomplete on disk: each says what it cost.
         not_started: Items left unsent by a stop on request (or with no worker left).
         results: The items' outcomes, as ``keep`` asked (in input order).
+        late_exits: Workers that ended abnormally (a signal, a non-zero exit code)
+            after their final report, which they send once their results are sent
+            and their journal segment is on disk: no item or record is affected.
     """
 
     counts: Counts
@@ -1274,6 +1295,7 @@ class ParallelReport:
     worker_deaths: list[str]
     not_started: int
     results: list[ParallelItem]
+    late_exits: list[str] = field(factory=list)
 
 
 class ParallelSend:
@@ -1328,6 +1350,7 @@ class ParallelSend:
         self.stop_requested = False
         self.abandoned = False
         self.worker_deaths: list[str] = []
+        self.late_exits: list[str] = []
         self.counts = {o.value: 0 for o in Outcome}
         self.not_started = 0
         self._started_fd = -1
@@ -1536,6 +1559,7 @@ class ParallelSend:
         elif kind == "done":
             process.done = True
             process.retries = message[1]
+            process.problem = message[3]
             for item in map(_from_wire, message[2]):
                 if process.outstanding.pop(item.index, None) is not None:
                     process.returned.append(item)
@@ -1688,10 +1712,20 @@ class ParallelSend:
         self._backlog.extendleft(reversed(self._routed.pop(process.number, ())))
         process.close()
         code = process.popen.wait()
+        name = f"worker {process.number} (pid {process.popen.pid})"
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
         if not process.done:
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
             self.worker_deaths.append(
-                f"worker {process.number} (pid {process.popen.pid}) died: {how}"
+                f"{name} died: {how}; its items in flight are unknown, the others were resent"
+            )
+        elif process.problem is not None:
+            self.worker_deaths.append(f"{name} {process.problem}")
+        elif code:
+            # After its final report: its results came and its segment was closed
+            # (fsynced) before it, so nothing it owned is incomplete; said, not hidden.
+            self.late_exits.append(
+                f"{name} ended with {how} after its final report; its results and "
+                "journal segment were complete by then: no outcome is affected"
             )
         self._reconcile(process)
 
@@ -1746,6 +1780,7 @@ class ParallelSend:
             worker_deaths=self.worker_deaths,
             not_started=self.not_started,
             results=[],
+            late_exits=self.late_exits,
         )
 
     def _leftovers(self) -> Iterator[WorkItem]:
@@ -1801,10 +1836,14 @@ class ParallelSend:
                         continue
                     try:
                         # One message per wake-up: the selector reports the rest.
-                        self._on_message(process, process.conn.recv())
+                        message = process.conn.recv()
                     except (EOFError, OSError):
                         selector.unregister(key.fd)
                         self._ended(process)
+                        continue
+                    # Outside the try: an error of ``on_result`` (an --out that cannot
+                    # be written) is no sign of the worker's end.
+                    self._on_message(process, message)
                 self._serve()
 
     def _reap(self) -> None:

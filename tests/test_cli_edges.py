@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +166,47 @@ async def test_an_out_that_cannot_be_written_leaves_no_send_in_doubt(
     settled = {r["i"] for r in records if "o" in r}
     assert started == settled  # nothing in flight was abandoned
     assert 0 < len(server.messages) == len(settled) < 400
+
+
+def _summary_counts(stderr: str) -> dict[str, int]:
+    """The counts of a ``send-many`` summary line: done, of, sent, failed, unknown, skipped."""
+    match = re.search(
+        r"(\d+) of (\d+) items: (\d+) sent, (\d+) failed, (\d+) unknown, (\d+) skipped", stderr
+    )
+    assert match is not None, stderr
+    names = ("done", "of", "sent", "failed", "unknown", "skipped")
+    return dict(zip(names, map(int, match.groups()), strict=True))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_an_out_that_cannot_be_written_is_summed_up_as_the_journal_says(
+    server: FakeBotMessageServer, tmp_path: Path, workers: str
+) -> None:
+    """--out failing mid-run: with or without workers, the summary counts what the journal holds."""
+    n = 1500
+    source = write_jsonl(tmp_path / "in.jsonl", rows(n))
+    journal = tmp_path / "journal"
+    run = await botmsg(
+        "send-many", str(source), "--out", "/dev/full", "--journal", str(journal),
+        "--workers", workers, server=server,
+    )  # fmt: skip
+    assert run.rc == 1, run
+    assert "No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr
+    last: dict[int, dict[str, Any]] = {}
+    for record in _journal_records(tmp_path):
+        if "i" in record:
+            last[record["i"]] = record
+    assert all("o" in r for r in last.values())  # every send begun was settled
+    recorded = Counter(r["o"] for r in last.values())
+    counts = _summary_counts(run.stderr)
+    assert counts["of"] == n
+    assert {o: counts[o] for o in ("sent", "failed", "unknown", "skipped")} == {
+        o: recorded[o] for o in ("sent", "failed", "unknown", "skipped")
+    }
+    assert counts["done"] == len(last) == len(server.messages) < n
+    assert "stopped with 0 item(s) unfinished" in run.stderr
 
 
 @pytest.mark.parametrize("encoding", ["ascii", "latin-1"])

@@ -807,6 +807,21 @@ async def test_an_input_error_lets_the_workers_finish_what_they_hold() -> None:
     assert svc.received == 5
 
 
+async def test_an_error_of_on_result_is_raised_not_taken_for_a_worker_death() -> None:
+    """on_result raising OSError: run() raises it; no worker is called dead for it."""
+
+    def refuse(item: ParallelItem) -> None:
+        raise OSError("out gone")
+
+    work = [WorkItem(i, "dep-0", f"user-{i}", f"#{i}", f"key-{i}") for i in range(5)]
+    config = WorkerConfig(base_url="", username=USERNAME, password=PASSWORD, concurrency=8, items=5)
+    async with service() as (_, base_url):
+        job = ParallelSend(evolve(config, base_url=base_url), work, workers=1, on_result=refuse)
+        with pytest.raises(OSError, match="out gone"):
+            await asyncio.wait_for(asyncio.to_thread(job.run), TIMEOUT)
+    assert job.worker_deaths == []
+
+
 async def test_an_input_error_after_a_stop_still_reports_the_items_routed_ahead() -> None:
     """Input error, then a stop: items read ahead for a department's worker end skipped, once."""
     failed = threading.Event()
@@ -1037,6 +1052,70 @@ async def test_a_stop_ends_the_wait_for_a_429_pause(tmp_path: Path) -> None:
         )  # fmt: skip
     assert code == 0, err
     assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+# Faults of a worker at its end, injected through a ``sitecustomize`` that only the
+# workers (``python -c``) act on.
+_END_FAULTS = {
+    # fsync reports a lost write as the segment is closed (EIO): the records were
+    # handed to the OS, but may not all be on disk.
+    "segment fsync fails": (
+        "import errno, os\n"
+        "from botmsg_async import journal\n"
+        "def failing_close(self):\n"
+        "    fd, self._fd = self._fd, None\n"
+        "    if fd is not None:\n"
+        "        os.close(fd)\n"
+        "        raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
+        "journal.FileJournal.close = failing_close\n"
+    ),
+    # SIGKILL between its final report and its exit.
+    "killed after its report": (
+        "import os, signal\n"
+        "from botmsg_async import bulk\n"
+        "main = bulk._worker_main\n"
+        "def then_killed(fd):\n"
+        "    main(fd)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "bulk._worker_main = then_killed\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(_END_FAULTS))
+async def test_a_worker_failing_at_its_end_is_reported_for_what_it_costs(
+    tmp_path: Path, fault: str
+) -> None:
+    """A segment not flushed is an error (exit 1); a kill after a complete report, a warning."""
+    site = tmp_path / "site"
+    site.mkdir()
+    body = "".join(f"    {line}\n" for line in _END_FAULTS[fault].splitlines())
+    (site / "sitecustomize.py").write_text(f"import sys\nif sys.argv[:1] == ['-c']:\n{body}")
+    n = 60
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    journal = tmp_path / "journal"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "--journal", str(journal),
+            "--out", str(out), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+    # Every item's outcome was known before the fault: none changes.
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
+    assert "Traceback" not in err
+    assert "died" not in err  # each reported its end
+    if fault == "segment fsync fails":
+        assert code == 1, err
+        assert err.count("error: worker") == 2, err
+        assert "could not flush its journal segment" in err
+        assert f"{journal}.part-0001-0000" in err
+        assert "Input/output error" in err
+    else:
+        assert code == 0, err
+        assert err.count("warning: worker") == 2, err
+        assert "ended with signal 9 after its final report" in err
+        assert "error:" not in err
 
 
 async def test_worker_killed_without_journal(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,6 +29,7 @@ from botmsg_async import (
     check_base_url,
 )
 from botmsg_async._delivery import is_retryable, may_resend, outcome_of, stops_batch
+from botmsg_async._http import session_loop
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 from .conftest import (
@@ -90,6 +92,68 @@ def test_a_client_opened_with_no_running_loop_says_so() -> None:
     with pytest.raises(WrongEventLoopError, match="no running event loop"):
         client.ensure_open()
     assert client._shared.session is None
+
+
+async def _session_made_here() -> aiohttp.ClientSession:
+    """An aiohttp session made on the running loop (as a caller's own would be)."""
+    return aiohttp.ClientSession()
+
+
+async def _use_for_send(client: BotMessageClient) -> None:
+    """Use ``client`` for one send."""
+    await client.send(DEPT, USER, "hi")
+
+
+async def _use_for_send_many(client: BotMessageClient) -> None:
+    """Use ``client`` for a batch of one."""
+    await client.send_many([(DEPT, USER, "hi")])
+
+
+async def _use_as_context(client: BotMessageClient) -> None:
+    """Enter ``client`` as an async context manager."""
+    async with client:
+        pass
+
+
+@pytest.mark.parametrize("use", [_use_for_send, _use_for_send_many, _use_as_context])
+@pytest.mark.parametrize("session_loop", ["closed", "running in another thread"])
+def test_a_lent_session_of_another_event_loop_says_so(
+    use: Callable[[BotMessageClient], Any], session_loop: str
+) -> None:
+    """session= made on another loop (closed or alive): WrongEventLoopError, nothing sent."""
+    with server_in_a_thread() as srv:
+        other = asyncio.new_event_loop()
+        thread = threading.Thread(target=other.run_forever, daemon=True)
+        if session_loop == "closed":
+            session = other.run_until_complete(_session_made_here())
+        else:
+            thread.start()
+            session = asyncio.run_coroutine_threadsafe(_session_made_here(), other).result(30)
+        try:
+            client = BotMessageClient(srv.base_url, USERNAME, PASSWORD, session=session)
+            with pytest.raises(WrongEventLoopError, match="session= belongs to another event"):
+                asyncio.run(use(client))
+            assert srv.seen == []
+            assert not session.closed  # the caller's, as lent
+        finally:
+            if thread.is_alive():
+                asyncio.run_coroutine_threadsafe(session.close(), other).result(30)
+                other.call_soon_threadsafe(other.stop)
+                thread.join(timeout=30)
+            else:
+                other.run_until_complete(session.close())
+            other.close()
+
+
+async def test_a_lent_session_of_the_running_loop_is_used(server: ScriptedServer) -> None:
+    """session= made on the running loop: no false alarm, and the loop aiohttp keeps is seen."""
+    async with aiohttp.ClientSession() as session:
+        # Pins the attribute read in place of aiohttp's deprecated ClientSession.loop:
+        # if an aiohttp release drops it, the check above degrades to none, and this says so.
+        assert session_loop(session) is asyncio.get_running_loop()
+        async with BotMessageClient(server.base_url, USERNAME, PASSWORD, session=session) as c:
+            await c.send(DEPT, USER, "hi")
+    assert len(server.seen) == 1
 
 
 def test_a_second_event_loop_is_classified_like_a_closed_client() -> None:

@@ -145,6 +145,8 @@ class _Run:
         self.finished = 0
         self.attempted = 0  # of them, items attempted (not skipped)
         self.requests = 0  # HTTP requests made for them
+        #: --out could not be written: the job starts nothing new, finishes what is in flight.
+        self.out_error: OSError | None = None
 
     def to_send(self) -> int:
         """How many items this run will attempt (for the progress bar and the ETA)."""
@@ -279,7 +281,15 @@ def run_with_workers(
     bar = Bar(console, run.to_send(), "sending")
 
     def on_result(item: ParallelItem) -> None:
-        run.on_result(item)
+        try:
+            run.on_result(item)  # counted before it is written
+        except OSError as exc:
+            # --out is full or its reader is gone: as without workers, the sends in
+            # flight still finish, journaled and counted, and nothing new starts.
+            if run.out_error is None:
+                run.out_error = exc
+                results.out = None  # the rest are named on stderr
+                job.request_stop()
         bar.update(results.tally.failed, results.tally.unknown)
 
     started = time.perf_counter()
@@ -320,6 +330,7 @@ def run_with_workers(
         finally:
             bar.close()
             results.close()
+    crash = crash or run.out_error
     retries = report.retries if report is not None else job.retries
     end = RunEnd(
         items=scan.items,
@@ -342,8 +353,10 @@ def run_with_workers(
     # From the job, not its report: there is none when the run ended with an error.
     deaths = job.worker_deaths
     for death in deaths:
-        console.err(f"error: {death}; its items in flight are unknown, the others were resent")
-    if job.not_started and not signals.received:
+        console.err(f"error: {death}")
+    for late in job.late_exits:
+        console.err(f"warning: {late}")
+    if job.not_started and not signals.received and run.out_error is None:
         console.err(f"{job.not_started} item(s) not started: no worker was left to send them")
     if signals.received:
         return EXIT_INTERRUPTED
