@@ -257,3 +257,15 @@ def test_the_journal_header_documented_is_the_one_written(tmp_path: Path) -> Non
     written = json.loads(path.read_text("utf-8").splitlines()[0])
     assert documented["botmsg_journal"] == written["botmsg_journal"] == FORMAT_VERSION
     assert documented.keys() == written.keys()
+
+
+def test_an_explicit_members_list_in_the_api_reference_names_every_public_name() -> None:
+    """An ``automodule`` with ``:members:`` listed documents the whole of its ``__all__``."""
+    text = (DOCS / "api.md").read_text("utf-8")
+    listed = re.findall(
+        r"^\.\. automodule:: (\S+)\n   :members: ((?:.*\n      )*.*)$", text, flags=re.MULTILINE
+    )
+    assert listed, "docs/api.md lists no members: the pattern is out of date"
+    for module_name, members in listed:
+        names = {name.strip() for name in members.split(",")}
+        assert names == set(importlib.import_module(module_name).__all__), module_name
