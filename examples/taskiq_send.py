@@ -76,7 +76,6 @@ async def startup(state: TaskiqState) -> None:
         os.environ["BOTMSG_PASSWORD"],
         rate_limiter=state.limiter,
         send_guard=state.guard,
-        allow_insecure_http=base_url.startswith("http://127.0.0.1"),
     )
     await state.redis.sadd(WORKERS, os.getpid())
 
