@@ -133,8 +133,12 @@ _OUTCOME_STATES: Final = {"sent": SENT, "unknown": UNKNOWN, "skipped": SKIPPED}
 _NOT_JSON: Final = (ValueError, RecursionError)
 
 
-class JournalError(Exception):
-    """The journal cannot be used: missing, corrupt, in use, or written for another input."""
+class JournalError(BotMessageError):
+    """The journal cannot be used: missing, corrupt, in use, or written for another input.
+
+    A ``BotMessageError``, as every error from reading outside data is: a program
+    that catches the package's errors catches a corrupt journal's too.
+    """
 
 
 def settle(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -452,6 +453,18 @@ def test_read_options_of_a_missing_journal_is_a_journal_error(tmp_path: Path) ->
     """No journal at all: the same error as load's."""
     with pytest.raises(journal.JournalError, match="no such journal"):
         journal.read_options(str(tmp_path / "missing"))
+
+
+def test_a_corrupt_journal_is_a_botmessage_error_that_pickles(tmp_path: Path) -> None:
+    """Reading outside data raises only the package's errors: a corrupt journal's too."""
+    path = tmp_path / "journal"
+    path.write_text(json.dumps({**header(1, items=3), "botmsg_journal": 3}) + "\n")
+    with pytest.raises(BotMessageError) as caught:
+        journal.load(str(path), fingerprint="fp", items=3)
+    assert isinstance(caught.value, journal.JournalError)
+    clone = pickle.loads(pickle.dumps(caught.value))  # noqa: S301 - our own error
+    assert type(clone) is journal.JournalError
+    assert str(clone) == str(caught.value)
 
 
 @pytest.mark.parametrize("version", [0, 3, True, "2"])
