@@ -518,7 +518,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             throughput(args)
         return
-    items = int(argv[0]) if argv else 30_000
+    # The default run: "python -m benchmarks.jobs_redis [ITEMS]" (argparse, for its --help).
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.jobs_redis",
+        epilog="other runs: report, faults, restart, throughput (each with its own --help)",
+    )
+    parser.add_argument("items", nargs="?", type=int, default=30_000)
+    items = parser.parse_args(argv).items
     with _redis_server() as (sock, client):
         asyncio.run(measure(items, sock, client))
 
