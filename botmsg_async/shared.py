@@ -45,7 +45,7 @@ from typing import Any, Final, Self
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from ._errors import BotMessageError, CoordinationError, InvalidRequestError
 from ._guard import claim_record, outcome_record, read_record
@@ -142,13 +142,16 @@ return false
 """
 
 # KEYS: the key's record. ARGV: fingerprint, new record JSON ('' deletes), TTL
-# in ms. Only our own claim is settled: a record that is no longer a claim
-# for this message (expired and claimed again) is left alone. Reply: 1 if done.
+# in ms, claim token. Only our own claim is settled: a record that is no longer
+# this sender's claim for this message (expired and claimed again, by anyone:
+# another sender's claim carries another token, or none) is left alone. Run
+# again after its reply was lost, it finds no claim of ours: a no-op. Reply: 1 if done.
 _SETTLE = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local ok, rec = pcall(cjson.decode, v)
-if not ok or type(rec) ~= 'table' or rec.state ~= 'claimed' or rec.fp ~= ARGV[1] then
+if not ok or type(rec) ~= 'table' or rec.state ~= 'claimed' or rec.fp ~= ARGV[1]
+  or rec.tok ~= ARGV[4] then
   return 0
 end
 if ARGV[2] == '' then
@@ -642,20 +645,31 @@ class RedisSendGuard:
         return self._prefix + idempotency_key
 
     async def claim(
-        self, key: str, fingerprint: str, department_uuid: str, user_uuid: str
+        self, key: str, fingerprint: str, department_uuid: str, user_uuid: str, *, token: str
     ) -> SendResult | None:
-        """Claim ``key`` (None: send it now) or return/raise its recorded outcome."""
+        """Claim ``key`` (None: send it now) or return/raise its recorded outcome.
+
+        The claim carries ``token``: when its reply is lost and redis-py runs it
+        again, the second run finds this very claim and ``read_record`` knows it
+        for ours (send now). When no reply comes at all, the claim may be stored
+        though nothing will be sent: it is released (best effort) before the
+        ``CoordinationError``, so a later send of the key is not blocked.
+        """
         try:
             existing: Any = await self._claim(
-                keys=[self.key_of(key)], args=[claim_record(fingerprint), round(self.ttl * 1000)]
+                keys=[self.key_of(key)],
+                args=[claim_record(fingerprint, token), round(self.ttl * 1000)],
             )
         except _REDIS_ERRORS as exc:
-            raise _unavailable("the send guard", exc) from exc
+            error = _unavailable("the send guard", exc)
+            with contextlib.suppress(CoordinationError):
+                await self.release(key, fingerprint, token=token)
+            raise error from exc
         if existing is None:
             return None
         if not isinstance(existing, bytes | str):
             existing = b"?"
-        return read_record(existing, key, fingerprint, department_uuid, user_uuid)
+        return read_record(existing, key, fingerprint, department_uuid, user_uuid, token)
 
     async def record(
         self,
@@ -663,18 +677,21 @@ class RedisSendGuard:
         fingerprint: str,
         result: SendResult | None,
         error: BotMessageError | None,
+        *,
+        token: str,
     ) -> None:
-        """Replace this sender's claim of ``key`` with the send's outcome."""
-        await self._run_settle(key, fingerprint, outcome_record(fingerprint, result, error))
+        """Replace this sender's claim (``token``) of ``key`` with the send's outcome."""
+        await self._run_settle(key, fingerprint, token, outcome_record(fingerprint, result, error))
 
-    async def release(self, key: str, fingerprint: str) -> None:
-        """Free this sender's claim of ``key``: the message certainly was not delivered."""
-        await self._run_settle(key, fingerprint, "")
+    async def release(self, key: str, fingerprint: str, *, token: str) -> None:
+        """Free this sender's claim (``token``) of ``key``: certainly not delivered."""
+        await self._run_settle(key, fingerprint, token, "")
 
-    async def _run_settle(self, key: str, fingerprint: str, record: str) -> None:
+    async def _run_settle(self, key: str, fingerprint: str, token: str, record: str) -> None:
         try:
             await self._settle(
-                keys=[self.key_of(key)], args=[fingerprint, record, round(self.ttl * 1000)]
+                keys=[self.key_of(key)],
+                args=[fingerprint, record, round(self.ttl * 1000), token],
             )
         except _REDIS_ERRORS as exc:
             raise _unavailable("the send guard", exc) from exc

@@ -36,7 +36,9 @@ FP = fingerprint("d", "u", b'{"body":"hi"}')
 
 
 def _read(raw: str | bytes, fp: str = FP) -> SendResult:
-    return read_record(raw, "k", fp, "d", "u")
+    result = read_record(raw, "k", fp, "d", "u")
+    assert result is not None  # no token given: no claim is this reader's own
+    return result
 
 
 def test_fingerprints_tell_messages_apart() -> None:
@@ -141,15 +143,23 @@ def test_a_mangled_but_valid_json_record_never_passes_for_another(
 
 
 class _BrokenGuard:
-    async def claim(self, key: str, fp: str, department: str, user: str) -> SendResult | None:
+    async def claim(
+        self, key: str, fp: str, department: str, user: str, *, token: str
+    ) -> SendResult | None:
         return None
 
     async def record(
-        self, key: str, fp: str, result: SendResult | None, error: BotMessageError | None
+        self,
+        key: str,
+        fp: str,
+        result: SendResult | None,
+        error: BotMessageError | None,
+        *,
+        token: str,
     ) -> None:
         raise CoordinationError("down")
 
-    async def release(self, key: str, fp: str) -> None:
+    async def release(self, key: str, fp: str, *, token: str) -> None:
         raise CoordinationError("down")
 
 
@@ -158,7 +168,7 @@ async def test_a_store_failure_after_the_send_is_logged_not_raised(
 ) -> None:
     """Recording fails after a send: the send's outcome stands; the key stays in doubt."""
     with caplog.at_level(logging.WARNING, logger="botmsg_async"):
-        await settle(_BrokenGuard(), "k", FP, SendResult(Status.SUCCESS), None)
+        await settle(_BrokenGuard(), "k", FP, "tok", SendResult(Status.SUCCESS), None)
     assert "delivery is unknown" in caplog.text
 
 
