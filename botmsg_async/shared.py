@@ -43,9 +43,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.asyncio.retry import Retry
 
 from ._errors import BotMessageError, CoordinationError, InvalidRequestError
 from ._guard import claim_record, outcome_record, read_record

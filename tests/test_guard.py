@@ -176,3 +176,25 @@ def test_importing_the_package_does_not_import_redis() -> None:
     """Without the extra in use, nothing imports redis (the in-process path is unchanged)."""
     code = "import sys, botmsg_async; sys.exit('redis' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)  # noqa: S603
+
+
+@pytest.mark.parametrize(
+    ("stored", "own"),
+    [("mine", True), ("theirs", False), (None, False), (7, False), ("", False)],
+    ids=["own token", "another token", "no token (older writer)", "not text", "empty"],
+)
+def test_only_a_claim_with_this_senders_token_is_its_own(stored: object, own: bool) -> None:
+    """A claim is the reader's own (send now) only when it carries the reader's token."""
+    data: dict[str, object] = {"v": 1, "state": "claimed", "fp": FP}
+    if stored is not None:
+        data["tok"] = stored
+    raw = json.dumps(data)
+    if own:
+        assert read_record(raw, "k", FP, "d", "u", token="mine") is None
+        assert raw == claim_record(FP, "mine")
+    else:
+        with pytest.raises(DeliveryUnknownError, match="claimed"):
+            read_record(raw, "k", FP, "d", "u", token="mine")
+    # Whatever the token, a claim for another message stays a conflict.
+    with pytest.raises(IdempotencyConflictError):
+        read_record(raw, "k", fingerprint("d", "u", b"other"), "d", "u", token="mine")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import uuid
@@ -10,11 +11,13 @@ from typing import Literal
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from botmsg_async import (
     BotMessageClient,
+    BotMessageError,
     CoordinationError,
     DeliveryUnknownError,
     IdempotencyConflictError,
@@ -23,7 +26,6 @@ from botmsg_async import (
     RetryPolicy,
     SendFailedError,
     SendRequest,
-    SendResult,
     Status,
 )
 from botmsg_async._guard import claim_record, fingerprint
@@ -227,6 +229,15 @@ def _fp(text: str) -> str:
     return fingerprint(DEPT, USER, encode_request(MessageDefaults().message(text)))
 
 
+def _their_claim(text: str, token: str | None) -> str:
+    """Another sender's claim of ``text``, as ``claim_record`` writes it (by hand: the
+    test also reads the same on the code from before tokens)."""
+    data = {"v": 1, "state": "claimed", "fp": _fp(text)}
+    if token is not None:
+        data["tok"] = token
+    return json.dumps(data)
+
+
 @pytest.mark.parametrize("made_by", ["url", "caller"])
 async def test_a_claim_whose_reply_was_lost_and_retried_is_ours_and_sent_once(
     redis_server: RedisServer, made_by: str
@@ -282,7 +293,7 @@ async def test_another_senders_claim_stays_unknown_and_is_never_released_by_us(
     redis_server: RedisServer, token: str | None
 ) -> None:
     """Someone else's claim (another token, or none): unknown, and our release leaves it."""
-    theirs = claim_record(_fp("hello"), token)
+    theirs = _their_claim("hello", token)
     async with (
         LossyRedisProxy(str(redis_server.socket), _is_claim) as proxy,
         FakeBotMessageServer(username="bot", password="pw") as server,
@@ -299,10 +310,50 @@ async def test_another_senders_claim_stays_unknown_and_is_never_released_by_us(
         assert await r.get(guard.key_of("other")) == theirs.encode()
         with pytest.raises(DeliveryUnknownError, match="claimed"):
             await client.send(DEPT, USER, "hello", idempotency_key="other")
-        for settle_it in (
-            guard.release("other", _fp("hello"), token="mine"),
-            guard.record("other", _fp("hello"), SendResult(Status.SUCCESS), None, token="mine"),
-        ):
-            await settle_it
-            assert await r.get(guard.key_of("other")) == theirs.encode()
+        assert await r.get(guard.key_of("other")) == theirs.encode()
         assert server.requests == 0
+
+
+@pytest.mark.parametrize("status", [503, 200], ids=["release", "record"])
+async def test_a_settle_leaves_the_claim_another_sender_made_meanwhile(
+    redis_server: RedisServer, status: int
+) -> None:
+    """Our claim expired mid-send and another sender claimed the key: our settle leaves it."""
+    arrived, answer = asyncio.Event(), asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        arrived.set()
+        await answer.wait()
+        if status == 200:
+            return web.json_response({"status": "SUCCESS", "messageUuid": str(uuid.uuid4())})
+        return web.Response(status=status)  # not processed: the claim is released
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with (
+            RedisSendGuard(redis_server.url, name="t") as guard,
+            BotMessageClient(
+                f"http://127.0.0.1:{port}", "bot", "pw", send_guard=guard, retry=NO_RETRY
+            ) as client,
+            aioredis.Redis.from_url(redis_server.url) as r,
+        ):
+            sending = asyncio.ensure_future(
+                client.send(DEPT, USER, "hello", idempotency_key="swap")
+            )
+            await arrived.wait()
+            theirs = _their_claim("hello", "theirs").encode()
+            try:
+                await r.set(guard.key_of("swap"), theirs)
+            finally:
+                answer.set()
+            with contextlib.suppress(BotMessageError):
+                await sending
+            assert await r.get(guard.key_of("swap")) == theirs
+    finally:
+        await runner.cleanup()
