@@ -52,6 +52,7 @@ cluster slot); each expires ``ttl`` seconds after the job's last activity::
     botmsg:job:{J}:details   hash    index -> outcome code + JSON, only for items not SENT
     botmsg:job:{J}:m         hash    chunk number -> message UUIDs, 16 bytes per item
     botmsg:job:{J}:workers   hash    consumer -> last heartbeat (ms, Redis clock)
+    botmsg:job:{J}:writes    hash    consumer -> id and reply of its last write (once only)
     botmsg:job:{J}:events    channel "end" (last chunk done), "stop", "chunks" (put back)
 """
 
@@ -184,11 +185,12 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 return {1}
 """
 
-# KEYS: meta, started, settled, details, m, stream. ARGV: the generation this run
-# last saw, chunk size, group, consumer, channel, then four lists, each its length
-# first: outcomes (index, code, packed message UUID or '', detail or '': 4 values
-# each), releases (indices this run started and certainly never attempted: their
-# start is taken back), acknowledgements (stream entries of chunks finished by these
+# KEYS: meta, started, settled, details, m, stream, writes. ARGV: the generation this
+# run last saw, chunk size, group, consumer, channel, this write's id (new for each
+# write of the run), then four lists, each its length first: outcomes (index, code,
+# packed message UUID or '', detail or '': 4 values each), releases (indices this run
+# started and certainly never attempted: their start is taken back), acknowledgements
+# (stream entries of chunks finished by these
 # outcomes), starts (indices). Everything one run has to write at a moment, in one
 # round trip (and one fsync): outcomes first, so a refused start loses none.
 # An outcome never replaces a recorded one, except that a known one replaces an
@@ -198,9 +200,19 @@ return {1}
 # started (refused: already started by another run, not to be sent here); 0 no
 # start asked; -1 the job is not running (nothing started); -2 the generation went
 # backwards (nothing started).
+# Once only: the reply is kept under the run's consumer in KEYS[7], and a write run
+# again with the same id (redis-py or ``_patiently`` trying again after the reply was
+# lost) returns it unchanged; run twice, its starts would come back refused, and
+# items never sent would be left started with no outcome (reported unknown).
 _WRITE = """
+local wid = ARGV[6]
+local seen = redis.call('HGET', KEYS[7], ARGV[4])
+if seen and string.sub(seen, 1, #wid + 1) == wid .. ' ' then
+  return cjson.decode(string.sub(seen, #wid + 2))
+end
+local function write()
 local chunk = tonumber(ARGV[2])
-local p = 6
+local p = 7
 local no = tonumber(ARGV[p]); local o0 = p + 1; p = o0 + no * 4
 local nr = tonumber(ARGV[p]); local r0 = p + 1; p = r0 + nr
 local na = tonumber(ARGV[p]); local a0 = p + 1; p = a0 + na
@@ -270,6 +282,12 @@ reply[2] = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 if redis.call('HEXISTS', KEYS[1], 't0') == 0 then
   redis.call('HSET', KEYS[1], 't0', redis.call('TIME')[1])
 end
+return reply
+end
+local reply = write()
+redis.call('HSET', KEYS[7], ARGV[4], wid .. ' ' .. cjson.encode(reply))
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0') or 0
+redis.call('EXPIRE', KEYS[7], ttl > 0 and ttl or 86400)
 return reply
 """
 
@@ -439,6 +457,8 @@ class _Keys:
         self.details = prefix + "details"
         self.m = prefix + "m"
         self.workers = prefix + "workers"
+        #: consumer -> id and reply of its last ``_WRITE`` (run again: the same reply).
+        self.writes = prefix + "writes"
         #: Pub/sub channel: "end" (last chunk done), "stop", "chunks" (chunks put back).
         self.events = prefix + "events"
 
@@ -451,6 +471,7 @@ class _Keys:
             self.settled,
             self.details,
             self.m,
+            self.writes,
         ]
 
 
@@ -741,6 +762,8 @@ class _Run:
         self.pulled = 0
         #: Items started per round trip (see ``start_group_size``).
         self.group_size = 16
+        #: Id of this run's last write to Redis (``_WRITE`` runs once per id).
+        self.write_id = 0
         # What the writer (one round trip for all of it) has to put in Redis.
         self.outbox: list[_Record] = []
         self.waiting_outcomes: list[_Pending] = []
@@ -1114,8 +1137,9 @@ class _Run:
                 self.to_ack.append(chunk)
         acks, self.to_ack = self.to_ack, []
         starts = request[0] if request is not None else []
+        self.write_id += 1
         args: list[Any] = [self.gen, self.chunk_size, _GROUP, self.consumer, self.keys.events]
-        args.append(len(batch))
+        args += [self.write_id, len(batch)]
         for r in batch:
             args += [r.index, r.code, r.packed, r.detail]
         args.append(len(releases))
@@ -1131,6 +1155,7 @@ class _Run:
             self.keys.details,
             self.keys.m,
             self.keys.stream,
+            self.keys.writes,
         ]
         try:
             # Unrecorded, outcomes would leave their items in doubt: wait for Redis a while.

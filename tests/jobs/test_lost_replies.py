@@ -1,0 +1,75 @@
+"""A job's Redis commands whose reply is lost after Redis ran them (a dropped connection).
+
+redis-py (and the run's own ``_patiently``) run such a command again; each of the
+run's writes must come to the same as if it had run once: no item left "unknown"
+that was never sent, none sent twice, no chunk lost from the accounting.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import uuid
+
+import pytest
+
+pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from botmsg_async import SendRequest
+from botmsg_async.jobs import _WRITE, job_results, job_status, run_job_async
+from botmsg_async.testing import FakeBotMessageServer
+from tests.redis._lossy import LossyRedisProxy
+
+from .conftest import JobRedis
+
+_WRITE_SHA = hashlib.sha1(_WRITE.encode()).hexdigest().encode()  # noqa: S324 - Redis's script id
+
+
+def _items(n: int) -> list[SendRequest | None]:
+    dept = str(uuid.uuid5(uuid.NAMESPACE_DNS, "dept"))
+    return [
+        SendRequest(dept, str(uuid.uuid5(uuid.NAMESPACE_DNS, f"lost{i}")), f"hello {i}")
+        for i in range(n)
+    ]
+
+
+def _is_write(words: list[bytes]) -> bool:
+    return words[0].upper() == b"EVALSHA" and words[1] == _WRITE_SHA
+
+
+async def _run_through(proxy: LossyRedisProxy, items: list[SendRequest | None]) -> None:
+    async with (
+        FakeBotMessageServer() as server,
+        Redis(port=proxy.port, retry=Retry(NoBackoff(), 1)) as redis,
+    ):
+        report = await run_job_async(
+            redis,
+            "lost",
+            items,
+            base_url=server.base_url,
+            username=server.username,
+            password=server.password,
+            concurrency=4,
+            chunk_size=8,
+        )
+        results = await job_results(redis, "lost", items)
+        status = await job_status(redis, "lost")
+        assert proxy.lost.is_set()
+        assert report.created
+        assert collections.Counter(r.outcome for r in results) == {"sent": len(items)}
+        assert status.complete
+        assert status.counts.sent == len(items)
+        received = collections.Counter(m.user_uuid for m in server.messages)
+        assert len(received) == len(items)
+        assert max(received.values()) == 1
+
+
+async def test_a_start_group_written_twice_is_sent_once(job_redis: JobRedis) -> None:
+    """The first write (a start group) ran, its reply was lost, it ran again: all sent once."""
+    async with LossyRedisProxy(str(job_redis.socket), _is_write) as proxy:
+        await _run_through(proxy, _items(20))
+        assert proxy.ran >= 2
