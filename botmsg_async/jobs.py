@@ -190,9 +190,9 @@ return {1}
 # write of the run), then four lists, each its length first: outcomes (index, code,
 # packed message UUID or '', detail or '': 4 values each), releases (indices this run
 # started and certainly never attempted: their start is taken back), acknowledgements
-# (stream entries of chunks finished by these
-# outcomes), starts (indices). Everything one run has to write at a moment, in one
-# round trip (and one fsync): outcomes first, so a refused start loses none.
+# (stream entries of chunks finished by these outcomes), starts (indices). Everything
+# one run has to write at a moment, in one round trip (and one fsync): outcomes
+# first, so a refused start loses none.
 # An outcome never replaces a recorded one, except that a known one replaces an
 # unknown (a run taken for dead that finished its send after all). A chunk is
 # acknowledged (XACK, XDEL) only if this run still owns it. When the last chunk is
