@@ -758,6 +758,8 @@ class _Run:
         #: Entries of the chunks this run left unfinished (``_not_attempted``): no longer
         #: refreshed, so that after ``claim_timeout`` a run (this one too) takes them over.
         self.left: set[str] = set()
+        #: Entries of the chunks this run took and has not acknowledged yet.
+        self.held: set[str] = set()
         self.by_key: dict[str, _Pending] = {}
         self.pulled = 0
         #: Items started per round trip (see ``start_group_size``).
@@ -836,12 +838,14 @@ class _Run:
         """A dead run's chunk, else a new one; None when the job has none left for us."""
         idle_ms = int(self.claim_timeout * 1000)
         while not self.stopping:
-            claimed: Any = await _patiently(
-                lambda: self.redis.xautoclaim(
-                    self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+            entries: Any = await self._lost_chunk()
+            if not entries:
+                claimed: Any = await _patiently(
+                    lambda: self.redis.xautoclaim(
+                        self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+                    )
                 )
-            )
-            entries: Any = claimed[1] if claimed else []
+                entries = claimed[1] if claimed else []
             if not entries:
                 read: Any = await _patiently(
                     lambda: self.redis.xreadgroup(
@@ -861,6 +865,7 @@ class _Run:
                     # and walking it could take for ever. This run stops; the entry stays.
                     self.fail(JobError(f"the job's chunk {entry} in Redis is corrupt"))
                     return None
+                self.held.add(entry)
                 return _Chunk(entry, first, end)
             meta = await _patiently(
                 lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")
@@ -896,6 +901,31 @@ class _Run:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), min(IDLE_POLL, self.claim_timeout / 4))
         return None
+
+    async def _lost_chunk(self) -> list[Any]:
+        """A chunk the group gave this run whose reply was lost: ``[(entry, fields)]``, or [].
+
+        ``XREADGROUP`` and ``XAUTOCLAIM`` run again after a lost reply (by redis-py,
+        or ``_patiently``) hand out the next entry: the first stays pending under this
+        run, which never heard of it and whose heartbeat keeps it fresh, so no run
+        would ever take it over, and every run would wait for it. It is this run's
+        own pending entry that it neither holds nor left to others.
+        """
+        known = self.held | self.left
+        pending: Any = await _patiently(
+            lambda: self.redis.xpending_range(
+                self.keys.stream, _GROUP, "-", "+", len(known) + 1, consumername=self.consumer
+            )
+        )
+        for row in pending:
+            entry = _text(row.get("message_id")) or ""
+            if entry and entry not in known:
+                found: Any = await _patiently(
+                    functools.partial(self.redis.xrange, self.keys.stream, entry, entry, count=1)
+                )
+                if found:
+                    return list(found)
+        return []
 
     async def _listen(self, subscribed: asyncio.Event) -> None:
         """Wake the run on each message of the job's channel (end, stop, chunks put back)."""
@@ -1172,6 +1202,8 @@ class _Run:
             return
         for meta in metas:
             meta.chunk.open.discard(meta.index)
+        for chunk in acks:
+            self.held.discard(chunk.entry)
         if acks:
             self.wake.set()
         if request is not None:

@@ -1,12 +1,13 @@
 """A loopback TCP proxy to a redis-server that loses the reply of a command Redis ran.
 
-The proxy reads the RESP (2 or 3) frames both ways: the commands the client sends, and
-Redis's replies, which come back in the same order. The first reply to a
-command that ``matches`` and that is not an error (so Redis ran it: a NOSCRIPT
-error, say, is passed on) is lost: the proxy closes the client's connection
-instead of passing it on (``mode="drop"``), or keeps it, and everything after
-it on that connection, until the client gives up (``mode="hold"``: the
-client's socket timeout elapses). Later connections go through untouched.
+The proxy reads the RESP (2 or 3) frames both ways: the commands the client
+sends, and Redis's replies, which come back in the same order. The first reply
+to a command that ``matches``, that is not an error (so Redis ran it: a
+NOSCRIPT error, say, is passed on) and that ``reply_matches``, is lost: the
+proxy closes the client's connection instead of passing it on
+(``mode="drop"``), or keeps it, and everything after it on that connection,
+until the client gives up (``mode="hold"``: the client's socket timeout
+elapses). Later connections go through untouched.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ class LossyRedisProxy:
         matches: Callable[[list[bytes]], bool],
         *,
         mode: Literal["drop", "hold"] = "drop",
+        reply_matches: Callable[[bytes], bool] = lambda reply: True,
     ) -> None:
         self.socket_path = socket_path
         self.matches = matches
+        self.reply_matches = reply_matches
         self.mode = mode
         self.lost = asyncio.Event()
         self.ran = 0
@@ -156,7 +159,7 @@ class LossyRedisProxy:
                 matched = doomed.popleft() if doomed and not reply.startswith(b">") else False
                 if matched and not reply.startswith((b"-", b"!")):
                     self.ran += 1
-                    if not self.lost.is_set():
+                    if not self.lost.is_set() and self.reply_matches(reply):
                         self.lost.set()
                         if self.mode == "drop":
                             writer.close()
