@@ -1361,6 +1361,7 @@ async def _create_or_join(
         sort_keys=True,
     )
     script = redis.register_script(_CREATE)
+    nonce = uuid.uuid4().hex
     reply = await script(
         keys=[
             keys.meta,
@@ -1371,10 +1372,12 @@ async def _create_or_join(
             keys.m,
             keys.workers,
         ],
-        args=[fingerprint, options_json, items, chunk_size, uuid.uuid4().hex, ttl, _GROUP],
+        args=[fingerprint, options_json, items, chunk_size, nonce, ttl, _GROUP],
     )
-    created = int(reply[0]) == 1
     fields = await redis.hmget(keys.meta, "fingerprint", "options", "items", "chunk", "nonce", "v")
+    # Our nonce: this run created the job, even when the script ran again after its reply
+    # was lost and found the job it had just made.
+    created = int(reply[0]) == 1 or _text(fields[4]) == nonce
     if _text(fields[5]) != _LAYOUT:
         raise JobError(f"the job's records in Redis are not of layout {_LAYOUT}: corrupt or newer")
     if _text(fields[0]) != fingerprint:
@@ -1400,10 +1403,10 @@ async def _create_or_join(
     if _int(fields[2], -1) != items or _int(fields[3], -1) != chunk_size:
         raise JobError("the job exists with another number of items or chunk size")
     try:
-        nonce = uuid.UUID(hex=_text(fields[4]) or "")
+        job_nonce = uuid.UUID(hex=_text(fields[4]) or "")
     except ValueError:
         raise JobError("the job's nonce in Redis is corrupt") from None
-    return created, nonce
+    return created, job_nonce
 
 
 async def job_status(

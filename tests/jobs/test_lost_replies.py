@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from botmsg_async import SendRequest
-from botmsg_async.jobs import _WRITE, job_results, job_status, run_job_async
+from botmsg_async.jobs import _CREATE, _WRITE, job_results, job_status, run_job_async
 from botmsg_async.testing import FakeBotMessageServer
 from tests.redis._lossy import LossyRedisProxy
 
@@ -132,3 +132,13 @@ async def test_a_chunk_handed_out_with_its_reply_lost_is_not_lost(
             ),
             20,
         )
+
+
+async def test_a_run_whose_create_ran_twice_knows_it_created_the_job(job_redis: JobRedis) -> None:
+    """The job's creation ran, its reply was lost, it ran again: the run still created it."""
+    create_sha = hashlib.sha1(_CREATE.encode()).hexdigest().encode()  # noqa: S324
+    async with LossyRedisProxy(
+        str(job_redis.socket),
+        lambda words: words[0].upper() == b"EVALSHA" and words[1] == create_sha,
+    ) as proxy:
+        await _run_through(proxy, _items(10), created=True)
