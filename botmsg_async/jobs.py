@@ -44,7 +44,7 @@ Keys (``J`` is the job name; the braces keep every key of a job in one
 cluster slot); each expires ``ttl`` seconds after the job's last activity::
 
     botmsg:job:{J}:meta      hash    fingerprint, options, items, chunk, chunks, done,
-                                     nonce, gen, state, stopped_by, counts, t0, ttl
+                                     nonce, gen, state, stopped_by, stop_id, counts, t0, ttl
     botmsg:job:{J}:chunks    stream  one entry per chunk {a: first index, b: end}
                                      (group "workers"); acknowledged entries are deleted
     botmsg:job:{J}:started   string  bitmap, one bit per item: start recorded
@@ -364,11 +364,16 @@ end
 return #list
 """
 
-# KEYS: meta. ARGV: new state, why, the job's channel. running -> stopped/cancelled,
-# once; the runs waiting for others hear it at once.
+# KEYS: meta. ARGV: new state, why, the job's channel, this stop's id. running ->
+# stopped/cancelled, once; the runs waiting for others hear it at once. Reply 1 when
+# this stop ended the run of the job, also when run again after its reply was lost
+# (the stop's id is kept).
 _STOP = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2])
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  if redis.call('HGET', KEYS[1], 'stop_id') == ARGV[4] then return 1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2], 'stop_id', ARGV[4])
 redis.call('PUBLISH', ARGV[3], 'stop')
 return 1
 """
@@ -804,7 +809,9 @@ class _Run:
 
     async def stop_job(self, state: str, why: str) -> None:
         """Stop the whole job: every run sees it at its next start group or refresh."""
-        await self._stop(keys=[self.keys.meta], args=[state, why, self.keys.events])
+        await self._stop(
+            keys=[self.keys.meta], args=[state, why, self.keys.events, uuid.uuid4().hex]
+        )
         self.stop(why)
 
     async def heartbeat(self) -> None:
@@ -1484,7 +1491,10 @@ async def cancel_job(redis: str | Redis, job: str) -> bool:
     try:
         script = client.register_script(_STOP)
         return bool(
-            await script(keys=[keys.meta], args=["cancelled", "cancelled by request", keys.events])
+            await script(
+                keys=[keys.meta],
+                args=["cancelled", "cancelled by request", keys.events, uuid.uuid4().hex],
+            )
         )
     except (RedisError, OSError) as exc:
         raise _redis_failed("cancel the job", exc) from None

@@ -21,7 +21,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from botmsg_async import SendRequest
-from botmsg_async.jobs import _CREATE, _WRITE, job_results, job_status, run_job_async
+from botmsg_async.jobs import (
+    _CREATE,
+    _STOP,
+    _WRITE,
+    cancel_job,
+    job_results,
+    job_status,
+    run_job_async,
+)
 from botmsg_async.testing import FakeBotMessageServer
 from tests.redis._lossy import LossyRedisProxy
 
@@ -142,3 +150,29 @@ async def test_a_run_whose_create_ran_twice_knows_it_created_the_job(job_redis: 
         lambda words: words[0].upper() == b"EVALSHA" and words[1] == create_sha,
     ) as proxy:
         await _run_through(proxy, _items(10), created=True)
+
+
+async def test_a_cancel_whose_reply_was_lost_reports_the_cancel(job_redis: JobRedis) -> None:
+    """The cancel ran, its reply was lost, it ran again: it still reports the job cancelled."""
+    items = _items(4)
+    async with FakeBotMessageServer() as server:
+        await run_job_async(
+            job_redis.url,
+            "lost",
+            items,
+            base_url=server.base_url,
+            username=server.username,
+            password=server.password,
+        )
+    stop_sha = hashlib.sha1(_STOP.encode()).hexdigest().encode()  # noqa: S324
+    async with (
+        LossyRedisProxy(
+            str(job_redis.socket),
+            lambda words: words[0].upper() == b"EVALSHA" and words[1] == stop_sha,
+        ) as proxy,
+        Redis(port=proxy.port, retry=Retry(NoBackoff(), 1)) as redis,
+    ):
+        assert await cancel_job(redis, "lost") is True
+        assert proxy.lost.is_set()
+        assert (await job_status(redis, "lost")).state == "cancelled"
+        assert await cancel_job(redis, "lost") is False  # a second cancel: not running
