@@ -620,6 +620,8 @@ class RedisSendGuard:
         self._prefix = f"botmsg:{self.name}:send:"
         self._claim = self._redis.register_script(_CLAIM)
         self._settle = self._redis.register_script(_SETTLE)
+        # Releases of claims whose send was cancelled mid-claim (``claim``), under way.
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"RedisSendGuard(name={self.name!r}, ttl={self.ttl})"
@@ -636,7 +638,9 @@ class RedisSendGuard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Redis client if this guard made it."""
+        """Finish the releases under way; close the Redis client if this guard made it."""
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._owned:
             await self._redis.aclose()
 
@@ -651,9 +655,11 @@ class RedisSendGuard:
 
         The claim carries ``token``: when its reply is lost and redis-py runs it
         again, the second run finds this very claim and ``read_record`` knows it
-        for ours (send now). When no reply comes at all, the claim may be stored
-        though nothing will be sent: it is released (best effort) before the
-        ``CoordinationError``, so a later send of the key is not blocked.
+        for ours (send now). When no reply comes at all, or the send is cancelled
+        while it waits for one, the claim may be stored though nothing will be
+        sent: it is released (best effort; in the background for a cancel) before
+        the ``CoordinationError`` (or the cancel) goes on, so a later send of the
+        key is not blocked.
         """
         try:
             existing: Any = await self._claim(
@@ -665,6 +671,13 @@ class RedisSendGuard:
             with contextlib.suppress(CoordinationError):
                 await self.release(key, fingerprint, token=token)
             raise error from exc
+        except asyncio.CancelledError:
+            # Cancelled mid-claim: the claim may be stored, and nothing will be sent. It
+            # is freed in the background (only our own claim), not holding the cancel up.
+            task = asyncio.ensure_future(self._release_quietly(key, fingerprint, token))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+            raise
         if existing is None:
             return None
         if not isinstance(existing, bytes | str):
@@ -686,6 +699,17 @@ class RedisSendGuard:
     async def release(self, key: str, fingerprint: str, *, token: str) -> None:
         """Free this sender's claim (``token``) of ``key``: certainly not delivered."""
         await self._run_settle(key, fingerprint, token, "")
+
+    async def _release_quietly(self, key: str, fingerprint: str, token: str) -> None:
+        try:
+            await self.release(key, fingerprint, token=token)
+        except CoordinationError as exc:
+            log.warning(
+                "could not free idempotency key %s after its send was cancelled before "
+                "sending (%s); a later send of this key will be told its delivery is unknown",
+                key,
+                exc,
+            )
 
     async def _run_settle(self, key: str, fingerprint: str, token: str, record: str) -> None:
         try:

@@ -357,3 +357,33 @@ async def test_a_settle_leaves_the_claim_another_sender_made_meanwhile(
             assert await r.get(guard.key_of("swap")) == theirs
     finally:
         await runner.cleanup()
+
+
+async def test_a_send_cancelled_while_its_claim_ran_frees_the_key(
+    redis_server: RedisServer,
+) -> None:
+    """Cancelled with the claim stored and its reply not yet back: the key is freed."""
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim, mode="hold") as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0)) as callers,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        guard = RedisSendGuard(callers, name="t")
+        async with _client(server, guard) as client:
+            sending = asyncio.ensure_future(
+                client.send(DEPT, USER, "hello", idempotency_key="cancelled")
+            )
+            await proxy.lost.wait()  # Redis ran the claim; its reply is held
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            await guard.aclose()  # the release under way finishes
+        assert await r.get(guard.key_of("cancelled")) is None
+        async with (
+            RedisSendGuard(redis_server.url, name="t") as again,
+            _client(server, again) as client,
+        ):
+            result = await client.send(DEPT, USER, "hello", idempotency_key="cancelled")
+        assert result.status is Status.SUCCESS
+        assert server.requests == 1
