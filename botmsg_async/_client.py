@@ -737,10 +737,15 @@ class BotMessageClient:
         # At most once per key across every holder of the guard: a key already
         # claimed returns (or raises) what its first send got, without sending.
         guard = self._send_guard if idempotency_key is not None else None
-        digest = ""
+        digest = token = ""
         if guard is not None:
             digest = _guard.fingerprint(department_uuid, user_uuid, body)
-            earlier = await guard.claim(state.idempotency_key, digest, department_uuid, user_uuid)
+            # This send's own claim: a claim run again after its reply was lost is told
+            # apart from another sender's, and the outcome settles this claim only.
+            token = _guard.claim_token()
+            earlier = await guard.claim(
+                state.idempotency_key, digest, department_uuid, user_uuid, token=token
+            )
             if earlier is not None:
                 return earlier
         # The attempts, in this coroutine: every wake-up of a send passes through
@@ -760,7 +765,7 @@ class BotMessageClient:
             settled = self._settled(exc, state)
             self._ended(state, settled)
             if guard is not None:
-                await _guard.settle(guard, state.idempotency_key, digest, None, settled)
+                await _guard.settle(guard, state.idempotency_key, digest, token, None, settled)
             if settled is exc:
                 raise
             raise settled from exc
@@ -771,7 +776,7 @@ class BotMessageClient:
         if state.watch is not None:
             state.watch.send_finished(Outcome.SENT, state.attempt, None)
         if guard is not None:
-            await _guard.settle(guard, state.idempotency_key, digest, result, None)
+            await _guard.settle(guard, state.idempotency_key, digest, token, result, None)
         return result
 
     def _ended(self, state: _Send, error: BotMessageError) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 from typing import Any, Protocol
 
 from ._delivery import releases_claim
@@ -31,6 +32,7 @@ __all__ = [
     "RECORD_VERSION",
     "SendGuard",
     "claim_record",
+    "claim_token",
     "fingerprint",
     "outcome_record",
     "read_record",
@@ -49,16 +51,23 @@ class SendGuard(Protocol):
     Every method raises ``CoordinationError`` when the store cannot be used:
     then nothing was sent (``claim``) or the send's own outcome stands
     (``record``/``release``; the client logs it and keeps the send's result).
+
+    ``token`` (``claim_token()``, new for each send) names one claim attempt:
+    a store whose command ran but whose reply was lost may run it again, and
+    must then recognise the claim as this sender's own (send now), not as
+    another sender's (delivery unknown); ``record`` and ``release`` touch only
+    the claim that carries it, never another sender's claim of the same key.
     """
 
     async def claim(
-        self, key: str, fingerprint: str, department_uuid: str, user_uuid: str
+        self, key: str, fingerprint: str, department_uuid: str, user_uuid: str, *, token: str
     ) -> SendResult | None:
         """Claim ``key`` for the message ``fingerprint`` names.
 
         Returns:
-            None when this caller now holds the claim and must send; the
-            recorded ``SendResult`` when the message was sent before.
+            None when this caller now holds the claim (the one ``token`` names)
+            and must send; the recorded ``SendResult`` when the message was sent
+            before.
 
         Raises:
             IdempotencyConflictError: the key was used for a different message.
@@ -75,12 +84,14 @@ class SendGuard(Protocol):
         fingerprint: str,
         result: SendResult | None,
         error: BotMessageError | None,
+        *,
+        token: str,
     ) -> None:
-        """Record the outcome of a claimed send: its result, or its error."""
+        """Record the outcome of the send that holds ``token``'s claim: its result, or its error."""
         ...
 
-    async def release(self, key: str, fingerprint: str) -> None:
-        """Free a claimed key whose message was certainly not delivered."""
+    async def release(self, key: str, fingerprint: str, *, token: str) -> None:
+        """Free ``token``'s claim of a key whose message was certainly not delivered."""
         ...
 
 
@@ -97,9 +108,21 @@ def fingerprint(department_uuid: str, user_uuid: str, body: bytes) -> str:
     return digest.hexdigest()[:32]
 
 
-def claim_record(fingerprint: str) -> str:
-    """The JSON a claim writes: "being sent", no outcome yet."""
-    return json.dumps({"v": RECORD_VERSION, "state": "claimed", "fp": fingerprint})
+def claim_token() -> str:
+    """A new random name for one claim attempt (the ``token`` of ``SendGuard``)."""
+    return secrets.token_hex(16)
+
+
+def claim_record(fingerprint: str, token: str | None = None) -> str:
+    """The JSON a claim writes: "being sent", no outcome yet, by the sender ``token`` names.
+
+    The token is an optional field of the same record version: a reader that
+    does not know it reads the claim as before (someone's claim: unknown).
+    """
+    data = {"v": RECORD_VERSION, "state": "claimed", "fp": fingerprint}
+    if token is not None:
+        data["tok"] = token
+    return json.dumps(data)
 
 
 def _result_data(result: SendResult) -> dict[str, Any]:
@@ -215,20 +238,32 @@ def _error(value: object, department_uuid: str, user_uuid: str) -> BotMessageErr
 
 
 def read_record(
-    raw: str | bytes, key: str, fingerprint: str, department_uuid: str, user_uuid: str
-) -> SendResult:
+    raw: str | bytes,
+    key: str,
+    fingerprint: str,
+    department_uuid: str,
+    user_uuid: str,
+    token: str | None = None,
+) -> SendResult | None:
     """What a send of ``key`` finds when the key is already claimed or recorded.
 
     Total: a record that cannot be read counts as "delivery unknown" (the
     safe answer: never sent again).
 
+    Args:
+        token: This send's claim token: a claim that carries it is this send's
+            own (its claim ran, then its reply was lost and the claim was run
+            again), not another sender's.
+
     Returns:
-        The recorded ``SendResult`` of a message already sent.
+        None for this send's own claim (nothing was sent yet: send now); the
+        recorded ``SendResult`` of a message already sent.
 
     Raises:
         IdempotencyConflictError: the record is for a different message.
-        DeliveryUnknownError: claimed with no outcome, an unknown outcome, or
-            an unreadable record.
+        DeliveryUnknownError: claimed by another sender (or by a writer that
+            named no token) with no outcome, an unknown outcome, or an
+            unreadable record.
         BotMessageError: the recorded final error (rebuilt in the error tree).
     """
     try:
@@ -251,6 +286,8 @@ def read_record(
         if state == "failed":
             error = _error(data.get("error"), department_uuid, user_uuid)
         elif state == "claimed":
+            if token is not None and data.get("tok") == token:
+                return None
             error = DeliveryUnknownError(
                 "another sender claimed this idempotency key and recorded no outcome (it is "
                 "sending right now, or died mid-send): the message may have been delivered",
@@ -285,6 +322,7 @@ async def settle(
     guard: SendGuard,
     key: str,
     fingerprint: str,
+    token: str,
     result: SendResult | None,
     error: BotMessageError | None,
 ) -> None:
@@ -296,9 +334,9 @@ async def settle(
     """
     try:
         if error is not None and releases_claim(error):
-            await guard.release(key, fingerprint)
+            await guard.release(key, fingerprint, token=token)
         else:
-            await guard.record(key, fingerprint, result, error)
+            await guard.record(key, fingerprint, result, error, token=token)
     except BotMessageError as exc:
         log.warning(
             "could not record the outcome of idempotency key %s (%s); a later send of this "

@@ -44,7 +44,7 @@ Keys (``J`` is the job name; the braces keep every key of a job in one
 cluster slot); each expires ``ttl`` seconds after the job's last activity::
 
     botmsg:job:{J}:meta      hash    fingerprint, options, items, chunk, chunks, done,
-                                     nonce, gen, state, stopped_by, counts, t0, ttl
+                                     nonce, gen, state, stopped_by, stop_id, counts, t0, ttl
     botmsg:job:{J}:chunks    stream  one entry per chunk {a: first index, b: end}
                                      (group "workers"); acknowledged entries are deleted
     botmsg:job:{J}:started   string  bitmap, one bit per item: start recorded
@@ -52,6 +52,7 @@ cluster slot); each expires ``ttl`` seconds after the job's last activity::
     botmsg:job:{J}:details   hash    index -> outcome code + JSON, only for items not SENT
     botmsg:job:{J}:m         hash    chunk number -> message UUIDs, 16 bytes per item
     botmsg:job:{J}:workers   hash    consumer -> last heartbeat (ms, Redis clock)
+    botmsg:job:{J}:writes    hash    consumer -> id and reply of its last write (once only)
     botmsg:job:{J}:events    channel "end" (last chunk done), "stop", "chunks" (put back)
 """
 
@@ -184,13 +185,14 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 return {1}
 """
 
-# KEYS: meta, started, settled, details, m, stream. ARGV: the generation this run
-# last saw, chunk size, group, consumer, channel, then four lists, each its length
-# first: outcomes (index, code, packed message UUID or '', detail or '': 4 values
-# each), releases (indices this run started and certainly never attempted: their
-# start is taken back), acknowledgements (stream entries of chunks finished by these
-# outcomes), starts (indices). Everything one run has to write at a moment, in one
-# round trip (and one fsync): outcomes first, so a refused start loses none.
+# KEYS: meta, started, settled, details, m, stream, writes. ARGV: the generation this
+# run last saw, chunk size, group, consumer, channel, this write's id (new for each
+# write of the run), then four lists, each its length first: outcomes (index, code,
+# packed message UUID or '', detail or '': 4 values each), releases (indices this run
+# started and certainly never attempted: their start is taken back), acknowledgements
+# (stream entries of chunks finished by these outcomes), starts (indices). Everything
+# one run has to write at a moment, in one round trip (and one fsync): outcomes
+# first, so a refused start loses none.
 # An outcome never replaces a recorded one, except that a known one replaces an
 # unknown (a run taken for dead that finished its send after all). A chunk is
 # acknowledged (XACK, XDEL) only if this run still owns it. When the last chunk is
@@ -198,9 +200,19 @@ return {1}
 # started (refused: already started by another run, not to be sent here); 0 no
 # start asked; -1 the job is not running (nothing started); -2 the generation went
 # backwards (nothing started).
+# Once only: the reply is kept under the run's consumer in KEYS[7], and a write run
+# again with the same id (redis-py or ``_patiently`` trying again after the reply was
+# lost) returns it unchanged; run twice, its starts would come back refused, and
+# items never sent would be left started with no outcome (reported unknown).
 _WRITE = """
+local wid = ARGV[6]
+local seen = redis.call('HGET', KEYS[7], ARGV[4])
+if seen and string.sub(seen, 1, #wid + 1) == wid .. ' ' then
+  return cjson.decode(string.sub(seen, #wid + 2))
+end
+local function write()
 local chunk = tonumber(ARGV[2])
-local p = 6
+local p = 7
 local no = tonumber(ARGV[p]); local o0 = p + 1; p = o0 + no * 4
 local nr = tonumber(ARGV[p]); local r0 = p + 1; p = r0 + nr
 local na = tonumber(ARGV[p]); local a0 = p + 1; p = a0 + na
@@ -270,6 +282,12 @@ reply[2] = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 if redis.call('HEXISTS', KEYS[1], 't0') == 0 then
   redis.call('HSET', KEYS[1], 't0', redis.call('TIME')[1])
 end
+return reply
+end
+local reply = write()
+redis.call('HSET', KEYS[7], ARGV[4], wid .. ' ' .. cjson.encode(reply))
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0') or 0
+redis.call('EXPIRE', KEYS[7], ttl > 0 and ttl or 86400)
 return reply
 """
 
@@ -346,11 +364,16 @@ end
 return #list
 """
 
-# KEYS: meta. ARGV: new state, why, the job's channel. running -> stopped/cancelled,
-# once; the runs waiting for others hear it at once.
+# KEYS: meta. ARGV: new state, why, the job's channel, this stop's id. running ->
+# stopped/cancelled, once; the runs waiting for others hear it at once. Reply 1 when
+# this stop ended the run of the job, also when run again after its reply was lost
+# (the stop's id is kept).
 _STOP = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2])
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  if redis.call('HGET', KEYS[1], 'stop_id') == ARGV[4] then return 1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'stopped_by', ARGV[2], 'stop_id', ARGV[4])
 redis.call('PUBLISH', ARGV[3], 'stop')
 return 1
 """
@@ -439,6 +462,8 @@ class _Keys:
         self.details = prefix + "details"
         self.m = prefix + "m"
         self.workers = prefix + "workers"
+        #: consumer -> id and reply of its last ``_WRITE`` (run again: the same reply).
+        self.writes = prefix + "writes"
         #: Pub/sub channel: "end" (last chunk done), "stop", "chunks" (chunks put back).
         self.events = prefix + "events"
 
@@ -451,6 +476,7 @@ class _Keys:
             self.settled,
             self.details,
             self.m,
+            self.writes,
         ]
 
 
@@ -737,10 +763,14 @@ class _Run:
         #: Entries of the chunks this run left unfinished (``_not_attempted``): no longer
         #: refreshed, so that after ``claim_timeout`` a run (this one too) takes them over.
         self.left: set[str] = set()
+        #: Entries of the chunks this run took and has not acknowledged yet.
+        self.held: set[str] = set()
         self.by_key: dict[str, _Pending] = {}
         self.pulled = 0
         #: Items started per round trip (see ``start_group_size``).
         self.group_size = 16
+        #: Id of this run's last write to Redis (``_WRITE`` runs once per id).
+        self.write_id = 0
         # What the writer (one round trip for all of it) has to put in Redis.
         self.outbox: list[_Record] = []
         self.waiting_outcomes: list[_Pending] = []
@@ -779,7 +809,9 @@ class _Run:
 
     async def stop_job(self, state: str, why: str) -> None:
         """Stop the whole job: every run sees it at its next start group or refresh."""
-        await self._stop(keys=[self.keys.meta], args=[state, why, self.keys.events])
+        await self._stop(
+            keys=[self.keys.meta], args=[state, why, self.keys.events, uuid.uuid4().hex]
+        )
         self.stop(why)
 
     async def heartbeat(self) -> None:
@@ -813,12 +845,14 @@ class _Run:
         """A dead run's chunk, else a new one; None when the job has none left for us."""
         idle_ms = int(self.claim_timeout * 1000)
         while not self.stopping:
-            claimed: Any = await _patiently(
-                lambda: self.redis.xautoclaim(
-                    self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+            entries: Any = await self._lost_chunk()
+            if not entries:
+                claimed: Any = await _patiently(
+                    lambda: self.redis.xautoclaim(
+                        self.keys.stream, _GROUP, self.consumer, idle_ms, "0-0", count=1
+                    )
                 )
-            )
-            entries: Any = claimed[1] if claimed else []
+                entries = claimed[1] if claimed else []
             if not entries:
                 read: Any = await _patiently(
                     lambda: self.redis.xreadgroup(
@@ -838,6 +872,7 @@ class _Run:
                     # and walking it could take for ever. This run stops; the entry stays.
                     self.fail(JobError(f"the job's chunk {entry} in Redis is corrupt"))
                     return None
+                self.held.add(entry)
                 return _Chunk(entry, first, end)
             meta = await _patiently(
                 lambda: self.redis.hmget(self.keys.meta, "done", "chunks", "state")
@@ -873,6 +908,31 @@ class _Run:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), min(IDLE_POLL, self.claim_timeout / 4))
         return None
+
+    async def _lost_chunk(self) -> list[Any]:
+        """A chunk the group gave this run whose reply was lost: ``[(entry, fields)]``, or [].
+
+        ``XREADGROUP`` and ``XAUTOCLAIM`` run again after a lost reply (by redis-py,
+        or ``_patiently``) hand out the next entry: the first stays pending under this
+        run, which never heard of it and whose heartbeat keeps it fresh, so no run
+        would ever take it over, and every run would wait for it. It is this run's
+        own pending entry that it neither holds nor left to others.
+        """
+        known = self.held | self.left
+        pending: Any = await _patiently(
+            lambda: self.redis.xpending_range(
+                self.keys.stream, _GROUP, "-", "+", len(known) + 1, consumername=self.consumer
+            )
+        )
+        for row in pending:
+            entry = _text(row.get("message_id")) or ""
+            if entry and entry not in known:
+                found: Any = await _patiently(
+                    functools.partial(self.redis.xrange, self.keys.stream, entry, entry, count=1)
+                )
+                if found:
+                    return list(found)
+        return []
 
     async def _listen(self, subscribed: asyncio.Event) -> None:
         """Wake the run on each message of the job's channel (end, stop, chunks put back)."""
@@ -1114,8 +1174,9 @@ class _Run:
                 self.to_ack.append(chunk)
         acks, self.to_ack = self.to_ack, []
         starts = request[0] if request is not None else []
+        self.write_id += 1
         args: list[Any] = [self.gen, self.chunk_size, _GROUP, self.consumer, self.keys.events]
-        args.append(len(batch))
+        args += [self.write_id, len(batch)]
         for r in batch:
             args += [r.index, r.code, r.packed, r.detail]
         args.append(len(releases))
@@ -1131,6 +1192,7 @@ class _Run:
             self.keys.details,
             self.keys.m,
             self.keys.stream,
+            self.keys.writes,
         ]
         try:
             # Unrecorded, outcomes would leave their items in doubt: wait for Redis a while.
@@ -1147,6 +1209,8 @@ class _Run:
             return
         for meta in metas:
             meta.chunk.open.discard(meta.index)
+        for chunk in acks:
+            self.held.discard(chunk.entry)
         if acks:
             self.wake.set()
         if request is not None:
@@ -1304,6 +1368,7 @@ async def _create_or_join(
         sort_keys=True,
     )
     script = redis.register_script(_CREATE)
+    nonce = uuid.uuid4().hex
     reply = await script(
         keys=[
             keys.meta,
@@ -1314,10 +1379,12 @@ async def _create_or_join(
             keys.m,
             keys.workers,
         ],
-        args=[fingerprint, options_json, items, chunk_size, uuid.uuid4().hex, ttl, _GROUP],
+        args=[fingerprint, options_json, items, chunk_size, nonce, ttl, _GROUP],
     )
-    created = int(reply[0]) == 1
     fields = await redis.hmget(keys.meta, "fingerprint", "options", "items", "chunk", "nonce", "v")
+    # Our nonce: this run created the job, even when the script ran again after its reply
+    # was lost and found the job it had just made.
+    created = int(reply[0]) == 1 or _text(fields[4]) == nonce
     if _text(fields[5]) != _LAYOUT:
         raise JobError(f"the job's records in Redis are not of layout {_LAYOUT}: corrupt or newer")
     if _text(fields[0]) != fingerprint:
@@ -1343,10 +1410,10 @@ async def _create_or_join(
     if _int(fields[2], -1) != items or _int(fields[3], -1) != chunk_size:
         raise JobError("the job exists with another number of items or chunk size")
     try:
-        nonce = uuid.UUID(hex=_text(fields[4]) or "")
+        job_nonce = uuid.UUID(hex=_text(fields[4]) or "")
     except ValueError:
         raise JobError("the job's nonce in Redis is corrupt") from None
-    return created, nonce
+    return created, job_nonce
 
 
 async def job_status(
@@ -1424,7 +1491,10 @@ async def cancel_job(redis: str | Redis, job: str) -> bool:
     try:
         script = client.register_script(_STOP)
         return bool(
-            await script(keys=[keys.meta], args=["cancelled", "cancelled by request", keys.events])
+            await script(
+                keys=[keys.meta],
+                args=["cancelled", "cancelled by request", keys.events, uuid.uuid4().hex],
+            )
         )
     except (RedisError, OSError) as exc:
         raise _redis_failed("cancel the job", exc) from None

@@ -43,9 +43,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from ._errors import BotMessageError, CoordinationError, InvalidRequestError
 from ._guard import claim_record, outcome_record, read_record
@@ -142,13 +142,16 @@ return false
 """
 
 # KEYS: the key's record. ARGV: fingerprint, new record JSON ('' deletes), TTL
-# in ms. Only our own claim is settled: a record that is no longer a claim
-# for this message (expired and claimed again) is left alone. Reply: 1 if done.
+# in ms, claim token. Only our own claim is settled: a record that is no longer
+# this sender's claim for this message (expired and claimed again, by anyone:
+# another sender's claim carries another token, or none) is left alone. Run
+# again after its reply was lost, it finds no claim of ours: a no-op. Reply: 1 if done.
 _SETTLE = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local ok, rec = pcall(cjson.decode, v)
-if not ok or type(rec) ~= 'table' or rec.state ~= 'claimed' or rec.fp ~= ARGV[1] then
+if not ok or type(rec) ~= 'table' or rec.state ~= 'claimed' or rec.fp ~= ARGV[1]
+  or rec.tok ~= ARGV[4] then
   return 0
 end
 if ARGV[2] == '' then
@@ -617,6 +620,8 @@ class RedisSendGuard:
         self._prefix = f"botmsg:{self.name}:send:"
         self._claim = self._redis.register_script(_CLAIM)
         self._settle = self._redis.register_script(_SETTLE)
+        # Releases of claims whose send was cancelled mid-claim (``claim``), under way.
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"RedisSendGuard(name={self.name!r}, ttl={self.ttl})"
@@ -633,7 +638,9 @@ class RedisSendGuard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Redis client if this guard made it."""
+        """Finish the releases under way; close the Redis client if this guard made it."""
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._owned:
             await self._redis.aclose()
 
@@ -642,20 +649,40 @@ class RedisSendGuard:
         return self._prefix + idempotency_key
 
     async def claim(
-        self, key: str, fingerprint: str, department_uuid: str, user_uuid: str
+        self, key: str, fingerprint: str, department_uuid: str, user_uuid: str, *, token: str
     ) -> SendResult | None:
-        """Claim ``key`` (None: send it now) or return/raise its recorded outcome."""
+        """Claim ``key`` (None: send it now) or return/raise its recorded outcome.
+
+        The claim carries ``token``: when its reply is lost and redis-py runs it
+        again, the second run finds this very claim and ``read_record`` knows it
+        for ours (send now). When no reply comes at all, or the send is cancelled
+        while it waits for one, the claim may be stored though nothing will be
+        sent: it is released (best effort; in the background for a cancel) before
+        the ``CoordinationError`` (or the cancel) goes on, so a later send of the
+        key is not blocked.
+        """
         try:
             existing: Any = await self._claim(
-                keys=[self.key_of(key)], args=[claim_record(fingerprint), round(self.ttl * 1000)]
+                keys=[self.key_of(key)],
+                args=[claim_record(fingerprint, token), round(self.ttl * 1000)],
             )
         except _REDIS_ERRORS as exc:
-            raise _unavailable("the send guard", exc) from exc
+            error = _unavailable("the send guard", exc)
+            with contextlib.suppress(CoordinationError):
+                await self.release(key, fingerprint, token=token)
+            raise error from exc
+        except asyncio.CancelledError:
+            # Cancelled mid-claim: the claim may be stored, and nothing will be sent. It
+            # is freed in the background (only our own claim), not holding the cancel up.
+            task = asyncio.ensure_future(self._release_quietly(key, fingerprint, token))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+            raise
         if existing is None:
             return None
         if not isinstance(existing, bytes | str):
             existing = b"?"
-        return read_record(existing, key, fingerprint, department_uuid, user_uuid)
+        return read_record(existing, key, fingerprint, department_uuid, user_uuid, token)
 
     async def record(
         self,
@@ -663,18 +690,32 @@ class RedisSendGuard:
         fingerprint: str,
         result: SendResult | None,
         error: BotMessageError | None,
+        *,
+        token: str,
     ) -> None:
-        """Replace this sender's claim of ``key`` with the send's outcome."""
-        await self._run_settle(key, fingerprint, outcome_record(fingerprint, result, error))
+        """Replace this sender's claim (``token``) of ``key`` with the send's outcome."""
+        await self._run_settle(key, fingerprint, token, outcome_record(fingerprint, result, error))
 
-    async def release(self, key: str, fingerprint: str) -> None:
-        """Free this sender's claim of ``key``: the message certainly was not delivered."""
-        await self._run_settle(key, fingerprint, "")
+    async def release(self, key: str, fingerprint: str, *, token: str) -> None:
+        """Free this sender's claim (``token``) of ``key``: certainly not delivered."""
+        await self._run_settle(key, fingerprint, token, "")
 
-    async def _run_settle(self, key: str, fingerprint: str, record: str) -> None:
+    async def _release_quietly(self, key: str, fingerprint: str, token: str) -> None:
+        try:
+            await self.release(key, fingerprint, token=token)
+        except CoordinationError as exc:
+            log.warning(
+                "could not free idempotency key %s after its send was cancelled before "
+                "sending (%s); a later send of this key will be told its delivery is unknown",
+                key,
+                exc,
+            )
+
+    async def _run_settle(self, key: str, fingerprint: str, token: str, record: str) -> None:
         try:
             await self._settle(
-                keys=[self.key_of(key)], args=[fingerprint, record, round(self.ttl * 1000)]
+                keys=[self.key_of(key)],
+                args=[fingerprint, record, round(self.ttl * 1000), token],
             )
         except _REDIS_ERRORS as exc:
             raise _unavailable("the send guard", exc) from exc

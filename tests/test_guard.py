@@ -36,7 +36,9 @@ FP = fingerprint("d", "u", b'{"body":"hi"}')
 
 
 def _read(raw: str | bytes, fp: str = FP) -> SendResult:
-    return read_record(raw, "k", fp, "d", "u")
+    result = read_record(raw, "k", fp, "d", "u")
+    assert result is not None  # no token given: no claim is this reader's own
+    return result
 
 
 def test_fingerprints_tell_messages_apart() -> None:
@@ -141,15 +143,23 @@ def test_a_mangled_but_valid_json_record_never_passes_for_another(
 
 
 class _BrokenGuard:
-    async def claim(self, key: str, fp: str, department: str, user: str) -> SendResult | None:
+    async def claim(
+        self, key: str, fp: str, department: str, user: str, *, token: str
+    ) -> SendResult | None:
         return None
 
     async def record(
-        self, key: str, fp: str, result: SendResult | None, error: BotMessageError | None
+        self,
+        key: str,
+        fp: str,
+        result: SendResult | None,
+        error: BotMessageError | None,
+        *,
+        token: str,
     ) -> None:
         raise CoordinationError("down")
 
-    async def release(self, key: str, fp: str) -> None:
+    async def release(self, key: str, fp: str, *, token: str) -> None:
         raise CoordinationError("down")
 
 
@@ -158,7 +168,7 @@ async def test_a_store_failure_after_the_send_is_logged_not_raised(
 ) -> None:
     """Recording fails after a send: the send's outcome stands; the key stays in doubt."""
     with caplog.at_level(logging.WARNING, logger="botmsg_async"):
-        await settle(_BrokenGuard(), "k", FP, SendResult(Status.SUCCESS), None)
+        await settle(_BrokenGuard(), "k", FP, "tok", SendResult(Status.SUCCESS), None)
     assert "delivery is unknown" in caplog.text
 
 
@@ -166,3 +176,25 @@ def test_importing_the_package_does_not_import_redis() -> None:
     """Without the extra in use, nothing imports redis (the in-process path is unchanged)."""
     code = "import sys, botmsg_async; sys.exit('redis' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)  # noqa: S603
+
+
+@pytest.mark.parametrize(
+    ("stored", "own"),
+    [("mine", True), ("theirs", False), (None, False), (7, False), ("", False)],
+    ids=["own token", "another token", "no token (older writer)", "not text", "empty"],
+)
+def test_only_a_claim_with_this_senders_token_is_its_own(stored: object, own: bool) -> None:
+    """A claim is the reader's own (send now) only when it carries the reader's token."""
+    data: dict[str, object] = {"v": 1, "state": "claimed", "fp": FP}
+    if stored is not None:
+        data["tok"] = stored
+    raw = json.dumps(data)
+    if own:
+        assert read_record(raw, "k", FP, "d", "u", token="mine") is None
+        assert raw == claim_record(FP, "mine")
+    else:
+        with pytest.raises(DeliveryUnknownError, match="claimed"):
+            read_record(raw, "k", FP, "d", "u", token="mine")
+    # Whatever the token, a claim for another message stays a conflict.
+    with pytest.raises(IdempotencyConflictError):
+        read_record(raw, "k", fingerprint("d", "u", b"other"), "d", "u", token="mine")

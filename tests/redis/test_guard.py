@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import uuid
+from typing import Literal
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from botmsg_async import (
     BotMessageClient,
+    BotMessageError,
     CoordinationError,
     DeliveryUnknownError,
     IdempotencyConflictError,
@@ -23,8 +30,9 @@ from botmsg_async import (
 )
 from botmsg_async._guard import claim_record, fingerprint
 from botmsg_async._wire import encode_request
-from botmsg_async.shared import RedisSendGuard
+from botmsg_async.shared import _CLAIM, RedisSendGuard
 from botmsg_async.testing import FakeBotMessageServer, Fault
+from tests.redis._lossy import LossyRedisProxy
 from tests.redis_server import RedisServer
 
 DEPT = "7f0c6a52-1c7e-4c3e-9a53-6c1f8f0f2a10"
@@ -206,3 +214,176 @@ async def test_redis_down_fails_closed_and_recovers(own_redis_server: RedisServe
         result = await client.send(DEPT, USER, "two", idempotency_key="job-9")
         assert result.status is Status.SUCCESS
         assert server.requests == 2
+
+
+# -- replies lost after Redis ran the command ------------------------------------------
+
+_CLAIM_SHA = hashlib.sha1(_CLAIM.encode()).hexdigest().encode()  # noqa: S324 - Redis's script id
+
+
+def _is_claim(words: list[bytes]) -> bool:
+    return [w.upper() for w in words[:1]] == [b"EVALSHA"] and words[1] == _CLAIM_SHA
+
+
+def _fp(text: str) -> str:
+    return fingerprint(DEPT, USER, encode_request(MessageDefaults().message(text)))
+
+
+def _their_claim(text: str, token: str | None) -> str:
+    """Another sender's claim of ``text``, as ``claim_record`` writes it (by hand: the
+    test also reads the same on the code from before tokens)."""
+    data = {"v": 1, "state": "claimed", "fp": _fp(text)}
+    if token is not None:
+        data["tok"] = token
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("made_by", ["url", "caller"])
+async def test_a_claim_whose_reply_was_lost_and_retried_is_ours_and_sent_once(
+    redis_server: RedisServer, made_by: str
+) -> None:
+    """The claim ran, its reply was lost, redis-py ran it again: our own claim, sent once."""
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim) as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 1)) as callers,
+        RedisSendGuard(proxy.url if made_by == "url" else callers, name="t") as guard,
+        _client(server, guard) as client,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        result = await client.send(DEPT, USER, "hello", idempotency_key="lost-1")
+        assert proxy.lost.is_set()
+        assert proxy.ran == 2  # the claim ran twice: the retry found our own claim
+        assert result.status is Status.SUCCESS
+        assert server.requests == 1
+        raw = await r.get(guard.key_of("lost-1"))
+        assert raw is not None
+        assert json.loads(raw)["state"] == "sent"
+        assert await client.send(DEPT, USER, "hello", idempotency_key="lost-1") == result
+        assert server.requests == 1
+
+
+@pytest.mark.parametrize("mode", ["drop", "hold"])
+async def test_a_claim_that_failed_after_it_ran_does_not_block_the_key(
+    redis_server: RedisServer, mode: Literal["drop", "hold"]
+) -> None:
+    """A claim stored but unanswered (no retry): CoordinationError, and the key is freed."""
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim, mode=mode) as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(
+            port=proxy.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0)
+        ) as no_retry,
+        RedisSendGuard(no_retry, name="t") as guard,
+        _client(server, guard) as client,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        with pytest.raises(CoordinationError, match="not sent"):
+            await client.send(DEPT, USER, "hello", idempotency_key="lost-2")
+        assert proxy.lost.is_set()
+        assert server.requests == 0
+        assert await r.get(guard.key_of("lost-2")) is None  # released
+        result = await client.send(DEPT, USER, "hello", idempotency_key="lost-2")
+        assert result.status is Status.SUCCESS
+        assert server.requests == 1
+
+
+@pytest.mark.parametrize("token", ["theirs", None], ids=["other token", "no token (old)"])
+async def test_another_senders_claim_stays_unknown_and_is_never_released_by_us(
+    redis_server: RedisServer, token: str | None
+) -> None:
+    """Someone else's claim (another token, or none): unknown, and our release leaves it."""
+    theirs = _their_claim("hello", token)
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim) as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0)) as no_retry,
+        RedisSendGuard(no_retry, name="t") as guard,
+        _client(server, guard) as client,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        await r.set(guard.key_of("other"), theirs)
+        # Our claim ran, found theirs, and its reply was lost: our release must not free it.
+        with pytest.raises(CoordinationError):
+            await client.send(DEPT, USER, "hello", idempotency_key="other")
+        assert proxy.lost.is_set()
+        assert await r.get(guard.key_of("other")) == theirs.encode()
+        with pytest.raises(DeliveryUnknownError, match="claimed"):
+            await client.send(DEPT, USER, "hello", idempotency_key="other")
+        assert await r.get(guard.key_of("other")) == theirs.encode()
+        assert server.requests == 0
+
+
+@pytest.mark.parametrize("status", [503, 200], ids=["release", "record"])
+async def test_a_settle_leaves_the_claim_another_sender_made_meanwhile(
+    redis_server: RedisServer, status: int
+) -> None:
+    """Our claim expired mid-send and another sender claimed the key: our settle leaves it."""
+    arrived, answer = asyncio.Event(), asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        arrived.set()
+        await answer.wait()
+        if status == 200:
+            return web.json_response({"status": "SUCCESS", "messageUuid": str(uuid.uuid4())})
+        return web.Response(status=status)  # not processed: the claim is released
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with (
+            RedisSendGuard(redis_server.url, name="t") as guard,
+            BotMessageClient(
+                f"http://127.0.0.1:{port}", "bot", "pw", send_guard=guard, retry=NO_RETRY
+            ) as client,
+            aioredis.Redis.from_url(redis_server.url) as r,
+        ):
+            sending = asyncio.ensure_future(
+                client.send(DEPT, USER, "hello", idempotency_key="swap")
+            )
+            await arrived.wait()
+            theirs = _their_claim("hello", "theirs").encode()
+            try:
+                await r.set(guard.key_of("swap"), theirs)
+            finally:
+                answer.set()
+            with contextlib.suppress(BotMessageError):
+                await sending
+            assert await r.get(guard.key_of("swap")) == theirs
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_send_cancelled_while_its_claim_ran_frees_the_key(
+    redis_server: RedisServer,
+) -> None:
+    """Cancelled with the claim stored and its reply not yet back: the key is freed."""
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim, mode="hold") as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0)) as callers,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        guard = RedisSendGuard(callers, name="t")
+        async with _client(server, guard) as client:
+            sending = asyncio.ensure_future(
+                client.send(DEPT, USER, "hello", idempotency_key="cancelled")
+            )
+            await proxy.lost.wait()  # Redis ran the claim; its reply is held
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            await guard.aclose()  # the release under way finishes
+        assert await r.get(guard.key_of("cancelled")) is None
+        async with (
+            RedisSendGuard(redis_server.url, name="t") as again,
+            _client(server, again) as client,
+        ):
+            result = await client.send(DEPT, USER, "hello", idempotency_key="cancelled")
+        assert result.status is Status.SUCCESS
+        assert server.requests == 1
