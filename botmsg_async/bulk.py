@@ -95,6 +95,7 @@ from .journal import (
     JournalError,
     JournalState,
     finished_records,
+    flush_failure,
     load,
     retry_later,
     settle,
@@ -846,11 +847,8 @@ class _Worker:
                     # Its records were handed to the OS (the parent reads them), but
                     # fsync failed: a power cut may lose some. Said in the report,
                     # not as a traceback.
-                    self.journal_problem = (
-                        f"could not flush its journal segment {self.journal.path} to disk "
-                        f"({exc.strerror or exc}): every item it held was reported, but "
-                        "the segment may lack records after a power cut, and a --resume "
-                        "from it could send one of them again"
+                    self.journal_problem = flush_failure(
+                        f"its journal segment {self.journal.path}", exc
                     )
             if self.started is not None:
                 self.started.close()

@@ -86,6 +86,7 @@ __all__ = [
     "JournalState",
     "JournalStore",
     "finished_records",
+    "flush_failure",
     "load",
     "read_options",
     "retry_later",
@@ -258,6 +259,26 @@ class JournalStore(Protocol):
     def close(self) -> None:
         """Make every record safe and release the journal; a second call does nothing."""
         ...
+
+
+def flush_failure(subject: str, error: OSError) -> str:
+    """What a journal file whose final fsync failed risks, for an error line.
+
+    Its records were all handed to the OS (a crash of the process loses none of
+    them), but the disk may not hold them: a power cut could take a start record,
+    and a resumed run would then send that item again, under a new key. The
+    ``--workers`` report and the single-process run say it in these words.
+
+    Args:
+        subject: The file, as the sentence names it (``"the journal PATH"``).
+        error: What the fsync (or close) raised.
+    """
+    reason = error.strerror or str(error)
+    return (
+        f"could not flush {subject} to disk ({reason}): the outcomes reported stand, "
+        "but it may lack records after a power cut, and a --resume from it could "
+        "therefore send an item again"
+    )
 
 
 def _lock(fd: int, path: str) -> None:
