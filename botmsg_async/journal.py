@@ -56,6 +56,7 @@ finished items are streamed from the file again when ``--out`` needs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -726,9 +727,21 @@ class FileJournal:
         # and no control character of it reaches a terminal that shows the journal.
         data = (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
         view = memoryview(data)
-        while view:  # a regular file takes it all in one call unless the disk is full
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:  # a regular file takes it all in one call unless the disk is full
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            if len(view) < len(data):
+                # A full disk took part of the record: cut it off, so that the record is
+                # missing as a whole (a start record missing means "not sent"; an outcome
+                # missing, "in doubt"). Torn, it would hold back the items around it as
+                # unknown for good; glued to a later record, it would corrupt the journal.
+                with contextlib.suppress(OSError):
+                    size = os.fstat(self._fd).st_size
+                    os.ftruncate(self._fd, size - (len(data) - len(view)))
+            # Named: the run's error line says which file failed.
+            raise OSError(exc.errno, exc.strerror, self.path) from None
 
     def header(
         self,
@@ -793,6 +806,8 @@ class FileJournal:
         def fsync_and_close() -> None:
             try:
                 os.fsync(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, self.path) from None
             finally:
                 os.close(fd)
 
