@@ -105,7 +105,7 @@ class _FailingWrite:
         self.records = 0
         self.real = os.write
 
-    def __call__(self, fd: int, data: bytes | memoryview) -> int:  # type: ignore[override]
+    def __call__(self, fd: int, data: bytes | memoryview) -> int:
         if not self.journal.exists() or os.fstat(fd).st_ino != self.journal.stat().st_ino:
             return self.real(fd, data)
         self.records += 1
