@@ -841,10 +841,20 @@ class _Worker:
                 self.main = asyncio.current_task()
                 # Cancelled: the parent abandoned the job; sends in flight were cancelled,
                 # and their start records without outcomes say "unknown".
-                with contextlib.suppress(asyncio.CancelledError):
-                    # The results go to the parent from _on_result: no queue, no consumer
-                    # task (a task switch per item), no report kept.
-                    await drain(stream, self._on_result)
+                try:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        # The results go to the parent from _on_result: no queue, no
+                        # consumer task (a task switch per item), no report kept.
+                        await drain(stream, self._on_result)
+                except OSError as exc:
+                    # Its segment refused a record (a full disk; the error names it): the
+                    # batch stopped at once. An item whose start was refused was not sent;
+                    # sends in flight were cancelled, and their start records without
+                    # outcomes say "unknown". Said in the report, not as a traceback.
+                    self.journal_problem = (
+                        f"could not write its journal segment ({exc}): it stopped; its "
+                        "items in flight are unknown, the others went back to the job"
+                    )
                 retries = stream.retries
         finally:
             limiter.close()
@@ -857,7 +867,7 @@ class _Worker:
                     # Its records were handed to the OS (the parent reads them), but
                     # fsync failed: a power cut may lose some. Said in the report,
                     # not as a traceback.
-                    self.journal_problem = flush_failure(
+                    self.journal_problem = self.journal_problem or flush_failure(
                         f"its journal segment {self.journal.path}", exc
                     )
             if self.started is not None:
