@@ -95,6 +95,7 @@ from .journal import (
     JournalError,
     JournalState,
     finished_records,
+    flush_failure,
     load,
     retry_later,
     settle,
@@ -616,6 +617,9 @@ class _Worker:
         self.pending: dict[int, _Meta] = {}  # stream index -> item
         self.by_key: dict[str, _Meta] = {}
         self.pulled = 0
+        #: Items the batch pulled but never attempted (it stopped, or the job is
+        #: stopping): given back with the final report, like those never pulled.
+        self.unstarted: list[_Wire] = []
         self.outbox: list[_Result] = []  # to send
         self.flush_scheduled = False
         self.stream: BatchStream | None = None
@@ -719,6 +723,18 @@ class _Worker:
         error_text: str | None
         stream = self.stream
         assert stream is not None
+        stopped = stream.stopped_by
+        if stopped is not None and not self.reported_stop:
+            self.reported_stop = True
+            if not isinstance(stopped, _JobStoppingError):
+                self._send(("stopped", f"{type(stopped).__name__}: {stopped.message}"))
+        if sent_outcome is Outcome.SKIPPED and not meta.started:
+            # Never attempted, so it has no journal record: the parent accounts for it
+            # as for the items this worker never pulled (not started after a stop on
+            # request, skipped after a stop for a cause), so that the summary, --out
+            # and a --resume from the journal agree on it.
+            self.unstarted.append(meta.wire)
+            return
         if sent_outcome is Outcome.SKIPPED:
             error_text = f"not attempted: the batch stopped after: {stream.stopped_by}"
         else:
@@ -741,11 +757,6 @@ class _Worker:
                 error=None if outcome is Outcome.SKIPPED else error_text,
                 retry=retry_later(outcome, error),
             )
-        stopped = stream.stopped_by
-        if stopped is not None and not self.reported_stop:
-            self.reported_stop = True
-            if not isinstance(stopped, _JobStoppingError):
-                self._send(("stopped", f"{type(stopped).__name__}: {stopped.message}"))
         # No object here per item, and not the ids and key: the parent holds the
         # item it handed out, and fills them in (less to pickle on both sides).
         self.outbox.append(
@@ -830,10 +841,20 @@ class _Worker:
                 self.main = asyncio.current_task()
                 # Cancelled: the parent abandoned the job; sends in flight were cancelled,
                 # and their start records without outcomes say "unknown".
-                with contextlib.suppress(asyncio.CancelledError):
-                    # The results go to the parent from _on_result: no queue, no consumer
-                    # task (a task switch per item), no report kept.
-                    await drain(stream, self._on_result)
+                try:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        # The results go to the parent from _on_result: no queue, no
+                        # consumer task (a task switch per item), no report kept.
+                        await drain(stream, self._on_result)
+                except OSError as exc:
+                    # Its segment refused a record (a full disk; the error names it): the
+                    # batch stopped at once. An item whose start was refused was not sent;
+                    # sends in flight were cancelled, and their start records without
+                    # outcomes say "unknown". Said in the report, not as a traceback.
+                    self.journal_problem = (
+                        f"could not write its journal segment ({exc}): it stopped; its "
+                        "items in flight are unknown, the others went back to the job"
+                    )
                 retries = stream.retries
         finally:
             limiter.close()
@@ -846,16 +867,13 @@ class _Worker:
                     # Its records were handed to the OS (the parent reads them), but
                     # fsync failed: a power cut may lose some. Said in the report,
                     # not as a traceback.
-                    self.journal_problem = (
-                        f"could not flush its journal segment {self.journal.path} to disk "
-                        f"({exc.strerror or exc}): every item it held was reported, but "
-                        "the segment may lack records after a power cut, and a --resume "
-                        "from it could send one of them again"
+                    self.journal_problem = self.journal_problem or flush_failure(
+                        f"its journal segment {self.journal.path}", exc
                     )
             if self.started is not None:
                 self.started.close()
             self._flush()
-            left = [*self.buffer, *(m.wire for m in self.pending.values())]
+            left = [*self.buffer, *self.unstarted, *(m.wire for m in self.pending.values())]
             self._send(("done", retries, left, self.journal_problem))
 
     def _drain(self) -> None:

@@ -56,6 +56,7 @@ finished items are streamed from the file again when ``--out`` needs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -86,6 +87,7 @@ __all__ = [
     "JournalState",
     "JournalStore",
     "finished_records",
+    "flush_failure",
     "load",
     "read_options",
     "retry_later",
@@ -262,6 +264,26 @@ class JournalStore(Protocol):
     def close(self) -> None:
         """Make every record safe and release the journal; a second call does nothing."""
         ...
+
+
+def flush_failure(subject: str, error: OSError) -> str:
+    """What a journal file whose final fsync failed risks, for an error line.
+
+    Its records were all handed to the OS (a crash of the process loses none of
+    them), but the disk may not hold them: a power cut could take a start record,
+    and a resumed run would then send that item again, under a new key. The
+    ``--workers`` report and the single-process run say it in these words.
+
+    Args:
+        subject: The file, as the sentence names it (``"the journal PATH"``).
+        error: What the fsync (or close) raised.
+    """
+    reason = error.strerror or str(error)
+    return (
+        f"could not flush {subject} to disk ({reason}): the outcomes reported stand, "
+        "but it may lack records after a power cut, and a --resume from it could "
+        "therefore send an item again"
+    )
 
 
 def _lock(fd: int, path: str) -> None:
@@ -709,9 +731,21 @@ class FileJournal:
         # and no control character of it reaches a terminal that shows the journal.
         data = (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
         view = memoryview(data)
-        while view:  # a regular file takes it all in one call unless the disk is full
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:  # a regular file takes it all in one call unless the disk is full
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            if len(view) < len(data):
+                # A full disk took part of the record: cut it off, so that the record is
+                # missing as a whole (a start record missing means "not sent"; an outcome
+                # missing, "in doubt"). Torn, it would hold back the items around it as
+                # unknown for good; glued to a later record, it would corrupt the journal.
+                with contextlib.suppress(OSError):
+                    size = os.fstat(self._fd).st_size
+                    os.ftruncate(self._fd, size - (len(data) - len(view)))
+            # Named: the run's error line says which file failed.
+            raise OSError(exc.errno, exc.strerror, self.path) from None
 
     def header(
         self,
@@ -776,6 +810,8 @@ class FileJournal:
         def fsync_and_close() -> None:
             try:
                 os.fsync(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, self.path) from None
             finally:
                 os.close(fd)
 

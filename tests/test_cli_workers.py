@@ -1308,3 +1308,99 @@ async def test_big_results_and_big_chunks_do_not_deadlock() -> None:
         code, err = await finish(process)
     assert code == 0, err
     assert f"counts {n // 2} {n // 2}" in err
+
+
+async def test_a_segment_that_refuses_a_record_is_reported_and_resumed(tmp_path: Path) -> None:
+    """ENOSPC writing a worker's start record: an error, no traceback, nothing sent twice."""
+    site = tmp_path / "site"
+    site.mkdir()
+    # In the workers only: each one's 20th start record (and every later one) is refused.
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if sys.argv[:1] == ['-c']:\n"
+        "    import errno, os\n"
+        "    from botmsg_async import journal\n"
+        "    start = journal.FileJournal.start\n"
+        "    calls = [0]\n"
+        "    def full(self, index, key):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] >= 20:\n"
+        "            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)\n"
+        "        start(self, index, key)\n"
+        "    journal.FileJournal.start = full\n"
+    )
+    n = 200
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "4", "--journal", str(journal),
+            "--out", str(first), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+        assert code in (1, 3), err
+        assert "Traceback" not in err
+        assert "could not write its journal segment" in err
+        assert "No space left on device" in err
+        assert "after its final report" not in err
+        for line in read_jsonl(first):
+            assert line["outcome"] in ("sent", "unknown"), line
+            if line["outcome"] == "sent":
+                assert svc.keys.get(line["user_uuid"]), line
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(second),
+        )  # fmt: skip
+    assert code in (0, 3), err
+    outcomes = check_accounting(svc, second, n)  # each once, none under two keys
+    assert set(outcomes.values()) <= {"sent", "unknown"}
+
+
+async def test_items_a_stop_leaves_unattempted_are_not_started_everywhere(tmp_path: Path) -> None:
+    """SIGINT under --rate: items pulled but never attempted are not started, journal and all."""
+    n = 300
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with service() as (svc, base_url):
+        # A slow rate: each worker's batch holds -c items waiting for a slot when the
+        # signal comes; the stop refuses them before any attempt.
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--rate", "40",
+            "--journal", str(journal), "--out", str(first),
+        )  # fmt: skip
+        await asyncio.wait_for(svc.when_received(10).wait(), TIMEOUT)
+        process.send_signal(signal.SIGINT)
+        code, err = await finish(process)
+        assert code == 130, err
+        lines = read_jsonl(first)
+        sent = len(lines)
+        # --out, the summary and the journal agree: what was attempted was sent, the
+        # rest was not started (no "skipped" line or record for an item never tried).
+        assert {line["outcome"] for line in lines} == {"sent"}, lines
+        assert f"{sent} of {n} items: {sent} sent, 0 failed, 0 unknown, 0 skipped" in err
+        assert f"stopped on request: {n - sent} item(s) not started" in err
+        assert svc.received == sent
+        records = [
+            record
+            for part in sorted(tmp_path.glob("journal*"))  # noqa: ASYNC240
+            for record in read_jsonl(part)
+            if "i" in record
+        ]
+        assert {r["i"] for r in records if r.get("o") == "sent"} == {
+            line["index"] for line in lines
+        }
+        assert {r.get("o") for r in records} == {None, "sent"}  # start and sent records only
+        assert {r["i"] for r in records if r.get("s") == "start"} == {
+            line["index"] for line in lines
+        }
+        # --resume sends exactly the rest, each once, under a key never used.
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(second),
+        )  # fmt: skip
+    assert code == 0, err
+    assert set(check_accounting(svc, second, n).values()) == {"sent"}
+    assert f"{sent} finished in an earlier run (from the journal)" in err
+    assert svc.received == n

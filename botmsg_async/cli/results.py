@@ -10,11 +10,20 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from botmsg_async import BotMessageError, Counts, Outcome
+from botmsg_async.journal import flush_failure
 
 from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, MAX_LISTED_FAILURES, UsageError
 from .console import Console
 
-__all__ = ["Results", "RunEnd", "Tally", "error_json", "open_out", "print_summary"]
+__all__ = [
+    "Results",
+    "RunEnd",
+    "Tally",
+    "close_journal",
+    "error_json",
+    "open_out",
+    "print_summary",
+]
 
 #: How ``send-many`` describes an item's error in its journal: ``"<Type>: <message>"``.
 _DESCRIBED = re.compile(r"([A-Z][A-Za-z0-9]*Error): (.*)", re.DOTALL)
@@ -129,6 +138,28 @@ def open_out(
         if not_written is not None:
             not_written()
         raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def close_journal(close: Callable[[], None], path: str, console: Console) -> bool:
+    """Close (fsync) a run's journal; if that fails, say on stderr what it risks.
+
+    Called once the run's last record is written, and again (doing nothing then)
+    by the run's cleanup: a journal's close never ends the command in a traceback.
+
+    Args:
+        close: The journal's ``close`` (a second call does nothing).
+        path: The ``--journal`` file, for the error line.
+        console: Where the error line goes.
+
+    Returns:
+        Whether every record is on disk; False means an exit code of at least 1.
+    """
+    try:
+        close()
+    except OSError as exc:  # EIO, ENOSPC, EDQUOT: written back late, and lost
+        console.err(f"error: {flush_failure(f'the journal {path}', exc)}")
+        return False
+    return True
 
 
 class Results:

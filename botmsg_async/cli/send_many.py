@@ -52,7 +52,15 @@ from .input import (
     scan_input,
 )
 from .jobs import run_redis_job, validate_redis_flags
-from .results import Results, RunEnd, error_json, open_out, print_summary, progress_line
+from .results import (
+    Results,
+    RunEnd,
+    close_journal,
+    error_json,
+    open_out,
+    print_summary,
+    progress_line,
+)
 from .rows import RunInput
 from .signals import run
 from .workers import run_with_workers, start_workers, uses_workers
@@ -224,7 +232,8 @@ def _open_journal(
         raise JournalError(f"{path}: no such journal; drop --resume to start a new one")
     # Locked as it opens; begin() reads it only then: what is read stays true while we run.
     journal = FileJournal(path, redact=console.redact)
-    stack.callback(journal.close)
+    # SendMany.run closes it once its last record is written; this only when it did not.
+    stack.callback(close_journal, journal.close, path, console)
     # How many start records a power cut could take: none when each is fsynced first.
     window = 0 if args.durable else args.concurrency
     state = journal.begin(
@@ -617,13 +626,19 @@ class SendMany:
                     out=self.args.out,
                 )
                 print_summary(self.console, self.results.tally, end)
+        # After the last record (an item written ahead and withdrawn as the source
+        # closed, with --durable): a failed flush is said, not raised from the cleanup.
+        flushed = self.journal is None or close_journal(
+            self.journal.close, self.args.journal, self.console
+        )
+        tally = self.results.tally
         if crash is not None:
-            return (
-                EXIT_UNKNOWN if self.pending else max(EXIT_FAILED, self.results.tally.exit_code())
-            )
-        if self.stop_requested:
-            return EXIT_INTERRUPTED
-        return self.results.tally.exit_code()
+            code = EXIT_UNKNOWN if self.pending else max(EXIT_FAILED, tally.exit_code())
+        elif self.stop_requested:
+            code = EXIT_INTERRUPTED
+        else:
+            code = tally.exit_code()
+        return code if flushed else max(code, EXIT_FAILED)
 
 
 @contextlib.asynccontextmanager

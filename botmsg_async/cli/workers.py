@@ -40,7 +40,15 @@ from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials
 from .input import RowDefaults, Scan, Source
-from .results import Results, RunEnd, error_json, open_out, print_summary, progress_line
+from .results import (
+    Results,
+    RunEnd,
+    close_journal,
+    error_json,
+    open_out,
+    print_summary,
+    progress_line,
+)
 from .rows import RunInput
 from .tunables import MALLOC_TUNABLES
 
@@ -195,7 +203,8 @@ def _open_journal(
     if args.resume and not os.path.exists(path):
         raise JournalError(f"{path}: no such journal; drop --resume to start a new one")
     journal = JournalSet(path, redact=console.redact)
-    stack.callback(journal.close)
+    # run_with_workers closes it as the job ends; this only when it did not.
+    stack.callback(close_journal, journal.close, path, console)
     window = 0 if args.durable else args.concurrency
     state = journal.begin(
         fingerprint=scan.fingerprint,
@@ -348,6 +357,7 @@ def run_with_workers(
         requests=run.requests,
     )
     print_summary(console, results.tally, end)
+    flushed = journal is None or close_journal(journal.close, args.journal, console)
     if report is not None and report.stopped_by is not None:
         console.err(f"the batch stopped early: {report.stopped_by}")
     # From the job, not its report: there is none when the run ended with an error.
@@ -361,7 +371,7 @@ def run_with_workers(
     if signals.received:
         return EXIT_INTERRUPTED
     code = results.tally.exit_code()
-    if crash is not None or deaths or job.not_started:
+    if crash is not None or deaths or job.not_started or not flushed:
         # A worker's death is never "all sent": exit 3 when it left items in doubt.
         return max(code, EXIT_FAILED) if code != EXIT_UNKNOWN else EXIT_UNKNOWN
     return code

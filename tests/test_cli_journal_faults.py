@@ -1,0 +1,170 @@
+"""``botmsg send-many --journal`` when the journal's disk fails: fsync or a write refused.
+
+The CLI runs in a worker thread of this process (as in ``test_cli_durable``), with
+``os.fsync`` or ``os.write`` failing for the journal file only; the server answers
+from the test's loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from botmsg_async import cli
+from tests.test_cli import rows, write_csv
+from tests.test_cli_durable import botmsg_in_thread, serving, success
+
+#: The errors a disk reports when written-back data is lost or has no room.
+_ERRNOS = [errno.EIO, errno.ENOSPC, errno.EDQUOT]
+
+
+class _FailingFsync:
+    """``os.fsync`` that fails for ``journal`` from its ``first``-th call on (a broken
+    disk stays broken), and tracks how many of its bytes are known to be on disk."""
+
+    def __init__(self, journal: Path, first: int, code: int) -> None:
+        self.journal = journal
+        self.first = first
+        self.code = code
+        self.calls = 0
+        self.synced = 0  # bytes of the journal on disk
+        self.real = os.fsync
+
+    def __call__(self, fd: int) -> None:
+        if not self.journal.exists() or os.fstat(fd).st_ino != self.journal.stat().st_ino:
+            self.real(fd)
+            return
+        self.calls += 1
+        if self.calls >= self.first:
+            raise OSError(self.code, os.strerror(self.code))
+        size = os.fstat(fd).st_size
+        self.real(fd)
+        self.synced = max(self.synced, size)
+
+
+@pytest.mark.parametrize("code", _ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize(
+    ("flags", "first"),
+    [
+        # Only the final close fsyncs after the first record (the header).
+        ((), 2),
+        # --durable: the first group commits succeed, then every fsync fails.
+        (("--durable", "-c", "4"), 4),
+    ],
+    ids=["final-close", "durable-mid-run"],
+)
+async def test_a_journal_that_cannot_be_flushed_is_said_not_raised(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    first: int,
+    code: int,
+) -> None:
+    """A failed journal fsync: summary, an error line on what a --resume risks, exit >= 1."""
+    journal = tmp_path / "journal"
+    source = write_csv(tmp_path / "in.csv", rows(60))
+    fsync = _FailingFsync(journal, first, code)
+    monkeypatch.setattr(os, "fsync", fsync)
+    unsynced: list[str] = []  # with --durable: keys sent before their start was on disk
+
+    def handle(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        if flags and f'"key":"{key}"'.encode() not in journal.read_bytes()[: fsync.synced]:
+            unsynced.append(key)
+        return success(request)
+
+    async with serving(handle) as base_url:
+        rc = await botmsg_in_thread(
+            monkeypatch, base_url, "send-many", str(source), "--journal", str(journal), *flags
+        )
+    err = capsys.readouterr().err
+    assert rc >= cli.EXIT_FAILED, err
+    assert "Traceback" not in err
+    assert " of 60 items: " in err  # the summary
+    assert (
+        f"error: could not flush the journal {journal} to disk ({os.strerror(code)}): "
+        "the outcomes reported stand, but it may lack records after a power cut, and a "
+        "--resume from it could therefore send an item again"
+    ) in err
+    assert unsynced == []
+
+
+class _FailingWrite:
+    """``os.write`` that refuses the journal's ``first``-th record and every one after
+    (ENOSPC: the disk is full), after taking part of that first one, as a full disk does."""
+
+    def __init__(self, journal: Path, first: int) -> None:
+        self.journal = journal
+        self.first = first
+        self.records = 0
+        self.real = os.write
+
+    def __call__(self, fd: int, data: bytes | memoryview) -> int:
+        if not self.journal.exists() or os.fstat(fd).st_ino != self.journal.stat().st_ino:
+            return self.real(fd, data)
+        self.records += 1
+        if self.records == self.first:
+            return self.real(fd, bytes(data)[: len(data) // 2])
+        if self.records > self.first:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real(fd, data)
+
+
+@pytest.mark.parametrize("first", [2, 9, 40])
+@pytest.mark.parametrize("flags", [(), ("--durable",)], ids=["plain", "durable"])
+async def test_a_journal_record_that_cannot_be_written_sends_nothing_twice(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    first: int,
+) -> None:
+    """ENOSPC appending a record: no send without its start record, and --resume resends none."""
+    journal = tmp_path / "journal"
+    out = tmp_path / "out.jsonl"
+    n = 60
+    source = write_csv(tmp_path / "in.csv", rows(n))
+    write = _FailingWrite(journal, first)
+    keys: dict[str, set[str]] = {}
+    unjournaled: list[str] = []
+
+    def handle(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        keys.setdefault(request.match_info["user"], set()).add(key)
+        if f'"key":"{key}"}}\n'.encode() not in journal.read_bytes():
+            unjournaled.append(key)
+        return success(request)
+
+    args = ["send-many", str(source), "--journal", str(journal), "-c", "4", *flags]
+    async with serving(handle) as base_url:
+        monkeypatch.setattr(os, "write", write)
+        rc = await botmsg_in_thread(monkeypatch, base_url, *args)
+        err = capsys.readouterr().err
+        assert rc >= cli.EXIT_FAILED, err
+        assert "Traceback" not in err
+        assert " of 60 items: " in err  # the summary
+        assert "No space left on device" in err
+        assert str(journal) in err
+        assert unjournaled == []
+        # A record the disk refused left nothing behind: no torn fragment.
+        assert journal.read_bytes().endswith(b"\n")
+        monkeypatch.setattr(os, "write", write.real)
+        rc = await botmsg_in_thread(monkeypatch, base_url, *args, "--resume", "--out", str(out))
+    err = capsys.readouterr().err
+    assert rc in (cli.EXIT_OK, cli.EXIT_UNKNOWN), err
+    assert "torn" not in err
+    assert {user: k for user, k in keys.items() if len(k) > 1} == {}  # none under two keys
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(n))
+    for line in lines:
+        received = line["user_uuid"] in keys
+        # Sent means received; unknown only for an item that was (or may have been) sent.
+        assert line["outcome"] in ("sent", "unknown"), line
+        if line["outcome"] == "sent":
+            assert received, line
