@@ -67,6 +67,11 @@ _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _MAX_TTL = 100 * 365 * 86400
 #: Longest shared pause heard from the channel (µs): a day, far above any Retry-After.
 _MAX_PAUSE = 86400 * 10**6
+#: Most seconds ``RedisSendGuard.aclose`` waits for the releases under way (a cancelled
+#: send's claim, freed in the background): on a URL's client each fails within about 5 s
+#: (its timeouts, one retry); a client of the caller's with no timeout, on a Redis gone
+#: silent, would hold the close up for ever. A release given up leaves its key claimed.
+RELEASE_WAIT: Final = 10.0
 
 # One reservation. KEYS: global schedule, department schedule, pause.
 # ARGV: global interval and burst tolerance (µs; interval 0: no global limit),
@@ -638,9 +643,13 @@ class RedisSendGuard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Finish the releases under way; close the Redis client if this guard made it."""
+        """Finish the releases under way (``RELEASE_WAIT`` at most); close the Redis client
+        if this guard made it."""
         if self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
+            _, late = await asyncio.wait(set(self._releasing), timeout=RELEASE_WAIT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self._owned:
             await self._redis.aclose()
 
@@ -701,15 +710,23 @@ class RedisSendGuard:
         await self._run_settle(key, fingerprint, token, "")
 
     async def _release_quietly(self, key: str, fingerprint: str, token: str) -> None:
+        freed = False
+        # Cancelled: ``aclose`` gave it up (RELEASE_WAIT), or the event loop is ending.
+        why = "given up before Redis answered"
         try:
             await self.release(key, fingerprint, token=token)
+            freed = True
         except CoordinationError as exc:
-            log.warning(
-                "could not free idempotency key %s after its send was cancelled before "
-                "sending (%s); a later send of this key will be told its delivery is unknown",
-                key,
-                exc,
-            )
+            why = str(exc)
+        finally:
+            if not freed:
+                log.warning(
+                    "could not free idempotency key %s after its send was cancelled before "
+                    "sending (%s); a later send of this key will be told its delivery is "
+                    "unknown",
+                    key,
+                    why,
+                )
 
     async def _run_settle(self, key: str, fingerprint: str, token: str, record: str) -> None:
         try:
