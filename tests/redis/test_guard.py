@@ -28,9 +28,9 @@ from botmsg_async import (
     SendFailedError,
     SendRequest,
     Status,
+    shared,
 )
 from botmsg_async._guard import claim_record, fingerprint
-from botmsg_async import shared
 from botmsg_async._wire import encode_request
 from botmsg_async.shared import _CLAIM, RedisSendGuard
 from botmsg_async.testing import FakeBotMessageServer, Fault
