@@ -646,10 +646,12 @@ class RedisSendGuard:
         """Finish the releases under way (``RELEASE_WAIT`` at most); close the Redis client
         if this guard made it."""
         if self._releasing:
-            _, late = await asyncio.wait(set(self._releasing), timeout=RELEASE_WAIT)
+            releasing = set(self._releasing)
+            _, late = await asyncio.wait(releasing, timeout=RELEASE_WAIT)
             for task in late:
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            # Every one's end retrieved (no "exception was never retrieved" at exit).
+            await asyncio.gather(*releasing, return_exceptions=True)
         if self._owned:
             await self._redis.aclose()
 
