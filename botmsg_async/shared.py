@@ -626,7 +626,8 @@ class RedisSendGuard:
         self._claim = self._redis.register_script(_CLAIM)
         self._settle = self._redis.register_script(_SETTLE)
         # Releases of claims whose send was cancelled mid-claim (``claim``), under way.
-        self._releasing: set[asyncio.Task[None]] = set()
+        # Task -> the key it frees: a send of that key waits for it (``claim``).
+        self._releasing: dict[asyncio.Task[None], str] = {}
 
     def __repr__(self) -> str:
         return f"RedisSendGuard(name={self.name!r}, ttl={self.ttl})"
@@ -670,8 +671,12 @@ class RedisSendGuard:
         while it waits for one, the claim may be stored though nothing will be
         sent: it is released (best effort; in the background for a cancel) before
         the ``CoordinationError`` (or the cancel) goes on, so a later send of the
-        key is not blocked.
+        key is not blocked. A send of a key whose release is under way waits for it
+        first: it would find that claim and take it for another sender's.
         """
+        freeing = [task for task, of in self._releasing.items() if of == key]
+        if freeing:
+            await asyncio.wait(freeing)  # never cancels them: a cancel here leaves them be
         try:
             existing: Any = await self._claim(
                 keys=[self.key_of(key)],
@@ -686,8 +691,8 @@ class RedisSendGuard:
             # Cancelled mid-claim: the claim may be stored, and nothing will be sent. It
             # is freed in the background (only our own claim), not holding the cancel up.
             task = asyncio.ensure_future(self._release_quietly(key, fingerprint, token))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
+            self._releasing[task] = key
+            task.add_done_callback(self._forget_release)
             raise
         if existing is None:
             return None
@@ -710,6 +715,9 @@ class RedisSendGuard:
     async def release(self, key: str, fingerprint: str, *, token: str) -> None:
         """Free this sender's claim (``token``) of ``key``: certainly not delivered."""
         await self._run_settle(key, fingerprint, token, "")
+
+    def _forget_release(self, task: asyncio.Task[None]) -> None:
+        self._releasing.pop(task, None)
 
     async def _release_quietly(self, key: str, fingerprint: str, token: str) -> None:
         freed = False

@@ -430,3 +430,26 @@ async def test_aclose_does_not_wait_for_ever_on_a_release_redis_never_answers(
             writer.close()
         silent_redis.close()
         await silent_redis.wait_closed()
+
+
+async def test_a_send_again_right_after_a_cancelled_claim_is_sent(
+    redis_server: RedisServer,
+) -> None:
+    """Cancelled mid-claim, then sent again at once with the key: sent, not "unknown"."""
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim, mode="hold") as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0)) as callers,
+        RedisSendGuard(callers, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        sending = asyncio.ensure_future(client.send(DEPT, USER, "hello", idempotency_key="again"))
+        await proxy.lost.wait()  # Redis ran the claim; its reply is held
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        # The caller's retry, before the cancelled claim's release has run: it used to
+        # find that claim and report the message's delivery unknown.
+        result = await client.send(DEPT, USER, "hello", idempotency_key="again")
+        assert result.status is Status.SUCCESS
+        assert server.requests == 1
