@@ -67,6 +67,11 @@ _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _MAX_TTL = 100 * 365 * 86400
 #: Longest shared pause heard from the channel (µs): a day, far above any Retry-After.
 _MAX_PAUSE = 86400 * 10**6
+#: Most seconds ``RedisSendGuard.aclose`` waits for the releases under way (a cancelled
+#: send's claim, freed in the background): on a URL's client each fails within about 5 s
+#: (its timeouts, one retry); a client of the caller's with no timeout, on a Redis gone
+#: silent, would hold the close up for ever. A release given up leaves its key claimed.
+RELEASE_WAIT: Final = 10.0
 
 # One reservation. KEYS: global schedule, department schedule, pause.
 # ARGV: global interval and burst tolerance (µs; interval 0: no global limit),
@@ -621,7 +626,8 @@ class RedisSendGuard:
         self._claim = self._redis.register_script(_CLAIM)
         self._settle = self._redis.register_script(_SETTLE)
         # Releases of claims whose send was cancelled mid-claim (``claim``), under way.
-        self._releasing: set[asyncio.Task[None]] = set()
+        # Task -> the key it frees: a send of that key waits for it (``claim``).
+        self._releasing: dict[asyncio.Task[None], str] = {}
 
     def __repr__(self) -> str:
         return f"RedisSendGuard(name={self.name!r}, ttl={self.ttl})"
@@ -638,9 +644,15 @@ class RedisSendGuard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Finish the releases under way; close the Redis client if this guard made it."""
+        """Finish the releases under way (``RELEASE_WAIT`` at most); close the Redis client
+        if this guard made it."""
         if self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
+            releasing = set(self._releasing)
+            _, late = await asyncio.wait(releasing, timeout=RELEASE_WAIT)
+            for task in late:
+                task.cancel()
+            # Every one's end retrieved (no "exception was never retrieved" at exit).
+            await asyncio.gather(*releasing, return_exceptions=True)
         if self._owned:
             await self._redis.aclose()
 
@@ -659,8 +671,12 @@ class RedisSendGuard:
         while it waits for one, the claim may be stored though nothing will be
         sent: it is released (best effort; in the background for a cancel) before
         the ``CoordinationError`` (or the cancel) goes on, so a later send of the
-        key is not blocked.
+        key is not blocked. A send of a key whose release is under way waits for it
+        first: it would find that claim and take it for another sender's.
         """
+        freeing = [task for task, of in self._releasing.items() if of == key]
+        if freeing:
+            await asyncio.wait(freeing)  # never cancels them: a cancel here leaves them be
         try:
             existing: Any = await self._claim(
                 keys=[self.key_of(key)],
@@ -675,8 +691,8 @@ class RedisSendGuard:
             # Cancelled mid-claim: the claim may be stored, and nothing will be sent. It
             # is freed in the background (only our own claim), not holding the cancel up.
             task = asyncio.ensure_future(self._release_quietly(key, fingerprint, token))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
+            self._releasing[task] = key
+            task.add_done_callback(self._forget_release)
             raise
         if existing is None:
             return None
@@ -700,16 +716,27 @@ class RedisSendGuard:
         """Free this sender's claim (``token``) of ``key``: certainly not delivered."""
         await self._run_settle(key, fingerprint, token, "")
 
+    def _forget_release(self, task: asyncio.Task[None]) -> None:
+        self._releasing.pop(task, None)
+
     async def _release_quietly(self, key: str, fingerprint: str, token: str) -> None:
+        freed = False
+        # Cancelled: ``aclose`` gave it up (RELEASE_WAIT), or the event loop is ending.
+        why = "given up before Redis answered"
         try:
             await self.release(key, fingerprint, token=token)
+            freed = True
         except CoordinationError as exc:
-            log.warning(
-                "could not free idempotency key %s after its send was cancelled before "
-                "sending (%s); a later send of this key will be told its delivery is unknown",
-                key,
-                exc,
-            )
+            why = str(exc)
+        finally:
+            if not freed:
+                log.warning(
+                    "could not free idempotency key %s after its send was cancelled before "
+                    "sending (%s); a later send of this key will be told its delivery is "
+                    "unknown",
+                    key,
+                    why,
+                )
 
     async def _run_settle(self, key: str, fingerprint: str, token: str, record: str) -> None:
         try:

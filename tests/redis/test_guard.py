@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import uuid
 from typing import Literal
 
@@ -27,6 +28,7 @@ from botmsg_async import (
     SendFailedError,
     SendRequest,
     Status,
+    shared,
 )
 from botmsg_async._guard import claim_record, fingerprint
 from botmsg_async._wire import encode_request
@@ -385,5 +387,69 @@ async def test_a_send_cancelled_while_its_claim_ran_frees_the_key(
             _client(server, again) as client,
         ):
             result = await client.send(DEPT, USER, "hello", idempotency_key="cancelled")
+        assert result.status is Status.SUCCESS
+        assert server.requests == 1
+
+
+async def test_aclose_does_not_wait_for_ever_on_a_release_redis_never_answers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancelled send's release that a silent Redis never answers: aclose gives it up."""
+    monkeypatch.setattr(shared, "RELEASE_WAIT", 0.05)
+    heard = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # a frozen host: takes every command, answers none
+        while await reader.read(65536):
+            heard.set()
+
+    silent_redis = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = silent_redis.sockets[0].getsockname()[1]
+    try:
+        async with (
+            FakeBotMessageServer(username="bot", password="pw") as server,
+            aioredis.Redis(port=port, socket_timeout=None, socket_connect_timeout=None) as callers,
+        ):
+            guard = RedisSendGuard(callers, name="t")
+            async with _client(server, guard) as client:
+                sending = asyncio.ensure_future(
+                    client.send(DEPT, USER, "hello", idempotency_key="frozen")
+                )
+                await heard.wait()  # the claim is on its way; no reply will ever come
+                sending.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await sending
+                with caplog.at_level(logging.WARNING, logger="botmsg_async"):
+                    # Before: aclose awaited the release for ever.
+                    await asyncio.wait_for(guard.aclose(), 30)
+            assert "frozen" in caplog.text
+            assert server.requests == 0
+    finally:
+        for writer in held:
+            writer.close()
+        silent_redis.close()
+        await silent_redis.wait_closed()
+
+
+async def test_a_send_again_right_after_a_cancelled_claim_is_sent(
+    redis_server: RedisServer,
+) -> None:
+    """Cancelled mid-claim, then sent again at once with the key: sent, not "unknown"."""
+    async with (
+        LossyRedisProxy(str(redis_server.socket), _is_claim, mode="hold") as proxy,
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0)) as callers,
+        RedisSendGuard(callers, name="t") as guard,
+        _client(server, guard) as client,
+    ):
+        sending = asyncio.ensure_future(client.send(DEPT, USER, "hello", idempotency_key="again"))
+        await proxy.lost.wait()  # Redis ran the claim; its reply is held
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        # The caller's retry, before the cancelled claim's release has run: it used to
+        # find that claim and report the message's delivery unknown.
+        result = await client.send(DEPT, USER, "hello", idempotency_key="again")
         assert result.status is Status.SUCCESS
         assert server.requests == 1
