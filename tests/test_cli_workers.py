@@ -1441,7 +1441,7 @@ _BEGIN_FAULTS = {
 async def test_a_segment_that_cannot_be_begun_is_reported_not_a_traceback(
     tmp_path: Path, fault: str
 ) -> None:
-    """A worker's segment refused from the start: an error line, nothing sent, --resume sends all."""
+    """A segment refused from the start: an error line, nothing sent, --resume sends all."""
     site = tmp_path / "site"
     site.mkdir()
     body = "".join(f"    {line}\n" for line in _BEGIN_FAULTS[fault].splitlines())
