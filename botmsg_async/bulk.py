@@ -639,7 +639,10 @@ class _Worker:
         if config.started_fd >= 0:
             self.started = mmap.mmap(config.started_fd, max(1, config.items))
         else:
-            self.journal = FileJournal(config.segment, redact=self._redact)
+            try:
+                self.journal = FileJournal(config.segment, redact=self._redact)
+            except OSError as exc:  # a directory it may not write, no inode left
+                self.journal_problem = _cannot_begin(exc)
         self.sync = _GroupSync(self.journal) if self.journal is not None else None
 
     def _redact(self, text: str) -> str:
@@ -803,12 +806,22 @@ class _Worker:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGTERM, self._drain)
         if self.journal is not None:
-            self.journal.begin(
-                fingerprint=config.fingerprint,
-                items=config.items,
-                window=0 if config.durable else config.concurrency,
-                resume=False,
-            )
+            try:
+                self.journal.begin(
+                    fingerprint=config.fingerprint,
+                    items=config.items,
+                    window=0 if config.durable else config.concurrency,
+                    resume=False,
+                )
+            except OSError as exc:  # its header refused (a full disk): the error names it
+                self.journal_problem = _cannot_begin(exc)
+        if self.journal_problem is not None:
+            # Its segment cannot be written: it starts no send (none could be journaled),
+            # and says why in its final report, not in a traceback; the parent gives its
+            # items to the other workers.
+            self._close_segment()
+            self._send(("done", 0, list(self.buffer), self.journal_problem))
+            return
         limiter = ProcessRateLimiter(
             config.limiter_fd,
             rate=config.rate_limit,
@@ -858,23 +871,27 @@ class _Worker:
                 retries = stream.retries
         finally:
             limiter.close()
-            if self.journal is not None:
-                # Closed (fsynced) before the final report, never after: a worker that
-                # fails once it reported cannot have left its segment short.
-                try:
-                    self.journal.close()
-                except OSError as exc:
-                    # Its records were handed to the OS (the parent reads them), but
-                    # fsync failed: a power cut may lose some. Said in the report,
-                    # not as a traceback.
-                    self.journal_problem = self.journal_problem or flush_failure(
-                        f"its journal segment {self.journal.path}", exc
-                    )
+            # Closed (fsynced) before the final report, never after: a worker that
+            # fails once it reported cannot have left its segment short.
+            self._close_segment()
             if self.started is not None:
                 self.started.close()
             self._flush()
             left = [*self.buffer, *self.unstarted, *(m.wire for m in self.pending.values())]
             self._send(("done", retries, left, self.journal_problem))
+
+    def _close_segment(self) -> None:
+        """Close (fsync) its journal segment, if it has one; a failure goes in the report."""
+        if self.journal is None:
+            return
+        try:
+            self.journal.close()
+        except OSError as exc:
+            # Its records were handed to the OS (the parent reads them), but fsync
+            # failed: a power cut may lose some. Said in the report, not as a traceback.
+            self.journal_problem = self.journal_problem or flush_failure(
+                f"its journal segment {self.journal.path}", exc
+            )
 
     def _drain(self) -> None:
         self.stop()
@@ -884,6 +901,14 @@ class _Worker:
         self.stopping = True
         self.stopped.set()
         self.wakeup.set()
+
+
+def _cannot_begin(error: OSError) -> str:
+    """What a worker whose journal segment cannot be created or begun says of it."""
+    return (
+        f"could not write its journal segment ({error}): it sent nothing; its items "
+        "went back to the job"
+    )
 
 
 class _WorkerSender:

@@ -286,6 +286,14 @@ def flush_failure(subject: str, error: OSError) -> str:
     )
 
 
+def _fsync(fd: int, path: str) -> None:
+    """``os.fsync(fd)``; its error names ``path``, as a refused write's does."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
 def _lock(fd: int, path: str) -> None:
     if sys.platform == "win32":  # pragma: no cover - no flock; the README says one run at a time
         return
@@ -776,7 +784,7 @@ class FileJournal:
             record["options"] = self._redacted(dict(options))
         self._write(record)
         assert self._fd is not None
-        os.fsync(self._fd)
+        _fsync(self._fd, self.path)
 
     def resumed(self, *, window: int, held_back: list[int]) -> None:
         """Start a resumed run's part of the journal; record the items ``load`` held
@@ -787,7 +795,7 @@ class FileJournal:
             self._write({"i": index, "o": "unknown", "e": TORN_NOTE})
         if held_back:
             assert self._fd is not None
-            os.fsync(self._fd)
+            _fsync(self._fd, self.path)
 
     def start(self, index: int, key: str) -> None:
         """Record that item ``index`` is about to be sent with idempotency ``key``."""
@@ -809,9 +817,7 @@ class FileJournal:
 
         def fsync_and_close() -> None:
             try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, self.path) from None
+                _fsync(fd, self.path)
             finally:
                 os.close(fd)
 
@@ -855,6 +861,6 @@ class FileJournal:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                os.fsync(fd)
+                _fsync(fd, self.path)
             finally:
                 os.close(fd)

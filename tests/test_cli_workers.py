@@ -1404,3 +1404,72 @@ async def test_items_a_stop_leaves_unattempted_are_not_started_everywhere(tmp_pa
     assert set(check_accounting(svc, second, n).values()) == {"sent"}
     assert f"{sent} finished in an earlier run (from the journal)" in err
     assert svc.received == n
+
+
+# A worker's segment that cannot be begun, in the workers only (``python -c``): the
+# segment's file refused (no permission, no inode left), or its header refused by a full
+# disk that takes half of it first (as ``os.write`` does when the disk fills mid-write).
+_BEGIN_FAULTS = {
+    "segment not created": (
+        "import errno, os\n"
+        "real = os.open\n"
+        "def refused(path, flags, *args, **kwargs):\n"
+        "    if '.part-' in os.fspath(path):\n"
+        "        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)\n"
+        "    return real(path, flags, *args, **kwargs)\n"
+        "os.open = refused\n"
+    ),
+    "header refused": (
+        "import errno, os\n"
+        "real = os.write\n"
+        "def full(fd, data):\n"
+        "    try:\n"
+        "        segment = '.part-' in os.readlink(f'/proc/self/fd/{fd}')\n"
+        "    except OSError:\n"
+        "        segment = False\n"
+        "    if not segment:\n"
+        "        return real(fd, data)\n"
+        "    if os.fstat(fd).st_size == 0:\n"
+        "        return real(fd, bytes(data)[: len(data) // 2])\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "os.write = full\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(_BEGIN_FAULTS))
+async def test_a_segment_that_cannot_be_begun_is_reported_not_a_traceback(
+    tmp_path: Path, fault: str
+) -> None:
+    """A segment refused from the start: an error line, nothing sent, --resume sends all."""
+    site = tmp_path / "site"
+    site.mkdir()
+    body = "".join(f"    {line}\n" for line in _BEGIN_FAULTS[fault].splitlines())
+    (site / "sitecustomize.py").write_text(f"import sys\nif sys.argv[:1] == ['-c']:\n{body}")
+    n = 50
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "--journal", str(journal),
+            "--out", str(first), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+        assert code == 1, err
+        assert "Traceback" not in err
+        assert "died" not in err  # each reported why it sent nothing
+        assert err.count("error: worker") == 2, err
+        assert "could not write its journal segment" in err
+        assert "it sent nothing" in err
+        assert f"{journal}.part-0001-0000" in err
+        assert f"{n} item(s) not started" in err
+        assert read_jsonl(first) == []
+        assert svc.received == 0
+        # A torn header was cut off: --resume reads every segment and sends each item once.
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(second),
+        )  # fmt: skip
+    assert code == 0, err
+    assert set(check_accounting(svc, second, n).values()) == {"sent"}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -474,3 +478,44 @@ def test_an_unknown_format_version_is_refused(tmp_path: Path, version: object) -
     path.write_text(json.dumps({**header(1, items=3), "botmsg_journal": version}) + "\n")
     with pytest.raises(journal.JournalError, match="not a botmsg journal"):
         journal.load(str(path), fingerprint="fp", items=3)
+
+
+def _begin_resumed_with_a_torn_tail(writer: journal.FileJournal) -> None:
+    """``begin(resume=True)`` of a journal whose torn tail holds an item back (fsyncs)."""
+    with open(writer.path, "ab") as f:
+        f.write(b'{"i": 0, "s": "st')
+    writer.begin(fingerprint="fp", items=3, window=1, resume=True)
+
+
+#: Each FileJournal call that fsyncs: the header, a resume's held-back items, sync, close.
+_FSYNCS: dict[str, Callable[[journal.FileJournal], object]] = {
+    "header": lambda w: w.begin(fingerprint="fp", items=3, window=1, resume=False),
+    "resumed": _begin_resumed_with_a_torn_tail,
+    "sync": lambda w: asyncio.run(w.sync()),
+    "close": lambda w: w.close(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_FSYNCS))
+def test_a_failed_fsync_names_the_journal_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Every fsync of a FileJournal that fails raises an OSError naming its file."""
+    path = tmp_path / "journal"
+    # A new journal's begin writes the header; the others need one.
+    path.write_text("" if call == "header" else json.dumps(HEADER | {"window": 1}) + "\n")
+    writer = journal.FileJournal(str(path))
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    try:
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)) as caught:
+            _FSYNCS[call](writer)
+    finally:
+        monkeypatch.undo()
+        writer.close()
+    assert caught.value.errno == errno.EIO
+    assert caught.value.filename == str(path)
+    assert str(path) in str(caught.value)
