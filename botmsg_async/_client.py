@@ -438,6 +438,8 @@ class BotMessageClient:
         # A limiter of pauses only: no slot to take per send, and its pause maybe
         # readable without a coroutine (a bulk worker's, in shared memory).
         self._pause_only = rate_limiter if isinstance(rate_limiter, PauseOnly) else None
+        if send_guard is not None:
+            _guard.check_guard(send_guard)
         self._send_guard = send_guard
         self._shared = _Shared(session)
         #: Set on a ``with_options()`` view only: the client it shares everything with.

@@ -13,6 +13,7 @@ No I/O and no third-party import here.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import secrets
@@ -24,6 +25,7 @@ from ._errors import (
     BotMessageError,
     DeliveryUnknownError,
     IdempotencyConflictError,
+    InvalidRequestError,
     SendFailedError,
 )
 from ._models import ApiError, ApiWarning, SendResult, Status
@@ -31,6 +33,7 @@ from ._models import ApiError, ApiWarning, SendResult, Status
 __all__ = [
     "RECORD_VERSION",
     "SendGuard",
+    "check_guard",
     "claim_record",
     "claim_token",
     "fingerprint",
@@ -93,6 +96,40 @@ class SendGuard(Protocol):
     async def release(self, key: str, fingerprint: str, *, token: str) -> None:
         """Free ``token``'s claim of a key whose message was certainly not delivered."""
         ...
+
+
+def check_guard(guard: object) -> None:
+    """Refuse, before any I/O, a guard whose methods do not take ``token=``.
+
+    A guard written before claims carried a token would raise ``TypeError`` on
+    every guarded send; refused here, the client says which argument is at fault.
+    A method whose signature cannot be read (a C function, a mock) is accepted.
+
+    Raises:
+        InvalidRequestError: ``claim``, ``record`` or ``release`` is missing or
+            takes no ``token`` keyword.
+    """
+    for name in ("claim", "record", "release"):
+        method = getattr(guard, name, None)
+        if not callable(method):
+            raise InvalidRequestError(
+                "send_guard", type(guard).__name__, f"has no {name}() (see SendGuard)"
+            )
+        try:
+            parameters = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if not any(
+            p.kind is p.VAR_KEYWORD
+            or (p.name == "token" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+            for p in parameters
+        ):
+            raise InvalidRequestError(
+                "send_guard",
+                type(guard).__name__,
+                f"its {name}() takes no token= keyword: SendGuard methods take the "
+                "send's claim token (see SendGuard)",
+            )
 
 
 def fingerprint(department_uuid: str, user_uuid: str, body: bytes) -> str:

@@ -644,8 +644,10 @@ class RedisSendGuard:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Finish the releases under way (``RELEASE_WAIT`` at most); close the Redis client
-        if this guard made it."""
+        """Finish the releases under way (``RELEASE_WAIT`` at most), then close our client.
+
+        The Redis client is closed only if this guard made it (from a URL).
+        """
         if self._releasing:
             releasing = set(self._releasing)
             _, late = await asyncio.wait(releasing, timeout=RELEASE_WAIT)

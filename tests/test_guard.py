@@ -14,16 +14,19 @@ from hypothesis import strategies as st
 
 from botmsg_async import (
     APIStatusError,
+    BotMessageClient,
     BotMessageError,
     CoordinationError,
     DeliveryUnknownError,
     IdempotencyConflictError,
+    InvalidRequestError,
     ResponseLostError,
     SendFailedError,
     SendResult,
     Status,
 )
 from botmsg_async._guard import (
+    check_guard,
     claim_record,
     fingerprint,
     outcome_record,
@@ -198,3 +201,51 @@ def test_only_a_claim_with_this_senders_token_is_its_own(stored: object, own: bo
     # Whatever the token, a claim for another message stays a conflict.
     with pytest.raises(IdempotencyConflictError):
         read_record(raw, "k", fingerprint("d", "u", b"other"), "d", "u", token="mine")
+
+
+class _OldGuard:
+    """A guard written to the protocol before claims carried a token."""
+
+    async def claim(self, key: str, fp: str, department: str, user: str) -> SendResult | None:
+        return None
+
+    async def record(
+        self, key: str, fp: str, result: SendResult | None, error: BotMessageError | None
+    ) -> None:
+        return None
+
+    async def release(self, key: str, fp: str) -> None:
+        return None
+
+
+class _KeywordsGuard(_OldGuard):
+    """A guard whose methods take any keyword (a wrapper's usual shape)."""
+
+    async def claim(
+        self, key: str, fp: str, department: str, user: str, **options: object
+    ) -> SendResult | None:
+        return None
+
+    async def record(
+        self,
+        key: str,
+        fp: str,
+        result: SendResult | None,
+        error: BotMessageError | None,
+        **options: object,
+    ) -> None:
+        return None
+
+    async def release(self, key: str, fp: str, **options: object) -> None:
+        return None
+
+
+def test_a_guard_without_token_is_refused_before_any_io() -> None:
+    """A guard of the old protocol is an InvalidRequestError naming send_guard, not a TypeError."""
+    with pytest.raises(InvalidRequestError, match="token=") as caught:
+        BotMessageClient("https://api.example.com", "u", "p", send_guard=_OldGuard())  # type: ignore[arg-type]
+    assert caught.value.field == "send_guard"
+    with pytest.raises(InvalidRequestError, match="no claim"):
+        check_guard(object())
+    for guard in (_BrokenGuard(), _KeywordsGuard()):
+        check_guard(guard)  # takes token=: accepted
