@@ -128,6 +128,18 @@ def items(tmp_path: Path, n: int, departments: int = 3) -> Path:
     )
 
 
+def worker_site(tmp_path: Path, code: str) -> Path:
+    """A ``site`` for ``start`` whose ``sitecustomize`` runs ``code`` in the workers only.
+
+    The workers are ``python -c`` processes; the command itself is not.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    body = "".join(f"    {line}\n" for line in code.splitlines())
+    (site / "sitecustomize.py").write_text(f"import sys\nif sys.argv[:1] == ['-c']:\n{body}")
+    return site
+
+
 async def start(
     base_url: str, *args: str, site: Path | None = None, new_session: bool = False
 ) -> asyncio.subprocess.Process:
@@ -1087,10 +1099,7 @@ async def test_a_worker_failing_at_its_end_is_reported_for_what_it_costs(
     tmp_path: Path, fault: str
 ) -> None:
     """A segment not flushed is an error (exit 1); a kill after a complete report, a warning."""
-    site = tmp_path / "site"
-    site.mkdir()
-    body = "".join(f"    {line}\n" for line in _END_FAULTS[fault].splitlines())
-    (site / "sitecustomize.py").write_text(f"import sys\nif sys.argv[:1] == ['-c']:\n{body}")
+    site = worker_site(tmp_path, _END_FAULTS[fault])
     n = 60
     source = items(tmp_path, n)
     out = tmp_path / "out.jsonl"
@@ -1312,22 +1321,19 @@ async def test_big_results_and_big_chunks_do_not_deadlock() -> None:
 
 async def test_a_segment_that_refuses_a_record_is_reported_and_resumed(tmp_path: Path) -> None:
     """ENOSPC writing a worker's start record: an error, no traceback, nothing sent twice."""
-    site = tmp_path / "site"
-    site.mkdir()
     # In the workers only: each one's 20th start record (and every later one) is refused.
-    (site / "sitecustomize.py").write_text(
-        "import sys\n"
-        "if sys.argv[:1] == ['-c']:\n"
-        "    import errno, os\n"
-        "    from botmsg_async import journal\n"
-        "    start = journal.FileJournal.start\n"
-        "    calls = [0]\n"
-        "    def full(self, index, key):\n"
-        "        calls[0] += 1\n"
-        "        if calls[0] >= 20:\n"
-        "            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)\n"
-        "        start(self, index, key)\n"
-        "    journal.FileJournal.start = full\n"
+    site = worker_site(
+        tmp_path,
+        "import errno, os\n"
+        "from botmsg_async import journal\n"
+        "start = journal.FileJournal.start\n"
+        "calls = [0]\n"
+        "def full(self, index, key):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] >= 20:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)\n"
+        "    start(self, index, key)\n"
+        "journal.FileJournal.start = full\n",
     )
     n = 200
     source = items(tmp_path, n)
@@ -1442,10 +1448,7 @@ async def test_a_segment_that_cannot_be_begun_is_reported_not_a_traceback(
     tmp_path: Path, fault: str
 ) -> None:
     """A segment refused from the start: an error line, nothing sent, --resume sends all."""
-    site = tmp_path / "site"
-    site.mkdir()
-    body = "".join(f"    {line}\n" for line in _BEGIN_FAULTS[fault].splitlines())
-    (site / "sitecustomize.py").write_text(f"import sys\nif sys.argv[:1] == ['-c']:\n{body}")
+    site = worker_site(tmp_path, _BEGIN_FAULTS[fault])
     n = 50
     source = items(tmp_path, n)
     journal = tmp_path / "journal"
