@@ -458,7 +458,11 @@ class BatchStream:
         assert self._on_progress is not None
         while True:
             await asyncio.sleep(self._progress_interval)
-            self._on_progress(self.progress())
+            try:
+                self._on_progress(self.progress())
+            except Exception as exc:
+                self._callback_failed(exc)  # as for on_result: the sends in flight finish
+                return
 
     async def _pull(self) -> tuple[int, object] | None:
         """The next item of the async source, and its index (None: no more).

@@ -608,7 +608,7 @@ def _fail_one_callback(
 async def test_a_callback_error_lets_the_sends_in_flight_finish_first(
     server: ScriptedServer, make_client: MakeClient, callback: str, api: str
 ) -> None:
-    """A callback raising mid-batch: the sends in flight end SENT and are reported, then it raises."""
+    """A callback raising mid-batch: the sends in flight end SENT, are reported, then it raises."""
     arrived: set[int] = set()
     all_in = asyncio.Event()
     failed = asyncio.Event()
@@ -630,15 +630,21 @@ async def test_a_callback_error_lets_the_sends_in_flight_finish_first(
     reported: list[ItemResult] = []
     options = _fail_one_callback(callback, reported, failed)
     streamed: list[ItemResult] = []
+    streams: list[BatchStream] = []
+
+    async def run_batch(client: BotMessageClient) -> None:
+        if api == "send_many":
+            await client.send_many(items(5), **options)
+            return
+        async with client.stream_many(items(5), **options) as stream:
+            streams.append(stream)
+            async for item in stream:
+                streamed.append(item)
+
     try:
         async with make_client(server.base_url) as client:
             with pytest.raises(_JournalFull) as info:
-                if api == "send_many":
-                    await client.send_many(items(5), **options)
-                else:
-                    async with client.stream_many(items(5), **options) as stream:
-                        async for item in stream:
-                            streamed.append(item)
+                await run_batch(client)
     finally:
         all_in.set()
         failed.set()
@@ -660,9 +666,45 @@ async def test_a_callback_error_lets_the_sends_in_flight_finish_first(
     assert len(reported) == 3  # each once; items 3 and 4 were never taken
     if api == "stream_many":
         assert sorted((r.index, r.outcome) for r in streamed) == sorted(outcomes.items())
-        counts = stream.counts
+        counts = streams[0].counts
         assert counts.sent + counts.skipped + counts.failed + counts.unknown == 3
         assert counts.sent == (2 if callback == "on_start" else 3)
+
+
+async def test_an_on_progress_error_lets_the_sends_in_flight_finish_first(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """on_progress raising with sends in flight: they end SENT and are reported, then it raises."""
+    failed = asyncio.Event()
+    arrived: list[int] = []
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        arrived.append(user_of(request))
+        await failed.wait()  # in flight when on_progress fails
+        return await ok(request)
+
+    def on_progress(progress: Progress) -> None:
+        if progress.in_flight:
+            failed.set()
+            raise _JournalFull("no room for the progress line")
+
+    server.default = held
+    reported: list[ItemResult] = []
+    try:
+        async with make_client(server.base_url) as client:
+            with pytest.raises(_JournalFull):
+                await client.send_many(
+                    items(3),
+                    concurrency=3,
+                    on_result=reported.append,
+                    on_progress=on_progress,
+                    progress_interval=0.001,
+                )
+    finally:
+        failed.set()
+    assert arrived
+    assert sorted(r.user_uuid for r in reported) == sorted(f"user-{i}" for i in arrived)
+    assert {r.outcome for r in reported} == {Outcome.SENT}
 
 
 @pytest.mark.parametrize(
