@@ -199,9 +199,10 @@ class BatchStream:
         # is inside it; ``_pulled`` (made only when another waits) says it left.
         self._pulling = False
         self._pulled: asyncio.Future[None] | None = None
-        #: What reading the input raised: no item starts after it, and it is raised
-        #: once the items in flight are done.
-        self._input_error: Exception | None = None
+        #: What reading the input or a callback raised first: no item starts after
+        #: it, and it is raised once the items in flight are done and reported.
+        self._error: Exception | None = None
+        self._later_errors = 0  # callback errors after it, dropped (a note says how many)
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
@@ -323,9 +324,9 @@ class BatchStream:
                 raise
         except Exception as exc:
             return exc
-        # Cancelled while the sends in flight after an input error were finishing:
-        # that error still ended the input, and is not to be lost with the runner.
-        return self._input_error
+        # Cancelled while the sends in flight after an input or callback error were
+        # finishing: that error still stopped the batch, and is not to be lost with it.
+        return self._first_error()
 
     async def _drain(self, sink: Callable[[ResultRow], object]) -> None:
         """Run to the end handing each result to ``sink`` instead of the queue.
@@ -434,10 +435,11 @@ class BatchStream:
                     workers.create_task(self._work())
                 if ticker is not None:
                     ticker.cancel()
-                if self._input_error is not None:
+                error = self._first_error()
+                if error is not None:
                     # Raised once the sends in flight when it failed have finished and
                     # been reported: cancelled, their outcome would be unknown.
-                    raise self._input_error
+                    raise error
             if self._on_progress is not None:
                 self._on_progress(self.progress())
         except BaseExceptionGroup as group_error:
@@ -456,7 +458,11 @@ class BatchStream:
         assert self._on_progress is not None
         while True:
             await asyncio.sleep(self._progress_interval)
-            self._on_progress(self.progress())
+            try:
+                self._on_progress(self.progress())
+            except Exception as exc:
+                self._callback_failed(exc)  # as for on_result: the sends in flight finish
+                return
 
     async def _pull(self) -> tuple[int, object] | None:
         """The next item of the async source, and its index (None: no more).
@@ -474,8 +480,8 @@ class BatchStream:
                 self._pulled = asyncio.get_running_loop().create_future()
             # Shielded: a waiter's cancellation must not cancel the others' wait.
             await asyncio.shield(self._pulled)
-        if self._input_error is not None:
-            return None  # it failed while we waited: read it no more
+        if self._error is not None:
+            return None  # it (or a callback) failed while we waited: read it no more
         self._pulling = True
         try:
             raw = await anext(self._aiter)
@@ -494,8 +500,8 @@ class BatchStream:
         sink = self._sink
         items = self._iter
         while True:
-            if self._input_error is not None:
-                return  # the input failed: nothing new starts, the sends in flight finish
+            if self._error is not None:
+                return  # the input or a callback failed: nothing new starts, the rest finish
             if items is not None:
                 # A plain iterator is read here, not through _pull: no coroutine per item.
                 try:
@@ -503,7 +509,7 @@ class BatchStream:
                 except StopIteration:
                     return
                 except Exception as exc:
-                    self._input_error = exc
+                    self._error = exc
                     return
                 if type(raw) is NotYet:
                     await raw.ready.wait()
@@ -514,7 +520,7 @@ class BatchStream:
                 try:
                     pulled = await self._pull()
                 except Exception as exc:
-                    self._input_error = exc
+                    self._error = exc
                     return
                 if pulled is None:
                     return
@@ -532,12 +538,18 @@ class BatchStream:
             if sink is None:
                 item = ItemResult(*row)
                 if self._on_result is not None:
-                    self._on_result(item)
+                    try:
+                        self._on_result(item)
+                    except Exception as exc:
+                        self._callback_failed(exc)  # the item is still counted and streamed
                 await self._queue.put(item)
                 continue
             # send_many's report stores rows: an ItemResult only for on_result.
             if self._on_result is not None:
-                self._on_result(ItemResult(*row))
+                try:
+                    self._on_result(ItemResult(*row))
+                except Exception as exc:
+                    self._callback_failed(exc)  # the item is still counted and reported
             sink(row)
             if attempts == 0:
                 # Skipped or refused before any I/O: nothing here awaited,
@@ -567,14 +579,22 @@ class BatchStream:
         else:
             department_uuid, user_uuid = id_text(department), id_text(user)
         sender = self._sender
-        if self.stopped_by is not None:
+        # An error of the input or a callback during this item's pull (an async
+        # source) or its rate-limit wait: it is not started, as after a stop.
+        if self.stopped_by is not None or self._error is not None:
             return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)
         if self._limiter is not None or sender.pause_remaining():
             await self._admit(department_uuid)
-            if self.stopped_by is not None:  # stopped while we waited
+            if self.stopped_by is not None or self._error is not None:  # while we waited
                 return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)
         if self._on_start is not None:
-            self._on_start(index, request or SendRequest(department, user, message))
+            try:
+                self._on_start(index, request or SendRequest(department, user, message))
+            except Exception as exc:
+                # Before any I/O for the item (a journal's start record was refused):
+                # it is not sent, and is reported SKIPPED, never attempted.
+                self._callback_failed(exc)
+                return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)
         # A key of our own when the caller gave none: an item throttled by a 429
         # is sent again after the pause, and must carry the same key then.
         key = key or new_idempotency_key()
@@ -614,6 +634,28 @@ class BatchStream:
                 return (index, department_uuid, user_uuid, Outcome.SENT, result, None)
         finally:
             self.in_flight -= 1
+
+    def _callback_failed(self, error: Exception) -> None:
+        """Stop the batch as an input error does: keep the first error, count the rest.
+
+        Nothing new starts; the sends in flight finish, and each is still counted
+        and reported (``on_result`` too: it may succeed for them). The first error
+        is raised at the end; later ones are dropped, and a note on it says how many.
+        """
+        if self._error is None:
+            self._error = error
+        elif error is not self._error:
+            self._later_errors += 1
+
+    def _first_error(self) -> Exception | None:
+        """The error that stopped the batch (input or callback), noted with the dropped ones."""
+        error, later = self._error, self._later_errors
+        if error is not None and later:
+            self._later_errors = 0  # noted once, however often this is asked
+            error.add_note(
+                f"and {later} later callback error(s), dropped while the sends in flight finished"
+            )
+        return error
 
     def _stop_for_pause(self, pause: float, error: BotMessageError | None) -> None:
         if self.stopped_by is None:

@@ -979,7 +979,10 @@ class BotMessageClient:
 
         Memory stays flat whatever the input's size: a fixed pool of
         ``concurrency`` workers pulls ``items`` lazily, only as fast as results
-        are consumed. See ``send_many`` for the arguments.
+        are consumed. See ``send_many`` for the arguments, and for what an error
+        of the input or of a callback does: the items in flight still finish and
+        are yielded, and the error is raised by the read after the last of them
+        (or by the ``async with`` block's exit, if it is left before).
 
         Example:
             >>> async with client.stream_many(rows, concurrency=100) as results:
@@ -1049,7 +1052,8 @@ class BotMessageClient:
             on_result: Called with every ``ItemResult`` as it is known.
             on_start: Called with an item's input index and request right before
                 its first attempt (after any rate-limit wait): where a journal
-                records "about to send".
+                records "about to send". If it raises, the item is not sent
+                (reported SKIPPED) and the batch stops (see Raises).
             on_progress: Called about every ``progress_interval`` seconds with a
                 ``Progress`` snapshot, and once at the end.
             progress_interval: Seconds between ``on_progress`` calls.
@@ -1068,10 +1072,14 @@ class BotMessageClient:
             ClientClosedError: the client was closed.
             WrongEventLoopError: the client is used from another event loop than
                 the one that first used it; nothing was sent.
-            Exception: whatever reading ``items`` raised (or an ``on_result`` /
-                ``on_start`` callback). After an error of the input no new item
-                starts, and it is raised once the sends in flight have finished
-                and been reported (``on_result``).
+            Exception: whatever reading ``items`` raised, or an ``on_start``,
+                ``on_result`` or ``on_progress`` callback. Either stops the
+                batch: no new item starts (one already taken is reported
+                SKIPPED), the sends in flight finish and are counted and
+                reported, ``on_result`` included even after it raised for
+                another item (it may succeed for them), and then the first such
+                error is raised, with its own ``__cause__``. Later callback
+                errors are dropped; a note on the raised one counts them.
         """
         # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(

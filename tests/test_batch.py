@@ -580,6 +580,133 @@ async def test_an_input_error_lets_the_sends_in_flight_finish_first(
     assert arrived == 3
 
 
+class _JournalFull(Exception):
+    """A callback's own error (a journal's refused write)."""
+
+
+def _fail_one_callback(
+    callback: str, reported: list[ItemResult], failed: asyncio.Event
+) -> dict[str, Any]:
+    """``on_start`` raising for item 2, or ``on_result`` for items 0 and 2; both record."""
+
+    def on_start(index: int, request: SendRequest) -> None:
+        if callback == "on_start" and index == 2:
+            failed.set()
+            raise _JournalFull(f"no room for the start of {index}")
+
+    def on_result(item: ItemResult) -> None:
+        reported.append(item)
+        if callback == "on_result" and item.index in (0, 2):
+            failed.set()
+            raise _JournalFull(f"no room for the outcome of {item.index}")
+
+    return {"concurrency": 3, "on_start": on_start, "on_result": on_result}
+
+
+@pytest.mark.parametrize("api", ["send_many", "stream_many"])
+@pytest.mark.parametrize("callback", ["on_start", "on_result"])
+async def test_a_callback_error_lets_the_sends_in_flight_finish_first(
+    server: ScriptedServer, make_client: MakeClient, callback: str, api: str
+) -> None:
+    """A callback raising mid-batch: the sends in flight end SENT, are reported, then it raises."""
+    arrived: set[int] = set()
+    all_in = asyncio.Event()
+    failed = asyncio.Event()
+    # on_start fails for item 2 while items 0 and 1 are at the server; on_result
+    # fails for item 0 (answered once all three are in) while 1 and 2 are there.
+    held_in = 2 if callback == "on_start" else 3
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        user = user_of(request)
+        arrived.add(user)
+        if len(arrived) == held_in:
+            all_in.set()
+        await all_in.wait()
+        if callback == "on_start" or user != 0:
+            await failed.wait()  # in flight when the callback fails
+        return await ok(request)
+
+    server.default = held
+    reported: list[ItemResult] = []
+    options = _fail_one_callback(callback, reported, failed)
+    streamed: list[ItemResult] = []
+    streams: list[BatchStream] = []
+
+    async def run_batch(client: BotMessageClient) -> None:
+        if api == "send_many":
+            await client.send_many(items(5), **options)
+            return
+        async with client.stream_many(items(5), **options) as stream:
+            streams.append(stream)
+            async for item in stream:
+                streamed.append(item)
+
+    try:
+        async with make_client(server.base_url) as client:
+            with pytest.raises(_JournalFull) as info:
+                await run_batch(client)
+    finally:
+        all_in.set()
+        failed.set()
+    outcomes = {r.index: r.outcome for r in reported}
+    if callback == "on_start":
+        # Item 2 is not sent (its on_start precedes any I/O) and is reported SKIPPED.
+        assert outcomes == {0: Outcome.SENT, 1: Outcome.SENT, 2: Outcome.SKIPPED}
+        assert arrived == {0, 1}
+        assert str(info.value) == "no room for the start of 2"
+        assert getattr(info.value, "__notes__", []) == []
+    else:
+        # on_result heard of every item in flight, though it had failed for one.
+        assert outcomes == {0: Outcome.SENT, 1: Outcome.SENT, 2: Outcome.SENT}
+        assert arrived == {0, 1, 2}
+        assert str(info.value) == "no room for the outcome of 0"
+        assert info.value.__notes__ == [
+            "and 1 later callback error(s), dropped while the sends in flight finished"
+        ]
+    assert len(reported) == 3  # each once; items 3 and 4 were never taken
+    if api == "stream_many":
+        assert sorted((r.index, r.outcome) for r in streamed) == sorted(outcomes.items())
+        counts = streams[0].counts
+        assert counts.sent + counts.skipped + counts.failed + counts.unknown == 3
+        assert counts.sent == (2 if callback == "on_start" else 3)
+
+
+async def test_an_on_progress_error_lets_the_sends_in_flight_finish_first(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """on_progress raising with sends in flight: they end SENT and are reported, then it raises."""
+    failed = asyncio.Event()
+    arrived: list[int] = []
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        arrived.append(user_of(request))
+        await failed.wait()  # in flight when on_progress fails
+        return await ok(request)
+
+    def on_progress(progress: Progress) -> None:
+        if progress.in_flight:
+            failed.set()
+            raise _JournalFull("no room for the progress line")
+
+    server.default = held
+    reported: list[ItemResult] = []
+    try:
+        async with make_client(server.base_url) as client:
+            with pytest.raises(_JournalFull):
+                await client.send_many(
+                    items(3),
+                    concurrency=3,
+                    on_result=reported.append,
+                    on_progress=on_progress,
+                    progress_interval=0.001,
+                )
+    finally:
+        failed.set()
+    assert arrived
+    assert sorted(r.user_uuid for r in reported) == sorted(f"user-{i}" for i in arrived)
+    assert {r.outcome for r in reported} == {Outcome.SENT}
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("concurrency", 0), ("rate_limit", -1.0), ("stop_after_consecutive_failures", 0)],

@@ -7,6 +7,7 @@ from the test's loop.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from botmsg_async import cli
+from tests.conftest import serving_send
 from tests.test_cli import rows, write_csv
 from tests.test_cli_durable import botmsg_in_thread, serving, success
 
@@ -168,3 +170,76 @@ async def test_a_journal_record_that_cannot_be_written_sends_nothing_twice(
         assert line["outcome"] in ("sent", "unknown"), line
         if line["outcome"] == "sent":
             assert received, line
+
+
+async def test_a_refused_start_record_lets_the_sends_in_flight_finish(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """ENOSPC on a start record: that item is not sent, the 3 in flight end sent, --resume."""
+    journal = tmp_path / "journal"
+    out, resumed = tmp_path / "out.jsonl", tmp_path / "resumed.jsonl"
+    n = 8
+    source = write_csv(tmp_path / "in.csv", rows(n))
+    loop = asyncio.get_running_loop()
+    refused = asyncio.Event()
+    keys: dict[str, set[str]] = {}
+    # Record 1 is the header, 2-4 the starts of the first three items, 5 the fourth's:
+    # at -c 4 it is written while the three are at the server, held there until then.
+    failing = _FailingWrite(journal, 5)
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        try:
+            return failing(fd, data)
+        except OSError:
+            loop.call_soon_threadsafe(refused.set)
+            raise
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        keys.setdefault(request.match_info["user"], set()).add(request.headers["Idempotency-Key"])
+        await refused.wait()
+        return success(request)
+
+    args = ["send-many", str(source), "--journal", str(journal), "-c", "4"]
+    async with serving_send(held) as base_url:
+        monkeypatch.setattr(os, "write", write)
+        try:
+            rc = await botmsg_in_thread(monkeypatch, base_url, *args, "--out", str(out))
+        finally:
+            monkeypatch.setattr(os, "write", failing.real)
+            refused.set()
+        err = capsys.readouterr().err
+        assert rc == cli.EXIT_FAILED, err
+        assert "Traceback" not in err
+        assert "4 of 8 items: 3 sent, 0 failed, 0 unknown, 1 skipped;" in err
+        assert "No space left on device" in err
+        assert "stopped with 0 item(s) unfinished" in err
+        assert (
+            "the journal refused the outcome of 3 item(s) whose start it holds: "
+            "a --resume will report them unknown"
+        ) in err
+        first = [json.loads(line) for line in out.read_text().splitlines()]
+        outcomes = {line["user_uuid"]: line["outcome"] for line in first}
+        # The three in flight finished with their real outcome: cancelled, they were
+        # unknown, and missing from --out. The fourth was never sent.
+        assert sorted(outcomes.values()) == ["sent", "sent", "sent", "skipped"], err
+        assert {user for user, outcome in outcomes.items() if outcome == "sent"} == set(keys)
+        (skipped,) = (line for line in first if line["outcome"] == "skipped")
+        assert "No space left on device" in skipped["error"]["message"]
+        rc = await botmsg_in_thread(monkeypatch, base_url, *args, "--resume", "--out", str(resumed))
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_UNKNOWN, err
+    assert "8 of 8 items: 5 sent, 0 failed, 3 unknown, 0 skipped;" in err
+    assert all(len(k) == 1 for k in keys.values())  # nothing sent twice, or under a new key
+    assert set(keys) == {f"user-{i}" for i in range(n)}  # the skipped one sent now
+    second = {
+        line["user_uuid"]: line["outcome"]
+        for line in map(json.loads, resumed.read_text().splitlines())
+    }
+    assert len(second) == n
+    # The journal lacks the outcomes of the three: in doubt for it, so never resent.
+    assert second == {
+        user: "unknown" if outcomes.get(user) == "sent" else "sent" for user in second
+    }

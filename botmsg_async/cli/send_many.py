@@ -367,6 +367,11 @@ class SendMany:
         # indices whose start record is written but whose attempt has not begun.
         self.in_workers = 0
         self.unattempted: set[int] = set()
+        #: What the journal refused first (a full disk): the batch stops on it, as
+        #: on an input error (the sends in flight finish), and the items it did not
+        #: start are reported as stopped by it.
+        self.journal_error: Exception | None = None
+        self.unjournaled = 0  # items with a start on record whose outcome it refused
 
     def request_stop(self) -> None:
         """Start no new item; let those in flight finish (first SIGINT or SIGTERM)."""
@@ -461,7 +466,13 @@ class SendMany:
         finally:
             for stream_index, _ in ready:
                 self.unattempted.discard(stream_index)
-                journal.unattempted(self.pending.pop(stream_index).index)
+                try:
+                    journal.unattempted(self.pending.pop(stream_index).index)
+                except Exception as exc:
+                    # A full disk: its start stands, in doubt for --resume (never resent
+                    # under a new key). Said after the summary, not raised from the cleanup.
+                    self.journal_error = self.journal_error or exc
+                    self.unjournaled += 1
             source.close()
 
     def _on_start(self, stream_index: int, request: SendRequest) -> None:
@@ -470,7 +481,12 @@ class SendMany:
             self.unattempted.discard(stream_index)  # journaled, and on disk, already
         elif self.journal is not None:
             meta = self.pending[stream_index]
-            self.journal.start(meta.index, meta.key)
+            try:
+                self.journal.start(meta.index, meta.key)
+            except Exception as exc:
+                # The item is not sent (reported skipped); --resume sends it.
+                self.journal_error = self.journal_error or exc
+                raise
 
     def _settle(self, meta: _Pending, item: ItemResult) -> tuple[str, str | None]:
         """The outcome to record for ``item``, and why.
@@ -481,7 +497,8 @@ class SendMany:
         """
         error: str | None
         if item.outcome is Outcome.SKIPPED:
-            error = f"not attempted: the batch stopped after: {self.stopped_by}"
+            reason = self.stopped_by or self.journal_error or "an error (in the summary)"
+            error = f"not attempted: the batch stopped after: {reason}"
         else:
             error = _describe(item.error)
         outcome, note = settle(item.outcome, item.error, in_doubt=meta.in_doubt)
@@ -494,24 +511,34 @@ class SendMany:
         if self.journal is None:
             return
         meta = self.pending[item.index]
-        if self.args.durable:
-            self.in_workers -= 1
-            if item.index in self.unattempted:
-                self.unattempted.discard(item.index)
-                if item.outcome is Outcome.SKIPPED:
-                    self.journal.unattempted(meta.index)
-                    return
-        outcome, error = self._settle(meta, item)
-        self.journal.outcome(
-            meta.index,
-            outcome,
-            key=meta.key,
-            department_uuid=item.department_uuid,
-            user_uuid=item.user_uuid,
-            message_uuid=item.result.message_uuid if item.result is not None else None,
-            error=None if outcome == Outcome.SKIPPED.value else error,
-            retry=retry_later(Outcome(outcome), item.error),
-        )
+        try:
+            if self.args.durable:
+                self.in_workers -= 1
+                if item.index in self.unattempted:
+                    self.unattempted.discard(item.index)
+                    if item.outcome is Outcome.SKIPPED:
+                        self.journal.unattempted(meta.index)
+                        return
+            outcome, error = self._settle(meta, item)
+            self.journal.outcome(
+                meta.index,
+                outcome,
+                key=meta.key,
+                department_uuid=item.department_uuid,
+                user_uuid=item.user_uuid,
+                message_uuid=item.result.message_uuid if item.result is not None else None,
+                error=None if outcome == Outcome.SKIPPED.value else error,
+                retry=retry_later(Outcome(outcome), item.error),
+            )
+        except Exception as exc:
+            # The batch stops; this item and those still in flight are reported all
+            # the same (--out). One with a start on record (any but a skipped item,
+            # which had none unless --durable wrote it ahead) a --resume takes for an
+            # item in doubt.
+            self.journal_error = self.journal_error or exc
+            if item.outcome is not Outcome.SKIPPED or self.args.durable:
+                self.unjournaled += 1
+            raise
 
     def _emit(self, item: ItemResult) -> None:
         meta = self.pending.pop(item.index)
@@ -626,6 +653,16 @@ class SendMany:
                     out=self.args.out,
                 )
                 print_summary(self.console, self.results.tally, end)
+        if self.unjournaled:  # after the source closed: its withdrawals are journal records too
+            self.console.err(
+                f"the journal refused the outcome of {self.unjournaled} item(s) whose start "
+                "it holds: a --resume will report them unknown"
+                + (
+                    f" ({self.args.out} has what became of those this run finished)"
+                    if self.args.out
+                    else ""
+                )
+            )
         # After the last record (an item written ahead and withdrawn as the source
         # closed, with --durable): a failed flush is said, not raised from the cleanup.
         flushed = self.journal is None or close_journal(
@@ -638,7 +675,7 @@ class SendMany:
             code = EXIT_INTERRUPTED
         else:
             code = tally.exit_code()
-        return code if flushed else max(code, EXIT_FAILED)
+        return code if flushed and not self.unjournaled else max(code, EXIT_FAILED)
 
 
 @contextlib.asynccontextmanager
