@@ -633,8 +633,9 @@ class _Worker:
             {s for s in (pair, config.password, token) if len(s) >= 4}, key=len, reverse=True
         )
         self.journal: FileJournal | None = None
-        #: Why its journal segment may be incomplete on disk (its close failed), if so.
-        self.journal_problem: str | None = None
+        #: What its final report says went wrong (its journal segment, or a failure of
+        #: its own), if anything: the parent lists it among the workers' deaths.
+        self.problem: str | None = None
         self.started: mmap.mmap | None = None
         if config.started_fd >= 0:
             self.started = mmap.mmap(config.started_fd, max(1, config.items))
@@ -642,7 +643,7 @@ class _Worker:
             try:
                 self.journal = FileJournal(config.segment, redact=self._redact)
             except OSError as exc:  # a directory it may not write, no inode left
-                self.journal_problem = _cannot_begin(exc)
+                self.problem = _cannot_begin(exc)
         self.sync = _GroupSync(self.journal) if self.journal is not None else None
 
     def _redact(self, text: str) -> str:
@@ -814,13 +815,13 @@ class _Worker:
                     resume=False,
                 )
             except OSError as exc:  # its header refused (a full disk): the error names it
-                self.journal_problem = _cannot_begin(exc)
-        if self.journal_problem is not None:
+                self.problem = _cannot_begin(exc)
+        if self.problem is not None:
             # Its segment cannot be written: it starts no send (none could be journaled),
             # and says why in its final report, not in a traceback; the parent gives its
             # items to the other workers.
             self._close_segment()
-            self._send(("done", 0, list(self.buffer), self.journal_problem))
+            self._send(("done", 0, list(self.buffer), self.problem))
             return
         limiter = ProcessRateLimiter(
             config.limiter_fd,
@@ -861,13 +862,25 @@ class _Worker:
                         await drain(stream, self._on_result)
                 except OSError as exc:
                     # Its segment refused a record (a full disk; the error names it): the
-                    # batch stopped at once. An item whose start was refused was not sent;
-                    # sends in flight were cancelled, and their start records without
-                    # outcomes say "unknown". Said in the report, not as a traceback.
-                    self.journal_problem = (
-                        f"could not write its journal segment ({exc}): it stopped; its "
-                        "items in flight are unknown, the others went back to the job"
+                    # batch started nothing new. An item whose start was refused was not
+                    # sent; the sends in flight finished, and those whose outcome the
+                    # segment refused too are "unknown" (a start record, no outcome).
+                    # Said in the report, not as a traceback.
+                    self.problem = (
+                        f"could not write its journal segment ({exc}): it stopped; items "
+                        "whose outcome it could not record are unknown, the others went "
+                        "back to the job"
                     )
+                except Exception as exc:
+                    # A defect, not the outside world: its traceback follows (raised on),
+                    # and its report says what it may have cost, so that the parent lists
+                    # it among the deaths, not as an end that "affected no outcome".
+                    self.problem = (
+                        f"failed ({type(exc).__name__}: {self._redact(str(exc))}): it "
+                        "stopped; items it could not report are unknown, the others went "
+                        "back to the job"
+                    )
+                    raise
                 retries = stream.retries
         finally:
             limiter.close()
@@ -878,7 +891,7 @@ class _Worker:
                 self.started.close()
             self._flush()
             left = [*self.buffer, *self.unstarted, *(m.wire for m in self.pending.values())]
-            self._send(("done", retries, left, self.journal_problem))
+            self._send(("done", retries, left, self.problem))
 
     def _close_segment(self) -> None:
         """Close (fsync) its journal segment, if it has one; a failure goes in the report."""
@@ -889,7 +902,7 @@ class _Worker:
         except OSError as exc:
             # Its records were handed to the OS (the parent reads them), but fsync
             # failed: a power cut may lose some. Said in the report, not as a traceback.
-            self.journal_problem = self.journal_problem or flush_failure(
+            self.problem = self.problem or flush_failure(
                 f"its journal segment {self.journal.path}", exc
             )
 
@@ -1013,7 +1026,7 @@ def _worker_main(fd: int) -> int:
         worker = _Worker(conn, config)
         runner.run(worker.run())
     conn.close()
-    return 0 if worker.journal_problem is None else 1
+    return 0 if worker.problem is None else 1
 
 
 # -- the journal of a parallel run -------------------------------------------------

@@ -1127,6 +1127,46 @@ async def test_a_worker_failing_at_its_end_is_reported_for_what_it_costs(
         assert "error:" not in err
 
 
+async def test_a_worker_that_fails_mid_run_is_listed_as_a_death(tmp_path: Path) -> None:
+    """A defect raised in a worker mid-run: reported as its death; --resume finishes the job."""
+    # Each worker's 10th result raises (as a bug would) before it is journaled or reported.
+    site = worker_site(
+        tmp_path,
+        "from botmsg_async import bulk\n"
+        "on_result = bulk._Worker._on_result\n"
+        "calls = [0]\n"
+        "def buggy(self, row):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 10:\n"
+        "        raise RuntimeError('a defect')\n"
+        "    on_result(self, row)\n"
+        "bulk._Worker._on_result = buggy\n",
+    )
+    n = 100
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "4", "--journal", str(journal),
+            "--out", str(first), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+        assert code == 3, err  # the item whose result was lost is unknown
+        assert err.count("error: worker") == 2, err
+        assert "failed (RuntimeError: a defect)" in err
+        assert "after its final report" not in err  # not an end that "affected no outcome"
+        # --out has what became known; the items no worker was left to start, --resume sends.
+        assert len(read_jsonl(first)) < n
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(second),
+        )  # fmt: skip
+    assert code == 3, err  # the unknown ones stay unknown: never resent
+    outcomes = check_accounting(svc, second, n)
+    assert set(outcomes.values()) == {"sent", "unknown"}
+
+
 async def test_worker_killed_without_journal(tmp_path: Path) -> None:
     """Without --journal a dead worker's started items are unknown, the others sent once."""
     n = 600
