@@ -752,6 +752,27 @@ async def test_a_callback_error_stops_a_batch_whose_input_waits_for_more(
     assert sorted((r.index, r.outcome) for r in reported) == [(0, Outcome.SENT), (1, Outcome.SENT)]
 
 
+async def test_the_first_error_is_raised_when_the_input_fails_after_a_callback(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """on_result fails, then the input it woke fails too: the batch raises on_result's error."""
+    woken = asyncio.Event()
+
+    async def fails_when_woken() -> AsyncIterator[tuple[str, str, str]]:
+        yield ("dept-0", "user-0", "hello")
+        await woken.wait()
+        raise OSError("the source went away")
+
+    def on_result(item: ItemResult) -> None:
+        woken.set()
+        raise _JournalFull("no room for the outcome of 0")
+
+    async with make_client(server.base_url) as client:
+        with pytest.raises(_JournalFull) as info:
+            await client.send_many(fails_when_woken(), concurrency=2, on_result=on_result)
+    assert getattr(info.value, "__notes__", []) == []
+
+
 async def test_a_callback_error_ends_a_429_pause_and_sends_nothing_more(
     mock_http: aioresponses, make_client: MakeClient
 ) -> None:
