@@ -671,7 +671,7 @@ class BatchStream:
         if self._error is None:
             self._error = error
             current = asyncio.current_task()
-            for task in self._waiting:
+            for task in list(self._waiting):
                 if task is not current and task not in self._woken:
                     self._woken.add(task)
                     task.cancel()
@@ -692,8 +692,9 @@ class BatchStream:
             return
         self._waiting.discard(task)
         if task in self._woken:
-            # Its wait ended before the cancel landed (or the source swallowed it):
-            # take the cancel back, or it would land on this worker's next send.
+            # Its wait ended though cancelled (the source caught the cancel and
+            # yielded an item, then SKIPPED): take the cancel back, or the task would
+            # pass for one being cancelled (``cancelling()``) in its next send.
             self._woken.discard(task)
             task.uncancel()
 
@@ -755,6 +756,7 @@ class BatchStream:
             self._wait_ends(waiting)
 
     async def _wait_turn(self, department_uuid: str) -> None:
+        """``_admit``'s waits: the rate limits, then any 429 pause (see there)."""
         sender = self._sender
         while True:
             if self._limiter is not None:
