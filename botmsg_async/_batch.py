@@ -203,6 +203,11 @@ class BatchStream:
         #: it, and it is raised once the items in flight are done and reported.
         self._error: Exception | None = None
         self._later_errors = 0  # callback errors after it, dropped (a note says how many)
+        #: Workers waiting for something other than a send (the input's next item, a
+        #: rate limit, a 429 pause): an error cancels their wait (``_fail``), since a
+        #: source that waits for more (a queue, a job) would otherwise hold the batch.
+        self._waiting: set[asyncio.Task[object]] = set()
+        self._woken: set[asyncio.Task[object]] = set()  # those whose wait it cancelled
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
@@ -461,7 +466,7 @@ class BatchStream:
             try:
                 self._on_progress(self.progress())
             except Exception as exc:
-                self._callback_failed(exc)  # as for on_result: the sends in flight finish
+                self._fail(exc)  # as for on_result: the sends in flight finish
                 return
 
     async def _pull(self) -> tuple[int, object] | None:
@@ -483,12 +488,18 @@ class BatchStream:
         if self._error is not None:
             return None  # it (or a callback) failed while we waited: read it no more
         self._pulling = True
+        waiting = self._wait_begins()
         try:
             raw = await anext(self._aiter)
         except StopAsyncIteration:
             return None
+        except asyncio.CancelledError:
+            if self._wait_cancelled(waiting):
+                return None  # an error stopped the batch: the input is read no more
+            raise
         finally:
             self._pulling = False
+            self._wait_ends(waiting)
             pulled, self._pulled = self._pulled, None
             if pulled is not None:
                 pulled.set_result(None)
@@ -509,10 +520,17 @@ class BatchStream:
                 except StopIteration:
                     return
                 except Exception as exc:
-                    self._error = exc
+                    self._fail(exc)
                     return
                 if type(raw) is NotYet:
-                    await raw.ready.wait()
+                    waiting = self._wait_begins()
+                    try:
+                        await raw.ready.wait()
+                    except asyncio.CancelledError:
+                        if not self._wait_cancelled(waiting):
+                            raise  # else the loop's check ends this worker
+                    finally:
+                        self._wait_ends(waiting)
                     continue
                 index = self._next_index
                 self._next_index += 1
@@ -520,7 +538,7 @@ class BatchStream:
                 try:
                     pulled = await self._pull()
                 except Exception as exc:
-                    self._error = exc
+                    self._fail(exc)
                     return
                 if pulled is None:
                     return
@@ -541,7 +559,7 @@ class BatchStream:
                     try:
                         self._on_result(item)
                     except Exception as exc:
-                        self._callback_failed(exc)  # the item is still counted and streamed
+                        self._fail(exc)  # the item is still counted and streamed
                 await self._queue.put(item)
                 continue
             # send_many's report stores rows: an ItemResult only for on_result.
@@ -549,7 +567,7 @@ class BatchStream:
                 try:
                     self._on_result(ItemResult(*row))
                 except Exception as exc:
-                    self._callback_failed(exc)  # the item is still counted and reported
+                    self._fail(exc)  # the item is still counted and reported
             sink(row)
             if attempts == 0:
                 # Skipped or refused before any I/O: nothing here awaited,
@@ -593,7 +611,7 @@ class BatchStream:
             except Exception as exc:
                 # Before any I/O for the item (a journal's start record was refused):
                 # it is not sent, and is reported SKIPPED, never attempted.
-                self._callback_failed(exc)
+                self._fail(exc)
                 return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)
         # A key of our own when the caller gave none: an item throttled by a 429
         # is sent again after the pause, and must carry the same key then.
@@ -614,14 +632,21 @@ class BatchStream:
                 except BotMessageError as exc:
                     exc.attempts += earlier_attempts
                     pause = sender.pause_remaining()
-                    if isinstance(exc, RateLimitedError) and pause and self.stopped_by is None:
+                    if (
+                        isinstance(exc, RateLimitedError)
+                        and pause
+                        and self.stopped_by is None
+                        and self._error is None
+                    ):
                         # Not processed, and the service named when to come back:
                         # the whole batch pauses, this item goes again after it.
                         paused += pause
                         if paused <= self._max_pause:
                             earlier_attempts = exc.attempts
                             await self._admit(department_uuid)
-                            if self.stopped_by is None:
+                            # Not sent again once the batch stopped (a cause, an error)
+                            # meanwhile: its answer, a 429, says it was not processed.
+                            if self.stopped_by is None and self._error is None:
                                 continue
                         else:
                             self._stop_for_pause(pause, exc)
@@ -635,17 +660,50 @@ class BatchStream:
         finally:
             self.in_flight -= 1
 
-    def _callback_failed(self, error: Exception) -> None:
-        """Stop the batch as an input error does: keep the first error, count the rest.
+    def _fail(self, error: Exception) -> None:
+        """Stop the batch on an error of the input or a callback: keep the first, count the rest.
 
         Nothing new starts; the sends in flight finish, and each is still counted
         and reported (``on_result`` too: it may succeed for them). The first error
         is raised at the end; later ones are dropped, and a note on it says how many.
+        Workers waiting for the input, a rate limit or a 429 pause stop waiting.
         """
         if self._error is None:
             self._error = error
+            current = asyncio.current_task()
+            for task in list(self._waiting):
+                if task is not current and task not in self._woken:
+                    self._woken.add(task)
+                    task.cancel()
         elif error is not self._error:
             self._later_errors += 1
+
+    def _wait_begins(self) -> asyncio.Task[object] | None:
+        """Note that this worker waits for something other than a send (see ``_fail``)."""
+        if self._error is not None:
+            return None  # already stopped: nothing will cancel this wait
+        task = asyncio.current_task()
+        if task is not None:
+            self._waiting.add(task)
+        return task
+
+    def _wait_ends(self, task: asyncio.Task[object] | None) -> None:
+        if task is None:
+            return
+        self._waiting.discard(task)
+        if task in self._woken:
+            # Its wait ended though cancelled (the source caught the cancel and
+            # yielded an item, then SKIPPED): take the cancel back, or the task would
+            # pass for one being cancelled (``cancelling()``) in its next send.
+            self._woken.discard(task)
+            task.uncancel()
+
+    def _wait_cancelled(self, task: asyncio.Task[object] | None) -> bool:
+        """Whether the cancel a wait ended with was ``_fail``'s alone (then it is taken back)."""
+        if task is None or task not in self._woken:
+            return False
+        self._woken.discard(task)
+        return task.uncancel() == 0
 
     def _first_error(self) -> Exception | None:
         """The error that stopped the batch (input or callback), noted with the dropped ones."""
@@ -688,6 +746,17 @@ class BatchStream:
         at the same instant when the pause ends, far above the rate limit. A
         pause longer than ``max_pause`` stops the batch instead.
         """
+        waiting = self._wait_begins()
+        try:
+            await self._wait_turn(department_uuid)
+        except asyncio.CancelledError:
+            if not self._wait_cancelled(waiting):
+                raise  # else an error stopped the batch: the caller sees it and stops
+        finally:
+            self._wait_ends(waiting)
+
+    async def _wait_turn(self, department_uuid: str) -> None:
+        """``_admit``'s waits: the rate limits, then any 429 pause (see there)."""
         sender = self._sender
         while True:
             if self._limiter is not None:
@@ -698,7 +767,7 @@ class BatchStream:
                     await self._limiter.acquire(department_uuid)
                     self._telemetry.limiter_waited(time.perf_counter() - began)
             pause = sender.pause_remaining()
-            if pause <= 0 or self.stopped_by is not None:
+            if pause <= 0 or self.stopped_by is not None or self._error is not None:
                 return
             if pause > self._max_pause:
                 self._stop_for_pause(pause, None)

@@ -1074,8 +1074,10 @@ class BotMessageClient:
                 the one that first used it; nothing was sent.
             Exception: whatever reading ``items`` raised, or an ``on_start``,
                 ``on_result`` or ``on_progress`` callback. Either stops the
-                batch: no new item starts (one already taken is reported
-                SKIPPED), the sends in flight finish and are counted and
+                batch: no new item starts (one already taken, or waiting for a
+                rate limit or a 429 pause, is reported SKIPPED; an async input
+                waiting for its next item is cancelled there; an item answered
+                429 is not sent again), the sends in flight finish and are counted and
                 reported, ``on_result`` included even after it raised for
                 another item (it may succeed for them), and then the first such
                 error is raised, with its own ``__cause__``. Later callback

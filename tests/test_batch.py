@@ -707,6 +707,110 @@ async def test_an_on_progress_error_lets_the_sends_in_flight_finish_first(
     assert {r.outcome for r in reported} == {Outcome.SENT}
 
 
+@pytest.mark.parametrize("api", ["send_many", "stream_many", "plain"])
+async def test_a_callback_error_stops_a_batch_whose_input_waits_for_more(
+    server: ScriptedServer, make_client: MakeClient, api: str
+) -> None:
+    """on_result raising while the input waits for items that never come: the batch ends, raises."""
+    from botmsg_async._batch import Items, NotYet, drain
+
+    never = asyncio.Event()  # a queue, a job: more items may come, but do not
+
+    async def waits() -> AsyncIterator[tuple[str, str, str]]:
+        for item in items(2):
+            yield item
+        await never.wait()
+        yield ("dept-0", "user-9", "late")
+
+    def not_ready() -> Iterator[tuple[str, str, str] | NotYet]:
+        yield from items(2)
+        while True:
+            yield NotYet(never)
+
+    reported: list[ItemResult] = []
+
+    def on_result(item: ItemResult) -> None:
+        reported.append(item)
+        raise _JournalFull(f"no room for the outcome of {item.index}")
+
+    async def run_batch(client: BotMessageClient) -> None:
+        if api == "send_many":
+            await client.send_many(waits(), concurrency=4, on_result=on_result)
+        elif api == "stream_many":
+            async with client.stream_many(waits(), concurrency=4, on_result=on_result) as stream:
+                async for _ in stream:
+                    pass
+        else:
+            options = BatchOptions(concurrency=4, on_result=on_result)
+            await drain(BatchStream(client, cast("Items", not_ready()), options), lambda row: None)
+
+    async with make_client(server.base_url) as client:
+        # Only a guard: before the fix the batch waited for the input for ever.
+        async with asyncio.timeout(30):
+            with pytest.raises(_JournalFull):
+                await run_batch(client)
+    assert sorted((r.index, r.outcome) for r in reported) == [(0, Outcome.SENT), (1, Outcome.SENT)]
+
+
+async def test_the_first_error_is_raised_when_the_input_fails_after_a_callback(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """on_result fails, then the input it woke fails too: the batch raises on_result's error."""
+    woken = asyncio.Event()
+
+    async def fails_when_woken() -> AsyncIterator[tuple[str, str, str]]:
+        yield ("dept-0", "user-0", "hello")
+        await woken.wait()
+        raise OSError("the source went away")
+
+    def on_result(item: ItemResult) -> None:
+        woken.set()
+        raise _JournalFull("no room for the outcome of 0")
+
+    async with make_client(server.base_url) as client:
+        with pytest.raises(_JournalFull) as info:
+            await client.send_many(fails_when_woken(), concurrency=2, on_result=on_result)
+    assert getattr(info.value, "__notes__", []) == []
+
+
+async def test_a_callback_error_ends_a_429_pause_and_sends_nothing_more(
+    mock_http: aioresponses, make_client: MakeClient
+) -> None:
+    """An on_progress error during a 429 pause: the paused item is not sent again, none after."""
+    loop = asyncio.get_running_loop()
+    arrivals: list[str] = []
+
+    def first_429(url: object, **kwargs: object) -> CallbackResult:
+        arrivals.append(str(url).split("/")[-3])
+        if len(arrivals) == 1:
+            return CallbackResult(status=429, body="slow down", headers={"Retry-After": "100"})
+        return CallbackResult(payload=SUCCESS)
+
+    def on_progress(progress: Progress) -> None:
+        if arrivals:
+            raise _JournalFull("no room for the progress line")
+
+    mock_http.post(ANY_SEND, callback=first_429, repeat=True)
+    reported: list[ItemResult] = []
+    started = loop.time()
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            with pytest.raises(_JournalFull):
+                await client.send_many(
+                    items(2),
+                    concurrency=1,
+                    on_result=reported.append,
+                    on_progress=on_progress,
+                    retry=RetryPolicy(backoff_initial=0),
+                )
+        waited = loop.time() - started
+    # Item 0 was answered "not processed" once, and is reported so: never resent
+    # after the pause, nor item 1 taken.
+    assert arrivals == ["user-0"]
+    assert [(r.index, r.outcome) for r in reported] == [(0, Outcome.FAILED)]
+    assert waited < 100  # the error ended the pause's wait (on the virtual clock)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("concurrency", 0), ("rate_limit", -1.0), ("stop_after_consecutive_failures", 0)],
