@@ -711,7 +711,8 @@ class BatchStream:
         if error is not None and later:
             self._later_errors = 0  # noted once, however often this is asked
             error.add_note(
-                f"and {later} later callback error(s), dropped while the sends in flight finished"
+                f"and {later} later error(s) of the input or a callback, dropped while the sends "
+                "in flight finished"
             )
         return error
 

@@ -661,7 +661,8 @@ async def test_a_callback_error_lets_the_sends_in_flight_finish_first(
         assert arrived == {0, 1, 2}
         assert str(info.value) == "no room for the outcome of 0"
         assert info.value.__notes__ == [
-            "and 1 later callback error(s), dropped while the sends in flight finished"
+            "and 1 later error(s) of the input or a callback, dropped while the sends in flight "
+            "finished"
         ]
     assert len(reported) == 3  # each once; items 3 and 4 were never taken
     if api == "stream_many":
