@@ -568,7 +568,12 @@ class BatchStream:
                     self._on_result(ItemResult(*row))
                 except Exception as exc:
                     self._fail(exc)  # the item is still counted and reported
-            sink(row)
+            try:
+                sink(row)
+            except Exception as exc:
+                # A drain's sink (a bulk worker's, which journals the outcome) is a
+                # callback too: its error stops the batch, the rest in flight finish.
+                self._fail(exc)
             if attempts == 0:
                 # Skipped or refused before any I/O: nothing here awaited,
                 # so let the loop run others (a ticker, a timeout, a cancel).
@@ -803,7 +808,9 @@ async def drain(stream: BatchStream, sink: Callable[[ResultRow], object]) -> Non
     """Run ``stream`` to the end, handing each item's result to ``sink`` as it is known.
 
     ``sink`` gets the ``ItemResult`` fields as a tuple (``ResultRow``): a caller
-    that keeps its own accounting (a bulk worker) builds no object per item.
+    that keeps its own accounting (a bulk worker) builds no object per item. An
+    error of ``sink`` stops the batch as a callback's does: nothing new starts,
+    the sends in flight finish (``sink`` still gets them), then it is raised.
     """
     async with stream:
         await stream._drain(sink)

@@ -621,6 +621,9 @@ class _Worker:
         #: stopping): given back with the final report, like those never pulled.
         self.unstarted: list[_Wire] = []
         self.outbox: list[_Result] = []  # to send
+        #: Outcomes reported to the parent that its segment refused (a full disk): a
+        #: --resume reports those items unknown (a start record, no outcome).
+        self.unjournaled = 0
         self.flush_scheduled = False
         self.stream: BatchStream | None = None
         self.reported_stop = False
@@ -748,19 +751,27 @@ class _Worker:
             error_text = f"{note}; this run's resend: {error_text}"
         message_uuid = result.message_uuid if result is not None else None
         attempts = result.attempts if result is not None else 0 if error is None else error.attempts
+        refused: OSError | None = None
         if meta.started and self.journal is not None:
             # Never-started items get no record: a resumed run sends them, and an
             # item in doubt from an earlier run stays so.
-            self.journal.outcome(
-                meta.index,
-                outcome.value,
-                key=meta.key,
-                department_uuid=department_uuid,
-                user_uuid=user_uuid,
-                message_uuid=message_uuid,
-                error=None if outcome is Outcome.SKIPPED else error_text,
-                retry=retry_later(outcome, error),
-            )
+            try:
+                self.journal.outcome(
+                    meta.index,
+                    outcome.value,
+                    key=meta.key,
+                    department_uuid=department_uuid,
+                    user_uuid=user_uuid,
+                    message_uuid=message_uuid,
+                    error=None if outcome is Outcome.SKIPPED else error_text,
+                    retry=retry_later(outcome, error),
+                )
+            except OSError as exc:
+                # Refused (a full disk): the parent still hears the outcome below, so
+                # its --out and summary say what became of the item, as without
+                # workers; the segment lacks it, so a --resume reports it unknown.
+                refused = exc
+                self.unjournaled += 1
         # No object here per item, and not the ids and key: the parent holds the
         # item it handed out, and fills them in (less to pickle on both sides).
         self.outbox.append(
@@ -780,6 +791,8 @@ class _Worker:
         elif not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_later(0.005, self._flush)
+        if refused is not None:
+            raise refused  # the batch stops: nothing new starts, the rest in flight finish
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -866,10 +879,15 @@ class _Worker:
                     # sent; the sends in flight finished, and those whose outcome the
                     # segment refused too are "unknown" (a start record, no outcome).
                     # Said in the report, not as a traceback.
+                    lacking = (
+                        f"; the segment lacks the outcome of {self.unjournaled} item(s) "
+                        "reported here: a --resume will report them unknown"
+                        if self.unjournaled
+                        else ""
+                    )
                     self.problem = (
-                        f"could not write its journal segment ({exc}): it stopped; items "
-                        "whose outcome it could not record are unknown, the others went "
-                        "back to the job"
+                        f"could not write its journal segment ({exc}): it stopped, and "
+                        f"the others went back to the job{lacking}"
                     )
                 except Exception as exc:
                     # A defect, not the outside world: its traceback follows (raised on),

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import select
 import signal
 import socket
@@ -1401,6 +1402,53 @@ async def test_a_segment_that_refuses_a_record_is_reported_and_resumed(tmp_path:
     assert code in (0, 3), err
     outcomes = check_accounting(svc, second, n)  # each once, none under two keys
     assert set(outcomes.values()) <= {"sent", "unknown"}
+
+
+async def test_outcomes_a_segment_refuses_are_still_reported_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """ENOSPC on a worker's outcome records: --out says what happened; --resume says unknown."""
+    # In the workers only: each one's 10th outcome record (and every later one) is refused.
+    site = worker_site(
+        tmp_path,
+        "import errno, os\n"
+        "from botmsg_async import journal\n"
+        "outcome = journal.FileJournal.outcome\n"
+        "calls = [0]\n"
+        "def full(self, *args, **kwargs):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] >= 10:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)\n"
+        "    outcome(self, *args, **kwargs)\n"
+        "journal.FileJournal.outcome = full\n",
+    )
+    n = 200
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "4", "--journal", str(journal),
+            "--out", str(first), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+        assert code == 1, err  # every send it made is known: none unknown this run
+        assert "Traceback" not in err
+        assert err.count("could not write its journal segment") == 2, err
+        assert "a --resume will report them unknown" in err
+        done = read_jsonl(first)
+        # What the service received, --out says, each with its real outcome.
+        assert {line["outcome"] for line in done} == {"sent"}
+        assert {line["user_uuid"] for line in done} == set(svc.keys)
+        lacking = sum(int(m) for m in re.findall(r"lacks the outcome of (\d+) item", err))
+        assert lacking >= 2
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+            "--out", str(second),
+        )  # fmt: skip
+    assert code == 3, err  # those whose outcome the journal lacks stay unknown, never resent
+    outcomes = check_accounting(svc, second, n)
+    assert Counter(outcomes.values())["unknown"] == lacking
 
 
 async def test_items_a_stop_leaves_unattempted_are_not_started_everywhere(tmp_path: Path) -> None:
