@@ -624,6 +624,8 @@ class _Worker:
         #: Outcomes reported to the parent that its segment refused (a full disk): a
         #: --resume reports those items unknown (a start record, no outcome).
         self.unjournaled = 0
+        #: A start record its segment refused: it stopped; ``run`` raises it after the drain.
+        self.refused: OSError | None = None
         self.flush_scheduled = False
         self.stream: BatchStream | None = None
         self.reported_stop = False
@@ -873,6 +875,7 @@ class _Worker:
                         # The results go to the parent from _on_result: no queue, no
                         # consumer task (a task switch per item), no report kept.
                         await drain(stream, self._on_result)
+                    self._raise_refused()
                 except OSError as exc:
                     # Its segment refused a record (a full disk; the error names it): the
                     # batch started nothing new. An item whose start was refused was not
@@ -910,6 +913,11 @@ class _Worker:
             self._flush()
             left = [*self.buffer, *self.unstarted, *(m.wire for m in self.pending.values())]
             self._send(("done", retries, left, self.problem))
+
+    def _raise_refused(self) -> None:
+        """Raise the start record's refusal that stopped it, if any: ``run`` reports it."""
+        if self.refused is not None:
+            raise self.refused
 
     def _close_segment(self) -> None:
         """Close (fsync) its journal segment, if it has one; a failure goes in the report."""
@@ -989,15 +997,24 @@ class _WorkerSender:
                 await self._admit(department_uuid)
             if worker.stopping:
                 raise _JobStoppingError("not attempted: the job is stopping")
-            if worker.journal is not None:
-                worker.journal.start(meta.index, meta.key)
-            else:
-                assert worker.started is not None
-                worker.started[meta.index] = 1
-            meta.started = True
-            if worker.sync is not None and worker.config.durable:
-                worker.sync.written += 1
-                await worker.sync.wait(worker.sync.written)
+            try:
+                if worker.journal is not None:
+                    worker.journal.start(meta.index, meta.key)
+                else:
+                    assert worker.started is not None
+                    worker.started[meta.index] = 1
+                meta.started = True
+                if worker.sync is not None and worker.config.durable:
+                    worker.sync.written += 1
+                    await worker.sync.wait(worker.sync.written)
+            except OSError as exc:
+                # Its segment refused the record (a full disk): this item is not sent,
+                # and the worker stops as after a callback's error: nothing new starts,
+                # the sends in flight finish (raised here, the error would cancel them
+                # into "unknown"); ``run`` reports it.
+                worker.refused = worker.refused or exc
+                worker.stop()
+                raise _JobStoppingError("not attempted: its journal segment refused it") from None
         else:
             # A resend after a 429 (which proved the message was not processed).
             if worker.stopping:

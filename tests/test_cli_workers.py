@@ -1404,6 +1404,78 @@ async def test_a_segment_that_refuses_a_record_is_reported_and_resumed(tmp_path:
     assert set(outcomes.values()) <= {"sent", "unknown"}
 
 
+async def test_a_refused_start_record_lets_the_sends_in_flight_finish(tmp_path: Path) -> None:
+    """ENOSPC on a start record: the sends in flight finish (sent), not cancelled (unknown)."""
+    # Each worker's 2nd start record is refused while its 1st item's send is held by the
+    # service; the refusal says so through a FIFO, then the sends are let through.
+    fifo = tmp_path / "refused"
+    os.mkfifo(fifo)
+    site = worker_site(
+        tmp_path,
+        "import errno, os\n"
+        "from botmsg_async import journal\n"
+        "start = journal.FileJournal.start\n"
+        "calls = [0]\n"
+        "def full(self, index, key):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] >= 2:\n"
+        f"        fd = os.open({str(fifo)!r}, os.O_WRONLY | os.O_NONBLOCK)\n"
+        "        os.write(fd, b'x')\n"
+        "        os.close(fd)\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)\n"
+        "    start(self, index, key)\n"
+        "journal.FileJournal.start = full\n",
+    )
+    n = 20
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    signals: list[bytes] = []
+    both = asyncio.Event()
+
+    def on_signal() -> None:
+        with contextlib.suppress(BlockingIOError):
+            signals.append(os.read(reader, 16))
+        if len(b"".join(signals)) >= 2:
+            both.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(reader, on_signal)
+    try:
+        async with service() as (svc, base_url):
+            # Each worker sends one item (its 2nd start is refused): both are held.
+            releases = [stall_next(svc, 200)[1] for _ in range(2)]
+            process = await start(
+                base_url, str(source), "--workers", "2", "-c", "2", "--journal", str(journal),
+                "--out", str(first), site=site,
+            )  # fmt: skip
+            await asyncio.wait_for(both.wait(), TIMEOUT)
+            for release in releases:
+                release.set()
+            code, err = await finish(process)
+            assert code == 1, err  # nothing in doubt: the sends in flight finished
+            assert "Traceback" not in err
+            assert err.count("could not write its journal segment") == 2, err
+            held = read_jsonl(first)
+            assert [line["outcome"] for line in held] == ["sent", "sent"]
+            code, err = await botmsg(
+                base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
+                "--out", str(second),
+            )  # fmt: skip
+    finally:
+        loop.remove_reader(reader)
+        os.close(reader)
+    assert code == 0, err
+    done = read_jsonl(second)
+    assert sorted(line["index"] for line in done) == list(range(n))
+    assert {line["outcome"] for line in done} == {"sent"}
+    # The held sends were answered by the stall (not recorded): the resume sent the
+    # others, each once, and not those two again.
+    assert set(svc.keys) == {f"user-{i}" for i in range(n)} - {line["user_uuid"] for line in held}
+    assert all(len(keys) == 1 for keys in svc.keys.values())
+
+
 async def test_outcomes_a_segment_refuses_are_still_reported_as_they_were(
     tmp_path: Path,
 ) -> None:
