@@ -281,12 +281,14 @@ def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) ->
     try:
         url = URL(base_url) if isinstance(base_url, str) else base_url
         has_credentials = url.user is not None or url.password is not None
-        scheme, host, _ = url.scheme, url.host, url.port
+        scheme, _, _ = url.scheme, url.host, url.port
         has_extra = bool(url.query_string or url.fragment)
         trimmed = url.with_path(url.path.rstrip("/"))
-        # Rebuilt, a URL can fail where the original did not ("http://[:0:0]"
-        # loses its brackets): read the one that will be used, too.
-        shown, _, _, _ = str(url), str(trimmed), trimmed.host, trimmed.port
+        # Rebuilt, a URL can fail or lose its host where the original did not
+        # ("http://[:0:0]" and "http://[:]" lose their brackets): the one that will
+        # be used is read, and must read back as the same host from its own text.
+        shown, host, _ = str(url), trimmed.host, trimmed.port
+        written = URL(str(trimmed)).host if host else None
     except Exception as exc:
         # Whatever yarl raises on text it cannot parse (ValueError, UnicodeError
         # from IDNA, even IndexError for "0://[]@") means the same: no usable URL.
@@ -303,7 +305,14 @@ def check_base_url(base_url: str | URL, *, allow_insecure_http: bool = False) ->
         raise InvalidRequestError(
             "base_url", "<redacted>", "must not carry credentials; pass username and password"
         )
-    if scheme not in ("http", "https") or not host:
+    if (
+        scheme not in ("http", "https")
+        or not host
+        or written != host
+        # No host name has blanks or control characters (yarl lets "http:// :" by).
+        or not host.isprintable()
+        or any(c.isspace() for c in host)
+    ):
         raise InvalidRequestError(
             "base_url", shown, "must be an absolute http:// or https:// URL with a host"
         )
@@ -361,7 +370,13 @@ def check_proxy(proxy: str | URL) -> tuple[URL, str | None, str | None]:
         ) from None
     if user is not None or password is not None:
         shown = shown.replace("://", "://<redacted>@", 1)
-    if scheme not in ("http", "https") or not host:
+    if (
+        scheme not in ("http", "https")
+        or not host
+        # No host name has blanks or control characters (yarl lets "http:// :" by).
+        or not host.isprintable()
+        or any(c.isspace() for c in host)
+    ):
         raise InvalidRequestError(
             "proxy", shown, "must be an absolute http:// or https:// URL with a host"
         )

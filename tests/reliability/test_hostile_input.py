@@ -182,6 +182,10 @@ any_text = st.text(st.characters(exclude_categories=()))  # lone surrogates incl
 @example("https://[zz]")
 @example("http://[:0:0]")
 @example("0://[]@")
+@example("http://[:]")
+@example("http:// :")
+@example("http://\x1c/")
+@example("https://\u3000")
 def test_check_base_url_is_total(text: str) -> None:
     """Any text is a usable URL or InvalidRequestError('base_url'), never yarl's ValueError."""
     try:
@@ -196,6 +200,9 @@ def test_check_base_url_is_total(text: str) -> None:
     assert isinstance(url, URL)
     assert url.scheme in ("http", "https")
     assert url.host
+    assert url.host.isprintable()
+    assert not any(c.isspace() for c in url.host)
+    assert URL(str(url)).host == url.host  # the URL as the client will write it
     str(url.with_path(url.raw_path + "/communications", encoded=True))  # what send() builds
     BotMessageClient(text, USERNAME, PASSWORD, allow_insecure_http=True)
 
