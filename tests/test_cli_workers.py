@@ -184,6 +184,16 @@ async def botmsg(base_url: str, *args: str) -> tuple[int, str]:
     return await finish(await start(base_url, *args))
 
 
+async def resume(
+    base_url: str, source: Path, journal: Path, out: Path, *extra: str, workers: int = 2
+) -> tuple[int, str]:
+    """``botmsg send-many SOURCE --workers N --journal JOURNAL --resume EXTRA --out OUT``."""
+    return await botmsg(
+        base_url, str(source), "--workers", str(workers), "--journal", str(journal),
+        "--resume", *extra, "--out", str(out),
+    )  # fmt: skip
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (Linux /proc)."""
     found = []
@@ -490,10 +500,7 @@ async def test_parent_killed_then_resumed(tmp_path: Path, share: float) -> None:
         process.kill()
         await process.wait()
         assert await gone(pids), "a worker outlived its parent"
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "3", "--journal", str(journal), "--resume",
-            "--out", str(out),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, out, workers=3)
     assert code in (0, 3), err
     outcomes = check_accounting(svc, out, n)
     assert (code == 3) == ("unknown" in outcomes.values())
@@ -532,10 +539,7 @@ async def test_worker_killed_then_resumed(
         first_outcomes = check_accounting(svc, first, n)
         assert set(first_outcomes.values()) <= {"sent", "unknown"}
         assert (code == 3) == ("unknown" in first_outcomes.values())
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "1", "--journal", str(journal), "--resume",
-            "--out", str(out),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, out, workers=1)
     assert code in (0, 3), err
     outcomes = check_accounting(svc, out, n)
     assert outcomes == first_outcomes  # nothing in doubt is resent; nothing else was left
@@ -583,10 +587,7 @@ async def test_resume_with_other_workers_and_resend_unknown(tmp_path: Path) -> N
         code, err = await finish(process)
         hold.set()
         assert code == 3, err
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "3", "--journal", str(journal), "--resume",
-            "--resend-unknown", "--out", str(out),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, out, "--resend-unknown", workers=3)
     assert code == 0, err
     outcomes = check_accounting(svc, out, n)
     assert set(outcomes.values()) == {"sent"}
@@ -612,10 +613,7 @@ async def test_sigterm_drains_and_leaves_no_process(tmp_path: Path) -> None:
         assert await gone(pids, within=5)
         lines = read_jsonl(tmp_path / "first.jsonl")
         assert len({line["index"] for line in lines}) == len(lines) < n
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(out),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, out)
     assert code == 0, err
     outcomes = check_accounting(svc, out, n)
     assert set(outcomes.values()) == {"sent"}
@@ -1059,10 +1057,7 @@ async def test_a_stop_ends_the_wait_for_a_429_pause(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         code, err = await asyncio.wait_for(finish(process), 20)  # well before the pause ends
         assert code == 130, err
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(out),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, out)
     assert code == 0, err
     assert set(check_accounting(svc, out, n).values()) == {"sent"}
 
@@ -1159,10 +1154,7 @@ async def test_a_worker_that_fails_mid_run_is_listed_as_a_death(tmp_path: Path) 
         assert "after its final report" not in err  # not an end that "affected no outcome"
         # --out has what became known; the items no worker was left to start, --resume sends.
         assert len(read_jsonl(first)) < n
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(second),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, second)
     assert code == 3, err  # the unknown ones stay unknown: never resent
     outcomes = check_accounting(svc, second, n)
     assert set(outcomes.values()) == {"sent", "unknown"}
@@ -1205,10 +1197,7 @@ async def test_workers_record_options_and_use_row_keys(tmp_path: Path) -> None:
         )  # fmt: skip
         assert code == 0, err
         # The resume is given no --text: it takes the journal's (a different one is refused).
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(out),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, out)
         assert code == 0, err
         code, err = await botmsg(
             base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
@@ -1395,10 +1384,7 @@ async def test_a_segment_that_refuses_a_record_is_reported_and_resumed(tmp_path:
             assert line["outcome"] in ("sent", "unknown"), line
             if line["outcome"] == "sent":
                 assert svc.keys.get(line["user_uuid"]), line
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(second),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, second)
     assert code in (0, 3), err
     outcomes = check_accounting(svc, second, n)  # each once, none under two keys
     assert set(outcomes.values()) <= {"sent", "unknown"}
@@ -1459,10 +1445,7 @@ async def test_a_refused_start_record_lets_the_sends_in_flight_finish(tmp_path: 
             assert err.count("could not write its journal segment") == 2, err
             held = read_jsonl(first)
             assert [line["outcome"] for line in held] == ["sent", "sent"]
-            code, err = await botmsg(
-                base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-                "--out", str(second),
-            )  # fmt: skip
+            code, err = await resume(base_url, source, journal, second)
     finally:
         loop.remove_reader(reader)
         os.close(reader)
@@ -1514,10 +1497,7 @@ async def test_outcomes_a_segment_refuses_are_still_reported_as_they_were(
         assert {line["user_uuid"] for line in done} == set(svc.keys)
         lacking = sum(int(m) for m in re.findall(r"lacks the outcome of (\d+) item", err))
         assert lacking >= 2
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(second),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, second)
     assert code == 3, err  # those whose outcome the journal lacks stay unknown, never resent
     outcomes = check_accounting(svc, second, n)
     assert Counter(outcomes.values())["unknown"] == lacking
@@ -1562,10 +1542,7 @@ async def test_items_a_stop_leaves_unattempted_are_not_started_everywhere(tmp_pa
             line["index"] for line in lines
         }
         # --resume sends exactly the rest, each once, under a key never used.
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(second),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, second)
     assert code == 0, err
     assert set(check_accounting(svc, second, n).values()) == {"sent"}
     assert f"{sent} finished in an earlier run (from the journal)" in err
@@ -1630,9 +1607,6 @@ async def test_a_segment_that_cannot_be_begun_is_reported_not_a_traceback(
         assert read_jsonl(first) == []
         assert svc.received == 0
         # A torn header was cut off: --resume reads every segment and sends each item once.
-        code, err = await botmsg(
-            base_url, str(source), "--workers", "2", "--journal", str(journal), "--resume",
-            "--out", str(second),
-        )  # fmt: skip
+        code, err = await resume(base_url, source, journal, second)
     assert code == 0, err
     assert set(check_accounting(svc, second, n).values()) == {"sent"}
