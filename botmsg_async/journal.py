@@ -60,6 +60,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
@@ -810,18 +811,30 @@ class FileJournal:
 
         The thread works on a duplicate descriptor: if the caller is cancelled
         and the journal closed meanwhile, it still syncs (and closes) its own.
+        A cancel that comes before the thread took it closes it here: a duplicate
+        shares the journal's lock, and one left open would hold it.
         """
         if self._fd is None:
             raise JournalError(f"{self.path}: journal already closed")
         fd = os.dup(self._fd)
+        # Whoever takes it closes the duplicate: the thread, or the caller when the
+        # thread never ran it (cancelled while queued, or no thread to run it).
+        owner = threading.Lock()
 
         def fsync_and_close() -> None:
+            if not owner.acquire(blocking=False):
+                return
             try:
                 _fsync(fd, self.path)
             finally:
                 os.close(fd)
 
-        await asyncio.to_thread(fsync_and_close)
+        try:
+            await asyncio.to_thread(fsync_and_close)
+        except BaseException:
+            if owner.acquire(blocking=False):
+                os.close(fd)
+            raise
 
     def outcome(
         self,

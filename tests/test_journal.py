@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import json
 import os
 import pickle
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -519,3 +521,33 @@ def test_a_failed_fsync_names_the_journal_file(
     assert caught.value.errno == errno.EIO
     assert caught.value.filename == str(path)
     assert str(path) in str(caught.value)
+
+
+def test_a_sync_cancelled_before_its_thread_ran_leaves_no_descriptor_holding_the_lock(
+    tmp_path: Path,
+) -> None:
+    """A cancelled sync() closes its duplicate descriptor: the journal's lock is free."""
+    path = tmp_path / "journal"
+    writer = journal.FileJournal(str(path))
+    busy = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        # One thread, kept busy: the sync's function is queued, not yet running.
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        loop.set_default_executor(executor)
+        blocker = loop.run_in_executor(None, busy.wait)
+        task = asyncio.create_task(writer.sync())
+        await asyncio.sleep(0)  # the sync is now queued behind the blocker
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        busy.set()
+        await blocker
+
+    asyncio.run(main())
+    writer.close()
+    # No duplicate of the journal's descriptor outlives it (flock locks the open file,
+    # which every duplicate shares): a new writer gets the lock.
+    again = journal.FileJournal(str(path))
+    again.close()
