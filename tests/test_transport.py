@@ -399,7 +399,7 @@ async def test_a_header_value_that_cannot_be_sent_is_refused_up_front(
         ("user_agent", {"user_agent": value}),
     ):
         with pytest.raises(InvalidRequestError) as info:
-            BotMessageClient(server.base_url, USERNAME, PASSWORD, **options)  # type: ignore[arg-type]
+            BotMessageClient(server.base_url, USERNAME, PASSWORD, **options)
         assert info.value.field == field
     async with BotMessageClient(server.base_url, USERNAME, PASSWORD) as client:
         with pytest.raises(InvalidRequestError) as info:
