@@ -397,8 +397,9 @@ def check_headers(field: str, headers: object, protected: Collection[str]) -> di
     """Return extra request headers as a plain dict, or raise ``InvalidRequestError``.
 
     Names must be RFC 9110 tokens and values ``str`` with no control character but
-    tab (no header injection) and no lone surrogate; ``protected`` names (lower-case: the client's own, e.g.
-    ``authorization``) are refused whatever their case. Values are never echoed
+    tab (no header injection) and no lone surrogate; ``protected`` names
+    (lower-case: the client's own, e.g. ``authorization``) are refused whatever
+    their case. Values are never echoed
     (they may be API keys): an error names the header only.
     """
     if not isinstance(headers, Mapping):
