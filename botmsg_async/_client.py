@@ -11,6 +11,7 @@ import asyncio
 import copy
 import logging
 import random
+import re
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -54,6 +55,9 @@ from ._validate import (
 from ._version import __version__
 
 __all__ = ["BotMessageClient"]
+
+#: A lone surrogate: a str may hold one, UTF-8 (which credentials are sent in) cannot.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 log = logging.getLogger("botmsg_async")
 
@@ -365,6 +369,15 @@ class BotMessageClient:
             if not isinstance(value, str):
                 raise InvalidRequestError(
                     field, "<redacted>", f"must be a str, not {type(value).__name__}"
+                )
+            if not value.isascii() and _SURROGATE.search(value) is not None:
+                # Sent as UTF-8, which a lone surrogate is not (os.environ holds one for
+                # each byte of a variable that is not UTF-8): said here, for this field.
+                raise InvalidRequestError(
+                    field,
+                    "<redacted>",
+                    "is not text UTF-8 can carry (a lone surrogate; was it read as "
+                    "bytes in another encoding?)",
                 )
         try:
             authorization = aiohttp.encode_basic_auth(username, password)

@@ -9,6 +9,7 @@ names, and every aiohttp exception into a ``BotMessageError``.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import email.utils
 import functools
 import math
@@ -615,7 +616,15 @@ async def read_answer(
                 elapsed=elapsed,
             )
         try:
-            result = _wire.decode_response(body, status, elapsed, headers)
+            try:
+                result = _wire.decode_response(body, status, elapsed, headers)
+            except _wire.WireFormatError:
+                # Only a body that failed pays for this: JSON is UTF-8, but a server
+                # may write its answer in the charset its Content-Type names.
+                recoded = _in_utf8(body, response)
+                if recoded is None:
+                    raise
+                result = _wire.decode_response(recoded, status, elapsed, headers)
         except _wire.WireFormatError as exc:
             raise InvalidResponseError(
                 f"HTTP {status} but the body is not the documented JSON "
@@ -704,6 +713,20 @@ async def read_answer(
         headers=headers,
         elapsed=elapsed,
     )
+
+
+def _in_utf8(body: bytes, response: aiohttp.ClientResponse) -> bytes | None:
+    """``body`` as UTF-8, from the charset its Content-Type names if that is another one.
+
+    None when no other charset is named, or it is unknown, or the body is not in it.
+    """
+    try:
+        charset = response.charset
+        if not charset or codecs.lookup(charset).name == "utf-8":
+            return None
+        return body.decode(charset).encode()
+    except (LookupError, ValueError):  # an unknown charset; UnicodeError is a ValueError
+        return None
 
 
 def parse_retry_after(

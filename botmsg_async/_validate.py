@@ -387,14 +387,19 @@ def check_proxy(proxy: str | URL) -> tuple[URL, str | None, str | None]:
 
 #: A header name: an RFC 9110 token.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: What no header value may hold: a control character but tab (CR and LF would inject
+#: headers; aiohttp refuses every one of them with a bare ValueError as it writes the
+#: request), or a lone surrogate (not text: aiohttp would drop it or fail to encode it).
+_UNSENDABLE_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 def check_headers(field: str, headers: object, protected: Collection[str]) -> dict[str, str]:
     """Return extra request headers as a plain dict, or raise ``InvalidRequestError``.
 
-    Names must be RFC 9110 tokens and values ``str`` with no CR, LF or NUL (no
-    header injection); ``protected`` names (lower-case: the client's own, e.g.
-    ``authorization``) are refused whatever their case. Values are never echoed
+    Names must be RFC 9110 tokens and values ``str`` with no control character but
+    tab (no header injection) and no lone surrogate; ``protected`` names
+    (lower-case: the client's own, e.g. ``authorization``) are refused whatever
+    their case. Values are never echoed
     (they may be API keys): an error names the header only.
     """
     if not isinstance(headers, Mapping):
@@ -417,9 +422,12 @@ def check_headers(field: str, headers: object, protected: Collection[str]) -> di
         if lower in seen:
             raise InvalidRequestError(field, name, "is given twice (header names ignore case)")
         seen.add(lower)
-        if not isinstance(value, str) or any(ch in value for ch in "\r\n\0"):
+        if not isinstance(value, str) or _UNSENDABLE_VALUE.search(value) is not None:
             raise InvalidRequestError(
-                field, name, "must have a str value without CR, LF or NUL (value not shown)"
+                field,
+                name,
+                "must have a str value without control characters (tab aside) or lone "
+                "surrogates (value not shown)",
             )
         checked[name] = value
     return checked

@@ -5,7 +5,9 @@ into ``messageAttributes`` / ``messageSendingAttributes``, the fixed ``protocol`
 and attachment count, and leaving out optional fields that are ``None``.
 Responses are read leniently where the contract allows (unknown fields are
 ignored, missing optional ones default, ``null`` lists are empty) and strictly
-where it matters (``status`` must be SUCCESS or FAILURE; strings must be strings).
+where it matters (``status`` must be SUCCESS or FAILURE; strings must be strings),
+but for a FAILURE: its status alone proves the refusal, so its other fields are
+read as text whatever their types.
 """
 
 from __future__ import annotations
@@ -204,7 +206,12 @@ def _make_converter() -> cattrs.Converter:
                 return ()
             if not isinstance(value, list):
                 raise TypeError(f"expected an array, got {type(value).__name__}")
-            return tuple(conv.structure(v, item_type) for v in value)
+            # An entry that is a bare string is its description (not an empty entry,
+            # as the structure hook would read it: it tests `"errorCode" in "text"`).
+            return tuple(
+                item_type(description=v) if isinstance(v, str) else conv.structure(v, item_type)
+                for v in value
+            )
 
         return hook
 
@@ -449,6 +456,70 @@ def _plain_success(
     return None
 
 
+def _as_text(value: object) -> str | None:
+    """A field of a FAILURE answer as text: a string as it is, null as None, else its JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, RecursionError):  # a number or nesting json will not write back
+        return f"<{type(value).__name__}>"
+
+
+def _entries(value: object, names: tuple[str, ...]) -> list[tuple[str | None, ...]]:
+    """The fields ``names`` of each entry of an ``errors``/``warnings`` value, as text.
+
+    An array's entries, or the value itself as the one entry; an object entry gives
+    its fields, any other the text of it as the description (the second field).
+    """
+    items = value if isinstance(value, list) else [value]
+    entries: list[tuple[str | None, ...]] = []
+    for item in items:
+        if isinstance(item, dict):
+            entries.append(tuple(_as_text(item.get(name)) for name in names))
+        elif item is not None:
+            entries.append((None, _as_text(item), *(None,) * (len(names) - 2)))
+    return entries
+
+
+def _lenient_failure(
+    data: dict[str, Any],
+    http_status: int | None,
+    elapsed: float | None,
+    headers: Mapping[str, str],
+) -> SendResult | None:
+    """A FAILURE answer whose other fields are not the documented types, read leniently.
+
+    ``"status": "FAILURE"`` alone proves the service refused the message: an
+    error code that is a number, an ``errors`` that is an object or holds
+    strings, say what went wrong in a shape the contract does not name, and
+    must not turn a refusal into "unknown". Each such field is kept as text
+    (its JSON), so that ``RetryPolicy`` can still classify the failure (an
+    ``errorCode`` of 1001 matches ``transient_error_codes={"1001"}``). Any other
+    status returns None.
+    """
+    if data.get("status") != "FAILURE":
+        return None
+    return SendResult(
+        Status.FAILURE,
+        request_uuid=_as_text(data.get("requestUuid")),
+        message_uuid=_as_text(data.get("messageUuid")),
+        errors=tuple(
+            ApiError(*fields)
+            for fields in _entries(
+                data.get("errors"), ("errorCode", "errorDescription", "errorUID")
+            )
+        ),
+        warnings=tuple(
+            ApiWarning(*fields)
+            for fields in _entries(data.get("warnings"), ("warningCode", "warningDescription"))
+        ),
+        http_status=http_status,
+        elapsed=elapsed,
+        headers=headers,
+    )
+
+
 def decode_response(
     body: bytes,
     http_status: int | None = None,
@@ -461,6 +532,9 @@ def decode_response(
     exchange the answer came in (a body cannot set them); left out, the result is
     as the body alone says.
 
+    A FAILURE answer is a FAILURE whatever the types of its other fields (see
+    ``_lenient_failure``); any other answer must match the contract.
+
     Raises:
         WireFormatError: the body is not the documented JSON object.
     """
@@ -472,6 +546,9 @@ def decode_response(
     try:
         result: SendResult = _structure_result(data, SendResult)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        failure = _lenient_failure(data, http_status, elapsed, headers)
+        if failure is not None:
+            return failure
         raise WireFormatError(_problems(exc, SendResult)) from exc
     if http_status is None and elapsed is None and headers is NO_HEADERS:
         return result

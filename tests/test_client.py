@@ -27,6 +27,7 @@ from botmsg_async import (
     RateLimitedError,
     ResponseLostError,
     RetryPolicy,
+    SendFailedError,
     TextMessage,
     TransportError,
 )
@@ -567,3 +568,57 @@ async def test_a_timeout_that_bounds_nothing_still_ends_at_the_deadline(
         async with asyncio.timeout(15):
             with pytest.raises(ResponseLostError):
                 await client.send(DEPT, USER, "hi")
+
+
+async def test_a_failure_with_numeric_error_codes_is_a_refusal_not_unknown(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A 200 FAILURE whose errorCode is a number is SendFailedError (certainly not
+    delivered), not an unknown delivery; its code, as text, is what the policy matches:
+    a transient one is retried under the same key."""
+    failure = {"status": "FAILURE", "errors": [{"errorCode": 1001, "errorDescription": "x"}]}
+    server.script = [answer(200, failure), answer(200, failure)]
+    async with make_client(server.base_url) as client:
+        with pytest.raises(SendFailedError) as info:
+            await client.send(DEPT, USER, "hi")
+        assert not isinstance(info.value, DeliveryUnknownError)
+        assert info.value.result.errors[0].code == "1001"
+        assert not info.value.transient
+        retried = RetryPolicy(max_attempts=2, transient_error_codes={"1001"})
+        result = await client.send(DEPT, USER, "hi", retry=retried)
+    assert result.attempts == 2
+    keys = [headers["Idempotency-Key"] for _, headers, _ in server.seen[1:]]
+    assert len(keys) == 2
+    assert keys[0] == keys[1]
+
+
+_FAILURE_CAFE = '{"status":"FAILURE","errors":[{"errorCode":"E","errorDescription":"café"}]}'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encoding", "read"),
+    [
+        ("application/json; charset=iso-8859-1", "latin-1", True),
+        ("application/json; charset=windows-1252", "cp1252", True),
+        ("application/json; charset=UTF-16", "utf-16", True),
+        ("application/json; charset=utf-8", "utf-8", True),
+        # No charset named, or one Python does not know: JSON's UTF-8 alone.
+        ("application/json", "latin-1", False),
+        ("application/json; charset=x-unknown", "latin-1", False),
+    ],
+)
+async def test_an_answer_in_the_charset_its_content_type_names_is_read(
+    server: ScriptedServer, make_client: MakeClient, content_type: str, encoding: str, read: bool
+) -> None:
+    """A FAILURE written in the charset its Content-Type names is a refusal (its text
+    intact), not an unreadable answer of unknown delivery."""
+    body = _FAILURE_CAFE.encode(encoding)
+    server.script = [answer(200, body, headers={"Content-Type": content_type})]
+    async with make_client(server.base_url, retry=RetryPolicy.none()) as client:
+        with pytest.raises(BotMessageError) as info:
+            await client.send(DEPT, USER, "hi")
+    if read:
+        assert isinstance(info.value, SendFailedError)
+        assert info.value.result.errors[0].description == "café"
+    else:
+        assert isinstance(info.value, InvalidResponseError)

@@ -442,6 +442,32 @@ def test_a_user_agent_that_cannot_be_a_header_value_is_refused_up_front(user_age
     assert info.value.field == "user_agent"
 
 
+@pytest.mark.parametrize(
+    ("field", "username", "password"),
+    [
+        ("username", "bot:1", "pw"),
+        # A lone surrogate: what os.environ makes of bytes that are not UTF-8.
+        ("username", "b\udcffot", "pw"),
+        ("password", "bot", "p\udcffw"),
+        ("password", "bot", "\ud800"),
+    ],
+)
+def test_credentials_that_cannot_be_sent_name_their_own_field(
+    field: str, username: str, password: str
+) -> None:
+    """A user name with ':' or either credential with a lone surrogate (not UTF-8): the
+    error names that field and says why, and echoes neither."""
+    with pytest.raises(InvalidRequestError) as info:
+        BotMessageClient("https://api.example.com", username, password)
+    assert info.value.field == field
+    if ":" not in username:
+        assert "':'" not in str(info.value)
+        assert "UTF-8" in str(info.value)
+    for secret in (username, password):
+        assert secret not in str(info.value)
+        assert secret not in repr(info.value.args)
+
+
 _BAD_POLICIES = [
     RetryPolicy(idempotency_header="Idem\r\nX-Evil: 1"),
     RetryPolicy(idempotency_header="Idem key"),

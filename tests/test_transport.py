@@ -380,6 +380,47 @@ def test_bad_default_headers_are_refused_before_io(headers: object) -> None:
         )
 
 
+#: Every character aiohttp refuses in a header value (a control character but tab: it
+#: raises a bare ValueError as it writes the request), and lone surrogates (its C writer
+#: drops them silently, its Python writer cannot encode them).
+_UNSENDABLE = [chr(c) for c in (*range(0x09), *range(0x0A, 0x20), 0x7F)] + ["\ud800", "\udcff"]
+
+
+@pytest.mark.parametrize("char", _UNSENDABLE, ids=ascii)
+async def test_a_header_value_that_cannot_be_sent_is_refused_up_front(
+    server: ScriptedServer, char: str
+) -> None:
+    """default_headers, user_agent and with_options(headers=) holding a character no header
+    value can carry: InvalidRequestError naming the field, before any I/O, never a bare
+    ValueError out of send()."""
+    value = f"a{char}b"
+    for field, options in (
+        ("default_headers", {"default_headers": {"X-Api-Key": value}}),
+        ("user_agent", {"user_agent": value}),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            BotMessageClient(server.base_url, USERNAME, PASSWORD, **options)
+        assert info.value.field == field
+    async with BotMessageClient(server.base_url, USERNAME, PASSWORD) as client:
+        with pytest.raises(InvalidRequestError) as info:
+            client.with_options(headers={"X-Api-Key": value})
+        assert info.value.field == "headers"
+    assert server.seen == []
+
+
+async def test_header_values_with_tab_and_non_ascii_text_arrive_intact(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A tab and non-ASCII text are header text aiohttp sends: accepted, and sent as given."""
+    async with make_client(
+        server.base_url, default_headers={"X-Tenant": "a\tb", "X-Name": "Jos\u00e9 \u4e2d"}
+    ) as client:
+        await client.send(DEPT, USER, "hi")
+    _, headers, _ = server.seen[0]
+    assert headers["X-Tenant"] == "a\tb"
+    assert headers["X-Name"] == "Jos\u00e9 \u4e2d"
+
+
 def test_user_agent_given_twice_is_refused() -> None:
     """user_agent= and a User-Agent default header together are ambiguous: refused."""
     with pytest.raises(InvalidRequestError, match="user_agent"):

@@ -46,10 +46,46 @@ def test_decode_response_reads_errors() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "errors"),
+    [
+        ('"errors":[{"errorCode":1001,"errorDescription":"busy"}]', [("1001", "busy", None)]),
+        (
+            '"errors":[{"errorCode":"E","errorUID":7,"errorDescription":{"x":[1]}}]',
+            [("E", '{"x":[1]}', "7")],
+        ),
+        ('"errors":{"errorCode":"E","errorDescription":"d"}', [("E", "d", None)]),
+        (
+            '"errors":"service temporarily unavailable"',
+            [(None, "service temporarily unavailable", None)],
+        ),
+        (
+            '"errors":["service temporarily unavailable"]',
+            [(None, "service temporarily unavailable", None)],
+        ),
+        (
+            '"errors":[null,3,true,[1]]',
+            [(None, "3", None), (None, "true", None), (None, "[1]", None)],
+        ),
+        ('"errors":5', [(None, "5", None)]),
+        ('"errors":[{"errorCode":"E"}],"requestUuid":12', [("E", None, None)]),
+        ('"errors":[],"warnings":[{"warningCode":2}]', []),
+    ],
+)
+def test_a_failure_is_a_failure_whatever_shape_its_errors_take(
+    fields: str, errors: list[tuple[str | None, ...]]
+) -> None:
+    """ "status": "FAILURE" proves a refusal: errors of other types than the contract's
+    are read as text, never turned into a WireFormatError (an unknown delivery)."""
+    result = decode_response(f'{{"status":"FAILURE",{fields}}}'.encode())
+    assert result.status is Status.FAILURE
+    assert [(e.code, e.description, e.uid) for e in result.errors] == errors
+
+
 def test_problems_name_wire_fields() -> None:
     """Problems point at the wire's camelCase names, nested ones included."""
     with pytest.raises(WireFormatError) as info:
-        decode_response(b'{"status":"FAILURE","requestUuid":1,"errors":[{"errorUID":2}]}')
+        decode_response(b'{"status":"SUCCESS","requestUuid":1,"errors":[{"errorUID":2}]}')
     assert set(info.value.problems) == {
         "invalid value for type, expected str | None @ $.requestUuid",
         "invalid value for type, expected str | None @ $.errors.errorUID",

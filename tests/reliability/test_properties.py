@@ -23,6 +23,7 @@ from botmsg_async import (
     RetryPolicy,
     SendFailedError,
     SendResult,
+    Status,
     TextMessage,
     _wire,
 )
@@ -209,3 +210,41 @@ def test_a_key_twice_with_the_same_value_reads_as_once(
     plain, doubled = bodies
     with patch.object(_wire, "_loads", loads):
         assert _outcome(doubled) == _outcome(plain)
+
+
+#: JSON both decoders read: finite floats, integers within 64 bits (orjson's range).
+_readable_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional=dict.fromkeys(
+            ("requestUuid", "messageUuid", "errors", "warnings", "x"), _readable_values
+        ),
+    ),
+    st.sampled_from(_loaders()),
+)
+def test_a_failure_answer_is_always_a_failure(
+    value: dict[str, Any], loads: Callable[[bytes | str], Any]
+) -> None:
+    """Any JSON object whose status is FAILURE decodes to a FAILURE result, whatever its
+    other fields hold (the status proves the refusal), with either decoder."""
+    value = value | {"status": "FAILURE"}
+    with patch.object(_wire, "_loads", loads):
+        result = decode_response(json.dumps(value).encode())
+    assert result.status is Status.FAILURE
+    texts = [(e.code, e.description, e.uid) for e in result.errors]
+    texts += [(w.code, w.description, None) for w in result.warnings]
+    assert all(text is None or isinstance(text, str) for entry in texts for text in entry)
