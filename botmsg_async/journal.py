@@ -485,7 +485,8 @@ def _window_of(record: dict[str, Any], path: str, lineno: int) -> int:
 def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items: int) -> int:
     """Check the first record; return its window (``DEFAULT_WINDOW`` if it has none)."""
     version = record.get("botmsg_journal")
-    if isinstance(version, bool) or version not in _READ_VERSIONS:
+    # type() first: a list or an object here is unhashable, and `in` a set would raise.
+    if type(version) is not int or version not in _READ_VERSIONS:
         versions = " or ".join(map(str, sorted(_READ_VERSIONS)))
         raise JournalError(f"{path}:1: not a botmsg journal (version {versions})")
     if record.get("input") != fingerprint or record.get("items") != items:

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -123,6 +124,55 @@ def test_reading_any_journal_gives_a_state_or_a_journal_error(
             list(journal.finished_records(path, state))
         except journal.JournalError:
             pass
+
+
+_HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "botmsg_journal": st.sampled_from([1, 2]) | _ANY_JSON,
+        "input": st.just("fp") | _ANY_JSON,
+        "items": st.just(5) | _ANY_JSON,
+        "window": st.integers(-1, 5) | _ANY_JSON,
+        "options": _ANY_JSON,
+    },
+)
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_HEADERS, st.lists(_RECORDS, max_size=4))
+def test_reading_a_journal_with_any_first_record_gives_a_state_or_a_journal_error(
+    header: dict[str, Any], records: list[dict[str, Any]]
+) -> None:
+    """Whatever JSON the first record's fields hold (a list for a version...): JournalError."""
+    lines = [json.dumps(header).encode() + b"\n"]
+    lines += [json.dumps(record).encode() + b"\n" for record in records]
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "journal")
+        with open(path, "wb") as f:
+            f.write(b"".join(lines))
+        try:
+            journal.read_options(path)
+            state = journal.load(path, fingerprint="fp", items=5)
+            list(journal.finished_records(path, state))
+        except journal.JournalError:
+            pass
+
+
+@pytest.mark.parametrize("version", ["[1]", "{}", '"1"', "true"])
+async def test_a_journal_whose_version_is_not_a_number_is_refused_without_a_traceback(
+    server: FakeBotMessageServer, tmp_path: Path, version: str
+) -> None:
+    """A first record whose version is a list or an object: exit 2, "not a botmsg journal"."""
+    source = write_csv(tmp_path / "in.csv", rows(2))
+    journal_path = tmp_path / "journal"
+    journal_path.write_text(f'{{"botmsg_journal": {version}, "input": "x", "items": 2}}\n')
+    run = await botmsg(
+        "send-many", str(source), "--journal", str(journal_path), "--resume", server=server
+    )
+    assert run.rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "not a botmsg journal" in run.stderr
+    assert server.messages == []
 
 
 # -- a torn journal and --skip-invalid -------------------------------------------------------
