@@ -80,9 +80,12 @@ def text_problem(name: str, value: str) -> str | None:
     argument) has no UTF-8 form; a text over ``MAX_TEXT_BYTES`` is over the limit.
     """
     if match := _SURROGATE.search(value):
+        code = ord(match.group())
+        # U+DC80..U+DCFF: what an undecodable byte of a file or an argument decodes to.
+        byte = f" (a byte 0x{code - 0xDC00:02X} that is not UTF-8)" if code >= 0xDC80 else ""
         return (
-            f"{name} holds a lone surrogate (U+{ord(match.group()):04X} at character "
-            f"{match.start()}): not valid Unicode text"
+            f"{name} holds a lone surrogate (U+{code:04X} at character "
+            f"{match.start()}){byte}: not valid Unicode text"
         )
     # Four bytes of UTF-8 at most per character: most texts need no encoding to know.
     if name == "text" and len(value) * 4 > MAX_TEXT_BYTES:
@@ -251,16 +254,18 @@ class Source:
 
 
 def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str]:
-    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes."""
+    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes.
+
+    A byte that is not UTF-8 becomes a lone surrogate (``surrogateescape``), which
+    the field holding it refuses (``text_problem``): that row alone is invalid,
+    named by its line and field, as any other bad value is.
+    """
     for lineno, raw in enumerate(f, 1):
         if digest is not None:
             digest.update(raw)
         if lineno == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"line {lineno}: not UTF-8 text") from None
+        yield raw.decode("utf-8", "surrogateescape")
 
 
 #: The fields of the usual row: two ids and a text, nothing else.
@@ -397,6 +402,9 @@ def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterat
             header = next(reader, None)
         if header is None:
             raise UsageError("the input is empty: a CSV needs a header line")
+        if any(_SURROGATE.search(h) for h in header):
+            # Not one bad row: no row can be read (a UTF-16 file, a legacy code page).
+            raise UsageError(f"line {reader.line_num}: the header is not UTF-8 text")
         names = [h.strip() for h in header]
         unknown = [n for n in names if n not in FIELDS and n not in defaults.ignore_columns]
         if unknown:
@@ -483,7 +491,9 @@ def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iter
         try:
             values = json.loads(text)
         except _NOT_JSON as exc:
-            yield BadRow(index, line, f"not valid JSON: {exc}")
+            # A byte that is not UTF-8 is the likelier cause than the JSON error it leads to.
+            utf8 = "not UTF-8 text" if _SURROGATE.search(text) else None
+            yield BadRow(index, line, utf8 or f"not valid JSON: {exc}")
         else:
             if not isinstance(values, dict):
                 yield BadRow(index, line, f"not a JSON object but {type(values).__name__}")
@@ -585,7 +595,7 @@ def scan_input(source: Source, fmt: str, defaults: RowDefaults) -> Scan:
     """Read the whole input once, checking every row; keep only counts and a few errors.
 
     Raises:
-        UsageError: the input cannot be read as ``fmt`` at all (not UTF-8, a
+        UsageError: the input cannot be read as ``fmt`` at all (a
             broken CSV, a JSON array...); a bad row is only counted and listed.
     """
     found = Scan()
