@@ -128,10 +128,8 @@ def test_consoles_share_no_secrets() -> None:
     assert second.printable("pw hunter2-pw") == "pw hunter2-pw"
 
 
-_STATES = st.sampled_from(
-    [journal.NEW, journal.STARTED, journal.SENT, journal.FAILED, journal.RETRY, journal.UNKNOWN]
-    + [journal.SKIPPED]
-)
+#: Every state an item of a journal can be in, NEW to SKIPPED.
+_STATES = st.integers(journal.NEW, journal.SKIPPED)
 
 
 @settings(deadline=None, max_examples=200)
