@@ -329,13 +329,13 @@ class JournalState:
         resent: Items started again while in doubt, whose last start has no
             outcome yet that settles the doubt.
         valid_bytes: Length of the journal up to its last complete record; a torn
-            tail beyond it is cut off before new records are appended.
+            tail beyond it is overwritten by the next run's first records.
         has_header: Whether the journal has its first record; an empty journal
             (killed before writing it) has nothing to resume.
-        torn: Whether a torn last record was found (and cut off).
+        torn: Whether a torn last record was found (and ignored).
         torn_in_doubt: The items held back because of it (now ``UNKNOWN``, no
             key); the caller records them, since the torn record that revealed
-            the loss is about to be cut off.
+            the loss is about to be overwritten.
     """
 
     def __init__(self, items: int) -> None:
@@ -679,9 +679,9 @@ class FileJournal:
     ) -> JournalState | None:
         """Start this run's part of the journal (see ``JournalStore.begin``).
 
-        With ``resume``, read the journal (``load``) and cut off a torn tail; the
-        items held back because of it (``JournalState.torn_in_doubt``) are
-        recorded as unknown. Locked first, then read: what is read stays true
+        With ``resume``, read the journal (``load``); the items held back
+        because of a torn tail (``JournalState.torn_in_doubt``) are recorded as
+        unknown, over that tail (``resumed``). Locked first, then read: what is read stays true
         while this run goes on. ``never_sent`` is ``load``'s: the items no run
         sends (invalid rows), which a torn tail's window does not count.
 
