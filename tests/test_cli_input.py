@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from botmsg_async import InvalidRequestError, SendRequest, TextMessage, check_request, journal
+from botmsg_async.cli import input as input_module
+from botmsg_async.cli.common import UsageError
 from botmsg_async.cli.console import Console
 from botmsg_async.cli.input import BadRow, Row, RowDefaults, Source, parse, scan_input
 from botmsg_async.cli.results import Results
@@ -164,3 +167,32 @@ def test_the_count_to_send_is_what_the_rows_to_send_yield(
             resend_unknown=resend_unknown,
         )
         assert count_to_send(scan, state, resend_unknown=resend_unknown) == len(list(sent))
+
+
+@pytest.mark.parametrize("ending", [b"\n", b""])
+def test_a_line_over_the_limit_is_a_bad_row_read_in_bounded_pieces(
+    monkeypatch: pytest.MonkeyPatch, ending: bytes
+) -> None:
+    """A JSON line over the limit is a bad row named by its line, never read whole; next rows go."""
+    monkeypatch.setattr(input_module, "_MAX_LINE_BYTES", 100)
+    long = json.dumps(row(text="x" * 1000)).encode()
+    last = json.dumps(row(user_uuid="u-2")).encode()
+    data = json.dumps(row()).encode() + b"\n" + long + b"\n" + last + ending
+
+    class Reader(io.BytesIO):
+        longest = 0
+
+        def readline(self, size: int | None = -1) -> bytes:
+            line = super().readline(size)
+            Reader.longest = max(Reader.longest, len(line))
+            return line
+
+    digest = hashlib.sha256()
+    parsed = list(parse(Reader(data), "jsonl", RowDefaults(), digest))
+    assert [type(p) for p in parsed] == [Row, BadRow, Row]
+    assert parsed[1] == BadRow(1, 2, "over 100 bytes: not read")
+    assert Reader.longest <= 100
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()  # every byte fingerprinted
+    csv_data = b"department_uuid,user_uuid,text\nd,u," + b"x" * 1000 + b"\nd,u,hi\n"
+    with pytest.raises(UsageError, match="line 2: over 100 bytes"):
+        list(parse(Reader(csv_data), "csv", RowDefaults()))

@@ -64,6 +64,10 @@ REQUIRED_FIELDS: Final = ("department_uuid", "user_uuid")
 #: enough above MAX_TEXT_BYTES that a text over the limit is reported as such, with its
 #: line, and the row alone is refused; a cell beyond even this stops the read (memory).
 _CSV_FIELD_LIMIT: Final = 16 * MAX_TEXT_BYTES
+#: Longest line read (bytes): a JSON line over it is an invalid row, a CSV line a broken
+#: input, without it ever being held whole (a file whose lines end in CR alone is one
+#: line). Far above any row that can be sent: a text is 1 MiB of UTF-8 at most.
+_MAX_LINE_BYTES: Final = 4 * _CSV_FIELD_LIMIT
 #: Invalid rows listed one by one on stderr; the rest are only counted.
 MAX_LISTED_ROWS: Final = 50
 
@@ -253,16 +257,28 @@ class Source:
         return "csv"
 
 
-def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str]:
-    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes.
+def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str | None]:
+    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes;
+    None for a line over ``_MAX_LINE_BYTES``.
 
     A byte that is not UTF-8 becomes a lone surrogate (``surrogateescape``), which
     the field holding it refuses (``text_problem``): that row alone is invalid,
     named by its line and field, as any other bad value is.
     """
-    for lineno, raw in enumerate(f, 1):
+    lineno = 0
+    while raw := f.readline(_MAX_LINE_BYTES):
+        lineno += 1
         if digest is not None:
             digest.update(raw)
+        if len(raw) == _MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            # Over the limit: read past the rest of it, a chunk at a time.
+            while rest := f.readline(_MAX_LINE_BYTES):
+                if digest is not None:
+                    digest.update(rest)
+                if rest.endswith(b"\n"):
+                    break
+            yield None
+            continue
         if lineno == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")
         yield raw.decode("utf-8", "surrogateescape")
@@ -390,8 +406,19 @@ def _request_problem(exc: InvalidRequestError, message: TextMessage) -> str:
     return f"{exc.field} {exc.value!r}: {exc.problem}"
 
 
+def _csv_lines(lines: Iterator[str | None]) -> Iterator[str]:
+    """``lines``; one over the limit ends the read, as a cell over the csv module's does."""
+    for lineno, line in enumerate(lines, 1):
+        if line is None:
+            raise UsageError(
+                f"line {lineno}: over {_MAX_LINE_BYTES} bytes; a text may hold at most "
+                f"{MAX_TEXT_BYTES} bytes of UTF-8 (1 MiB)"
+            )
+        yield line
+
+
 def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterator[Row | BadRow]:
-    lines = _text_lines(f, digest)
+    lines = _csv_lines(_text_lines(f, digest))
     # The limit is the csv module's only setting, process-wide: raised, never lowered.
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
@@ -481,6 +508,10 @@ def _repeated_key(text: str, values: dict[str, Any]) -> str | None:
 def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterator[Row | BadRow]:
     index = 0
     for line, text in enumerate(_text_lines(f, digest), 1):
+        if text is None:
+            yield BadRow(index, line, f"over {_MAX_LINE_BYTES} bytes: not read")
+            index += 1
+            continue
         if not text.strip():
             continue
         if index == 0 and text.lstrip().startswith("["):
