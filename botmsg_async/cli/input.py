@@ -265,18 +265,18 @@ def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str | None]:
     the field holding it refuses (``text_problem``): that row alone is invalid,
     named by its line and field, as any other bad value is.
     """
-    lineno = 0
-    while raw := f.readline(_MAX_LINE_BYTES):
-        lineno += 1
+    # A file is read a limited piece at a time; lines handed out by an iterator
+    # (``cli.jobs`` reads a chunk of them) come whole, and are judged the same.
+    readline = getattr(f, "readline", None)
+    pieces = iter(f) if readline is None else iter(lambda: readline(_MAX_LINE_BYTES), b"")
+    for lineno, raw in enumerate(pieces, 1):
         if digest is not None:
             digest.update(raw)
-        if len(raw) == _MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            # Over the limit: read past the rest of it, a chunk at a time.
-            while rest := f.readline(_MAX_LINE_BYTES):
+        if len(raw) >= _MAX_LINE_BYTES and not (len(raw) == _MAX_LINE_BYTES and raw[-1:] == b"\n"):
+            # Over the limit: read past the rest of it, a piece at a time.
+            while not raw.endswith(b"\n") and (raw := next(pieces, b"")):
                 if digest is not None:
-                    digest.update(rest)
-                if rest.endswith(b"\n"):
-                    break
+                    digest.update(raw)
             yield None
             continue
         if lineno == 1:
