@@ -330,13 +330,13 @@ class JournalState:
         resent: Items started again while in doubt, whose last start has no
             outcome yet that settles the doubt.
         valid_bytes: Length of the journal up to its last complete record; a torn
-            tail beyond it is cut off before new records are appended.
+            tail beyond it is overwritten by the next run's first records.
         has_header: Whether the journal has its first record; an empty journal
             (killed before writing it) has nothing to resume.
-        torn: Whether a torn last record was found (and cut off).
+        torn: Whether a torn last record was found (and ignored).
         torn_in_doubt: The items held back because of it (now ``UNKNOWN``, no
             key); the caller records them, since the torn record that revealed
-            the loss is about to be cut off.
+            the loss is about to be overwritten.
     """
 
     def __init__(self, items: int) -> None:
@@ -486,7 +486,8 @@ def _window_of(record: dict[str, Any], path: str, lineno: int) -> int:
 def _check_header(record: dict[str, Any], path: str, *, fingerprint: str, items: int) -> int:
     """Check the first record; return its window (``DEFAULT_WINDOW`` if it has none)."""
     version = record.get("botmsg_journal")
-    if isinstance(version, bool) or version not in _READ_VERSIONS:
+    # type() first: a list or an object here is unhashable, and `in` a set would raise.
+    if type(version) is not int or version not in _READ_VERSIONS:
         versions = " or ".join(map(str, sorted(_READ_VERSIONS)))
         raise JournalError(f"{path}:1: not a botmsg journal (version {versions})")
     if record.get("input") != fingerprint or record.get("items") != items:
@@ -679,9 +680,9 @@ class FileJournal:
     ) -> JournalState | None:
         """Start this run's part of the journal (see ``JournalStore.begin``).
 
-        With ``resume``, read the journal (``load``) and cut off a torn tail; the
-        items held back because of it (``JournalState.torn_in_doubt``) are
-        recorded as unknown. Locked first, then read: what is read stays true
+        With ``resume``, read the journal (``load``); the items held back
+        because of a torn tail (``JournalState.torn_in_doubt``) are recorded as
+        unknown, over that tail (``resumed``). Locked first, then read: what is read stays true
         while this run goes on. ``never_sent`` is ``load``'s: the items no run
         sends (invalid rows), which a torn tail's window does not count.
 
@@ -693,13 +694,14 @@ class FileJournal:
         state: JournalState | None = None
         if resume:
             state = load(self.path, fingerprint=fingerprint, items=items, never_sent=never_sent)
-            self.truncate(state.valid_bytes)
+            if not state.has_header:
+                self.truncate(state.valid_bytes)  # nothing was sent: nothing to hold back
         elif self.size():
             raise JournalError(f"{self.path} was just written by another run; pass --resume")
         if state is None or not state.has_header:
             self.header(fingerprint=fingerprint, items=items, window=window, options=options)
         else:
-            self.resumed(window=window, held_back=state.torn_in_doubt)
+            self.resumed(window=window, held_back=state.torn_in_doubt, at=state.valid_bytes)
         return state
 
     def finished_records(self, state: JournalState) -> Iterator[dict[str, Any]]:
@@ -730,15 +732,19 @@ class FileJournal:
             return [self._redacted(v) for v in value]
         return value
 
-    def _write(self, record: dict[str, Any]) -> None:
-        if self._fd is None:
-            raise JournalError(f"{self.path}: journal already closed")
+    def _encode(self, record: dict[str, Any]) -> bytes:
+        """``record`` as one line of the journal, redacted."""
         if self._redact is not None:
             redact = self._redact
             record = {k: redact(v) if isinstance(v, str) else v for k, v in record.items()}
         # ensure_ascii: any text can be written, a lone surrogate from a server included,
         # and no control character of it reaches a terminal that shows the journal.
-        data = (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+        return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._fd is None:
+            raise JournalError(f"{self.path}: journal already closed")
+        data = self._encode(record)
         view = memoryview(data)
         try:
             while view:  # a regular file takes it all in one call unless the disk is full
@@ -787,16 +793,46 @@ class FileJournal:
         assert self._fd is not None
         _fsync(self._fd, self.path)
 
-    def resumed(self, *, window: int, held_back: list[int]) -> None:
+    def resumed(self, *, window: int, held_back: list[int], at: int | None = None) -> None:
         """Start a resumed run's part of the journal; record the items ``load`` held
-        back after a torn tail, and fsync: the torn record that revealed them is gone.
+        back after a torn tail, and fsync.
+
+        Args:
+            window: This run's window (see ``header``).
+            held_back: The items ``load`` held back (``JournalState.torn_in_doubt``).
+            at: Where the journal's valid part ends (``JournalState.valid_bytes``):
+                a torn tail beyond it is overwritten by these records in one write,
+                never cut off first. Cut off, a kill before the records were written
+                would leave a journal with neither the torn record nor the items it
+                held back, which the next run would send under new keys.
         """
-        self._write({"resume": 1, "window": window})
-        for index in held_back:
-            self._write({"i": index, "o": "unknown", "e": TORN_NOTE})
-        if held_back:
-            assert self._fd is not None
-            _fsync(self._fd, self.path)
+        assert self._fd is not None
+        records: list[dict[str, Any]] = [{"resume": 1, "window": window}]
+        records += [{"i": index, "o": "unknown", "e": TORN_NOTE} for index in held_back]
+        if at is None or self.size() <= at:
+            for record in records:
+                self._write(record)
+            if held_back:
+                _fsync(self._fd, self.path)
+            return
+        data = b"".join(map(self._encode, records))
+        torn = self.size() - at
+        if len(data) < torn:
+            # Blanks before the last newline (JSON allows them) cover the whole torn tail,
+            # so that no fragment of it is left behind to be read as a record.
+            data = data[:-1] + b" " * (torn - len(data)) + b"\n"
+        # Written at an offset: through a descriptor without O_APPEND.
+        fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.lseek(fd, at, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            _fsync(fd, self.path)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.path) from None
+        finally:
+            os.close(fd)
 
     def start(self, index: int, key: str) -> None:
         """Record that item ``index`` is about to be sent with idempotency ``key``."""

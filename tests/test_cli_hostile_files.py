@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -123,6 +124,55 @@ def test_reading_any_journal_gives_a_state_or_a_journal_error(
             list(journal.finished_records(path, state))
         except journal.JournalError:
             pass
+
+
+_HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "botmsg_journal": st.sampled_from([1, 2]) | _ANY_JSON,
+        "input": st.just("fp") | _ANY_JSON,
+        "items": st.just(5) | _ANY_JSON,
+        "window": st.integers(-1, 5) | _ANY_JSON,
+        "options": _ANY_JSON,
+    },
+)
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_HEADERS, st.lists(_RECORDS, max_size=4))
+def test_reading_a_journal_with_any_first_record_gives_a_state_or_a_journal_error(
+    header: dict[str, Any], records: list[dict[str, Any]]
+) -> None:
+    """Whatever JSON the first record's fields hold (a list for a version...): JournalError."""
+    lines = [json.dumps(header).encode() + b"\n"]
+    lines += [json.dumps(record).encode() + b"\n" for record in records]
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "journal")
+        with open(path, "wb") as f:
+            f.write(b"".join(lines))
+        try:
+            journal.read_options(path)
+            state = journal.load(path, fingerprint="fp", items=5)
+            list(journal.finished_records(path, state))
+        except journal.JournalError:
+            pass
+
+
+@pytest.mark.parametrize("version", ["[1]", "{}", '"1"', "true"])
+async def test_a_journal_whose_version_is_not_a_number_is_refused_without_a_traceback(
+    server: FakeBotMessageServer, tmp_path: Path, version: str
+) -> None:
+    """A first record whose version is a list or an object: exit 2, "not a botmsg journal"."""
+    source = write_csv(tmp_path / "in.csv", rows(2))
+    journal_path = tmp_path / "journal"
+    journal_path.write_text(f'{{"botmsg_journal": {version}, "input": "x", "items": 2}}\n')
+    run = await botmsg(
+        "send-many", str(source), "--journal", str(journal_path), "--resume", server=server
+    )
+    assert run.rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "not a botmsg journal" in run.stderr
+    assert server.messages == []
 
 
 # -- a torn journal and --skip-invalid -------------------------------------------------------
@@ -301,4 +351,62 @@ async def test_credentials_the_client_refuses_are_a_usage_error_with_workers(
     assert "must not contain ':'" in run.stderr
     assert "Traceback" not in run.stderr
     assert not [name for name in os.listdir(tmp_path) if name.startswith("journal")]
+    assert server.messages == []
+
+
+# -- a row that is not UTF-8 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("field", ["text", "user_uuid", "subject"])
+async def test_a_row_that_is_not_utf8_fails_alone_named_by_line_and_field(
+    server: FakeBotMessageServer, tmp_path: Path, fmt: str, field: str
+) -> None:
+    """A Latin-1 byte in one row's field: that row is invalid (line, field), the others go."""
+    good = [{**r, "subject": "s"} for r in rows(3)]
+    bad = {**good[1], field: f"{good[1][field]}-caf\N{LATIN SMALL LETTER E WITH ACUTE}"}
+    if fmt == "csv":
+        header = ",".join(good[0])
+        lines = [",".join(r.values()) for r in (good[0], bad, good[2])]
+        source = tmp_path / "in.csv"
+    else:
+        lines = [json.dumps(r, ensure_ascii=False) for r in (good[0], bad, good[2])]
+        source = tmp_path / "in.jsonl"
+    data = ("\n".join(lines) + "\n").encode("latin-1")
+    source.write_bytes((header + "\n").encode() + data if fmt == "csv" else data)
+    line = 3 if fmt == "csv" else 2
+
+    run = await botmsg("send-many", str(source), server=server)
+    assert run.rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"{source}:{line}: {field} holds" in run.stderr
+    assert "not UTF-8" in run.stderr
+    assert server.messages == []
+
+    out = tmp_path / "out.jsonl"
+    run = await botmsg("send-many", str(source), "--skip-invalid", "--out", str(out), server=server)
+    assert run.rc == 0, run.stderr
+    results = {r["index"]: r for r in read_jsonl(out)}
+    assert {i: r["outcome"] for i, r in results.items()} == {0: "sent", 1: "skipped", 2: "sent"}
+    assert results[1]["error"]["message"].startswith(f"invalid input at line {line}: {field} holds")
+    assert len(server.messages) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "said"),
+    [
+        ("in.csv", "department_uuid,user_uuid,text\nd,u,hi\n".encode("utf-16"), "header is"),
+        ("in.jsonl", '{"department_uuid": "d"}\n'.encode("utf-16"), "in.jsonl:1: not UTF-8"),
+    ],
+)
+async def test_an_input_that_is_not_utf8_at_all_says_so(
+    server: FakeBotMessageServer, tmp_path: Path, name: str, data: bytes, said: str
+) -> None:
+    """A UTF-16 file: its CSV header, or a JSON line that cannot be read, is "not UTF-8 text"."""
+    source = tmp_path / name
+    source.write_bytes(data)
+    run = await botmsg("send-many", str(source), server=server)
+    assert run.rc == 2, run.stderr
+    assert said in run.stderr
+    assert "not UTF-8 text" in run.stderr
     assert server.messages == []

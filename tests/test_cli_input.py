@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import os
+import tempfile
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from botmsg_async import InvalidRequestError, SendRequest, TextMessage, check_request
+from botmsg_async import InvalidRequestError, SendRequest, TextMessage, check_request, journal
+from botmsg_async.cli import input as input_module
+from botmsg_async.cli.common import UsageError
 from botmsg_async.cli.console import Console
-from botmsg_async.cli.input import BadRow, Row, RowDefaults, parse
+from botmsg_async.cli.input import BadRow, Row, RowDefaults, Source, parse, scan_input
+from botmsg_async.cli.results import Results
+from botmsg_async.cli.rows import count_to_send, rows_to_send
 
 
 def parse_jsonl(*rows: dict[str, Any], defaults: RowDefaults | None = None) -> list[Row | BadRow]:
@@ -121,3 +129,70 @@ def test_consoles_share_no_secrets() -> None:
     first.redact.add_credentials("user", "hunter2-pw")
     assert first.printable("pw hunter2-pw") == "pw [redacted]"
     assert second.printable("pw hunter2-pw") == "pw hunter2-pw"
+
+
+#: Every state an item of a journal can be in, NEW to SKIPPED.
+_STATES = st.integers(journal.NEW, journal.SKIPPED)
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    st.lists(st.tuples(_STATES, st.none() | st.just("k")), min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_the_count_to_send_is_what_the_rows_to_send_yield(
+    items: list[tuple[int, str | None]], resend_unknown: bool
+) -> None:
+    """The progress bar's total and the ETA count exactly the rows a run sends (none held back)."""
+    state = journal.JournalState(len(items))
+    for index, (item_state, key) in enumerate(items):
+        state.states[index] = item_state
+        if item_state in journal.IN_DOUBT_STATES:
+            # A key of None: held back after a torn tail, never resent.
+            state.in_doubt[index] = (None if key is None else f"{key}-{index}", None)
+    data = "".join(json.dumps(row(user_uuid=f"u-{i}")) + "\n" for i in range(len(items)))
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
+        path = os.path.join(directory, "in.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(data)
+        source = Source(path, stack)
+        scan = scan_input(source, "jsonl", RowDefaults())
+        sent = rows_to_send(
+            source,
+            "jsonl",
+            RowDefaults(),
+            state,
+            Results(Console(), None),
+            skip_invalid=False,
+            resend_unknown=resend_unknown,
+        )
+        assert count_to_send(scan, state, resend_unknown=resend_unknown) == len(list(sent))
+
+
+@pytest.mark.parametrize("ending", [b"\n", b""])
+def test_a_line_over_the_limit_is_a_bad_row_read_in_bounded_pieces(
+    monkeypatch: pytest.MonkeyPatch, ending: bytes
+) -> None:
+    """A JSON line over the limit is a bad row named by its line, never read whole; next rows go."""
+    monkeypatch.setattr(input_module, "_MAX_LINE_BYTES", 100)
+    long = json.dumps(row(text="x" * 1000)).encode()
+    last = json.dumps(row(user_uuid="u-2")).encode()
+    data = json.dumps(row()).encode() + b"\n" + long + b"\n" + last + ending
+
+    class Reader(io.BytesIO):
+        longest = 0
+
+        def readline(self, size: int | None = -1) -> bytes:
+            line = super().readline(size)
+            Reader.longest = max(Reader.longest, len(line))
+            return line
+
+    digest = hashlib.sha256()
+    parsed = list(parse(Reader(data), "jsonl", RowDefaults(), digest))
+    assert [type(p) for p in parsed] == [Row, BadRow, Row]
+    assert parsed[1] == BadRow(1, 2, "over 100 bytes: not read")
+    assert Reader.longest <= 100
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()  # every byte fingerprinted
+    csv_data = b"department_uuid,user_uuid,text\nd,u," + b"x" * 1000 + b"\nd,u,hi\n"
+    with pytest.raises(UsageError, match="line 2: over 100 bytes"):
+        list(parse(Reader(csv_data), "csv", RowDefaults()))

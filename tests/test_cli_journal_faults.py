@@ -11,14 +11,17 @@ import asyncio
 import errno
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from botmsg_async import cli
+from botmsg_async.testing import FakeBotMessageServer
 from tests.conftest import serving_send
-from tests.test_cli import rows, write_csv
+from tests.test_cli import botmsg, cli_env, read_jsonl, rows, write_csv
+from tests.test_cli import server as server  # the fixture, used by name
 from tests.test_cli_durable import botmsg_in_thread, serving, success
 
 #: The errors a disk reports when written-back data is lost or has no room.
@@ -243,3 +246,81 @@ async def test_a_refused_start_record_lets_the_sends_in_flight_finish(
     assert second == {
         user: "unknown" if outcomes.get(user) == "sent" else "sent" for user in second
     }
+
+
+# A ``sitecustomize`` that SIGKILLs the CLI right before the N-th write, pwrite or
+# ftruncate its journal's begin() makes (N from BOTMSG_TEST_KILL_AT).
+_KILL_IN_BEGIN = """\
+import os, signal
+from botmsg_async import journal
+
+_at = int(os.environ["BOTMSG_TEST_KILL_AT"])
+_calls = [0]
+_active = [False]
+
+
+def _killing(call):
+    def wrapper(*args):
+        if _active[0]:
+            if _calls[0] == _at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            _calls[0] += 1
+        return call(*args)
+
+    return wrapper
+
+
+for _name in ("write", "pwrite", "ftruncate"):
+    setattr(os, _name, _killing(getattr(os, _name)))
+_begin = journal.FileJournal.begin
+
+
+def _begin_killed(self, **options):
+    _active[0] = True
+    try:
+        return _begin(self, **options)
+    finally:
+        _active[0] = False
+
+
+journal.FileJournal.begin = _begin_killed
+"""
+
+
+@pytest.mark.parametrize("kill_at", range(4))
+async def test_a_kill_while_a_resume_takes_over_a_torn_journal_never_sends_twice(
+    server: FakeBotMessageServer, tmp_path: Path, kill_at: int
+) -> None:
+    """SIGKILL at any write of a resume's start over a torn tail: what it held back stays held."""
+    total = 6
+    source = write_csv(tmp_path / "in.csv", rows(total))
+    journal = tmp_path / "journal"
+    done = await botmsg("send-many", str(source), "--journal", str(journal), "-c", "2",
+                        server=server)  # fmt: skip
+    assert done.rc == 0, done.stderr
+    # A power cut after item 4's start record: items 4 and 5 were sent, but the
+    # journal lost their outcomes (and item 5's start), and ends in a torn record.
+    lines = journal.read_bytes().splitlines(keepends=True)
+    header, records = lines[0], [json.loads(line) for line in lines[1:]]
+    kept = [r for r in records if r["i"] < 4 or (r["i"] == 4 and r.get("s") == "start")]
+    journal.write_bytes(
+        header + b"".join(json.dumps(r).encode() + b"\n" for r in kept) + b'{"i": 5, "s": "st'
+    )
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_KILL_IN_BEGIN)
+    env = cli_env(server, PYTHONPATH=str(site), BOTMSG_TEST_KILL_AT=str(kill_at))
+    killed = await botmsg(
+        "send-many", str(source), "--journal", str(journal), "--resume", server=server, env=env
+    )
+    assert killed.rc in (-signal.SIGKILL, 3), killed.stderr
+
+    out = tmp_path / "out.jsonl"
+    run = await botmsg(
+        "send-many", str(source), "--journal", str(journal), "--resume", "--out", str(out),
+        server=server,
+    )  # fmt: skip
+    assert run.rc == 3, run.stderr
+    assert len(server.messages) == total  # none sent again: 4 and 5 may have been delivered
+    outcomes = {line["index"]: line["outcome"] for line in read_jsonl(out)}
+    assert outcomes == {0: "sent", 1: "sent", 2: "sent", 3: "sent", 4: "unknown", 5: "unknown"}

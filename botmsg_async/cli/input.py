@@ -64,6 +64,10 @@ REQUIRED_FIELDS: Final = ("department_uuid", "user_uuid")
 #: enough above MAX_TEXT_BYTES that a text over the limit is reported as such, with its
 #: line, and the row alone is refused; a cell beyond even this stops the read (memory).
 _CSV_FIELD_LIMIT: Final = 16 * MAX_TEXT_BYTES
+#: Longest line read (bytes): a JSON line over it is an invalid row, a CSV line a broken
+#: input, without it ever being held whole (a file whose lines end in CR alone is one
+#: line). Far above any row that can be sent: a text is 1 MiB of UTF-8 at most.
+_MAX_LINE_BYTES: Final = 4 * _CSV_FIELD_LIMIT
 #: Invalid rows listed one by one on stderr; the rest are only counted.
 MAX_LISTED_ROWS: Final = 50
 
@@ -80,9 +84,12 @@ def text_problem(name: str, value: str) -> str | None:
     argument) has no UTF-8 form; a text over ``MAX_TEXT_BYTES`` is over the limit.
     """
     if match := _SURROGATE.search(value):
+        code = ord(match.group())
+        # U+DC80..U+DCFF: what an undecodable byte of a file or an argument decodes to.
+        byte = f" (a byte 0x{code - 0xDC00:02X} that is not UTF-8)" if code >= 0xDC80 else ""
         return (
-            f"{name} holds a lone surrogate (U+{ord(match.group()):04X} at character "
-            f"{match.start()}): not valid Unicode text"
+            f"{name} holds a lone surrogate (U+{code:04X} at character "
+            f"{match.start()}){byte}: not valid Unicode text"
         )
     # Four bytes of UTF-8 at most per character: most texts need no encoding to know.
     if name == "text" and len(value) * 4 > MAX_TEXT_BYTES:
@@ -250,17 +257,31 @@ class Source:
         return "csv"
 
 
-def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str]:
-    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes."""
-    for lineno, raw in enumerate(f, 1):
+def _text_lines(f: BinaryIO, digest: Any | None) -> Iterator[str | None]:
+    """The lines of ``f`` as text (a UTF-8 BOM dropped), fed to ``digest`` as bytes;
+    None for a line over ``_MAX_LINE_BYTES``.
+
+    A byte that is not UTF-8 becomes a lone surrogate (``surrogateescape``), which
+    the field holding it refuses (``text_problem``): that row alone is invalid,
+    named by its line and field, as any other bad value is.
+    """
+    # A file is read a limited piece at a time; lines handed out by an iterator
+    # (``cli.jobs`` reads a chunk of them) come whole, and are judged the same.
+    readline = getattr(f, "readline", None)
+    pieces = iter(f) if readline is None else iter(lambda: readline(_MAX_LINE_BYTES), b"")
+    for lineno, raw in enumerate(pieces, 1):
         if digest is not None:
             digest.update(raw)
+        if len(raw) >= _MAX_LINE_BYTES and not (len(raw) == _MAX_LINE_BYTES and raw[-1:] == b"\n"):
+            # Over the limit: read past the rest of it, a piece at a time.
+            while not raw.endswith(b"\n") and (raw := next(pieces, b"")):
+                if digest is not None:
+                    digest.update(raw)
+            yield None
+            continue
         if lineno == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"line {lineno}: not UTF-8 text") from None
+        yield raw.decode("utf-8", "surrogateescape")
 
 
 #: The fields of the usual row: two ids and a text, nothing else.
@@ -385,8 +406,19 @@ def _request_problem(exc: InvalidRequestError, message: TextMessage) -> str:
     return f"{exc.field} {exc.value!r}: {exc.problem}"
 
 
+def _csv_lines(lines: Iterator[str | None]) -> Iterator[str]:
+    """``lines``; one over the limit ends the read, as a cell over the csv module's does."""
+    for lineno, line in enumerate(lines, 1):
+        if line is None:
+            raise UsageError(
+                f"line {lineno}: over {_MAX_LINE_BYTES} bytes; a text may hold at most "
+                f"{MAX_TEXT_BYTES} bytes of UTF-8 (1 MiB)"
+            )
+        yield line
+
+
 def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterator[Row | BadRow]:
-    lines = _text_lines(f, digest)
+    lines = _csv_lines(_text_lines(f, digest))
     # The limit is the csv module's only setting, process-wide: raised, never lowered.
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
@@ -397,6 +429,9 @@ def _parse_csv(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterat
             header = next(reader, None)
         if header is None:
             raise UsageError("the input is empty: a CSV needs a header line")
+        if any(_SURROGATE.search(h) for h in header):
+            # Not one bad row: no row can be read (a UTF-16 file, a legacy code page).
+            raise UsageError(f"line {reader.line_num}: the header is not UTF-8 text")
         names = [h.strip() for h in header]
         unknown = [n for n in names if n not in FIELDS and n not in defaults.ignore_columns]
         if unknown:
@@ -473,6 +508,10 @@ def _repeated_key(text: str, values: dict[str, Any]) -> str | None:
 def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iterator[Row | BadRow]:
     index = 0
     for line, text in enumerate(_text_lines(f, digest), 1):
+        if text is None:
+            yield BadRow(index, line, f"over {_MAX_LINE_BYTES} bytes: not read")
+            index += 1
+            continue
         if not text.strip():
             continue
         if index == 0 and text.lstrip().startswith("["):
@@ -483,7 +522,9 @@ def _parse_jsonl(f: BinaryIO, defaults: RowDefaults, digest: Any | None) -> Iter
         try:
             values = json.loads(text)
         except _NOT_JSON as exc:
-            yield BadRow(index, line, f"not valid JSON: {exc}")
+            # A byte that is not UTF-8 is the likelier cause than the JSON error it leads to.
+            utf8 = "not UTF-8 text" if _SURROGATE.search(text) else None
+            yield BadRow(index, line, utf8 or f"not valid JSON: {exc}")
         else:
             if not isinstance(values, dict):
                 yield BadRow(index, line, f"not a JSON object but {type(values).__name__}")
@@ -585,7 +626,7 @@ def scan_input(source: Source, fmt: str, defaults: RowDefaults) -> Scan:
     """Read the whole input once, checking every row; keep only counts and a few errors.
 
     Raises:
-        UsageError: the input cannot be read as ``fmt`` at all (not UTF-8, a
+        UsageError: the input cannot be read as ``fmt`` at all (a
             broken CSV, a JSON array...); a bad row is only counted and listed.
     """
     found = Scan()

@@ -73,6 +73,8 @@ def count_to_send(scan: Scan, state: JournalState | None, *, resend_unknown: boo
         count -= sum(state.count(s) for s in FINAL_STATES)
         if not resend_unknown:
             count -= len(state.in_doubt)
+        else:  # but one held back after a torn tail, without its key, is never resent
+            count -= sum(1 for key, _ in state.in_doubt.values() if key is None)
     return max(count, 0)
 
 
