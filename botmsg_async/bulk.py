@@ -246,6 +246,7 @@ class ProcessRateLimiter:
         )
         self._clock = clock
         self._dept: dict[str, _DepartmentSlots] = {}
+        self._forget_at = 4096  # departments held when the next scan forgets the idle
         self._log_fd = (
             os.open(grant_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if grant_log
@@ -291,12 +292,16 @@ class ProcessRateLimiter:
     def _department(self, department_uuid: str, now: float) -> _DepartmentSlots:
         found = self._dept.get(department_uuid)
         if found is None:
-            if len(self._dept) >= 4096:
+            if len(self._dept) >= self._forget_at:
                 # Forget departments whose schedule is in the past and that nobody
                 # waits on: nothing of them holds.
                 self._dept = {
                     d: slots for d, slots in self._dept.items() if slots.tat > now or slots.waiting
                 }
+                # The next scan once the kept ones have doubled, not at the next new
+                # department: with thousands of slots still ahead (a low rate, many
+                # departments), a scan per new department cost quadratic CPU.
+                self._forget_at = max(4096, 2 * len(self._dept))
             found = self._dept[department_uuid] = _DepartmentSlots()
         return found
 

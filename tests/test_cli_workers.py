@@ -1610,3 +1610,40 @@ async def test_a_segment_that_cannot_be_begun_is_reported_not_a_traceback(
         code, err = await resume(base_url, source, journal, second)
     assert code == 0, err
     assert set(check_accounting(svc, second, n).values()) == {"sent"}
+
+
+async def test_many_departments_cost_the_limiter_linear_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Thousands of departments, each with a slot still ahead: each new one is no full scan."""
+    from botmsg_async import bulk
+
+    reads = 0
+
+    class Counted(bulk._DepartmentSlots):
+        # Every read of a department's next slot: the work of the acquire that makes it
+        # and of any scan for departments to forget.
+        @property
+        def tat(self) -> float:
+            nonlocal reads
+            reads += 1
+            return self._tat
+
+        @tat.setter
+        def tat(self, value: float) -> None:
+            self._tat = value
+
+    monkeypatch.setattr(bulk, "_DepartmentSlots", Counted)
+    now = [100.0]
+    fd = ProcessRateLimiter.create()
+    try:
+        # 0.1/s per department: each keeps a slot 10 s ahead; 5,000 new ones a second.
+        limiter = ProcessRateLimiter(fd, per_department_rate=0.1, clock=lambda: now[0])
+        n = 8_000
+        for i in range(n):
+            await limiter.acquire(f"d{i}")
+            now[0] += 0.0002
+        limiter.close()
+    finally:
+        os.close(fd)
+    assert reads < 10 * n  # a full scan per new department was about n * n / 2
