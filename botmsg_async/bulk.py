@@ -1265,11 +1265,18 @@ class WorkerPool:
 
     Args:
         count: Worker processes to start.
-        env: Variables added to each worker's environment.
+        env: Variables set in each worker's environment over this process's; one
+            whose value is None is left out (a credential the workers get over
+            their socket, not to be read in their ``/proc/<pid>/environ``).
     """
 
-    def __init__(self, count: int, env: Mapping[str, str] | None = None) -> None:
-        self._env = {**os.environ, **(env or {})}
+    def __init__(self, count: int, env: Mapping[str, str | None] | None = None) -> None:
+        self._env = dict(os.environ)
+        for name, value in (env or {}).items():
+            if value is None:
+                self._env.pop(name, None)
+            else:
+                self._env[name] = value
         self._spawned: list[tuple[subprocess.Popen[bytes], Connection]] = []
         #: The shared limiter's state (``ProcessRateLimiter``), zeroed.
         self.limiter_fd = ProcessRateLimiter.create()
@@ -1406,7 +1413,7 @@ class ParallelSend:
         on_result: Called with each item's outcome as it becomes known.
         journal: The job's journal, or None (segments then go to a temporary
             directory, to know what a dead worker had started).
-        worker_env: Environment variables to add for the workers.
+        worker_env: Environment variables to set for the workers (None: left out).
         on_tick: Called every ``tick_interval`` seconds while the job runs
             (progress reports), results or not.
         tick_interval: Seconds between ``on_tick`` calls.
@@ -1420,7 +1427,7 @@ class ParallelSend:
         workers: int,
         on_result: Callable[[ParallelItem], object],
         journal: JournalSet | None = None,
-        worker_env: Mapping[str, str] | None = None,
+        worker_env: Mapping[str, str | None] | None = None,
         on_tick: Callable[[], object] | None = None,
         tick_interval: float = 10.0,
         pool: WorkerPool | None = None,

@@ -1647,3 +1647,29 @@ async def test_many_departments_cost_the_limiter_linear_work(
     finally:
         os.close(fd)
     assert reads < 10 * n  # a full scan per new department was about n * n / 2
+
+
+async def runs_worker_code(pid: int) -> None:
+    """Return once process ``pid`` runs a worker's code (it was exec'd; Linux /proc)."""
+    while True:
+        if b"_worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes():  # noqa: ASYNC240
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_the_password_is_in_no_workers_environment(tmp_path: Path) -> None:
+    """BOTMSG_PASSWORD is not copied into a worker's /proc/<pid>/environ (its socket has it)."""
+    source = items(tmp_path, 4)
+    async with service() as (svc, base_url):
+        stalled, release, _ = stall_next(svc, 200)
+        process = await start(base_url, str(source), "--workers", "2", "-c", "1")
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        for pid in pids:
+            await runs_worker_code(pid)  # between fork and exec, it shows the parent's
+            environ = Path(f"/proc/{pid}/environ").read_bytes()  # noqa: ASYNC240
+            assert PASSWORD.encode() not in environ
+            assert f"BOTMSG_USERNAME={USERNAME}".encode() in environ  # the rest is kept
+        release.set()
+        code, err = await finish(process)
+    assert code == 0, err
