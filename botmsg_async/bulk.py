@@ -1362,6 +1362,8 @@ class _Process:
     returned: list[WorkItem] = field(factory=list)
     #: Framed messages not yet taken by its socket (``ParallelSend._post``).
     out: bytearray = field(factory=bytearray)
+    #: What its socket gave of messages not yet whole (``ParallelSend._receive``).
+    inbox: bytearray = field(factory=bytearray)
     #: The socket again (a duplicate), for writes that never block.
     sock: socket.socket | None = None
 
@@ -1937,17 +1939,76 @@ class ParallelSend:
                         self._write(process)
                     if not events & selectors.EVENT_READ:
                         continue
-                    try:
-                        # One message per wake-up: the selector reports the rest.
-                        message = process.conn.recv()
-                    except (EOFError, OSError):
+                    messages, closed = self._receive(process)
+                    # Outside ``_receive``: an error of ``on_result`` (an --out that cannot
+                    # be written) is no sign of the worker's end.
+                    for message in messages:
+                        self._on_message(process, message)
+                    if closed:
                         selector.unregister(key.fd)
                         self._ended(process)
-                        continue
-                    # Outside the try: an error of ``on_result`` (an --out that cannot
-                    # be written) is no sign of the worker's end.
-                    self._on_message(process, message)
                 self._serve()
+
+    def _receive(self, process: _Process) -> tuple[list[tuple[Any, ...]], bool]:
+        """The whole messages ``process``'s socket holds now, and whether it is closed.
+
+        Never blocks: a worker stopped (SIGSTOP) half-way through writing a message
+        would otherwise hold the parent in its read, and with it every other worker
+        and the signals' stop. A message cut short by the worker's death is dropped
+        (its segment tells what became of its items); one that does not unpickle, or
+        a frame's size that cannot be, ends the worker as a death: it is killed.
+        """
+        sock = process.sock
+        if sock is None:  # no descriptor left for the duplicate: a blocking read
+            try:
+                return [process.conn.recv()], False
+            except (EOFError, OSError):
+                return [], True
+        inbox = process.inbox
+        closed = False
+        try:
+            data = sock.recv(1 << 18, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data is not None:
+            if data:
+                inbox += data
+            else:
+                closed = True
+        messages: list[tuple[Any, ...]] = []
+        while len(inbox) >= 4:
+            # ``Connection``'s framing, which the worker's ``send`` writes.
+            (size,) = struct.unpack_from("!i", inbox)
+            head = 4
+            if size == -1:
+                if len(inbox) < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", inbox, 4)
+                head = 12
+            if size < 0:
+                return messages, self._garbled(process)
+            if len(inbox) < head + size:
+                break
+            frame = bytes(inbox[head : head + size])
+            del inbox[: head + size]
+            try:
+                message = pickle.loads(frame)  # noqa: S301 - our own worker's message
+            except Exception:
+                return messages, self._garbled(process)
+            if not isinstance(message, tuple) or not message:
+                return messages, self._garbled(process)
+            messages.append(message)
+        return messages, closed
+
+    @staticmethod
+    def _garbled(process: _Process) -> bool:
+        """A worker's message made no sense: it is killed, and ends as a death."""
+        process.inbox.clear()
+        with contextlib.suppress(OSError):
+            process.popen.kill()
+        return True
 
     def _reap(self) -> None:
         """No worker outlives the job: those still running are told to stop, then killed."""

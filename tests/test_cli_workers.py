@@ -1673,3 +1673,97 @@ async def test_the_password_is_in_no_workers_environment(tmp_path: Path) -> None
         release.set()
         code, err = await finish(process)
     assert code == 0, err
+
+
+async def test_a_worker_stopped_half_way_through_a_message_holds_up_no_other(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP of a worker mid-message: the other sends the rest; SIGCONT, and all is reported."""
+    marker = tmp_path / "stopped"
+    # The first worker to report results writes half of the message, then stops itself.
+    site = worker_site(
+        tmp_path,
+        "import os, signal, struct\n"
+        "from multiprocessing import connection\n"
+        "send_bytes = connection.Connection._send_bytes\n"
+        "def half_then_stop(self, buf):\n"
+        "    data = bytes(buf)\n"
+        "    if b'results' in data:\n"
+        "        try:\n"
+        f"            os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "        except FileExistsError:\n"
+        "            pass\n"
+        "        else:\n"
+        "            self._send(struct.pack('!i', len(data)) + data[: len(data) // 2])\n"
+        "            os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "            self._send(data[len(data) // 2 :])\n"
+        "            return\n"
+        "    send_bytes(self, buf)\n"
+        "connection.Connection._send_bytes = half_then_stop\n",
+    )
+    n = 600
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--out", str(out), site=site
+        )
+        pids = await worker_pids(process, 2)
+        try:
+            # The stopped one holds two chunks of 16 and its results not yet reported.
+            await asyncio.wait_for(svc.when_received(n - 64).wait(), TIMEOUT)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        code, err = await finish(process)
+    assert marker.exists()
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param("struct.pack('!i', 5) + b'\\x80\\x05junk'", id="no pickle"),
+        pytest.param("struct.pack('!i', -7)", id="a negative size"),
+        pytest.param("struct.pack('!i', 4) + pickle.dumps(7)[:4]", id="no tuple"),
+    ],
+)
+async def test_a_worker_message_that_makes_no_sense_ends_it_as_a_death(
+    tmp_path: Path, garbage: str
+) -> None:
+    """A worker's garbled message: it is killed and reconciled from its segment, no traceback."""
+    marker = tmp_path / "garbled"
+    site = worker_site(
+        tmp_path,
+        "import os, pickle, struct\n"
+        "from multiprocessing import connection\n"
+        "send_bytes = connection.Connection._send_bytes\n"
+        "def garbled(self, buf):\n"
+        "    if b'results' in bytes(buf):\n"
+        "        try:\n"
+        f"            os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "        except FileExistsError:\n"
+        "            pass\n"
+        "        else:\n"
+        f"            self._send({garbage})\n"
+        "    send_bytes(self, buf)\n"
+        "connection.Connection._send_bytes = garbled\n",
+    )
+    n = 300
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    journal = tmp_path / "journal"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--journal", str(journal),
+            "--out", str(out), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+    assert marker.exists()
+    assert code in (1, 3), err
+    assert "died: signal 9" in err
+    assert "Traceback" not in err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) <= {"sent", "unknown"}
+    assert (code == 3) == ("unknown" in outcomes.values())
