@@ -51,6 +51,7 @@ import base64
 import collections
 import contextlib
 import glob
+import math
 import mmap
 import os
 import pickle
@@ -177,6 +178,29 @@ def check_workers(workers: object) -> int:
 
 # -- the shared rate limiter -------------------------------------------------------
 
+
+def _check_rates(rate: object, per_department_rate: object) -> None:
+    """Raise ``InvalidRequestError`` naming a rate that is not a finite number > 0 (or None).
+
+    Finite both ways, as ``LocalRateLimiter``'s: an infinite rate, or one whose
+    period is infinite, makes the GCRA's arithmetic NaN, which grants every slot
+    at once: no limit at all.
+    """
+    for name, value in (
+        ("rate_limit", rate),
+        ("per_department_rate_limit", per_department_rate),
+    ):
+        if value is None:
+            continue
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not (value > 0 and math.isfinite(value) and math.isfinite(1 / value))
+        ):
+            raise InvalidRequestError(
+                name, value, "must be a finite number > 0 messages per second, or None"
+            )
+
 # Shared state: the global GCRA's theoretical arrival time, and the pause's end,
 # both on CLOCK_MONOTONIC, which every process of the machine shares.
 _STATE = struct.Struct("=dd")
@@ -215,6 +239,9 @@ class ProcessRateLimiter:
             department) to this file: for audits and tests of the limits.
         clock: The monotonic clock every holder shares (``time.monotonic``; tests
             may pass the loop's).
+
+    Raises:
+        InvalidRequestError: a rate that is not a finite number > 0 (or None).
     """
 
     def __init__(
@@ -226,6 +253,7 @@ class ProcessRateLimiter:
         grant_log: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        _check_rates(rate, per_department_rate)
         # Imported here: the module (and the CLI that imports it) loads on Windows,
         # where there are no POSIX record locks and no workers.
         import fcntl
@@ -1419,6 +1447,10 @@ class ParallelSend:
         on_tick: Called every ``tick_interval`` seconds while the job runs
             (progress reports), results or not.
         tick_interval: Seconds between ``on_tick`` calls.
+
+    Raises:
+        InvalidRequestError: a bad number of workers or option of ``config``, before
+            any worker is given the job.
     """
 
     def __init__(
@@ -1434,6 +1466,16 @@ class ParallelSend:
         tick_interval: float = 10.0,
         pool: WorkerPool | None = None,
     ) -> None:
+        # Checked here, where the error reaches the caller: a worker meets a bad option
+        # only once it runs, and hands its items back unsent (or sends at no limit).
+        check_workers(workers)
+        BatchOptions(
+            concurrency=config.concurrency,
+            retry=config.retry,
+            stop_after_consecutive_failures=config.stop_after_consecutive_failures,
+            max_pause=config.max_pause,
+        )
+        _check_rates(config.rate_limit, config.per_department_rate_limit)
         self._config = config
         self._pool = pool
         self._on_tick = on_tick

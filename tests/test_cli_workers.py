@@ -1767,3 +1767,50 @@ async def test_a_worker_message_that_makes_no_sense_ends_it_as_a_death(
     outcomes = check_accounting(svc, out, n)
     assert set(outcomes.values()) <= {"sent", "unknown"}
     assert (code == 3) == ("unknown" in outcomes.values())
+
+
+BAD_OPTIONS = [
+    ("workers", 0),
+    ("concurrency", 0),
+    ("max_pause", float("nan")),
+    ("stop_after_consecutive_failures", 0),
+    ("rate_limit", -1.0),
+    ("rate_limit", 0.0),
+    ("rate_limit", float("inf")),
+    ("rate_limit", float("nan")),
+    ("rate_limit", 1e-320),  # its period, 1 / rate, is infinite
+    ("rate_limit", "10"),
+    ("per_department_rate_limit", float("inf")),
+    ("per_department_rate_limit", -5),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_OPTIONS)
+def test_a_parallel_send_refuses_a_bad_option_before_any_worker_has_it(
+    name: str, value: object
+) -> None:
+    """ParallelSend names a bad option at once: no worker starts, fails or sends at no limit."""
+    config = WorkerConfig(base_url="http://127.0.0.1:9", username=USERNAME, password=PASSWORD)
+    workers = 2
+    if name == "workers":
+        workers = value  # type: ignore[assignment]
+    else:
+        config = evolve(config, **{name: value})  # type: ignore[arg-type]
+    before = children(os.getpid())
+    with pytest.raises(InvalidRequestError, match=name):
+        ParallelSend(config, [], workers=workers, on_result=print)
+    assert children(os.getpid()) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(n, v) for n, v in BAD_OPTIONS if n.endswith("rate_limit")]
+)
+def test_the_shared_limiter_refuses_a_rate_it_cannot_keep(name: str, value: object) -> None:
+    """ProcessRateLimiter names a rate that is not a finite number > 0, as LocalRateLimiter does."""
+    fd = ProcessRateLimiter.create()
+    try:
+        argument = "rate" if name == "rate_limit" else "per_department_rate"
+        with pytest.raises(InvalidRequestError, match=name):
+            ProcessRateLimiter(fd, **{argument: value})  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
