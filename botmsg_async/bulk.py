@@ -201,6 +201,7 @@ def _check_rates(rate: object, per_department_rate: object) -> None:
                 name, value, "must be a finite number > 0 messages per second, or None"
             )
 
+
 # Shared state: the global GCRA's theoretical arrival time, and the pause's end,
 # both on CLOCK_MONOTONIC, which every process of the machine shares.
 _STATE = struct.Struct("=dd")
