@@ -51,6 +51,7 @@ import base64
 import collections
 import contextlib
 import glob
+import math
 import mmap
 import os
 import pickle
@@ -177,6 +178,30 @@ def check_workers(workers: object) -> int:
 
 # -- the shared rate limiter -------------------------------------------------------
 
+
+def _check_rates(rate: object, per_department_rate: object) -> None:
+    """Raise ``InvalidRequestError`` naming a rate that is not a finite number > 0 (or None).
+
+    Finite both ways, as ``LocalRateLimiter``'s: an infinite rate, or one whose
+    period is infinite, makes the GCRA's arithmetic NaN, which grants every slot
+    at once: no limit at all.
+    """
+    for name, value in (
+        ("rate_limit", rate),
+        ("per_department_rate_limit", per_department_rate),
+    ):
+        if value is None:
+            continue
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not (value > 0 and math.isfinite(value) and math.isfinite(1 / value))
+        ):
+            raise InvalidRequestError(
+                name, value, "must be a finite number > 0 messages per second, or None"
+            )
+
+
 # Shared state: the global GCRA's theoretical arrival time, and the pause's end,
 # both on CLOCK_MONOTONIC, which every process of the machine shares.
 _STATE = struct.Struct("=dd")
@@ -215,6 +240,9 @@ class ProcessRateLimiter:
             department) to this file: for audits and tests of the limits.
         clock: The monotonic clock every holder shares (``time.monotonic``; tests
             may pass the loop's).
+
+    Raises:
+        InvalidRequestError: a rate that is not a finite number > 0 (or None).
     """
 
     def __init__(
@@ -226,6 +254,7 @@ class ProcessRateLimiter:
         grant_log: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        _check_rates(rate, per_department_rate)
         # Imported here: the module (and the CLI that imports it) loads on Windows,
         # where there are no POSIX record locks and no workers.
         import fcntl
@@ -246,6 +275,7 @@ class ProcessRateLimiter:
         )
         self._clock = clock
         self._dept: dict[str, _DepartmentSlots] = {}
+        self._forget_at = 4096  # departments held when the next scan forgets the idle
         self._log_fd = (
             os.open(grant_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if grant_log
@@ -291,12 +321,16 @@ class ProcessRateLimiter:
     def _department(self, department_uuid: str, now: float) -> _DepartmentSlots:
         found = self._dept.get(department_uuid)
         if found is None:
-            if len(self._dept) >= 4096:
+            if len(self._dept) >= self._forget_at:
                 # Forget departments whose schedule is in the past and that nobody
                 # waits on: nothing of them holds.
                 self._dept = {
                     d: slots for d, slots in self._dept.items() if slots.tat > now or slots.waiting
                 }
+                # The next scan once the kept ones have doubled, not at the next new
+                # department: with thousands of slots still ahead (a low rate, many
+                # departments), a scan per new department cost quadratic CPU.
+                self._forget_at = max(4096, 2 * len(self._dept))
             found = self._dept[department_uuid] = _DepartmentSlots()
         return found
 
@@ -1260,11 +1294,18 @@ class WorkerPool:
 
     Args:
         count: Worker processes to start.
-        env: Variables added to each worker's environment.
+        env: Variables set in each worker's environment over this process's; one
+            whose value is None is left out (a credential the workers get over
+            their socket, not to be read in their ``/proc/<pid>/environ``).
     """
 
-    def __init__(self, count: int, env: Mapping[str, str] | None = None) -> None:
-        self._env = {**os.environ, **(env or {})}
+    def __init__(self, count: int, env: Mapping[str, str | None] | None = None) -> None:
+        self._env = dict(os.environ)
+        for name, value in (env or {}).items():
+            if value is None:
+                self._env.pop(name, None)
+            else:
+                self._env[name] = value
         self._spawned: list[tuple[subprocess.Popen[bytes], Connection]] = []
         #: The shared limiter's state (``ProcessRateLimiter``), zeroed.
         self.limiter_fd = ProcessRateLimiter.create()
@@ -1350,6 +1391,8 @@ class _Process:
     returned: list[WorkItem] = field(factory=list)
     #: Framed messages not yet taken by its socket (``ParallelSend._post``).
     out: bytearray = field(factory=bytearray)
+    #: What its socket gave of messages not yet whole (``ParallelSend._receive``).
+    inbox: bytearray = field(factory=bytearray)
     #: The socket again (a duplicate), for writes that never block.
     sock: socket.socket | None = None
 
@@ -1401,10 +1444,14 @@ class ParallelSend:
         on_result: Called with each item's outcome as it becomes known.
         journal: The job's journal, or None (segments then go to a temporary
             directory, to know what a dead worker had started).
-        worker_env: Environment variables to add for the workers.
+        worker_env: Environment variables to set for the workers (None: left out).
         on_tick: Called every ``tick_interval`` seconds while the job runs
             (progress reports), results or not.
         tick_interval: Seconds between ``on_tick`` calls.
+
+    Raises:
+        InvalidRequestError: a bad number of workers or option of ``config``, before
+            any worker is given the job.
     """
 
     def __init__(
@@ -1415,11 +1462,21 @@ class ParallelSend:
         workers: int,
         on_result: Callable[[ParallelItem], object],
         journal: JournalSet | None = None,
-        worker_env: Mapping[str, str] | None = None,
+        worker_env: Mapping[str, str | None] | None = None,
         on_tick: Callable[[], object] | None = None,
         tick_interval: float = 10.0,
         pool: WorkerPool | None = None,
     ) -> None:
+        # Checked here, where the error reaches the caller: a worker meets a bad option
+        # only once it runs, and hands its items back unsent (or sends at no limit).
+        check_workers(workers)
+        BatchOptions(
+            concurrency=config.concurrency,
+            retry=config.retry,
+            stop_after_consecutive_failures=config.stop_after_consecutive_failures,
+            max_pause=config.max_pause,
+        )
+        _check_rates(config.rate_limit, config.per_department_rate_limit)
         self._config = config
         self._pool = pool
         self._on_tick = on_tick
@@ -1925,17 +1982,76 @@ class ParallelSend:
                         self._write(process)
                     if not events & selectors.EVENT_READ:
                         continue
-                    try:
-                        # One message per wake-up: the selector reports the rest.
-                        message = process.conn.recv()
-                    except (EOFError, OSError):
+                    messages, closed = self._receive(process)
+                    # Outside ``_receive``: an error of ``on_result`` (an --out that cannot
+                    # be written) is no sign of the worker's end.
+                    for message in messages:
+                        self._on_message(process, message)
+                    if closed:
                         selector.unregister(key.fd)
                         self._ended(process)
-                        continue
-                    # Outside the try: an error of ``on_result`` (an --out that cannot
-                    # be written) is no sign of the worker's end.
-                    self._on_message(process, message)
                 self._serve()
+
+    def _receive(self, process: _Process) -> tuple[list[tuple[Any, ...]], bool]:
+        """The whole messages ``process``'s socket holds now, and whether it is closed.
+
+        Never blocks: a worker stopped (SIGSTOP) half-way through writing a message
+        would otherwise hold the parent in its read, and with it every other worker
+        and the signals' stop. A message cut short by the worker's death is dropped
+        (its segment tells what became of its items); one that does not unpickle, or
+        a frame's size that cannot be, ends the worker as a death: it is killed.
+        """
+        sock = process.sock
+        if sock is None:  # no descriptor left for the duplicate: a blocking read
+            try:
+                return [process.conn.recv()], False
+            except (EOFError, OSError):
+                return [], True
+        inbox = process.inbox
+        closed = False
+        try:
+            data = sock.recv(1 << 18, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data is not None:
+            if data:
+                inbox += data
+            else:
+                closed = True
+        messages: list[tuple[Any, ...]] = []
+        while len(inbox) >= 4:
+            # ``Connection``'s framing, which the worker's ``send`` writes.
+            (size,) = struct.unpack_from("!i", inbox)
+            head = 4
+            if size == -1:
+                if len(inbox) < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", inbox, 4)
+                head = 12
+            if size < 0:
+                return messages, self._garbled(process)
+            if len(inbox) < head + size:
+                break
+            frame = bytes(inbox[head : head + size])
+            del inbox[: head + size]
+            try:
+                message = pickle.loads(frame)  # noqa: S301 - our own worker's message
+            except Exception:
+                return messages, self._garbled(process)
+            if not isinstance(message, tuple) or not message:
+                return messages, self._garbled(process)
+            messages.append(message)
+        return messages, closed
+
+    @staticmethod
+    def _garbled(process: _Process) -> bool:
+        """A worker's message made no sense: it is killed, and ends as a death."""
+        process.inbox.clear()
+        with contextlib.suppress(OSError):
+            process.popen.kill()
+        return True
 
     def _reap(self) -> None:
         """No worker outlives the job: those still running are told to stop, then killed."""

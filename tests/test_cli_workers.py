@@ -1610,3 +1610,207 @@ async def test_a_segment_that_cannot_be_begun_is_reported_not_a_traceback(
         code, err = await resume(base_url, source, journal, second)
     assert code == 0, err
     assert set(check_accounting(svc, second, n).values()) == {"sent"}
+
+
+async def test_many_departments_cost_the_limiter_linear_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Thousands of departments, each with a slot still ahead: each new one is no full scan."""
+    from botmsg_async import bulk
+
+    reads = 0
+
+    class Counted(bulk._DepartmentSlots):
+        # Every read of a department's next slot: the work of the acquire that makes it
+        # and of any scan for departments to forget.
+        @property
+        def tat(self) -> float:
+            nonlocal reads
+            reads += 1
+            return self._tat
+
+        @tat.setter
+        def tat(self, value: float) -> None:
+            self._tat = value
+
+    monkeypatch.setattr(bulk, "_DepartmentSlots", Counted)
+    now = [100.0]
+    fd = ProcessRateLimiter.create()
+    try:
+        # 0.1/s per department: each keeps a slot 10 s ahead; 5,000 new ones a second.
+        limiter = ProcessRateLimiter(fd, per_department_rate=0.1, clock=lambda: now[0])
+        n = 8_000
+        for i in range(n):
+            await limiter.acquire(f"d{i}")
+            now[0] += 0.0002
+        limiter.close()
+    finally:
+        os.close(fd)
+    assert reads < 10 * n  # a full scan per new department was about n * n / 2
+
+
+async def runs_worker_code(pid: int) -> None:
+    """Return once process ``pid`` runs a worker's code (it was exec'd; Linux /proc)."""
+    while True:
+        if b"_worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes():  # noqa: ASYNC240
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_the_password_is_in_no_workers_environment(tmp_path: Path) -> None:
+    """BOTMSG_PASSWORD is not copied into a worker's /proc/<pid>/environ (its socket has it)."""
+    source = items(tmp_path, 4)
+    async with service() as (svc, base_url):
+        stalled, release, _ = stall_next(svc, 200)
+        process = await start(base_url, str(source), "--workers", "2", "-c", "1")
+        pids = await worker_pids(process, 2)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)
+        for pid in pids:
+            await runs_worker_code(pid)  # between fork and exec, it shows the parent's
+            environ = Path(f"/proc/{pid}/environ").read_bytes()  # noqa: ASYNC240
+            assert PASSWORD.encode() not in environ
+            assert f"BOTMSG_USERNAME={USERNAME}".encode() in environ  # the rest is kept
+        release.set()
+        code, err = await finish(process)
+    assert code == 0, err
+
+
+async def test_a_worker_stopped_half_way_through_a_message_holds_up_no_other(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP of a worker mid-message: the other sends the rest; SIGCONT, and all is reported."""
+    marker = tmp_path / "stopped"
+    # The first worker to report results writes half of the message, then stops itself.
+    site = worker_site(
+        tmp_path,
+        "import os, signal, struct\n"
+        "from multiprocessing import connection\n"
+        "send_bytes = connection.Connection._send_bytes\n"
+        "def half_then_stop(self, buf):\n"
+        "    data = bytes(buf)\n"
+        "    if b'results' in data:\n"
+        "        try:\n"
+        f"            os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "        except FileExistsError:\n"
+        "            pass\n"
+        "        else:\n"
+        "            self._send(struct.pack('!i', len(data)) + data[: len(data) // 2])\n"
+        "            os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "            self._send(data[len(data) // 2 :])\n"
+        "            return\n"
+        "    send_bytes(self, buf)\n"
+        "connection.Connection._send_bytes = half_then_stop\n",
+    )
+    n = 600
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--out", str(out), site=site
+        )
+        pids = await worker_pids(process, 2)
+        try:
+            # The stopped one holds two chunks of 16 and its results not yet reported.
+            await asyncio.wait_for(svc.when_received(n - 64).wait(), TIMEOUT)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        code, err = await finish(process)
+    assert marker.exists()
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param("struct.pack('!i', 5) + b'\\x80\\x05junk'", id="no pickle"),
+        pytest.param("struct.pack('!i', -7)", id="a negative size"),
+        pytest.param("struct.pack('!i', 4) + pickle.dumps(7)[:4]", id="no tuple"),
+    ],
+)
+async def test_a_worker_message_that_makes_no_sense_ends_it_as_a_death(
+    tmp_path: Path, garbage: str
+) -> None:
+    """A worker's garbled message: it is killed and reconciled from its segment, no traceback."""
+    marker = tmp_path / "garbled"
+    site = worker_site(
+        tmp_path,
+        "import os, pickle, struct\n"
+        "from multiprocessing import connection\n"
+        "send_bytes = connection.Connection._send_bytes\n"
+        "def garbled(self, buf):\n"
+        "    if b'results' in bytes(buf):\n"
+        "        try:\n"
+        f"            os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "        except FileExistsError:\n"
+        "            pass\n"
+        "        else:\n"
+        f"            self._send({garbage})\n"
+        "    send_bytes(self, buf)\n"
+        "connection.Connection._send_bytes = garbled\n",
+    )
+    n = 300
+    source = items(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    journal = tmp_path / "journal"
+    async with service() as (svc, base_url):
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "8", "--journal", str(journal),
+            "--out", str(out), site=site,
+        )  # fmt: skip
+        code, err = await finish(process)
+    assert marker.exists()
+    assert code in (1, 3), err
+    assert "died: signal 9" in err
+    assert "Traceback" not in err
+    outcomes = check_accounting(svc, out, n)
+    assert set(outcomes.values()) <= {"sent", "unknown"}
+    assert (code == 3) == ("unknown" in outcomes.values())
+
+
+BAD_OPTIONS = [
+    ("workers", 0),
+    ("concurrency", 0),
+    ("max_pause", float("nan")),
+    ("stop_after_consecutive_failures", 0),
+    ("rate_limit", -1.0),
+    ("rate_limit", 0.0),
+    ("rate_limit", float("inf")),
+    ("rate_limit", float("nan")),
+    ("rate_limit", 1e-320),  # its period, 1 / rate, is infinite
+    ("rate_limit", "10"),
+    ("per_department_rate_limit", float("inf")),
+    ("per_department_rate_limit", -5),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_OPTIONS)
+def test_a_parallel_send_refuses_a_bad_option_before_any_worker_has_it(
+    name: str, value: object
+) -> None:
+    """ParallelSend names a bad option at once: no worker starts, fails or sends at no limit."""
+    config = WorkerConfig(base_url="http://127.0.0.1:9", username=USERNAME, password=PASSWORD)
+    workers = 2
+    if name == "workers":
+        workers = value  # type: ignore[assignment]
+    else:
+        config = evolve(config, **{name: value})  # type: ignore[arg-type]
+    before = children(os.getpid())
+    with pytest.raises(InvalidRequestError, match=name):
+        ParallelSend(config, [], workers=workers, on_result=print)
+    assert children(os.getpid()) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(n, v) for n, v in BAD_OPTIONS if n.endswith("rate_limit")]
+)
+def test_the_shared_limiter_refuses_a_rate_it_cannot_keep(name: str, value: object) -> None:
+    """ProcessRateLimiter names a rate that is not a finite number > 0, as LocalRateLimiter does."""
+    fd = ProcessRateLimiter.create()
+    try:
+        argument = "rate" if name == "rate_limit" else "per_department_rate"
+        with pytest.raises(InvalidRequestError, match=name):
+            ProcessRateLimiter(fd, **{argument: value})  # type: ignore[arg-type]
+    finally:
+        os.close(fd)

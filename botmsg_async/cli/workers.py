@@ -36,7 +36,7 @@ from botmsg_async.journal import (
     JournalState,
 )
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
+from .common import ENV_PASSWORD, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNKNOWN, UsageError
 from .console import Bar, Console
 from .credentials import Credentials
 from .input import RowDefaults, Scan, Source
@@ -98,12 +98,16 @@ def start_workers(args: argparse.Namespace, stack: contextlib.ExitStack) -> Work
     return pool
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env() -> dict[str, str | None]:
+    # The password reaches a worker over its socket: not in its environment, where
+    # anything reading /proc/<pid>/environ for as long as it runs would find it.
+    env: dict[str, str | None] = {ENV_PASSWORD: None}
     if sys.platform != "linux":
-        return {}
+        return env
     tunables = os.environ.get("GLIBC_TUNABLES")
     # A user's own tunables win; ours are added after them.
-    return {"GLIBC_TUNABLES": f"{tunables}:{MALLOC_TUNABLES}" if tunables else MALLOC_TUNABLES}
+    env["GLIBC_TUNABLES"] = f"{tunables}:{MALLOC_TUNABLES}" if tunables else MALLOC_TUNABLES
+    return env
 
 
 class _Signals:
