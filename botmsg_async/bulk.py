@@ -2010,7 +2010,10 @@ class ParallelSend:
         inbox = process.inbox
         closed = False
         try:
-            data = sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            # 64 KiB: a larger buffer is above glibc's mmap threshold, mapped and
+            # unmapped on every read (see _http's _READ_SIZE); a longer message
+            # takes several reads, the selector reporting the rest.
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
         except BlockingIOError:
             data = None
         except OSError:
