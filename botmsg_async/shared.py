@@ -73,6 +73,25 @@ _MAX_PAUSE = 86400 * 10**6
 #: silent, would hold the close up for ever. A release given up leaves its key claimed.
 RELEASE_WAIT: Final = 10.0
 
+# The server's clock (µs), and ``instant(key)``: the instant (µs, that clock) a
+# schedule or pause key holds, or 0 when it holds none of ours. Each is SET with a TTL
+# that outlasts its instant; another writer's (a hand edit, another program) may hold
+# a word, a number centuries ahead or with no TTL, or a hash: read as such, every
+# reservation would fail on it, or wait for centuries, for as long as the key lives.
+# Taken for absent, it is overwritten by the next SET of ours.
+_INSTANT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function instant(key)
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then return 0 end
+  local n = tonumber(v)
+  local ttl = redis.call('PTTL', key)
+  if n and ttl >= 0 and n <= now + ttl * 1000 + 1000000 then return n end
+  return 0
+end
+"""
+
 # One reservation. KEYS: global schedule, department schedule, pause.
 # ARGV: global interval and burst tolerance (µs; interval 0: no global limit),
 # department interval and tolerance, slots wanted (global only), mode (1: take
@@ -82,10 +101,10 @@ RELEASE_WAIT: Final = 10.0
 # time left (nothing reserved: come back after it); 1, the wait of each slot
 # reserved; 2, the wait of the department slot now held, which binds: sleep, then
 # ask again in mode 2 for the global slot.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+_ACQUIRE = (
+    _INSTANT
+    + """
+local pause = instant(KEYS[3])
 if pause > now then return {0, now, pause - now} end
 local tg, taug = tonumber(ARGV[1]), tonumber(ARGV[2])
 local td, taud = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -93,11 +112,11 @@ local n, mode = tonumber(ARGV[5]), tonumber(ARGV[6])
 local gtat = now
 local start = now
 if tg > 0 then
-  gtat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+  gtat = math.max(instant(KEYS[1]), now)
   start = math.max(now, gtat - taug)
 end
 if mode == 1 and td > 0 then
-  local dtat = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now)
+  local dtat = math.max(instant(KEYS[2]), now)
   local sd = math.max(now, dtat - taud)
   if sd > start then
     dtat = dtat + td
@@ -120,14 +139,15 @@ redis.call('SET', KEYS[1], string.format('%.0f', gtat), 'PX',
   math.floor((gtat - now) / 1000) + 1000)
 return reply
 """
+)
 
 # KEYS: pause. ARGV: seconds in µs, channel. Extends the pause (never shortens
 # it) and tells every subscriber how long it now lasts. Reply: µs left.
-_PAUSE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+_PAUSE = (
+    _INSTANT
+    + """
 local untl = now + tonumber(ARGV[1])
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = instant(KEYS[1])
 if untl > cur then
   redis.call('SET', KEYS[1], string.format('%.0f', untl), 'PX',
     math.floor((untl - now) / 1000) + 1)
@@ -136,6 +156,7 @@ if untl > cur then
 end
 return cur - now
 """
+)
 
 # KEYS: the key's record. ARGV: the claim JSON, TTL in ms. Reply: nil when
 # claimed now, else the record already there.
