@@ -47,7 +47,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from ._errors import BotMessageError, CoordinationError, InvalidRequestError
+from ._errors import (
+    BotMessageError,
+    CoordinationError,
+    DeliveryUnknownError,
+    InvalidRequestError,
+)
 from ._guard import claim_record, outcome_record, read_record
 from ._limits import LocalRateLimiter
 from ._models import SendResult
@@ -159,9 +164,11 @@ return cur - now
 )
 
 # KEYS: the key's record. ARGV: the claim JSON, TTL in ms. Reply: nil when
-# claimed now, else the record already there.
+# claimed now, else the record already there, or {its type} when the key holds no
+# string (another writer's hash, list...: no record of ours, nor one to claim).
 _CLAIM = """
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then return {redis.call('TYPE', KEYS[1]).ok} end
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
@@ -719,6 +726,18 @@ class RedisSendGuard:
             raise
         if existing is None:
             return None
+        if isinstance(existing, list):
+            kind = existing[0] if existing else "?"
+            if isinstance(kind, bytes):
+                kind = kind.decode("ascii", "replace")
+            unknown = DeliveryUnknownError(
+                f"the record of this idempotency key in Redis is a {kind}, not a record "
+                "(another writer's): the message may have been delivered",
+                department_uuid=department_uuid,
+                user_uuid=user_uuid,
+            )
+            unknown.idempotency_key = key
+            raise unknown
         if not isinstance(existing, bytes | str):
             existing = b"?"
         return read_record(existing, key, fingerprint, department_uuid, user_uuid, token)
