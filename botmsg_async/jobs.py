@@ -90,7 +90,7 @@ from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
-from .shared import URL_HINT, RedisRateLimiter
+from .shared import URL_HINT, RedisRateLimiter, check_redis_url
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -502,7 +502,10 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
             )
         return redis, False
     if not isinstance(redis, str):
-        raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")
+        raise InvalidRequestError(
+            "redis", type(redis).__name__, "must be a redis:// URL or a redis.asyncio.Redis"
+        )
+    check_redis_url(redis)
     try:
         return (
             Redis.from_url(

@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final, Self
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -64,7 +65,7 @@ log = logging.getLogger("botmsg_async")
 #: Why a Redis URL was refused (never the URL itself, which may carry a password).
 URL_HINT: Final = (
     "is not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or "
-    "unix://path, with '/', '@', ':' and '%' percent-encoded in a password"
+    "unix://path, with '/', '?', '#', '@', ':' and '%' percent-encoded in a password"
 )
 #: Errors of a Redis that is down, slow or refusing us.
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -220,6 +221,31 @@ def _name(name: str | None, base_url: str | None, username: str | None) -> str:
     return name
 
 
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL whose password was cut short by an unencoded '/', '?' or '#'.
+
+    The rest of the password (and the host) then follows that character, so an '@'
+    shows there; redis-py would take the password's head for a port or a host (a
+    password "4711/x" connects to localhost:4711) and quote it in every connection
+    error. An '@' is left alone only in the value of a ``password=`` or ``username=``
+    query option (redis-py reads those), and in a ``unix://`` socket's path.
+
+    Raises:
+        InvalidRequestError: such a URL (never quoted: ``URL_HINT``).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return  # redis-py refuses it too (refused, unquoted, by the caller)
+    spilled = "@" in parts.fragment or ("@" in parts.path and parts.scheme != "unix")
+    for piece in parts.query.split("&"):
+        name, _, value = piece.partition("=")
+        if "@" in name or ("@" in value and name not in ("password", "username")):
+            spilled = True
+    if spilled:
+        raise InvalidRequestError("redis", "<url>", URL_HINT)
+
+
 def _connect(redis: str | Redis) -> tuple[Redis, bool]:
     """A client for ``redis`` (a URL, or a client of the caller's) and whether we own it."""
     if isinstance(redis, Redis):
@@ -228,6 +254,7 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
         raise InvalidRequestError(
             "redis", type(redis).__name__, "must be a redis:// URL or a redis.asyncio.Redis"
         )
+    check_redis_url(redis)
     try:
         # Short timeouts and one quick retry: with Redis away, each send fails
         # closed in about a second instead of hanging.
