@@ -1215,8 +1215,9 @@ class _Run:
             return
         if int(reply[0]) == -3:
             gone = JobError(
-                "the job is gone from Redis (expired, flushed, or lost when Redis restarted): "
-                "the outcomes of this run's sends cannot be recorded"
+                "the job is gone from Redis (expired, flushed, or lost when Redis restarted; "
+                "or its meta has no ttl: corrupt): the outcomes of this run's sends cannot be "
+                "recorded"
             )
             if request is not None:
                 request[1].set_exception(gone)  # not recorded: not sent
