@@ -90,7 +90,7 @@ from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
-from .shared import URL_HINT, RedisRateLimiter
+from .shared import URL_HINT, RedisRateLimiter, check_redis_url
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -199,7 +199,9 @@ return {1}
 # done, the job's channel hears "end". Reply {status, gen, refused...}: status 1
 # started (refused: already started by another run, not to be sent here); 0 no
 # start asked; -1 the job is not running (nothing started); -2 the generation went
-# backwards (nothing started).
+# backwards (nothing started); -3 the job is gone (its meta lost in a restart, flushed,
+# expired): nothing written, as each write would leave a key with no TTL for ever (the
+# meta among them, which no run could then join again).
 # Once only: the reply is kept under the run's consumer in KEYS[7], and a write run
 # again with the same id (redis-py or ``_patiently`` trying again after the reply was
 # lost) returns it unchanged; run twice, its starts would come back refused, and
@@ -211,6 +213,7 @@ if seen and string.sub(seen, 1, #wid + 1) == wid .. ' ' then
   return cjson.decode(string.sub(seen, #wid + 2))
 end
 local function write()
+if not tonumber(redis.call('HGET', KEYS[1], 'ttl') or '') then return {-3, 0} end
 local chunk = tonumber(ARGV[2])
 local p = 7
 local no = tonumber(ARGV[p]); local o0 = p + 1; p = o0 + no * 4
@@ -499,7 +502,10 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
             )
         return redis, False
     if not isinstance(redis, str):
-        raise InvalidRequestError("redis", redis, "must be a redis:// URL or a redis.asyncio.Redis")
+        raise InvalidRequestError(
+            "redis", type(redis).__name__, "must be a redis:// URL or a redis.asyncio.Redis"
+        )
+    check_redis_url(redis)
     try:
         return (
             Redis.from_url(
@@ -1206,6 +1212,17 @@ class _Run:
                 # and their chunks unfinished, which this run would wait for in vain: it
                 # stops, and its caller learns the outcomes are not on record.
                 self.fail(_redis_failed("record the outcomes of sends", exc))
+            return
+        if int(reply[0]) == -3:
+            gone = JobError(
+                "the job is gone from Redis (expired, flushed, or lost when Redis restarted; "
+                "or its meta has no ttl: corrupt): the outcomes of this run's sends cannot be "
+                "recorded"
+            )
+            if request is not None:
+                request[1].set_exception(gone)  # not recorded: not sent
+            if batch or releases or acks:
+                self.fail(gone)
             return
         for meta in metas:
             meta.chunk.open.discard(meta.index)

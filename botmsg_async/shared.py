@@ -41,13 +41,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final, Self
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from ._errors import BotMessageError, CoordinationError, InvalidRequestError
+from ._errors import (
+    BotMessageError,
+    CoordinationError,
+    DeliveryUnknownError,
+    InvalidRequestError,
+)
 from ._guard import claim_record, outcome_record, read_record
 from ._limits import LocalRateLimiter
 from ._models import SendResult
@@ -59,7 +65,7 @@ log = logging.getLogger("botmsg_async")
 #: Why a Redis URL was refused (never the URL itself, which may carry a password).
 URL_HINT: Final = (
     "is not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or "
-    "unix://path, with '/', '@', ':' and '%' percent-encoded in a password"
+    "unix://path, with '/', '?', '#', '@', ':' and '%' percent-encoded in a password"
 )
 #: Errors of a Redis that is down, slow or refusing us.
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -73,6 +79,25 @@ _MAX_PAUSE = 86400 * 10**6
 #: silent, would hold the close up for ever. A release given up leaves its key claimed.
 RELEASE_WAIT: Final = 10.0
 
+# The server's clock (µs), and ``instant(key)``: the instant (µs, that clock) a
+# schedule or pause key holds, or 0 when it holds none of ours. Each is SET with a TTL
+# that outlasts its instant; another writer's (a hand edit, another program) may hold
+# a word, a number centuries ahead or with no TTL, or a hash: read as such, every
+# reservation would fail on it, or wait for centuries, for as long as the key lives.
+# Taken for absent, it is overwritten by the next SET of ours.
+_INSTANT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function instant(key)
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then return 0 end
+  local n = tonumber(v)
+  local ttl = redis.call('PTTL', key)
+  if n and ttl >= 0 and n <= now + ttl * 1000 + 1000000 then return n end
+  return 0
+end
+"""
+
 # One reservation. KEYS: global schedule, department schedule, pause.
 # ARGV: global interval and burst tolerance (µs; interval 0: no global limit),
 # department interval and tolerance, slots wanted (global only), mode (1: take
@@ -82,10 +107,10 @@ RELEASE_WAIT: Final = 10.0
 # time left (nothing reserved: come back after it); 1, the wait of each slot
 # reserved; 2, the wait of the department slot now held, which binds: sleep, then
 # ask again in mode 2 for the global slot.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+_ACQUIRE = (
+    _INSTANT
+    + """
+local pause = instant(KEYS[3])
 if pause > now then return {0, now, pause - now} end
 local tg, taug = tonumber(ARGV[1]), tonumber(ARGV[2])
 local td, taud = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -93,11 +118,11 @@ local n, mode = tonumber(ARGV[5]), tonumber(ARGV[6])
 local gtat = now
 local start = now
 if tg > 0 then
-  gtat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+  gtat = math.max(instant(KEYS[1]), now)
   start = math.max(now, gtat - taug)
 end
 if mode == 1 and td > 0 then
-  local dtat = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now)
+  local dtat = math.max(instant(KEYS[2]), now)
   local sd = math.max(now, dtat - taud)
   if sd > start then
     dtat = dtat + td
@@ -120,14 +145,15 @@ redis.call('SET', KEYS[1], string.format('%.0f', gtat), 'PX',
   math.floor((gtat - now) / 1000) + 1000)
 return reply
 """
+)
 
 # KEYS: pause. ARGV: seconds in µs, channel. Extends the pause (never shortens
 # it) and tells every subscriber how long it now lasts. Reply: µs left.
-_PAUSE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+_PAUSE = (
+    _INSTANT
+    + """
 local untl = now + tonumber(ARGV[1])
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = instant(KEYS[1])
 if untl > cur then
   redis.call('SET', KEYS[1], string.format('%.0f', untl), 'PX',
     math.floor((untl - now) / 1000) + 1)
@@ -136,11 +162,14 @@ if untl > cur then
 end
 return cur - now
 """
+)
 
 # KEYS: the key's record. ARGV: the claim JSON, TTL in ms. Reply: nil when
-# claimed now, else the record already there.
+# claimed now, else the record already there, or {its type} when the key holds no
+# string (another writer's hash, list...: no record of ours, nor one to claim).
 _CLAIM = """
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then return {redis.call('TYPE', KEYS[1]).ok} end
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
@@ -192,6 +221,31 @@ def _name(name: str | None, base_url: str | None, username: str | None) -> str:
     return name
 
 
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL whose password was cut short by an unencoded '/', '?' or '#'.
+
+    The rest of the password (and the host) then follows that character, so an '@'
+    shows there; redis-py would take the password's head for a port or a host (a
+    password "4711/x" connects to localhost:4711) and quote it in every connection
+    error. An '@' is left alone only in the value of a ``password=`` or ``username=``
+    query option (redis-py reads those), and in a ``unix://`` socket's path.
+
+    Raises:
+        InvalidRequestError: such a URL (never quoted: ``URL_HINT``).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return  # redis-py refuses it too (refused, unquoted, by the caller)
+    spilled = "@" in parts.fragment or ("@" in parts.path and parts.scheme != "unix")
+    for piece in parts.query.split("&"):
+        name, _, value = piece.partition("=")
+        if "@" in name or ("@" in value and name not in ("password", "username")):
+            spilled = True
+    if spilled:
+        raise InvalidRequestError("redis", "<url>", URL_HINT)
+
+
 def _connect(redis: str | Redis) -> tuple[Redis, bool]:
     """A client for ``redis`` (a URL, or a client of the caller's) and whether we own it."""
     if isinstance(redis, Redis):
@@ -200,6 +254,7 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
         raise InvalidRequestError(
             "redis", type(redis).__name__, "must be a redis:// URL or a redis.asyncio.Redis"
         )
+    check_redis_url(redis)
     try:
         # Short timeouts and one quick retry: with Redis away, each send fails
         # closed in about a second instead of hanging.
@@ -698,6 +753,18 @@ class RedisSendGuard:
             raise
         if existing is None:
             return None
+        if isinstance(existing, list):
+            kind = existing[0] if existing else "?"
+            if isinstance(kind, bytes):
+                kind = kind.decode("ascii", "replace")
+            unknown = DeliveryUnknownError(
+                f"the record of this idempotency key in Redis is a {kind}, not a record "
+                "(another writer's): the message may have been delivered",
+                department_uuid=department_uuid,
+                user_uuid=user_uuid,
+            )
+            unknown.idempotency_key = key
+            raise unknown
         if not isinstance(existing, bytes | str):
             existing = b"?"
         return read_record(existing, key, fingerprint, department_uuid, user_uuid, token)

@@ -13,7 +13,7 @@ pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 
 from redis.asyncio import Redis
 
-from botmsg_async import InvalidRequestError, SendRequest
+from botmsg_async import BotMessageError, InvalidRequestError, SendRequest
 from botmsg_async.jobs import JobError, job_results, job_status, run_job_async
 from botmsg_async.testing import FakeBotMessageServer
 
@@ -179,6 +179,62 @@ async def test_a_bad_redis_url_is_refused_without_quoting_it(url: str) -> None:
             await use()
         assert "s3cr" not in str(caught.value)
         assert "s3cr" not in repr(caught.value)
+
+
+#: Redis URLs redis-py takes, with a password cut short by an unencoded '/', '?' or '#':
+#: its head, 4711, was taken for a port (or a host) and quoted in every connection error.
+_SPILLED_URLS = [
+    "redis://:4711/s3cr@127.0.0.1:6379/0",
+    "redis://:4711?s3cr@127.0.0.1",
+    "redis://:4711#s3cr@127.0.0.1",
+    "redis://user:4711/s3cr@127.0.0.1",
+    "redis://:4711?a=s3cr@127.0.0.1",
+    "rediss://:4711/s3cr@127.0.0.1",
+    "unix://:4711#s3cr@/tmp/redis.sock",
+]
+
+
+@pytest.mark.parametrize("url", _SPILLED_URLS)
+async def test_a_password_cut_short_in_a_redis_url_is_never_quoted(url: str) -> None:
+    """A Redis URL whose password an unencoded '/', '?' or '#' cut short: refused before
+    any connection, quoting no piece of it (not "connecting to localhost:4711")."""
+    from botmsg_async.jobs import cancel_job
+    from botmsg_async.shared import RedisRateLimiter, RedisSendGuard
+
+    async def guard() -> None:
+        async with RedisSendGuard(url, name="t") as made:
+            await made.claim("k", "f", "d", "u", token="t")
+
+    async def limiter() -> None:
+        async with RedisRateLimiter(url, name="t", rate=1) as made:
+            await made.acquire("d")
+
+    async def status() -> None:
+        await job_status(url, "j")
+
+    async def cancel() -> None:
+        await cancel_job(url, "j")
+
+    for use in (guard, limiter, status, cancel):
+        with pytest.raises(BotMessageError) as caught:
+            await use()
+        assert "4711" not in str(caught.value)
+        assert "4711" not in repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?password=p@ss",
+        "redis://127.0.0.1:1/0?username=me@home&password=x",
+        "unix:///tmp/a@b/redis.sock",
+    ],
+)
+def test_an_at_sign_where_redis_reads_it_is_taken(url: str) -> None:
+    """An '@' in a password= or username= option, or in a unix socket's path, is no cut."""
+    from botmsg_async.shared import check_redis_url
+
+    check_redis_url(url)
 
 
 async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedis) -> None:

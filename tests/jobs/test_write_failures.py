@@ -14,9 +14,17 @@ pytest.importorskip("redis", reason="pip install 'botmsg-async[redis]'")
 import redis
 import redis.asyncio as aioredis
 
-from botmsg_async import SendRequest
-from botmsg_async.jobs import JobError, job_results, job_status, run_job_async
-from botmsg_async.shared import account_name
+from botmsg_async import BotMessageClient, CoordinationError, SendRequest
+from botmsg_async.jobs import (
+    JobError,
+    _Chunk,
+    _Pending,
+    _Run,
+    job_results,
+    job_status,
+    run_job_async,
+)
+from botmsg_async.shared import RedisRateLimiter
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
 
 from .conftest import JobRedis
@@ -74,17 +82,27 @@ async def test_outcomes_redis_refuses_end_the_run_with_a_job_error(job_redis: Jo
 
 
 async def test_items_the_limiter_failed_closed_on_are_sent_once_it_is_back(
-    job_redis: JobRedis,
+    job_redis: JobRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The shared limiter failing closed for a while: its items go later, the run ends."""
     items = _items(20)
+    # Redis refusing the limiter's script: every slot fails closed (nothing sent). (A schedule
+    # key of another type did that once; it is now read as absent.)
+    broken = [True]
+    reserve = RedisRateLimiter._reserve
+
+    async def refused(
+        self: RedisRateLimiter, mode: int, department: str, slots: int
+    ) -> tuple[int, int, list[int]]:
+        if broken[0]:
+            raise CoordinationError("the shared rate limiter could not use Redis (refused)")
+        return await reserve(self, mode, department, slots)
+
+    monkeypatch.setattr(RedisRateLimiter, "_reserve", refused)
     async with (
         FakeBotMessageServer() as server,
         aioredis.Redis.from_url(job_redis.url) as r,
     ):
-        # The limiter's schedule key of another type: every slot fails closed (nothing sent).
-        rate_key = f"botmsg:{{{account_name(server.base_url, server.username)}}}:rate"
-        await r.hset(rate_key, "junk", "1")
         run = asyncio.ensure_future(
             run_job_async(
                 job_redis.url,
@@ -112,7 +130,7 @@ async def test_items_the_limiter_failed_closed_on_are_sent_once_it_is_back(
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(a_group_was_taken_back(), 30)
-        await r.delete(rate_key)  # the limiter works again
+        broken[0] = False  # the limiter works again
         report = await asyncio.wait_for(run, 60)  # the old code waited for ever
         status = await job_status(job_redis.url, "limited")
     assert status.complete
@@ -182,3 +200,40 @@ async def test_send_many_exits_unknown_not_usage_when_outcomes_go_unrecorded(
     assert "Traceback" not in err
     assert len(server.messages) == 20
     assert code == 3, err
+
+
+@pytest.mark.parametrize("what", ["an outcome", "a start group"])
+async def test_a_write_to_a_job_gone_from_redis_leaves_no_key_for_ever(
+    job_redis: JobRedis, what: str
+) -> None:
+    """A run's write after the job's keys were lost (a flush, a restart without them, an
+    expiry): a JobError saying so, and nothing written (the old write left the meta and
+    bitmaps with no TTL: the job name could never be joined again)."""
+    async with (
+        aioredis.Redis.from_url(job_redis.url) as r,
+        BotMessageClient("http://127.0.0.1:9", "user", "pw") as client,
+    ):
+        run = _Run(
+            r,
+            "gone",
+            _items(4),
+            client=client,
+            limiter=None,
+            concurrency=1,
+            retry=None,
+            resend_unknown=False,
+            claim_timeout=30,
+            on_result=None,
+        )
+        if what == "an outcome":
+            meta = _Pending(3, "k", _Chunk("1-0", 0, 4), in_doubt=False, started=True)
+            run._record(meta, "sent", str(uuid.uuid4()), None, None, None)
+            await run.drain()
+            assert run.failure is not None
+            assert "gone from Redis" in run.failure.message
+        else:
+            with pytest.raises(JobError, match="gone from Redis"):
+                await run._start_group([0, 1])
+        forever = [key for key in await r.keys("*") if await r.ttl(key) == -1]
+        assert forever == []
+        assert not await r.exists("botmsg:job:{gone}:meta")

@@ -138,6 +138,37 @@ async def test_a_claim_without_outcome_is_unknown_and_never_sent(
         assert server.requests == 0
 
 
+@pytest.mark.parametrize("kind", ["hash", "list", "set", "zset", "stream"])
+async def test_a_key_of_another_type_is_unknown_and_never_sent(
+    redis_server: RedisServer, kind: str
+) -> None:
+    """A record key another writer made a hash, list...: DeliveryUnknownError naming the
+    type, never sent (not a CoordinationError that asks for the send again for ever)."""
+    async with (
+        FakeBotMessageServer(username="bot", password="pw") as server,
+        RedisSendGuard(redis_server.url, name="t") as guard,
+        _client(server, guard) as client,
+        aioredis.Redis.from_url(redis_server.url) as r,
+    ):
+        key = guard.key_of("job-6")
+        if kind == "hash":
+            await r.hset(key, "a", "1")
+        elif kind == "list":
+            await r.rpush(key, "a")
+        elif kind == "set":
+            await r.sadd(key, "a")
+        elif kind == "zset":
+            await r.zadd(key, {"a": 1})
+        else:
+            await r.xadd(key, {"a": "1"})
+        for _ in range(2):
+            with pytest.raises(DeliveryUnknownError, match=f"is a {kind}, not a record") as exc:
+                await client.send(DEPT, USER, "hi", idempotency_key="job-6")
+            assert exc.value.idempotency_key == "job-6"
+        assert server.requests == 0
+        assert await r.type(key) == kind.encode()  # left as it was: not ours to remove
+
+
 @pytest.mark.parametrize(
     ("department", "user", "text"),
     [(str(uuid.uuid4()), USER, "hello"), (DEPT, str(uuid.uuid4()), "hello"), (DEPT, USER, "bye")],

@@ -278,3 +278,44 @@ async def test_junk_on_the_pause_channel_is_ignored(redis_server: RedisServer, j
             assert 20 < await limiter.paused_for() <= 30
         finally:
             await limiter.aclose()  # the listener ends cleanly: no error of the junk
+
+
+_NOT_OURS = {
+    "a word": ("abc", None),
+    "centuries ahead, no TTL": ("9000000000000000", None),
+    "centuries ahead, a TTL": ("9000000000000000", 60_000),
+    "an overflow": ("1e999", 60_000),
+    "not a number": ("nan", 60_000),
+    "a hash": (None, None),
+}
+
+
+@pytest.mark.parametrize("key", ["pause", "rate", "dept:d"])
+@pytest.mark.parametrize("junk", sorted(_NOT_OURS))
+async def test_a_schedule_or_pause_key_not_of_ours_is_taken_for_absent(
+    redis_server: RedisServer, key: str, junk: str
+) -> None:
+    """A schedule or pause key some other writer left (junk, centuries ahead, a hash) is
+    read as absent: sends go on at the rate, never an error nor a wait for centuries."""
+    value, ttl = _NOT_OURS[junk]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if seconds > 60:  # the old script: a wait for centuries (or a pause looped on)
+            raise AssertionError(f"the limiter waits {seconds:.3g} s")
+
+    async with aioredis.Redis.from_url(redis_server.url) as r:
+        full = f"botmsg:{{t}}:{key}"
+        if value is None:
+            await r.hset(full, "a", "1")
+        else:
+            await r.set(full, value, px=ttl)
+        async with RedisRateLimiter(
+            redis_server.url, name="t", rate=100, per_department_rate=50, sleep=sleep
+        ) as limiter:
+            for _ in range(3):
+                await limiter.acquire("d")
+            await limiter.pause(0.5)  # the pause key too is read (and then written) whole
+            assert 0 < await limiter.paused_for() <= 0.5
+        assert all(seconds <= 1 for seconds in slept)
