@@ -822,12 +822,23 @@ class FileJournal:
             # so that no fragment of it is left behind to be read as a record.
             data = data[:-1] + b" " * (torn - len(data)) + b"\n"
         # Written at an offset: through a descriptor without O_APPEND.
-        fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         try:
+            tail = os.pread(fd, torn, at)
             os.lseek(fd, at, os.SEEK_SET)
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                # Cut short (a full disk): the torn tail is put back. Records written in
+                # part would start this run's part of the journal (its resume record)
+                # without all the held-back items, which the next load, reading that
+                # part's window, would no longer hold back.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, at + len(tail))
+                    os.pwrite(fd, tail, at)
+                raise
             _fsync(fd, self.path)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, self.path) from None

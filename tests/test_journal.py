@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import json
 import os
@@ -551,3 +552,43 @@ def test_a_sync_cancelled_before_its_thread_ran_leaves_no_descriptor_holding_the
     # which every duplicate shares): a new writer gets the lock.
     again = journal.FileJournal(str(path))
     again.close()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ['{"i": 2, "o": "se', '{"i": 2, "o": "se' + "x" * 1500],
+    ids=["shorter-than-the-records", "longer-than-the-records"],
+)
+def test_a_resume_that_cannot_write_all_its_records_leaves_the_torn_tail_holding_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: str
+) -> None:
+    """A write over a torn tail cut short (a full disk) leaves the held-back items held back."""
+    path = tmp_path / "journal"
+    text = lines(header(2), start(0), outcome(0, "sent"), start(2)) + tail
+    held = load_raw(tmp_path, text).torn_in_doubt
+    assert held == [1, 3, 4]  # 1: below the highest start, no record; 3 and 4: the window
+    real_write = os.write
+    for budget in range(0, 1200, 7):
+        path.write_text(text, encoding="utf-8")
+        writer = journal.FileJournal(str(path))
+        left = [budget]
+
+        def short_write(fd: int, data: Any, left: list[int] = left) -> int:
+            """As a full disk does: the bytes that fit, then ENOSPC."""
+            if left[0] == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written = real_write(fd, bytes(data[: left[0]]))
+            left[0] -= written
+            return written
+
+        monkeypatch.setattr(os, "write", short_write)
+        try:
+            # --durable: the resumed run's window is 0, so it holds back nothing itself.
+            with contextlib.suppress(OSError):
+                writer.begin(fingerprint="fp", items=10, window=0, resume=True)
+        finally:
+            monkeypatch.undo()
+            writer.close()
+        state = journal.load(str(path), fingerprint="fp", items=10)
+        assert all(state.states[i] == journal.UNKNOWN for i in held), (budget, state.states)
+        assert all(state.in_doubt[i] == (None, journal.TORN_NOTE) for i in held)
