@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ._errors import InvalidRequestError
 
-__all__ = ["LocalRateLimiter", "PauseOnly", "RateLimiter"]
+__all__ = ["LocalRateLimiter", "PauseOnly", "RateLimiter", "check_rate"]
 
 
 class RateLimiter(Protocol):
@@ -160,6 +160,33 @@ class PauseOnly:
         return None
 
 
+def check_rate(field: str, value: object) -> None:
+    """Raise ``InvalidRequestError`` naming ``field`` unless ``value`` is None or a rate
+    a limiter can keep: an int or float > 0, finite both ways.
+
+    Every limiter of the SDK checks its rates here. Finite both ways: aiolimiter
+    hangs on an infinite rate (its period is NaN) and divides by zero on one so
+    small that its period is infinite; a GCRA's arithmetic grants every slot at
+    once on either, or overflows (an int too large for a float).
+    """
+    if value is None:
+        return
+    try:
+        usable = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and value > 0
+            and math.isfinite(value)
+            and math.isfinite(1 / value)
+        )
+    except OverflowError:  # an int too large for a float
+        usable = False
+    if not usable:
+        raise InvalidRequestError(
+            field, value, "must be a finite number > 0 messages per second, or None"
+        )
+
+
 class LocalRateLimiter:
     """A ``RateLimiter`` for one process: smooth rates (aiolimiter) and an in-memory pause.
 
@@ -184,18 +211,8 @@ class LocalRateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        for name, value in (
-            ("rate_limit", rate),
-            ("per_department_rate_limit", per_department_rate),
-        ):
-            # Finite both ways: aiolimiter hangs on an infinite rate (its period is NaN)
-            # and divides by zero on one so small that its period is infinite.
-            if value is not None and not (
-                value > 0 and math.isfinite(value) and math.isfinite(1 / value)
-            ):
-                raise InvalidRequestError(
-                    name, value, "must be a finite number > 0 messages per second, or None"
-                )
+        check_rate("rate_limit", rate)
+        check_rate("per_department_rate_limit", per_department_rate)
         self.rate = rate
         self.per_department_rate = per_department_rate
         self._global = _smooth_bucket(rate) if rate else None

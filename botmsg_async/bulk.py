@@ -51,7 +51,6 @@ import base64
 import collections
 import contextlib
 import glob
-import math
 import mmap
 import os
 import pickle
@@ -79,7 +78,7 @@ from ._errors import (
     InvalidRequestError,
     InvalidResponseError,
 )
-from ._limits import PauseOnly
+from ._limits import PauseOnly, check_rate
 from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ResultRow
 from ._retry import RetryPolicy
@@ -179,29 +178,6 @@ def check_workers(workers: object) -> int:
 # -- the shared rate limiter -------------------------------------------------------
 
 
-def _check_rates(rate: object, per_department_rate: object) -> None:
-    """Raise ``InvalidRequestError`` naming a rate that is not a finite number > 0 (or None).
-
-    Finite both ways, as ``LocalRateLimiter``'s: an infinite rate, or one whose
-    period is infinite, makes the GCRA's arithmetic NaN, which grants every slot
-    at once: no limit at all.
-    """
-    for name, value in (
-        ("rate_limit", rate),
-        ("per_department_rate_limit", per_department_rate),
-    ):
-        if value is None:
-            continue
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not (value > 0 and math.isfinite(value) and math.isfinite(1 / value))
-        ):
-            raise InvalidRequestError(
-                name, value, "must be a finite number > 0 messages per second, or None"
-            )
-
-
 # Shared state: the global GCRA's theoretical arrival time, and the pause's end,
 # both on CLOCK_MONOTONIC, which every process of the machine shares.
 _STATE = struct.Struct("=dd")
@@ -254,7 +230,8 @@ class ProcessRateLimiter:
         grant_log: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        _check_rates(rate, per_department_rate)
+        check_rate("rate_limit", rate)
+        check_rate("per_department_rate_limit", per_department_rate)
         # Imported here: the module (and the CLI that imports it) loads on Windows,
         # where there are no POSIX record locks and no workers.
         import fcntl
@@ -1476,7 +1453,8 @@ class ParallelSend:
             stop_after_consecutive_failures=config.stop_after_consecutive_failures,
             max_pause=config.max_pause,
         )
-        _check_rates(config.rate_limit, config.per_department_rate_limit)
+        check_rate("rate_limit", config.rate_limit)
+        check_rate("per_department_rate_limit", config.per_department_rate_limit)
         self._config = config
         self._pool = pool
         self._on_tick = on_tick

@@ -55,7 +55,7 @@ from ._errors import (
     InvalidRequestError,
 )
 from ._guard import claim_record, outcome_record, read_record
-from ._limits import LocalRateLimiter
+from ._limits import LocalRateLimiter, check_rate
 from ._models import SendResult
 
 __all__ = ["RedisRateLimiter", "RedisSendGuard", "account_name"]
@@ -278,14 +278,6 @@ def _unavailable(what: str, exc: BaseException) -> CoordinationError:
     )
 
 
-def _check_rate(field: str, value: float | None) -> None:
-    # Finite: an infinite rate or burst reaches round() (ValueError, OverflowError).
-    if value is not None and not (
-        isinstance(value, int | float) and value > 0 and math.isfinite(value)
-    ):
-        raise InvalidRequestError(field, value, "must be > 0 messages per second, or None")
-
-
 class RedisRateLimiter:
     """A ``RateLimiter`` shared by every process that uses the same Redis and name.
 
@@ -337,8 +329,8 @@ class RedisRateLimiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_grant: Callable[[str, float], object] | None = None,
     ) -> None:
-        _check_rate("rate", rate)
-        _check_rate("per_department_rate", per_department_rate)
+        check_rate("rate", rate)
+        check_rate("per_department_rate", per_department_rate)
         for field, value in (("burst", burst), ("per_department_burst", per_department_burst)):
             if value is not None and not (
                 isinstance(value, int | float) and value >= 1 and math.isfinite(value)

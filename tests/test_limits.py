@@ -236,3 +236,40 @@ async def test_a_pause_only_limiter_that_cannot_read_at_once_is_awaited(
         await inner.pause(5.0)
         assert (await client.send(DEPT, USER, "hi")).attempts == 1
     assert sum(clock.waits) >= 5.0
+
+
+#: Rates no limiter can keep: not a number, not above 0, or not finite both ways (an
+#: int too large for a float; a rate whose period, 1/rate, is infinite).
+_UNUSABLE_RATES = [10**400, 1e-320, float("inf"), float("nan"), -1, 0, "5", True]
+_RATE_IDS = ["10**400", "1e-320", "inf", "nan", "-1", "0", "str", "True"]
+
+
+def _limiters() -> dict[str, Callable[[object], object]]:
+    """Each rate limiter of the SDK, built with ``rate`` as its global rate."""
+    import os
+
+    from botmsg_async.bulk import ProcessRateLimiter
+    from botmsg_async.shared import RedisRateLimiter
+
+    def process(rate: object) -> object:
+        fd = ProcessRateLimiter.create()
+        try:
+            return ProcessRateLimiter(fd, rate=rate)  # type: ignore[arg-type]
+        finally:
+            os.close(fd)
+
+    return {
+        "local": lambda rate: LocalRateLimiter(rate),  # type: ignore[arg-type]
+        "process": process,
+        # Refused before any connection: nothing listens on port 1.
+        "redis": lambda rate: RedisRateLimiter("redis://127.0.0.1:1", rate=rate),  # type: ignore[arg-type]
+    }
+
+
+@pytest.mark.parametrize("kind", ["local", "process", "redis"])
+@pytest.mark.parametrize("rate", _UNUSABLE_RATES, ids=_RATE_IDS)
+def test_every_limiter_refuses_a_rate_it_cannot_keep_naming_it(kind: str, rate: object) -> None:
+    """A rate that is not a finite number > 0 both ways is an InvalidRequestError naming it."""
+    with pytest.raises(InvalidRequestError) as caught:
+        _limiters()[kind](rate)
+    assert caught.value.field in ("rate", "rate_limit")
