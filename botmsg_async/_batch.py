@@ -137,6 +137,29 @@ def _not_an_item(raw: object) -> InvalidRequestError:
 
 _DONE = object()
 
+#: What a callback or the input may raise of its own: a CancelledError too (a
+#: cancelled future's ``result()``, a source awaiting a cancelled producer), see
+#: ``_own_error``.
+_RAISED = (Exception, asyncio.CancelledError)
+
+
+def _own_error(error: BaseException) -> Exception:
+    """What a callback or the input raised, as the error that stops the batch.
+
+    A CancelledError there is not a cancellation of the batch (those reach only
+    its own awaits) and is wrapped: raised as it is, asyncio takes it for one, so
+    the worker would end silently, the items after it neither sent nor reported,
+    and the caller (or its TaskGroup) would see a cancellation nobody asked for.
+    """
+    if isinstance(error, Exception):
+        return error
+    wrapped = RuntimeError(
+        f"a callback or the input raised {type(error).__name__}, though the batch was not "
+        "cancelled; the batch stopped"
+    )
+    wrapped.__cause__ = error
+    return wrapped
+
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     error: BaseException = group
@@ -446,7 +469,10 @@ class BatchStream:
                     # been reported: cancelled, their outcome would be unknown.
                     raise error
             if self._on_progress is not None:
-                self._on_progress(self.progress())
+                try:
+                    self._on_progress(self.progress())
+                except asyncio.CancelledError as exc:
+                    raise _own_error(exc) from exc
         except BaseExceptionGroup as group_error:
             # Callers should see the error itself (a failing input iterator or
             # callback), not the TaskGroup's wrapping of it; the cause it was raised
@@ -465,7 +491,7 @@ class BatchStream:
             await asyncio.sleep(self._progress_interval)
             try:
                 self._on_progress(self.progress())
-            except Exception as exc:
+            except _RAISED as exc:
                 self._fail(exc)  # as for on_result: the sends in flight finish
                 return
 
@@ -493,9 +519,12 @@ class BatchStream:
             raw = await anext(self._aiter)
         except StopAsyncIteration:
             return None
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if self._wait_cancelled(waiting):
                 return None  # an error stopped the batch: the input is read no more
+            current = asyncio.current_task()
+            if current is not None and not current.cancelling():
+                raise _own_error(exc) from exc  # the source's own, as any error of it
             raise
         finally:
             self._pulling = False
@@ -519,7 +548,7 @@ class BatchStream:
                     raw: object = next(items)
                 except StopIteration:
                     return
-                except Exception as exc:
+                except _RAISED as exc:
                     self._fail(exc)
                     return
                 if type(raw) is NotYet:
@@ -558,7 +587,7 @@ class BatchStream:
                 if self._on_result is not None:
                     try:
                         self._on_result(item)
-                    except Exception as exc:
+                    except _RAISED as exc:
                         self._fail(exc)  # the item is still counted and streamed
                 await self._queue.put(item)
                 continue
@@ -566,11 +595,11 @@ class BatchStream:
             if self._on_result is not None:
                 try:
                     self._on_result(ItemResult(*row))
-                except Exception as exc:
+                except _RAISED as exc:
                     self._fail(exc)  # the item is still counted and reported
             try:
                 sink(row)
-            except Exception as exc:
+            except _RAISED as exc:
                 # A drain's sink (a bulk worker's, which journals the outcome) is a
                 # callback too: its error stops the batch, the rest in flight finish.
                 self._fail(exc)
@@ -613,7 +642,7 @@ class BatchStream:
         if self._on_start is not None:
             try:
                 self._on_start(index, request or SendRequest(department, user, message))
-            except Exception as exc:
+            except _RAISED as exc:
                 # Before any I/O for the item (a journal's start record was refused):
                 # it is not sent, and is reported SKIPPED, never attempted.
                 self._fail(exc)
@@ -665,7 +694,7 @@ class BatchStream:
         finally:
             self.in_flight -= 1
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: BaseException) -> None:
         """Stop the batch on an error of the input or a callback: keep the first, count the rest.
 
         Nothing new starts; the sends in flight finish, and each is still counted
@@ -674,7 +703,7 @@ class BatchStream:
         Workers waiting for the input, a rate limit or a 429 pause stop waiting.
         """
         if self._error is None:
-            self._error = error
+            self._error = error = _own_error(error)
             current = asyncio.current_task()
             for task in list(self._waiting):
                 if task is not current and task not in self._woken:

@@ -1058,3 +1058,83 @@ async def test_a_block_left_while_the_sends_after_an_input_error_finish_raises_i
                 await first_then_leave(client)
     finally:
         release.set()
+
+
+def _stray_cancel() -> asyncio.CancelledError:
+    """A CancelledError raised by code of the caller's, not a cancellation of the batch."""
+    return asyncio.CancelledError("a cancelled future's result(), read by a callback")
+
+
+@pytest.mark.parametrize("api", ["send_many", "stream_many"])
+@pytest.mark.parametrize(
+    "culprit", ["on_start", "on_result", "on_progress", "plain source", "async source"]
+)
+async def test_a_callback_or_input_raising_cancelled_error_stops_the_batch_loudly(
+    server: ScriptedServer, make_client: MakeClient, culprit: str, api: str
+) -> None:
+    """CancelledError out of a callback or the input is raised as an error, every item accounted."""
+    reported: list[ItemResult] = []
+
+    def on_start(index: int, request: SendRequest) -> None:
+        if culprit == "on_start" and index == 2:
+            raise _stray_cancel()
+
+    def on_result(item: ItemResult) -> None:
+        reported.append(item)
+        if culprit == "on_result" and item.index == 2:
+            raise _stray_cancel()
+
+    def on_progress(progress: Progress) -> None:
+        if culprit == "on_progress":
+            raise _stray_cancel()  # at the latest by the call once the batch is done
+
+    def plain() -> Iterator[tuple[str, str, str]]:
+        for item in items(10):
+            if culprit == "plain source" and item[1] == "user-3":
+                raise _stray_cancel()
+            yield item
+
+    async def in_turn() -> AsyncIterator[tuple[str, str, str]]:
+        for item in plain():
+            if culprit == "async source" and item[1] == "user-3":
+                # Awaiting something another task cancelled (a producer).
+                cancelled = asyncio.get_running_loop().create_future()
+                cancelled.cancel()
+                await cancelled
+            yield item
+
+    options: dict[str, Any] = {
+        "concurrency": 1,
+        "on_start": on_start,
+        "on_result": on_result,
+        "on_progress": on_progress,
+        "progress_interval": 3600.0,
+    }
+    streamed: list[ItemResult] = []
+
+    async def run(client: BotMessageClient) -> None:
+        source = in_turn() if culprit == "async source" else plain()
+        if api == "send_many":
+            await client.send_many(source, **options)
+            return
+        async with client.stream_many(source, **options) as stream:
+            async for item in stream:
+                streamed.append(item)
+
+    async with make_client(server.base_url) as client:
+        # On the old code the worker ended as if cancelled and the batch "succeeded":
+        # no error, the items after it neither sent nor reported, or a bare
+        # CancelledError reached a caller that nobody had cancelled.
+        with pytest.raises(RuntimeError, match="CancelledError") as info:
+            await run(client)
+        assert isinstance(info.value.__cause__, asyncio.CancelledError)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    # Every item taken is reported once, in on_result and in the stream alike.
+    assert sorted(r.index for r in reported) == list(range(len(reported)))
+    if api == "stream_many":
+        assert streamed == reported
+    if culprit != "on_progress":
+        assert len(reported) == 3
+        third = Outcome.SKIPPED if culprit == "on_start" else Outcome.SENT
+        assert [r.outcome for r in reported] == [Outcome.SENT, Outcome.SENT, third]
+    assert len(server.seen) == sum(r.outcome is Outcome.SENT for r in reported)
