@@ -231,6 +231,9 @@ class BatchStream:
         #: source that waits for more (a queue, a job) would otherwise hold the batch.
         self._waiting: set[asyncio.Task[object]] = set()
         self._woken: set[asyncio.Task[object]] = set()  # those whose wait it cancelled
+        #: Those of them in ``_admit`` (a rate limit, a 429 pause): a stop (``_halt``)
+        #: ends their wait too, or each would wait for its slot only to be SKIPPED.
+        self._admitting: set[asyncio.Task[object]] = set()
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
@@ -686,7 +689,7 @@ class BatchStream:
                             self._stop_for_pause(pause, exc)
                     outcome = outcome_of(exc, exc.attempts)
                     if stops_batch(exc) and self.stopped_by is None:
-                        self.stopped_by = exc
+                        self._halt(exc)
                     return (index, department_uuid, user_uuid, outcome, None, exc)
                 if earlier_attempts:
                     result = evolve(result, attempts=result.attempts + earlier_attempts)
@@ -703,14 +706,27 @@ class BatchStream:
         Workers waiting for the input, a rate limit or a 429 pause stop waiting.
         """
         if self._error is None:
-            self._error = error = _own_error(error)
-            current = asyncio.current_task()
-            for task in list(self._waiting):
-                if task is not current and task not in self._woken:
-                    self._woken.add(task)
-                    task.cancel()
+            self._error = _own_error(error)
+            self._wake(self._waiting)
         elif error is not self._error:
             self._later_errors += 1
+
+    def _halt(self, stop: BotMessageError) -> None:
+        """Stop the batch for ``stop`` (``stopped_by``): nothing new starts, the rest SKIPPED.
+
+        Items waiting for a rate limit or a 429 pause stop waiting, to be SKIPPED at
+        once: at a low rate, each would otherwise wait for its slot (minutes).
+        """
+        self.stopped_by = stop
+        self._wake(self._admitting)
+
+    def _wake(self, tasks: set[asyncio.Task[object]]) -> None:
+        """Cancel the waits of ``tasks`` but the current one's (``_wait_cancelled`` undoes it)."""
+        current = asyncio.current_task()
+        for task in list(tasks):
+            if task is not current and task not in self._woken:
+                self._woken.add(task)
+                task.cancel()
 
     def _wait_begins(self) -> asyncio.Task[object] | None:
         """Note that this worker waits for something other than a send (see ``_fail``)."""
@@ -759,7 +775,7 @@ class BatchStream:
                 last_error=error,
             )
             stop.__cause__ = error
-            self.stopped_by = stop
+            self._halt(stop)
 
     def _trip_breaker(self, error: BotMessageError | None) -> None:
         stop = BatchStoppedError(
@@ -771,7 +787,7 @@ class BatchStream:
             last_error=error,
         )
         stop.__cause__ = error
-        self.stopped_by = stop
+        self._halt(stop)
 
     async def _admit(self, department_uuid: str) -> None:
         """Wait for the rate limits, and for any 429 pause that began meanwhile.
@@ -782,12 +798,16 @@ class BatchStream:
         pause longer than ``max_pause`` stops the batch instead.
         """
         waiting = self._wait_begins()
+        if waiting is not None:
+            self._admitting.add(waiting)
         try:
             await self._wait_turn(department_uuid)
         except asyncio.CancelledError:
             if not self._wait_cancelled(waiting):
-                raise  # else an error stopped the batch: the caller sees it and stops
+                raise  # else an error or a stop ended it: the caller sees it and stops
         finally:
+            if waiting is not None:
+                self._admitting.discard(waiting)
             self._wait_ends(waiting)
 
     async def _wait_turn(self, department_uuid: str) -> None:

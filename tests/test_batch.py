@@ -1138,3 +1138,77 @@ async def test_a_callback_or_input_raising_cancelled_error_stops_the_batch_loudl
         third = Outcome.SKIPPED if culprit == "on_start" else Outcome.SENT
         assert [r.outcome for r in reported] == [Outcome.SENT, Outcome.SENT, third]
     assert len(server.seen) == sum(r.outcome is Outcome.SENT for r in reported)
+
+
+@pytest.mark.parametrize("limit", ["rate_limit", "per_department_rate_limit"])
+async def test_a_stop_ends_the_wait_of_items_held_by_the_rate_limit(
+    mock_http: aioresponses, make_client: MakeClient, limit: str
+) -> None:
+    """Refused credentials: items waiting for a rate-limit slot are SKIPPED at once, not paced."""
+
+    async def refused_late(url: object, **kwargs: object) -> CallbackResult:
+        await asyncio.sleep(0.5)  # the other items meanwhile wait for their slots
+        return CallbackResult(status=401, body="no")
+
+    mock_http.post(ANY_SEND, callback=refused_late, repeat=True)
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            begun = loop.time()
+            report = await client.send_many(
+                [("d", f"u{i}", "x") for i in range(20)],
+                concurrency=20,
+                rate_limit=0.1 if limit == "rate_limit" else None,
+                per_department_rate_limit=0.1 if limit != "rate_limit" else None,
+            )
+            took = loop.time() - begun
+    assert (report.failed, report.skipped) == (1, 19)
+    assert report.stopped_by is not None
+    assert len(mock_http.requests) == 1
+    # On the old code each of the 19 waited for its slot (10 s apart) before it was
+    # SKIPPED: 190 s for a batch that sent nothing after its first answer.
+    assert took < 1.0, took
+
+
+async def test_a_stop_ends_the_wait_of_items_held_by_a_429_pause(
+    mock_http: aioresponses, make_client: MakeClient
+) -> None:
+    """Refused credentials during a long 429 pause: the items waiting it out end at once."""
+    second_in = asyncio.Event()
+
+    async def by_user(url: object, **kwargs: object) -> CallbackResult:
+        user = str(url).split("/")[-3]
+        if user == "u0":
+            await second_in.wait()
+            return CallbackResult(status=429, body="slow down", headers={"Retry-After": "100"})
+        if user == "u1":
+            second_in.set()
+            await asyncio.sleep(1)  # refused once the others wait out the pause
+            return CallbackResult(status=401, body="no")
+        return CallbackResult(payload=SUCCESS)
+
+    async def the_rest_in_the_pause() -> AsyncIterator[tuple[str, str, str]]:
+        yield ("d", "u0", "x")
+        yield ("d", "u1", "x")
+        await second_in.wait()
+        await asyncio.sleep(0.1)  # u0's 429 is in: the pause has begun
+        for i in range(2, 10):
+            yield ("d", f"u{i}", "x")
+
+    mock_http.post(ANY_SEND, callback=by_user, repeat=True)
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            begun = loop.time()
+            report = await client.send_many(
+                the_rest_in_the_pause(),
+                concurrency=10,
+                retry=RetryPolicy(max_attempts=1),
+            )
+            took = loop.time() - begun
+    outcomes = [r.outcome for r in report.results]
+    assert outcomes == [Outcome.FAILED, Outcome.FAILED] + [Outcome.SKIPPED] * 8
+    assert report.stopped_by is not None
+    assert report.stopped_by.status == 401  # type: ignore[attr-defined]
+    # On the old code the stop waited for the pause to end: 100 s and more.
+    assert took < 2.0, took
