@@ -56,23 +56,40 @@ class NotYet:
         self.ready = ready
 
 
+def _number(value: object) -> bool:
+    """Whether ``value`` is a number an option may compare (a bool or a string is not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_options(options: BatchOptions) -> None:
-    """Raise ``InvalidRequestError`` naming the first bad batch option."""
+    """Raise ``InvalidRequestError`` naming the first bad batch option.
+
+    Of the wrong type too: a comparison would raise a ``TypeError`` naming no
+    option, and a callback that cannot be called would fail the batch only once
+    its first items were sent.
+    """
     if not isinstance(options.concurrency, int) or options.concurrency < 1:
         raise InvalidRequestError("concurrency", options.concurrency, "must be an int >= 1")
     for name, rate in (
         ("rate_limit", options.rate_limit),
         ("per_department_rate_limit", options.per_department_rate_limit),
     ):
-        if rate is not None and not rate > 0:
+        if rate is not None and not (_number(rate) and rate > 0):
             raise InvalidRequestError(name, rate, "must be > 0 messages per second, or None")
     stop_after = options.stop_after_consecutive_failures
-    if stop_after is not None and stop_after < 1:
+    if stop_after is not None and not (_number(stop_after) and stop_after >= 1):
         raise InvalidRequestError("stop_after_consecutive_failures", stop_after, "must be >= 1")
-    if not options.max_pause >= 0:
+    if not (_number(options.max_pause) and options.max_pause >= 0):
         raise InvalidRequestError("max_pause", options.max_pause, "must be >= 0 seconds")
-    if not options.progress_interval > 0:
+    if not (_number(options.progress_interval) and options.progress_interval > 0):
         raise InvalidRequestError("progress_interval", options.progress_interval, "must be > 0")
+    for name, callback in (
+        ("on_result", options.on_result),
+        ("on_start", options.on_start),
+        ("on_progress", options.on_progress),
+    ):
+        if callback is not None and not callable(callback):
+            raise InvalidRequestError(name, callback, "must be callable, or None")
 
 
 @define(frozen=True, kw_only=True)

@@ -814,10 +814,27 @@ async def test_a_callback_error_ends_a_429_pause_and_sends_nothing_more(
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("concurrency", 0), ("rate_limit", -1.0), ("stop_after_consecutive_failures", 0)],
+    [
+        ("concurrency", 0),
+        ("rate_limit", -1.0),
+        ("stop_after_consecutive_failures", 0),
+        # Each of these raised a TypeError that named no option, or (a callback that
+        # cannot be called) failed the batch once its first items had been sent.
+        ("rate_limit", "5"),
+        ("rate_limit", True),
+        ("per_department_rate_limit", "5"),
+        ("stop_after_consecutive_failures", "3"),
+        ("stop_after_consecutive_failures", float("nan")),  # never tripped
+        ("max_pause", None),
+        ("max_pause", "60"),
+        ("progress_interval", None),
+        ("on_result", []),  # a list, not its append
+        ("on_start", "journal"),
+        ("on_progress", 1),
+    ],
 )
 async def test_bad_options_rejected(make_client: MakeClient, option: str, value: object) -> None:
-    """Nonsense batch options raise InvalidRequestError before anything is sent."""
+    """Nonsense batch options raise InvalidRequestError naming them before anything is sent."""
     async with make_client("http://127.0.0.1:9") as client:
         with pytest.raises(InvalidRequestError, match=option):
             await client.send_many(items(3), **{option: value})  # type: ignore[arg-type]
