@@ -10,6 +10,7 @@ of the input.
 from __future__ import annotations
 
 import asyncio
+import numbers
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
@@ -58,7 +59,7 @@ class NotYet:
 
 def _number(value: object) -> bool:
     """Whether ``value`` is a number an option may compare (a bool or a string is not)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_options(options: BatchOptions) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -190,8 +191,13 @@ class LocalRateLimiter:
         ):
             # Finite both ways: aiolimiter hangs on an infinite rate (its period is NaN)
             # and divides by zero on one so small that its period is infinite.
+            # A number: a string would raise a TypeError naming neither rate.
             if value is not None and not (
-                value > 0 and math.isfinite(value) and math.isfinite(1 / value)
+                isinstance(value, numbers.Real)
+                and not isinstance(value, bool)
+                and value > 0
+                and math.isfinite(value)
+                and math.isfinite(1 / value)
             ):
                 raise InvalidRequestError(
                     name, value, "must be a finite number > 0 messages per second, or None"
