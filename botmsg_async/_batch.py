@@ -651,6 +651,16 @@ class BatchStream:
             department_uuid, user_uuid = department, user
         else:
             department_uuid, user_uuid = id_text(department), id_text(user)
+            for name, value in (("department_uuid", department_uuid), ("user_uuid", user_uuid)):
+                if not isinstance(value, str):
+                    # Refused here, as send() would: an id that is not text would
+                    # otherwise reach the rate limiter (an unhashable one, a
+                    # TypeError that fails the batch) and the report as it is.
+                    error = InvalidRequestError(
+                        name, value, f"must be a str or uuid.UUID, not {type(value).__name__}"
+                    )
+                    shown = [v if isinstance(v, str) else "" for v in (department_uuid, user_uuid)]
+                    return (index, shown[0], shown[1], Outcome.FAILED, None, error)
         sender = self._sender
         # An error of the input or a callback during this item's pull (an async
         # source) or its rate-limit wait: it is not started, as after a stop.

@@ -1229,3 +1229,52 @@ async def test_a_stop_ends_the_wait_of_items_held_by_a_429_pause(
     assert report.stopped_by.status == 401  # type: ignore[attr-defined]
     # On the old code the stop waited for the pause to end: 100 s and more.
     assert took < 2.0, took
+
+
+@pytest.mark.parametrize("form", ["tuple", "SendRequest"])
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("department_uuid", ["x"]),
+        ("department_uuid", {"a": 1}),
+        ("user_uuid", ["u"]),
+        ("department_uuid", None),
+        ("department_uuid", 7),
+    ],
+)
+@pytest.mark.parametrize("limit", [None, "rate_limit", "per_department_rate_limit"])
+async def test_an_item_with_an_id_that_is_not_text_fails_alone(
+    server: ScriptedServer,
+    make_client: MakeClient,
+    form: str,
+    field: str,
+    bad: object,
+    limit: str | None,
+) -> None:
+    """An id that is neither a str nor a UUID: that item FAILED, naming it; the others sent."""
+    ids: dict[str, Any] = {"department_uuid": "d", "user_uuid": "u1"}
+    ids[field] = bad
+    item: Any = (
+        (ids["department_uuid"], ids["user_uuid"], "hi")
+        if form == "tuple"
+        else SendRequest(ids["department_uuid"], ids["user_uuid"], "hi")
+    )
+    async with make_client(server.base_url) as client:
+        # On the old code an unhashable department, under a per-department limit,
+        # raised TypeError out of send_many: the items in flight were cancelled
+        # (perhaps delivered, never reported) and the report was lost.
+        report = await client.send_many(
+            [("d", "u0", "hi"), item, ("d", "u2", "hi")],
+            concurrency=2,
+            rate_limit=1000 if limit == "rate_limit" else None,
+            per_department_rate_limit=1000 if limit == "per_department_rate_limit" else None,
+        )
+    assert [r.outcome for r in report.results] == [Outcome.SENT, Outcome.FAILED, Outcome.SENT]
+    failed = report.results[1]
+    assert isinstance(failed.error, InvalidRequestError)
+    assert failed.error.field == field
+    # The id that is text is reported; the other as "" (it was reported as it was).
+    assert (failed.department_uuid, failed.user_uuid) == (
+        ("", "u1") if field == "department_uuid" else ("d", "")
+    )
+    assert len(server.seen) == 2
