@@ -452,9 +452,16 @@ class BatchStream:
         if telemetry is None:
             await self._run()
             return
-        watch = telemetry.batch_started(
-            "send_many" if self._sink is not None else "stream_many", self._concurrency
-        )
+        try:
+            watch = telemetry.batch_started(
+                "send_many" if self._sink is not None else "stream_many", self._concurrency
+            )
+        except BaseException:
+            # A hook must not raise (see _observe); one that does fails the batch,
+            # and a reader waiting on the empty queue must hear of it: _run, which
+            # would wake it, never runs.
+            self._queue.put_nowait(_DONE)
+            raise
         error: BaseException | None = None
         try:
             await self._run()

@@ -1278,3 +1278,37 @@ async def test_an_item_with_an_id_that_is_not_text_fails_alone(
         ("", "u1") if field == "department_uuid" else ("d", "")
     )
     assert len(server.seen) == 2
+
+
+class _BrokenObserver:
+    """A telemetry whose batch hook raises, against its contract (``_observe``)."""
+
+    def send_started(self, *args: object) -> Any:
+        raise AssertionError("no send starts")
+
+    def limiter_waited(self, seconds: float) -> None:
+        pass
+
+    def batch_started(self, kind: str, concurrency: int) -> Any:
+        raise _JournalFull("the observer is broken")
+
+
+@pytest.mark.parametrize("api", ["send_many", "stream_many"])
+async def test_a_batch_hook_that_raises_fails_the_batch_without_a_hang(
+    server: ScriptedServer, make_client: MakeClient, api: str
+) -> None:
+    """A raising batch_started reaches the caller; a stream's reader is not left waiting."""
+
+    async def run(client: BotMessageClient) -> None:
+        if api == "send_many":
+            await client.send_many(items(3))
+            return
+        async with client.stream_many(items(3)) as stream:
+            await anext(stream)
+
+    async with make_client(server.base_url, telemetry=_BrokenObserver()) as client:
+        # A guard only: on the old code the stream's first read waited for ever.
+        async with asyncio.timeout(60):
+            with pytest.raises(_JournalFull):
+                await run(client)
+    assert server.seen == []
