@@ -307,6 +307,9 @@ class BatchStream:
             self._sender.ensure_open()  # a closed client fails here, before any read
             self._started = time.perf_counter()
             self._runner = asyncio.create_task(self._observed_run())
+            # _run's end wakes a reader waiting on the empty queue; a batch cancelled
+            # before its first step (aclose() from another task) never runs it.
+            self._runner.add_done_callback(self._wake_reader)
         if self._queue.empty() and self._runner.done():
             item: object = _DONE
         else:
@@ -330,6 +333,11 @@ class BatchStream:
         self._reported = True
         await runner  # re-raises what stopped the workers, if anything
         raise StopAsyncIteration
+
+    def _wake_reader(self, runner: asyncio.Task[None]) -> None:
+        """Wake a reader waiting for a result once the batch's task is over (see there)."""
+        if self._queue.empty():
+            self._queue.put_nowait(_DONE)
 
     async def __aenter__(self) -> Self:
         self._managed = True

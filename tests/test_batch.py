@@ -1312,3 +1312,27 @@ async def test_a_batch_hook_that_raises_fails_the_batch_without_a_hang(
             with pytest.raises(_JournalFull):
                 await run(client)
     assert server.seen == []
+
+
+@pytest.mark.parametrize("managed", [False, True])
+async def test_a_stream_closed_by_another_task_before_its_batch_ran_ends_the_read(
+    server: ScriptedServer, make_client: MakeClient, managed: bool
+) -> None:
+    """aclose() from another task right after the first read began: that read ends, no hang."""
+    async with make_client(server.base_url) as client:
+        stream = client.stream_many(items(5))
+
+        async def read() -> list[ItemResult]:
+            if managed:
+                async with stream:
+                    return [item async for item in stream]
+            return [item async for item in stream]
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0)  # the reader starts the batch and waits for its first result
+        await stream.aclose()  # before the batch's task ran a step: it never will
+        # A guard only: on the old code nothing woke the reader, which waited for ever.
+        async with asyncio.timeout(60):
+            got = await reader
+    assert got == []
+    assert server.seen == []
