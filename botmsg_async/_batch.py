@@ -10,6 +10,7 @@ of the input.
 from __future__ import annotations
 
 import asyncio
+import numbers
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
@@ -56,23 +57,40 @@ class NotYet:
         self.ready = ready
 
 
+def _number(value: object) -> bool:
+    """Whether ``value`` is a number an option may compare (a bool or a string is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_options(options: BatchOptions) -> None:
-    """Raise ``InvalidRequestError`` naming the first bad batch option."""
+    """Raise ``InvalidRequestError`` naming the first bad batch option.
+
+    Of the wrong type too: a comparison would raise a ``TypeError`` naming no
+    option, and a callback that cannot be called would fail the batch only once
+    its first items were sent.
+    """
     if not isinstance(options.concurrency, int) or options.concurrency < 1:
         raise InvalidRequestError("concurrency", options.concurrency, "must be an int >= 1")
     for name, rate in (
         ("rate_limit", options.rate_limit),
         ("per_department_rate_limit", options.per_department_rate_limit),
     ):
-        if rate is not None and not rate > 0:
+        if rate is not None and not (_number(rate) and rate > 0):
             raise InvalidRequestError(name, rate, "must be > 0 messages per second, or None")
     stop_after = options.stop_after_consecutive_failures
-    if stop_after is not None and stop_after < 1:
+    if stop_after is not None and not (_number(stop_after) and stop_after >= 1):
         raise InvalidRequestError("stop_after_consecutive_failures", stop_after, "must be >= 1")
-    if not options.max_pause >= 0:
+    if not (_number(options.max_pause) and options.max_pause >= 0):
         raise InvalidRequestError("max_pause", options.max_pause, "must be >= 0 seconds")
-    if not options.progress_interval > 0:
+    if not (_number(options.progress_interval) and options.progress_interval > 0):
         raise InvalidRequestError("progress_interval", options.progress_interval, "must be > 0")
+    for name, callback in (
+        ("on_result", options.on_result),
+        ("on_start", options.on_start),
+        ("on_progress", options.on_progress),
+    ):
+        if callback is not None and not callable(callback):
+            raise InvalidRequestError(name, callback, "must be callable, or None")
 
 
 @define(frozen=True, kw_only=True)
@@ -136,6 +154,29 @@ def _not_an_item(raw: object) -> InvalidRequestError:
 
 
 _DONE = object()
+
+#: What a callback or the input may raise of its own: a CancelledError too (a
+#: cancelled future's ``result()``, a source awaiting a cancelled producer), see
+#: ``_own_error``.
+_RAISED = (Exception, asyncio.CancelledError)
+
+
+def _own_error(error: BaseException) -> Exception:
+    """What a callback or the input raised, as the error that stops the batch.
+
+    A CancelledError there is not a cancellation of the batch (those reach only
+    its own awaits) and is wrapped: raised as it is, asyncio takes it for one, so
+    the worker would end silently, the items after it neither sent nor reported,
+    and the caller (or its TaskGroup) would see a cancellation nobody asked for.
+    """
+    if isinstance(error, Exception):
+        return error
+    wrapped = RuntimeError(
+        f"a callback or the input raised {type(error).__name__}, though the batch was not "
+        "cancelled; the batch stopped"
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -208,6 +249,9 @@ class BatchStream:
         #: source that waits for more (a queue, a job) would otherwise hold the batch.
         self._waiting: set[asyncio.Task[object]] = set()
         self._woken: set[asyncio.Task[object]] = set()  # those whose wait it cancelled
+        #: Those of them in ``_admit`` (a rate limit, a 429 pause): a stop (``_halt``)
+        #: ends their wait too, or each would wait for its slot only to be SKIPPED.
+        self._admitting: set[asyncio.Task[object]] = set()
         self._next_index = 0
         self._runner: asyncio.Task[None] | None = None
         self._finished = False
@@ -263,6 +307,9 @@ class BatchStream:
             self._sender.ensure_open()  # a closed client fails here, before any read
             self._started = time.perf_counter()
             self._runner = asyncio.create_task(self._observed_run())
+            # _run's end wakes a reader waiting on the empty queue; a batch cancelled
+            # before its first step (aclose() from another task) never runs it.
+            self._runner.add_done_callback(self._wake_reader)
         if self._queue.empty() and self._runner.done():
             item: object = _DONE
         else:
@@ -286,6 +333,11 @@ class BatchStream:
         self._reported = True
         await runner  # re-raises what stopped the workers, if anything
         raise StopAsyncIteration
+
+    def _wake_reader(self, runner: asyncio.Task[None]) -> None:
+        """Wake a reader waiting for a result once the batch's task is over (see there)."""
+        if self._queue.empty():
+            self._queue.put_nowait(_DONE)
 
     async def __aenter__(self) -> Self:
         self._managed = True
@@ -408,9 +460,16 @@ class BatchStream:
         if telemetry is None:
             await self._run()
             return
-        watch = telemetry.batch_started(
-            "send_many" if self._sink is not None else "stream_many", self._concurrency
-        )
+        try:
+            watch = telemetry.batch_started(
+                "send_many" if self._sink is not None else "stream_many", self._concurrency
+            )
+        except BaseException:
+            # A hook must not raise (see _observe); one that does fails the batch,
+            # and a reader waiting on the empty queue must hear of it: _run, which
+            # would wake it, never runs.
+            self._queue.put_nowait(_DONE)
+            raise
         error: BaseException | None = None
         try:
             await self._run()
@@ -446,7 +505,10 @@ class BatchStream:
                     # been reported: cancelled, their outcome would be unknown.
                     raise error
             if self._on_progress is not None:
-                self._on_progress(self.progress())
+                try:
+                    self._on_progress(self.progress())
+                except asyncio.CancelledError as exc:
+                    raise _own_error(exc) from exc
         except BaseExceptionGroup as group_error:
             # Callers should see the error itself (a failing input iterator or
             # callback), not the TaskGroup's wrapping of it; the cause it was raised
@@ -465,7 +527,7 @@ class BatchStream:
             await asyncio.sleep(self._progress_interval)
             try:
                 self._on_progress(self.progress())
-            except Exception as exc:
+            except _RAISED as exc:
                 self._fail(exc)  # as for on_result: the sends in flight finish
                 return
 
@@ -493,9 +555,12 @@ class BatchStream:
             raw = await anext(self._aiter)
         except StopAsyncIteration:
             return None
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if self._wait_cancelled(waiting):
                 return None  # an error stopped the batch: the input is read no more
+            current = asyncio.current_task()
+            if current is not None and not current.cancelling():
+                raise _own_error(exc) from exc  # the source's own, as any error of it
             raise
         finally:
             self._pulling = False
@@ -519,7 +584,7 @@ class BatchStream:
                     raw: object = next(items)
                 except StopIteration:
                     return
-                except Exception as exc:
+                except _RAISED as exc:
                     self._fail(exc)
                     return
                 if type(raw) is NotYet:
@@ -558,7 +623,7 @@ class BatchStream:
                 if self._on_result is not None:
                     try:
                         self._on_result(item)
-                    except Exception as exc:
+                    except _RAISED as exc:
                         self._fail(exc)  # the item is still counted and streamed
                 await self._queue.put(item)
                 continue
@@ -566,11 +631,11 @@ class BatchStream:
             if self._on_result is not None:
                 try:
                     self._on_result(ItemResult(*row))
-                except Exception as exc:
+                except _RAISED as exc:
                     self._fail(exc)  # the item is still counted and reported
             try:
                 sink(row)
-            except Exception as exc:
+            except _RAISED as exc:
                 # A drain's sink (a bulk worker's, which journals the outcome) is a
                 # callback too: its error stops the batch, the rest in flight finish.
                 self._fail(exc)
@@ -601,6 +666,16 @@ class BatchStream:
             department_uuid, user_uuid = department, user
         else:
             department_uuid, user_uuid = id_text(department), id_text(user)
+            for name, value in (("department_uuid", department_uuid), ("user_uuid", user_uuid)):
+                if not isinstance(value, str):
+                    # Refused here, as send() would: an id that is not text would
+                    # otherwise reach the rate limiter (an unhashable one, a
+                    # TypeError that fails the batch) and the report as it is.
+                    error = InvalidRequestError(
+                        name, value, f"must be a str or uuid.UUID, not {type(value).__name__}"
+                    )
+                    shown = [v if isinstance(v, str) else "" for v in (department_uuid, user_uuid)]
+                    return (index, shown[0], shown[1], Outcome.FAILED, None, error)
         sender = self._sender
         # An error of the input or a callback during this item's pull (an async
         # source) or its rate-limit wait: it is not started, as after a stop.
@@ -613,7 +688,7 @@ class BatchStream:
         if self._on_start is not None:
             try:
                 self._on_start(index, request or SendRequest(department, user, message))
-            except Exception as exc:
+            except _RAISED as exc:
                 # Before any I/O for the item (a journal's start record was refused):
                 # it is not sent, and is reported SKIPPED, never attempted.
                 self._fail(exc)
@@ -657,7 +732,7 @@ class BatchStream:
                             self._stop_for_pause(pause, exc)
                     outcome = outcome_of(exc, exc.attempts)
                     if stops_batch(exc) and self.stopped_by is None:
-                        self.stopped_by = exc
+                        self._halt(exc)
                     return (index, department_uuid, user_uuid, outcome, None, exc)
                 if earlier_attempts:
                     result = evolve(result, attempts=result.attempts + earlier_attempts)
@@ -665,7 +740,7 @@ class BatchStream:
         finally:
             self.in_flight -= 1
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: BaseException) -> None:
         """Stop the batch on an error of the input or a callback: keep the first, count the rest.
 
         Nothing new starts; the sends in flight finish, and each is still counted
@@ -674,14 +749,27 @@ class BatchStream:
         Workers waiting for the input, a rate limit or a 429 pause stop waiting.
         """
         if self._error is None:
-            self._error = error
-            current = asyncio.current_task()
-            for task in list(self._waiting):
-                if task is not current and task not in self._woken:
-                    self._woken.add(task)
-                    task.cancel()
+            self._error = _own_error(error)
+            self._wake(self._waiting)
         elif error is not self._error:
             self._later_errors += 1
+
+    def _halt(self, stop: BotMessageError) -> None:
+        """Stop the batch for ``stop`` (``stopped_by``): nothing new starts, the rest SKIPPED.
+
+        Items waiting for a rate limit or a 429 pause stop waiting, to be SKIPPED at
+        once: at a low rate, each would otherwise wait for its slot (minutes).
+        """
+        self.stopped_by = stop
+        self._wake(self._admitting)
+
+    def _wake(self, tasks: set[asyncio.Task[object]]) -> None:
+        """Cancel the waits of ``tasks`` but the current one's (``_wait_cancelled`` undoes it)."""
+        current = asyncio.current_task()
+        for task in list(tasks):
+            if task is not current and task not in self._woken:
+                self._woken.add(task)
+                task.cancel()
 
     def _wait_begins(self) -> asyncio.Task[object] | None:
         """Note that this worker waits for something other than a send (see ``_fail``)."""
@@ -730,7 +818,7 @@ class BatchStream:
                 last_error=error,
             )
             stop.__cause__ = error
-            self.stopped_by = stop
+            self._halt(stop)
 
     def _trip_breaker(self, error: BotMessageError | None) -> None:
         stop = BatchStoppedError(
@@ -742,7 +830,7 @@ class BatchStream:
             last_error=error,
         )
         stop.__cause__ = error
-        self.stopped_by = stop
+        self._halt(stop)
 
     async def _admit(self, department_uuid: str) -> None:
         """Wait for the rate limits, and for any 429 pause that began meanwhile.
@@ -753,12 +841,16 @@ class BatchStream:
         pause longer than ``max_pause`` stops the batch instead.
         """
         waiting = self._wait_begins()
+        if waiting is not None:
+            self._admitting.add(waiting)
         try:
             await self._wait_turn(department_uuid)
         except asyncio.CancelledError:
             if not self._wait_cancelled(waiting):
-                raise  # else an error stopped the batch: the caller sees it and stops
+                raise  # else an error or a stop ended it: the caller sees it and stops
         finally:
+            if waiting is not None:
+                self._admitting.discard(waiting)
             self._wait_ends(waiting)
 
     async def _wait_turn(self, department_uuid: str) -> None:

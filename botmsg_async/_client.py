@@ -1094,7 +1094,9 @@ class BotMessageClient:
                 reported, ``on_result`` included even after it raised for
                 another item (it may succeed for them), and then the first such
                 error is raised, with its own ``__cause__``. Later callback
-                errors are dropped; a note on the raised one counts them.
+                errors are dropped; a note on the raised one counts them. A
+                CancelledError of theirs (not a cancellation of the batch) is
+                raised as a ``RuntimeError`` chained to it.
         """
         # The same checks and defaults as stream_many: one place builds the options.
         stream = self.stream_many(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -171,16 +172,16 @@ def check_rate(field: str, value: object) -> None:
     """
     if value is None:
         return
-    try:
-        usable = (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and value > 0
-            and math.isfinite(value)
-            and math.isfinite(1 / value)
-        )
-    except OverflowError:  # an int too large for a float
-        usable = False
+    # numbers.Real: numpy's numbers too; a str would raise a TypeError naming neither
+    # rate, and a bool is no rate.
+    usable = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if usable:
+        try:
+            rate = float(value)  # type: ignore[arg-type]
+        except OverflowError:  # an int too large for a float
+            usable = False
+        else:
+            usable = rate > 0 and math.isfinite(rate) and math.isfinite(1 / rate)
     if not usable:
         raise InvalidRequestError(
             field, value, "must be a finite number > 0 messages per second, or None"

@@ -814,10 +814,27 @@ async def test_a_callback_error_ends_a_429_pause_and_sends_nothing_more(
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("concurrency", 0), ("rate_limit", -1.0), ("stop_after_consecutive_failures", 0)],
+    [
+        ("concurrency", 0),
+        ("rate_limit", -1.0),
+        ("stop_after_consecutive_failures", 0),
+        # Each of these raised a TypeError that named no option, or (a callback that
+        # cannot be called) failed the batch once its first items had been sent.
+        ("rate_limit", "5"),
+        ("rate_limit", True),
+        ("per_department_rate_limit", "5"),
+        ("stop_after_consecutive_failures", "3"),
+        ("stop_after_consecutive_failures", float("nan")),  # never tripped
+        ("max_pause", None),
+        ("max_pause", "60"),
+        ("progress_interval", None),
+        ("on_result", []),  # a list, not its append
+        ("on_start", "journal"),
+        ("on_progress", 1),
+    ],
 )
 async def test_bad_options_rejected(make_client: MakeClient, option: str, value: object) -> None:
-    """Nonsense batch options raise InvalidRequestError before anything is sent."""
+    """Nonsense batch options raise InvalidRequestError naming them before anything is sent."""
     async with make_client("http://127.0.0.1:9") as client:
         with pytest.raises(InvalidRequestError, match=option):
             await client.send_many(items(3), **{option: value})  # type: ignore[arg-type]
@@ -1058,3 +1075,264 @@ async def test_a_block_left_while_the_sends_after_an_input_error_finish_raises_i
                 await first_then_leave(client)
     finally:
         release.set()
+
+
+def _stray_cancel() -> asyncio.CancelledError:
+    """A CancelledError raised by code of the caller's, not a cancellation of the batch."""
+    return asyncio.CancelledError("a cancelled future's result(), read by a callback")
+
+
+@pytest.mark.parametrize("api", ["send_many", "stream_many"])
+@pytest.mark.parametrize(
+    "culprit", ["on_start", "on_result", "on_progress", "plain source", "async source"]
+)
+async def test_a_callback_or_input_raising_cancelled_error_stops_the_batch_loudly(
+    server: ScriptedServer, make_client: MakeClient, culprit: str, api: str
+) -> None:
+    """CancelledError out of a callback or the input is raised as an error, every item accounted."""
+    reported: list[ItemResult] = []
+
+    def on_start(index: int, request: SendRequest) -> None:
+        if culprit == "on_start" and index == 2:
+            raise _stray_cancel()
+
+    def on_result(item: ItemResult) -> None:
+        reported.append(item)
+        if culprit == "on_result" and item.index == 2:
+            raise _stray_cancel()
+
+    def on_progress(progress: Progress) -> None:
+        if culprit == "on_progress":
+            raise _stray_cancel()  # at the latest by the call once the batch is done
+
+    def plain() -> Iterator[tuple[str, str, str]]:
+        for item in items(10):
+            if culprit == "plain source" and item[1] == "user-3":
+                raise _stray_cancel()
+            yield item
+
+    async def in_turn() -> AsyncIterator[tuple[str, str, str]]:
+        for item in plain():
+            if culprit == "async source" and item[1] == "user-3":
+                # Awaiting something another task cancelled (a producer).
+                cancelled = asyncio.get_running_loop().create_future()
+                cancelled.cancel()
+                await cancelled
+            yield item
+
+    options: dict[str, Any] = {
+        "concurrency": 1,
+        "on_start": on_start,
+        "on_result": on_result,
+        "on_progress": on_progress,
+        "progress_interval": 3600.0,
+    }
+    streamed: list[ItemResult] = []
+
+    async def run(client: BotMessageClient) -> None:
+        source = in_turn() if culprit == "async source" else plain()
+        if api == "send_many":
+            await client.send_many(source, **options)
+            return
+        async with client.stream_many(source, **options) as stream:
+            async for item in stream:
+                streamed.append(item)
+
+    async with make_client(server.base_url) as client:
+        # On the old code the worker ended as if cancelled and the batch "succeeded":
+        # no error, the items after it neither sent nor reported, or a bare
+        # CancelledError reached a caller that nobody had cancelled.
+        with pytest.raises(RuntimeError, match="CancelledError") as info:
+            await run(client)
+        assert isinstance(info.value.__cause__, asyncio.CancelledError)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    # Every item taken is reported once, in on_result and in the stream alike.
+    assert sorted(r.index for r in reported) == list(range(len(reported)))
+    if api == "stream_many":
+        assert streamed == reported
+    if culprit != "on_progress":
+        assert len(reported) == 3
+        third = Outcome.SKIPPED if culprit == "on_start" else Outcome.SENT
+        assert [r.outcome for r in reported] == [Outcome.SENT, Outcome.SENT, third]
+    assert len(server.seen) == sum(r.outcome is Outcome.SENT for r in reported)
+
+
+@pytest.mark.parametrize("limit", ["rate_limit", "per_department_rate_limit"])
+async def test_a_stop_ends_the_wait_of_items_held_by_the_rate_limit(
+    mock_http: aioresponses, make_client: MakeClient, limit: str
+) -> None:
+    """Refused credentials: items waiting for a rate-limit slot are SKIPPED at once, not paced."""
+
+    async def refused_late(url: object, **kwargs: object) -> CallbackResult:
+        await asyncio.sleep(0.5)  # the other items meanwhile wait for their slots
+        return CallbackResult(status=401, body="no")
+
+    mock_http.post(ANY_SEND, callback=refused_late, repeat=True)
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            begun = loop.time()
+            report = await client.send_many(
+                [("d", f"u{i}", "x") for i in range(20)],
+                concurrency=20,
+                rate_limit=0.1 if limit == "rate_limit" else None,
+                per_department_rate_limit=0.1 if limit != "rate_limit" else None,
+            )
+            took = loop.time() - begun
+    assert (report.failed, report.skipped) == (1, 19)
+    assert report.stopped_by is not None
+    assert len(mock_http.requests) == 1
+    # On the old code each of the 19 waited for its slot (10 s apart) before it was
+    # SKIPPED: 190 s for a batch that sent nothing after its first answer.
+    assert took < 1.0, took
+
+
+async def test_a_stop_ends_the_wait_of_items_held_by_a_429_pause(
+    mock_http: aioresponses, make_client: MakeClient
+) -> None:
+    """Refused credentials during a long 429 pause: the items waiting it out end at once."""
+    second_in = asyncio.Event()
+
+    async def by_user(url: object, **kwargs: object) -> CallbackResult:
+        user = str(url).split("/")[-3]
+        if user == "u0":
+            await second_in.wait()
+            return CallbackResult(status=429, body="slow down", headers={"Retry-After": "100"})
+        if user == "u1":
+            second_in.set()
+            await asyncio.sleep(1)  # refused once the others wait out the pause
+            return CallbackResult(status=401, body="no")
+        return CallbackResult(payload=SUCCESS)
+
+    async def the_rest_in_the_pause() -> AsyncIterator[tuple[str, str, str]]:
+        yield ("d", "u0", "x")
+        yield ("d", "u1", "x")
+        await second_in.wait()
+        await asyncio.sleep(0.1)  # u0's 429 is in: the pause has begun
+        for i in range(2, 10):
+            yield ("d", f"u{i}", "x")
+
+    mock_http.post(ANY_SEND, callback=by_user, repeat=True)
+    loop = asyncio.get_running_loop()
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            begun = loop.time()
+            report = await client.send_many(
+                the_rest_in_the_pause(),
+                concurrency=10,
+                retry=RetryPolicy(max_attempts=1),
+            )
+            took = loop.time() - begun
+    outcomes = [r.outcome for r in report.results]
+    assert outcomes == [Outcome.FAILED, Outcome.FAILED] + [Outcome.SKIPPED] * 8
+    assert report.stopped_by is not None
+    assert report.stopped_by.status == 401  # type: ignore[attr-defined]
+    # On the old code the stop waited for the pause to end: 100 s and more.
+    assert took < 2.0, took
+
+
+@pytest.mark.parametrize("form", ["tuple", "SendRequest"])
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("department_uuid", ["x"]),
+        ("department_uuid", {"a": 1}),
+        ("user_uuid", ["u"]),
+        ("department_uuid", None),
+        ("department_uuid", 7),
+    ],
+)
+@pytest.mark.parametrize("limit", [None, "rate_limit", "per_department_rate_limit"])
+async def test_an_item_with_an_id_that_is_not_text_fails_alone(
+    server: ScriptedServer,
+    make_client: MakeClient,
+    form: str,
+    field: str,
+    bad: object,
+    limit: str | None,
+) -> None:
+    """An id that is neither a str nor a UUID: that item FAILED, naming it; the others sent."""
+    ids: dict[str, Any] = {"department_uuid": "d", "user_uuid": "u1"}
+    ids[field] = bad
+    item: Any = (
+        (ids["department_uuid"], ids["user_uuid"], "hi")
+        if form == "tuple"
+        else SendRequest(ids["department_uuid"], ids["user_uuid"], "hi")
+    )
+    async with make_client(server.base_url) as client:
+        # On the old code an unhashable department, under a per-department limit,
+        # raised TypeError out of send_many: the items in flight were cancelled
+        # (perhaps delivered, never reported) and the report was lost.
+        report = await client.send_many(
+            [("d", "u0", "hi"), item, ("d", "u2", "hi")],
+            concurrency=2,
+            rate_limit=1000 if limit == "rate_limit" else None,
+            per_department_rate_limit=1000 if limit == "per_department_rate_limit" else None,
+        )
+    assert [r.outcome for r in report.results] == [Outcome.SENT, Outcome.FAILED, Outcome.SENT]
+    failed = report.results[1]
+    assert isinstance(failed.error, InvalidRequestError)
+    assert failed.error.field == field
+    # The id that is text is reported; the other as "" (it was reported as it was).
+    assert (failed.department_uuid, failed.user_uuid) == (
+        ("", "u1") if field == "department_uuid" else ("d", "")
+    )
+    assert len(server.seen) == 2
+
+
+class _BrokenObserver:
+    """A telemetry whose batch hook raises, against its contract (``_observe``)."""
+
+    def send_started(self, *args: object) -> Any:
+        raise AssertionError("no send starts")
+
+    def limiter_waited(self, seconds: float) -> None:
+        pass
+
+    def batch_started(self, kind: str, concurrency: int) -> Any:
+        raise _JournalFull("the observer is broken")
+
+
+@pytest.mark.parametrize("api", ["send_many", "stream_many"])
+async def test_a_batch_hook_that_raises_fails_the_batch_without_a_hang(
+    server: ScriptedServer, make_client: MakeClient, api: str
+) -> None:
+    """A raising batch_started reaches the caller; a stream's reader is not left waiting."""
+
+    async def run(client: BotMessageClient) -> None:
+        if api == "send_many":
+            await client.send_many(items(3))
+            return
+        async with client.stream_many(items(3)) as stream:
+            await anext(stream)
+
+    async with make_client(server.base_url, telemetry=_BrokenObserver()) as client:
+        # A guard only: on the old code the stream's first read waited for ever.
+        async with asyncio.timeout(60):
+            with pytest.raises(_JournalFull):
+                await run(client)
+    assert server.seen == []
+
+
+@pytest.mark.parametrize("managed", [False, True])
+async def test_a_stream_closed_by_another_task_before_its_batch_ran_ends_the_read(
+    server: ScriptedServer, make_client: MakeClient, managed: bool
+) -> None:
+    """aclose() from another task right after the first read began: that read ends, no hang."""
+    async with make_client(server.base_url) as client:
+        stream = client.stream_many(items(5))
+
+        async def read() -> list[ItemResult]:
+            if managed:
+                async with stream:
+                    return [item async for item in stream]
+            return [item async for item in stream]
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0)  # the reader starts the batch and waits for its first result
+        await stream.aclose()  # before the batch's task ran a step: it never will
+        # A guard only: on the old code nothing woke the reader, which waited for ever.
+        async with asyncio.timeout(60):
+            got = await reader
+    assert got == []
+    assert server.seen == []

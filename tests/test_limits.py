@@ -80,6 +80,9 @@ async def test_pause_is_shared_and_only_extends() -> None:
         (None, float("inf")),
         (5e-324, None),
         (None, 1e-310),
+        ("5", None),  # was a bare TypeError, naming neither rate
+        (None, "5"),
+        (True, None),
     ],
 )
 def test_bad_rates_are_refused(rate: float | None, per_department: float | None) -> None:
