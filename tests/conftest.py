@@ -115,7 +115,9 @@ class ScriptedServer:
             self.in_flight -= 1
 
     async def start(self) -> None:
-        app = web.Application()
+        # As the service must: the SDK's largest body (1 MiB of text, escaped) is over
+        # aiohttp's default limit of 1 MiB.
+        app = web.Application(client_max_size=64 * 2**20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()

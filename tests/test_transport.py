@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from botmsg_async import (
     TransportError,
 )
 
-from .conftest import DEPT, PASSWORD, SUCCESS, USER, USERNAME, ScriptedServer
+from .conftest import DEPT, PASSWORD, SUCCESS, USER, USERNAME, ScriptedServer, answer
 
 MakeClient = Callable[..., BotMessageClient]
 PROXY_USER, PROXY_PASSWORD = "proxy-user", "pr0xy-s3cret"
@@ -419,6 +420,21 @@ async def test_header_values_with_tab_and_non_ascii_text_arrive_intact(
     _, headers, _ = server.seen[0]
     assert headers["X-Tenant"] == "a\tb"
     assert headers["X-Name"] == "Jos\u00e9 \u4e2d"
+
+
+async def test_a_body_over_a_mebibyte_is_sent_whole_without_a_warning(
+    server: ScriptedServer, make_client: MakeClient
+) -> None:
+    """A body over aiohttp's 1 MiB for raw bytes goes out whole, with no ResourceWarning."""
+    text = '"' * 600_000  # each escaped: a 1.2 MB body from 600 kB of text
+    server.script.append(answer(503, "busy"))  # a retry sends the whole body again
+    async with make_client(server.base_url) as client:
+        result = await client.send(DEPT, USER, text)  # warnings are errors in this suite
+    assert result.attempts == 2
+    for _, headers, body in server.seen:
+        assert len(body) > 2**20
+        assert headers["Content-Type"].startswith("application/json")
+        assert json.loads(body)["messageAttributes"]["body"] == text
 
 
 def test_user_agent_given_twice_is_refused() -> None:
