@@ -19,7 +19,7 @@ from uuid import UUID
 
 from attrs import define, evolve
 
-from ._delivery import outcome_of, stops_batch, trips_breaker
+from ._delivery import outcome_of, stops_batch, trips_breaker, unexpected_error
 from ._errors import (
     BatchStoppedError,
     BotMessageError,
@@ -734,6 +734,15 @@ class BatchStream:
                     if stops_batch(exc) and self.stopped_by is None:
                         self._halt(exc)
                     return (index, department_uuid, user_uuid, outcome, None, exc)
+                except Exception as exc:
+                    # Not a send's own end but a defect (a custom sender's, a warning
+                    # raised as an error): this item is unknown, and the batch stops as
+                    # on an error of a callback: the sends in flight finish and are
+                    # reported, and then it is raised.
+                    self._fail(exc)
+                    unknown = unexpected_error(exc)
+                    outcome = outcome_of(unknown, 0)
+                    return (index, department_uuid, user_uuid, outcome, None, unknown)
                 if earlier_attempts:
                     result = evolve(result, attempts=result.attempts + earlier_attempts)
                 return (index, department_uuid, user_uuid, Outcome.SENT, result, None)

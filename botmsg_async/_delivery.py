@@ -56,6 +56,7 @@ __all__ = [
     "status_rule",
     "stops_batch",
     "trips_breaker",
+    "unexpected_error",
 ]
 
 
@@ -157,6 +158,21 @@ def outcome_of(error: BotMessageError | None, attempts: int) -> Outcome:
     if isinstance(error, ClientClosedError | WrongEventLoopError) and attempts == 0:
         return Outcome.SKIPPED
     return Outcome.FAILED
+
+
+def unexpected_error(exc: Exception) -> DeliveryUnknownError:
+    """What a send that raised ``exc``, not a ``BotMessageError``, says of its message.
+
+    A defect (of a custom sender, or a warning raised as an error) may come at
+    any point of a send, after its request reached the service too: the message
+    may have been delivered, so it is unknown, never resent under a new key.
+    """
+    unknown = DeliveryUnknownError(
+        f"the send failed with an unexpected error ({type(exc).__name__}: {exc}); "
+        "the message may have been delivered"
+    )
+    unknown.__cause__ = exc
+    return unknown
 
 
 def may_resend(error: BotMessageError | None) -> bool:

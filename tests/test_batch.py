@@ -1336,3 +1336,76 @@ async def test_a_stream_closed_by_another_task_before_its_batch_ran_ends_the_rea
             got = await reader
     assert got == []
     assert server.seen == []
+
+
+class _BreaksAfterSending(_DeclinesFirst):
+    """A ``Sender`` with a defect: for user ``n`` it raises a plain RuntimeError once
+    its request reached the service (the message may well be delivered)."""
+
+    async def send(
+        self,
+        department_uuid: str,
+        user_uuid: str,
+        message: str | TextMessage,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> SendResult:
+        result = await self._client.send(
+            department_uuid, user_uuid, message, retry=retry, idempotency_key=idempotency_key
+        )
+        if user_uuid == f"user-{self._n}":
+            raise RuntimeError("a defect after the answer")
+        return result
+
+
+@pytest.mark.parametrize("api", ["drain", "stream"])
+async def test_an_unexpected_error_of_a_send_is_unknown_and_the_rest_are_accounted(
+    server: ScriptedServer, make_client: MakeClient, api: str
+) -> None:
+    """A send raising a non-BotMessageError: that item UNKNOWN, the rest in flight reported."""
+    arrived: set[int] = set()
+    all_in = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        arrived.add(user_of(request))
+        if len(arrived) == 3:
+            all_in.set()
+        await all_in.wait()  # items 0, 1 and 2 are all in flight when 1 breaks
+        return await ok(request)
+
+    from botmsg_async._batch import drain
+
+    server.default = held
+    reported: list[ItemResult] = []
+    options = BatchOptions(concurrency=3, on_result=reported.append)
+    try:
+        async with make_client(server.base_url) as client:
+            stream = BatchStream(_BreaksAfterSending(client, 1), items(6), options)
+
+            async def run() -> None:
+                if api == "drain":
+                    await drain(stream, lambda row: None)
+                    return
+                async with stream:
+                    async for _ in stream:
+                        pass
+
+            with pytest.raises(RuntimeError, match="a defect after the answer"):
+                await run()
+    finally:
+        all_in.set()
+    outcomes = {r.index: r.outcome for r in reported}
+    # It reached the service: it may be delivered, so it is unknown, never failed.
+    assert outcomes[1] is Outcome.UNKNOWN
+    assert outcomes[0] is Outcome.SENT
+    assert outcomes[2] is Outcome.SENT
+    assert len(reported) == len(outcomes)
+    # Every other item that reached the service is reported SENT; any taken but not
+    # started once it broke is SKIPPED; nothing reached the service unreported.
+    assert arrived <= set(outcomes)
+    for index, outcome in outcomes.items():
+        if index != 1:
+            assert outcome is (Outcome.SENT if index in arrived else Outcome.SKIPPED)
+    assert stream.counts.unknown == 1
+    assert stream.counts.sent == len(arrived) - 1
