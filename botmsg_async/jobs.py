@@ -63,7 +63,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import socket
 import uuid
@@ -124,6 +123,9 @@ PER_RUN_OPTIONS: Final = frozenset({"workers", "concurrency"})
 
 #: Most items a job can have: a Redis bitmap (``started``, ``settled``) holds 2**32 bits.
 _MAX_ITEMS: Final = 2**32
+#: Longest ``ttl`` and ``claim_timeout`` (seconds): a century. Far longer ones fail in
+#: Redis (EXPIRE, XAUTOCLAIM take 64-bit milliseconds), the create script half-way.
+_MAX_SECONDS: Final = 100 * 365 * 86400
 _T = TypeVar("_T")
 _GROUP: Final = "workers"
 _LAYOUT: Final = "1"
@@ -1795,11 +1797,18 @@ async def run_job_async(
     work = _normalize(items)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise InvalidRequestError("chunk_size", chunk_size, "must be an int >= 1")
-    if not (claim_timeout > 0 and math.isfinite(claim_timeout)):  # inf: int() overflows
-        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds, finite")
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-        # Redis's EXPIRE takes whole seconds; 0 or less deletes the job's keys at once.
-        raise InvalidRequestError("ttl", ttl, "must be an int >= 1 (seconds)")
+    if (
+        isinstance(claim_timeout, bool)
+        or not isinstance(claim_timeout, int | float)
+        or not 0 < claim_timeout <= _MAX_SECONDS  # inf, NaN: int() fails; 1e300: XAUTOCLAIM
+    ):
+        raise InvalidRequestError(
+            "claim_timeout", claim_timeout, "must be > 0 seconds, at most 100 years"
+        )
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_SECONDS:
+        # Redis's EXPIRE takes whole seconds; 0 or less deletes the job's keys at once, and
+        # one too long for it failed the create script half-way: keys that never expire.
+        raise InvalidRequestError("ttl", ttl, "must be an int of 1 second to 100 years")
     BatchOptions(
         concurrency=concurrency,
         rate_limit=rate_limit,

@@ -391,6 +391,43 @@ def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
     assert code == 2
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--job-ttl", "1e300"),  # past Redis's EXPIRE: a job whose keys never expire
+        ("--job-ttl", "0.5"),  # rounded down to 0: refused as "invalid ttl 0"
+        ("--job-ttl", "nan"),
+        ("--claim-timeout", "1e300"),  # past XAUTOCLAIM's min-idle-time
+        ("--claim-timeout", "nan"),
+    ],
+)
+def test_a_time_redis_cannot_take_is_a_usage_error_naming_its_flag(
+    tmp_path: Path,
+    job_redis: JobRedis,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    value: str,
+) -> None:
+    """--job-ttl / --claim-timeout outside 1 s (0 s) .. 100 years: exit 2 naming the flag,
+    before Redis is touched."""
+    import redis
+
+    from botmsg_async.cli import main
+
+    path = write_items(tmp_path, 3)
+    args = ["send-many", str(path), "--redis", job_redis.url, "--job", "x", "--text", "t"]
+    env = {"BOTMSG_BASE_URL": "http://127.0.0.1:9", "BOTMSG_USERNAME": "u", "BOTMSG_PASSWORD": "p"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, env_value in env.items():
+            patch.setenv(name, env_value)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    with redis.Redis(unix_socket_path=str(job_redis.socket)) as client:
+        assert client.keys("botmsg:job:*") == []
+
+
 def test_send_many_help_explains_redis_jobs(capsys: pytest.CaptureFixture[str]) -> None:
     """send-many --help says what --redis/--job do and guarantee."""
     from botmsg_async.cli import main
