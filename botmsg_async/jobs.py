@@ -647,6 +647,8 @@ class JobStatus:
         eta: Seconds left at that rate (None when unknown).
         stopped_by: Why the job stopped or was cancelled.
         rewound: Whether a run found that Redis lost records of the job.
+        fingerprint: The input's fingerprint recorded when the job was created.
+        options: The options recorded with the job (``{}`` when unreadable).
     """
 
     name: str
@@ -662,6 +664,8 @@ class JobStatus:
     eta: float | None
     stopped_by: str | None
     rewound: bool
+    fingerprint: str | None = None
+    options: Mapping[str, Any] = field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -1479,6 +1483,10 @@ async def job_status(
     elapsed = max(0.0, now_s - t0) if t0 else 0.0
     rate = counts.total / elapsed if elapsed > 0 else 0.0
     left = items - counts.total
+    try:
+        options = json.loads(_text(meta.get("options")) or "{}")
+    except (ValueError, RecursionError):  # not what a run writes (corrupt)
+        options = {}
     return JobStatus(
         name=name,
         state=_text(meta.get("state")) or "missing",
@@ -1493,6 +1501,8 @@ async def job_status(
         eta=left / rate if rate > 0 else None,
         stopped_by=_text(meta.get("stopped_by")),
         rewound=_text(meta.get("rewound")) == "1",
+        fingerprint=_text(meta.get("fingerprint")),
+        options=options if isinstance(options, dict) else {},
     )
 
 

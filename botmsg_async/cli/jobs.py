@@ -35,7 +35,7 @@ from .common import (
 )
 from .console import Console
 from .credentials import Credentials
-from .input import BadRow, RowDefaults, Scan, Source, parse
+from .input import BadRow, RowDefaults, Scan, Source, parse, scan_input
 from .loops import loop_factory
 from .results import Results, error_json, open_out
 from .signals import run
@@ -404,16 +404,88 @@ async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> 
     items: Sequence[SendRequest | None] | None = None
     with contextlib.ExitStack() as stack:
         if args.input:
+            status = await jobs.job_status(args.redis, args.job)
+            if status.state == "missing":
+                console.err(f"no job {args.job!r} in Redis (never created, or expired)")
+                return EXIT_USAGE
+            ignore = _take_job_options(args, status.options)
             source = Source(args.input, stack)
             fmt = args.format or source.guess_format()
-            defaults = RowDefaults(args.text, args.subject, args.sender_name)
+            defaults = RowDefaults(args.text, args.subject, args.sender_name, ignore)
             items = FileItems(source, fmt, defaults, 256, stack)
+            _check_job_input(jobs, status, source, fmt, defaults, items)
         out = open_out(args.out, stack)
         started = time.perf_counter()
         results = jobs.iter_job_results(args.redis, args.job, items)
         code, count = await _write_report(console, out, results, items)
         console.err(f"{count} item(s) reported in {time.perf_counter() - started:.1f} s")
         return code
+
+
+#: The options that shape the messages, recorded with a job by ``send-many --redis``
+#: and taken from it by ``job report --input``: (recorded name, attribute of args, flag).
+_MESSAGE_OPTIONS: Final = (
+    ("format", "format", "--format"),
+    ("text", "text", "--text"),
+    ("subject", "subject", "--subject"),
+    ("sender_name", "sender_name", "--sender-name"),
+)
+
+
+def _take_job_options(args: argparse.Namespace, recorded: Mapping[str, Any]) -> frozenset[str]:
+    """Take the message options not given from the job's (the input's rows are read as its
+    runs read them); refuse one given that differs.
+
+    Returns:
+        The job's ignored columns.
+
+    Raises:
+        UsageError: an option differs from the job's, or the job's are corrupt.
+    """
+    for name, dest, flag in _MESSAGE_OPTIONS:
+        value = recorded.get(name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"the job's recorded {name} is corrupt in Redis")
+        given = getattr(args, dest)
+        if given is None:
+            setattr(args, dest, value)
+        elif value is not None and given != value:
+            # (None recorded: a job run from Python; the input's fingerprint decides.)
+            raise UsageError(
+                f"{flag} differs from the job's: its runs were given another, so the report "
+                f"would read the input's rows as other messages; drop {flag} to use the job's"
+            )
+    ignore = recorded.get("ignore_columns", [])
+    if not isinstance(ignore, list) or not all(isinstance(n, str) for n in ignore):
+        raise UsageError("the job's recorded ignore_columns are corrupt in Redis")
+    return frozenset(ignore)
+
+
+def _check_job_input(
+    jobs: ModuleType,
+    status: JobStatus,
+    source: Source,
+    fmt: str,
+    defaults: RowDefaults,
+    items: Sequence[SendRequest | None],
+) -> None:
+    """Refuse an input that is not the job's: its report would name other rows.
+
+    The job records its input's fingerprint: ``send-many``'s (the file's bytes and the
+    message options), or, for a job run from Python, ``job_fingerprint`` of its items.
+
+    Raises:
+        UsageError: the input's fingerprint is neither.
+    """
+    if status.fingerprint == scan_input(source, fmt, defaults).fingerprint:
+        return
+    if status.fingerprint == jobs.job_fingerprint(items):
+        return
+    raise UsageError(
+        f"--input {source.display} is not the job's input (its sha256, with the job's "
+        "message options, differs from the one the job recorded): give the file its runs "
+        "were given"
+    )
 
 
 def _status_json(status: JobStatus) -> dict[str, Any]:

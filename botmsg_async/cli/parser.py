@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--input", metavar="FILE", help="the job's INPUT: fills department_uuid and user_uuid"
     )
-    report.add_argument("--format", choices=["csv", "jsonl"], help="default: by extension")
-    report.add_argument("--text", "-t", help="as given to send-many")
+    report.add_argument(
+        "--format", choices=["csv", "jsonl"], help="default: the job's (by extension)"
+    )
+    report.add_argument("--text", "-t", help="default: the job's (as given to send-many)")
     job_sub.add_parser(
         "cancel", parents=[common, where], help="nothing new starts anywhere; in-flight finish"
     )

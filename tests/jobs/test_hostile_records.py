@@ -263,14 +263,15 @@ async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedi
             RedisSendGuard(job_redis.url, name="t", ttl=ttl)
     # Finite but past what Redis's EXPIRE / XAUTOCLAIM take: the create script failed
     # half-way and left a job whose keys never expire, that no run could use again.
-    too_long: list[dict[str, float]] = [{"ttl": 10**300}, {"ttl": 2**63}, {"claim_timeout": 1e300}]
     async with FakeBotMessageServer() as server:
         for job_options in (
             {"claim_timeout": inf},
             {"ttl": 0},
             {"ttl": -5},
             {"ttl": 1.5},
-            *too_long,
+            {"ttl": 10**300},
+            {"ttl": 2**63},
+            {"claim_timeout": 1e300},
         ):
             with pytest.raises(InvalidRequestError):
                 await run_job_async(

@@ -361,6 +361,49 @@ async def test_resend_unknown_on_a_complete_job(tmp_path: Path, job_redis: JobRe
     assert outcomes == {"sent": n}
 
 
+async def test_the_report_reads_the_input_with_the_jobs_message_options(
+    tmp_path: Path, job_redis: JobRedis
+) -> None:
+    """job report --input of a job run with --text/--ignore-columns, given neither: the
+    job's (every sent item sent, as the run's --out says); other options or another input
+    than the job's: exit 2 naming them, no report."""
+    rows = [{"department_uuid": f"dep-{i % 3}", "user_uuid": f"user-{i}", "note": "x"}
+            for i in range(12)]  # fmt: skip
+    path = write_csv(tmp_path / "in.csv", rows)
+    other = write_csv(tmp_path / "other.csv", rows[:-1])
+    run_out, out = tmp_path / "run.jsonl", tmp_path / "report.jsonl"
+    where = ("--redis", job_redis.url, "--job", "the-job")
+    async with FakeBotMessageServer(password=PASSWORD) as server:
+        code, err = await finish(
+            await botmsg_start(
+                server, "send-many", str(path), *where, "--text", "Office closed",
+                "--ignore-columns", "note", "--out", str(run_out),
+            )
+        )  # fmt: skip
+        assert code == 0, err
+        assert len(server.messages) == 12
+
+        async def report(*extra: str) -> tuple[int, str]:
+            return await finish(
+                await botmsg_start(server, "job", "report", *where, "--out", str(out), *extra)
+            )
+
+        code, err = await report("--input", str(path))
+        assert code == 0, err
+        assert read_jsonl(out) == read_jsonl(run_out)
+        for extra, named in (
+            (["--input", str(path), "--text", "Another text"], "--text"),
+            (["--input", str(path), "--format", "jsonl"], "--format"),
+            (["--input", str(other)], "--input"),
+        ):
+            out.unlink(missing_ok=True)
+            code, err = await report(*extra)
+            assert code == 2, (extra, err)
+            assert named in err, err
+            assert "Traceback" not in err
+            assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["send-many", "job"])
 async def test_a_bad_redis_url_is_a_usage_error_that_does_not_quote_it(
     tmp_path: Path, command: str
