@@ -363,10 +363,26 @@ def run_redis_job(
         if not report.job.complete and report.job.state == "running":
             console.err("other runs hold the job's last chunks: see botmsg job status")
         results = jobs.iter_job_results(args.redis, args.job, items)
-        code, _ = await _write_report(console, out, results, items)
+        try:
+            code, _ = await _write_report(console, out, results, items)
+        except jobs.JobError as exc:
+            return _report_failed(console, exc)
         return code
 
     return run(go(), first_signal=stop.set)
+
+
+def _report_failed(console: Console, exc: BotMessageError) -> int:
+    """Say that Redis failed once the job's runs had sent; return ``EXIT_UNKNOWN``.
+
+    Not a usage error (exit 2 says nothing was sent), nor a traceback: the job's
+    outcomes are on record in Redis, but ``--out`` (written up to here) lacks them.
+    """
+    console.err(
+        f"error: {console.redact(exc.message)}; --out is not complete: the job's outcomes "
+        "are in Redis (botmsg job report writes them once it is back)"
+    )
+    return EXIT_UNKNOWN
 
 
 def cmd_job(args: argparse.Namespace, console: Console) -> int:
@@ -618,10 +634,11 @@ def _run_workers(
 
     Returns:
         130 after a signal; 2 when every run refused (usage error: nothing sent);
-        else the exit code of the job's report (0, 1 or 3), as a single run's.
+        3 when Redis cannot be read at the end (the report not complete); else the
+        exit code of the job's report (0, 1 or 3), as a single run's.
 
     Raises:
-        UsageError: a run could not be started, or Redis cannot be read at the end.
+        UsageError: a run could not be started.
     """
     argv = worker_argv(args, fmt, os.getpid())
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
@@ -718,7 +735,8 @@ def _run_workers(
         try:
             status = await jobs.job_status(args.redis, args.job, claim_timeout=args.claim_timeout)
         except jobs.JobError as exc:
-            raise UsageError(console.redact(exc.message)) from None
+            code = _report_failed(console, exc)
+            return EXIT_INTERRUPTED if received else code
         if status.state == "missing":
             console.err(f"no run joined the job {args.job!r}: nothing was sent")
             return EXIT_USAGE
@@ -731,7 +749,10 @@ def _run_workers(
                 "chunks (taken over after --claim-timeout); see botmsg job status"
             )
         results = jobs.iter_job_results(args.redis, args.job, items)
-        code, _ = await _write_report(console, out, results, items)
+        try:
+            code, _ = await _write_report(console, out, results, items)
+        except jobs.JobError as exc:
+            return _report_failed(console, exc)
         return code
 
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
