@@ -260,7 +260,11 @@ def test_redis_gone_while_out_is_written_is_exit_3_not_a_traceback(
     real = jobs.iter_job_results
 
     async def first_page_then_gone(
-        url: str, job: str, items: object = None, *, page_size: int = 4
+        url: str,
+        job: str,
+        items: collections.abc.Sequence[SendRequest | None] | None = None,
+        *,
+        page_size: int = 4,
     ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
         # The report read 4 items a page; Redis killed once the first page is written.
         async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
