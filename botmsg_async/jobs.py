@@ -1606,7 +1606,8 @@ async def iter_job_results(
     client, owned = _connect(redis)
     try:
         try:
-            meta_raw = await client.hgetall(keys.meta)
+            # Patient, as a run's calls: a restart of Redis while a run writes its report.
+            meta_raw = await _patiently(functools.partial(client.hgetall, keys.meta))
         except (RedisError, OSError) as exc:
             raise _redis_failed("read the job", exc) from None
         meta = {_text(k): v for k, v in meta_raw.items()}
@@ -1705,30 +1706,36 @@ async def _read_page(client: Redis, keys: _Keys, first: int, end: int, chunk: in
     Two round trips, each one transaction: both bitmaps' bytes, then the details and
     packed UUIDs of the items found settled. A settled bit is never cleared, and an
     outcome's bit, details and UUID are written by one script call, so the second
-    read sees each settled item's details and UUID as of one moment.
+    read sees each settled item's details and UUID as of one moment. Read again while
+    Redis is unreachable or loading, for up to ``REDIS_WAIT`` seconds (a restart).
 
     Raises:
         JobError: Redis cannot be read (or holds a key of another type).
     """
     try:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.getrange(keys.started, first // 8, (end - 1) // 8)
-            pipe.getrange(keys.settled, first // 8, (end - 1) // 8)
-            started, settled = await pipe.execute()
-        page = _Page(first, chunk, bytes(started or b""), bytes(settled or b""), {}, {})
-        wanted = [i for i in range(first, end) if page.bit(page.settled, i)]
-        if wanted:
-            numbers = list(range(wanted[0] // chunk, wanted[-1] // chunk + 1))
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hmget(keys.details, [str(i) for i in wanted])
-                pipe.hmget(keys.m, [str(n) for n in numbers])
-                details, packed = await pipe.execute()
-            page.details = {
-                i: _text(v) or "" for i, v in zip(wanted, details, strict=True) if v is not None
-            }
-            page.packed = {n: bytes(v) for n, v in zip(numbers, packed, strict=True) if v}
+        return await _patiently(functools.partial(_read_page_once, client, keys, first, end, chunk))
     except (RedisError, OSError) as exc:
         raise _redis_failed("read the job", exc) from None
+
+
+async def _read_page_once(client: Redis, keys: _Keys, first: int, end: int, chunk: int) -> _Page:
+    """``_read_page``'s reads, once (raises Redis's errors)."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.getrange(keys.started, first // 8, (end - 1) // 8)
+        pipe.getrange(keys.settled, first // 8, (end - 1) // 8)
+        started, settled = await pipe.execute()
+    page = _Page(first, chunk, bytes(started or b""), bytes(settled or b""), {}, {})
+    wanted = [i for i in range(first, end) if page.bit(page.settled, i)]
+    if wanted:
+        numbers = list(range(wanted[0] // chunk, wanted[-1] // chunk + 1))
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.details, [str(i) for i in wanted])
+            pipe.hmget(keys.m, [str(n) for n in numbers])
+            details, packed = await pipe.execute()
+        page.details = {
+            i: _text(v) or "" for i, v in zip(wanted, details, strict=True) if v is not None
+        }
+        page.packed = {n: bytes(v) for n, v in zip(numbers, packed, strict=True) if v}
     return page
 
 

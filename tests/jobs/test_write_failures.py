@@ -276,6 +276,7 @@ def test_redis_gone_while_out_is_written_is_exit_3_not_a_traceback(
     path = write_items(tmp_path, 10)
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(jobs, "iter_job_results", first_page_then_gone)
+    monkeypatch.setattr(jobs, "REDIS_WAIT", 0.2)  # gone for good: no need to wait 60 s
     with ThreadServer() as server:
         monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
         monkeypatch.setenv("BOTMSG_USERNAME", server.username)
@@ -286,3 +287,47 @@ def test_redis_gone_while_out_is_written_is_exit_3_not_a_traceback(
     assert code == 3, err
     assert "--out is not complete" in err
     assert [line["index"] for line in read_jsonl(out)] == [0, 1, 2, 3]
+
+
+def test_redis_restarted_while_out_is_written_loses_no_line(
+    job_redis: JobRedis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """send-many --redis whose Redis restarts (AOF) while it writes --out: the report
+    waits for it, as the run's other calls do, and --out gets every item (exit 0)."""
+    from botmsg_async import jobs
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    real = jobs.iter_job_results
+
+    async def restart_after_the_first_page(
+        url: str,
+        job: str,
+        items: collections.abc.Sequence[SendRequest | None] | None = None,
+        *,
+        page_size: int = 4,
+    ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
+        async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
+            async for result in results:
+                yield result
+                if result.index == 3:
+                    job_redis.kill()
+                    job_redis.start()
+
+    path = write_items(tmp_path, 10)
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(jobs, "iter_job_results", restart_after_the_first_page)
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        code = main([*run_args(job_redis, path), "--out", str(out)])
+        assert len(server.messages) == 10
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = read_jsonl(out)
+    assert [line["index"] for line in lines] == list(range(10))
+    assert {line["outcome"] for line in lines} == {"sent"}
