@@ -392,6 +392,13 @@ def cmd_job(args: argparse.Namespace, console: Console) -> int:
         UsageError: a bad flag, or Redis cannot be read.
     """
     jobs = _jobs()
+    if args.job_command == "report" and args.input and args.out != "-":
+        same = os.path.abspath(args.input) == os.path.abspath(args.out)
+        with contextlib.suppress(OSError):  # --out does not exist (yet)
+            same = same or os.path.samefile(args.input, args.out)
+        if same:
+            # --out would truncate the input before its rows are read.
+            raise UsageError("--input and --out must be different files")
     try:
         return run(_job(args, console, jobs))
     except (jobs.JobError, InvalidRequestError) as exc:  # Redis unusable, a bad URL

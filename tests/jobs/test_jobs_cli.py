@@ -483,3 +483,27 @@ def test_send_many_help_explains_redis_jobs(capsys: pytest.CaptureFixture[str]) 
     assert "no item is sent twice" in text
     assert "one quota across all runs" in text
     assert "--accept-redis-loss" in text
+
+
+def test_job_report_refuses_out_on_its_input(
+    tmp_path: Path, job_redis: JobRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """job report --out the --input file (or a link to it): exit 2, the input untouched
+    (it was truncated before its rows were read: every item reported skipped, invalid)."""
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    path = write_items(tmp_path, 3)
+    before = path.read_bytes()
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        assert main(run_args(job_redis, path)) == 0
+    link = tmp_path / "link.csv"
+    link.symlink_to(path)
+    where = ["--redis", job_redis.url, "--job", "the-job", "--input", str(path)]
+    for out in (path, link):
+        assert main(["job", "report", *where, "--out", str(out)]) == 2
+        assert path.read_bytes() == before
+    assert main(["job", "report", *where, "--out", str(tmp_path / "out.jsonl")]) == 0
