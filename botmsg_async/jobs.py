@@ -134,6 +134,9 @@ DIED_NOTE: Final = (
     "in flight when the run sending it stopped or died: it may or may not have been "
     "delivered (--resend-unknown sends it again with the same idempotency key)"
 )
+#: Why an item of a complete job was never started: no run was given it (``None`` among
+#: the items: an invalid input row).
+NOT_IN_JOB_NOTE: Final = "invalid input row"
 #: Why an item is unknown after Redis lost records.
 REWOUND_NOTE: Final = (
     "Redis lost recent records of the job (restarted without fsync, or failed over): this "
@@ -1573,7 +1576,9 @@ async def iter_job_results(
     its results are yielded before the next page is read.
 
     An item started with no outcome is unknown; one never started is skipped
-    (the job stopped, was cancelled, or is still running: the error says which).
+    (the job stopped, was cancelled, or is still running: the error says which; in
+    a complete job, an item no run was given: ``None``, an invalid input row, with
+    an ``InvalidRequestError`` of ``NOT_IN_JOB_NOTE``).
 
     A report taken while runs still write the job is not a snapshot: each page
     shows its items as they were when that page was read, so a later page may
@@ -1625,12 +1630,16 @@ async def iter_job_results(
             raise JobError("the job's nonce in Redis is corrupt") from None
         state = _text(meta.get("state")) or "running"
         why = _text(meta.get("stopped_by"))
+        chunks = _int(meta.get("chunks"))
         never = (
-            f"not attempted: the job stopped after: {why}"
+            ("BatchStoppedError", f"not attempted: the job stopped after: {why}")
             if state == "stopped"
-            else "not attempted: the job was cancelled"
+            else ("BatchStoppedError", "not attempted: the job was cancelled")
             if state == "cancelled"
-            else "not attempted (yet): the job is still running"
+            # Complete: every chunk finished, so no run was given this item (None).
+            else ("InvalidRequestError", NOT_IN_JOB_NOTE)
+            if 0 < chunks <= _int(meta.get("done"))
+            else ("BatchStoppedError", "not attempted (yet): the job is still running")
         )
         for first in range(0, max(0, total), page_size):
             page = await _read_page(client, keys, first, min(total, first + page_size), chunk)
@@ -1666,8 +1675,9 @@ class _Page:
         byte = at // 8
         return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (at % 8)))
 
-    def result(self, index: int, key: str, never: str) -> JobItemResult:
-        """Item ``index``'s outcome; ``key`` its idempotency key; ``never`` why not started."""
+    def result(self, index: int, key: str, never: tuple[str, str]) -> JobItemResult:
+        """Item ``index``'s outcome; ``key`` its idempotency key; ``never`` the error type and
+        text of an item never started."""
         if self.bit(self.settled, index):
             detail = self.details.get(index)
             if detail is None:
@@ -1696,7 +1706,7 @@ class _Page:
         if self.bit(self.started, index):
             error = {"type": "DeliveryUnknownError", "message": DIED_NOTE, "status": None}
             return JobItemResult(index, "unknown", None, error, key)
-        error = {"type": "BatchStoppedError", "message": never, "status": None}
+        error = {"type": never[0], "message": never[1], "status": None}
         return JobItemResult(index, "skipped", None, error, None)
 
 

@@ -233,11 +233,13 @@ async def _write_report(
     out: TextIO | None,
     results: AsyncGenerator[JobItemResult, None],
     items: Sequence[SendRequest | None] | None,
+    not_in_job: str | None = None,
 ) -> tuple[int, int]:
     """Every item to ``out`` as ``send-many --out`` writes it, each line as its result comes.
 
     ``results`` are in index order (``iter_job_results``); an index of ``items``
-    with no result is an invalid input row, reported skipped.
+    with no result is an invalid input row, reported skipped, as is (without
+    ``items``) a result whose error says so (``not_in_job``: a complete job's).
 
     Returns:
         The exit code of the tally, and how many results came.
@@ -261,6 +263,16 @@ async def _write_report(
         async for result in results:
             for index in range(following, result.index):
                 invalid(index)
+            if (
+                not_in_job is not None
+                and result.outcome == "skipped"
+                and result.error is not None
+                and result.error["message"] == not_in_job
+            ):
+                invalid(result.index)  # as the job's runs reported it
+                following = result.index + 1
+                count += 1
+                continue
             item = items[result.index] if items is not None else None
             sink.emit(
                 result.index,
@@ -440,7 +452,7 @@ async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> 
         out = open_out(args.out, stack)
         started = time.perf_counter()
         results = jobs.iter_job_results(args.redis, args.job, items)
-        code, count = await _write_report(console, out, results, items)
+        code, count = await _write_report(console, out, results, items, jobs.NOT_IN_JOB_NOTE)
         console.err(f"{count} item(s) reported in {time.perf_counter() - started:.1f} s")
         return code
 

@@ -507,3 +507,33 @@ def test_job_report_refuses_out_on_its_input(
         assert main(["job", "report", *where, "--out", str(out)]) == 2
         assert path.read_bytes() == before
     assert main(["job", "report", *where, "--out", str(tmp_path / "out.jsonl")]) == 0
+
+
+def test_a_report_without_input_names_invalid_rows_as_the_run_did(
+    tmp_path: Path,
+    job_redis: JobRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """job report without --input of a complete job with --skip-invalid rows: those rows
+    skipped as invalid, exit 0, as the run's --out (not "the job is still running", exit 1)."""
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    rows = [{"department_uuid": f"dep-{i}", "user_uuid": f"user-{i}", "text": "hi"}
+            for i in range(5)]  # fmt: skip
+    rows[2]["department_uuid"] = ""  # invalid: never sent by any run
+    path = write_csv(tmp_path / "in.csv", rows)
+    run_out, out = tmp_path / "run.jsonl", tmp_path / "report.jsonl"
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        args = [*run_args(job_redis, path, "--skip-invalid"), "--out", str(run_out)]
+        assert main(args) == 0
+        assert len(server.messages) == 4
+    where = ["--redis", job_redis.url, "--job", "the-job"]
+    code = main(["job", "report", *where, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    blank = {"department_uuid": "", "user_uuid": ""}
+    assert read_jsonl(out) == [{**line, **blank} for line in read_jsonl(run_out)]
