@@ -63,7 +63,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import socket
 import uuid
@@ -124,6 +123,9 @@ PER_RUN_OPTIONS: Final = frozenset({"workers", "concurrency"})
 
 #: Most items a job can have: a Redis bitmap (``started``, ``settled``) holds 2**32 bits.
 _MAX_ITEMS: Final = 2**32
+#: Longest ``ttl`` and ``claim_timeout`` (seconds): a century. Far longer ones fail in
+#: Redis (EXPIRE, XAUTOCLAIM take 64-bit milliseconds), the create script half-way.
+_MAX_SECONDS: Final = 100 * 365 * 86400
 _T = TypeVar("_T")
 _GROUP: Final = "workers"
 _LAYOUT: Final = "1"
@@ -132,6 +134,9 @@ DIED_NOTE: Final = (
     "in flight when the run sending it stopped or died: it may or may not have been "
     "delivered (--resend-unknown sends it again with the same idempotency key)"
 )
+#: Why an item of a complete job was never started: no run was given it (``None`` among
+#: the items: an invalid input row).
+NOT_IN_JOB_NOTE: Final = "invalid input row"
 #: Why an item is unknown after Redis lost records.
 REWOUND_NOTE: Final = (
     "Redis lost recent records of the job (restarted without fsync, or failed over): this "
@@ -645,6 +650,8 @@ class JobStatus:
         eta: Seconds left at that rate (None when unknown).
         stopped_by: Why the job stopped or was cancelled.
         rewound: Whether a run found that Redis lost records of the job.
+        fingerprint: The input's fingerprint recorded when the job was created.
+        options: The options recorded with the job (``{}`` when unreadable).
     """
 
     name: str
@@ -660,6 +667,8 @@ class JobStatus:
     eta: float | None
     stopped_by: str | None
     rewound: bool
+    fingerprint: str | None = None
+    options: Mapping[str, Any] = field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -1477,6 +1486,10 @@ async def job_status(
     elapsed = max(0.0, now_s - t0) if t0 else 0.0
     rate = counts.total / elapsed if elapsed > 0 else 0.0
     left = items - counts.total
+    try:
+        options = json.loads(_text(meta.get("options")) or "{}")
+    except (ValueError, RecursionError):  # not what a run writes (corrupt)
+        options = {}
     return JobStatus(
         name=name,
         state=_text(meta.get("state")) or "missing",
@@ -1491,6 +1504,8 @@ async def job_status(
         eta=left / rate if rate > 0 else None,
         stopped_by=_text(meta.get("stopped_by")),
         rewound=_text(meta.get("rewound")) == "1",
+        fingerprint=_text(meta.get("fingerprint")),
+        options=options if isinstance(options, dict) else {},
     )
 
 
@@ -1561,7 +1576,9 @@ async def iter_job_results(
     its results are yielded before the next page is read.
 
     An item started with no outcome is unknown; one never started is skipped
-    (the job stopped, was cancelled, or is still running: the error says which).
+    (the job stopped, was cancelled, or is still running: the error says which; in
+    a complete job, an item no run was given: ``None``, an invalid input row, with
+    an ``InvalidRequestError`` of ``NOT_IN_JOB_NOTE``).
 
     A report taken while runs still write the job is not a snapshot: each page
     shows its items as they were when that page was read, so a later page may
@@ -1594,7 +1611,8 @@ async def iter_job_results(
     client, owned = _connect(redis)
     try:
         try:
-            meta_raw = await client.hgetall(keys.meta)
+            # Patient, as a run's calls: a restart of Redis while a run writes its report.
+            meta_raw = await _patiently(functools.partial(client.hgetall, keys.meta))
         except (RedisError, OSError) as exc:
             raise _redis_failed("read the job", exc) from None
         meta = {_text(k): v for k, v in meta_raw.items()}
@@ -1612,12 +1630,16 @@ async def iter_job_results(
             raise JobError("the job's nonce in Redis is corrupt") from None
         state = _text(meta.get("state")) or "running"
         why = _text(meta.get("stopped_by"))
+        chunks = _int(meta.get("chunks"))
         never = (
-            f"not attempted: the job stopped after: {why}"
+            ("BatchStoppedError", f"not attempted: the job stopped after: {why}")
             if state == "stopped"
-            else "not attempted: the job was cancelled"
+            else ("BatchStoppedError", "not attempted: the job was cancelled")
             if state == "cancelled"
-            else "not attempted (yet): the job is still running"
+            # Complete: every chunk finished, so no run was given this item (None).
+            else ("InvalidRequestError", NOT_IN_JOB_NOTE)
+            if 0 < chunks <= _int(meta.get("done"))
+            else ("BatchStoppedError", "not attempted (yet): the job is still running")
         )
         for first in range(0, max(0, total), page_size):
             page = await _read_page(client, keys, first, min(total, first + page_size), chunk)
@@ -1653,8 +1675,9 @@ class _Page:
         byte = at // 8
         return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (at % 8)))
 
-    def result(self, index: int, key: str, never: str) -> JobItemResult:
-        """Item ``index``'s outcome; ``key`` its idempotency key; ``never`` why not started."""
+    def result(self, index: int, key: str, never: tuple[str, str]) -> JobItemResult:
+        """Item ``index``'s outcome; ``key`` its idempotency key; ``never`` the error type and
+        text of an item never started."""
         if self.bit(self.settled, index):
             detail = self.details.get(index)
             if detail is None:
@@ -1683,7 +1706,7 @@ class _Page:
         if self.bit(self.started, index):
             error = {"type": "DeliveryUnknownError", "message": DIED_NOTE, "status": None}
             return JobItemResult(index, "unknown", None, error, key)
-        error = {"type": "BatchStoppedError", "message": never, "status": None}
+        error = {"type": never[0], "message": never[1], "status": None}
         return JobItemResult(index, "skipped", None, error, None)
 
 
@@ -1693,30 +1716,36 @@ async def _read_page(client: Redis, keys: _Keys, first: int, end: int, chunk: in
     Two round trips, each one transaction: both bitmaps' bytes, then the details and
     packed UUIDs of the items found settled. A settled bit is never cleared, and an
     outcome's bit, details and UUID are written by one script call, so the second
-    read sees each settled item's details and UUID as of one moment.
+    read sees each settled item's details and UUID as of one moment. Read again while
+    Redis is unreachable or loading, for up to ``REDIS_WAIT`` seconds (a restart).
 
     Raises:
         JobError: Redis cannot be read (or holds a key of another type).
     """
     try:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.getrange(keys.started, first // 8, (end - 1) // 8)
-            pipe.getrange(keys.settled, first // 8, (end - 1) // 8)
-            started, settled = await pipe.execute()
-        page = _Page(first, chunk, bytes(started or b""), bytes(settled or b""), {}, {})
-        wanted = [i for i in range(first, end) if page.bit(page.settled, i)]
-        if wanted:
-            numbers = list(range(wanted[0] // chunk, wanted[-1] // chunk + 1))
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hmget(keys.details, [str(i) for i in wanted])
-                pipe.hmget(keys.m, [str(n) for n in numbers])
-                details, packed = await pipe.execute()
-            page.details = {
-                i: _text(v) or "" for i, v in zip(wanted, details, strict=True) if v is not None
-            }
-            page.packed = {n: bytes(v) for n, v in zip(numbers, packed, strict=True) if v}
+        return await _patiently(functools.partial(_read_page_once, client, keys, first, end, chunk))
     except (RedisError, OSError) as exc:
         raise _redis_failed("read the job", exc) from None
+
+
+async def _read_page_once(client: Redis, keys: _Keys, first: int, end: int, chunk: int) -> _Page:
+    """``_read_page``'s reads, once (raises Redis's errors)."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.getrange(keys.started, first // 8, (end - 1) // 8)
+        pipe.getrange(keys.settled, first // 8, (end - 1) // 8)
+        started, settled = await pipe.execute()
+    page = _Page(first, chunk, bytes(started or b""), bytes(settled or b""), {}, {})
+    wanted = [i for i in range(first, end) if page.bit(page.settled, i)]
+    if wanted:
+        numbers = list(range(wanted[0] // chunk, wanted[-1] // chunk + 1))
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.details, [str(i) for i in wanted])
+            pipe.hmget(keys.m, [str(n) for n in numbers])
+            details, packed = await pipe.execute()
+        page.details = {
+            i: _text(v) or "" for i, v in zip(wanted, details, strict=True) if v is not None
+        }
+        page.packed = {n: bytes(v) for n, v in zip(numbers, packed, strict=True) if v}
     return page
 
 
@@ -1795,11 +1824,18 @@ async def run_job_async(
     work = _normalize(items)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise InvalidRequestError("chunk_size", chunk_size, "must be an int >= 1")
-    if not (claim_timeout > 0 and math.isfinite(claim_timeout)):  # inf: int() overflows
-        raise InvalidRequestError("claim_timeout", claim_timeout, "must be > 0 seconds, finite")
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-        # Redis's EXPIRE takes whole seconds; 0 or less deletes the job's keys at once.
-        raise InvalidRequestError("ttl", ttl, "must be an int >= 1 (seconds)")
+    if (
+        isinstance(claim_timeout, bool)
+        or not isinstance(claim_timeout, int | float)
+        or not 0 < claim_timeout <= _MAX_SECONDS  # inf, NaN: int() fails; 1e300: XAUTOCLAIM
+    ):
+        raise InvalidRequestError(
+            "claim_timeout", claim_timeout, "must be > 0 seconds, at most 100 years"
+        )
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_SECONDS:
+        # Redis's EXPIRE takes whole seconds; 0 or less deletes the job's keys at once, and
+        # one too long for it failed the create script half-way: keys that never expire.
+        raise InvalidRequestError("ttl", ttl, "must be an int of 1 second to 100 years")
     BatchOptions(
         concurrency=concurrency,
         rate_limit=rate_limit,

@@ -35,7 +35,7 @@ from .common import (
 )
 from .console import Console
 from .credentials import Credentials
-from .input import BadRow, RowDefaults, Scan, Source, parse
+from .input import BadRow, RowDefaults, Scan, Source, parse, scan_input
 from .loops import loop_factory
 from .results import Results, error_json, open_out
 from .signals import run
@@ -233,11 +233,13 @@ async def _write_report(
     out: TextIO | None,
     results: AsyncGenerator[JobItemResult, None],
     items: Sequence[SendRequest | None] | None,
+    not_in_job: str | None = None,
 ) -> tuple[int, int]:
     """Every item to ``out`` as ``send-many --out`` writes it, each line as its result comes.
 
     ``results`` are in index order (``iter_job_results``); an index of ``items``
-    with no result is an invalid input row, reported skipped.
+    with no result is an invalid input row, reported skipped, as is (without
+    ``items``) a result whose error says so (``not_in_job``: a complete job's).
 
     Returns:
         The exit code of the tally, and how many results came.
@@ -261,6 +263,16 @@ async def _write_report(
         async for result in results:
             for index in range(following, result.index):
                 invalid(index)
+            if (
+                not_in_job is not None
+                and result.outcome == "skipped"
+                and result.error is not None
+                and result.error["message"] == not_in_job
+            ):
+                invalid(result.index)  # as the job's runs reported it
+                following = result.index + 1
+                count += 1
+                continue
             item = items[result.index] if items is not None else None
             sink.emit(
                 result.index,
@@ -363,10 +375,26 @@ def run_redis_job(
         if not report.job.complete and report.job.state == "running":
             console.err("other runs hold the job's last chunks: see botmsg job status")
         results = jobs.iter_job_results(args.redis, args.job, items)
-        code, _ = await _write_report(console, out, results, items)
+        try:
+            code, _ = await _write_report(console, out, results, items)
+        except jobs.JobError as exc:
+            return _report_failed(console, exc)
         return code
 
     return run(go(), first_signal=stop.set)
+
+
+def _report_failed(console: Console, exc: BotMessageError) -> int:
+    """Say that Redis failed once the job's runs had sent; return ``EXIT_UNKNOWN``.
+
+    Not a usage error (exit 2 says nothing was sent), nor a traceback: the job's
+    outcomes are on record in Redis, but ``--out`` (written up to here) lacks them.
+    """
+    console.err(
+        f"error: {console.redact(exc.message)}; --out is not complete: the job's outcomes "
+        "are in Redis (botmsg job report writes them once it is back)"
+    )
+    return EXIT_UNKNOWN
 
 
 def cmd_job(args: argparse.Namespace, console: Console) -> int:
@@ -376,6 +404,13 @@ def cmd_job(args: argparse.Namespace, console: Console) -> int:
         UsageError: a bad flag, or Redis cannot be read.
     """
     jobs = _jobs()
+    if args.job_command == "report" and args.input and args.out != "-":
+        same = os.path.abspath(args.input) == os.path.abspath(args.out)
+        with contextlib.suppress(OSError):  # --out does not exist (yet)
+            same = same or os.path.samefile(args.input, args.out)
+        if same:
+            # --out would truncate the input before its rows are read.
+            raise UsageError("--input and --out must be different files")
     try:
         return run(_job(args, console, jobs))
     except (jobs.JobError, InvalidRequestError) as exc:  # Redis unusable, a bad URL
@@ -404,16 +439,88 @@ async def _job(args: argparse.Namespace, console: Console, jobs: ModuleType) -> 
     items: Sequence[SendRequest | None] | None = None
     with contextlib.ExitStack() as stack:
         if args.input:
+            status = await jobs.job_status(args.redis, args.job)
+            if status.state == "missing":
+                console.err(f"no job {args.job!r} in Redis (never created, or expired)")
+                return EXIT_USAGE
+            ignore = _take_job_options(args, status.options)
             source = Source(args.input, stack)
             fmt = args.format or source.guess_format()
-            defaults = RowDefaults(args.text, args.subject, args.sender_name)
+            defaults = RowDefaults(args.text, args.subject, args.sender_name, ignore)
             items = FileItems(source, fmt, defaults, 256, stack)
+            _check_job_input(jobs, status, source, fmt, defaults, items)
         out = open_out(args.out, stack)
         started = time.perf_counter()
         results = jobs.iter_job_results(args.redis, args.job, items)
-        code, count = await _write_report(console, out, results, items)
+        code, count = await _write_report(console, out, results, items, jobs.NOT_IN_JOB_NOTE)
         console.err(f"{count} item(s) reported in {time.perf_counter() - started:.1f} s")
         return code
+
+
+#: The options that shape the messages, recorded with a job by ``send-many --redis``
+#: and taken from it by ``job report --input``: (recorded name, attribute of args, flag).
+_MESSAGE_OPTIONS: Final = (
+    ("format", "format", "--format"),
+    ("text", "text", "--text"),
+    ("subject", "subject", "--subject"),
+    ("sender_name", "sender_name", "--sender-name"),
+)
+
+
+def _take_job_options(args: argparse.Namespace, recorded: Mapping[str, Any]) -> frozenset[str]:
+    """Take the message options not given from the job's (the input's rows are read as its
+    runs read them); refuse one given that differs.
+
+    Returns:
+        The job's ignored columns.
+
+    Raises:
+        UsageError: an option differs from the job's, or the job's are corrupt.
+    """
+    for name, dest, flag in _MESSAGE_OPTIONS:
+        value = recorded.get(name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"the job's recorded {name} is corrupt in Redis")
+        given = getattr(args, dest)
+        if given is None:
+            setattr(args, dest, value)
+        elif value is not None and given != value:
+            # (None recorded: a job run from Python; the input's fingerprint decides.)
+            raise UsageError(
+                f"{flag} differs from the job's: its runs were given another, so the report "
+                f"would read the input's rows as other messages; drop {flag} to use the job's"
+            )
+    ignore = recorded.get("ignore_columns", [])
+    if not isinstance(ignore, list) or not all(isinstance(n, str) for n in ignore):
+        raise UsageError("the job's recorded ignore_columns are corrupt in Redis")
+    return frozenset(ignore)
+
+
+def _check_job_input(
+    jobs: ModuleType,
+    status: JobStatus,
+    source: Source,
+    fmt: str,
+    defaults: RowDefaults,
+    items: Sequence[SendRequest | None],
+) -> None:
+    """Refuse an input that is not the job's: its report would name other rows.
+
+    The job records its input's fingerprint: ``send-many``'s (the file's bytes and the
+    message options), or, for a job run from Python, ``job_fingerprint`` of its items.
+
+    Raises:
+        UsageError: the input's fingerprint is neither.
+    """
+    if status.fingerprint == scan_input(source, fmt, defaults).fingerprint:
+        return
+    if status.fingerprint == jobs.job_fingerprint(items):
+        return
+    raise UsageError(
+        f"--input {source.display} is not the job's input (its sha256, with the job's "
+        "message options, differs from the one the job recorded): give the file its runs "
+        "were given"
+    )
 
 
 def _status_json(status: JobStatus) -> dict[str, Any]:
@@ -546,10 +653,11 @@ def _run_workers(
 
     Returns:
         130 after a signal; 2 when every run refused (usage error: nothing sent);
-        else the exit code of the job's report (0, 1 or 3), as a single run's.
+        3 when Redis cannot be read at the end (the report not complete); else the
+        exit code of the job's report (0, 1 or 3), as a single run's.
 
     Raises:
-        UsageError: a run could not be started, or Redis cannot be read at the end.
+        UsageError: a run could not be started.
     """
     argv = worker_argv(args, fmt, os.getpid())
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
@@ -646,7 +754,8 @@ def _run_workers(
         try:
             status = await jobs.job_status(args.redis, args.job, claim_timeout=args.claim_timeout)
         except jobs.JobError as exc:
-            raise UsageError(console.redact(exc.message)) from None
+            code = _report_failed(console, exc)
+            return EXIT_INTERRUPTED if received else code
         if status.state == "missing":
             console.err(f"no run joined the job {args.job!r}: nothing was sent")
             return EXIT_USAGE
@@ -659,7 +768,10 @@ def _run_workers(
                 "chunks (taken over after --claim-timeout); see botmsg job status"
             )
         results = jobs.iter_job_results(args.redis, args.job, items)
-        code, _ = await _write_report(console, out, results, items)
+        try:
+            code, _ = await _write_report(console, out, results, items)
+        except jobs.JobError as exc:
+            return _report_failed(console, exc)
         return code
 
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:

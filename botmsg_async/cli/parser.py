@@ -55,6 +55,25 @@ def _rate(text: str) -> float:
     return value
 
 
+#: Longest --job-ttl and --claim-timeout (seconds): a century. Redis's EXPIRE and
+#: XAUTOCLAIM refuse much longer ones, a job's create script half-way.
+_MAX_SECONDS: Final = 100 * 365 * 86400
+
+
+def _claim_timeout(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= _MAX_SECONDS:  # NaN fails both
+        raise argparse.ArgumentTypeError("must be a number of seconds above 0, at most 100 years")
+    return value
+
+
+def _job_ttl(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= _MAX_SECONDS:  # whole seconds (Redis's EXPIRE): 0.5 would be 0
+        raise argparse.ArgumentTypeError("must be a number of seconds from 1 to 100 years")
+    return value
+
+
 def _delay(text: str) -> float:
     value = float(text)
     if not (value >= 0 and math.isfinite(value)):  # NaN or inf: every request would hang
@@ -196,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--job", metavar="NAME", help="the job to create or join")
     group.add_argument(
         "--claim-timeout",
-        type=_positive_float,
+        type=_claim_timeout,
         default=30.0,
         metavar="SECONDS",
         help="a run silent this long has its chunks taken over (default: 30)",
@@ -206,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--job-ttl",
-        type=_positive_float,
+        type=_job_ttl,
         default=7 * 24 * 3600.0,
         metavar="SECONDS",
         help="the job's records expire this long after its last activity (default: 7 days)",
@@ -251,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--input", metavar="FILE", help="the job's INPUT: fills department_uuid and user_uuid"
     )
-    report.add_argument("--format", choices=["csv", "jsonl"], help="default: by extension")
-    report.add_argument("--text", "-t", help="as given to send-many")
+    report.add_argument(
+        "--format", choices=["csv", "jsonl"], help="default: the job's (by extension)"
+    )
+    report.add_argument("--text", "-t", help="default: the job's (as given to send-many)")
     job_sub.add_parser(
         "cancel", parents=[common, where], help="nothing new starts anywhere; in-flight finish"
     )

@@ -261,8 +261,18 @@ async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedi
     for ttl in (inf, 1e300):
         with pytest.raises(InvalidRequestError):
             RedisSendGuard(job_redis.url, name="t", ttl=ttl)
+    # Finite but past what Redis's EXPIRE / XAUTOCLAIM take: the create script failed
+    # half-way and left a job whose keys never expire, that no run could use again.
     async with FakeBotMessageServer() as server:
-        for job_options in ({"claim_timeout": inf}, {"ttl": 0}, {"ttl": -5}, {"ttl": 1.5}):
+        for job_options in (
+            {"claim_timeout": inf},
+            {"ttl": 0},
+            {"ttl": -5},
+            {"ttl": 1.5},
+            {"ttl": 10**300},
+            {"ttl": 2**63},
+            {"claim_timeout": 1e300},
+        ):
             with pytest.raises(InvalidRequestError):
                 await run_job_async(
                     job_redis.url,
@@ -274,3 +284,5 @@ async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedi
                     **job_options,
                 )
     assert server.messages == []
+    async with Redis.from_url(job_redis.url) as r:
+        assert await r.keys("botmsg:job:*") == []

@@ -361,6 +361,49 @@ async def test_resend_unknown_on_a_complete_job(tmp_path: Path, job_redis: JobRe
     assert outcomes == {"sent": n}
 
 
+async def test_the_report_reads_the_input_with_the_jobs_message_options(
+    tmp_path: Path, job_redis: JobRedis
+) -> None:
+    """job report --input of a job run with --text/--ignore-columns, given neither: the
+    job's (every sent item sent, as the run's --out says); other options or another input
+    than the job's: exit 2 naming them, no report."""
+    rows = [{"department_uuid": f"dep-{i % 3}", "user_uuid": f"user-{i}", "note": "x"}
+            for i in range(12)]  # fmt: skip
+    path = write_csv(tmp_path / "in.csv", rows)
+    other = write_csv(tmp_path / "other.csv", rows[:-1])
+    run_out, out = tmp_path / "run.jsonl", tmp_path / "report.jsonl"
+    where = ("--redis", job_redis.url, "--job", "the-job")
+    async with FakeBotMessageServer(password=PASSWORD) as server:
+        code, err = await finish(
+            await botmsg_start(
+                server, "send-many", str(path), *where, "--text", "Office closed",
+                "--ignore-columns", "note", "--out", str(run_out),
+            )
+        )  # fmt: skip
+        assert code == 0, err
+        assert len(server.messages) == 12
+
+        async def report(*extra: str) -> tuple[int, str]:
+            return await finish(
+                await botmsg_start(server, "job", "report", *where, "--out", str(out), *extra)
+            )
+
+        code, err = await report("--input", str(path))
+        assert code == 0, err
+        assert read_jsonl(out) == read_jsonl(run_out)
+        for extra, named in (
+            (["--input", str(path), "--text", "Another text"], "--text"),
+            (["--input", str(path), "--format", "jsonl"], "--format"),
+            (["--input", str(other)], "--input"),
+        ):
+            out.unlink(missing_ok=True)
+            code, err = await report(*extra)
+            assert code == 2, (extra, err)
+            assert named in err, err
+            assert "Traceback" not in err
+            assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["send-many", "job"])
 async def test_a_bad_redis_url_is_a_usage_error_that_does_not_quote_it(
     tmp_path: Path, command: str
@@ -391,6 +434,43 @@ def test_file_journal_flags_are_refused(tmp_path: Path, flag: str) -> None:
     assert code == 2
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--job-ttl", "1e300"),  # past Redis's EXPIRE: a job whose keys never expire
+        ("--job-ttl", "0.5"),  # rounded down to 0: refused as "invalid ttl 0"
+        ("--job-ttl", "nan"),
+        ("--claim-timeout", "1e300"),  # past XAUTOCLAIM's min-idle-time
+        ("--claim-timeout", "nan"),
+    ],
+)
+def test_a_time_redis_cannot_take_is_a_usage_error_naming_its_flag(
+    tmp_path: Path,
+    job_redis: JobRedis,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    value: str,
+) -> None:
+    """--job-ttl / --claim-timeout outside 1 s (0 s) .. 100 years: exit 2 naming the flag,
+    before Redis is touched."""
+    import redis
+
+    from botmsg_async.cli import main
+
+    path = write_items(tmp_path, 3)
+    args = ["send-many", str(path), "--redis", job_redis.url, "--job", "x", "--text", "t"]
+    env = {"BOTMSG_BASE_URL": "http://127.0.0.1:9", "BOTMSG_USERNAME": "u", "BOTMSG_PASSWORD": "p"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, env_value in env.items():
+            patch.setenv(name, env_value)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    with redis.Redis(unix_socket_path=str(job_redis.socket)) as client:
+        assert client.keys("botmsg:job:*") == []
+
+
 def test_send_many_help_explains_redis_jobs(capsys: pytest.CaptureFixture[str]) -> None:
     """send-many --help says what --redis/--job do and guarantee."""
     from botmsg_async.cli import main
@@ -403,3 +483,57 @@ def test_send_many_help_explains_redis_jobs(capsys: pytest.CaptureFixture[str]) 
     assert "no item is sent twice" in text
     assert "one quota across all runs" in text
     assert "--accept-redis-loss" in text
+
+
+def test_job_report_refuses_out_on_its_input(
+    tmp_path: Path, job_redis: JobRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """job report --out the --input file (or a link to it): exit 2, the input untouched
+    (it was truncated before its rows were read: every item reported skipped, invalid)."""
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    path = write_items(tmp_path, 3)
+    before = path.read_bytes()
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        assert main(run_args(job_redis, path)) == 0
+    link = tmp_path / "link.csv"
+    link.symlink_to(path)
+    where = ["--redis", job_redis.url, "--job", "the-job", "--input", str(path)]
+    for out in (path, link):
+        assert main(["job", "report", *where, "--out", str(out)]) == 2
+        assert path.read_bytes() == before
+    assert main(["job", "report", *where, "--out", str(tmp_path / "out.jsonl")]) == 0
+
+
+def test_a_report_without_input_names_invalid_rows_as_the_run_did(
+    tmp_path: Path,
+    job_redis: JobRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """job report without --input of a complete job with --skip-invalid rows: those rows
+    skipped as invalid, exit 0, as the run's --out (not "the job is still running", exit 1)."""
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    rows = [{"department_uuid": f"dep-{i}", "user_uuid": f"user-{i}", "text": "hi"}
+            for i in range(5)]  # fmt: skip
+    rows[2]["department_uuid"] = ""  # invalid: never sent by any run
+    path = write_csv(tmp_path / "in.csv", rows)
+    run_out, out = tmp_path / "run.jsonl", tmp_path / "report.jsonl"
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        args = [*run_args(job_redis, path, "--skip-invalid"), "--out", str(run_out)]
+        assert main(args) == 0
+        assert len(server.messages) == 4
+    where = ["--redis", job_redis.url, "--job", "the-job"]
+    code = main(["job", "report", *where, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    blank = {"department_uuid": "", "user_uuid": ""}
+    assert read_jsonl(out) == [{**line, **blank} for line in read_jsonl(run_out)]

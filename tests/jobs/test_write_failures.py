@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from botmsg_async.jobs import (
 )
 from botmsg_async.shared import RedisRateLimiter
 from botmsg_async.testing import FakeBotMessageServer, Fault, RequestInfo
+from tests.test_cli import read_jsonl
 
 from .conftest import JobRedis
 from .test_jobs_cli import PASSWORD, botmsg_start, finish, run_args, write_items
@@ -237,3 +240,94 @@ async def test_a_write_to_a_job_gone_from_redis_leaves_no_key_for_ever(
         forever = [key for key in await r.keys("*") if await r.ttl(key) == -1]
         assert forever == []
         assert not await r.exists("botmsg:job:{gone}:meta")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_redis_gone_while_out_is_written_is_exit_3_not_a_traceback(
+    job_redis: JobRedis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    workers: str,
+) -> None:
+    """send-many --redis (a run, or a --workers parent) whose Redis goes away while it
+    writes --out, every item sent: exit 3 saying --out is not complete (not a traceback,
+    not exit 2 "nothing sent"); the lines written stand."""
+    from botmsg_async import jobs
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    real = jobs.iter_job_results
+
+    async def first_page_then_gone(
+        url: str,
+        job: str,
+        items: collections.abc.Sequence[SendRequest | None] | None = None,
+        *,
+        page_size: int = 4,
+    ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
+        # The report read 4 items a page; Redis killed once the first page is written.
+        async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
+            async for result in results:
+                yield result
+                if result.index == 3:
+                    job_redis.kill()
+
+    path = write_items(tmp_path, 10)
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(jobs, "iter_job_results", first_page_then_gone)
+    monkeypatch.setattr(jobs, "REDIS_WAIT", 0.2)  # gone for good: no need to wait 60 s
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        code = main([*run_args(job_redis, path, "--workers", workers), "--out", str(out)])
+        assert len(server.messages) == 10
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "--out is not complete" in err
+    assert [line["index"] for line in read_jsonl(out)] == [0, 1, 2, 3]
+
+
+def test_redis_restarted_while_out_is_written_loses_no_line(
+    job_redis: JobRedis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """send-many --redis whose Redis restarts (AOF) while it writes --out: the report
+    waits for it, as the run's other calls do, and --out gets every item (exit 0)."""
+    from botmsg_async import jobs
+    from botmsg_async.cli import main
+    from tests.test_docs import ThreadServer
+
+    real = jobs.iter_job_results
+
+    async def restart_after_the_first_page(
+        url: str,
+        job: str,
+        items: collections.abc.Sequence[SendRequest | None] | None = None,
+        *,
+        page_size: int = 4,
+    ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
+        async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
+            async for result in results:
+                yield result
+                if result.index == 3:
+                    job_redis.kill()
+                    job_redis.start()
+
+    path = write_items(tmp_path, 10)
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(jobs, "iter_job_results", restart_after_the_first_page)
+    with ThreadServer() as server:
+        monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
+        monkeypatch.setenv("BOTMSG_USERNAME", server.username)
+        monkeypatch.setenv("BOTMSG_PASSWORD", server.password)
+        code = main([*run_args(job_redis, path), "--out", str(out)])
+        assert len(server.messages) == 10
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = read_jsonl(out)
+    assert [line["index"] for line in lines] == list(range(10))
+    assert {line["outcome"] for line in lines} == {"sent"}
