@@ -246,6 +246,30 @@ def check_redis_url(url: str) -> None:
         raise InvalidRequestError("redis", "<url>", URL_HINT)
 
 
+def check_redis_options(client: Redis) -> None:
+    """Refuse a client (made from a URL) whose connections redis-py could never make.
+
+    A query option it does not know (a typo, ``ssl_cert_reqs`` on ``redis://``) or a
+    value it refuses only when it makes the first connection: a ``TypeError`` or a
+    ``RedisError`` out of every send (taken for Redis being away), a traceback out
+    of a job's command. Made here once, without connecting.
+
+    Raises:
+        InvalidRequestError: such an option (never quoted: its name or value may be a
+            piece of a password cut short at an unencoded '?').
+    """
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError, RedisError):
+        raise InvalidRequestError(
+            "redis",
+            "<url>",
+            "has a query option redis-py does not take, or a value it refuses (not shown: "
+            "it may hold a piece of a password; percent-encode '?' in a password)",
+        ) from None
+
+
 def _connect(redis: str | Redis) -> tuple[Redis, bool]:
     """A client for ``redis`` (a URL, or a client of the caller's) and whether we own it."""
     if isinstance(redis, Redis):
@@ -268,6 +292,7 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
         # Never echo the URL, nor redis-py's words on it: they may quote a piece of its
         # password ("Port could not be cast to integer value as 's3cr'" for ':s3cr/et@').
         raise InvalidRequestError("redis", "<url>", URL_HINT) from None
+    check_redis_options(client)
     return client, True
 
 

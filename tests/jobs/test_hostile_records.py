@@ -237,6 +237,39 @@ def test_an_at_sign_where_redis_reads_it_is_taken(url: str) -> None:
     check_redis_url(url)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sockettimeout=5",  # a misspelt option
+        "ssl_cert_reqs=none",  # an option of rediss:// only
+        "protocol=5",
+        "c=d@host",  # the password "s3cr?c=d" cut short at its '?'
+    ],
+)
+async def test_an_option_redis_cannot_take_is_refused_up_front(query: str) -> None:
+    """A Redis URL option redis-py's connections refuse (a TypeError, a RedisError at the
+    first connection): an InvalidRequestError quoting none of it, never a traceback."""
+    from botmsg_async.jobs import cancel_job
+    from botmsg_async.shared import RedisRateLimiter, RedisSendGuard
+
+    url = f"redis://:s3cr@127.0.0.1:1/0?{query}"
+    if query.startswith("c="):
+        url = f"redis://:s3cr?{query}"
+    uses = (
+        lambda: RedisSendGuard(url, name="t"),
+        lambda: RedisRateLimiter(url, name="t", rate=1),
+        lambda: job_status(url, "j"),
+        lambda: cancel_job(url, "j"),
+    )
+    for use in uses:
+        with pytest.raises(InvalidRequestError) as caught:
+            made = use()
+            if hasattr(made, "__await__"):
+                await made
+        for piece in ("s3cr", query):
+            assert piece not in str(caught.value)
+
+
 async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedis) -> None:
     """Infinite rates, bursts, TTLs and timeouts, a TTL that deletes the job: refused up front."""
     from botmsg_async.shared import RedisRateLimiter, RedisSendGuard
