@@ -221,14 +221,33 @@ def _name(name: str | None, base_url: str | None, username: str | None) -> str:
     return name
 
 
+#: Query options of a Redis URL that redis-py passes on as text, where an '@' is no
+#: sign of a password cut short (``check_redis_url``).
+_TEXT_OPTIONS: Final = frozenset(
+    {
+        "password",
+        "username",
+        "client_name",
+        "lib_name",
+        "lib_version",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+    }
+)
+
+
 def check_redis_url(url: str) -> None:
     """Refuse a Redis URL whose password was cut short by an unencoded '/', '?' or '#'.
 
     The rest of the password (and the host) then follows that character, so an '@'
     shows there; redis-py would take the password's head for a port or a host (a
     password "4711/x" connects to localhost:4711) and quote it in every connection
-    error. An '@' is left alone only in the value of a ``password=`` or ``username=``
-    query option (redis-py reads those), and in a ``unix://`` socket's path.
+    error. An '@' is left alone only in the value of a query option redis-py reads as
+    text (``password=``, ``client_name=``, a certificate's path: ``_TEXT_OPTIONS``),
+    and in a ``unix://`` socket's path.
 
     Raises:
         InvalidRequestError: such a URL (never quoted: ``URL_HINT``).
@@ -240,7 +259,7 @@ def check_redis_url(url: str) -> None:
     spilled = "@" in parts.fragment or ("@" in parts.path and parts.scheme != "unix")
     for piece in parts.query.split("&"):
         name, _, value = piece.partition("=")
-        if "@" in name or ("@" in value and name not in ("password", "username")):
+        if "@" in name or ("@" in value and name not in _TEXT_OPTIONS):
             spilled = True
     if spilled:
         raise InvalidRequestError("redis", "<url>", URL_HINT)

@@ -228,10 +228,14 @@ async def test_a_password_cut_short_in_a_redis_url_is_never_quoted(url: str) -> 
         "redis://127.0.0.1:1/0?password=p@ss",
         "redis://127.0.0.1:1/0?username=me@home&password=x",
         "unix:///tmp/a@b/redis.sock",
+        "redis://127.0.0.1:1/0?client_name=worker@box1",
+        "rediss://127.0.0.1:1/0?ssl_ca_certs=/etc/redis@1/ca.pem&ssl_certfile=/k@/c.pem",
+        "rediss://127.0.0.1:1/0?ssl_keyfile=/k@/k.pem&ssl_password=p@ss",
     ],
 )
 def test_an_at_sign_where_redis_reads_it_is_taken(url: str) -> None:
-    """An '@' in a password= or username= option, or in a unix socket's path, is no cut."""
+    """An '@' in a text option (password=, client_name=, a certificate's path...), or in a
+    unix socket's path, is no cut."""
     from botmsg_async.shared import check_redis_url
 
     check_redis_url(url)
