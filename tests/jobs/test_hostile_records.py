@@ -259,19 +259,18 @@ async def test_an_option_redis_cannot_take_is_refused_up_front(query: str) -> No
     url = f"redis://:s3cr@127.0.0.1:1/0?{query}"
     if query.startswith("c="):
         url = f"redis://:s3cr?{query}"
-    uses = (
-        lambda: RedisSendGuard(url, name="t"),
-        lambda: RedisRateLimiter(url, name="t", rate=1),
-        lambda: job_status(url, "j"),
-        lambda: cancel_job(url, "j"),
-    )
-    for use in uses:
+    errors: list[InvalidRequestError] = []
+    for make in (RedisSendGuard, RedisRateLimiter):
         with pytest.raises(InvalidRequestError) as caught:
-            made = use()
-            if hasattr(made, "__await__"):
-                await made
+            make(url, name="t")
+        errors.append(caught.value)
+    for command in (job_status, cancel_job):
+        with pytest.raises(InvalidRequestError) as caught:
+            await command(url, "j")
+        errors.append(caught.value)
+    for error in errors:
         for piece in ("s3cr", query):
-            assert piece not in str(caught.value)
+            assert piece not in str(error)
 
 
 async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedis) -> None:
