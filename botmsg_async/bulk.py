@@ -748,11 +748,13 @@ class _Worker:
             self.reported_stop = True
             if not isinstance(stopped, _JobStoppingError):
                 self._send(("stopped", f"{type(stopped).__name__}: {stopped.message}"))
-        if sent_outcome is Outcome.SKIPPED and not meta.started:
+        if not meta.started and result is None:
             # Never attempted, so it has no journal record: the parent accounts for it
             # as for the items this worker never pulled (not started after a stop on
             # request, skipped after a stop for a cause), so that the summary, --out
-            # and a --resume from the journal agree on it.
+            # and a --resume from the journal agree on it. Whatever its outcome: the
+            # client never had it, so an error before its start (of the limiter, an
+            # "unexpected error" the batch calls unknown) cannot have sent it.
             self.unstarted.append(meta.wire)
             return
         if sent_outcome is Outcome.SKIPPED:

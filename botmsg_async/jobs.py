@@ -89,7 +89,7 @@ from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
-from .shared import URL_HINT, RedisRateLimiter, check_redis_url
+from .shared import URL_HINT, RedisRateLimiter, check_redis_options, check_redis_url
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -512,17 +512,16 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
         )
     check_redis_url(redis)
     try:
-        return (
-            Redis.from_url(
-                redis,
-                socket_timeout=REDIS_SOCKET_TIMEOUT,
-                socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
-            ),
-            True,
+        client = Redis.from_url(
+            redis,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         )
     except ValueError:
         # Not redis-py's words: they may quote a piece of the URL's password.
         raise InvalidRequestError("redis", "<url>", URL_HINT) from None
+    check_redis_options(client)
+    return client, True
 
 
 def _text(value: object) -> str | None:

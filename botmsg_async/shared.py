@@ -221,14 +221,33 @@ def _name(name: str | None, base_url: str | None, username: str | None) -> str:
     return name
 
 
+#: Query options of a Redis URL that redis-py passes on as text, where an '@' is no
+#: sign of a password cut short (``check_redis_url``).
+_TEXT_OPTIONS: Final = frozenset(
+    {
+        "password",
+        "username",
+        "client_name",
+        "lib_name",
+        "lib_version",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+    }
+)
+
+
 def check_redis_url(url: str) -> None:
     """Refuse a Redis URL whose password was cut short by an unencoded '/', '?' or '#'.
 
     The rest of the password (and the host) then follows that character, so an '@'
     shows there; redis-py would take the password's head for a port or a host (a
     password "4711/x" connects to localhost:4711) and quote it in every connection
-    error. An '@' is left alone only in the value of a ``password=`` or ``username=``
-    query option (redis-py reads those), and in a ``unix://`` socket's path.
+    error. An '@' is left alone only in the value of a query option redis-py reads as
+    text (``password=``, ``client_name=``, a certificate's path: ``_TEXT_OPTIONS``),
+    and in a ``unix://`` socket's path.
 
     Raises:
         InvalidRequestError: such a URL (never quoted: ``URL_HINT``).
@@ -240,10 +259,34 @@ def check_redis_url(url: str) -> None:
     spilled = "@" in parts.fragment or ("@" in parts.path and parts.scheme != "unix")
     for piece in parts.query.split("&"):
         name, _, value = piece.partition("=")
-        if "@" in name or ("@" in value and name not in ("password", "username")):
+        if "@" in name or ("@" in value and name not in _TEXT_OPTIONS):
             spilled = True
     if spilled:
         raise InvalidRequestError("redis", "<url>", URL_HINT)
+
+
+def check_redis_options(client: Redis) -> None:
+    """Refuse a client (made from a URL) whose connections redis-py could never make.
+
+    A query option it does not know (a typo, ``ssl_cert_reqs`` on ``redis://``) or a
+    value it refuses only when it makes the first connection: a ``TypeError`` or a
+    ``RedisError`` out of every send (taken for Redis being away), a traceback out
+    of a job's command. Made here once, without connecting.
+
+    Raises:
+        InvalidRequestError: such an option (never quoted: its name or value may be a
+            piece of a password cut short at an unencoded '?').
+    """
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError, RedisError):
+        raise InvalidRequestError(
+            "redis",
+            "<url>",
+            "has a query option redis-py does not take, or a value it refuses (not shown: "
+            "it may hold a piece of a password; percent-encode '?' in a password)",
+        ) from None
 
 
 def _connect(redis: str | Redis) -> tuple[Redis, bool]:
@@ -268,6 +311,7 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
         # Never echo the URL, nor redis-py's words on it: they may quote a piece of its
         # password ("Port could not be cast to integer value as 's3cr'" for ':s3cr/et@').
         raise InvalidRequestError("redis", "<url>", URL_HINT) from None
+    check_redis_options(client)
     return client, True
 
 

@@ -449,6 +449,26 @@ async def test_a_429_pauses_every_worker(tmp_path: Path) -> None:
     assert max(svc.arrivals) > told[0] + 1.9
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+async def test_an_error_before_an_items_start_gives_it_back_not_unknown(tmp_path: Path) -> None:
+    """A worker's limiter failing before an item's start (not a BotMessageError): never unknown."""
+    source = items(tmp_path, 20)
+    out = tmp_path / "out.jsonl"
+    async with service() as (svc, base_url):
+        # Every grant is logged to a full disk: each worker's first slot raises OSError,
+        # before its start record and its send.
+        code, err = await botmsg(
+            base_url, str(source), "--workers", "2", "--rate", "1000",
+            "--grant-log", "/dev/full", "--out", str(out),
+        )  # fmt: skip
+    assert svc.requests == 0
+    assert code == 1, err
+    # Nothing was sent, so nothing "may have been delivered": all 20 go back to the job.
+    assert "0 unknown" in err, err
+    assert "20 item(s) not started" in err, err
+    assert [line for line in read_jsonl(out) if line["outcome"] == "unknown"] == []
+
+
 async def test_refused_credentials_stop_every_worker(tmp_path: Path) -> None:
     """A 401 stops both workers: at most their sends in flight go out, the rest SKIPPED."""
 

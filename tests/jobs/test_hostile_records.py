@@ -228,13 +228,49 @@ async def test_a_password_cut_short_in_a_redis_url_is_never_quoted(url: str) -> 
         "redis://127.0.0.1:1/0?password=p@ss",
         "redis://127.0.0.1:1/0?username=me@home&password=x",
         "unix:///tmp/a@b/redis.sock",
+        "redis://127.0.0.1:1/0?client_name=worker@box1",
+        "rediss://127.0.0.1:1/0?ssl_ca_certs=/etc/redis@1/ca.pem&ssl_certfile=/k@/c.pem",
+        "rediss://127.0.0.1:1/0?ssl_keyfile=/k@/k.pem&ssl_password=p@ss",
     ],
 )
 def test_an_at_sign_where_redis_reads_it_is_taken(url: str) -> None:
-    """An '@' in a password= or username= option, or in a unix socket's path, is no cut."""
+    """An '@' in a text option (password=, client_name=, a certificate's path...), or in a
+    unix socket's path, is no cut."""
     from botmsg_async.shared import check_redis_url
 
     check_redis_url(url)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sockettimeout=5",  # a misspelt option
+        "ssl_cert_reqs=none",  # an option of rediss:// only
+        "protocol=5",
+        "c=d@host",  # the password "s3cr?c=d" cut short at its '?'
+    ],
+)
+async def test_an_option_redis_cannot_take_is_refused_up_front(query: str) -> None:
+    """A Redis URL option redis-py's connections refuse (a TypeError, a RedisError at the
+    first connection): an InvalidRequestError quoting none of it, never a traceback."""
+    from botmsg_async.jobs import cancel_job
+    from botmsg_async.shared import RedisRateLimiter, RedisSendGuard
+
+    url = f"redis://:s3cr@127.0.0.1:1/0?{query}"
+    if query.startswith("c="):
+        url = f"redis://:s3cr?{query}"
+    errors: list[InvalidRequestError] = []
+    for make in (RedisSendGuard, RedisRateLimiter):
+        with pytest.raises(InvalidRequestError) as caught:
+            make(url, name="t")
+        errors.append(caught.value)
+    for command in (job_status, cancel_job):
+        with pytest.raises(InvalidRequestError) as caught:
+            await command(url, "j")
+        errors.append(caught.value)
+    for error in errors:
+        for piece in ("s3cr", query):
+            assert piece not in str(error)
 
 
 async def test_arguments_no_redis_call_could_take_are_refused(job_redis: JobRedis) -> None:
