@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.testing import FakeBotMessageServer, Fault
 
 from .conftest import ok, run_botmsg, serving_send
 from .test_cli import RUN_TIMEOUT, Run, botmsg, cli_env, read_jsonl, rows, write_jsonl
@@ -283,3 +283,55 @@ async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path, work
     started = {r["i"] for r in records if r.get("s") == "start"}
     sent = {r["i"] for r in records if r.get("o") == "sent"}
     assert started == sent == set(range(2000))
+
+
+async def botmsg_to_a_closed_pipe(*args: str, server: FakeBotMessageServer) -> Run:
+    """Run ``botmsg ARGS`` with stdout a pipe nobody reads any more (``| true``: EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write to stdout fails with EPIPE
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "botmsg_async",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(server),
+        )
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+    assert process.returncode is not None
+    return Run(process.returncode, "", err.decode())
+
+
+@pytest.mark.parametrize(
+    ("fault", "rc", "outcome"),
+    [(None, 0, "sent"), (Fault.PERMANENT_FAILURE, 1, "failed"), (Fault.HTTP_500, 3, "unknown")],
+)
+async def test_send_to_a_closed_stdout_still_exits_with_its_outcome(
+    server: FakeBotMessageServer, fault: Fault | None, rc: int, outcome: str
+) -> None:
+    """`botmsg send | true`: the exit code is the send's outcome (not 1), said on stderr."""
+    if fault is not None:
+        server.inject(fault)
+    run = await botmsg_to_a_closed_pipe("send", "-d", "d-1", "-u", "u-1", "-t", "hi", server=server)
+    assert run.rc == rc, run
+    assert "Traceback" not in run.stderr
+    assert "standard output is closed" in run.stderr
+    assert server.requests == 1
+    if fault is not None:
+        assert f"{outcome}: " in run.stderr  # the human line still comes
+
+
+async def test_demo_to_a_closed_stdout_still_exits_with_its_outcome(
+    server: FakeBotMessageServer,
+) -> None:
+    """`botmsg demo | true` runs its batch and exits 0, with no traceback and no exit 120."""
+    run = await botmsg_to_a_closed_pipe("demo", "--messages", "20", server=server)
+    assert run.rc == 0, run
+    assert "Traceback" not in run.stderr
+    assert "Exception ignored" not in run.stderr
+    assert "standard output is closed" in run.stderr
