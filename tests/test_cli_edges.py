@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import re
 import signal
 import sys
@@ -335,3 +336,44 @@ async def test_demo_to_a_closed_stdout_still_exits_with_its_outcome(
     assert "Traceback" not in run.stderr
     assert "Exception ignored" not in run.stderr
     assert "standard output is closed" in run.stderr
+
+
+async def test_end_of_input_at_the_password_prompt_is_a_usage_error(
+    server: FakeBotMessageServer,
+) -> None:
+    """Ctrl-D at the terminal's password prompt: exit 2 "no password given", no traceback."""
+    env = cli_env(server)
+    del env["BOTMSG_PASSWORD"]
+    master, slave = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "botmsg_async",
+            "send",
+            "-d",
+            "d",
+            "-u",
+            "u",
+            "-t",
+            "hi",
+            stdin=slave,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            # No controlling terminal: getpass asks on stdin, the pty, never on the
+            # terminal the tests were started from.
+            start_new_session=True,
+        )
+        assert process.stderr is not None
+        prompt = await asyncio.wait_for(process.stderr.readuntil(b"password: "), RUN_TIMEOUT)
+        assert prompt.endswith(b"password: ")
+        os.write(master, b"\x04")  # Ctrl-D at the start of a line: end of input
+        out, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert process.returncode == 2, err
+    assert b"Traceback" not in err
+    assert b"no password given" in err
+    assert server.requests == 0
