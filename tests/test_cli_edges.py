@@ -369,7 +369,7 @@ async def test_end_of_input_at_the_password_prompt_is_a_usage_error(
         prompt = await asyncio.wait_for(process.stderr.readuntil(b"password: "), RUN_TIMEOUT)
         assert prompt.endswith(b"password: ")
         os.write(master, b"\x04")  # Ctrl-D at the start of a line: end of input
-        out, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+        _, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
     finally:
         os.close(master)
         os.close(slave)
