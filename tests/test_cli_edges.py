@@ -22,7 +22,16 @@ from aiohttp import web
 from botmsg_async.testing import FakeBotMessageServer, Fault
 
 from .conftest import ok, run_botmsg, serving_send
-from .test_cli import RUN_TIMEOUT, Run, botmsg, cli_env, read_jsonl, rows, write_jsonl
+from .test_cli import (
+    RUN_TIMEOUT,
+    Run,
+    botmsg,
+    cli_env,
+    read_jsonl,
+    rows,
+    start_cli,
+    write_jsonl,
+)
 from .test_cli import server as server  # the fixture, used by name
 
 #: Runs ``python -m botmsg_async ARGS`` with the standard stream given first closed.
@@ -377,3 +386,37 @@ async def test_end_of_input_at_the_password_prompt_is_a_usage_error(
     assert b"Traceback" not in err
     assert b"no password given" in err
     assert server.requests == 0
+
+
+@pytest.mark.parametrize("given_key", [False, True])
+async def test_send_interrupted_mid_request_reports_unknown_with_its_key(
+    tmp_path: Path, given_key: bool
+) -> None:
+    """Ctrl-C while the request is at the service: exit 130, outcome unknown, the key to reuse."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+    keys: list[str] = []
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        keys.append(request.headers["Idempotency-Key"])
+        arrived.set()
+        await release.wait()  # the service is slow: the answer comes after the signal
+        return await ok(request)
+
+    async with serving_send(hold) as base_url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+        env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="secret-pw")
+        extra = ["--idempotency-key", "my-key-1"] if given_key else []
+        process = await start_cli("send", "-d", "d", "-u", "u", "-t", "hi", *extra, env=env)
+        await asyncio.wait_for(arrived.wait(), RUN_TIMEOUT)
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+        release.set()
+    assert process.returncode == 130, err
+    [key] = keys
+    if given_key:
+        assert key == "my-key-1"
+    result = json.loads(out)
+    assert result["outcome"] == "unknown"
+    assert result["error"]["idempotency_key"] == key
+    assert f"--idempotency-key {key}" in err.decode()
+    assert b"Traceback" not in err
