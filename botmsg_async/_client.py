@@ -38,7 +38,7 @@ from ._errors import (
 from ._guard import SendGuard
 from ._limits import PauseOnly, RateLimiter
 from ._models import MessageDefaults, Outcome, SendRequest, SendResult, TextMessage
-from ._observe import Observer, SendObservation
+from ._observe import Observer, SendObservation, log_quietly
 from ._report import BatchReport, ItemResult, Progress
 from ._retry import ATTEMPT_FLOOR, Retrier, RetryBudget, RetryEvent, RetryPolicy, spread
 from ._validate import (
@@ -660,7 +660,9 @@ class BotMessageClient:
         if state.watch is not None:
             state.watch.retry_scheduled(attempt, wait, exc)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
+            log_quietly(
+                log,
+                logging.DEBUG,
                 "retrying department=%s user=%s after attempt %d in %.3f s: %s",
                 state.department_uuid,
                 state.user_uuid,
@@ -800,7 +802,9 @@ class BotMessageClient:
         if state.watch is not None:
             state.watch.send_finished(outcome, state.attempt, error)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
+            log_quietly(
+                log,
+                logging.DEBUG,
                 "send to department=%s user=%s ended %s after %d attempt(s): %s",
                 state.department_uuid,
                 state.user_uuid,
@@ -956,7 +960,9 @@ class BotMessageClient:
                 if state.watch is not None:
                     state.watch.attempt_finished(state.attempt, status, error, duration)
                 if debug:
-                    log.debug(
+                    log_quietly(
+                        log,
+                        logging.DEBUG,
                         "POST %s -> %s in %.1f ms (attempt %d)",
                         state.url.path,
                         status or "no answer",

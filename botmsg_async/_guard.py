@@ -29,6 +29,7 @@ from ._errors import (
     SendFailedError,
 )
 from ._models import ApiError, ApiWarning, SendResult, Status
+from ._observe import log_quietly
 
 __all__ = [
     "RECORD_VERSION",
@@ -375,7 +376,9 @@ async def settle(
         else:
             await guard.record(key, fingerprint, result, error, token=token)
     except BotMessageError as exc:
-        log.warning(
+        log_quietly(
+            log,
+            logging.WARNING,
             "could not record the outcome of idempotency key %s (%s); a later send of this "
             "key will be told its delivery is unknown",
             key,

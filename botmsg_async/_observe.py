@@ -15,6 +15,10 @@ result (``botmsg_async.otel`` catches and logs every failure of OpenTelemetry).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -23,7 +27,34 @@ if TYPE_CHECKING:
 
     from ._models import Outcome
 
-__all__ = ["BatchObservation", "Observer", "SendObservation"]
+__all__ = ["BatchObservation", "Observer", "SendObservation", "log_quietly"]
+
+
+def log_quietly(
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    *args: object,
+    extra: Mapping[str, object] | None = None,
+    exc_info: bool = False,
+) -> None:
+    """``logger.log(level, msg, *args)``, except that it never raises into its caller.
+
+    The SDK logs from inside a send (after its answer came, before a retry,
+    settling its outcome): an application's handler whose ``emit`` raises, or a
+    filter that does, would otherwise replace the send's own result (a delivered
+    message raising the handler's error, a batch losing its report). Their
+    exception is reported as ``logging`` reports a failing handler's: a
+    traceback on stderr when ``logging.raiseExceptions`` is set.
+    """
+    try:
+        # stacklevel=2: the record names the SDK's line that logged, not this one.
+        logger.log(level, msg, *args, extra=extra, exc_info=exc_info, stacklevel=2)
+    except Exception:
+        if logging.raiseExceptions:
+            with contextlib.suppress(Exception):  # no stderr (closed, None) either
+                print("--- Logging error (botmsg_async) ---", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
 
 
 class SendObservation(Protocol):

@@ -50,6 +50,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from ._models import Outcome
+from ._observe import log_quietly
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -344,7 +345,8 @@ class Telemetry:
         """
         level = logging.DEBUG if self._warned else logging.WARNING
         self._warned = True
-        log.log(level, "OpenTelemetry failed to %s; not recorded", what, exc_info=True)
+        # Quietly: a handler that raises must not fail the send either.
+        log_quietly(log, level, "OpenTelemetry failed to %s; not recorded", what, exc_info=True)
 
     def _endpoint_for(self, base_url: URL) -> _Endpoint:
         endpoint = self._endpoint

@@ -57,6 +57,7 @@ from ._errors import (
 from ._guard import claim_record, outcome_record, read_record
 from ._limits import LocalRateLimiter, check_rate
 from ._models import SendResult
+from ._observe import log_quietly
 
 __all__ = ["RedisRateLimiter", "RedisSendGuard", "account_name"]
 
@@ -501,7 +502,13 @@ class RedisRateLimiter:
         try:
             await self._pause(keys=[self._pause_key], args=[round(seconds * 1e6), self._channel])
         except _REDIS_ERRORS as exc:
-            log.warning("could not share a %.1f s pause through Redis: %s", seconds, exc)
+            log_quietly(
+                log,
+                logging.WARNING,
+                "could not share a %.1f s pause through Redis: %s",
+                seconds,
+                exc,
+            )
 
     async def paused_for(self) -> float:
         """Seconds left of the shared pause, as last heard from Redis (no round trip)."""
@@ -535,7 +542,9 @@ class RedisRateLimiter:
             raise exc
         if loop.time() - self._warned_at > 10:
             self._warned_at = loop.time()
-            log.warning(
+            log_quietly(
+                log,
+                logging.WARNING,
                 "Redis unavailable; fail_open=True: each process limits itself to the "
                 "full rate until it is back (%s)",
                 exc,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import re
 import signal
 import sys
@@ -18,10 +19,19 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from botmsg_async.testing import FakeBotMessageServer
+from botmsg_async.testing import FakeBotMessageServer, Fault
 
 from .conftest import ok, run_botmsg, serving_send
-from .test_cli import RUN_TIMEOUT, Run, botmsg, cli_env, read_jsonl, rows, write_jsonl
+from .test_cli import (
+    RUN_TIMEOUT,
+    Run,
+    botmsg,
+    cli_env,
+    read_jsonl,
+    rows,
+    start_cli,
+    write_jsonl,
+)
 from .test_cli import server as server  # the fixture, used by name
 
 #: Runs ``python -m botmsg_async ARGS`` with the standard stream given first closed.
@@ -283,3 +293,130 @@ async def test_rows_appended_after_the_check_are_never_sent(tmp_path: Path, work
     started = {r["i"] for r in records if r.get("s") == "start"}
     sent = {r["i"] for r in records if r.get("o") == "sent"}
     assert started == sent == set(range(2000))
+
+
+async def botmsg_to_a_closed_pipe(*args: str, server: FakeBotMessageServer) -> Run:
+    """Run ``botmsg ARGS`` with stdout a pipe nobody reads any more (``| true``: EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write to stdout fails with EPIPE
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "botmsg_async",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(server),
+        )
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+    assert process.returncode is not None
+    return Run(process.returncode, "", err.decode())
+
+
+@pytest.mark.parametrize(
+    ("fault", "rc", "outcome"),
+    [(None, 0, "sent"), (Fault.PERMANENT_FAILURE, 1, "failed"), (Fault.HTTP_500, 3, "unknown")],
+)
+async def test_send_to_a_closed_stdout_still_exits_with_its_outcome(
+    server: FakeBotMessageServer, fault: Fault | None, rc: int, outcome: str
+) -> None:
+    """`botmsg send | true`: the exit code is the send's outcome (not 1), said on stderr."""
+    if fault is not None:
+        server.inject(fault)
+    run = await botmsg_to_a_closed_pipe("send", "-d", "d-1", "-u", "u-1", "-t", "hi", server=server)
+    assert run.rc == rc, run
+    assert "Traceback" not in run.stderr
+    assert "standard output is closed" in run.stderr
+    assert server.requests == 1
+    if fault is not None:
+        assert f"{outcome}: " in run.stderr  # the human line still comes
+
+
+async def test_demo_to_a_closed_stdout_still_exits_with_its_outcome(
+    server: FakeBotMessageServer,
+) -> None:
+    """`botmsg demo | true` runs its batch and exits 0, with no traceback and no exit 120."""
+    run = await botmsg_to_a_closed_pipe("demo", "--messages", "20", server=server)
+    assert run.rc == 0, run
+    assert "Traceback" not in run.stderr
+    assert "Exception ignored" not in run.stderr
+    assert "standard output is closed" in run.stderr
+
+
+async def test_end_of_input_at_the_password_prompt_is_a_usage_error(
+    server: FakeBotMessageServer,
+) -> None:
+    """Ctrl-D at the terminal's password prompt: exit 2 "no password given", no traceback."""
+    env = cli_env(server)
+    del env["BOTMSG_PASSWORD"]
+    master, slave = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "botmsg_async",
+            "send",
+            "-d",
+            "d",
+            "-u",
+            "u",
+            "-t",
+            "hi",
+            stdin=slave,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            # No controlling terminal: getpass asks on stdin, the pty, never on the
+            # terminal the tests were started from.
+            start_new_session=True,
+        )
+        assert process.stderr is not None
+        prompt = await asyncio.wait_for(process.stderr.readuntil(b"password: "), RUN_TIMEOUT)
+        assert prompt.endswith(b"password: ")
+        os.write(master, b"\x04")  # Ctrl-D at the start of a line: end of input
+        _, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert process.returncode == 2, err
+    assert b"Traceback" not in err
+    assert b"no password given" in err
+    assert server.requests == 0
+
+
+@pytest.mark.parametrize("given_key", [False, True])
+async def test_send_interrupted_mid_request_reports_unknown_with_its_key(
+    tmp_path: Path, given_key: bool
+) -> None:
+    """Ctrl-C while the request is at the service: exit 130, outcome unknown, the key to reuse."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+    keys: list[str] = []
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        keys.append(request.headers["Idempotency-Key"])
+        arrived.set()
+        await release.wait()  # the service is slow: the answer comes after the signal
+        return await ok(request)
+
+    async with serving_send(hold) as base_url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BOTMSG_")}
+        env.update(BOTMSG_BASE_URL=base_url, BOTMSG_USERNAME="u", BOTMSG_PASSWORD="secret-pw")
+        extra = ["--idempotency-key", "my-key-1"] if given_key else []
+        process = await start_cli("send", "-d", "d", "-u", "u", "-t", "hi", *extra, env=env)
+        await asyncio.wait_for(arrived.wait(), RUN_TIMEOUT)
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
+        release.set()
+    assert process.returncode == 130, err
+    [key] = keys
+    if given_key:
+        assert key == "my-key-1"
+    result = json.loads(out)
+    assert result["outcome"] == "unknown"
+    assert result["error"]["idempotency_key"] == key
+    assert f"--idempotency-key {key}" in err.decode()
+    assert b"Traceback" not in err

@@ -70,6 +70,12 @@ async def test_a_retried_send_logs_each_attempt_with_its_fields(
     ]
     assert [record.levelno for record in captured.records] == [logging.DEBUG] * 3
     assert all(record.name == "botmsg_async" for record in captured.records)
+    # Each record names the SDK's line that logged it, not a logging helper's.
+    assert [record.funcName for record in captured.records] == [
+        "_attempt",
+        "_before_retry",
+        "_attempt",
+    ]
     assert_clean(captured.records)
 
 
@@ -122,3 +128,48 @@ async def test_a_retried_failure_that_quotes_the_text_logs_its_type_only(
     assert "retrying" in retrying.getMessage()
     assert retrying.getMessage().endswith(": SendFailedError")
     assert_clean(captured.records)
+
+
+class BrokenHandler(logging.Handler):
+    """An application's handler with a bug: its emit raises (no handleError)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        raise RuntimeError("the handler broke")
+
+
+def broken_filter(record: logging.LogRecord) -> bool:
+    """An application's log filter with a bug: it raises."""
+    raise RuntimeError("the filter broke")
+
+
+@pytest.mark.parametrize("broken", ["handler", "filter"])
+async def test_a_raising_handler_or_filter_never_changes_a_send(
+    server: ScriptedServer,
+    make_client: Callable[..., BotMessageClient],
+    broken: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A handler or filter that raises: sends keep their results, a batch its report."""
+    logger = logging.getLogger("botmsg_async")
+    handler: logging.Handler = BrokenHandler()
+    if broken == "filter":
+        handler = Capture()
+        handler.addFilter(broken_filter)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        server.script = [answer(503, {"error": "busy"})]
+        async with make_client(server.base_url) as client:
+            result = await client.send(DEPT, USER, TEXT)  # delivered on its second attempt
+            assert result.attempts == 2
+            server.script = [answer(500, "oops")]
+            with pytest.raises(ServerError):  # its own error, not the handler's
+                await client.send(DEPT, USER, TEXT, retry=RetryPolicy.none())
+            report = await client.send_many([(DEPT, USER, TEXT)] * 3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert (report.sent, report.failed, report.unknown) == (3, 0, 0)
+    assert len(server.seen) == 6
+    assert f"the {broken} broke" in capsys.readouterr().err  # said, as logging says it

@@ -574,3 +574,36 @@ async def test_a_failing_gauge_update_does_not_drift_it(
         assert rec.points("botmsg.client.active_sends") == {frozenset(): 0}, fails
         rec.meter_provider.shutdown()
         rec.tracer_provider.shutdown()
+
+
+async def test_a_failing_meter_logged_to_a_raising_handler_never_changes_a_send(
+    server: ScriptedServer,
+    make_client: Callable[..., BotMessageClient],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The meter raises, and so does the handler its warning goes to: sends end as without."""
+
+    class BrokenHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise RuntimeError("the handler broke")
+
+    logger = logging.getLogger("botmsg_async.otel")
+    handler = BrokenHandler()
+    logger.addHandler(handler)
+    rec = Recorded()
+    telemetry = Telemetry(
+        tracer_provider=rec.tracer_provider,
+        meter_provider=FailingMeterProvider(rec.meter_provider, dict.fromkeys(ALL_METRICS)),
+    )
+    try:
+        server.script = [answer(503, {"error": "busy"})]
+        async with make_client(server.base_url, telemetry=telemetry) as client:
+            first = await client.send(DEPT, USER, TEXT)
+            report = await client.send_many([(DEPT, USER, TEXT)] * 3)
+    finally:
+        logger.removeHandler(handler)
+        rec.meter_provider.shutdown()
+        rec.tracer_provider.shutdown()
+    assert first.attempts == 2
+    assert (report.sent, report.failed, report.unknown) == (3, 0, 0)
+    assert "the handler broke" in capsys.readouterr().err

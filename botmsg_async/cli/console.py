@@ -124,6 +124,8 @@ class Console:
     def __init__(self) -> None:
         self.redact = Redactor()
         self.active_bar: Any = None
+        #: Whether stdout's reader went away (EPIPE): what is left for it is dropped.
+        self._stdout_gone = False
 
     def printable(self, text: str, *, json_text: bool = False) -> str:
         """``text`` made safe for any output: secrets redacted, unsafe characters escaped.
@@ -146,14 +148,30 @@ class Console:
     def err(self, message: str) -> None:
         """Print one message for a human on stderr."""
         text = self.printable(f"botmsg: {message}")
-        if self.active_bar is not None:
-            self.active_bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        try:
+            if self.active_bar is not None:
+                self.active_bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr, flush=True)
+        except BrokenPipeError:  # nobody reads stderr any more: nobody to tell
+            _discard(sys.stderr)
 
     def out(self, text: str) -> None:
-        """Print one line (or lines) for stdout, each made safe by ``printable``."""
-        print("\n".join(self.printable(line) for line in text.split("\n")), flush=True)
+        """Print one line (or lines) for stdout, each made safe by ``printable``.
+
+        When stdout's reader has gone (``botmsg send | head -c0``: EPIPE), that is
+        said once on stderr and the rest of stdout is dropped: the command goes on
+        to the exit code of what it did (a message sent is not "failed" because its
+        JSON found no reader, and an unknown outcome must still exit 3).
+        """
+        if self._stdout_gone:
+            return
+        try:
+            print("\n".join(self.printable(line) for line in text.split("\n")), flush=True)
+        except BrokenPipeError:
+            self._stdout_gone = True
+            _discard(sys.stdout)
+            self.err("standard output is closed (broken pipe); the rest of it is dropped")
 
     def setup_logging(self, level_name: str) -> None:
         """Send log records to stderr through this console's filter, at ``level_name``."""
@@ -171,6 +189,23 @@ class Console:
     def progress_logger() -> Callable[[Progress], None] | None:
         """For logs of unattended runs (``--log-level INFO``): a progress line callback."""
         return _log_progress if log.isEnabledFor(logging.INFO) else None
+
+
+def _discard(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null, its reader having gone (EPIPE).
+
+    What is still in its buffer is then dropped when flushed, at the latest at
+    exit, where a failed flush would print "Exception ignored" and exit 120.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _log_progress(progress: Progress) -> None:

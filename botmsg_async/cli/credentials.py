@@ -84,7 +84,10 @@ def resolve_credentials(
     elif env.get(ENV_PASSWORD):
         password = env[ENV_PASSWORD]
     elif sys.stdin.isatty() and not stdin_taken:
-        password = getpass.getpass("botmsg password: ")
+        try:
+            password = getpass.getpass("botmsg password: ")
+        except EOFError:  # Ctrl-D at the prompt: no password, as an empty line
+            password = ""
         if not password:
             raise UsageError("no password given")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from botmsg_async import (
     SendResult,
     TextMessage,
     check_request,
+    new_idempotency_key,
 )
 
 from .common import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, UsageError
@@ -46,6 +48,17 @@ def _error_json(exc: BotMessageError) -> dict[str, Any]:
     if isinstance(exc, DeliveryUnknownError):
         out["idempotency_key"] = exc.idempotency_key
     return out
+
+
+def _interrupted(console: Console, key: str) -> None:
+    """Say that an interrupted send's outcome is unknown, and how to resend it safely."""
+    message = (
+        "interrupted: the message may have been delivered; to send it again without a "
+        f"duplicate, pass --idempotency-key {key}"
+    )
+    error = {"type": "Interrupted", "message": message, "idempotency_key": key}
+    console.out(console.dumps({"outcome": Outcome.UNKNOWN.value, "attempts": None, "error": error}))
+    console.err(message)
 
 
 def _result_json(result: SendResult) -> dict[str, Any]:
@@ -94,11 +107,14 @@ def _check_request(
 async def _send_one(
     args: argparse.Namespace, console: Console, creds: Credentials, message: TextMessage
 ) -> int:
+    # Chosen here, not by the client: an interrupted send must be able to name it.
+    key: str = args.idempotency_key or new_idempotency_key()
     async with make_client(creds) as client:
         try:
-            result = await client.send(
-                args.department, args.user, message, idempotency_key=args.idempotency_key
-            )
+            result = await client.send(args.department, args.user, message, idempotency_key=key)
+        except asyncio.CancelledError:  # a signal (exit 130): its request may be at the service
+            _interrupted(console, key)
+            raise
         except InvalidRequestError as exc:
             raise UsageError(str(exc)) from None
         except BotMessageError as exc:
