@@ -1024,7 +1024,13 @@ class _Run:
                         if self.stopping:
                             verdict = "stopped"
                     if verdict == "taken":
-                        chunk.open.discard(meta.index)  # another run started it and reports it
+                        # Another run started it since this one read the chunk (it held the
+                        # chunk before, its start landing late): its outcome is that run's
+                        # to record, or its start taken back (never attempted). Either way
+                        # not this run's to count finished: the chunk is left unacknowledged,
+                        # taken over again after the claim timeout, where the item is found
+                        # settled, in doubt (started, no outcome), or free to send.
+                        self._leave(chunk, meta.index)
                         continue
                     if verdict == "rewound":
                         self._record(
@@ -1049,9 +1055,14 @@ class _Run:
         if meta.started and not meta.in_doubt:
             self.releases.append(meta.index)
             self._kick()
-        meta.chunk.open.discard(meta.index)
-        meta.chunk.abandoned = True
-        self.left.add(meta.chunk.entry)
+        self._leave(meta.chunk, meta.index)
+
+    def _leave(self, chunk: _Chunk, index: int) -> None:
+        """``index`` is not finished by this run: nor is ``chunk``, which is left unacknowledged
+        and no longer refreshed (after ``claim_timeout`` a run, this one too, takes it over)."""
+        chunk.open.discard(index)
+        chunk.abandoned = True
+        self.left.add(chunk.entry)
 
     async def _recorded_unknown(self, chunk: _Chunk, settled: bytes, base: int) -> set[int]:
         """With --resend-unknown: the chunk's items whose recorded outcome is unknown."""
