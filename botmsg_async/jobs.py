@@ -137,6 +137,9 @@ DIED_NOTE: Final = (
 #: Why an item of a complete job was never started: no run was given it (``None`` among
 #: the items: an invalid input row).
 NOT_IN_JOB_NOTE: Final = "invalid input row"
+#: Why a valid item of a complete job was never started (its records lost: its start
+#: taken back after its chunk was finished, a key flushed...): certainly not sent.
+NOT_SENT_NOTE: Final = "not attempted: no run sent it (the job is complete)"
 #: Why an item is unknown after Redis lost records.
 REWOUND_NOTE: Final = (
     "Redis lost recent records of the job (restarted without fsync, or failed over): this "
@@ -1588,7 +1591,8 @@ async def iter_job_results(
     An item started with no outcome is unknown; one never started is skipped
     (the job stopped, was cancelled, or is still running: the error says which; in
     a complete job, an item no run was given: ``None``, an invalid input row, with
-    an ``InvalidRequestError`` of ``NOT_IN_JOB_NOTE``).
+    an ``InvalidRequestError`` of ``NOT_IN_JOB_NOTE``; but with ``items`` given, a
+    valid one of them is a ``NotAttemptedError`` of ``NOT_SENT_NOTE``).
 
     A report taken while runs still write the job is not a snapshot: each page
     shows its items as they were when that page was read, so a later page may
@@ -1662,6 +1666,11 @@ async def iter_job_results(
                     if item is not None
                     else str(uuid.uuid5(nonce, str(index)))
                 )
+                if item is not None and never[1] == NOT_IN_JOB_NOTE:
+                    # A valid item (the caller's items say so) that no run sent: skipped,
+                    # not to be reported as an invalid row (nor dropped from --out as one).
+                    yield page.result(index, key, ("NotAttemptedError", NOT_SENT_NOTE))
+                    continue
                 yield page.result(index, key, never)
     finally:
         if owned:

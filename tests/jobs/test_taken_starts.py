@@ -22,6 +22,8 @@ from redis.asyncio import Redis
 
 from botmsg_async import SendRequest
 from botmsg_async.jobs import (
+    NOT_IN_JOB_NOTE,
+    _Keys,
     _Run,
     job_results,
     job_status,
@@ -106,3 +108,36 @@ async def test_a_start_taken_back_after_a_takeover_is_sent_by_another_run(
         assert len(server.messages) == 1
         assert results[0].error is None
 
+
+async def test_a_valid_item_never_started_is_not_called_an_invalid_row(
+    job_redis: JobRedis,
+) -> None:
+    """A complete job's item that no run sent, given its items, is skipped "not attempted"
+    (a valid row); without the items it cannot be told from an invalid one."""
+    items = _items(3)
+    items[2] = None  # an invalid input row: never part of the job
+    async with FakeBotMessageServer() as server, Redis.from_url(job_redis.url) as redis:
+        await run_job_async(
+            redis,
+            "never",
+            items,
+            base_url=server.base_url,
+            username=server.username,
+            password=server.password,
+        )
+        keys = _Keys("never")
+        # Item 1's records gone (as the loss above left them): never started, never settled.
+        await redis.setbit(keys.started, 1, 0)
+        await redis.setbit(keys.settled, 1, 0)
+        assert (await job_status(redis, "never")).complete
+        given = await job_results(redis, "never", items)
+        assert [r.index for r in given] == [0, 1]  # the invalid row is not yielded
+        error = given[1].error
+        assert given[1].outcome == "skipped"
+        assert error is not None
+        assert error["type"] != "InvalidRequestError"
+        assert error["message"] != NOT_IN_JOB_NOTE
+        assert "not attempted" in error["message"]
+        bare = await job_results(redis, "never", None)
+        assert bare[2].error is not None
+        assert bare[2].error["message"] == NOT_IN_JOB_NOTE
