@@ -52,11 +52,13 @@ async def test_a_start_taken_back_after_a_takeover_is_sent_by_another_run(
 ) -> None:
     """B's start of X refused (A's landed after B read X's bits), then A stops and takes its
     start back: X is still sent, once; the job ends complete, X reported sent."""
-    a_holds, b_read, a_started, b_refused = (asyncio.Event() for _ in range(4))
+    a_holds, b_read, a_started, b_refused, a_done = (asyncio.Event() for _ in range(5))
     chunk_bits = _Run._chunk_bits
     start_group = _Run._start_group
 
     async def bits(self: _Run, first: int, end: int) -> tuple[bytes, bytes]:
+        if b_read.is_set():
+            await a_done.wait()  # B's take-over again: after A's start taken back (not racing it)
         started, settled = await chunk_bits(self, first, end)
         if self.claim_timeout == B_CLAIM and not any(started):
             b_read.set()  # B found X not started: A's start is yet to land
@@ -97,6 +99,7 @@ async def test_a_start_taken_back_after_a_takeover_is_sent_by_another_run(
             )
 
         a = asyncio.ensure_future(run(A_CLAIM))
+        a.add_done_callback(lambda _: a_done.set())
         await asyncio.wait_for(a_holds.wait(), 30)
         b = asyncio.ensure_future(run(B_CLAIM))
         await asyncio.wait_for(asyncio.gather(a, b), 30)
