@@ -137,6 +137,9 @@ DIED_NOTE: Final = (
 #: Why an item of a complete job was never started: no run was given it (``None`` among
 #: the items: an invalid input row).
 NOT_IN_JOB_NOTE: Final = "invalid input row"
+#: Why a valid item of a complete job was never started (its records lost: its start
+#: taken back after its chunk was finished, a key flushed...): certainly not sent.
+NOT_SENT_NOTE: Final = "not attempted: no run sent it (the job is complete)"
 #: Why an item is unknown after Redis lost records.
 REWOUND_NOTE: Final = (
     "Redis lost recent records of the job (restarted without fsync, or failed over): this "
@@ -1024,7 +1027,13 @@ class _Run:
                         if self.stopping:
                             verdict = "stopped"
                     if verdict == "taken":
-                        chunk.open.discard(meta.index)  # another run started it and reports it
+                        # Another run started it since this one read the chunk (it held the
+                        # chunk before, its start landing late): its outcome is that run's
+                        # to record, or its start taken back (never attempted). Either way
+                        # not this run's to count finished: the chunk is left unacknowledged,
+                        # taken over again after the claim timeout, where the item is found
+                        # settled, in doubt (started, no outcome), or free to send.
+                        self._leave(chunk, meta.index)
                         continue
                     if verdict == "rewound":
                         self._record(
@@ -1049,9 +1058,14 @@ class _Run:
         if meta.started and not meta.in_doubt:
             self.releases.append(meta.index)
             self._kick()
-        meta.chunk.open.discard(meta.index)
-        meta.chunk.abandoned = True
-        self.left.add(meta.chunk.entry)
+        self._leave(meta.chunk, meta.index)
+
+    def _leave(self, chunk: _Chunk, index: int) -> None:
+        """``index`` is not finished by this run: nor is ``chunk``, which is left unacknowledged
+        and no longer refreshed (after ``claim_timeout`` a run, this one too, takes it over)."""
+        chunk.open.discard(index)
+        chunk.abandoned = True
+        self.left.add(chunk.entry)
 
     async def _recorded_unknown(self, chunk: _Chunk, settled: bytes, base: int) -> set[int]:
         """With --resend-unknown: the chunk's items whose recorded outcome is unknown."""
@@ -1577,7 +1591,8 @@ async def iter_job_results(
     An item started with no outcome is unknown; one never started is skipped
     (the job stopped, was cancelled, or is still running: the error says which; in
     a complete job, an item no run was given: ``None``, an invalid input row, with
-    an ``InvalidRequestError`` of ``NOT_IN_JOB_NOTE``).
+    an ``InvalidRequestError`` of ``NOT_IN_JOB_NOTE``; but with ``items`` given, a
+    valid one of them is a ``NotAttemptedError`` of ``NOT_SENT_NOTE``).
 
     A report taken while runs still write the job is not a snapshot: each page
     shows its items as they were when that page was read, so a later page may
@@ -1651,6 +1666,11 @@ async def iter_job_results(
                     if item is not None
                     else str(uuid.uuid5(nonce, str(index)))
                 )
+                if item is not None and never[1] == NOT_IN_JOB_NOTE:
+                    # A valid item (the caller's items say so) that no run sent: skipped,
+                    # not to be reported as an invalid row (nor dropped from --out as one).
+                    yield page.result(index, key, ("NotAttemptedError", NOT_SENT_NOTE))
+                    continue
                 yield page.result(index, key, never)
     finally:
         if owned:
