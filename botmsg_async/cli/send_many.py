@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from botmsg_async import (
     APIStatusError,
+    BatchStream,
     BotMessageError,
     InvalidRequestError,
     InvalidResponseError,
@@ -361,6 +362,8 @@ class SendMany:
         self.last_line_at = 0.0  # the batch's elapsed time at the last progress line
         self.stopped_by: BotMessageError | None = None
         self.stop_requested = False
+        #: The batch, once it runs: a stop request drains it (``BatchStream.stop``).
+        self.stream: BatchStream | None = None
         #: --out could not be written: start no new item, finish those in flight.
         self.out_error: OSError | None = None
         # --durable: items handed to the batch and not finished, and stream
@@ -376,6 +379,10 @@ class SendMany:
     def request_stop(self) -> None:
         """Start no new item; let those in flight finish (first SIGINT or SIGTERM)."""
         self.stop_requested = True
+        if self.stream is not None:
+            # Items waiting for --rate or a 429 pause are not started; a 429'd one
+            # is not sent again: only the sends in flight finish.
+            self.stream.stop()
         self.console.err(
             f"stopping: waiting for {len(self.pending)} send(s) in flight; "
             "signal again to abandon them (their outcome would be unknown)"
@@ -497,7 +504,12 @@ class SendMany:
         """
         error: str | None
         if item.outcome is Outcome.SKIPPED:
-            reason = self.stopped_by or self.journal_error or "an error (in the summary)"
+            reason = (
+                self.stopped_by
+                or self.journal_error
+                or ("a stop request (SIGINT or SIGTERM)" if self.stop_requested else None)
+                or "an error (in the summary)"
+            )
             error = f"not attempted: the batch stopped after: {reason}"
         else:
             error = _describe(item.error)
@@ -608,6 +620,9 @@ class SendMany:
                 )
             except InvalidRequestError as exc:
                 raise UsageError(str(exc)) from None
+            self.stream = stream
+            if self.stop_requested:  # a signal came before the batch existed
+                stream.stop()
             bar = Bar(self.console, self.to_send, "sending")
             started = time.perf_counter()
             interrupted = False

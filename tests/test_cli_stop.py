@@ -1,0 +1,91 @@
+"""A first SIGTERM to a single-process ``botmsg send-many``: nothing new starts, at once.
+
+Items the batch has taken but not attempted (waiting for ``--rate`` or for a 429
+pause) must not be started after the signal, and a 429 pause must not hold the
+stop; ``tests/test_cli_workers.py`` holds ``--workers`` to the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.test_cli_workers import (
+    check_accounting,
+    finish,
+    items,
+    no_process_left,  # noqa: F401 - the autouse fixture: no process left behind
+    resume,
+    service,
+    start,
+)
+
+
+async def test_a_stop_ends_the_wait_for_a_429_pause_without_workers(tmp_path: Path) -> None:
+    """SIGTERM during a 30 s pause ends the run at once; nothing sent after; resume finishes."""
+    n = 20
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first = tmp_path / "first.jsonl"
+    told = asyncio.Event()
+
+    async def throttle(request: web.Request) -> web.Response:
+        told.set()
+        return web.json_response({}, status=429, headers={"Retry-After": "30"})
+
+    async with service() as (svc, base_url):
+        svc.script.append(throttle)
+        process = await start(
+            base_url, str(source), "-c", "1", "--journal", str(journal), "--out", str(first)
+        )
+        await asyncio.wait_for(told.wait(), 20)
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)
+        assert code == 130, err
+        assert svc.requests == 1  # the throttled item was not sent again
+        # A 429 proves the item was not processed: failed, and resent by --resume.
+        assert [line["outcome"] for line in check_lines(first)] == ["failed"]
+        out = tmp_path / "out.jsonl"
+        code, err = await resume(base_url, source, journal, out, workers=1)
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+async def test_a_stop_starts_no_item_waiting_for_the_rate_limit(tmp_path: Path) -> None:
+    """SIGTERM while items wait for --rate: none of them is sent; the resume sends them."""
+    n = 20
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    first = tmp_path / "first.jsonl"
+    async with service() as (svc, base_url):
+        arrived = svc.when_received(1)
+        # One message per 100 s: the first goes at once, the others wait for the limiter.
+        process = await start(
+            base_url, str(source), "-c", "4", "--rate", "0.01",
+            "--journal", str(journal), "--out", str(first),
+        )  # fmt: skip
+        await asyncio.wait_for(arrived.wait(), 20)
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)
+        assert code == 130, err
+        assert svc.requests == 1
+        outcomes = [line["outcome"] for line in check_lines(first)]
+        assert outcomes.count("sent") == 1
+        assert set(outcomes) <= {"sent", "skipped"}  # those taken but never attempted
+        out = tmp_path / "out.jsonl"
+        code, err = await resume(base_url, source, journal, out, workers=1)
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
+    assert svc.requests == n
+
+
+def check_lines(out: Path) -> list[dict[str, object]]:
+    """The lines of ``out``, each index once."""
+    from tests.test_cli import read_jsonl
+
+    lines = read_jsonl(out)
+    assert len({line["index"] for line in lines}) == len(lines)
+    return lines
