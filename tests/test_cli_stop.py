@@ -11,6 +11,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from tests.test_cli_workers import (
@@ -89,3 +90,41 @@ def check_lines(out: Path) -> list[dict[str, object]]:
     lines = read_jsonl(out)
     assert len({line["index"] for line in lines}) == len(lines)
     return lines
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["no journal", "journal"])
+async def test_a_second_signal_lists_the_abandoned_sends_as_unknown(
+    tmp_path: Path, journal: bool
+) -> None:
+    """A second SIGTERM abandons the sends in flight: each is an "unknown" line of --out."""
+    source = items(tmp_path, 10)
+    first = tmp_path / "first.jsonl"
+    arrived, release = asyncio.Event(), asyncio.Event()
+    keys: list[str] = []
+
+    async def stall(request: web.Request) -> web.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        arrived.set()
+        await release.wait()
+        return web.json_response({}, status=503)
+
+    async with service() as (svc, base_url):
+        svc.script.append(stall)
+        extra = ["--journal", str(tmp_path / "journal")] if journal else []
+        process = await start(base_url, str(source), "-c", "1", "--out", str(first), *extra)
+        await asyncio.wait_for(arrived.wait(), 20)
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        # The second signal once the first is handled (two at once would be one).
+        said = await asyncio.wait_for(process.stderr.readline(), 20)
+        assert b"stopping" in said
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)
+        release.set()
+    assert code == 130, err
+    # Without a journal, --out is all there is to tell the item in doubt from those
+    # never started (which may be sent again): it must be listed.
+    lines = check_lines(first)
+    assert [(line["index"], line["outcome"]) for line in lines] == [(0, "unknown")]
+    assert lines[0]["idempotency_key"] == keys[0]
+    assert "0 sent, 0 failed, 1 unknown" in err
