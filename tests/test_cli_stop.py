@@ -128,3 +128,26 @@ async def test_a_second_signal_lists_the_abandoned_sends_as_unknown(
     assert [(line["index"], line["outcome"]) for line in lines] == [(0, "unknown")]
     assert lines[0]["idempotency_key"] == keys[0]
     assert "0 sent, 0 failed, 1 unknown" in err
+
+
+async def test_a_stop_with_workers_does_not_wait_for_their_rate_limit(tmp_path: Path) -> None:
+    """--workers: SIGTERM while items wait for --rate ends the run at once, nothing more sent."""
+    n = 20
+    source = items(tmp_path, n)
+    journal = tmp_path / "journal"
+    async with service() as (svc, base_url):
+        arrived = svc.when_received(1)
+        # One message per 100 s for both workers: the first goes at once, seven wait.
+        process = await start(
+            base_url, str(source), "--workers", "2", "-c", "4", "--rate", "0.01",
+            "--journal", str(journal), "--out", str(tmp_path / "first.jsonl"),
+        )  # fmt: skip
+        await asyncio.wait_for(arrived.wait(), 20)
+        process.send_signal(signal.SIGTERM)
+        code, err = await finish(process)  # before: one slot per 100 s for each waiter
+        assert code == 130, err
+        assert svc.requests == 1
+        out = tmp_path / "out.jsonl"
+        code, err = await resume(base_url, source, journal, out)
+    assert code == 0, err
+    assert set(check_accounting(svc, out, n).values()) == {"sent"}
