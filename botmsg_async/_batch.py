@@ -243,6 +243,8 @@ class BatchStream:
         #: What reading the input or a callback raised first: no item starts after
         #: it, and it is raised once the items in flight are done and reported.
         self._error: Exception | None = None
+        #: ``stop()`` was called: no item starts, the sends in flight finish.
+        self._stopping = False
         self._later_errors = 0  # callback errors after it, dropped (a note says how many)
         #: Workers waiting for something other than a send (the input's next item, a
         #: rate limit, a 429 pause): an error cancels their wait (``_fail``), since a
@@ -358,6 +360,19 @@ class BatchStream:
     async def aclose(self) -> None:
         """Stop: no new item starts, in-flight sends are cancelled."""
         await self._stop()
+
+    def stop(self) -> None:
+        """Drain: start no new item, and let the sends in flight finish; then the stream ends.
+
+        Unlike ``aclose()``, nothing in flight is cancelled, so nothing is left in
+        doubt: read on to get the last results. Items taken from the input but not
+        attempted yet (waiting for the rate limit or a 429 pause) are not started
+        and are reported SKIPPED; an item a 429 refused is not sent again and is
+        reported FAILED, as its answer proved it was not processed. The input is
+        read no more. Safe to call from a signal handler, and more than once.
+        """
+        self._stopping = True
+        self._wake(self._waiting)
 
     async def _stop(self) -> Exception | None:
         """Stop the workers; return what failed them (a callback, the input) if not yet raised.
@@ -547,8 +562,8 @@ class BatchStream:
                 self._pulled = asyncio.get_running_loop().create_future()
             # Shielded: a waiter's cancellation must not cancel the others' wait.
             await asyncio.shield(self._pulled)
-        if self._error is not None:
-            return None  # it (or a callback) failed while we waited: read it no more
+        if self._error is not None or self._stopping:
+            return None  # it (or a callback) failed, or a stop, while we waited: read it no more
         self._pulling = True
         waiting = self._wait_begins()
         try:
@@ -576,8 +591,8 @@ class BatchStream:
         sink = self._sink
         items = self._iter
         while True:
-            if self._error is not None:
-                return  # the input or a callback failed: nothing new starts, the rest finish
+            if self._error is not None or self._stopping:
+                return  # the input or a callback failed, or stop(): nothing new starts
             if items is not None:
                 # A plain iterator is read here, not through _pull: no coroutine per item.
                 try:
@@ -679,11 +694,11 @@ class BatchStream:
         sender = self._sender
         # An error of the input or a callback during this item's pull (an async
         # source) or its rate-limit wait: it is not started, as after a stop.
-        if self.stopped_by is not None or self._error is not None:
+        if self.stopped_by is not None or self._error is not None or self._stopping:
             return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)
         if self._limiter is not None or sender.pause_remaining():
             await self._admit(department_uuid)
-            if self.stopped_by is not None or self._error is not None:  # while we waited
+            if self.stopped_by is not None or self._error is not None or self._stopping:
                 return (index, department_uuid, user_uuid, Outcome.SKIPPED, None, None)
         if self._on_start is not None:
             try:
@@ -717,6 +732,7 @@ class BatchStream:
                         and pause
                         and self.stopped_by is None
                         and self._error is None
+                        and not self._stopping
                     ):
                         # Not processed, and the service named when to come back:
                         # the whole batch pauses, this item goes again after it.
@@ -726,7 +742,11 @@ class BatchStream:
                             await self._admit(department_uuid)
                             # Not sent again once the batch stopped (a cause, an error)
                             # meanwhile: its answer, a 429, says it was not processed.
-                            if self.stopped_by is None and self._error is None:
+                            if (
+                                self.stopped_by is None
+                                and self._error is None
+                                and not self._stopping
+                            ):
                                 continue
                         else:
                             self._stop_for_pause(pause, exc)
@@ -874,7 +894,12 @@ class BatchStream:
                     await self._limiter.acquire(department_uuid)
                     self._telemetry.limiter_waited(time.perf_counter() - began)
             pause = sender.pause_remaining()
-            if pause <= 0 or self.stopped_by is not None or self._error is not None:
+            if (
+                pause <= 0
+                or self.stopped_by is not None
+                or self._error is not None
+                or self._stopping
+            ):
                 return
             if pause > self._max_pause:
                 self._stop_for_pause(pause, None)

@@ -63,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, Final, cast
 
@@ -980,8 +980,12 @@ class _WorkerSender:
         limiter = self._limiter
         stopped = self._worker.stopped
         while not stopped.is_set():
-            if limiter.rate or limiter.per_department_rate:
-                await limiter.acquire(department_uuid)
+            # A stop ends the wait for a slot too: with a slow --rate, the queued
+            # items would otherwise each wait their turn before being turned away.
+            if (limiter.rate or limiter.per_department_rate) and not await _unless_stopped(
+                limiter.acquire(department_uuid), stopped
+            ):
+                return
             pause = await limiter.paused_for()
             if pause <= 0:
                 return
@@ -1052,6 +1056,28 @@ class _WorkerSender:
         if wait:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._worker.stopped.wait(), wait)
+
+
+async def _unless_stopped(wait: Coroutine[Any, Any, None], stopped: asyncio.Event) -> bool:
+    """Await ``wait``, unless ``stopped`` is set first (``wait`` is then cancelled).
+
+    Returns:
+        Whether ``wait`` ended.
+    """
+    task = asyncio.ensure_future(wait)
+    stop = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in (task, stop):
+            if not waiting.done():
+                waiting.cancel()
+        # Wait for the cancelled slot's cleanup (its department's turn) to run.
+        await asyncio.gather(task, stop, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # re-raises what the wait raised
+    return True
 
 
 def _worker_main(fd: int) -> int:

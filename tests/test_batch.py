@@ -813,6 +813,55 @@ async def test_a_callback_error_ends_a_429_pause_and_sends_nothing_more(
 
 
 @pytest.mark.parametrize(
+    ("answer_first", "rate_limit", "after_the_first"),
+    [
+        # A 429: the throttled item waits for the pause, and is not sent again.
+        ({"status": 429, "body": "slow", "headers": {"Retry-After": "100"}}, None, Outcome.FAILED),
+        # One message per 100 s: the items taken after the first wait for the limiter.
+        ({"payload": SUCCESS}, 0.01, Outcome.SENT),
+    ],
+    ids=["429 pause", "rate limit"],
+)
+async def test_stop_ends_the_waits_and_starts_nothing_more(
+    mock_http: aioresponses,
+    make_client: MakeClient,
+    answer_first: dict[str, Any],
+    rate_limit: float | None,
+    after_the_first: Outcome,
+) -> None:
+    """stream.stop() during a pause or a rate-limit wait: no new request, the waiters SKIPPED."""
+    loop = asyncio.get_running_loop()
+    arrivals: list[str] = []
+
+    def answer(url: object, **kwargs: object) -> CallbackResult:
+        arrivals.append(str(url).split("/")[-3])
+        return CallbackResult(**(answer_first if len(arrivals) == 1 else {"payload": SUCCESS}))
+
+    mock_http.post(ANY_SEND, callback=answer, repeat=True)
+    results: list[ItemResult] = []
+    started = loop.time()
+    with virtual_time(loop):
+        async with on_virtual_time(make_client) as client:
+            stream = client.stream_many(
+                items(10),
+                concurrency=4,
+                rate_limit=rate_limit,
+                retry=RetryPolicy(backoff_initial=0),
+                # Once the first item was answered, every other worker is waiting.
+                on_progress=lambda progress: stream.stop() if arrivals else None,
+            )
+            async with stream:
+                results = [item async for item in stream]
+        waited = loop.time() - started
+    assert arrivals == ["user-0"]
+    outcomes = {r.index: r.outcome for r in results}
+    assert outcomes.pop(0) is after_the_first
+    # The items taken but not attempted are reported, as never started.
+    assert set(outcomes.values()) <= {Outcome.SKIPPED}
+    assert waited < 100  # the stop ended the waits (on the virtual clock)
+
+
+@pytest.mark.parametrize(
     ("option", "value"),
     [
         ("concurrency", 0),

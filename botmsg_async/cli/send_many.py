@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from botmsg_async import (
     APIStatusError,
+    BatchStream,
     BotMessageError,
     InvalidRequestError,
     InvalidResponseError,
@@ -103,6 +104,12 @@ class _Pending:
     key: str
     #: An earlier run may have delivered it (resent with --resend-unknown).
     in_doubt: bool = False
+    department_uuid: str = ""
+    user_uuid: str = ""
+
+
+#: What --out says of a send a second signal abandoned in flight.
+_ABANDONED: Final = "abandoned in flight by a second signal: it may or may not have been delivered"
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -361,12 +368,17 @@ class SendMany:
         self.last_line_at = 0.0  # the batch's elapsed time at the last progress line
         self.stopped_by: BotMessageError | None = None
         self.stop_requested = False
+        #: The batch, once it runs: a stop request drains it (``BatchStream.stop``).
+        self.stream: BatchStream | None = None
         #: --out could not be written: start no new item, finish those in flight.
         self.out_error: OSError | None = None
         # --durable: items handed to the batch and not finished, and stream
         # indices whose start record is written but whose attempt has not begun.
         self.in_workers = 0
         self.unattempted: set[int] = set()
+        #: Stream indices of the items whose first attempt began and that have no
+        #: result yet: what a second signal abandons in doubt.
+        self.attempting: set[int] = set()
         #: What the journal refused first (a full disk): the batch stops on it, as
         #: on an input error (the sends in flight finish), and the items it did not
         #: start are reported as stopped by it.
@@ -376,6 +388,10 @@ class SendMany:
     def request_stop(self) -> None:
         """Start no new item; let those in flight finish (first SIGINT or SIGTERM)."""
         self.stop_requested = True
+        if self.stream is not None:
+            # Items waiting for --rate or a 429 pause are not started; a 429'd one
+            # is not sent again: only the sends in flight finish.
+            self.stream.stop()
         self.console.err(
             f"stopping: waiting for {len(self.pending)} send(s) in flight; "
             "signal again to abandon them (their outcome would be unknown)"
@@ -415,7 +431,13 @@ class SendMany:
             resend_unknown=self.args.resend_unknown,
             stopped=lambda: self.stop_requested or self.out_error is not None,
         ):
-            self.pending[self.pulled] = _Pending(parsed.index, key, in_doubt=in_doubt)
+            self.pending[self.pulled] = _Pending(
+                parsed.index,
+                key,
+                in_doubt=in_doubt,
+                department_uuid=parsed.department_uuid,
+                user_uuid=parsed.user_uuid,
+            )
             self.pulled += 1
             # A row with only a text is that text (a str): the client (default
             # message settings) sends it on its fast path (~4 us less).
@@ -487,6 +509,29 @@ class SendMany:
                 # The item is not sent (reported skipped); --resume sends it.
                 self.journal_error = self.journal_error or exc
                 raise
+        self.attempting.add(stream_index)
+
+    def _report_abandoned(self) -> None:
+        """List each send a second signal abandoned in flight as unknown (--out, summary).
+
+        Only --out tells such an item from those never started, which a rerun may
+        send: without it, a rerun of the rows missing from --out would send it
+        again under a new key. Its start record (with --journal) stands: a
+        --resume reports it unknown too.
+        """
+        for stream_index in sorted(self.attempting):
+            meta = self.pending.get(stream_index)
+            if meta is None:
+                continue
+            unknown = (meta.index, meta.department_uuid, meta.user_uuid, Outcome.UNKNOWN.value)
+            error = error_json(_ABANDONED, default_type="DeliveryUnknownError")
+            try:
+                self.results.emit(*unknown, error=error, key=meta.key)
+            except OSError as exc:  # --out is full: the rest are named on stderr
+                self.out_error = self.out_error or exc
+                self.results.out = None
+                self.results.emit(*unknown, error=error, key=meta.key)
+        self.attempting.clear()
 
     def _settle(self, meta: _Pending, item: ItemResult) -> tuple[str, str | None]:
         """The outcome to record for ``item``, and why.
@@ -497,7 +542,12 @@ class SendMany:
         """
         error: str | None
         if item.outcome is Outcome.SKIPPED:
-            reason = self.stopped_by or self.journal_error or "an error (in the summary)"
+            reason = (
+                self.stopped_by
+                or self.journal_error
+                or ("a stop request (SIGINT or SIGTERM)" if self.stop_requested else None)
+                or "an error (in the summary)"
+            )
             error = f"not attempted: the batch stopped after: {reason}"
         else:
             error = _describe(item.error)
@@ -542,6 +592,7 @@ class SendMany:
 
     def _emit(self, item: ItemResult) -> None:
         meta = self.pending.pop(item.index)
+        self.attempting.discard(item.index)
         self.finished += 1
         self.requests += item.attempts
         if item.outcome is not Outcome.SKIPPED:
@@ -608,6 +659,9 @@ class SendMany:
                 )
             except InvalidRequestError as exc:
                 raise UsageError(str(exc)) from None
+            self.stream = stream
+            if self.stop_requested:  # a signal came before the batch existed
+                stream.stop()
             bar = Bar(self.console, self.to_send, "sending")
             started = time.perf_counter()
             interrupted = False
@@ -635,6 +689,8 @@ class SendMany:
                 crash = exc
             finally:
                 bar.close()
+                if interrupted:
+                    self._report_abandoned()
                 self.results.close()
                 crash = crash or self.out_error
                 end = RunEnd(
