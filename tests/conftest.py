@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import types
@@ -280,3 +281,22 @@ def virtual_time(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
 
     with mock.patch.object(loop, "time", time), mock.patch.object(selector, "select", select):
         yield
+
+
+class BrokenLogHandler(logging.Handler):
+    """An application's log handler with a bug: its emit raises (no handleError)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        raise RuntimeError("the handler broke")
+
+
+@pytest.fixture
+def broken_log_handler() -> Iterator[None]:
+    """A ``BrokenLogHandler`` on the ``botmsg_async`` logger for the test's duration."""
+    logger = logging.getLogger("botmsg_async")
+    handler = BrokenLogHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)

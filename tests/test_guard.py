@@ -175,22 +175,12 @@ async def test_a_store_failure_after_the_send_is_logged_not_raised(
     assert "delivery is unknown" in caplog.text
 
 
+@pytest.mark.usefixtures("broken_log_handler")
 async def test_a_store_failure_logged_to_a_raising_handler_is_not_raised(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Recording fails and the handler of its warning raises: settle still returns."""
-
-    class BrokenHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            raise RuntimeError("the handler broke")
-
-    logger = logging.getLogger("botmsg_async")
-    handler = BrokenHandler()
-    logger.addHandler(handler)
-    try:
-        await settle(_BrokenGuard(), "k", FP, "tok", SendResult(Status.SUCCESS), None)
-    finally:
-        logger.removeHandler(handler)
+    await settle(_BrokenGuard(), "k", FP, "tok", SendResult(Status.SUCCESS), None)
     assert "the handler broke" in capsys.readouterr().err
 
 

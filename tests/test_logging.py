@@ -10,7 +10,16 @@ import pytest
 
 from botmsg_async import BotMessageClient, RetryPolicy, ServerError
 
-from .conftest import DEPT, PASSWORD, USER, USERNAME, ScriptedServer, answer, failure
+from .conftest import (
+    DEPT,
+    PASSWORD,
+    USER,
+    USERNAME,
+    BrokenLogHandler,
+    ScriptedServer,
+    answer,
+    failure,
+)
 
 TEXT = "the message text, never logged"
 FIELDS = ("department_uuid", "user_uuid", "idempotency_key", "attempt", "status", "outcome")
@@ -130,13 +139,6 @@ async def test_a_retried_failure_that_quotes_the_text_logs_its_type_only(
     assert_clean(captured.records)
 
 
-class BrokenHandler(logging.Handler):
-    """An application's handler with a bug: its emit raises (no handleError)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        raise RuntimeError("the handler broke")
-
-
 def broken_filter(record: logging.LogRecord) -> bool:
     """An application's log filter with a bug: it raises."""
     raise RuntimeError("the filter broke")
@@ -151,7 +153,7 @@ async def test_a_raising_handler_or_filter_never_changes_a_send(
 ) -> None:
     """A handler or filter that raises: sends keep their results, a batch its report."""
     logger = logging.getLogger("botmsg_async")
-    handler: logging.Handler = BrokenHandler()
+    handler: logging.Handler = BrokenLogHandler()
     if broken == "filter":
         handler = Capture()
         handler.addFilter(broken_filter)

@@ -576,20 +576,13 @@ async def test_a_failing_gauge_update_does_not_drift_it(
         rec.tracer_provider.shutdown()
 
 
+@pytest.mark.usefixtures("broken_log_handler")
 async def test_a_failing_meter_logged_to_a_raising_handler_never_changes_a_send(
     server: ScriptedServer,
     make_client: Callable[..., BotMessageClient],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The meter raises, and so does the handler its warning goes to: sends end as without."""
-
-    class BrokenHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            raise RuntimeError("the handler broke")
-
-    logger = logging.getLogger("botmsg_async.otel")
-    handler = BrokenHandler()
-    logger.addHandler(handler)
     rec = Recorded()
     telemetry = Telemetry(
         tracer_provider=rec.tracer_provider,
@@ -601,7 +594,6 @@ async def test_a_failing_meter_logged_to_a_raising_handler_never_changes_a_send(
             first = await client.send(DEPT, USER, TEXT)
             report = await client.send_many([(DEPT, USER, TEXT)] * 3)
     finally:
-        logger.removeHandler(handler)
         rec.meter_provider.shutdown()
         rec.tracer_provider.shutdown()
     assert first.attempts == 2

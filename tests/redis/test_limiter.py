@@ -184,28 +184,18 @@ async def test_fail_open_limits_each_process_alone(
         assert limiter._fallback is not None
 
 
+@pytest.mark.usefixtures("broken_log_handler")
 async def test_redis_away_logged_to_a_raising_handler_changes_nothing(
     own_redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """fail_open with Redis away, the warnings' handler raising: slots and pauses still work."""
-
-    class BrokenHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            raise RuntimeError("the handler broke")
-
-    logger = logging.getLogger("botmsg_async")
-    handler = BrokenHandler()
-    logger.addHandler(handler)
-    try:
-        async with RedisRateLimiter(
-            own_redis_server.url, rate=1000, name="t", fail_open=True
-        ) as limiter:
-            await limiter.acquire("d")
-            own_redis_server.kill()
-            await limiter.acquire("d")  # from the per-process fallback, not the handler's error
-            await limiter.pause(0.01)  # a 429's pause, kept locally
-    finally:
-        logger.removeHandler(handler)
+    async with RedisRateLimiter(
+        own_redis_server.url, rate=1000, name="t", fail_open=True
+    ) as limiter:
+        await limiter.acquire("d")
+        own_redis_server.kill()
+        await limiter.acquire("d")  # from the per-process fallback, not the handler's error
+        await limiter.pause(0.01)  # a 429's pause, kept locally
     assert "the handler broke" in capsys.readouterr().err
 
 
