@@ -151,3 +151,66 @@ async def test_a_stop_with_workers_does_not_wait_for_their_rate_limit(tmp_path: 
         code, err = await resume(base_url, source, journal, out)
     assert code == 0, err
     assert set(check_accounting(svc, out, n).values()) == {"sent"}
+
+
+#: A ``sitecustomize`` for ``start``: the second signal's cancel (what its handler does)
+#: comes right as item 0's answer is in, before the run reads it from the batch.
+_CANCEL_AS_ITEM_0_ENDS = """
+import asyncio, sys
+if sys.argv[:1] != ["-c"]:
+    from botmsg_async.cli import send_many
+    run, on_result = send_many.SendMany.run, send_many.SendMany._on_result
+    main = []
+    async def recorded_run(self, creds):
+        main.append(asyncio.current_task())
+        return await run(self, creds)
+    def cancelling_on_result(self, item):
+        on_result(self, item)
+        if item.index == 0:
+            main[0].cancel()
+    send_many.SendMany.run = recorded_run
+    send_many.SendMany._on_result = cancelling_on_result
+"""
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["no journal", "journal"])
+async def test_a_second_signal_reports_an_answered_item_as_it_ended(
+    tmp_path: Path, journal: bool
+) -> None:
+    """A second signal as a send's answer is in: --out says it was sent, not unknown."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_CANCEL_AS_ITEM_0_ENDS)
+    source = items(tmp_path, 2)
+    first = tmp_path / "first.jsonl"
+    arrived = [asyncio.Event(), asyncio.Event()]
+    release = [asyncio.Event(), asyncio.Event()]
+
+    async def stall(request: web.Request) -> web.Response:
+        user = int(request.match_info["user"].removeprefix("user-"))
+        arrived[user].set()
+        await release[user].wait()
+        return web.json_response({"requestUuid": "r", "status": "SUCCESS", "messageUuid": "m"})
+
+    async with service() as (svc, base_url):
+        svc.script += [stall, stall]
+        extra = ["--journal", str(tmp_path / "journal")] if journal else []
+        process = await start(
+            base_url, str(source), "-c", "2", "--out", str(first), *extra, site=site
+        )
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in arrived)), 20)
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        said = await asyncio.wait_for(process.stderr.readline(), 20)
+        assert b"stopping" in said
+        release[0].set()  # item 0 is answered; the cancel follows at once
+        code, err = await finish(process)
+        release[1].set()
+    assert code == 130, err
+    lines = {line["index"]: line for line in check_lines(first)}
+    assert {index: line["outcome"] for index, line in lines.items()} == {
+        0: "sent",
+        1: "unknown",
+    }
+    assert lines[0]["message_uuid"] == "m"
+    assert "1 sent, 0 failed, 1 unknown" in err

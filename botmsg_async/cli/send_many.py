@@ -379,6 +379,9 @@ class SendMany:
         #: Stream indices of the items whose first attempt began and that have no
         #: result yet: what a second signal abandons in doubt.
         self.attempting: set[int] = set()
+        #: Stream indices -> results the batch gave ``on_result`` and not yet read from
+        #: the stream: a second signal must report them as they ended, not unknown.
+        self.answered: dict[int, ItemResult] = {}
         #: What the journal refused first (a full disk): the batch stops on it, as
         #: on an input error (the sends in flight finish), and the items it did not
         #: start are reported as stopped by it.
@@ -519,6 +522,14 @@ class SendMany:
         again under a new key. Its start record (with --journal) stands: a
         --resume reports it unknown too.
         """
+        # Those whose outcome is known (the cancel came as their result was queued, or
+        # while a worker waited to queue it) are reported as they ended.
+        for stream_index in sorted(self.answered):
+            try:
+                self._emit(self.answered[stream_index])
+            except OSError as exc:  # --out is full: the rest are named on stderr
+                self.out_error = self.out_error or exc
+                self.results.out = None
         for stream_index in sorted(self.attempting):
             meta = self.pending.get(stream_index)
             if meta is None:
@@ -558,6 +569,7 @@ class SendMany:
 
     def _on_result(self, item: ItemResult) -> None:
         """Journal an outcome the moment it is known, before anything else."""
+        self.answered[item.index] = item
         if self.journal is None:
             return
         meta = self.pending[item.index]
@@ -593,6 +605,7 @@ class SendMany:
     def _emit(self, item: ItemResult) -> None:
         meta = self.pending.pop(item.index)
         self.attempting.discard(item.index)
+        self.answered.pop(item.index, None)
         self.finished += 1
         self.requests += item.attempts
         if item.outcome is not Outcome.SKIPPED:
