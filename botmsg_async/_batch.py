@@ -366,10 +366,14 @@ class BatchStream:
 
         Unlike ``aclose()``, nothing in flight is cancelled, so nothing is left in
         doubt: read on to get the last results. Items taken from the input but not
-        attempted yet (waiting for the rate limit or a 429 pause) are not started
-        and are reported SKIPPED; an item a 429 refused is not sent again and is
-        reported FAILED, as its answer proved it was not processed. The input is
-        read no more. Safe to call from a signal handler, and more than once.
+        attempted yet (waiting for the rate limit, or for a 429 pause the batch
+        waits out: one longer than the retry policy's ``max_retry_after`` or the
+        send's deadline) are not started and are reported SKIPPED; an item such a
+        429 refused is not sent again and is reported FAILED, as its answer proved
+        it was not processed. A shorter pause is waited out inside the sends, which
+        are in flight: they go ahead when it ends. The input is read no more. Safe
+        to call from the event loop's signal handler (``loop.add_signal_handler``),
+        and more than once.
         """
         self._stopping = True
         self._wake(self._waiting)
