@@ -89,7 +89,7 @@ from ._models import Outcome, SendRequest, SendResult, TextMessage
 from ._report import Counts, ItemResult
 from ._retry import RetryPolicy
 from .journal import settle
-from .shared import URL_HINT, RedisRateLimiter, check_redis_options, check_redis_url
+from .shared import RedisRateLimiter, client_from_url
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -509,22 +509,12 @@ def _connect(redis: str | Redis) -> tuple[Redis, bool]:
                 "made with decode_responses=False (the default), or a URL",
             )
         return redis, False
-    if not isinstance(redis, str):
-        raise InvalidRequestError(
-            "redis", type(redis).__name__, "must be a redis:// URL or a redis.asyncio.Redis"
-        )
-    check_redis_url(redis)
-    try:
-        client = Redis.from_url(
-            redis,
-            socket_timeout=REDIS_SOCKET_TIMEOUT,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
-        )
-    except ValueError:
-        # Not redis-py's words: they may quote a piece of the URL's password.
-        raise InvalidRequestError("redis", "<url>", URL_HINT) from None
-    check_redis_options(client)
-    return client, True
+    make = functools.partial(
+        Redis.from_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+    )
+    return client_from_url(redis, make), True
 
 
 def _text(value: object) -> str | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -290,30 +291,43 @@ def check_redis_options(client: Redis) -> None:
         ) from None
 
 
-def _connect(redis: str | Redis) -> tuple[Redis, bool]:
-    """A client for ``redis`` (a URL, or a client of the caller's) and whether we own it."""
-    if isinstance(redis, Redis):
-        return redis, False
+def client_from_url(redis: object, make: Callable[[str], Redis]) -> Redis:
+    """``make(redis)``, a client for a Redis URL, with the URL checked before and after.
+
+    Every client this package builds from a URL is built here (``make`` sets its
+    timeouts): the URL and its options are checked, and refused without ever being
+    quoted, nor redis-py's words on them (they may quote a piece of its password:
+    "Port could not be cast to integer value as 's3cr'" for ':s3cr/et@').
+
+    Raises:
+        InvalidRequestError: ``redis`` is no ``str``, or no URL redis-py can use.
+    """
     if not isinstance(redis, str):
         raise InvalidRequestError(
             "redis", type(redis).__name__, "must be a redis:// URL or a redis.asyncio.Redis"
         )
     check_redis_url(redis)
     try:
-        # Short timeouts and one quick retry: with Redis away, each send fails
-        # closed in about a second instead of hanging.
-        client = Redis.from_url(
-            redis,
-            socket_timeout=2.0,
-            socket_connect_timeout=1.0,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
-        )
+        client = make(redis)
     except ValueError:
-        # Never echo the URL, nor redis-py's words on it: they may quote a piece of its
-        # password ("Port could not be cast to integer value as 's3cr'" for ':s3cr/et@').
         raise InvalidRequestError("redis", "<url>", URL_HINT) from None
     check_redis_options(client)
-    return client, True
+    return client
+
+
+def _connect(redis: str | Redis) -> tuple[Redis, bool]:
+    """A client for ``redis`` (a URL, or a client of the caller's) and whether we own it."""
+    if isinstance(redis, Redis):
+        return redis, False
+    # Short timeouts and one quick retry: with Redis away, each send fails closed in
+    # about a second instead of hanging.
+    make = functools.partial(
+        Redis.from_url,
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+    )
+    return client_from_url(redis, make), True
 
 
 def _unavailable(what: str, exc: BaseException) -> CoordinationError:
