@@ -7,6 +7,7 @@ import collections
 import collections.abc
 import contextlib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,28 @@ async def test_a_write_to_a_job_gone_from_redis_leaves_no_key_for_ever(
         assert not await r.exists("botmsg:job:{gone}:meta")
 
 
+def _after_the_first_page(monkeypatch: pytest.MonkeyPatch, then: Callable[[], None]) -> None:
+    """Make the job report (4 items a page) call ``then`` once its first page is out."""
+    from botmsg_async import jobs
+
+    real = jobs.iter_job_results
+
+    async def report(
+        url: str,
+        job: str,
+        items: collections.abc.Sequence[SendRequest | None] | None = None,
+        *,
+        page_size: int = 4,
+    ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
+        async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
+            async for result in results:
+                yield result
+                if result.index == 3:
+                    then()
+
+    monkeypatch.setattr(jobs, "iter_job_results", report)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_redis_gone_while_out_is_written_is_exit_3_not_a_traceback(
     job_redis: JobRedis,
@@ -257,25 +280,9 @@ def test_redis_gone_while_out_is_written_is_exit_3_not_a_traceback(
     from botmsg_async.cli import main
     from tests.test_docs import ThreadServer
 
-    real = jobs.iter_job_results
-
-    async def first_page_then_gone(
-        url: str,
-        job: str,
-        items: collections.abc.Sequence[SendRequest | None] | None = None,
-        *,
-        page_size: int = 4,
-    ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
-        # The report read 4 items a page; Redis killed once the first page is written.
-        async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
-            async for result in results:
-                yield result
-                if result.index == 3:
-                    job_redis.kill()
-
     path = write_items(tmp_path, 10)
     out = tmp_path / "out.jsonl"
-    monkeypatch.setattr(jobs, "iter_job_results", first_page_then_gone)
+    _after_the_first_page(monkeypatch, job_redis.kill)
     monkeypatch.setattr(jobs, "REDIS_WAIT", 0.2)  # gone for good: no need to wait 60 s
     with ThreadServer() as server:
         monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
@@ -297,29 +304,16 @@ def test_redis_restarted_while_out_is_written_loses_no_line(
 ) -> None:
     """send-many --redis whose Redis restarts (AOF) while it writes --out: the report
     waits for it, as the run's other calls do, and --out gets every item (exit 0)."""
-    from botmsg_async import jobs
     from botmsg_async.cli import main
     from tests.test_docs import ThreadServer
 
-    real = jobs.iter_job_results
-
-    async def restart_after_the_first_page(
-        url: str,
-        job: str,
-        items: collections.abc.Sequence[SendRequest | None] | None = None,
-        *,
-        page_size: int = 4,
-    ) -> collections.abc.AsyncGenerator[jobs.JobItemResult, None]:
-        async with contextlib.aclosing(real(url, job, items, page_size=4)) as results:
-            async for result in results:
-                yield result
-                if result.index == 3:
-                    job_redis.kill()
-                    job_redis.start()
+    def restart() -> None:
+        job_redis.kill()
+        job_redis.start()
 
     path = write_items(tmp_path, 10)
     out = tmp_path / "out.jsonl"
-    monkeypatch.setattr(jobs, "iter_job_results", restart_after_the_first_page)
+    _after_the_first_page(monkeypatch, restart)
     with ThreadServer() as server:
         monkeypatch.setenv("BOTMSG_BASE_URL", server.base_url)
         monkeypatch.setenv("BOTMSG_USERNAME", server.username)
